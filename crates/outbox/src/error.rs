@@ -1,0 +1,91 @@
+//! The one error type of the `outbox` crate: bad input is told apart from database trouble,
+//! and `is_retryable` tells the relay whether trying again can help.
+
+/// Everything that can go wrong in `outbox`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The topic is empty, longer than 249 characters or has characters Kafka rejects.
+    #[error("invalid topic {topic:?}: {reason}")]
+    InvalidTopic {
+        /// The topic as given.
+        topic: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// The key is the empty string; use no key instead.
+    #[error("invalid key: the key must not be empty (leave it unset for unkeyed messages)")]
+    EmptyKey,
+    /// The payload is larger than the configured maximum.
+    #[error("payload of {size} bytes exceeds the maximum of {max} bytes")]
+    PayloadTooLarge {
+        /// Payload size in bytes.
+        size: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// A header name the framework sets itself (`outbox-*`) was given by the caller.
+    #[error("header name {0:?} is reserved for the framework (prefix `outbox-`)")]
+    ReservedHeader(String),
+    /// Encoding the payload as JSON failed.
+    #[error("could not serialize the payload: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// The caller's lease on a lane is no longer current: another relay took the lane over.
+    #[error("lease on lane {lane} (epoch {epoch}) is no longer held")]
+    StaleLease {
+        /// The lane.
+        lane: i32,
+        /// The epoch the caller held.
+        epoch: i64,
+    },
+    /// A configuration value was rejected.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A row in the outbox could not be decoded (corrupted or written by something else).
+    #[error("corrupt outbox row {id}: {reason}")]
+    CorruptRow {
+        /// Id of the row.
+        id: uuid::Uuid,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Running the schema migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl Error {
+    /// True when trying the same operation again later can succeed (connection trouble, timeouts,
+    /// serialization conflicts); false for bad input and lost leases.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::Tls(_) => true,
+                sqlx::Error::Database(db) => {
+                    // serialization_failure, deadlock_detected, lock/statement timeouts, admin shutdown,
+                    // MySQL deadlock/lock wait timeout, SQLite busy/locked.
+                    matches!(
+                        db.code().as_deref(),
+                        Some(
+                            "40001" | "40P01" | "55P03" | "57014" | "57P01" | "57P02" | "57P03"
+                                | "53300" | "1213" | "1205" | "5" | "6" | "HY000"
+                        )
+                    )
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

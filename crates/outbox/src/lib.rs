@@ -1,0 +1,139 @@
+#![doc = include_str!("../README.md")]
+
+mod error;
+mod message;
+mod migrate;
+mod publisher;
+mod store;
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sqlx::Transaction;
+use tokio::sync::Notify;
+
+pub use error::{Error, Result};
+pub use message::{
+    lane_of, validate_topic, Enqueued, Message, StoredMessage, DEFAULT_MAX_PAYLOAD, HEADER_ID,
+    HEADER_KEY, HEADER_SEQ, HEADER_TRACEPARENT, RESERVED_HEADER_PREFIX,
+};
+pub use publisher::{FailureKind, PublishError, Publisher};
+pub use store::{DeadLetter, Delivered, LaneInfo, Lease, Status, Store, LANES};
+
+/// A database the outbox can write into: implemented for the sqlx databases enabled by features.
+#[async_trait]
+pub trait Backend: sqlx::Database {
+    /// Inserts validated messages on the caller's transaction connection.
+    #[doc(hidden)]
+    async fn insert(
+        conn: &mut <Self as sqlx::Database>::Connection,
+        msgs: &[Message],
+        opts: &Options,
+    ) -> Result<Vec<Enqueued>>;
+}
+
+/// Write-path settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// Largest payload accepted, in bytes. Defaults to 1 MiB ([`DEFAULT_MAX_PAYLOAD`]).
+    pub max_payload: usize,
+    /// PostgreSQL: send NOTIFY in the enqueueing transaction so a listening relay wakes at commit.
+    /// Defaults to true.
+    pub notify: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            notify: true,
+        }
+    }
+}
+
+/// The write path with settings, and the in-process wake-up of an embedded relay.
+///
+/// `outbox::enqueue` uses the defaults; keep an `Outbox` when you change them or embed the relay
+/// (then [`Outbox::commit`] wakes it right after the commit, on every database).
+#[derive(Debug, Clone, Default)]
+pub struct Outbox {
+    opts: Options,
+    local: Arc<Notify>,
+}
+
+impl Outbox {
+    /// Default settings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Largest payload accepted, in bytes. Defaults to 1 MiB.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.opts.max_payload = bytes;
+        self
+    }
+
+    /// Send PostgreSQL NOTIFY on enqueue. Defaults to true.
+    pub fn notify(mut self, on: bool) -> Self {
+        self.opts.notify = on;
+        self
+    }
+
+    /// Enqueues `msg` in the caller's open transaction. Nothing is visible to the relay until the
+    /// transaction commits; on rollback the message never existed.
+    pub async fn enqueue<DB: Backend>(&self, tx: &mut Transaction<'_, DB>, msg: &Message) -> Result<Enqueued> {
+        let mut out = self.enqueue_batch(tx, std::slice::from_ref(msg)).await?;
+        Ok(out.remove(0))
+    }
+
+    /// Enqueues many messages in one round trip. Per key, they get consecutive seqs in slice order.
+    /// If any message is invalid, nothing is written.
+    pub async fn enqueue_batch<DB: Backend>(
+        &self,
+        tx: &mut Transaction<'_, DB>,
+        msgs: &[Message],
+    ) -> Result<Vec<Enqueued>> {
+        for m in msgs {
+            m.validate(self.opts.max_payload)?;
+        }
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        DB::insert(&mut **tx, msgs, &self.opts).await
+    }
+
+    /// Commits `tx`, then wakes a relay embedded in this process.
+    pub async fn commit<DB: sqlx::Database>(&self, tx: Transaction<'_, DB>) -> Result<()> {
+        tx.commit().await?;
+        self.local.notify_one();
+        Ok(())
+    }
+
+    /// The in-process wake-up signal [`Outbox::commit`] fires; give it to an embedded relay.
+    pub fn local_wakeup(&self) -> Arc<Notify> {
+        self.local.clone()
+    }
+}
+
+/// Enqueues `msg` in the caller's open transaction with default settings.
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool) -> outbox::Result<()> {
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO orders (id) VALUES (42)").execute(&mut *tx).await?;
+/// outbox::enqueue(&mut tx, &outbox::Message::new("order.placed.v1", "42").key("order-42")).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+pub async fn enqueue<DB: Backend>(tx: &mut Transaction<'_, DB>, msg: &Message) -> Result<Enqueued> {
+    Outbox::default().enqueue(tx, msg).await
+}
+
+/// Enqueues many messages in one round trip with default settings.
+pub async fn enqueue_batch<DB: Backend>(tx: &mut Transaction<'_, DB>, msgs: &[Message]) -> Result<Vec<Enqueued>> {
+    Outbox::default().enqueue_batch(tx, msgs).await
+}

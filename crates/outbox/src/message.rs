@@ -1,0 +1,278 @@
+//! What a service hands to `enqueue`: the message builder and the checks that keep bad input out of
+//! the outbox table (topic names Kafka accepts, payload size, reserved header names).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::{Error, Result};
+
+/// Header carrying the message id on the wire.
+pub const HEADER_ID: &str = "outbox-id";
+/// Header carrying the ordering key on the wire.
+pub const HEADER_KEY: &str = "outbox-key";
+/// Header carrying the per-key sequence number on the wire.
+pub const HEADER_SEQ: &str = "outbox-seq";
+/// W3C trace context header, carried from the enqueueing span to the consumer.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Header names starting with this prefix are reserved for the framework.
+pub const RESERVED_HEADER_PREFIX: &str = "outbox-";
+
+/// Default maximum payload size: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// A message to enqueue in the caller's transaction.
+///
+/// ```
+/// use outbox::Message;
+/// let msg = Message::json("order.placed.v1", &serde_json::json!({"order": 42}))?
+///     .key("order-42")
+///     .header("content-type", "application/json");
+/// # Ok::<(), outbox::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub(crate) id: Uuid,
+    pub(crate) topic: String,
+    pub(crate) key: Option<String>,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) available_at: Option<DateTime<Utc>>,
+    pub(crate) delay: Option<Duration>,
+}
+
+impl Message {
+    /// A message with a raw byte payload. Its id is a fresh UUID v7.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Message {
+            id: Uuid::now_v7(),
+            topic: topic.into(),
+            key: None,
+            payload: payload.into(),
+            headers: Vec::new(),
+            available_at: None,
+            delay: None,
+        }
+    }
+
+    /// A message whose payload is `value` encoded as JSON.
+    pub fn json<T: Serialize + ?Sized>(topic: impl Into<String>, value: &T) -> Result<Self> {
+        Ok(Self::new(topic, serde_json::to_vec(value)?))
+    }
+
+    /// Sets the ordering key: messages with the same key are delivered in commit order and land on
+    /// the same Kafka partition (the key is the Kafka message key).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header. Names starting with `outbox-` are reserved and rejected at enqueue.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Delivers the message no earlier than `delay` after the enqueueing transaction started
+    /// (measured by the database clock). For a keyed message, later messages of the key wait too.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self.available_at = None;
+        self
+    }
+
+    /// Delivers the message no earlier than `at`.
+    pub fn available_at(mut self, at: DateTime<Utc>) -> Self {
+        self.available_at = Some(at);
+        self.delay = None;
+        self
+    }
+
+    /// The message id (UUID v7), also sent as the `outbox-id` header.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The ordering key, if any.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// Checks everything that can be checked before touching the database.
+    pub(crate) fn validate(&self, max_payload: usize) -> Result<()> {
+        validate_topic(&self.topic)?;
+        if self.key.as_deref() == Some("") {
+            return Err(Error::EmptyKey);
+        }
+        if self.payload.len() > max_payload {
+            return Err(Error::PayloadTooLarge {
+                size: self.payload.len(),
+                max: max_payload,
+            });
+        }
+        if let Some((name, _)) = self
+            .headers
+            .iter()
+            .find(|(n, _)| n.to_ascii_lowercase().starts_with(RESERVED_HEADER_PREFIX))
+        {
+            return Err(Error::ReservedHeader(name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Headers as stored: NULL when there are none, else a JSON array of pairs.
+    pub(crate) fn headers_column(&self) -> Option<String> {
+        if self.headers.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&self.headers).expect("string pairs always encode"))
+        }
+    }
+
+    pub(crate) fn lane(&self, lanes: i32) -> i32 {
+        lane_of(self.key.as_deref(), self.id, lanes)
+    }
+
+    pub(crate) fn delay_millis(&self) -> i64 {
+        self.delay
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+}
+
+/// Checks a topic name the way Kafka does: 1..=249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_topic(topic: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidTopic {
+            topic: topic.to_owned(),
+            reason,
+        })
+    };
+    if topic.is_empty() {
+        return bad("topic is empty");
+    }
+    if topic.len() > 249 {
+        return bad("topic is longer than 249 characters");
+    }
+    if topic == "." || topic == ".." {
+        return bad("topic cannot be '.' or '..'");
+    }
+    if !topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return bad("topic may only contain [a-zA-Z0-9._-]");
+    }
+    Ok(())
+}
+
+/// The lane of a message: the CRC-32 of its key, or of its id when it has no key, modulo `lanes`.
+/// Stable across versions and languages, because rows already written carry it.
+pub fn lane_of(key: Option<&str>, id: Uuid, lanes: i32) -> i32 {
+    let h = match key {
+        Some(k) => crc32fast::hash(k.as_bytes()),
+        None => crc32fast::hash(id.as_bytes()),
+    };
+    (h % lanes as u32) as i32
+}
+
+/// What `enqueue` assigned to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The message id.
+    pub id: Uuid,
+    /// The per-key sequence number (1, 2, 3, ...), `None` for unkeyed messages.
+    pub seq: Option<i64>,
+    /// The lane the message belongs to.
+    pub lane: i32,
+}
+
+/// A committed message as the relay claims it.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Insertion position: orders rows of a lane; per key it follows seq. Not a cursor.
+    pub pos: i64,
+    /// Message id.
+    pub id: Uuid,
+    /// Lane.
+    pub lane: i32,
+    /// Topic.
+    pub topic: String,
+    /// Ordering key.
+    pub key: Option<String>,
+    /// Per-key sequence number.
+    pub seq: Option<i64>,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// The message's own headers (the framework adds `outbox-*` on the wire).
+    pub headers: Vec<(String, String)>,
+    /// Failed publish attempts so far.
+    pub attempts: i32,
+    /// When the message was enqueued (database clock, start of the enqueueing transaction).
+    pub created_at: DateTime<Utc>,
+}
+
+impl StoredMessage {
+    /// Decodes the stored headers column.
+    pub(crate) fn decode_headers(id: Uuid, raw: Option<&str>) -> Result<Vec<(String, String)>> {
+        match raw {
+            None => Ok(Vec::new()),
+            Some(s) => serde_json::from_str(s).map_err(|e| Error::CorruptRow {
+                id,
+                reason: format!("headers: {e}"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_follow_kafka_rules() {
+        assert!(validate_topic("order.placed.v1").is_ok());
+        assert!(validate_topic(&"a".repeat(249)).is_ok());
+        assert!(matches!(validate_topic(""), Err(Error::InvalidTopic { .. })));
+        assert!(validate_topic(&"a".repeat(250)).is_err());
+        assert!(validate_topic("orders placed").is_err());
+        assert!(validate_topic("orders/placed").is_err());
+        assert!(validate_topic("..").is_err());
+    }
+
+    #[test]
+    fn validation_rejects_bad_input() {
+        assert!(matches!(
+            Message::new("t", vec![0u8; 11]).validate(10),
+            Err(Error::PayloadTooLarge { size: 11, max: 10 })
+        ));
+        assert!(matches!(
+            Message::new("t", "x").header("Outbox-Id", "1").validate(10),
+            Err(Error::ReservedHeader(_))
+        ));
+        assert!(matches!(
+            Message::new("t", "x").key("").validate(10),
+            Err(Error::EmptyKey)
+        ));
+        assert!(Message::new("t", "x").key("k").header("a", "b").validate(10).is_ok());
+    }
+
+    #[test]
+    fn lanes_are_stable_and_in_range() {
+        let id = Uuid::now_v7();
+        assert_eq!(lane_of(Some("order-42"), id, 32), lane_of(Some("order-42"), Uuid::now_v7(), 32));
+        // Pinned: rows already written carry their lane, so the function must never change.
+        assert_eq!(lane_of(Some("order-42"), id, 32), (crc32fast::hash(b"order-42") % 32) as i32);
+        for i in 0..1000 {
+            let l = lane_of(Some(&format!("k{i}")), id, 32);
+            assert!((0..32).contains(&l));
+        }
+    }
+}

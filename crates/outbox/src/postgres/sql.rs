@@ -1,0 +1,171 @@
+//! Every SQL statement of the PostgreSQL backend, in one place.
+//!
+//! Lease-guarded writes lock the lease row `FOR SHARE` in the same statement: a takeover (which
+//! updates that row) waits for them, and they see a takeover that committed first.
+
+pub(super) const NOTIFY_CHANNEL: &str = "outbox_wake";
+
+pub(super) const ENQUEUE_UNKEYED: &str = "\
+INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
+SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond')";
+
+pub(super) const ENQUEUE_UNKEYED_NOTIFY: &str = "\
+INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
+SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond') \
+FROM (SELECT pg_notify('outbox_wake', $1::text)) AS w";
+
+// The counter row is locked before the message row gets its position, so per key, pos follows seq.
+pub(super) const ENQUEUE_KEYED: &str = "\
+WITH k AS (INSERT INTO outbox_keys AS c (key, seq) VALUES ($8, 1) \
+           ON CONFLICT (key) DO UPDATE SET seq = c.seq + 1 RETURNING seq) \
+INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at, key, seq) \
+SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond'), $8, k.seq FROM k \
+RETURNING seq";
+
+pub(super) const ENQUEUE_KEYED_NOTIFY: &str = "\
+WITH k AS (INSERT INTO outbox_keys AS c (key, seq) VALUES ($8, 1) \
+           ON CONFLICT (key) DO UPDATE SET seq = c.seq + 1 RETURNING seq) \
+INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at, key, seq) \
+SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond'), $8, k.seq \
+FROM k, (SELECT pg_notify('outbox_wake', $1::text)) AS w \
+RETURNING seq";
+
+// Many messages in one round trip. Counters are taken in key order (no deadlock between two
+// batches), each key's block of seqs is handed out in input order. $9: send NOTIFY.
+pub(super) const ENQUEUE_BATCH: &str = "\
+WITH input AS ( \
+  SELECT * FROM unnest($1::int[], $2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[], \
+                       $7::bigint[], $8::text[]) \
+  WITH ORDINALITY AS t(lane, id, topic, payload, headers, at, delay_ms, key, ord)), \
+counts AS ( \
+  INSERT INTO outbox_keys AS c (key, seq) \
+  SELECT key, count(*) FROM input WHERE key IS NOT NULL GROUP BY key ORDER BY key \
+  ON CONFLICT (key) DO UPDATE SET seq = c.seq + EXCLUDED.seq RETURNING key, seq), \
+numbered AS ( \
+  SELECT i.*, CASE WHEN i.key IS NULL THEN NULL ELSE \
+    c.seq - count(*) OVER (PARTITION BY i.key) + row_number() OVER (PARTITION BY i.key ORDER BY i.ord) END AS seq \
+  FROM input i LEFT JOIN counts c ON c.key = i.key), \
+wake AS ( \
+  SELECT count(*) AS n FROM (SELECT DISTINCT lane FROM input WHERE $9) l, \
+  LATERAL (SELECT pg_notify('outbox_wake', l.lane::text)) AS x) \
+INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at, key, seq) \
+SELECT lane, id, topic, payload, headers, COALESCE(at, now() + delay_ms * interval '1 millisecond'), key, seq \
+FROM numbered, wake ORDER BY ord \
+RETURNING id, seq, lane";
+
+const LEASE: &str = "SELECT 1 FROM outbox_leases WHERE lane = $1 AND owner = $2 AND epoch = $3";
+
+pub(super) const ACQUIRE: &str = "\
+UPDATE outbox_leases AS l SET owner = $1, epoch = l.epoch + 1, \
+       expires_at = now() + $3::bigint * interval '1 millisecond' \
+WHERE l.lane IN (SELECT lane FROM outbox_leases WHERE owner IS NULL OR expires_at < now() \
+                 ORDER BY lane LIMIT $2 FOR UPDATE SKIP LOCKED) \
+RETURNING l.lane, l.epoch";
+
+pub(super) const RENEW: &str = "\
+UPDATE outbox_leases SET expires_at = now() + $2::bigint * interval '1 millisecond' \
+WHERE owner = $1 RETURNING lane, epoch";
+
+pub(super) const RELEASE: &str = "\
+UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity' \
+WHERE lane = $1 AND owner = $2 AND epoch = $3";
+
+pub(super) const LIVE_OWNERS: &str = "\
+SELECT count(DISTINCT owner) FROM outbox_leases WHERE owner IS NOT NULL AND expires_at > now()";
+
+// A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
+// with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix.
+pub(super) fn claim() -> String {
+    format!(
+        "SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at \
+FROM outbox_messages m \
+WHERE m.lane = $1 AND EXISTS ({LEASE}) AND m.available_at <= now() \
+  AND (m.key IS NULL OR ( \
+        NOT EXISTS (SELECT 1 FROM outbox_messages p \
+                    WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > now()) \
+    AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.key = m.key AND d.parked))) \
+ORDER BY m.pos LIMIT $4 \
+FOR UPDATE OF m SKIP LOCKED"
+    )
+}
+
+pub(super) fn mark_published_delete() -> String {
+    format!(
+        "WITH l AS ({LEASE} FOR SHARE), \
+d AS (DELETE FROM outbox_messages WHERE lane = $1 AND pos = ANY($4) AND EXISTS (SELECT 1 FROM l) RETURNING 1) \
+SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM d)"
+    )
+}
+
+pub(super) fn mark_published_keep() -> String {
+    format!(
+        "WITH l AS ({LEASE} FOR SHARE), \
+d AS (DELETE FROM outbox_messages WHERE lane = $1 AND pos = ANY($4) AND EXISTS (SELECT 1 FROM l) \
+      RETURNING pos, id, topic, key, seq, created_at), \
+i AS (INSERT INTO outbox_published (id, topic, key, seq, kafka_partition, kafka_offset, created_at) \
+      SELECT d.id, d.topic, d.key, d.seq, r.part, r.off, d.created_at \
+      FROM d JOIN unnest($4::bigint[], $5::int[], $6::bigint[]) AS r(pos, part, off) ON r.pos = d.pos \
+      ON CONFLICT (id) DO NOTHING RETURNING 1) \
+SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM d) + 0 * (SELECT count(*) FROM i)"
+    )
+}
+
+pub(super) fn mark_failed() -> String {
+    format!(
+        "WITH l AS ({LEASE} FOR SHARE), \
+u AS (UPDATE outbox_messages SET attempts = attempts + 1, last_error = $5, \
+             available_at = now() + $6::bigint * interval '1 millisecond' \
+      WHERE lane = $1 AND pos = $4 AND EXISTS (SELECT 1 FROM l) RETURNING 1) \
+SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM u)"
+    )
+}
+
+pub(super) fn dead_letter() -> String {
+    format!(
+        "WITH l AS ({LEASE} FOR SHARE), \
+d AS (DELETE FROM outbox_messages WHERE lane = $1 AND pos = $4 AND EXISTS (SELECT 1 FROM l) RETURNING *), \
+i AS (INSERT INTO outbox_dead_letters \
+        (id, lane, pos, topic, key, seq, payload, headers, created_at, attempts, error, parked) \
+      SELECT id, lane, pos, topic, key, seq, payload, headers, created_at, attempts + 1, $5, $6 FROM d \
+      ON CONFLICT (id) DO UPDATE SET error = EXCLUDED.error, parked = EXCLUDED.parked, \
+        attempts = EXCLUDED.attempts, dead_at = now() RETURNING 1) \
+SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM i)"
+    )
+}
+
+pub(super) const STATUS_BACKLOG: &str = "\
+SELECT count(*), EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 FROM outbox_messages";
+pub(super) const STATUS_DEAD: &str = "SELECT count(*) FROM outbox_dead_letters";
+pub(super) const STATUS_LANES: &str = "\
+SELECT lane, owner, epoch, NULLIF(expires_at, '-infinity') FROM outbox_leases ORDER BY lane";
+
+pub(super) const DEAD_LETTERS: &str = "\
+SELECT id, topic, key, seq, attempts, error, parked, dead_at FROM outbox_dead_letters \
+ORDER BY dead_at, pos LIMIT $1";
+
+// Back into the outbox with its original position and seq, so a parked key resumes in order.
+pub(super) const RETRY_DEAD_LETTER: &str = "\
+WITH d AS (DELETE FROM outbox_dead_letters WHERE id = $1 RETURNING *) \
+INSERT INTO outbox_messages \
+  (lane, pos, id, topic, key, seq, payload, headers, created_at, available_at, attempts, last_error) \
+OVERRIDING SYSTEM VALUE \
+SELECT lane, pos, id, topic, key, seq, payload, headers, created_at, now(), 0, error \
+FROM d, (SELECT pg_notify('outbox_wake', d.lane::text) FROM d) AS w \
+RETURNING 1";
+
+pub(super) const DISCARD_DEAD_LETTER: &str = "DELETE FROM outbox_dead_letters WHERE id = $1";
+
+pub(super) const CLEANUP_PUBLISHED: &str = "\
+DELETE FROM outbox_published WHERE id IN ( \
+  SELECT id FROM outbox_published WHERE published_at < now() - $1::bigint * interval '1 millisecond' \
+  LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
+// Schema migrations, tracked in our own table so the application's sqlx migrator never sees them.
+pub(super) const MIGRATIONS_TABLE: &str = "\
+CREATE TABLE IF NOT EXISTS outbox_schema_migrations ( \
+  version BIGINT PRIMARY KEY, description TEXT NOT NULL, checksum BYTEA NOT NULL, \
+  installed_on TIMESTAMPTZ NOT NULL DEFAULT now())";
+pub(super) const MIGRATIONS_LOCK: &str = "SELECT pg_advisory_xact_lock(7262616210)";
+pub(super) const MIGRATIONS_APPLIED: &str = "SELECT version, checksum FROM outbox_schema_migrations";
+pub(super) const MIGRATIONS_RECORD: &str = "\
+INSERT INTO outbox_schema_migrations (version, description, checksum) VALUES ($1, $2, $3)";

@@ -1,0 +1,54 @@
+//! The broker seam: a `Publisher` sends a batch and reports, per message, what the broker said.
+
+use async_trait::async_trait;
+
+use crate::{Delivered, StoredMessage};
+
+/// How a failed publish should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// Worth retrying (broker down, timeout, leader moved, possibly persisted).
+    Retryable,
+    /// Will never succeed (too large, invalid topic, not authorized): dead-letter it.
+    Permanent,
+}
+
+/// A failed publish of one message.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct PublishError {
+    /// Retry or dead-letter.
+    pub kind: FailureKind,
+    /// Human-readable cause (logged and stored as `last_error`).
+    pub message: String,
+}
+
+impl PublishError {
+    /// A retryable failure.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        PublishError {
+            kind: FailureKind::Retryable,
+            message: message.into(),
+        }
+    }
+    /// A permanent failure.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        PublishError {
+            kind: FailureKind::Permanent,
+            message: message.into(),
+        }
+    }
+}
+
+/// Sends messages to a broker and waits for its confirmation.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes `batch` in order and returns one outcome per message, in the same order. Returns
+    /// only when every message has a delivery report (or a definite failure): `Ok` means the broker
+    /// has it.
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>>;
+}
+
+#[allow(dead_code)]
+fn _object_safe(_: &dyn Publisher) {}

@@ -1,0 +1,127 @@
+//! The relay's view of the database: the `Store` seam trait (one implementation per database) and
+//! the values that cross it (leases, deliveries, dead letters, status).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::stream::BoxStream;
+use uuid::Uuid;
+
+use crate::{Result, StoredMessage};
+
+/// Number of lanes. Keys hash to lanes (see [`crate::lane_of`]); a relay instance leases lanes and
+/// publishes each in order. Part of the stored format: the migrations create one lease row per lane.
+pub const LANES: i32 = 32;
+
+/// A relay's hold on one lane. Valid while `epoch` is the lane's current epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The lane.
+    pub lane: i32,
+    /// Grows on every takeover; marks from an older epoch are rejected.
+    pub epoch: i64,
+    /// The owner (a relay instance id, unique per process).
+    pub owner: String,
+}
+
+/// The broker's confirmation for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Position of the row (from [`StoredMessage::pos`]).
+    pub pos: i64,
+    /// Partition the broker stored it in.
+    pub partition: i32,
+    /// Offset within that partition.
+    pub offset: i64,
+}
+
+/// One lane's lease as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct LaneInfo {
+    /// Lane.
+    pub lane: i32,
+    /// Current owner, if any.
+    pub owner: Option<String>,
+    /// Current epoch.
+    pub epoch: i64,
+    /// When the lease expires.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Backlog summary.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// Rows waiting to be published.
+    pub pending: i64,
+    /// Age of the oldest pending row.
+    pub oldest_pending_age: Option<Duration>,
+    /// Rows in the dead-letter table.
+    pub dead_letters: i64,
+    /// Lanes, their owners and expiry.
+    pub lanes: Vec<LaneInfo>,
+}
+
+/// A message that could not be published, with why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The message id.
+    pub id: Uuid,
+    /// Topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<String>,
+    /// Per-key seq.
+    pub seq: Option<i64>,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The error that dead-lettered it.
+    pub error: String,
+    /// True when it blocks its key (policy `park`).
+    pub parked: bool,
+    /// When it was dead-lettered.
+    pub dead_at: DateTime<Utc>,
+}
+
+/// Storage operations the relay needs. One implementation per database; the engine knows nothing
+/// else about SQL. Every write checks the caller's lease epoch in the same statement, so a relay that
+/// lost its lane cannot change anything in it.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Takes up to `max` lanes that are free or whose lease expired, bumping each lane's epoch.
+    async fn acquire(&self, owner: &str, max: usize, ttl: Duration) -> Result<Vec<Lease>>;
+    /// Extends every lease `owner` still holds and returns them (a lane taken over is absent).
+    async fn renew(&self, owner: &str, ttl: Duration) -> Result<Vec<Lease>>;
+    /// Gives a lane back (only if the lease is still current).
+    async fn release(&self, lease: &Lease) -> Result<()>;
+    /// Number of distinct owners holding unexpired leases.
+    async fn live_owners(&self) -> Result<usize>;
+    /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
+    /// row is waiting (backoff, delay) or parked. No cursor: rows committed late are found too.
+    async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>>;
+    /// Records that the broker has these rows (deletes them, or moves them to the published table).
+    /// Fails with [`crate::Error::StaleLease`] when the lease is no longer current.
+    async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()>;
+    /// Records a failed attempt: attempts + 1, the error, and no retry before `retry_in` from now.
+    async fn mark_failed(&self, lease: &Lease, pos: i64, error: &str, retry_in: Duration) -> Result<()>;
+    /// Moves a row to the dead-letter table. `park` keeps its key blocked until an operator acts.
+    async fn dead_letter(&self, lease: &Lease, pos: i64, error: &str, park: bool) -> Result<()>;
+    /// Backlog, lanes and dead-letter count.
+    async fn status(&self) -> Result<Status>;
+    /// Dead letters, oldest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>>;
+    /// Puts a dead letter back into the outbox (attempts reset). False if there was no such id.
+    async fn retry_dead_letter(&self, id: Uuid) -> Result<bool>;
+    /// Deletes a dead letter for good. False if there was no such id.
+    async fn discard_dead_letter(&self, id: Uuid) -> Result<bool>;
+    /// Deletes up to `batch` published rows older than `older_than` (only when they are kept).
+    async fn cleanup_published(&self, older_than: Duration, batch: usize) -> Result<u64>;
+    /// A stream of lanes that got new rows (PostgreSQL NOTIFY). `None` when the database has no
+    /// such thing: the relay then polls.
+    async fn wakeups(&self) -> Result<Option<BoxStream<'static, i32>>> {
+        Ok(None)
+    }
+}
+
+#[allow(dead_code)]
+fn _object_safe(_: &dyn Store) {}

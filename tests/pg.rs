@@ -1,0 +1,102 @@
+//! PostgreSQL-only behaviour: migrations beside the application's own sqlx migrator, NOTIFY at commit.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use outbox::{Message, Store};
+use sqlx::migrate::Migrator;
+
+#[tokio::test]
+async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
+    let pool = outbox_tests::db::fresh_pg_unmigrated().await;
+    let dir = std::env::temp_dir().join(format!("app-migrations-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("20240101000000_orders.sql"), "CREATE TABLE orders (id BIGINT PRIMARY KEY);").unwrap();
+    let app = Migrator::new(dir.as_path()).await.unwrap();
+
+    app.run(&pool).await.unwrap();
+    outbox::postgres::migrate(&pool).await.unwrap();
+    // Each side runs again, in both orders, without seeing the other's rows.
+    app.run(&pool).await.unwrap();
+    outbox::postgres::migrate(&pool).await.unwrap();
+    std::fs::write(dir.join("20240102000000_more.sql"), "ALTER TABLE orders ADD COLUMN note TEXT;").unwrap();
+    let app = Migrator::new(dir.as_path()).await.unwrap();
+    app.run(&pool).await.unwrap();
+
+    let app_versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version").fetch_all(&pool).await.unwrap();
+    assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
+    let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations").fetch_all(&pool).await.unwrap();
+    assert_eq!(ours, vec![1]);
+    // Both schemas are usable in one transaction.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')").execute(&mut *tx).await.unwrap();
+    outbox::enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
+    tx.commit().await.unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn concurrent_migrations_do_not_conflict() {
+    let pool = outbox_tests::db::fresh_pg_unmigrated().await;
+    let runs = (0..4).map(|_| outbox::postgres::migrate(&pool));
+    for r in futures::future::join_all(runs).await {
+        r.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn lease_rows_match_the_lane_count() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_leases").fetch_one(&pool).await.unwrap();
+    assert_eq!(n, outbox::LANES as i64);
+}
+
+#[tokio::test]
+async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let mut wake = store.wakeups().await.unwrap().expect("PostgreSQL supports LISTEN");
+
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &Message::new("t", "x").key("k")).await.unwrap();
+    tx.rollback().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let e = outbox::enqueue(&mut tx, &Message::new("t", "y").key("k2")).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), wake.next()).await.is_err(),
+        "no wake-up before commit (nor for the rolled-back one)"
+    );
+    tx.commit().await.unwrap();
+    let lane = tokio::time::timeout(Duration::from_secs(5), wake.next()).await.unwrap().unwrap();
+    assert_eq!(lane, e.lane);
+
+    // The batch form notifies every lane it wrote to.
+    let mut tx = pool.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..20).map(|i| Message::new("t", "z").key(format!("b{i}"))).collect();
+    let out = outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut want: Vec<i32> = out.iter().map(|e| e.lane).collect();
+    want.sort();
+    want.dedup();
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        got.push(tokio::time::timeout(Duration::from_secs(5), wake.next()).await.unwrap().unwrap());
+    }
+    got.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn notify_can_be_turned_off() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let mut wake = store.wakeups().await.unwrap().unwrap();
+    let quiet = outbox::Outbox::new().notify(false);
+    let mut tx = pool.begin().await.unwrap();
+    quiet.enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
+    quiet.enqueue_batch(&mut tx, &[Message::new("t", "x"), Message::new("t", "y")]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), wake.next()).await.is_err());
+    assert_eq!(store.status().await.unwrap().pending, 3);
+}

@@ -1,0 +1,6 @@
+//! Test harness shared by the end-to-end tests: a fresh database per test on the servers running on
+//! this machine (override with `OUTBOX_TEST_PG`), and the broker helpers.
+#![allow(missing_docs)]
+
+pub mod db;
+pub mod conformance;
