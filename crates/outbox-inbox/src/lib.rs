@@ -1,0 +1,1 @@
+//! Consumer-side idempotency (work in progress).
