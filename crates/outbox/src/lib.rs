@@ -1,4 +1,6 @@
 #![doc = include_str!("../README.md")]
+// Without a database feature only the shared types are compiled.
+#![cfg_attr(not(any(feature = "postgres", feature = "mysql", feature = "sqlite")), allow(dead_code))]
 
 mod error;
 mod message;

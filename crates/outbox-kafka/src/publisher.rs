@@ -1,0 +1,274 @@
+//! `KafkaPublisher`: the relay's [`Publisher`] on rdkafka. Idempotent producer with `acks=all`; a
+//! message counts as delivered only when its delivery report says so.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outbox::{Delivered, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+/// Settings the publisher applies unless the configuration sets them: the broker must have every
+/// in-sync replica's copy before we mark a row, and producer retries must not reorder or duplicate.
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    // Same partition for the same key as the Java client.
+    ("partitioner", "murmur2_random"),
+    // A batch waits at most this long for its reports; then the rows are retried (possibly
+    // persisted: the consumer deduplicates).
+    ("message.timeout.ms", "30000"),
+];
+
+/// Configuration keys whose values are never printed.
+const SECRET_KEYS: &[&str] = &[
+    "sasl.password",
+    "sasl.oauthbearer.client.secret",
+    "ssl.key.password",
+    "ssl.key.pem",
+    "ssl.keystore.password",
+    "ssl_key",
+];
+
+/// True for librdkafka settings whose value must never be logged.
+pub fn is_secret(key: &str) -> bool {
+    SECRET_KEYS.contains(&key) || key.contains("password") || key.contains("secret")
+}
+
+/// Publishes outbox rows to Kafka. Clone-free and shared by all lanes of a relay.
+pub struct KafkaPublisher {
+    settings: BTreeMap<String, String>,
+    producer: Mutex<Arc<FutureProducer>>,
+}
+
+impl std::fmt::Debug for KafkaPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaPublisher")
+            .field("settings", &redacted(&self.settings))
+            .finish()
+    }
+}
+
+/// The settings with secret values replaced by `***`.
+pub fn redacted(settings: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    settings
+        .iter()
+        .map(|(k, v)| (k.clone(), if is_secret(k) { "***".into() } else { v.clone() }))
+        .collect()
+}
+
+impl KafkaPublisher {
+    /// A publisher from librdkafka settings (`bootstrap.servers`, TLS, SASL...), passed through
+    /// unchanged; [`PRODUCER_DEFAULTS`] fill in what is not set.
+    pub fn new<K, V>(settings: impl IntoIterator<Item = (K, V)>) -> Result<Self, KafkaError>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut map: BTreeMap<String, String> =
+            settings.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        for (k, v) in PRODUCER_DEFAULTS {
+            map.entry((*k).to_owned()).or_insert_with(|| (*v).to_owned());
+        }
+        let producer = build(&map)?;
+        Ok(KafkaPublisher {
+            settings: map,
+            producer: Mutex::new(Arc::new(producer)),
+        })
+    }
+
+    /// The effective settings (secrets redacted).
+    pub fn settings(&self) -> BTreeMap<String, String> {
+        redacted(&self.settings)
+    }
+
+    fn current(&self) -> Arc<FutureProducer> {
+        self.producer.lock().expect("producer lock").clone()
+    }
+
+    /// A fatal error (e.g. out-of-order sequence) makes the producer unusable: build a new one.
+    /// The failed rows come back as retryable and are re-sent in order by the relay.
+    fn rebuild_if_fatal(&self, used: &Arc<FutureProducer>) {
+        let Some((code, reason)) = used.client().fatal_error() else { return };
+        let mut slot = self.producer.lock().expect("producer lock");
+        if !Arc::ptr_eq(&slot, used) {
+            return; // another lane already rebuilt it
+        }
+        tracing::error!(?code, %reason, "fatal producer error; rebuilding the producer");
+        match build(&self.settings) {
+            Ok(p) => *slot = Arc::new(p),
+            Err(e) => tracing::error!(error = %e, "could not rebuild the producer; will try again"),
+        }
+    }
+
+    /// Waits until every queued message has a delivery report, at most `timeout`.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.current().flush(timeout)
+    }
+}
+
+fn build(settings: &BTreeMap<String, String>) -> Result<FutureProducer, KafkaError> {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in settings {
+        cfg.set(k, v);
+    }
+    cfg.create()
+}
+
+/// Decides retry or dead letter from a Kafka error.
+pub fn classify(e: &KafkaError) -> PublishError {
+    use RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidTopic
+            | C::UnknownTopic
+            | C::UnknownTopicOrPartition
+            | C::UnknownPartition
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidRecord
+            | C::InvalidRequiredAcks,
+        ) => PublishError::permanent(e.to_string()),
+        Some(C::MessageTimedOut) => {
+            PublishError::retryable(format!("{e} (possibly persisted; will resend, consumers deduplicate)"))
+        }
+        _ => PublishError::retryable(e.to_string()),
+    }
+}
+
+fn headers(row: &StoredMessage) -> OwnedHeaders {
+    let id = row.id.to_string();
+    let seq = row.seq.map(|s| s.to_string());
+    let mut h = OwnedHeaders::new_with_capacity(3 + row.headers.len()).insert(Header {
+        key: HEADER_ID,
+        value: Some(id.as_bytes()),
+    });
+    if let Some(k) = &row.key {
+        h = h.insert(Header {
+            key: HEADER_KEY,
+            value: Some(k.as_bytes()),
+        });
+    }
+    if let Some(s) = &seq {
+        h = h.insert(Header {
+            key: HEADER_SEQ,
+            value: Some(s.as_bytes()),
+        });
+    }
+    for (k, v) in &row.headers {
+        h = h.insert(Header {
+            key: k.as_str(),
+            value: Some(v.as_bytes()),
+        });
+    }
+    h
+}
+
+#[async_trait]
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        let producer = self.current();
+        let mut pending = Vec::with_capacity(batch.len());
+        // Keys whose message could not even be queued: later messages of the key are held back so
+        // they cannot overtake it on the wire.
+        let mut held: HashSet<&str> = HashSet::new();
+        for row in batch {
+            if let Some(k) = row.key.as_deref() {
+                if held.contains(k) {
+                    pending.push(Err(PublishError::retryable("held back: an earlier message of its key failed")));
+                    continue;
+                }
+            }
+            let mut record = FutureRecord::to(&row.topic).payload(&row.payload).headers(headers(row));
+            if let Some(k) = &row.key {
+                record = record.key(k.as_str());
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push(Ok(delivery));
+                        break;
+                    }
+                    // Back-pressure: the local queue is full; wait for reports to drain it.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        if let Some(k) = row.key.as_deref() {
+                            held.insert(k);
+                        }
+                        pending.push(Err(classify(&e)));
+                        break;
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for (row, p) in batch.iter().zip(pending) {
+            let res = match p {
+                Err(e) => Err(e),
+                Ok(fut) => match fut.await {
+                    Ok(Ok(d)) => {
+                        tracing::trace!(outbox.id = %row.id, partition = d.partition, offset = d.offset, "delivered");
+                        Ok(Delivered {
+                            pos: row.pos,
+                            partition: d.partition,
+                            offset: d.offset,
+                        })
+                    }
+                    Ok(Err((e, _))) => Err(classify(&e)),
+                    Err(_canceled) => Err(PublishError::retryable("delivery report lost (producer dropped)")),
+                },
+            };
+            out.push(res);
+        }
+        self.rebuild_if_fatal(&producer);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut m = BTreeMap::new();
+        m.insert("sasl.password".to_string(), "hunter2".to_string());
+        m.insert("bootstrap.servers".to_string(), "127.0.0.1:9092".to_string());
+        let r = redacted(&m);
+        assert_eq!(r["sasl.password"], "***");
+        assert_eq!(r["bootstrap.servers"], "127.0.0.1:9092");
+    }
+
+    #[test]
+    fn classification() {
+        let big = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(classify(&big).kind, outbox::FailureKind::Permanent);
+        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert_eq!(classify(&timeout).kind, outbox::FailureKind::Retryable);
+        let down = KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown);
+        assert_eq!(classify(&down).kind, outbox::FailureKind::Retryable);
+    }
+
+    #[test]
+    fn defaults_fill_in_but_never_override() {
+        let p = KafkaPublisher::new([("bootstrap.servers", "127.0.0.1:1"), ("partitioner", "consistent")]).unwrap();
+        let s = p.settings();
+        assert_eq!(s["partitioner"], "consistent");
+        assert_eq!(s["acks"], "all");
+        assert_eq!(s["enable.idempotence"], "true");
+        // librdkafka itself rejects a setting that breaks idempotence, with a clear message.
+        let err = KafkaPublisher::new([("bootstrap.servers", "127.0.0.1:1"), ("acks", "1")]).unwrap_err();
+        assert!(err.to_string().contains("acks"), "{err}");
+        let err = KafkaPublisher::new([("no.such.setting", "1")]).unwrap_err();
+        assert!(err.to_string().contains("no.such.setting"), "{err}");
+    }
+}

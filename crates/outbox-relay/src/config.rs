@@ -1,0 +1,161 @@
+//! The engine's settings, with their defaults in one place, and the retry/backoff policy.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde::Deserialize;
+
+/// What happens to a key whose message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterPolicy {
+    /// The key moves on: later messages of the key are published.
+    #[default]
+    Skip,
+    /// The key waits until an operator retries or discards the dead letter.
+    Park,
+}
+
+/// Relay engine settings. Every field has a documented default.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// Owner name written into leases; must be unique per running relay. Defaults to
+    /// `<hostname>-<pid>-<random>`.
+    pub owner: String,
+    /// Rows claimed and published per lane per round. Defaults to 500.
+    pub batch_size: usize,
+    /// How often an idle lane looks for work without a wake-up. Defaults to 1 s.
+    pub poll_interval: Duration,
+    /// Lease duration; leases are renewed every third of it. Defaults to 30 s.
+    pub lease_ttl: Duration,
+    /// At most this many lanes per relay; by default a fair share of the lanes among live relays.
+    pub max_lanes: Option<usize>,
+    /// Attempts before a retryable failure is dead-lettered. Defaults to 20.
+    pub max_attempts: i32,
+    /// First retry delay. Defaults to 200 ms; doubles per attempt, with full jitter.
+    pub backoff_base: Duration,
+    /// Retry delay cap. Defaults to 60 s.
+    pub backoff_max: Duration,
+    /// Skip (default) or park the key of a dead-lettered message.
+    pub dead_letter_policy: DeadLetterPolicy,
+    /// On shutdown, how long to wait for in-flight batches. Defaults to 30 s.
+    pub shutdown_grace: Duration,
+    /// How often pending count and oldest age are refreshed for metrics. Defaults to 10 s.
+    pub stats_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            owner: default_owner(),
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(30),
+            max_lanes: None,
+            max_attempts: 20,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(60),
+            dead_letter_policy: DeadLetterPolicy::Skip,
+            shutdown_grace: Duration::from_secs(30),
+            stats_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$m:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        impl RelayConfig {
+            $($(#[$m])* pub fn $name(mut self, v: $ty) -> Self { self.$name = v; self })*
+        }
+    };
+}
+
+setters! {
+    /// Sets [`RelayConfig::owner`].
+    owner: String,
+    /// Sets [`RelayConfig::batch_size`].
+    batch_size: usize,
+    /// Sets [`RelayConfig::poll_interval`].
+    poll_interval: Duration,
+    /// Sets [`RelayConfig::lease_ttl`].
+    lease_ttl: Duration,
+    /// Sets [`RelayConfig::max_lanes`].
+    max_lanes: Option<usize>,
+    /// Sets [`RelayConfig::max_attempts`].
+    max_attempts: i32,
+    /// Sets [`RelayConfig::backoff_base`].
+    backoff_base: Duration,
+    /// Sets [`RelayConfig::backoff_max`].
+    backoff_max: Duration,
+    /// Sets [`RelayConfig::dead_letter_policy`].
+    dead_letter_policy: DeadLetterPolicy,
+    /// Sets [`RelayConfig::shutdown_grace`].
+    shutdown_grace: Duration,
+    /// Sets [`RelayConfig::stats_interval`].
+    stats_interval: Duration,
+}
+
+impl RelayConfig {
+    /// Delay before retry number `attempt` (1-based): exponential, capped, full jitter
+    /// (uniform in [delay/2, delay]) so relays that failed together do not retry together.
+    pub fn backoff(&self, attempt: i32) -> Duration {
+        let exp = self
+            .backoff_base
+            .saturating_mul(1u32 << attempt.clamp(1, 20).saturating_sub(1) as u32);
+        let cap = exp.min(self.backoff_max);
+        let lo = cap / 2;
+        lo + rand::thread_rng().gen_range(Duration::ZERO..=cap - lo)
+    }
+
+    /// Checks the settings make sense.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_size == 0 {
+            return Err("batch_size must be at least 1".into());
+        }
+        if self.max_attempts < 1 {
+            return Err("max_attempts must be at least 1".into());
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return Err("lease_ttl must be at least 1s".into());
+        }
+        if self.owner.is_empty() {
+            return Err("owner must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_owner() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "relay".into());
+    let rnd = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &rnd[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let c = RelayConfig::default()
+            .backoff_base(Duration::from_millis(100))
+            .backoff_max(Duration::from_secs(2));
+        for _ in 0..100 {
+            let d1 = c.backoff(1);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
+            let d3 = c.backoff(3);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
+            let d30 = c.backoff(30);
+            assert!(d30 >= Duration::from_secs(1) && d30 <= Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn owners_are_unique() {
+        assert_ne!(RelayConfig::default().owner, RelayConfig::default().owner);
+        assert!(RelayConfig::default().batch_size(0).validate().is_err());
+    }
+}

@@ -1,0 +1,252 @@
+//! The relay engine: keeps a fair share of lanes leased (renewing, taking over expired ones, giving
+//! extras back when other relays join), runs one lane loop per held lane, and drains on shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use outbox::{Lease, Publisher, Store, LANES};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::lane::{run_lane, LaneExit, Shared};
+use crate::metrics as m;
+
+/// Errors that stop the relay.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The configuration is invalid.
+    #[error("invalid relay configuration: {0}")]
+    Config(String),
+}
+
+/// The relay: generic over the database ([`Store`]) and the broker ([`Publisher`]).
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool, publisher: outbox_kafka::KafkaPublisher) -> anyhow::Result<()> {
+/// use outbox_relay::{Relay, RelayConfig};
+/// let store = outbox::postgres::PgStore::new(pool);
+/// Relay::new(store, publisher)
+///     .config(RelayConfig::default().batch_size(1000))
+///     .run_until(async { tokio::signal::ctrl_c().await.ok(); })
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct Relay<S, P> {
+    store: S,
+    publisher: P,
+    cfg: RelayConfig,
+    local: Option<Arc<Notify>>,
+}
+
+struct Running {
+    lease: Lease,
+    stop: CancellationToken,
+    task: JoinHandle<LaneExit>,
+}
+
+impl<S: Store, P: Publisher> Relay<S, P> {
+    /// A relay with default settings.
+    pub fn new(store: S, publisher: P) -> Self {
+        Relay {
+            store,
+            publisher,
+            cfg: RelayConfig::default(),
+            local: None,
+        }
+    }
+
+    /// Replaces the settings.
+    pub fn config(mut self, cfg: RelayConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Also wakes on this in-process signal (from [`outbox::Outbox::local_wakeup`]), so an
+    /// embedded relay reacts to commits at once on databases without LISTEN.
+    pub fn wake_on(mut self, local: Arc<Notify>) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// Runs until `shutdown` completes, then stops claiming, lets in-flight batches finish (up to
+    /// `shutdown_grace`), releases its leases and returns.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RelayError> {
+        self.cfg.validate().map_err(RelayError::Config)?;
+        let shared = Arc::new(Shared {
+            store: self.store,
+            publisher: self.publisher,
+            cfg: self.cfg,
+            wake: (0..LANES).map(|_| Notify::new()).collect(),
+        });
+        let owner = shared.cfg.owner.clone();
+        tracing::info!(%owner, "relay starting");
+        let wakers = spawn_wakers(shared.clone(), self.local);
+        let stats = tokio::spawn(stats_loop(shared.clone()));
+
+        let mut running: HashMap<i32, Running> = HashMap::new();
+        let tick = (shared.cfg.lease_ttl / 3).max(Duration::from_millis(200));
+        let mut last_renewed = Instant::now();
+        tokio::pin!(shutdown);
+        loop {
+            // Reap lanes that ended by themselves (lost lease).
+            running.retain(|lane, r| {
+                if r.task.is_finished() {
+                    tracing::info!(lane, "lane stopped");
+                    false
+                } else {
+                    true
+                }
+            });
+            match maintain(&shared, &owner, &mut running).await {
+                Ok(()) => last_renewed = Instant::now(),
+                Err(e) => {
+                    metrics::counter!(m::STORE_ERRORS).increment(1);
+                    tracing::warn!(error = %e, "lease maintenance failed");
+                    if last_renewed.elapsed() > shared.cfg.lease_ttl {
+                        // Our leases have expired by now: others may own the lanes.
+                        for (_, r) in running.drain() {
+                            r.stop.cancel();
+                        }
+                    }
+                }
+            }
+            metrics::gauge!(m::LANES_HELD).set(running.len() as f64);
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(tick) => {}
+            }
+        }
+
+        tracing::info!(lanes = running.len(), "shutting down: draining in-flight batches");
+        for r in running.values() {
+            r.stop.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + shared.cfg.shutdown_grace;
+        for (lane, r) in running {
+            let abort = r.task.abort_handle();
+            match tokio::time::timeout_at(deadline, r.task).await {
+                Ok(Ok(LaneExit::Stopped)) => {
+                    if let Err(e) = shared.store.release(&r.lease).await {
+                        tracing::warn!(lane, error = %e, "could not release lease; it will expire");
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    abort.abort();
+                    tracing::warn!(lane, "in-flight batch did not finish within the grace period");
+                }
+            }
+        }
+        wakers.abort();
+        stats.abort();
+        metrics::gauge!(m::LANES_HELD).set(0.0);
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}
+
+/// One round of lease upkeep: renew what we hold, stop lanes we lost, take or give back lanes to
+/// reach a fair share.
+async fn maintain<S: Store, P: Publisher>(
+    shared: &Arc<Shared<S, P>>,
+    owner: &str,
+    running: &mut HashMap<i32, Running>,
+) -> outbox::Result<()> {
+    let ttl = shared.cfg.lease_ttl;
+    let held = shared.store.renew(owner, ttl).await?;
+    running.retain(|lane, r| {
+        let still = held.iter().any(|l| l.lane == *lane && l.epoch == r.lease.epoch);
+        if !still {
+            tracing::warn!(lane, "lease lost; stopping lane");
+            r.stop.cancel();
+        }
+        still
+    });
+    // Leases we hold but run no loop for (a lane that just finished): give them back.
+    for l in held.iter().filter(|l| !running.contains_key(&l.lane)) {
+        shared.store.release(l).await?;
+    }
+    let owners = shared.store.live_owners().await?;
+    let owners = if running.is_empty() { owners + 1 } else { owners.max(1) };
+    let fair = (LANES as usize).div_ceil(owners);
+    let want = shared.cfg.max_lanes.map_or(fair, |m| m.min(fair)).max(1);
+    if running.len() < want {
+        for lease in shared.store.acquire(owner, want - running.len(), ttl).await? {
+            tracing::info!(lane = lease.lane, epoch = lease.epoch, "lane acquired");
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(run_lane(shared.clone(), lease.clone(), stop.clone()));
+            running.insert(lease.lane, Running { lease, stop, task });
+        }
+    } else if running.len() > want {
+        // Give extras back after their current batch; the next round releases them.
+        let mut lanes: Vec<i32> = running.keys().copied().collect();
+        lanes.sort_unstable();
+        for lane in lanes.into_iter().skip(want) {
+            if let Some(r) = running.get(&lane) {
+                r.stop.cancel();
+            }
+        }
+        let finished: Vec<i32> = running
+            .iter()
+            .filter(|(_, r)| r.stop.is_cancelled() && r.task.is_finished())
+            .map(|(l, _)| *l)
+            .collect();
+        for lane in finished {
+            if let Some(r) = running.remove(&lane) {
+                shared.store.release(&r.lease).await?;
+                tracing::info!(lane, "lane handed back for rebalancing");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn spawn_wakers<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>, local: Option<Arc<Notify>>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let local_loop = async {
+            if let Some(local) = local {
+                loop {
+                    local.notified().await;
+                    for w in &shared.wake {
+                        w.notify_one();
+                    }
+                }
+            }
+        };
+        let db_loop = async {
+            match shared.store.wakeups().await {
+                Ok(Some(mut lanes)) => {
+                    while let Some(lane) = lanes.next().await {
+                        if let Some(w) = shared.wake.get(lane as usize) {
+                            w.notify_one();
+                        }
+                    }
+                }
+                Ok(None) => tracing::info!("database has no commit notifications; polling"),
+                Err(e) => tracing::warn!(error = %e, "could not LISTEN; polling"),
+            }
+        };
+        tokio::join!(local_loop, db_loop);
+    })
+}
+
+async fn stats_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
+    loop {
+        match shared.store.status().await {
+            Ok(s) => {
+                metrics::gauge!(m::PENDING).set(s.pending as f64);
+                metrics::gauge!(m::OLDEST_PENDING_AGE)
+                    .set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+                metrics::gauge!(m::DEAD_LETTERS).set(s.dead_letters as f64);
+            }
+            Err(e) => tracing::debug!(error = %e, "status refresh failed"),
+        }
+        tokio::time::sleep(shared.cfg.stats_interval).await;
+    }
+}

@@ -1,0 +1,11 @@
+//! The outbox relay engine: claims committed outbox rows lane by lane, publishes them, waits for
+//! the broker's confirmation, then marks them; retries with backoff, keeps per-key order,
+//! dead-letters poison messages, wakes on commit. Embeddable; the `outbox-relay` binary wraps it.
+
+mod config;
+mod engine;
+mod lane;
+pub mod metrics;
+
+pub use config::{DeadLetterPolicy, RelayConfig};
+pub use engine::{Relay, RelayError};
