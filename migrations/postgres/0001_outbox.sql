@@ -40,6 +40,13 @@ CREATE TABLE outbox_leases (
 );
 INSERT INTO outbox_leases (lane) SELECT generate_series(0, 31);
 
+-- Live relays (heartbeat with every lease renewal), so lanes are shared fairly: a relay that holds
+-- no lane yet still counts, and the others hand lanes back for it.
+CREATE TABLE outbox_relays (
+    owner      TEXT        PRIMARY KEY,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+
 -- Messages that could not be published. parked = the key waits for an operator (policy park).
 CREATE TABLE outbox_dead_letters (
     id         UUID        PRIMARY KEY,

@@ -339,15 +339,23 @@ macro_rules! conformance_suite {
             let (_pool, store) = fresh().await;
             let a = store.acquire("a", 4, Duration::from_secs(60)).await.unwrap();
             store.acquire("b", 4, Duration::from_secs(60)).await.unwrap();
-            assert_eq!(store.live_owners().await.unwrap(), 2);
+            // Renewal is the heartbeat that makes a relay count as live, lanes or not.
+            store.renew("b", Duration::from_secs(60)).await.unwrap();
+            store.renew("idle", Duration::from_secs(60)).await.unwrap();
             let renewed = store.renew("a", Duration::from_secs(60)).await.unwrap();
+            assert_eq!(store.live_owners().await.unwrap(), 3);
             assert_eq!(renewed.len(), 4);
             assert!(renewed.iter().all(|l| a.contains(l)), "renewal keeps epochs");
             for l in &a {
                 store.release(l).await.unwrap();
             }
             assert!(store.renew("a", Duration::from_secs(60)).await.unwrap().is_empty());
+            store.leave("a").await.unwrap();
+            store.leave("idle").await.unwrap();
             assert_eq!(store.live_owners().await.unwrap(), 1);
+            store.renew("short", Duration::from_millis(1)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(store.live_owners().await.unwrap(), 1, "an expired heartbeat does not count");
             let c = store.acquire("c", 4, Duration::from_secs(60)).await.unwrap();
             assert_eq!(c.len(), 4);
             let status = store.status().await.unwrap();

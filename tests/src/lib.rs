@@ -4,3 +4,4 @@
 
 pub mod db;
 pub mod conformance;
+pub mod kafka;

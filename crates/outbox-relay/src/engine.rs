@@ -143,6 +143,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 }
             }
         }
+        if let Err(e) = shared.store.leave(&owner).await {
+            tracing::warn!(error = %e, "could not deregister; other relays rebalance when the heartbeat expires");
+        }
         wakers.abort();
         stats.abort();
         metrics::gauge!(m::LANES_HELD).set(0.0);
@@ -172,8 +175,8 @@ async fn maintain<S: Store, P: Publisher>(
     for l in held.iter().filter(|l| !running.contains_key(&l.lane)) {
         shared.store.release(l).await?;
     }
-    let owners = shared.store.live_owners().await?;
-    let owners = if running.is_empty() { owners + 1 } else { owners.max(1) };
+    // Includes this relay: `renew` above was its heartbeat.
+    let owners = shared.store.live_owners().await?.max(1);
     let fair = (LANES as usize).div_ceil(owners);
     let want = shared.cfg.max_lanes.map_or(fair, |m| m.min(fair)).max(1);
     if running.len() < want {

@@ -2,10 +2,13 @@
 //! the broker's confirmation, then marks them; retries with backoff, keeps per-key order,
 //! dead-letters poison messages, wakes on commit. Embeddable; the `outbox-relay` binary wraps it.
 
+pub mod admin;
+pub mod backend;
 mod config;
 mod engine;
 mod lane;
 pub mod metrics;
+pub mod settings;
 
 pub use config::{DeadLetterPolicy, RelayConfig};
 pub use engine::{Relay, RelayError};

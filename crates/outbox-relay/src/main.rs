@@ -1,1 +1,163 @@
-fn main() {}
+//! The `outbox-relay` daemon: run the relay, migrate, show status, handle dead letters.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outbox_kafka::KafkaPublisher;
+use outbox_relay::settings::{redact_url, resolve, Overrides};
+use outbox_relay::{backend, Relay};
+
+#[derive(Parser)]
+#[command(name = "outbox-relay", version, about = "Publishes committed outbox rows to Kafka, in order, with confirmation")]
+struct Cli {
+    #[command(flatten)]
+    overrides: Overrides,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay until SIGTERM/SIGINT (then drain in-flight batches and exit 0).
+    Run {
+        /// Also apply the outbox migrations at start.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Create or upgrade the outbox schema.
+    Migrate,
+    /// Backlog, oldest pending age, lanes and owners, dead letters.
+    Status,
+    /// Inspect and handle dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// List dead letters, oldest first.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put a dead letter back into the outbox (attempts reset).
+    Retry {
+        /// Message id.
+        id: uuid::Uuid,
+    },
+    /// Delete a dead letter for good.
+    Discard {
+        /// Message id.
+        id: uuid::Uuid,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let s = resolve(&cli.overrides)?;
+    match cli.command {
+        Command::Run { migrate } => run(s, migrate).await,
+        Command::Migrate => {
+            backend::open(&s.database_url, true, false).await?;
+            println!("outbox schema is up to date ({})", redact_url(&s.database_url));
+            Ok(())
+        }
+        Command::Status => {
+            let db = backend::open(&s.database_url, false, false).await?;
+            let st = db.store.status().await?;
+            println!("database:      {} ({})", redact_url(&s.database_url), db.kind);
+            println!("pending:       {}", st.pending);
+            println!(
+                "oldest:        {}",
+                st.oldest_pending_age.map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()))
+            );
+            println!("dead letters:  {}", st.dead_letters);
+            println!("lanes:");
+            for l in &st.lanes {
+                let now = chrono::Utc::now();
+                match (&l.owner, l.expires_at) {
+                    (Some(o), Some(exp)) if exp > now => println!(
+                        "  {:>3}  epoch {:>5}  {}  (expires in {:.1}s)",
+                        l.lane,
+                        l.epoch,
+                        o,
+                        (exp - now).num_milliseconds() as f64 / 1000.0
+                    ),
+                    (Some(o), _) => println!("  {:>3}  epoch {:>5}  {}  (expired)", l.lane, l.epoch, o),
+                    (None, _) => println!("  {:>3}  epoch {:>5}  free", l.lane, l.epoch),
+                }
+            }
+            Ok(())
+        }
+        Command::DeadLetters(cmd) => {
+            let db = backend::open(&s.database_url, false, false).await?;
+            match cmd {
+                DeadLetters::List { limit } => {
+                    let list = db.store.dead_letters(limit).await?;
+                    if list.is_empty() {
+                        println!("no dead letters");
+                    }
+                    for d in list {
+                        println!(
+                            "{}  {}  topic={} key={} seq={} attempts={} {}\n    error: {}",
+                            d.id,
+                            d.dead_at.format("%Y-%m-%d %H:%M:%S"),
+                            d.topic,
+                            d.key.as_deref().unwrap_or("-"),
+                            d.seq.map_or("-".into(), |s| s.to_string()),
+                            d.attempts,
+                            if d.parked { "PARKED (key waits)" } else { "skipped" },
+                            d.error
+                        );
+                    }
+                }
+                DeadLetters::Retry { id } => {
+                    anyhow::ensure!(db.store.retry_dead_letter(id).await?, "no dead letter {id}");
+                    println!("{id} is back in the outbox");
+                }
+                DeadLetters::Discard { id } => {
+                    anyhow::ensure!(db.store.discard_dead_letter(id).await?, "no dead letter {id}");
+                    println!("{id} discarded");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run(s: outbox_relay::settings::Settings, migrate: bool) -> anyhow::Result<()> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let db = backend::open(&s.database_url, migrate, s.keep_published).await?;
+    tracing::info!(database = %redact_url(&s.database_url), backend = db.kind, kafka = ?outbox_kafka::redacted(&s.kafka), "configuration");
+    let publisher = KafkaPublisher::new(s.kafka.clone()).context("creating the Kafka producer")?;
+    let listener = tokio::net::TcpListener::bind(&s.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin endpoint {}", s.admin_listen))?;
+    tracing::info!(addr = %s.admin_listen, "admin endpoint: /metrics /healthz /readyz");
+    let admin = tokio::spawn(outbox_relay::admin::serve(listener, prometheus, Arc::clone(&db.store)));
+    Relay::new(db.store, publisher)
+        .config(s.relay)
+        .run_until(shutdown_signal())
+        .await?;
+    admin.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -90,12 +90,15 @@ pub struct DeadLetter {
 pub trait Store: Send + Sync + 'static {
     /// Takes up to `max` lanes that are free or whose lease expired, bumping each lane's epoch.
     async fn acquire(&self, owner: &str, max: usize, ttl: Duration) -> Result<Vec<Lease>>;
-    /// Extends every lease `owner` still holds and returns them (a lane taken over is absent).
+    /// Heartbeat: records `owner` as a live relay for `ttl` and extends every lease it still
+    /// holds; returns those leases (a lane taken over is absent).
     async fn renew(&self, owner: &str, ttl: Duration) -> Result<Vec<Lease>>;
     /// Gives a lane back (only if the lease is still current).
     async fn release(&self, lease: &Lease) -> Result<()>;
-    /// Number of distinct owners holding unexpired leases.
+    /// Number of live relays (heartbeat not expired), holding lanes or not.
     async fn live_owners(&self) -> Result<usize>;
+    /// Removes `owner` from the live relays (graceful shutdown), so the others rebalance at once.
+    async fn leave(&self, owner: &str) -> Result<()>;
     /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
     /// row is waiting (backoff, delay) or parked. No cursor: rows committed late are found too.
     async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>>;
@@ -125,3 +128,53 @@ pub trait Store: Send + Sync + 'static {
 
 #[allow(dead_code)]
 fn _object_safe(_: &dyn Store) {}
+
+// Lets the relay run on a store chosen at run time (`Arc<dyn Store>`, e.g. from a URL scheme).
+#[async_trait]
+impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
+    async fn acquire(&self, owner: &str, max: usize, ttl: Duration) -> Result<Vec<Lease>> {
+        (**self).acquire(owner, max, ttl).await
+    }
+    async fn renew(&self, owner: &str, ttl: Duration) -> Result<Vec<Lease>> {
+        (**self).renew(owner, ttl).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        (**self).release(lease).await
+    }
+    async fn live_owners(&self) -> Result<usize> {
+        (**self).live_owners().await
+    }
+    async fn leave(&self, owner: &str) -> Result<()> {
+        (**self).leave(owner).await
+    }
+    async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
+        (**self).claim(lease, limit).await
+    }
+    async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()> {
+        (**self).mark_published(lease, done).await
+    }
+    async fn mark_failed(&self, lease: &Lease, pos: i64, error: &str, retry_in: Duration) -> Result<()> {
+        (**self).mark_failed(lease, pos, error, retry_in).await
+    }
+    async fn dead_letter(&self, lease: &Lease, pos: i64, error: &str, park: bool) -> Result<()> {
+        (**self).dead_letter(lease, pos, error, park).await
+    }
+    async fn status(&self) -> Result<Status> {
+        (**self).status().await
+    }
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        (**self).dead_letters(limit).await
+    }
+    async fn retry_dead_letter(&self, id: Uuid) -> Result<bool> {
+        (**self).retry_dead_letter(id).await
+    }
+    async fn discard_dead_letter(&self, id: Uuid) -> Result<bool> {
+        (**self).discard_dead_letter(id).await
+    }
+    async fn cleanup_published(&self, older_than: Duration, batch: usize) -> Result<u64> {
+        (**self).cleanup_published(older_than, batch).await
+    }
+    async fn wakeups(&self) -> Result<Option<BoxStream<'static, i32>>> {
+        (**self).wakeups().await
+    }
+}

@@ -62,16 +62,22 @@ WHERE l.lane IN (SELECT lane FROM outbox_leases WHERE owner IS NULL OR expires_a
                  ORDER BY lane LIMIT $2 FOR UPDATE SKIP LOCKED) \
 RETURNING l.lane, l.epoch";
 
+// Renewal doubles as the relay's heartbeat in outbox_relays (and forgets relays gone for a day).
 pub(super) const RENEW: &str = "\
+WITH hb AS (INSERT INTO outbox_relays (owner, expires_at) \
+            VALUES ($1, now() + $2::bigint * interval '1 millisecond') \
+            ON CONFLICT (owner) DO UPDATE SET expires_at = EXCLUDED.expires_at), \
+gone AS (DELETE FROM outbox_relays WHERE expires_at < now() - interval '1 day') \
 UPDATE outbox_leases SET expires_at = now() + $2::bigint * interval '1 millisecond' \
 WHERE owner = $1 RETURNING lane, epoch";
+
+pub(super) const LEAVE: &str = "DELETE FROM outbox_relays WHERE owner = $1";
 
 pub(super) const RELEASE: &str = "\
 UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity' \
 WHERE lane = $1 AND owner = $2 AND epoch = $3";
 
-pub(super) const LIVE_OWNERS: &str = "\
-SELECT count(DISTINCT owner) FROM outbox_leases WHERE owner IS NOT NULL AND expires_at > now()";
+pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
 
 // A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
 // with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix.

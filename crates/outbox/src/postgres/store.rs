@@ -103,6 +103,11 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn leave(&self, owner: &str) -> Result<()> {
+        sqlx::query(sql::LEAVE).bind(owner).execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn live_owners(&self) -> Result<usize> {
         let n: i64 = sqlx::query_scalar(sql::LIVE_OWNERS).fetch_one(&self.pool).await?;
         Ok(n as usize)

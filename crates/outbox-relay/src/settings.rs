@@ -1,0 +1,242 @@
+//! The daemon's configuration: a TOML file, then environment variables, then flags (flags win).
+//! Unknown keys are errors; secrets are never printed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::{DeadLetterPolicy, RelayConfig};
+
+/// The TOML file. Every key is optional; see README "Configuration".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Database URL: `postgres://`, `mysql://` or `sqlite:`.
+    pub database_url: Option<String>,
+    /// Engine settings.
+    #[serde(default)]
+    pub relay: RelaySection,
+    /// librdkafka settings, passed through unchanged (`"bootstrap.servers" = "..."`).
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
+    /// Admin HTTP endpoint.
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+/// `[relay]` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    /// Lease owner name.
+    pub owner: Option<String>,
+    /// Rows per batch.
+    pub batch_size: Option<usize>,
+    /// Poll interval in milliseconds.
+    pub poll_interval_ms: Option<u64>,
+    /// Lease TTL in milliseconds.
+    pub lease_ttl_ms: Option<u64>,
+    /// Maximum lanes held.
+    pub max_lanes: Option<usize>,
+    /// Attempts before dead-lettering.
+    pub max_attempts: Option<i32>,
+    /// First backoff in milliseconds.
+    pub backoff_base_ms: Option<u64>,
+    /// Backoff cap in milliseconds.
+    pub backoff_max_ms: Option<u64>,
+    /// `skip` or `park`.
+    pub dead_letter_policy: Option<DeadLetterPolicy>,
+    /// Shutdown grace in milliseconds.
+    pub shutdown_grace_ms: Option<u64>,
+    /// Keep published rows in `outbox_published` (PostgreSQL).
+    pub keep_published: Option<bool>,
+}
+
+/// `[admin]` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address for `/metrics`, `/healthz`, `/readyz`. Defaults to 127.0.0.1:9464.
+    pub listen: Option<String>,
+}
+
+/// Flags and environment variables (clap resolves flag > env).
+#[derive(Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// Configuration file (TOML).
+    #[arg(long, short, env = "OUTBOX_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Database URL (`postgres://`, `mysql://`, `sqlite:`).
+    #[arg(long, env = "OUTBOX_DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// librdkafka setting KEY=VALUE (repeatable). Environment: OUTBOX_KAFKA_<KEY> with `_` for `.`.
+    #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
+    pub kafka: Vec<String>,
+    /// Rows per batch.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", global = true)]
+    pub batch_size: Option<usize>,
+    /// Poll interval in milliseconds.
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", global = true)]
+    pub poll_interval_ms: Option<u64>,
+    /// Lease TTL in milliseconds.
+    #[arg(long, env = "OUTBOX_LEASE_TTL_MS", global = true)]
+    pub lease_ttl_ms: Option<u64>,
+    /// Dead-letter policy.
+    #[arg(long, env = "OUTBOX_DEAD_LETTER_POLICY", global = true)]
+    pub dead_letter_policy: Option<DeadLetterPolicy>,
+    /// Attempts before dead-lettering.
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", global = true)]
+    pub max_attempts: Option<i32>,
+    /// Admin endpoint address.
+    #[arg(long, env = "OUTBOX_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<String>,
+}
+
+/// Everything the daemon needs, resolved.
+#[derive(Debug)]
+pub struct Settings {
+    /// Database URL.
+    pub database_url: String,
+    /// Engine settings.
+    pub relay: RelayConfig,
+    /// librdkafka settings.
+    pub kafka: BTreeMap<String, String>,
+    /// Admin address.
+    pub admin_listen: String,
+    /// Keep published rows.
+    pub keep_published: bool,
+}
+
+/// Reads the file (if any), applies environment and flags.
+pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
+    let file: FileConfig = match &o.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {e}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let database_url = o
+        .database_url
+        .clone()
+        .or(file.database_url)
+        .ok_or_else(|| anyhow::anyhow!("no database URL: set --database-url, OUTBOX_DATABASE_URL or database_url"))?;
+
+    let r = file.relay;
+    let ms = Duration::from_millis;
+    let mut relay = RelayConfig::default();
+    if let Some(v) = r.owner {
+        relay = relay.owner(v);
+    }
+    if let Some(v) = o.batch_size.or(r.batch_size) {
+        relay = relay.batch_size(v);
+    }
+    if let Some(v) = o.poll_interval_ms.or(r.poll_interval_ms) {
+        relay = relay.poll_interval(ms(v));
+    }
+    if let Some(v) = o.lease_ttl_ms.or(r.lease_ttl_ms) {
+        relay = relay.lease_ttl(ms(v));
+    }
+    if r.max_lanes.is_some() {
+        relay = relay.max_lanes(r.max_lanes);
+    }
+    if let Some(v) = o.max_attempts.or(r.max_attempts) {
+        relay = relay.max_attempts(v);
+    }
+    if let Some(v) = r.backoff_base_ms {
+        relay = relay.backoff_base(ms(v));
+    }
+    if let Some(v) = r.backoff_max_ms {
+        relay = relay.backoff_max(ms(v));
+    }
+    if let Some(v) = o.dead_letter_policy.or(r.dead_letter_policy) {
+        relay = relay.dead_letter_policy(v);
+    }
+    if let Some(v) = r.shutdown_grace_ms {
+        relay = relay.shutdown_grace(ms(v));
+    }
+    relay.validate().map_err(|e| anyhow::anyhow!("invalid relay settings: {e}"))?;
+
+    let mut kafka = file.kafka;
+    for (k, v) in std::env::vars() {
+        if let Some(rest) = k.strip_prefix("OUTBOX_KAFKA_") {
+            kafka.insert(rest.to_ascii_lowercase().replace('_', "."), v);
+        }
+    }
+    for kv in &o.kafka {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--kafka expects KEY=VALUE, got {kv:?}"))?;
+        kafka.insert(k.trim().to_owned(), v.to_owned());
+    }
+    Ok(Settings {
+        database_url,
+        relay,
+        kafka,
+        admin_listen: o
+            .admin_listen
+            .clone()
+            .or(file.admin.listen)
+            .unwrap_or_else(|| "127.0.0.1:9464".into()),
+        keep_published: r.keep_published.unwrap_or(false),
+    })
+}
+
+/// The URL with its password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = toml::from_str::<FileConfig>("databse_url = 'x'").unwrap_err();
+        assert!(err.to_string().contains("databse_url"));
+        let err = toml::from_str::<FileConfig>("[relay]\nbatchsize = 1").unwrap_err();
+        assert!(err.to_string().contains("batchsize"));
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let dir = std::env::temp_dir().join(format!("relay-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &dir,
+            "database_url = 'postgres://file'\n[relay]\nbatch_size = 10\n[kafka]\n'bootstrap.servers' = 'a:1'\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            config: Some(dir.clone()),
+            batch_size: Some(20),
+            kafka: vec!["bootstrap.servers=b:2".into(), "linger.ms=1".into()],
+            ..Default::default()
+        };
+        let s = resolve(&o).unwrap();
+        assert_eq!(s.database_url, "postgres://file");
+        assert_eq!(s.relay.batch_size, 20);
+        assert_eq!(s.kafka["bootstrap.servers"], "b:2");
+        assert_eq!(s.kafka["linger.ms"], "1");
+        std::fs::remove_file(dir).ok();
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite:x.db"), "sqlite:x.db");
+    }
+}

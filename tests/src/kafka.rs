@@ -1,0 +1,153 @@
+//! Broker helpers: the tansu broker (real Kafka API, started on 127.0.0.1 by `.ci/tansu`), topic
+//! creation, and an independent reader that collects what actually reached the topic.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+
+/// Bootstrap address of the tansu broker (started if it is not running).
+pub fn tansu() -> String {
+    if let Ok(b) = std::env::var("OUTBOX_TEST_KAFKA") {
+        return b;
+    }
+    let port = 19092;
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/tansu");
+        let st = std::process::Command::new("bash").arg(script).arg("start").status().expect("run .ci/tansu");
+        assert!(st.success(), ".ci/tansu start failed");
+    }
+    format!("127.0.0.1:{port}")
+}
+
+/// A unique topic name.
+pub fn topic(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Creates `name` with `partitions` partitions.
+pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
+    let res = admin
+        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create_topics request");
+    for r in res {
+        r.expect("topic created");
+    }
+}
+
+/// One record as an independent consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// `outbox-id` header.
+    pub id: uuid::Uuid,
+    /// `outbox-key` header.
+    pub key: Option<String>,
+    /// `outbox-seq` header.
+    pub seq: Option<i64>,
+    /// Kafka message key.
+    pub kafka_key: Option<Vec<u8>>,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// All headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads `topic` from the beginning until every id in `expect` has been seen (duplicates are kept
+/// in the result) or `deadline` passes. Then keeps reading for `linger` to catch late duplicates.
+pub async fn read_until(
+    bootstrap: &str,
+    topic: &str,
+    expect: &HashSet<uuid::Uuid>,
+    deadline: Duration,
+    linger: Duration,
+) -> Vec<Seen> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut missing: HashSet<uuid::Uuid> = expect.clone();
+    let mut done_at: Option<Instant> = None;
+    loop {
+        if let Some(t) = done_at {
+            if t.elapsed() >= linger {
+                break;
+            }
+        }
+        if start.elapsed() > deadline {
+            break;
+        }
+        let Ok(res) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else { continue };
+        let Ok(m) = res else { continue };
+        let mut seen = Seen {
+            partition: m.partition(),
+            offset: m.offset(),
+            id: uuid::Uuid::nil(),
+            key: None,
+            seq: None,
+            kafka_key: m.key().map(|k| k.to_vec()),
+            payload: m.payload().unwrap_or_default().to_vec(),
+            headers: Vec::new(),
+        };
+        if let Some(h) = m.headers() {
+            for hd in h.iter() {
+                let v = hd.value.unwrap_or_default();
+                let s = String::from_utf8_lossy(v).to_string();
+                match hd.key {
+                    outbox::HEADER_ID => seen.id = s.parse().unwrap_or_default(),
+                    outbox::HEADER_KEY => seen.key = Some(s),
+                    outbox::HEADER_SEQ => seen.seq = s.parse().ok(),
+                    _ => {}
+                }
+                seen.headers.push((hd.key.to_owned(), v.to_vec()));
+            }
+        }
+        missing.remove(&seen.id);
+        out.push(seen);
+        if missing.is_empty() && done_at.is_none() {
+            done_at = Some(Instant::now());
+        }
+    }
+    out
+}
+
+/// Checks what a reader saw: every expected id arrived, and per key the first arrival of each seq
+/// is in increasing order (duplicates may repeat earlier seqs). Returns the number of duplicates.
+pub fn check_delivery(seen: &[Seen], expect: &HashSet<uuid::Uuid>) -> usize {
+    let ids: HashSet<uuid::Uuid> = seen.iter().map(|s| s.id).collect();
+    let missing: Vec<_> = expect.difference(&ids).collect();
+    assert!(missing.is_empty(), "{} committed messages never arrived, e.g. {:?}", missing.len(), missing.first());
+    let unexpected: Vec<_> = ids.difference(expect).collect();
+    assert!(unexpected.is_empty(), "messages that were never committed arrived: {unexpected:?}");
+    let mut ordered: Vec<&Seen> = seen.iter().collect();
+    ordered.sort_by_key(|s| (s.partition, s.offset));
+    let mut high: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    let mut first: HashSet<uuid::Uuid> = HashSet::new();
+    for s in ordered {
+        if !first.insert(s.id) {
+            continue;
+        }
+        if let (Some(k), Some(q)) = (s.key.as_deref(), s.seq) {
+            let h = high.entry(k).or_insert(0);
+            assert_eq!(q, *h + 1, "key {k}: seq {q} arrived first after seq {h} (gap or reordering)");
+            *h = q;
+        }
+    }
+    seen.len() - first.len()
+}
