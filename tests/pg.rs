@@ -27,7 +27,7 @@ async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version").fetch_all(&pool).await.unwrap();
     assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
     let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations").fetch_all(&pool).await.unwrap();
-    assert_eq!(ours, vec![1]);
+    assert_eq!(ours, vec![1, 2]);
     // Both schemas are usable in one transaction.
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')").execute(&mut *tx).await.unwrap();

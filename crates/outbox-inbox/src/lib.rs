@@ -1,1 +1,16 @@
-//! Consumer-side idempotency (work in progress).
+#![doc = include_str!("../README.md")]
+
+mod backend;
+mod error;
+mod handler;
+mod inbox;
+mod incoming;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+
+pub use backend::{Backend, Recorded};
+pub use error::InboxError;
+pub use handler::Handler;
+pub use inbox::{GapPolicy, Inbox, Outcome, DEFAULT_RETENTION};
+pub use incoming::Incoming;
