@@ -98,7 +98,11 @@ pub trait Store: Send + Sync + 'static {
     /// Number of live relays (heartbeat not expired), holding lanes or not.
     async fn live_owners(&self) -> Result<usize>;
     /// Removes `owner` from the live relays (graceful shutdown), so the others rebalance at once.
-    async fn leave(&self, owner: &str) -> Result<()>;
+    /// Backends without a heartbeat table do nothing (their relays then count only by expiry).
+    async fn leave(&self, owner: &str) -> Result<()> {
+        let _ = owner;
+        Ok(())
+    }
     /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
     /// row is waiting (backoff, delay) or parked. No cursor: rows committed late are found too.
     async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>>;
