@@ -2,6 +2,11 @@
 //! delivery confirmation, producer rebuilt on fatal errors) and the consumer runner that commits an
 //! offset only after the message was processed.
 
+mod consumer;
 mod publisher;
 
+pub use consumer::{
+    ConsumerConfig, ConsumerError, ConsumerRunner, HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_OFFSET,
+    HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_TOPIC,
+};
 pub use publisher::{classify, is_secret, redacted, KafkaPublisher, PRODUCER_DEFAULTS};

@@ -1,0 +1,261 @@
+//! The consumer runner on the real broker: ack after processing, effects once under duplicates,
+//! handler failures, poison messages, a restart before the offset commit, and a rebalance.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use outbox_inbox::{Handler, Inbox, Incoming};
+use outbox_kafka::{ConsumerConfig, ConsumerRunner};
+use outbox_tests::kafka::{create_topic, read_until, tansu, topic};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Boom(String);
+
+/// Writes one effect row per processed message; fails the first `fail_first` attempts of each.
+#[derive(Clone, Default)]
+struct Effects {
+    fail_first: u32,
+    poison: Option<String>,
+    attempts: Arc<Mutex<HashMap<uuid::Uuid, u32>>>,
+}
+
+#[async_trait]
+impl Handler<sqlx::Postgres> for Effects {
+    type Error = Boom;
+    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, msg: &Incoming<'_>) -> Result<(), Boom> {
+        let n = {
+            let mut a = self.attempts.lock().unwrap();
+            let n = a.entry(msg.id).or_default();
+            *n += 1;
+            *n
+        };
+        if n <= self.fail_first || self.poison.as_deref().map(str::as_bytes) == Some(msg.payload) {
+            return Err(Boom(format!("attempt {n} failed on purpose")));
+        }
+        sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
+            .bind(msg.id)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| Boom(e.to_string()))?;
+        Ok(())
+    }
+}
+
+async fn effects_db() -> sqlx::PgPool {
+    let pool = outbox_tests::db::fresh_pg().await;
+    // No unique constraint on purpose: a second effect would show as a second row.
+    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL)").execute(&pool).await.unwrap();
+    pool
+}
+
+async fn effect_counts(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM effects").fetch_one(pool).await.unwrap()
+}
+
+/// Produces messages as the relay would (outbox headers), each `times` times.
+async fn produce(bootstrap: &str, t: &str, n: usize, keys: usize, times: usize) -> Vec<uuid::Uuid> {
+    produce_keys(bootstrap, t, "k", n, keys, times).await
+}
+
+async fn produce_keys(bootstrap: &str, t: &str, prefix: &str, n: usize, keys: usize, times: usize) -> Vec<uuid::Uuid> {
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let mut ids = Vec::new();
+    let mut seq: HashMap<String, i64> = HashMap::new();
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let id = uuid::Uuid::now_v7();
+        let key = format!("{prefix}{}", i % keys);
+        let s = seq.entry(key.clone()).or_default();
+        *s += 1;
+        ids.push(id);
+        batch.push((id, key, *s));
+    }
+    for _ in 0..times {
+        for (id, key, s) in &batch {
+            let (ids_, ss) = (id.to_string(), s.to_string());
+            let h = OwnedHeaders::new()
+                .insert(Header { key: outbox::HEADER_ID, value: Some(ids_.as_bytes()) })
+                .insert(Header { key: outbox::HEADER_KEY, value: Some(key.as_bytes()) })
+                .insert(Header { key: outbox::HEADER_SEQ, value: Some(ss.as_bytes()) });
+            producer
+                .send(FutureRecord::to(t).key(key).payload("effect").headers(h), Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+    }
+    ids
+}
+
+fn start(
+    bootstrap: &str,
+    group: &str,
+    t: &str,
+    pool: sqlx::PgPool,
+    handler: Effects,
+    cfg: ConsumerConfig,
+    extra: &[(&str, &str)],
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let mut settings = vec![("bootstrap.servers", bootstrap), ("group.id", group), ("session.timeout.ms", "6000")];
+    settings.extend_from_slice(extra);
+    let runner = ConsumerRunner::new(settings, &[t], pool, Inbox::new("effects"), handler).unwrap().config(cfg);
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        runner.run_until(async { let _ = rx.await; }).await.unwrap();
+    });
+    (tx, task)
+}
+
+async fn wait_effects(pool: &sqlx::PgPool, n: i64, within: Duration) {
+    let start = Instant::now();
+    while effect_counts(pool).await.1 < n {
+        assert!(start.elapsed() < within, "only {:?} of {n} effects", effect_counts(pool).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn fast() -> ConsumerConfig {
+    ConsumerConfig::default().backoff_base(Duration::from_millis(20)).max_attempts(5)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_message_delivered_twice_has_its_effect_once() {
+    let b = tansu();
+    let t = topic("consume-twice");
+    create_topic(&b, &t, 2).await;
+    let pool = effects_db().await;
+    let ids = produce(&b, &t, 200, 10, 2).await;
+    let group = topic("g");
+    let (stop, task) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (200, 200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_before_offset_commit_redelivers_and_the_effect_stays_single() {
+    let b = tansu();
+    let t = topic("consume-restart");
+    create_topic(&b, &t, 1).await;
+    let pool = effects_db().await;
+    let ids = produce(&b, &t, 100, 5, 1).await;
+    let group = topic("g");
+    // No auto-commit: the first consumer dies with its DB work committed and no offset committed.
+    let handler = Effects::default();
+    let (_stop, task) =
+        start(&b, &group, &t, pool.clone(), handler.clone(), fast(), &[("enable.auto.commit", "false")]);
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
+    task.abort(); // the process "dies": no graceful commit
+    let _ = task.await;
+    let first: u32 = handler.attempts.lock().unwrap().values().sum();
+    assert_eq!(first, 100);
+
+    let handler2 = Effects::default();
+    let (stop, task) = start(&b, &group, &t, pool.clone(), handler2.clone(), fast(), &[]);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    // The second consumer received all 100 again (it committed offset 100 for them) ...
+    assert_eq!(committed(&b, &group, &t).await, 100, "messages were redelivered and acked");
+    // ... and the inbox recognised every one: the handler never ran, the effects stayed single.
+    assert_eq!(handler2.attempts.lock().unwrap().values().sum::<u32>(), 0, "duplicates never reach the handler");
+    assert_eq!(effect_counts(&pool).await, (100, 100));
+}
+
+/// The group's committed offset of partition 0.
+async fn committed(bootstrap: &str, group: &str, t: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(t, 0);
+    let tpl = tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(10)).unwrap())
+        .await
+        .unwrap();
+    match tpl.find_partition(t, 0).unwrap().offset() {
+        rdkafka::Offset::Offset(o) => o,
+        other => panic!("no committed offset: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handler_failing_twice_then_succeeding_has_its_effect_once() {
+    let b = tansu();
+    let t = topic("consume-retry");
+    create_topic(&b, &t, 1).await;
+    let pool = effects_db().await;
+    let ids = produce(&b, &t, 30, 3, 1).await;
+    let handler = Effects { fail_first: 2, ..Default::default() };
+    let group = topic("g");
+    let (stop, task) = start(&b, &group, &t, pool.clone(), handler.clone(), fast(), &[]);
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (30, 30));
+    assert!(handler.attempts.lock().unwrap().values().all(|n| *n == 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() {
+    let b = tansu();
+    let t = topic("consume-poison");
+    let dlq = format!("{t}.dlq");
+    create_topic(&b, &t, 1).await;
+    create_topic(&b, &dlq, 1).await;
+    let pool = effects_db().await;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+    // 1) no outbox-id header at all; 2) a handler that always fails on payload "poison".
+    producer.send(FutureRecord::<(), _>::to(&t).payload("no headers"), Duration::from_secs(10)).await.unwrap();
+    let pid = uuid::Uuid::now_v7().to_string();
+    let h = OwnedHeaders::new().insert(Header { key: outbox::HEADER_ID, value: Some(pid.as_bytes()) });
+    producer.send(FutureRecord::<(), _>::to(&t).payload("poison").headers(h), Duration::from_secs(10)).await.unwrap();
+    let ids = produce(&b, &t, 20, 2, 1).await;
+    let handler = Effects { poison: Some("poison".into()), ..Default::default() };
+    let group = topic("g");
+    let (stop, task) = start(&b, &group, &t, pool.clone(), handler, fast().max_attempts(3), &[]);
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (20, 20));
+    let expect: HashSet<uuid::Uuid> = HashSet::from([pid.parse().unwrap()]);
+    let dead = read_until(&b, &dlq, &expect, Duration::from_secs(30), Duration::from_secs(1)).await;
+    assert_eq!(dead.len(), 2, "both poison messages are on the dead-letter topic");
+    let errs: Vec<String> = dead
+        .iter()
+        .map(|d| {
+            let e = d.headers.iter().find(|(k, _)| k == outbox_kafka::HEADER_ERROR).expect("error header");
+            String::from_utf8_lossy(&e.1).into_owned()
+        })
+        .collect();
+    assert!(errs.iter().any(|e| e.contains("outbox-id")), "{errs:?}");
+    assert!(errs.iter().any(|e| e.contains("failed on purpose")), "{errs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_consumers_and_a_rebalance_mid_stream_apply_every_effect_exactly_once() {
+    let b = tansu();
+    let t = topic("consume-rebalance");
+    create_topic(&b, &t, 4).await;
+    let pool = effects_db().await;
+    let group = topic("g");
+    let (stop_a, a) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    let mut ids = produce(&b, &t, 300, 40, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop_b, bb) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    ids.extend(produce_keys(&b, &t, "second-", 300, 40, 1).await);
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(90)).await;
+    stop_a.send(()).unwrap();
+    a.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_b.send(()).unwrap();
+    bb.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (600, 600), "every effect exactly once");
+}
