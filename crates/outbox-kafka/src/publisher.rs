@@ -185,12 +185,13 @@ impl Publisher for KafkaPublisher {
                     continue;
                 }
             }
+            let span = tracing::debug_span!("publish", outbox.id = %row.id);
             let mut record = FutureRecord::to(&row.topic).payload(&row.payload).headers(headers(row));
             if let Some(k) = &row.key {
                 record = record.key(k.as_str());
             }
             loop {
-                match producer.send_result(record) {
+                match span.in_scope(|| producer.send_result(record)) {
                     Ok(delivery) => {
                         pending.push(Ok(delivery));
                         break;
