@@ -4,6 +4,8 @@
 //! partition moves on.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_inbox::{Backend, Handler, Inbox, Incoming, Outcome};
@@ -79,6 +81,19 @@ impl ConsumerConfig {
     }
 }
 
+/// Running counts of what the runner did, readable while it runs (also exported as metrics).
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Messages whose handler ran and committed.
+    pub processed: AtomicU64,
+    /// Deliveries recognised as duplicates (the handler did not run).
+    pub duplicates: AtomicU64,
+    /// Handler attempts that failed and were retried.
+    pub retries: AtomicU64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+}
+
 /// Errors that stop the runner.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -108,6 +123,7 @@ pub struct ConsumerRunner<DB: Backend, H> {
     inbox: Inbox,
     handler: H,
     cfg: ConsumerConfig,
+    stats: Arc<ConsumerStats>,
 }
 
 impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
@@ -140,6 +156,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             inbox,
             handler,
             cfg: ConsumerConfig::default(),
+            stats: Arc::default(),
         })
     }
 
@@ -147,6 +164,11 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     pub fn config(mut self, cfg: ConsumerConfig) -> Self {
         self.cfg = cfg;
         self
+    }
+
+    /// Live counters of this runner.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
     }
 
     /// Consumes until `shutdown` completes: the message being processed finishes, stored offsets
@@ -200,13 +222,18 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             attempt += 1;
             let res = self.inbox.process(&self.pool, &incoming, &self.handler).instrument(span.clone()).await;
             match res {
-                Ok(Outcome::Processed | Outcome::Duplicate) => return self.store(msg),
+                Ok(o @ (Outcome::Processed | Outcome::Duplicate)) => {
+                    let counter = if o == Outcome::Processed { &self.stats.processed } else { &self.stats.duplicates };
+                    counter.fetch_add(1, Relaxed);
+                    return self.store(msg);
+                }
                 Ok(_held) => {
                     // A gap under GapPolicy::Hold: wait for the missing message; never dead-letter.
                     tracing::info!(outbox.id = %incoming.id, "held: waiting for an earlier message of the key");
                     attempt = attempt.min(self.cfg.max_attempts.saturating_sub(1));
                 }
                 Err(e) if e.is_retryable() && attempt < self.cfg.max_attempts => {
+                    self.stats.retries.fetch_add(1, Relaxed);
                     tracing::warn!(outbox.id = %incoming.id, attempt, error = %e, "handler failed; retrying");
                 }
                 Err(e) => {
@@ -248,6 +275,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             record = record.key(k);
         }
         metrics::counter!("outbox_consumer_dead_lettered_total").increment(1);
+        self.stats.dead_lettered.fetch_add(1, Relaxed);
         self.producer
             .send(record, Duration::from_secs(30))
             .await

@@ -6,7 +6,7 @@ mod consumer;
 mod publisher;
 
 pub use consumer::{
-    ConsumerConfig, ConsumerError, ConsumerRunner, HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_OFFSET,
+    ConsumerConfig, ConsumerError, ConsumerRunner, ConsumerStats, HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_OFFSET,
     HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_TOPIC,
 };
 pub use publisher::{classify, is_secret, redacted, KafkaPublisher, PRODUCER_DEFAULTS};
