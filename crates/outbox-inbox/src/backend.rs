@@ -43,3 +43,61 @@ pub enum Recorded {
         previous: Option<i64>,
     },
 }
+
+/// Implements [`Backend`] for a database from its three statements (module `$sql` with
+/// `RECORD_KEYED`, `RECORD_UNKEYED`, `DELETE_EXPIRED`): the Rust side is the same everywhere.
+macro_rules! sql_backend {
+    ($db:ty, $sql:ident) => {
+        #[async_trait::async_trait]
+        impl $crate::Backend for $db {
+            async fn record(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                consumer: &str,
+                msg: &$crate::Incoming<'_>,
+            ) -> Result<$crate::Recorded, sqlx::Error> {
+                match msg.key_seq() {
+                    Some((key, seq)) => {
+                        let row: Option<(Option<i64>,)> = sqlx::query_as($sql::RECORD_KEYED)
+                            .bind(consumer)
+                            .bind(key)
+                            .bind(seq)
+                            .fetch_optional(&mut *conn)
+                            .await?;
+                        Ok(match row {
+                            None => $crate::Recorded::Duplicate,
+                            Some((previous,)) => $crate::Recorded::New { previous },
+                        })
+                    }
+                    None => {
+                        let done = sqlx::query($sql::RECORD_UNKEYED)
+                            .bind(consumer)
+                            .bind(msg.id)
+                            .execute(&mut *conn)
+                            .await?;
+                        Ok(if done.rows_affected() == 1 {
+                            $crate::Recorded::New { previous: None }
+                        } else {
+                            $crate::Recorded::Duplicate
+                        })
+                    }
+                }
+            }
+
+            async fn delete_expired(
+                pool: &sqlx::Pool<$db>,
+                consumer: &str,
+                retention_ms: i64,
+                batch: i64,
+            ) -> Result<u64, sqlx::Error> {
+                let done = sqlx::query($sql::DELETE_EXPIRED)
+                    .bind(consumer)
+                    .bind(retention_ms)
+                    .bind(batch)
+                    .execute(pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+        }
+    };
+}
+pub(crate) use sql_backend;

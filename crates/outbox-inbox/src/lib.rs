@@ -8,6 +8,8 @@ mod incoming;
 
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 pub use backend::{Backend, Recorded};
 pub use error::InboxError;

@@ -52,3 +52,11 @@ pub trait Publisher: Send + Sync + 'static {
 
 #[allow(dead_code)]
 fn _object_safe(_: &dyn Publisher) {}
+
+// Lets a caller keep a handle on the publisher the relay owns (`Arc<P>`, `Arc<dyn Publisher>`).
+#[async_trait]
+impl<T: Publisher + ?Sized> Publisher for std::sync::Arc<T> {
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        (**self).publish(batch).await
+    }
+}

@@ -1,0 +1,6 @@
+//! SQLite inbox: the dedup record is one upsert (keyed) or one insert (unkeyed) on the
+//! handler's transaction; cleanup deletes expired records by batches of rowids.
+
+mod sql;
+
+crate::backend::sql_backend!(sqlx::Sqlite, sql);

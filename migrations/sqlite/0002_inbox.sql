@@ -1,0 +1,22 @@
+-- Inbox schema for SQLite (crate outbox-inbox): consumer-side idempotency. Every object is prefixed
+-- outbox_. Applied by outbox::sqlite::migrate(&pool) with the outbox schema, or copy it.
+-- Times are INTEGER microseconds since the Unix epoch (SQLite's clock), as in 0001_outbox.sql.
+
+-- Keyed messages: per (consumer, key) the highest seq applied; one row per key, never per message.
+CREATE TABLE outbox_inbox_keys (
+    consumer   TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    prev_seq   INTEGER,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer, key)
+) WITHOUT ROWID;
+
+-- Unkeyed messages: one row per processed message id, deleted after the retention window.
+CREATE TABLE outbox_inbox_messages (
+    consumer     TEXT    NOT NULL,
+    message_id   BLOB    NOT NULL,
+    processed_at INTEGER NOT NULL,
+    PRIMARY KEY (consumer, message_id)
+);
+CREATE INDEX outbox_inbox_messages_processed_at ON outbox_inbox_messages (consumer, processed_at);
