@@ -1,7 +1,11 @@
 //! Fresh databases for tests: each test gets its own database, migrated, on the real server.
 
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgPool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{ConnectOptions, Connection, MySqlPool, PgPool, SqlitePool};
 
 /// Server URL for PostgreSQL tests. Defaults to the machine's local server.
 pub fn pg_url() -> String {
@@ -29,5 +33,74 @@ pub async fn fresh_pg_unmigrated() -> PgPool {
 pub async fn fresh_pg() -> PgPool {
     let pool = fresh_pg_unmigrated().await;
     outbox::postgres::migrate(&pool).await.expect("migrate");
+    pool
+}
+
+/// Server URL for MySQL/MariaDB tests. Defaults to the machine's local MariaDB.
+pub fn mysql_url() -> String {
+    std::env::var("OUTBOX_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())
+}
+
+/// A new empty MySQL/MariaDB database (not migrated) and a pool on it.
+pub async fn fresh_mysql_unmigrated() -> MySqlPool {
+    let admin: MySqlConnectOptions = mysql_url().parse().expect("OUTBOX_TEST_MYSQL is a valid URL");
+    let name = format!("outbox_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = admin.connect().await.expect("MySQL/MariaDB reachable (is it running?)");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
+    conn.close().await.ok();
+    MySqlPoolOptions::new()
+        .max_connections(40)
+        .connect_with(admin.database(&name))
+        .await
+        .expect("connect to test database")
+}
+
+/// A new MySQL/MariaDB database with the outbox schema.
+pub async fn fresh_mysql() -> MySqlPool {
+    let pool = fresh_mysql_unmigrated().await;
+    outbox::mysql::migrate(&pool).await.expect("migrate");
+    pool
+}
+
+/// A new empty SQLite database file in the temp directory (not migrated), in WAL mode with a busy
+/// timeout (writers wait for each other instead of failing), and a pool on it.
+pub async fn fresh_sqlite_unmigrated() -> SqlitePool {
+    let path = std::env::temp_dir().join(format!("outbox_test_{}.db", uuid::Uuid::new_v4().simple()));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let opts: SqliteConnectOptions = url.parse().expect("valid SQLite URL");
+    let opts = opts
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(30));
+    SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts)
+        .await
+        .expect("open test database")
+}
+
+/// A new SQLite database file with the outbox schema.
+pub async fn fresh_sqlite() -> SqlitePool {
+    let pool = fresh_sqlite_unmigrated().await;
+    outbox::sqlite::migrate(&pool).await.expect("migrate");
+    pool
+}
+
+/// A new in-memory SQLite database with the outbox schema. An in-memory database lives in one
+/// connection, so the pool has exactly one, kept open for the pool's life: every user of the pool
+/// (business transactions, the store) takes turns on it.
+pub async fn fresh_sqlite_memory() -> SqlitePool {
+    let opts: SqliteConnectOptions = "sqlite::memory:".parse().expect("valid SQLite URL");
+    let pool = SqlitePoolOptions::new()
+        .min_connections(1)
+        .max_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_with(opts)
+        .await
+        .expect("open in-memory database");
+    outbox::sqlite::migrate(&pool).await.expect("migrate");
     pool
 }
