@@ -119,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
          amount_cents BIGINT NOT NULL, message_id UUID NOT NULL)")
         .execute(&pool)
         .await?;
+    outbox_kafka::ensure_topic(&kafka, "order.placed.v1", 4).await?;
     let app = App { pool: pool.clone(), outbox: Outbox::new() };
 
     // The relay runs in this process, woken at commit by NOTIFY and by Outbox::commit.

@@ -82,6 +82,8 @@ async fn main() -> anyhow::Result<()> {
         .execute(&orders)
         .await?;
 
+    outbox_kafka::ensure_topic(&kafka, TOPIC, 4).await.context("is the broker running? bash .ci/services")?;
+
     // Relay (embedded here; in production usually the outbox-relay daemon) and order service.
     let publisher = KafkaPublisher::new([("bootstrap.servers", kafka.as_str())])?;
     let (stop_relay, relay_rx) = tokio::sync::oneshot::channel::<()>();
