@@ -34,7 +34,6 @@ fn compiled() -> String {
 /// optionally runs the outbox migrations.
 pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Opened, OpenError> {
     let scheme = url.split(':').next().unwrap_or_default();
-    let _ = keep_published;
     match scheme {
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
@@ -52,6 +51,39 @@ pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Open
             }
             let store = outbox::postgres::PgStore::new(pool).keep_published(keep_published);
             Ok(Opened { store: Arc::new(store), kind: "postgres" })
+        }
+        #[cfg(feature = "mysql")]
+        "mysql" | "mariadb" => {
+            use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+            let opts: MySqlConnectOptions = url.replacen("mariadb:", "mysql:", 1).parse().map_err(outbox::Error::from)?;
+            let pool = MySqlPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .map_err(outbox::Error::from)?;
+            if migrate {
+                outbox::mysql::migrate(&pool).await?;
+            }
+            let store = outbox::mysql::MySqlStore::new(pool).keep_published(keep_published);
+            Ok(Opened { store: Arc::new(store), kind: "mysql" })
+        }
+        #[cfg(feature = "sqlite")]
+        "sqlite" => {
+            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+            let opts: SqliteConnectOptions = url.parse().map_err(outbox::Error::from)?;
+            let opts = opts.journal_mode(SqliteJournalMode::Wal).busy_timeout(Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .map_err(outbox::Error::from)?;
+            if migrate {
+                outbox::sqlite::migrate(&pool).await?;
+            }
+            let store = outbox::sqlite::SqliteStore::new(pool).keep_published(keep_published);
+            Ok(Opened { store: Arc::new(store), kind: "sqlite" })
         }
         _ => Err(OpenError::Unsupported(crate::settings::redact_url(url), compiled())),
     }

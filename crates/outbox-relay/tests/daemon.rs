@@ -190,3 +190,51 @@ async fn status_and_dead_letter_commands() {
         .unwrap();
     assert!(!out.status.success(), "discarding a dead letter that is gone is an error");
 }
+
+/// Enqueues `n` keyed messages on any backend's pool.
+macro_rules! enqueue_on {
+    ($pool:expr, $t:expr, $n:expr) => {{
+        let mut tx = $pool.begin().await.unwrap();
+        let msgs: Vec<Message> = (0..$n).map(|i| Message::new($t.clone(), format!("{i}")).key(format!("k{}", i % 7))).collect();
+        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+        tx.commit().await.unwrap();
+        msgs.iter().map(|m| m.id()).collect::<HashSet<uuid::Uuid>>()
+    }};
+}
+
+async fn relay_on(url: &str, store: &dyn Store, t: &str, ids: &HashSet<uuid::Uuid>, bootstrap: &str) {
+    let mut relay = spawn_relay(url, bootstrap, 100, &[]);
+    wait_pending_below(store, 1, Duration::from_secs(60)).await;
+    signal(&relay, "-TERM");
+    assert_eq!(wait_exit(&mut relay, Duration::from_secs(30)).code(), Some(0));
+    let seen = read_until(bootstrap, t, ids, Duration::from_secs(30), Duration::from_millis(200)).await;
+    assert_eq!(check_delivery(&seen, ids), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_follows_the_url_scheme_mysql_and_sqlite() {
+    let bootstrap = tansu();
+
+    // MariaDB / MySQL.
+    let pool = outbox_tests::db::fresh_mysql().await;
+    let name = pool.connect_options().get_database().unwrap().to_owned();
+    let url = format!("{}/{name}", outbox_tests::db::mysql_url());
+    let t = topic("daemon-mysql");
+    create_topic(&bootstrap, &t, 2).await;
+    let ids = enqueue_on!(pool, t, 300);
+    let store = outbox::mysql::MySqlStore::new(pool.clone());
+    relay_on(&url, &store, &t, &ids, &bootstrap).await;
+
+    // SQLite: the daemon creates the schema itself (`migrate`).
+    let path = std::env::temp_dir().join(format!("outbox-daemon-{}.db", uuid::Uuid::new_v4().simple()));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let out = Command::new(BIN).args(["--database-url", &url, "migrate"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let t = topic("daemon-sqlite");
+    create_topic(&bootstrap, &t, 2).await;
+    let ids = enqueue_on!(pool, t, 300);
+    let store = outbox::sqlite::SqliteStore::new(pool.clone());
+    relay_on(&url, &store, &t, &ids, &bootstrap).await;
+    std::fs::remove_file(path).ok();
+}
