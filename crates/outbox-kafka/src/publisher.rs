@@ -191,7 +191,11 @@ impl Publisher for KafkaPublisher {
                 record = record.key(k.as_str());
             }
             loop {
-                match span.in_scope(|| producer.send_result(record)) {
+                let sent = {
+                    let _entered = span.enter();
+                    producer.send_result(record)
+                };
+                match sent {
                     Ok(delivery) => {
                         pending.push(Ok(delivery));
                         break;
