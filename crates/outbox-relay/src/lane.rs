@@ -95,17 +95,22 @@ async fn publish_batch<S: Store, P: Publisher>(
     rows: &[StoredMessage],
     stop: &CancellationToken,
 ) -> Result<(), LaneExit> {
+    crate::failpoint::hit(crate::failpoint::Point::AfterClaim);
     let span = tracing::debug_span!("publish_batch", lane = lease.lane, size = rows.len());
     let started = std::time::Instant::now();
-    let results = shared.publisher.publish(rows).instrument(span).await;
+    crate::failpoint::hit(crate::failpoint::Point::DuringPublish);
+    let results = publish_decodable(shared, rows).instrument(span).await;
     metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
     assert_eq!(results.len(), rows.len(), "publisher must answer once per message");
+    crate::failpoint::hit(crate::failpoint::Point::BeforeMark);
 
     let plan = settle(&shared.cfg, rows, results);
     let now = chrono::Utc::now();
     // Confirmed rows first: a crash after this point re-sends only the failed ones.
     if !plan.delivered.is_empty() {
+        crate::failpoint::hit(crate::failpoint::Point::DuringMark);
         retry_store(stop, &shared.cfg, || shared.store.mark_published(lease, &plan.delivered)).await?;
+        crate::failpoint::hit(crate::failpoint::Point::AfterMark);
         metrics::counter!(m::PUBLISHED).increment(plan.delivered.len() as u64);
         for created in &plan.delivered_created {
             let age = (now - *created).to_std().unwrap_or_default();
@@ -131,6 +136,40 @@ async fn publish_batch<S: Store, P: Publisher>(
         retry_store(stop, &shared.cfg, || shared.store.dead_letter(lease, row.pos, &err.message, park)).await?;
     }
     Ok(())
+}
+
+/// Publishes the batch, except rows that could not be decoded: those fail permanently (and are
+/// dead-lettered by `settle`). Under `park`, the rest of a corrupt row's key is not sent either.
+async fn publish_decodable<S: Store, P: Publisher>(
+    shared: &Shared<S, P>,
+    rows: &[StoredMessage],
+) -> Vec<Result<Delivered, PublishError>> {
+    if rows.iter().all(|r| r.corrupt.is_none()) {
+        return shared.publisher.publish(rows).await;
+    }
+    let park = shared.cfg.dead_letter_policy == DeadLetterPolicy::Park;
+    let mut results: Vec<Option<Result<Delivered, PublishError>>> = Vec::with_capacity(rows.len());
+    let mut held: HashSet<&str> = HashSet::new();
+    let mut send = Vec::new();
+    for row in rows {
+        let key_held = row.key.as_deref().is_some_and(|k| held.contains(k));
+        if let Some(reason) = &row.corrupt {
+            if park {
+                held.extend(row.key.as_deref());
+            }
+            results.push(Some(Err(PublishError::permanent(reason.clone()))));
+        } else if key_held {
+            results.push(Some(Err(PublishError::retryable("held back behind a parked corrupt row"))));
+        } else {
+            results.push(None);
+            send.push(row.clone());
+        }
+    }
+    let mut sent = shared.publisher.publish(&send).await.into_iter();
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| sent.next().expect("publisher must answer once per message")))
+        .collect()
 }
 
 /// What to do with each row of a batch, given the broker's answers.
@@ -213,5 +252,63 @@ where
                 tokio::time::sleep(cfg.backoff(attempt.min(6))).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(pos: i64, key: Option<&str>, attempts: i32) -> StoredMessage {
+        StoredMessage {
+            pos,
+            id: uuid::Uuid::now_v7(),
+            lane: 0,
+            topic: "t".into(),
+            key: key.map(str::to_owned),
+            seq: Some(pos),
+            payload: vec![],
+            headers: vec![],
+            attempts,
+            created_at: chrono::Utc::now(),
+            corrupt: None,
+        }
+    }
+
+    fn ok(pos: i64) -> Result<Delivered, PublishError> {
+        Ok(Delivered { pos, partition: 0, offset: pos })
+    }
+
+    #[test]
+    fn a_retryable_failure_holds_the_rest_of_its_key_only() {
+        let rows = [row(1, Some("a"), 0), row(2, Some("b"), 0), row(3, Some("a"), 0), row(4, None, 0), row(5, Some("b"), 0)];
+        let results = vec![ok(1), Err(PublishError::retryable("down")), ok(3), ok(4), ok(5)];
+        let plan = settle(&RelayConfig::default(), &rows, results);
+        let marked: Vec<i64> = plan.delivered.iter().map(|d| d.pos).collect();
+        assert_eq!(marked, vec![1, 3, 4], "b's later row 5 must wait for row 2 even though it was delivered");
+        assert_eq!(plan.retry.len(), 1);
+        assert_eq!(plan.retry[0].0.pos, 2);
+        assert!(plan.dead.is_empty());
+    }
+
+    #[test]
+    fn permanent_failures_dead_letter_and_skip_or_park_the_key() {
+        let rows = [row(1, Some("a"), 0), row(2, Some("a"), 0)];
+        let results = || vec![Err(PublishError::permanent("too large")), ok(2)];
+        let skip = settle(&RelayConfig::default(), &rows, results());
+        assert_eq!(skip.dead.len(), 1);
+        assert_eq!(skip.delivered.iter().map(|d| d.pos).collect::<Vec<_>>(), vec![2]);
+        let park = settle(&RelayConfig::default().dead_letter_policy(DeadLetterPolicy::Park), &rows, results());
+        assert_eq!(park.dead.len(), 1);
+        assert!(park.delivered.is_empty(), "a parked key publishes nothing after its dead letter");
+    }
+
+    #[test]
+    fn exhausted_attempts_dead_letter_with_the_reason() {
+        let rows = [row(1, Some("a"), 4)];
+        let plan = settle(&RelayConfig::default().max_attempts(5), &rows, vec![Err(PublishError::retryable("timeout"))]);
+        assert!(plan.retry.is_empty());
+        assert_eq!(plan.dead.len(), 1);
+        assert!(plan.dead[0].1.message.contains("gave up after 5 attempts"), "{}", plan.dead[0].1.message);
     }
 }

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod backend;
 mod config;
 mod engine;
+mod failpoint;
 mod lane;
 pub mod metrics;
 pub mod settings;

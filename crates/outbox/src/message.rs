@@ -217,17 +217,22 @@ pub struct StoredMessage {
     pub attempts: i32,
     /// When the message was enqueued (database clock, start of the enqueueing transaction).
     pub created_at: DateTime<Utc>,
+    /// Why the row could not be decoded (e.g. a headers column that is not what `enqueue` writes).
+    /// The relay dead-letters such a row instead of publishing it; it never blocks the lane.
+    pub corrupt: Option<String>,
 }
 
 impl StoredMessage {
-    /// Decodes the stored headers column.
-    pub(crate) fn decode_headers(id: Uuid, raw: Option<&str>) -> Result<Vec<(String, String)>> {
-        match raw {
-            None => Ok(Vec::new()),
-            Some(s) => serde_json::from_str(s).map_err(|e| Error::CorruptRow {
-                id,
-                reason: format!("headers: {e}"),
-            }),
+    /// Decodes the stored headers column: the headers, or none and why the row is corrupt.
+    pub(crate) fn decode_headers(id: Uuid, raw: Option<&str>) -> (Vec<(String, String)>, Option<String>) {
+        match raw.map(serde_json::from_str::<Vec<(String, String)>>) {
+            None => (Vec::new(), None),
+            Some(Ok(h)) => (h, None),
+            Some(Err(e)) => {
+                let err = Error::CorruptRow { id, reason: format!("headers column: {e}") };
+                tracing::error!(outbox.id = %id, error = %err, "corrupt outbox row");
+                (Vec::new(), Some(err.to_string()))
+            }
         }
     }
 }

@@ -187,6 +187,7 @@ impl Store for MySqlStore {
         rows.into_iter()
             .map(
                 |(pos, id, lane, topic, key, seq, payload, headers, attempts, created_at)| {
+                    let (headers, corrupt) = StoredMessage::decode_headers(id, headers.as_deref());
                     Ok(StoredMessage {
                         pos,
                         id,
@@ -195,7 +196,8 @@ impl Store for MySqlStore {
                         key: key_string(id, key)?,
                         seq,
                         payload,
-                        headers: StoredMessage::decode_headers(id, headers.as_deref())?,
+                        headers,
+                        corrupt,
                         attempts,
                         created_at: utc(created_at),
                     })

@@ -123,6 +123,7 @@ impl Store for PgStore {
             .await?;
         rows.into_iter()
             .map(|(pos, id, lane, topic, key, seq, payload, headers, attempts, created_at)| {
+                let (headers, corrupt) = StoredMessage::decode_headers(id, headers.as_deref());
                 Ok(StoredMessage {
                     pos,
                     id,
@@ -131,7 +132,8 @@ impl Store for PgStore {
                     key,
                     seq,
                     payload,
-                    headers: StoredMessage::decode_headers(id, headers.as_deref())?,
+                    headers,
+                    corrupt,
                     attempts,
                     created_at,
                 })

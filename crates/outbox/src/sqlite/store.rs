@@ -156,6 +156,7 @@ impl Store for SqliteStore {
         rows.into_iter()
             .map(
                 |(pos, id, lane, topic, key, seq, payload, headers, attempts, created_at)| {
+                    let (headers, corrupt) = StoredMessage::decode_headers(id, headers.as_deref());
                     Ok(StoredMessage {
                         pos,
                         id,
@@ -164,7 +165,8 @@ impl Store for SqliteStore {
                         key,
                         seq,
                         payload,
-                        headers: StoredMessage::decode_headers(id, headers.as_deref())?,
+                        headers,
+                        corrupt,
                         attempts,
                         created_at: time(id, created_at)?,
                     })
