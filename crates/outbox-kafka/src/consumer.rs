@@ -217,6 +217,12 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             .map(|v| String::from_utf8_lossy(v).into_owned());
         let span = tracing::info_span!("inbox.process", outbox.id = %incoming.id, topic = msg.topic(),
             partition = msg.partition(), offset = msg.offset(), traceparent = traceparent.as_deref());
+        #[cfg(feature = "opentelemetry")]
+        if let Some(parent) = traceparent.as_deref().and_then(outbox::trace::parent_context) {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            // Fails only when no OpenTelemetry layer is installed: nothing to continue then.
+            let _ = span.set_parent(parent);
+        }
         let mut attempt = 0u32;
         loop {
             attempt += 1;

@@ -7,6 +7,7 @@ mod message;
 mod migrate;
 mod publisher;
 mod store;
+pub mod trace;
 
 #[cfg(feature = "postgres")]
 pub mod postgres;

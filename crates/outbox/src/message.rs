@@ -44,14 +44,18 @@ pub struct Message {
 }
 
 impl Message {
-    /// A message with a raw byte payload. Its id is a fresh UUID v7.
+    /// A message with a raw byte payload. Its id is a fresh UUID v7. With the `opentelemetry`
+    /// feature, the current span's trace context is carried in the `traceparent` header.
     pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        let headers = crate::trace::current_traceparent()
+            .map(|tp| vec![(HEADER_TRACEPARENT.to_owned(), tp)])
+            .unwrap_or_default();
         Message {
             id: Uuid::now_v7(),
             topic: topic.into(),
             key: None,
             payload: payload.into(),
-            headers: Vec::new(),
+            headers,
             available_at: None,
             delay: None,
         }
@@ -69,9 +73,14 @@ impl Message {
         self
     }
 
-    /// Adds a header. Names starting with `outbox-` are reserved and rejected at enqueue.
+    /// Adds a header. Names starting with `outbox-` are reserved and rejected at enqueue. A
+    /// `traceparent` given here replaces the one taken from the current span.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.push((name.into(), value.into()));
+        let name = name.into();
+        if name == HEADER_TRACEPARENT {
+            self.headers.retain(|(n, _)| n != HEADER_TRACEPARENT);
+        }
+        self.headers.push((name, value.into()));
         self
     }
 
