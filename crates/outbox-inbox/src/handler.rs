@@ -37,11 +37,7 @@ pub trait Handler<DB: sqlx::Database>: Send + Sync {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Applies `msg` using `tx`.
-    async fn handle(
-        &self,
-        tx: &mut sqlx::Transaction<'_, DB>,
-        msg: &Incoming<'_>,
-    ) -> Result<(), Self::Error>;
+    async fn handle(&self, tx: &mut sqlx::Transaction<'_, DB>, msg: &Incoming<'_>) -> Result<(), Self::Error>;
 }
 
 // Handlers can be used as trait objects: `process` takes `&H` with `H: ?Sized`.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::{Backend, Handler, InboxError, Incoming, Recorded};
 
-/// How long records of unkeyed messages are kept by default: 7 days.
+/// How long records of unkeyed messages, and open gaps of keyed ones, are kept by default: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 const MAX_RETENTION_MS: i64 = 1000 * 365 * 24 * 60 * 60 * 1000;
@@ -16,8 +16,10 @@ const MAX_RETENTION_MS: i64 = 1000 * 365 * 24 * 60 * 60 * 1000;
 /// that finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GapPolicy {
-    /// Process the message and move the key on. The skipped seqs count as seen: if one of them
-    /// arrives later, it is a duplicate. The default.
+    /// Process the message and move the key on. The skipped seqs are recorded as an open gap of
+    /// the key: if one of them arrives later (within the retention window), it is processed then,
+    /// once, after higher seqs; a seq at or below the key's highest outside every open gap is a
+    /// duplicate. The default.
     #[default]
     Accept,
     /// Process nothing, commit nothing and answer [`Outcome::Held`]: deliver it again later, after
@@ -80,7 +82,10 @@ impl Inbox {
 
     /// How long records of unkeyed messages are kept, so how long after its first delivery a
     /// duplicate unkeyed message is still recognised. Keyed messages are recognised forever.
-    /// Defaults to 7 days.
+    ///
+    /// Also how long an open gap of a key (seqs skipped under [`GapPolicy::Accept`]) is kept: a
+    /// skipped message arriving later than that after the gap was seen is taken for a duplicate
+    /// and not processed. Defaults to 7 days.
     pub fn retention(mut self, window: Duration) -> Self {
         self.retention = window;
         self
@@ -95,9 +100,11 @@ impl Inbox {
     /// the message, then runs `handler` with that transaction and commits. The handler's writes and
     /// the record commit together or not at all.
     ///
-    /// A duplicate (or a message held back by [`GapPolicy::Hold`]) commits nothing and does not run
-    /// the handler. Concurrent deliveries of one message wait for each other: one processes it, the
-    /// others see a duplicate. On a handler error everything is rolled back and the error is
+    /// A duplicate (or a message held back by [`GapPolicy::Hold`]) does not run the handler and
+    /// commits nothing but, at most, the tidying of its key's gap bookkeeping. A keyed message that
+    /// was skipped by a gap and arrives late is processed (see [`GapPolicy::Accept`]). Concurrent
+    /// deliveries of one message wait for each other: one processes it, the others see a
+    /// duplicate. On a handler error everything is rolled back and the error is
     /// returned ([`InboxError::is_retryable`] is true): deliver the message again.
     ///
     /// Commit the consumer offset only when the outcome [`is_done`](Outcome::is_done).
@@ -113,17 +120,33 @@ impl Inbox {
         H: Handler<DB> + ?Sized,
     {
         let mut tx = pool.begin().await?;
-        let previous = match DB::record(&mut *tx, &self.consumer, msg).await? {
+        // For a message new at the top of its key: the key's highest seq before it.
+        let advanced_from = match DB::record(&mut *tx, &self.consumer, msg).await? {
             Recorded::Duplicate => {
-                // Nothing was written; end the transaction now to release the key row.
-                tx.rollback().await?;
+                // End the transaction now to release the key row. Commit rather than roll back: a
+                // duplicate writes nothing, except that looking at the key's gaps may have repaired
+                // its gap_from (left too low by the cleanup); keeping that spares later duplicates.
+                tx.commit().await?;
                 tracing::debug!(key = msg.key, seq = msg.seq, "duplicate, skipped");
                 self.count("outbox_inbox_duplicates_total");
                 return Ok(Outcome::Duplicate);
             }
-            Recorded::New { previous } => previous,
+            Recorded::New { previous } => Some(previous),
+            Recorded::FilledGap { from, to } => {
+                // Skipped when a higher seq was accepted, arriving now: applied late, under either
+                // policy (the key has moved on already; holding it would fill nothing).
+                tracing::info!(
+                    key = msg.key,
+                    seq = msg.seq,
+                    gap.from = from,
+                    gap.to = to,
+                    "late message of a recorded gap: processing it"
+                );
+                self.count("outbox_inbox_gap_fills_total");
+                None
+            }
         };
-        if let Some((key, seq)) = msg.key_seq() {
+        if let (Some((key, seq)), Some(previous)) = (msg.key_seq(), advanced_from) {
             // A key never seen starts at 1: seqs are dense per key from the first message on.
             let expected = previous.unwrap_or(0) + 1;
             if seq > expected {
@@ -134,6 +157,8 @@ impl Inbox {
                     policy = ?self.gap_policy,
                     "gap in the key's sequence: messages {expected}..{seq} (exclusive) were not processed"
                 );
+                // `record` recorded the gap: under Accept it commits with this message and the
+                // skipped messages are processed if they come later; Hold rolls it back.
                 self.count("outbox_inbox_gaps_total");
                 if self.gap_policy == GapPolicy::Hold {
                     tx.rollback().await?;
@@ -153,33 +178,38 @@ impl Inbox {
     }
 
     /// Deletes the records of this consumer's unkeyed messages that are older than the retention
-    /// window, `batch_size` rows per short transaction (so it never holds locks for long), until a
-    /// batch comes back short. Per-key records are kept. Returns how many rows it deleted.
+    /// window, then its open gaps recorded longer ago than the window, `batch_size` rows per short
+    /// transaction (so it never holds locks for long), until a batch comes back short. Per-key
+    /// records (the highest seq) are kept. Returns how many rows it deleted.
     ///
     /// Run it now and then (say hourly) from one place; concurrent runs are safe, just wasteful.
     #[tracing::instrument(name = "cleanup", skip_all, fields(consumer = %self.consumer))]
-    pub async fn cleanup<DB: Backend>(
-        &self,
-        pool: &sqlx::Pool<DB>,
-        batch_size: u32,
-    ) -> Result<u64, InboxError> {
+    pub async fn cleanup<DB: Backend>(&self, pool: &sqlx::Pool<DB>, batch_size: u32) -> Result<u64, InboxError> {
         let batch = i64::from(batch_size.max(1));
         // Capped at about 1000 years so the database's interval arithmetic cannot overflow.
         let retention_ms = i64::try_from(self.retention.as_millis())
             .unwrap_or(i64::MAX)
             .min(MAX_RETENTION_MS);
-        let mut total = 0;
-        loop {
-            let n = DB::delete_expired(pool, &self.consumer, retention_ms, batch).await?;
-            total += n;
-            if n < batch as u64 {
-                break;
+        let mut deleted = [0u64; 2];
+        for (table, total) in deleted.iter_mut().enumerate() {
+            loop {
+                let n = if table == 0 {
+                    DB::delete_expired(pool, &self.consumer, retention_ms, batch).await?
+                } else {
+                    DB::delete_expired_gaps(pool, &self.consumer, retention_ms, batch).await?
+                };
+                *total += n;
+                if n < batch as u64 {
+                    break;
+                }
+                // Each batch has committed; a long cleanup must not starve the runtime's other
+                // tasks.
+                tokio::task::yield_now().await;
             }
-            // Each batch has committed; a long cleanup must not starve the runtime's other tasks.
-            tokio::task::yield_now().await;
         }
-        tracing::info!(deleted = total, "cleaned up expired inbox records");
-        Ok(total)
+        let [messages, gaps] = deleted;
+        tracing::info!(messages, gaps, "cleaned up expired inbox records");
+        Ok(messages + gaps)
     }
 
     fn count(&self, name: &'static str) {

@@ -69,11 +69,7 @@ impl<'a> Incoming<'a> {
     /// assert_eq!((msg.key, msg.seq), (Some("order-42"), Some(3)));
     /// # Ok::<(), outbox_inbox::InboxError>(())
     /// ```
-    pub fn from_headers<I>(
-        topic: &'a str,
-        payload: &'a [u8],
-        headers: I,
-    ) -> Result<Self, InboxError>
+    pub fn from_headers<I>(topic: &'a str, payload: &'a [u8], headers: I) -> Result<Self, InboxError>
     where
         I: IntoIterator<Item = (&'a str, &'a [u8])>,
     {
@@ -81,8 +77,7 @@ impl<'a> Incoming<'a> {
         let find = |name: &str| headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
 
         let id = find(HEADER_ID).ok_or(InboxError::MissingHeader(HEADER_ID))?;
-        let id = Uuid::try_parse(text(HEADER_ID, id)?.trim())
-            .map_err(|e| malformed(HEADER_ID, e.to_string()))?;
+        let id = Uuid::try_parse(text(HEADER_ID, id)?.trim()).map_err(|e| malformed(HEADER_ID, e.to_string()))?;
         let key = match find(HEADER_KEY) {
             None => None,
             Some(v) => match text(HEADER_KEY, v)? {
@@ -94,12 +89,7 @@ impl<'a> Incoming<'a> {
             None => None,
             Some(v) => match text(HEADER_SEQ, v)?.trim().parse::<i64>() {
                 Ok(s) if s >= 1 => Some(s),
-                Ok(s) => {
-                    return Err(malformed(
-                        HEADER_SEQ,
-                        format!("{s} is not a positive sequence number"),
-                    ))
-                }
+                Ok(s) => return Err(malformed(HEADER_SEQ, format!("{s} is not a positive sequence number"))),
                 Err(e) => return Err(malformed(HEADER_SEQ, e.to_string())),
             },
         };
@@ -115,10 +105,7 @@ impl<'a> Incoming<'a> {
 
     /// The value of the first header called `name`.
     pub fn header_value(&self, name: &str) -> Option<&'a [u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| *v)
+        self.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
     }
 
     /// Key and seq when the message is keyed (both present).
