@@ -69,12 +69,22 @@ impl axum::response::IntoResponse for AppError {
 }
 
 /// The order row and its `order.placed.v1` message commit together, or neither does.
-async fn place_order(State(app): State<App>, Json(req): Json<NewOrder>) -> Result<(StatusCode, Json<serde_json::Value>), AppError> {
+async fn place_order(
+    State(app): State<App>,
+    Json(req): Json<NewOrder>,
+) -> Result<(StatusCode, Json<serde_json::Value>), AppError> {
     if req.amount_cents <= 0 {
-        return Err(AppError(StatusCode::BAD_REQUEST, "amount_cents must be positive".into()));
+        return Err(AppError(
+            StatusCode::BAD_REQUEST,
+            "amount_cents must be positive".into(),
+        ));
     }
     let order_id = uuid::Uuid::now_v7();
-    let event = OrderPlaced { order_id, customer: req.customer.clone(), amount_cents: req.amount_cents };
+    let event = OrderPlaced {
+        order_id,
+        customer: req.customer.clone(),
+        amount_cents: req.amount_cents,
+    };
     let msg = Message::json("order.placed.v1", &event)?.key(req.customer.clone());
     let mut tx = app.pool.begin().await?;
     sqlx::query("INSERT INTO orders (id, customer, amount_cents, message_id) VALUES ($1, $2, $3, $4)")
@@ -86,7 +96,10 @@ async fn place_order(State(app): State<App>, Json(req): Json<NewOrder>) -> Resul
         .await?;
     app.outbox.enqueue(&mut tx, &msg).await?;
     app.outbox.commit(tx).await?; // commits, then wakes the embedded relay
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": order_id, "message_id": msg.id() }))))
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": order_id, "message_id": msg.id() })),
+    ))
 }
 
 async fn get_order(State(app): State<App>, Path(id): Path<uuid::Uuid>) -> Result<Json<serde_json::Value>, AppError> {
@@ -108,27 +121,37 @@ async fn get_order(State(app): State<App>, Path(id): Path<uuid::Uuid>) -> Result
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
     let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let kafka = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
     let listen = std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:3000".into());
 
     let pool = PgPool::connect(&url).await?;
     outbox::postgres::migrate(&pool).await?;
-    sqlx::query("CREATE TABLE IF NOT EXISTS orders (id UUID PRIMARY KEY, customer TEXT NOT NULL, \
-         amount_cents BIGINT NOT NULL, message_id UUID NOT NULL)")
-        .execute(&pool)
-        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS orders (id UUID PRIMARY KEY, customer TEXT NOT NULL, \
+         amount_cents BIGINT NOT NULL, message_id UUID NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
     outbox_kafka::ensure_topic(&kafka, "order.placed.v1", 4).await?;
-    let app = App { pool: pool.clone(), outbox: Outbox::new() };
+    let app = App {
+        pool: pool.clone(),
+        outbox: Outbox::new(),
+    };
 
     // The relay runs in this process, woken at commit by NOTIFY and by Outbox::commit.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let relay = tokio::spawn(
-        Relay::new(outbox::postgres::PgStore::new(pool.clone()), KafkaPublisher::new([("bootstrap.servers", kafka)])?)
-            .config(RelayConfig::default().shutdown_grace(Duration::from_secs(10)))
-            .wake_on(app.outbox.local_wakeup())
-            .run_until(wait_stop(stop_rx.clone())),
+        Relay::new(
+            outbox::postgres::PgStore::new(pool.clone()),
+            KafkaPublisher::new([("bootstrap.servers", kafka)])?,
+        )
+        .config(RelayConfig::default().shutdown_grace(Duration::from_secs(10)))
+        .wake_on(app.outbox.local_wakeup())
+        .run_until(wait_stop(stop_rx.clone())),
     );
 
     let router = Router::new()

@@ -38,7 +38,11 @@ enum OrderError {
 #[async_trait]
 impl Handler<sqlx::Postgres> for OrderService {
     type Error = OrderError;
-    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, msg: &Incoming<'_>) -> Result<(), OrderError> {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        msg: &Incoming<'_>,
+    ) -> Result<(), OrderError> {
         let o: OrderPlaced = serde_json::from_slice(msg.payload)?;
         sqlx::query("INSERT INTO fulfilment (order_id, sku, buyer) VALUES ($1, $2, $3)")
             .bind(o.order_id)
@@ -51,20 +55,34 @@ impl Handler<sqlx::Postgres> for OrderService {
 }
 
 async fn fresh_db(admin_url: &str, name: &str) -> anyhow::Result<PgPool> {
-    let mut admin = sqlx::PgConnection::connect(admin_url).await.context("connect to PostgreSQL")?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await?;
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .context("connect to PostgreSQL")?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
     let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
-    Ok(PgPoolOptions::new().max_connections(32).connect(&format!("{base}/{name}")).await?)
+    Ok(PgPoolOptions::new()
+        .max_connections(32)
+        .connect(&format!("{base}/{name}"))
+        .await?)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .init();
     let pg = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let kafka = std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
     let stock: i64 = std::env::var("STOCK").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
-    let buyers: u32 = std::env::var("BUYERS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
+    let buyers: u32 = std::env::var("BUYERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
 
     // The shop's database (stock, orders, outbox) and the order service's own database.
     let shop = fresh_db(&pg, "flash_sale_shop").await?;
@@ -77,12 +95,17 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(&shop)
     .await?;
-    sqlx::query("INSERT INTO stock VALUES ('console', $1)").bind(stock).execute(&shop).await?;
+    sqlx::query("INSERT INTO stock VALUES ('console', $1)")
+        .bind(stock)
+        .execute(&shop)
+        .await?;
     sqlx::raw_sql("CREATE TABLE fulfilment (order_id UUID PRIMARY KEY, sku TEXT NOT NULL, buyer BIGINT NOT NULL)")
         .execute(&orders)
         .await?;
 
-    outbox_kafka::ensure_topic(&kafka, TOPIC, 4).await.context("is the broker running? bash .ci/services")?;
+    outbox_kafka::ensure_topic(&kafka, TOPIC, 4)
+        .await
+        .context("is the broker running? bash .ci/services")?;
 
     // Relay (embedded here; in production usually the outbox-relay daemon) and order service.
     let publisher = KafkaPublisher::new([("bootstrap.servers", kafka.as_str())])?;
@@ -90,7 +113,9 @@ async fn main() -> anyhow::Result<()> {
     let relay = tokio::spawn(
         Relay::new(outbox::postgres::PgStore::new(shop.clone()), publisher)
             .config(RelayConfig::default().poll_interval(Duration::from_millis(200)))
-            .run_until(async { let _ = relay_rx.await; }),
+            .run_until(async {
+                let _ = relay_rx.await;
+            }),
     );
     let group = format!("order-service-{}", uuid::Uuid::new_v4().simple());
     let runner = ConsumerRunner::new(
@@ -102,7 +127,9 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let consumed = runner.stats();
     let (stop_consumer, consumer_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(runner.run_until(async { let _ = consumer_rx.await; }));
+    let consumer = tokio::spawn(runner.run_until(async {
+        let _ = consumer_rx.await;
+    }));
 
     // The burst: every buyer tries at once.
     println!("flash sale: {stock} consoles, {buyers} buyers arriving at once");
@@ -129,8 +156,15 @@ async fn main() -> anyhow::Result<()> {
                 .bind(user as i64)
                 .execute(&mut *tx)
                 .await?;
-            let msg = Message::json(TOPIC, &OrderPlaced { order_id, sku: "console".into(), user })?
-                .key(order_id.to_string());
+            let msg = Message::json(
+                TOPIC,
+                &OrderPlaced {
+                    order_id,
+                    sku: "console".into(),
+                    user,
+                },
+            )?
+            .key(order_id.to_string());
             outbox::enqueue(&mut tx, &msg).await?;
             tx.commit().await?;
             sold.fetch_add(1, Relaxed);
@@ -151,7 +185,9 @@ async fn main() -> anyhow::Result<()> {
     // Downstream catches up at its own pace.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM fulfilment").fetch_one(&orders).await?;
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM fulfilment")
+            .fetch_one(&orders)
+            .await?;
         println!("  order service has {done}/{} orders", sold.load(Relaxed));
         if done as u64 >= sold.load(Relaxed) || Instant::now() > deadline {
             break;
@@ -165,16 +201,30 @@ async fn main() -> anyhow::Result<()> {
     consumer.await??;
 
     let left: i64 = sqlx::query_scalar("SELECT qty FROM stock").fetch_one(&shop).await?;
-    let shop_orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders").fetch_one(&shop).await?;
-    let fulfilled: i64 = sqlx::query_scalar("SELECT count(*) FROM fulfilment").fetch_one(&orders).await?;
+    let shop_orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&shop)
+        .await?;
+    let fulfilled: i64 = sqlx::query_scalar("SELECT count(*) FROM fulfilment")
+        .fetch_one(&orders)
+        .await?;
     println!();
     println!("stock left:              {left}");
     println!("orders in the shop:      {shop_orders}");
-    println!("orders fulfilled:        {fulfilled} (duplicates suppressed: {})", consumed.duplicates.load(Relaxed));
+    println!(
+        "orders fulfilled:        {fulfilled} (duplicates suppressed: {})",
+        consumed.duplicates.load(Relaxed)
+    );
     println!("burst accepted in:       {:.0} ms", accepted_in.as_secs_f64() * 1e3);
     println!("everything delivered in: {:.0} ms", drained_in.as_secs_f64() * 1e3);
     let ok = left == 0 && shop_orders == stock && fulfilled == shop_orders && sold.load(Relaxed) == stock as u64;
-    println!("{}", if ok { "OK: no overselling, every order delivered once" } else { "FAILED" });
+    println!(
+        "{}",
+        if ok {
+            "OK: no overselling, every order delivered once"
+        } else {
+            "FAILED"
+        }
+    );
     if !ok {
         std::process::exit(1);
     }

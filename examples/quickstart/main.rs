@@ -44,7 +44,11 @@ impl Publisher for SometimesTwice {
         let out = self.inner.publish(batch).await;
         let again = {
             let mut rng = self.rng.lock().unwrap();
-            if rng.gen_bool(0.4) { rng.gen_range(1..=batch.len()) } else { 0 }
+            if rng.gen_bool(0.4) {
+                rng.gen_range(1..=batch.len())
+            } else {
+                0
+            }
         };
         if again > 0 {
             self.inner.publish(&batch[..again]).await;
@@ -68,7 +72,11 @@ enum BillingError {
 #[async_trait]
 impl Handler<sqlx::Sqlite> for Billing {
     type Error = BillingError;
-    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, msg: &Incoming<'_>) -> Result<(), BillingError> {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        msg: &Incoming<'_>,
+    ) -> Result<(), BillingError> {
         let o: OrderPlaced = serde_json::from_slice(msg.payload)?;
         sqlx::query(
             "INSERT INTO totals (customer, orders, amount_cents) VALUES (?1, 1, ?2) \
@@ -79,7 +87,10 @@ impl Handler<sqlx::Sqlite> for Billing {
         .execute(&mut **tx)
         .await?;
         // A primary key: applying an order twice would fail here.
-        sqlx::query("INSERT INTO billed (order_id) VALUES (?1)").bind(o.order_id).execute(&mut **tx).await?;
+        sqlx::query("INSERT INTO billed (order_id) VALUES (?1)")
+            .bind(o.order_id)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 }
@@ -104,10 +115,15 @@ async fn totals(pool: &SqlitePool, sql: &str) -> anyhow::Result<Totals> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()))
+        .init();
     let dir = std::env::temp_dir().join(format!("outbox-quickstart-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    println!("outbox quickstart: SQLite files in {} + in-process mock Kafka", dir.display());
+    println!(
+        "outbox quickstart: SQLite files in {} + in-process mock Kafka",
+        dir.display()
+    );
 
     // The order service's database and the billing service's database.
     let shop = sqlite(&dir.join("shop.db")).await?;
@@ -140,7 +156,9 @@ async fn main() -> anyhow::Result<()> {
         Relay::new(store.clone(), publisher.clone())
             .config(RelayConfig::default().batch_size(50))
             .wake_on(outbox.local_wakeup())
-            .run_until(async { let _ = relay_rx.await; }),
+            .run_until(async {
+                let _ = relay_rx.await;
+            }),
     );
 
     // The billing consumer: offsets committed only after the inbox transaction.
@@ -153,7 +171,9 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let consumed = runner.stats();
     let (stop_consumer, consumer_rx) = tokio::sync::oneshot::channel::<()>();
-    let consumer = tokio::spawn(runner.run_until(async { let _ = consumer_rx.await; }));
+    let consumer = tokio::spawn(runner.run_until(async {
+        let _ = consumer_rx.await;
+    }));
 
     // The order service: each order and its message in one transaction; some fail on purpose.
     let (committed, rolled_back) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -172,8 +192,15 @@ async fn main() -> anyhow::Result<()> {
             .bind(amount_cents)
             .execute(&mut *tx)
             .await?;
-        let msg = Message::json(TOPIC, &OrderPlaced { order_id, customer: customer.clone(), amount_cents })?
-            .key(customer);
+        let msg = Message::json(
+            TOPIC,
+            &OrderPlaced {
+                order_id,
+                customer: customer.clone(),
+                amount_cents,
+            },
+        )?
+        .key(customer);
         outbox.enqueue(&mut tx, &msg).await?;
         if rng.gen_bool(0.12) {
             tx.rollback().await?; // "card declined": neither the order nor its message exists
@@ -214,10 +241,15 @@ async fn main() -> anyhow::Result<()> {
     consumer.await??;
 
     // The checks.
-    let shop_totals =
-        totals(&shop, "SELECT customer, count(*), sum(amount_cents) FROM orders GROUP BY customer ORDER BY 1").await?;
+    let shop_totals = totals(
+        &shop,
+        "SELECT customer, count(*), sum(amount_cents) FROM orders GROUP BY customer ORDER BY 1",
+    )
+    .await?;
     let billing_totals = totals(&billing, "SELECT customer, orders, amount_cents FROM totals ORDER BY 1").await?;
-    let billed: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT order_id FROM billed").fetch_all(&billing).await?;
+    let billed: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT order_id FROM billed")
+        .fetch_all(&billing)
+        .await?;
     let leaked = billed.iter().filter(|id| rolled_back_ids.contains(id)).count();
     let (c, r) = (committed.load(Relaxed), rolled_back.load(Relaxed));
     let status = store.status().await?;
@@ -233,15 +265,28 @@ async fn main() -> anyhow::Result<()> {
     println!("  extra copies put on the wire {resent:>4}   (simulated relay crash between publish and mark)");
     println!("  applied by billing          {processed:>5}");
     println!("  duplicates suppressed       {dups:>5}   (by the inbox, in billing's own transaction)");
-    println!("  customers, shop vs billing  {:>5} vs {}", shop_totals.len(), billing_totals.len());
+    println!(
+        "  customers, shop vs billing  {:>5} vs {}",
+        shop_totals.len(),
+        billing_totals.len()
+    );
 
     let checks = [
-        ("every committed order was published", published == c as i64 && status.pending == 0),
+        (
+            "every committed order was published",
+            published == c as i64 && status.pending == 0,
+        ),
         ("no rolled-back order reached billing", leaked == 0 && r > 0),
-        ("billing applied each order exactly once", processed == c && billed.len() as u64 == c),
+        (
+            "billing applied each order exactly once",
+            processed == c && billed.len() as u64 == c,
+        ),
         ("duplicates were delivered and suppressed", resent > 0 && dups > 0),
         ("billing's totals equal the shop's", shop_totals == billing_totals),
-        ("nothing dead-lettered", status.dead_letters == 0 && consumed.dead_lettered.load(Relaxed) == 0),
+        (
+            "nothing dead-lettered",
+            status.dead_letters == 0 && consumed.dead_lettered.load(Relaxed) == 0,
+        ),
     ];
     println!();
     let mut ok = true;

@@ -138,10 +138,14 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         let settings: Vec<(String, String)> = settings.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         let mut ccfg = ClientConfig::new();
         let mut pcfg = ClientConfig::new();
-        ccfg.set("enable.auto.commit", "true").set("auto.offset.reset", "earliest");
+        ccfg.set("enable.auto.commit", "true")
+            .set("auto.offset.reset", "earliest");
         for (k, v) in &settings {
             ccfg.set(k, v);
-            if matches!(k.split('.').next(), Some("bootstrap" | "security" | "ssl" | "sasl" | "client")) {
+            if matches!(
+                k.split('.').next(),
+                Some("bootstrap" | "security" | "ssl" | "sasl" | "client")
+            ) {
                 pcfg.set(k, v);
             }
         }
@@ -226,10 +230,18 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let res = self.inbox.process(&self.pool, &incoming, &self.handler).instrument(span.clone()).await;
+            let res = self
+                .inbox
+                .process(&self.pool, &incoming, &self.handler)
+                .instrument(span.clone())
+                .await;
             match res {
                 Ok(o @ (Outcome::Processed | Outcome::Duplicate)) => {
-                    let counter = if o == Outcome::Processed { &self.stats.processed } else { &self.stats.duplicates };
+                    let counter = if o == Outcome::Processed {
+                        &self.stats.processed
+                    } else {
+                        &self.stats.duplicates
+                    };
                     counter.fetch_add(1, Relaxed);
                     return self.store(msg);
                 }
@@ -258,13 +270,23 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     }
 
     async fn dead_letter(&self, msg: &OwnedMessage, error: &str, attempts: u32) -> Result<(), ConsumerError> {
-        let topic = self.cfg.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", msg.topic()));
-        let (partition, offset, attempts) =
-            (msg.partition().to_string(), msg.offset().to_string(), attempts.to_string());
+        let topic = self
+            .cfg
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", msg.topic()));
+        let (partition, offset, attempts) = (
+            msg.partition().to_string(),
+            msg.offset().to_string(),
+            attempts.to_string(),
+        );
         let mut headers = OwnedHeaders::new();
         if let Some(h) = msg.headers() {
             for h in h.iter() {
-                headers = headers.insert(Header { key: h.key, value: h.value });
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
             }
         }
         for (k, v) in [
@@ -274,9 +296,14 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             (HEADER_ORIGINAL_OFFSET, &offset),
             (HEADER_ATTEMPTS, &attempts),
         ] {
-            headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
         }
-        let mut record = FutureRecord::to(&topic).payload(msg.payload().unwrap_or_default()).headers(headers);
+        let mut record = FutureRecord::to(&topic)
+            .payload(msg.payload().unwrap_or_default())
+            .headers(headers);
         if let Some(k) = msg.key() {
             record = record.key(k);
         }

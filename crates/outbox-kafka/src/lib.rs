@@ -8,7 +8,7 @@ mod publisher;
 
 pub use admin::ensure_topic;
 pub use consumer::{
-    ConsumerConfig, ConsumerError, ConsumerRunner, ConsumerStats, HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_OFFSET,
-    HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_TOPIC,
+    ConsumerConfig, ConsumerError, ConsumerRunner, ConsumerStats, HEADER_ATTEMPTS, HEADER_ERROR,
+    HEADER_ORIGINAL_OFFSET, HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_TOPIC,
 };
 pub use publisher::{classify, is_secret, redacted, KafkaPublisher, PRODUCER_DEFAULTS};

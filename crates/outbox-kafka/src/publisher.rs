@@ -69,8 +69,7 @@ impl KafkaPublisher {
         K: Into<String>,
         V: Into<String>,
     {
-        let mut map: BTreeMap<String, String> =
-            settings.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        let mut map: BTreeMap<String, String> = settings.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         for (k, v) in PRODUCER_DEFAULTS {
             map.entry((*k).to_owned()).or_insert_with(|| (*v).to_owned());
         }
@@ -93,7 +92,9 @@ impl KafkaPublisher {
     /// A fatal error (e.g. out-of-order sequence) makes the producer unusable: build a new one.
     /// The failed rows come back as retryable and are re-sent in order by the relay.
     fn rebuild_if_fatal(&self, used: &Arc<FutureProducer>) {
-        let Some((code, reason)) = used.client().fatal_error() else { return };
+        let Some((code, reason)) = used.client().fatal_error() else {
+            return;
+        };
         let mut slot = self.producer.lock().expect("producer lock");
         if !Arc::ptr_eq(&slot, used) {
             return; // another lane already rebuilt it
@@ -181,7 +182,9 @@ impl Publisher for KafkaPublisher {
         for row in batch {
             if let Some(k) = row.key.as_deref() {
                 if held.contains(k) {
-                    pending.push(Err(PublishError::retryable("held back: an earlier message of its key failed")));
+                    pending.push(Err(PublishError::retryable(
+                        "held back: an earlier message of its key failed",
+                    )));
                     continue;
                 }
             }

@@ -19,7 +19,10 @@ struct AdminState {
 pub async fn serve(listener: tokio::net::TcpListener, prometheus: PrometheusHandle, store: Arc<dyn Store>) {
     let state = Arc::new(AdminState { prometheus, store });
     let app = Router::new()
-        .route("/metrics", get(|State(s): State<Arc<AdminState>>| async move { s.prometheus.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<Arc<AdminState>>| async move { s.prometheus.render() }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .with_state(state);

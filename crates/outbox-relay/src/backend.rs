@@ -26,8 +26,16 @@ pub enum OpenError {
 }
 
 fn compiled() -> String {
-    let all = [("postgres", cfg!(feature = "postgres")), ("mysql", cfg!(feature = "mysql")), ("sqlite", cfg!(feature = "sqlite"))];
-    all.iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    let all = [
+        ("postgres", cfg!(feature = "postgres")),
+        ("mysql", cfg!(feature = "mysql")),
+        ("sqlite", cfg!(feature = "sqlite")),
+    ];
+    all.iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Connects to `url` (timeouts set so an unreachable database fails instead of hanging) and
@@ -50,12 +58,18 @@ pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Open
                 outbox::postgres::migrate(&pool).await?;
             }
             let store = outbox::postgres::PgStore::new(pool).keep_published(keep_published);
-            Ok(Opened { store: Arc::new(store), kind: "postgres" })
+            Ok(Opened {
+                store: Arc::new(store),
+                kind: "postgres",
+            })
         }
         #[cfg(feature = "mysql")]
         "mysql" | "mariadb" => {
             use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-            let opts: MySqlConnectOptions = url.replacen("mariadb:", "mysql:", 1).parse().map_err(outbox::Error::from)?;
+            let opts: MySqlConnectOptions = url
+                .replacen("mariadb:", "mysql:", 1)
+                .parse()
+                .map_err(outbox::Error::from)?;
             let pool = MySqlPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
@@ -66,13 +80,18 @@ pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Open
                 outbox::mysql::migrate(&pool).await?;
             }
             let store = outbox::mysql::MySqlStore::new(pool).keep_published(keep_published);
-            Ok(Opened { store: Arc::new(store), kind: "mysql" })
+            Ok(Opened {
+                store: Arc::new(store),
+                kind: "mysql",
+            })
         }
         #[cfg(feature = "sqlite")]
         "sqlite" => {
             use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
             let opts: SqliteConnectOptions = url.parse().map_err(outbox::Error::from)?;
-            let opts = opts.journal_mode(SqliteJournalMode::Wal).busy_timeout(Duration::from_secs(30));
+            let opts = opts
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(30));
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
@@ -83,7 +102,10 @@ pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Open
                 outbox::sqlite::migrate(&pool).await?;
             }
             let store = outbox::sqlite::SqliteStore::new(pool).keep_published(keep_published);
-            Ok(Opened { store: Arc::new(store), kind: "sqlite" })
+            Ok(Opened {
+                store: Arc::new(store),
+                kind: "sqlite",
+            })
         }
         _ => Err(OpenError::Unsupported(crate::settings::redact_url(url), compiled())),
     }

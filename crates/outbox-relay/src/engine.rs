@@ -244,8 +244,7 @@ async fn stats_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         match shared.store.status().await {
             Ok(s) => {
                 metrics::gauge!(m::PENDING).set(s.pending as f64);
-                metrics::gauge!(m::OLDEST_PENDING_AGE)
-                    .set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+                metrics::gauge!(m::OLDEST_PENDING_AGE).set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
                 metrics::gauge!(m::DEAD_LETTERS).set(s.dead_letters as f64);
             }
             Err(e) => tracing::debug!(error = %e, "status refresh failed"),

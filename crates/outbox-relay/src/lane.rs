@@ -109,7 +109,10 @@ async fn publish_batch<S: Store, P: Publisher>(
     // Confirmed rows first: a crash after this point re-sends only the failed ones.
     if !plan.delivered.is_empty() {
         crate::failpoint::hit(crate::failpoint::Point::DuringMark);
-        retry_store(stop, &shared.cfg, || shared.store.mark_published(lease, &plan.delivered)).await?;
+        retry_store(stop, &shared.cfg, || {
+            shared.store.mark_published(lease, &plan.delivered)
+        })
+        .await?;
         crate::failpoint::hit(crate::failpoint::Point::AfterMark);
         metrics::counter!(m::PUBLISHED).increment(plan.delivered.len() as u64);
         for created in &plan.delivered_created {
@@ -123,7 +126,10 @@ async fn publish_batch<S: Store, P: Publisher>(
         tracing::warn!(outbox.id = %row.id, attempt, error = %err, retry_in = ?delay, "publish failed; will retry");
         metrics::counter!(m::FAILED, "kind" => "retryable").increment(1);
         metrics::counter!(m::RETRIED).increment(1);
-        retry_store(stop, &shared.cfg, || shared.store.mark_failed(lease, row.pos, &err.message, delay)).await?;
+        retry_store(stop, &shared.cfg, || {
+            shared.store.mark_failed(lease, row.pos, &err.message, delay)
+        })
+        .await?;
     }
     for (row, err) in &plan.dead {
         let park = shared.cfg.dead_letter_policy == DeadLetterPolicy::Park;
@@ -133,7 +139,10 @@ async fn publish_batch<S: Store, P: Publisher>(
             metrics::counter!(m::FAILED, "kind" => "permanent").increment(1);
         }
         metrics::counter!(m::DEAD_LETTERED).increment(1);
-        retry_store(stop, &shared.cfg, || shared.store.dead_letter(lease, row.pos, &err.message, park)).await?;
+        retry_store(stop, &shared.cfg, || {
+            shared.store.dead_letter(lease, row.pos, &err.message, park)
+        })
+        .await?;
     }
     Ok(())
 }
@@ -159,7 +168,9 @@ async fn publish_decodable<S: Store, P: Publisher>(
             }
             results.push(Some(Err(PublishError::permanent(reason.clone()))));
         } else if key_held {
-            results.push(Some(Err(PublishError::retryable("held back behind a parked corrupt row"))));
+            results.push(Some(Err(PublishError::retryable(
+                "held back behind a parked corrupt row",
+            ))));
         } else {
             results.push(None);
             send.push(row.clone());
@@ -276,16 +287,30 @@ mod tests {
     }
 
     fn ok(pos: i64) -> Result<Delivered, PublishError> {
-        Ok(Delivered { pos, partition: 0, offset: pos })
+        Ok(Delivered {
+            pos,
+            partition: 0,
+            offset: pos,
+        })
     }
 
     #[test]
     fn a_retryable_failure_holds_the_rest_of_its_key_only() {
-        let rows = [row(1, Some("a"), 0), row(2, Some("b"), 0), row(3, Some("a"), 0), row(4, None, 0), row(5, Some("b"), 0)];
+        let rows = [
+            row(1, Some("a"), 0),
+            row(2, Some("b"), 0),
+            row(3, Some("a"), 0),
+            row(4, None, 0),
+            row(5, Some("b"), 0),
+        ];
         let results = vec![ok(1), Err(PublishError::retryable("down")), ok(3), ok(4), ok(5)];
         let plan = settle(&RelayConfig::default(), &rows, results);
         let marked: Vec<i64> = plan.delivered.iter().map(|d| d.pos).collect();
-        assert_eq!(marked, vec![1, 3, 4], "b's later row 5 must wait for row 2 even though it was delivered");
+        assert_eq!(
+            marked,
+            vec![1, 3, 4],
+            "b's later row 5 must wait for row 2 even though it was delivered"
+        );
         assert_eq!(plan.retry.len(), 1);
         assert_eq!(plan.retry[0].0.pos, 2);
         assert!(plan.dead.is_empty());
@@ -298,17 +323,32 @@ mod tests {
         let skip = settle(&RelayConfig::default(), &rows, results());
         assert_eq!(skip.dead.len(), 1);
         assert_eq!(skip.delivered.iter().map(|d| d.pos).collect::<Vec<_>>(), vec![2]);
-        let park = settle(&RelayConfig::default().dead_letter_policy(DeadLetterPolicy::Park), &rows, results());
+        let park = settle(
+            &RelayConfig::default().dead_letter_policy(DeadLetterPolicy::Park),
+            &rows,
+            results(),
+        );
         assert_eq!(park.dead.len(), 1);
-        assert!(park.delivered.is_empty(), "a parked key publishes nothing after its dead letter");
+        assert!(
+            park.delivered.is_empty(),
+            "a parked key publishes nothing after its dead letter"
+        );
     }
 
     #[test]
     fn exhausted_attempts_dead_letter_with_the_reason() {
         let rows = [row(1, Some("a"), 4)];
-        let plan = settle(&RelayConfig::default().max_attempts(5), &rows, vec![Err(PublishError::retryable("timeout"))]);
+        let plan = settle(
+            &RelayConfig::default().max_attempts(5),
+            &rows,
+            vec![Err(PublishError::retryable("timeout"))],
+        );
         assert!(plan.retry.is_empty());
         assert_eq!(plan.dead.len(), 1);
-        assert!(plan.dead[0].1.message.contains("gave up after 5 attempts"), "{}", plan.dead[0].1.message);
+        assert!(
+            plan.dead[0].1.message.contains("gave up after 5 attempts"),
+            "{}",
+            plan.dead[0].1.message
+        );
     }
 }

@@ -9,7 +9,11 @@ use outbox_relay::settings::{redact_url, resolve, Overrides};
 use outbox_relay::{backend, Relay};
 
 #[derive(Parser)]
-#[command(name = "outbox-relay", version, about = "Publishes committed outbox rows to Kafka, in order, with confirmation")]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Publishes committed outbox rows to Kafka, in order, with confirmation"
+)]
 struct Cli {
     #[command(flatten)]
     overrides: Overrides,
@@ -57,9 +61,7 @@ enum DeadLetters {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -78,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
             println!("pending:       {}", st.pending);
             println!(
                 "oldest:        {}",
-                st.oldest_pending_age.map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()))
+                st.oldest_pending_age
+                    .map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()))
             );
             println!("dead letters:  {}", st.dead_letters);
             println!("lanes:");

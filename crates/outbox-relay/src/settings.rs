@@ -119,11 +119,10 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
-    let database_url = o
-        .database_url
-        .clone()
-        .or(file.database_url)
-        .ok_or_else(|| anyhow::anyhow!("no database URL: set --database-url, OUTBOX_DATABASE_URL or database_url"))?;
+    let database_url =
+        o.database_url.clone().or(file.database_url).ok_or_else(|| {
+            anyhow::anyhow!("no database URL: set --database-url, OUTBOX_DATABASE_URL or database_url")
+        })?;
 
     let r = file.relay;
     let ms = Duration::from_millis;
@@ -158,7 +157,9 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     if let Some(v) = r.shutdown_grace_ms {
         relay = relay.shutdown_grace(ms(v));
     }
-    relay.validate().map_err(|e| anyhow::anyhow!("invalid relay settings: {e}"))?;
+    relay
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid relay settings: {e}"))?;
 
     let mut kafka = file.kafka;
     for (k, v) in std::env::vars() {

@@ -1,6 +1,9 @@
 #![doc = include_str!("../README.md")]
 // Without a database feature only the shared types are compiled.
-#![cfg_attr(not(any(feature = "postgres", feature = "mysql", feature = "sqlite")), allow(dead_code))]
+#![cfg_attr(
+    not(any(feature = "postgres", feature = "mysql", feature = "sqlite")),
+    allow(dead_code)
+)]
 
 mod error;
 mod message;
@@ -9,10 +12,10 @@ mod publisher;
 mod store;
 pub mod trace;
 
-#[cfg(feature = "postgres")]
-pub mod postgres;
 #[cfg(feature = "mysql")]
 pub mod mysql;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -24,8 +27,8 @@ use tokio::sync::Notify;
 
 pub use error::{Error, Result};
 pub use message::{
-    lane_of, validate_topic, Enqueued, Message, StoredMessage, DEFAULT_MAX_PAYLOAD, HEADER_ID,
-    HEADER_KEY, HEADER_SEQ, HEADER_TRACEPARENT, RESERVED_HEADER_PREFIX,
+    lane_of, validate_topic, Enqueued, Message, StoredMessage, DEFAULT_MAX_PAYLOAD, HEADER_ID, HEADER_KEY, HEADER_SEQ,
+    HEADER_TRACEPARENT, RESERVED_HEADER_PREFIX,
 };
 pub use publisher::{FailureKind, PublishError, Publisher};
 pub use store::{DeadLetter, Delivered, LaneInfo, Lease, Status, Store, LANES};

@@ -238,7 +238,10 @@ impl StoredMessage {
             None => (Vec::new(), None),
             Some(Ok(h)) => (h, None),
             Some(Err(e)) => {
-                let err = Error::CorruptRow { id, reason: format!("headers column: {e}") };
+                let err = Error::CorruptRow {
+                    id,
+                    reason: format!("headers column: {e}"),
+                };
                 tracing::error!(outbox.id = %id, error = %err, "corrupt outbox row");
                 (Vec::new(), Some(err.to_string()))
             }
@@ -281,9 +284,15 @@ mod tests {
     #[test]
     fn lanes_are_stable_and_in_range() {
         let id = Uuid::now_v7();
-        assert_eq!(lane_of(Some("order-42"), id, 32), lane_of(Some("order-42"), Uuid::now_v7(), 32));
+        assert_eq!(
+            lane_of(Some("order-42"), id, 32),
+            lane_of(Some("order-42"), Uuid::now_v7(), 32)
+        );
         // Pinned: rows already written carry their lane, so the function must never change.
-        assert_eq!(lane_of(Some("order-42"), id, 32), (crc32fast::hash(b"order-42") % 32) as i32);
+        assert_eq!(
+            lane_of(Some("order-42"), id, 32),
+            (crc32fast::hash(b"order-42") % 32) as i32
+        );
         for i in 0..1000 {
             let l = lane_of(Some(&format!("k{i}")), id, 32);
             assert!((0..32).contains(&l));

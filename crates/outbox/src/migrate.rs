@@ -13,9 +13,7 @@ pub(crate) fn pending<'m>(
     let mut todo = Vec::new();
     for m in migrator.iter().filter(|m| m.migration_type.is_up_migration()) {
         match applied.iter().find(|(v, _)| *v == m.version) {
-            Some((_, sum)) if sum.as_slice() != &*m.checksum => {
-                return Err(MigrateError::VersionMismatch(m.version))
-            }
+            Some((_, sum)) if sum.as_slice() != &*m.checksum => return Err(MigrateError::VersionMismatch(m.version)),
             Some(_) => {}
             None => todo.push(m),
         }

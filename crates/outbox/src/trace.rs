@@ -36,7 +36,8 @@ pub fn parent_context(traceparent: &str) -> Option<opentelemetry::Context> {
         true,
         TraceState::default(),
     );
-    sc.is_valid().then(|| opentelemetry::Context::new().with_remote_span_context(sc))
+    sc.is_valid()
+        .then(|| opentelemetry::Context::new().with_remote_span_context(sc))
 }
 
 #[cfg(all(test, feature = "opentelemetry"))]
@@ -49,7 +50,10 @@ mod tests {
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let cx = parent_context(tp).expect("valid");
         let span = cx.span();
-        assert_eq!(span.span_context().trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            span.span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert!(parent_context("01-xx").is_none());
         assert!(parent_context("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
     }

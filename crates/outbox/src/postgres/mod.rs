@@ -20,9 +20,7 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query(sql::MIGRATIONS_LOCK).execute(&mut *tx).await?;
     sqlx::query(sql::MIGRATIONS_TABLE).execute(&mut *tx).await?;
-    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(sql::MIGRATIONS_APPLIED)
-        .fetch_all(&mut *tx)
-        .await?;
+    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(sql::MIGRATIONS_APPLIED).fetch_all(&mut *tx).await?;
     for m in crate::migrate::pending(&MIGRATOR, &applied)? {
         sqlx::raw_sql(&m.sql).execute(&mut *tx).await?;
         sqlx::query(sql::MIGRATIONS_RECORD)
@@ -77,7 +75,8 @@ impl Backend for Postgres {
             .fetch_all(&mut *conn)
             .await?;
         // RETURNING order is not guaranteed: answer in the caller's order.
-        let by_id: std::collections::HashMap<_, _> = rows.into_iter().map(|(id, seq, lane)| (id, (seq, lane))).collect();
+        let by_id: std::collections::HashMap<_, _> =
+            rows.into_iter().map(|(id, seq, lane)| (id, (seq, lane))).collect();
         Ok(msgs
             .iter()
             .map(|m| {

@@ -9,9 +9,7 @@ use sqlx::postgres::{PgListener, PgPool};
 use uuid::Uuid;
 
 use super::sql;
-use crate::{
-    DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoredMessage,
-};
+use crate::{DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoredMessage};
 
 /// The PostgreSQL [`Store`].
 #[derive(Debug, Clone)]
@@ -70,7 +68,18 @@ fn held(lease: &Lease, (held, _): (bool, i64)) -> Result<()> {
     }
 }
 
-type ClaimRow = (i64, Uuid, i32, String, Option<String>, Option<i64>, Vec<u8>, Option<String>, i32, DateTime<Utc>);
+type ClaimRow = (
+    i64,
+    Uuid,
+    i32,
+    String,
+    Option<String>,
+    Option<i64>,
+    Vec<u8>,
+    Option<String>,
+    i32,
+    DateTime<Utc>,
+);
 
 #[async_trait]
 impl Store for PgStore {
@@ -122,22 +131,24 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter()
-            .map(|(pos, id, lane, topic, key, seq, payload, headers, attempts, created_at)| {
-                let (headers, corrupt) = StoredMessage::decode_headers(id, headers.as_deref());
-                Ok(StoredMessage {
-                    pos,
-                    id,
-                    lane,
-                    topic,
-                    key,
-                    seq,
-                    payload,
-                    headers,
-                    corrupt,
-                    attempts,
-                    created_at,
-                })
-            })
+            .map(
+                |(pos, id, lane, topic, key, seq, payload, headers, attempts, created_at)| {
+                    let (headers, corrupt) = StoredMessage::decode_headers(id, headers.as_deref());
+                    Ok(StoredMessage {
+                        pos,
+                        id,
+                        lane,
+                        topic,
+                        key,
+                        seq,
+                        payload,
+                        headers,
+                        corrupt,
+                        attempts,
+                        created_at,
+                    })
+                },
+            )
             .collect()
     }
 
@@ -183,8 +194,7 @@ impl Store for PgStore {
     }
 
     async fn status(&self) -> Result<Status> {
-        let (pending, age): (i64, Option<f64>) =
-            sqlx::query_as(sql::STATUS_BACKLOG).fetch_one(&self.pool).await?;
+        let (pending, age): (i64, Option<f64>) = sqlx::query_as(sql::STATUS_BACKLOG).fetch_one(&self.pool).await?;
         let dead_letters: i64 = sqlx::query_scalar(sql::STATUS_DEAD).fetch_one(&self.pool).await?;
         let lanes: Vec<(i32, Option<String>, i64, Option<DateTime<Utc>>)> =
             sqlx::query_as(sql::STATUS_LANES).fetch_all(&self.pool).await?;
@@ -205,7 +215,16 @@ impl Store for PgStore {
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
-        type Row = (Uuid, String, Option<String>, Option<i64>, i32, String, bool, DateTime<Utc>);
+        type Row = (
+            Uuid,
+            String,
+            Option<String>,
+            Option<i64>,
+            i32,
+            String,
+            bool,
+            DateTime<Utc>,
+        );
         let rows: Vec<Row> = sqlx::query_as(sql::DEAD_LETTERS)
             .bind(limit as i64)
             .fetch_all(&self.pool)
@@ -231,7 +250,10 @@ impl Store for PgStore {
     }
 
     async fn discard_dead_letter(&self, id: Uuid) -> Result<bool> {
-        let r = sqlx::query(sql::DISCARD_DEAD_LETTER).bind(id).execute(&self.pool).await?;
+        let r = sqlx::query(sql::DISCARD_DEAD_LETTER)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected() > 0)
     }
 
