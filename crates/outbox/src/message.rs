@@ -231,20 +231,73 @@ pub struct StoredMessage {
     pub corrupt: Option<String>,
 }
 
-impl StoredMessage {
-    /// Decodes the stored headers column: the headers, or none and why the row is corrupt.
-    pub(crate) fn decode_headers(id: Uuid, raw: Option<&str>) -> (Vec<(String, String)>, Option<String>) {
-        match raw.map(serde_json::from_str::<Vec<(String, String)>>) {
-            None => (Vec::new(), None),
-            Some(Ok(h)) => (h, None),
+/// A claimed row as a backend reads it: `K` and `T` are how that database stores keys and times.
+/// [`ClaimRow::decode`] is the one place a row becomes a [`StoredMessage`]; what cannot be decoded
+/// marks the row corrupt (the relay dead-letters it) instead of failing the whole claim.
+#[derive(Debug, sqlx::FromRow)]
+#[allow(dead_code)] // read by the backends compiled in
+pub(crate) struct ClaimRow<K, T> {
+    pub(crate) pos: i64,
+    pub(crate) id: Uuid,
+    pub(crate) lane: i32,
+    pub(crate) topic: String,
+    pub(crate) key: Option<K>,
+    pub(crate) seq: Option<i64>,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) headers: Option<String>,
+    pub(crate) attempts: i32,
+    pub(crate) created_at: T,
+}
+
+#[allow(dead_code)] // used by the backends compiled in
+impl<K, T> ClaimRow<K, T> {
+    /// Converts the row; `key` and `time` turn the database's key and time into ours.
+    pub(crate) fn decode(
+        self,
+        key: impl FnOnce(K) -> std::result::Result<String, String>,
+        time: impl FnOnce(T) -> std::result::Result<DateTime<Utc>, String>,
+    ) -> StoredMessage {
+        let mut corrupt = Vec::new();
+        let headers = match self
+            .headers
+            .as_deref()
+            .map(serde_json::from_str::<Vec<(String, String)>>)
+        {
+            None => Vec::new(),
+            Some(Ok(h)) => h,
             Some(Err(e)) => {
-                let err = Error::CorruptRow {
-                    id,
-                    reason: format!("headers column: {e}"),
-                };
-                tracing::error!(outbox.id = %id, error = %err, "corrupt outbox row");
-                (Vec::new(), Some(err.to_string()))
+                corrupt.push(format!("headers column: {e}"));
+                Vec::new()
             }
+        };
+        let key = self.key.map(key).transpose().unwrap_or_else(|e| {
+            corrupt.push(format!("key column: {e}"));
+            None
+        });
+        let created_at = time(self.created_at).unwrap_or_else(|e| {
+            corrupt.push(format!("created_at column: {e}"));
+            DateTime::<Utc>::UNIX_EPOCH
+        });
+        let corrupt = (!corrupt.is_empty()).then(|| {
+            let err = Error::CorruptRow {
+                id: self.id,
+                reason: corrupt.join("; "),
+            };
+            tracing::error!(outbox.id = %self.id, error = %err, "corrupt outbox row");
+            err.to_string()
+        });
+        StoredMessage {
+            pos: self.pos,
+            id: self.id,
+            lane: self.lane,
+            topic: self.topic,
+            key,
+            seq: self.seq,
+            payload: self.payload,
+            headers,
+            attempts: self.attempts,
+            created_at,
+            corrupt,
         }
     }
 }

@@ -8,6 +8,7 @@ use sqlx::{Executor, MySql, MySqlPool, Transaction};
 use uuid::Uuid;
 
 use super::sql;
+use crate::message::ClaimRow;
 use crate::{DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoredMessage};
 
 /// Rows per multi-statement round trip of `mark_published`.
@@ -80,19 +81,6 @@ fn key_string(id: Uuid, key: Option<Vec<u8>>) -> Result<Option<String>> {
     })
     .transpose()
 }
-
-type ClaimRow = (
-    i64,
-    Uuid,
-    i32,
-    String,
-    Option<Vec<u8>>,
-    Option<i64>,
-    Vec<u8>,
-    Option<String>,
-    i32,
-    NaiveDateTime,
-);
 
 #[async_trait]
 impl Store for MySqlStore {
@@ -176,7 +164,7 @@ impl Store for MySqlStore {
     }
 
     async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
-        let rows: Vec<ClaimRow> = sqlx::query_as(sql::CLAIM)
+        let rows: Vec<ClaimRow<Vec<u8>, NaiveDateTime>> = sqlx::query_as(sql::CLAIM)
             .bind(lease.lane)
             .bind(lease.lane)
             .bind(&lease.owner)
@@ -184,26 +172,10 @@ impl Store for MySqlStore {
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(
-                |(pos, id, lane, topic, key, seq, payload, headers, attempts, created_at)| {
-                    let (headers, corrupt) = StoredMessage::decode_headers(id, headers.as_deref());
-                    Ok(StoredMessage {
-                        pos,
-                        id,
-                        lane,
-                        topic,
-                        key: key_string(id, key)?,
-                        seq,
-                        payload,
-                        headers,
-                        corrupt,
-                        attempts,
-                        created_at: utc(created_at),
-                    })
-                },
-            )
-            .collect()
+        Ok(rows
+            .into_iter()
+            .map(|r| r.decode(|k| String::from_utf8(k).map_err(|e| e.to_string()), |t| Ok(utc(t))))
+            .collect())
     }
 
     async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()> {

@@ -9,6 +9,7 @@ use sqlx::postgres::{PgListener, PgPool};
 use uuid::Uuid;
 
 use super::sql;
+use crate::message::ClaimRow;
 use crate::{DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoredMessage};
 
 /// The PostgreSQL [`Store`].
@@ -68,19 +69,6 @@ fn held(lease: &Lease, (held, _): (bool, i64)) -> Result<()> {
     }
 }
 
-type ClaimRow = (
-    i64,
-    Uuid,
-    i32,
-    String,
-    Option<String>,
-    Option<i64>,
-    Vec<u8>,
-    Option<String>,
-    i32,
-    DateTime<Utc>,
-);
-
 #[async_trait]
 impl Store for PgStore {
     async fn acquire(&self, owner: &str, max: usize, ttl: Duration) -> Result<Vec<Lease>> {
@@ -123,33 +111,14 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
-        let rows: Vec<ClaimRow> = sqlx::query_as(&self.claim_sql)
+        let rows: Vec<ClaimRow<String, DateTime<Utc>>> = sqlx::query_as(&self.claim_sql)
             .bind(lease.lane)
             .bind(&lease.owner)
             .bind(lease.epoch)
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(
-                |(pos, id, lane, topic, key, seq, payload, headers, attempts, created_at)| {
-                    let (headers, corrupt) = StoredMessage::decode_headers(id, headers.as_deref());
-                    Ok(StoredMessage {
-                        pos,
-                        id,
-                        lane,
-                        topic,
-                        key,
-                        seq,
-                        payload,
-                        headers,
-                        corrupt,
-                        attempts,
-                        created_at,
-                    })
-                },
-            )
-            .collect()
+        Ok(rows.into_iter().map(|r| r.decode(Ok, Ok)).collect())
     }
 
     async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()> {

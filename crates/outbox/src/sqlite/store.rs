@@ -8,6 +8,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use super::sql;
+use crate::message::ClaimRow;
 use crate::{DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoredMessage};
 
 /// The SQLite [`Store`]. Polled: [`Store::wakeups`] is `None` (no LISTEN in SQLite).
@@ -71,19 +72,6 @@ fn time(id: Uuid, us: i64) -> Result<DateTime<Utc>> {
     })
 }
 
-type ClaimRow = (
-    i64,
-    Uuid,
-    i32,
-    String,
-    Option<String>,
-    Option<i64>,
-    Vec<u8>,
-    Option<String>,
-    i32,
-    i64,
-);
-
 fn to_leases(owner: &str, mut rows: Vec<(i32, i64)>) -> Vec<Lease> {
     // RETURNING order is not guaranteed.
     rows.sort_unstable();
@@ -146,33 +134,21 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
-        let rows: Vec<ClaimRow> = sqlx::query_as(sql::CLAIM)
+        let rows: Vec<ClaimRow<String, i64>> = sqlx::query_as(sql::CLAIM)
             .bind(lease.lane)
             .bind(&lease.owner)
             .bind(lease.epoch)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(
-                |(pos, id, lane, topic, key, seq, payload, headers, attempts, created_at)| {
-                    let (headers, corrupt) = StoredMessage::decode_headers(id, headers.as_deref());
-                    Ok(StoredMessage {
-                        pos,
-                        id,
-                        lane,
-                        topic,
-                        key,
-                        seq,
-                        payload,
-                        headers,
-                        corrupt,
-                        attempts,
-                        created_at: time(id, created_at)?,
-                    })
-                },
-            )
-            .collect()
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                r.decode(Ok, |us| {
+                    DateTime::from_timestamp_micros(us).ok_or_else(|| format!("out of range: {us}"))
+                })
+            })
+            .collect())
     }
 
     async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()> {
