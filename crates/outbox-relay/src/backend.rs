@@ -38,74 +38,76 @@ fn compiled() -> String {
         .join(", ")
 }
 
-/// Connects to `url` (timeouts set so an unreachable database fails instead of hanging) and
-/// optionally runs the outbox migrations.
+/// The relay's pool settings, the same on every database: a bounded wait for a connection, so an
+/// unreachable database fails instead of hanging.
+fn pool<DB: sqlx::Database>(max: u32) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+}
+
+/// The migration (if asked) and the store, the same steps on every database.
+macro_rules! opened {
+    ($pool:expr, $kind:literal, $module:ident, $store:ident, $migrate:expr, $keep:expr) => {{
+        let pool = $pool.map_err(outbox::Error::from)?;
+        if $migrate {
+            outbox::$module::migrate(&pool).await?;
+        }
+        Ok(Opened {
+            store: Arc::new(outbox::$module::$store::new(pool).keep_published($keep)),
+            kind: $kind,
+        })
+    }};
+}
+
+/// Connects to `url` and optionally runs the outbox migrations.
 pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Opened, OpenError> {
     let scheme = url.split(':').next().unwrap_or_default();
     match scheme {
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
-            use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-            let opts: PgConnectOptions = url.parse().map_err(outbox::Error::from)?;
+            let opts: sqlx::postgres::PgConnectOptions = url.parse().map_err(outbox::Error::from)?;
+            // A statement never waits forever on a lock or a stuck query.
             let opts = opts.options([("statement_timeout", "30s"), ("lock_timeout", "10s")]);
-            let pool = PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts)
-                .await
-                .map_err(outbox::Error::from)?;
-            if migrate {
-                outbox::postgres::migrate(&pool).await?;
-            }
-            let store = outbox::postgres::PgStore::new(pool).keep_published(keep_published);
-            Ok(Opened {
-                store: Arc::new(store),
-                kind: "postgres",
-            })
+            opened!(
+                pool(16).connect_with(opts).await,
+                "postgres",
+                postgres,
+                PgStore,
+                migrate,
+                keep_published
+            )
         }
         #[cfg(feature = "mysql")]
         "mysql" | "mariadb" => {
-            use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-            let opts: MySqlConnectOptions = url
+            let opts: sqlx::mysql::MySqlConnectOptions = url
                 .replacen("mariadb:", "mysql:", 1)
                 .parse()
                 .map_err(outbox::Error::from)?;
-            let pool = MySqlPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts)
-                .await
-                .map_err(outbox::Error::from)?;
-            if migrate {
-                outbox::mysql::migrate(&pool).await?;
-            }
-            let store = outbox::mysql::MySqlStore::new(pool).keep_published(keep_published);
-            Ok(Opened {
-                store: Arc::new(store),
-                kind: "mysql",
-            })
+            opened!(
+                pool(16).connect_with(opts).await,
+                "mysql",
+                mysql,
+                MySqlStore,
+                migrate,
+                keep_published
+            )
         }
         #[cfg(feature = "sqlite")]
         "sqlite" => {
-            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+            use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
             let opts: SqliteConnectOptions = url.parse().map_err(outbox::Error::from)?;
             let opts = opts
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(30));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect_with(opts)
-                .await
-                .map_err(outbox::Error::from)?;
-            if migrate {
-                outbox::sqlite::migrate(&pool).await?;
-            }
-            let store = outbox::sqlite::SqliteStore::new(pool).keep_published(keep_published);
-            Ok(Opened {
-                store: Arc::new(store),
-                kind: "sqlite",
-            })
+            opened!(
+                pool(8).connect_with(opts).await,
+                "sqlite",
+                sqlite,
+                SqliteStore,
+                migrate,
+                keep_published
+            )
         }
         _ => Err(OpenError::Unsupported(crate::settings::redact_url(url), compiled())),
     }
