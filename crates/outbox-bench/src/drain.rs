@@ -1,0 +1,408 @@
+//! Figure 2: draining a backlog to the broker, against a SQL-only drain, a raw producer sending the
+//! same messages from memory, and a naive one-row-at-a-time relay.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use outbox::postgres::PgStore;
+use outbox::{Delivered, Publisher, Store, HEADER_ID, HEADER_KEY, HEADER_SEQ};
+use outbox_kafka::{KafkaPublisher, PRODUCER_DEFAULTS};
+use outbox_relay::{Relay, RelayConfig};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+
+use crate::common::{
+    fill_backlog, key, new_topic, payload, print_figure, tansu_pid, BenchDb, CpuProbe, CpuUsed, Env, Figure, Row,
+    Target,
+};
+use crate::probe::{NullPublisher, Phases, TimedPublisher, TimedStore};
+
+/// What one drain measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Drained {
+    pub(crate) secs: f64,
+    pub(crate) msgs: u64,
+    pub(crate) cpu: CpuUsed,
+    /// Claim, publish, mark microseconds per message (summed over lanes).
+    pub(crate) phases_us: (f64, f64, f64),
+    pub(crate) avg_batch: f64,
+}
+
+impl Drained {
+    pub(crate) fn rate(&self) -> f64 {
+        self.msgs as f64 / self.secs
+    }
+    fn cpu_us_per_msg(&self) -> f64 {
+        self.cpu.bench * 1e6 / self.msgs.max(1) as f64
+    }
+}
+
+/// The relay settings used for drains: defaults (batch 500, 32 lanes), 100 ms poll.
+pub(crate) fn drain_config() -> RelayConfig {
+    RelayConfig::default().poll_interval(Duration::from_millis(100))
+}
+
+/// Runs an embedded relay on `db` until `n` rows are marked. `bootstrap` None: no broker
+/// ([`NullPublisher`], the SQL-only drain).
+pub(crate) async fn relay_drain(
+    db: &BenchDb,
+    bootstrap: Option<&str>,
+    broker_pid: Option<u32>,
+    n: u64,
+    limit: Duration,
+) -> anyhow::Result<Drained> {
+    let phases = Phases::until(n);
+    let store = TimedStore {
+        inner: PgStore::new(db.pool.clone()),
+        phases: phases.clone(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let cpu = CpuProbe::start(broker_pid);
+    let started = Instant::now();
+    let relay = match bootstrap {
+        Some(b) => {
+            let publisher = TimedPublisher {
+                inner: KafkaPublisher::new([("bootstrap.servers", b)])?,
+                phases: phases.clone(),
+                reports: None,
+            };
+            tokio::spawn(run_relay(store, publisher, stop_rx))
+        }
+        None => {
+            let publisher = TimedPublisher {
+                inner: NullPublisher,
+                phases: phases.clone(),
+                reports: None,
+            };
+            tokio::spawn(run_relay(store, publisher, stop_rx))
+        }
+    };
+    let reached = phases.wait(limit).await;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu.stop();
+    let _ = stop_tx.send(());
+    relay.await??;
+    let msgs = phases.marked.load(Ordering::Relaxed);
+    if !reached {
+        eprintln!("  drain stopped by its time limit after {secs:.0} s: {msgs} of {n} rows");
+    }
+    Ok(Drained {
+        secs,
+        msgs,
+        cpu,
+        phases_us: phases.per_msg_us(),
+        avg_batch: phases.avg_batch(),
+    })
+}
+
+async fn run_relay<S: Store, P: Publisher>(
+    store: S,
+    publisher: P,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<()> {
+    Relay::new(store, publisher)
+        .config(drain_config())
+        .run_until(async {
+            let _ = stop.await;
+        })
+        .await?;
+    Ok(())
+}
+
+struct CountDeliveries {
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for CountDeliveries {}
+
+impl ProducerContext for CountDeliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        match r {
+            Ok(_) => self.ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Sends `n` messages shaped like the relay's (same key, headers, payload, producer settings)
+/// from memory with a raw rdkafka producer, and waits for every delivery report.
+pub(crate) async fn raw_produce(
+    bootstrap: &str,
+    broker_pid: Option<u32>,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<Drained> {
+    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        // The messages exist before the clock starts (the relay's come from the table).
+        let msgs: Vec<(String, String, String)> = (0..n)
+            .map(|i| {
+                (
+                    key(i),
+                    uuid::Uuid::now_v7().to_string(),
+                    (i / crate::common::KEYS + 1).to_string(),
+                )
+            })
+            .collect();
+        let body = payload();
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &bootstrap);
+        for (k, v) in PRODUCER_DEFAULTS {
+            cfg.set(*k, *v);
+        }
+        let producer: ThreadedProducer<CountDeliveries> = cfg.create_with_context(CountDeliveries {
+            ok: ok.clone(),
+            failed: failed.clone(),
+        })?;
+        let cpu = CpuProbe::start(broker_pid);
+        let started = Instant::now();
+        for (k, id, seq) in &msgs {
+            let headers = OwnedHeaders::new_with_capacity(3)
+                .insert(Header {
+                    key: HEADER_ID,
+                    value: Some(id.as_bytes()),
+                })
+                .insert(Header {
+                    key: HEADER_KEY,
+                    value: Some(k.as_bytes()),
+                })
+                .insert(Header {
+                    key: HEADER_SEQ,
+                    value: Some(seq.as_bytes()),
+                });
+            let mut rec = BaseRecord::to(&topic).key(k.as_str()).payload(&body).headers(headers);
+            loop {
+                match producer.send(rec) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                        r,
+                    )) => {
+                        rec = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => anyhow::bail!("raw producer: {e}"),
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(300))?;
+        let secs = started.elapsed().as_secs_f64();
+        let cpu = cpu.stop();
+        anyhow::ensure!(failed.load(Ordering::Relaxed) == 0, "raw producer: failed deliveries");
+        Ok(Drained {
+            secs,
+            msgs: ok.load(Ordering::Relaxed),
+            cpu,
+            ..Drained::default()
+        })
+    })
+    .await?
+}
+
+/// The naive relay: claim one row, send it, wait for its report, delete it; repeat. Runs on a
+/// backlog of `n` rows for at most `limit`; returns what it got through.
+pub(crate) async fn naive_drain(db: &BenchDb, bootstrap: &str, n: u64, limit: Duration) -> anyhow::Result<Drained> {
+    let store = PgStore::new(db.pool.clone());
+    let owner = format!("naive-{}", uuid::Uuid::new_v4().simple());
+    let leases = store
+        .acquire(&owner, outbox::LANES as usize, Duration::from_secs(600))
+        .await?;
+    let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap)])?;
+    let started = Instant::now();
+    let cpu = CpuProbe::start(None);
+    let mut done = 0u64;
+    let mut idle_lanes = 0;
+    'outer: while done < n && started.elapsed() < limit {
+        for lease in &leases {
+            let rows = store.claim(lease, 1).await?;
+            if rows.is_empty() {
+                idle_lanes += 1;
+                if idle_lanes > leases.len() {
+                    break 'outer;
+                }
+                continue;
+            }
+            idle_lanes = 0;
+            let res = publisher.publish(&rows).await;
+            let delivered: Vec<Delivered> = res.into_iter().filter_map(Result::ok).collect();
+            store.mark_published(lease, &delivered).await?;
+            done += delivered.len() as u64;
+            if done >= n || started.elapsed() >= limit {
+                break;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu.stop();
+    for l in &leases {
+        store.release(l).await?;
+    }
+    Ok(Drained {
+        secs,
+        msgs: done,
+        cpu,
+        ..Drained::default()
+    })
+}
+
+/// Runs figure 2.
+pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
+    let t0 = Instant::now();
+    let n = env.pick(1_000_000usize, 20_000);
+    let naive_n = env.pick(5_000u64, 1_000);
+    let naive_limit = Duration::from_secs(env.pick(15, 4));
+    let rounds = env.rounds(3, 1);
+    let limit = Duration::from_secs(env.pick(600, 120));
+    let brokers = env.brokers();
+
+    let mut sql = Vec::new();
+    let mut relay: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    let mut raw: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    let mut naive: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    let mut fill_secs = Vec::new();
+    for round in 0..rounds {
+        eprintln!("drain: round {}/{rounds}, backlog {n}", round + 1);
+        // SQL-only: the relay engine with a publisher that confirms at once.
+        let db = BenchDb::create(env, 20).await?;
+        fill_secs.push(fill_backlog(&db.pool, "bench-sql", n).await?);
+        let d = relay_drain(&db, None, None, n as u64, limit).await?;
+        eprintln!("  sql-only: {:.0} msg/s", d.rate());
+        sql.push(d);
+        db.drop_db().await;
+
+        for (b, (name, bootstrap)) in brokers.iter().enumerate() {
+            let pid = if *name == "tansu" { tansu_pid() } else { None };
+            let topic = new_topic(env, bootstrap, "bench-drain").await?;
+            let db = BenchDb::create(env, 20).await?;
+            fill_secs.push(fill_backlog(&db.pool, &topic, n).await?);
+            let d = relay_drain(&db, Some(bootstrap), pid, n as u64, limit)
+                .await
+                .with_context(|| format!("relay drain on {name}"))?;
+            eprintln!("  relay on {name}: {:.0} msg/s", d.rate());
+            relay[b].push(d);
+            db.drop_db().await;
+
+            let d = raw_produce(bootstrap, pid, &topic, n).await?;
+            eprintln!("  raw producer on {name}: {:.0} msg/s", d.rate());
+            raw[b].push(d);
+
+            let db = BenchDb::create(env, 4).await?;
+            fill_backlog(&db.pool, &topic, naive_n as usize).await?;
+            let d = naive_drain(&db, bootstrap, naive_n, naive_limit).await?;
+            eprintln!("  naive relay on {name}: {:.0} msg/s", d.rate());
+            naive[b].push(d);
+            db.drop_db().await;
+            crate::common::delete_topic(env, bootstrap, &topic).await;
+        }
+    }
+
+    let rate = |v: &[Drained]| v.iter().map(Drained::rate).collect::<Vec<f64>>();
+    let sql_row = Row::new(
+        "SQL-only drain (claim + delete via PgStore, no broker)",
+        "msg/s",
+        rate(&sql),
+    )
+    .extra(
+        "bench_cpu_us_per_msg",
+        crate::common::median(&sql.iter().map(Drained::cpu_us_per_msg).collect::<Vec<_>>()),
+    )
+    .extra("pg_cpu_us_per_msg", med(&sql, |d| d.cpu.postgres * 1e6 / d.msgs as f64))
+    .extra("claim_us_per_msg", med(&sql, |d| d.phases_us.0))
+    .extra("mark_us_per_msg", med(&sql, |d| d.phases_us.2));
+    let mut rows = vec![sql_row.clone()];
+    for (b, (name, _)) in brokers.iter().enumerate() {
+        let naive_row = Row::new(
+            format!(
+                "naive relay on {name} (1 row: claim, send, wait, delete; {naive_n}-row backlog, <= {}s)",
+                naive_limit.as_secs()
+            ),
+            "msg/s",
+            rate(&naive[b]),
+        );
+        let raw_row = Row::new(
+            format!("raw rdkafka producer on {name} ({n} msgs from memory)"),
+            "msg/s",
+            rate(&raw[b]),
+        )
+        .extra("bench_cpu_us_per_msg", med(&raw[b], Drained::cpu_us_per_msg))
+        .extra(
+            "broker_cpu_us_per_msg",
+            med(&raw[b], |d| d.cpu.broker * 1e6 / d.msgs as f64),
+        );
+        let cpu_label = if *name == "mock" {
+            "process_cpu_us_per_msg_incl_mock_broker"
+        } else {
+            "relay_cpu_us_per_msg"
+        };
+        let relay_row = Row::new(
+            format!("relay drain on {name} ({n}-row backlog)"),
+            "msg/s",
+            rate(&relay[b]),
+        )
+        .extra(cpu_label, med(&relay[b], Drained::cpu_us_per_msg))
+        .extra(
+            "broker_cpu_us_per_msg",
+            med(&relay[b], |d| d.cpu.broker * 1e6 / d.msgs as f64),
+        )
+        .extra(
+            "pg_cpu_us_per_msg",
+            med(&relay[b], |d| d.cpu.postgres * 1e6 / d.msgs as f64),
+        )
+        .extra("claim_us_per_msg", med(&relay[b], |d| d.phases_us.0))
+        .extra("publish_us_per_msg", med(&relay[b], |d| d.phases_us.1))
+        .extra("mark_us_per_msg", med(&relay[b], |d| d.phases_us.2))
+        .extra("avg_batch", med(&relay[b], |d| d.avg_batch))
+        .extra("drain_secs", med(&relay[b], |d| d.secs));
+        rows.push(
+            relay_row
+                .clone()
+                .vs(&sql_row)
+                .target(Target::AtLeast(0.5))
+                .note("vs SQL-only"),
+        );
+        rows.push(
+            Row::new(
+                format!("relay drain on {name} vs naive relay"),
+                "msg/s",
+                rate(&relay[b]),
+            )
+            .vs(&naive_row)
+            .target(Target::AtLeast(20.0)),
+        );
+        rows.push(relay_row.vs(&raw_row).note("relay / raw producer"));
+        rows.push(raw_row);
+        rows.push(naive_row);
+    }
+    let fig = Figure {
+        id: "drain".into(),
+        title: "2. Relay drain".into(),
+        setup: format!(
+            "Backlog of {n} keyed rows ({} keys, {}-byte payloads) filled with INSERT ... SELECT generate_series \
+             (median fill {:.1} s); topic with {} partitions; relay embedded in this process with defaults \
+             (batch 500, 32 lanes, pool of 20 connections), KafkaPublisher defaults (acks=all, idempotence, linger 5 ms). \
+             Order per round: SQL-only, then per broker relay, raw producer, naive. Brokers: {}.",
+            crate::common::KEYS,
+            crate::common::PAYLOAD_BYTES,
+            crate::common::median(&fill_secs),
+            crate::common::PARTITIONS,
+            brokers.iter().map(|(n, b)| format!("{n} ({b})")).collect::<Vec<_>>().join(", ")
+        ),
+        rounds,
+        rows,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    print_figure(&fig);
+    Ok(fig)
+}
+
+fn med(v: &[Drained], f: impl Fn(&Drained) -> f64) -> f64 {
+    crate::common::median(&v.iter().map(f).collect::<Vec<_>>())
+}

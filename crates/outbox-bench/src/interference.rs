@@ -1,0 +1,108 @@
+//! Figure 4: business-transaction throughput while the relay drains a backlog, against the same
+//! writers without a relay running.
+
+use std::time::{Duration, Instant};
+
+use outbox::postgres::PgStore;
+use outbox_kafka::KafkaPublisher;
+use outbox_relay::Relay;
+
+use crate::common::{fill_backlog, new_topic, pending, print_figure, BenchDb, Env, Figure, Row, Target};
+use crate::drain::drain_config;
+use crate::write::{throughput, Variant};
+
+/// Runs figure 4.
+pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
+    let t0 = Instant::now();
+    let rounds = env.rounds(5, 2);
+    let dur = Duration::from_millis(env.pick(3000, 1000));
+    let backlog = env.pick(200_000usize, 50_000);
+    let writers = 16;
+    let variant = Variant::Outbox {
+        keyed: true,
+        notify: false,
+    };
+    let bootstrap = env.tansu.clone();
+    let topic = new_topic(env, &bootstrap, "bench-interference").await?;
+    let db = BenchDb::create(env, 40).await?;
+    fill_backlog(&db.pool, &topic, backlog).await?;
+    throughput(&db.pool, &topic, variant, writers, Duration::from_millis(500)).await?;
+    let mut alone = Vec::new();
+    let mut with_relay = Vec::new();
+    let mut drained_during = Vec::new();
+    let mut left = Vec::new();
+    for round in 0..rounds {
+        // Keep the backlog topped up so the relay drains throughout the window.
+        let p = pending(&db.pool).await? as usize;
+        if p < backlog {
+            fill_backlog(&db.pool, &topic, backlog - p).await?;
+        }
+        sqlx::query("CHECKPOINT").execute(&db.pool).await?;
+        let a = throughput(&db.pool, &topic, variant, writers, dur).await?;
+
+        let before = pending(&db.pool).await?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let store = crate::probe::TimedStore {
+            inner: PgStore::new(db.pool.clone()),
+            phases: crate::probe::Phases::until(u64::MAX),
+        };
+        let publisher = crate::probe::TimedPublisher {
+            inner: KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())])?,
+            phases: crate::probe::Phases::until(u64::MAX),
+            reports: None,
+        };
+        let relay = tokio::spawn(async move {
+            Relay::new(store, publisher)
+                .config(drain_config())
+                .run_until(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        });
+        // The relay reaches its drain rate first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let b = throughput(&db.pool, &topic, variant, writers, dur).await?;
+        let _ = stop_tx.send(());
+        relay.await??;
+        let after = pending(&db.pool).await?;
+        let written = (b * dur.as_secs_f64()) as i64;
+        drained_during.push((before + written - after) as f64 / (dur.as_secs_f64() + 0.5));
+        left.push(after as f64);
+        eprintln!(
+            "interference: round {}/{rounds}: alone {a:.0} tx/s, while relay drains {b:.0} tx/s ({after} rows left)",
+            round + 1
+        );
+        alone.push(a);
+        with_relay.push(b);
+    }
+    db.drop_db().await;
+    crate::common::delete_topic(env, &bootstrap, &topic).await;
+    let base = Row::new(format!("{writers} writers, no relay running"), "tx/s", alone);
+    let rows = vec![
+        base.clone(),
+        Row::new(
+            format!("{writers} writers while the relay drains the backlog"),
+            "tx/s",
+            with_relay,
+        )
+        .vs(&base)
+        .target(Target::AtLeast(0.9))
+        .extra("relay_drain_msg_per_s", crate::common::median(&drained_during))
+        .extra("min_backlog_left", left.iter().copied().fold(f64::INFINITY, f64::min)),
+    ];
+    let fig = Figure {
+        id: "interference".into(),
+        title: "4. Interference of the relay with business transactions".into(),
+        setup: format!(
+            "tansu ({bootstrap}). Business transaction = one bench_orders row + one keyed outbox message, NOTIFY off \
+             (figure 1 shows NOTIFY's own cost); {writers} writers, {:.1} s windows, alone and with an embedded relay \
+             (drain defaults) draining a backlog kept at >= {backlog} rows, interleaved.",
+            dur.as_secs_f64()
+        ),
+        rounds,
+        rows,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    print_figure(&fig);
+    Ok(fig)
+}

@@ -1,0 +1,389 @@
+//! Figure 3: latency from commit to delivery report at a steady message rate, with NOTIFY wake-up
+//! and with polling only, against a raw producer's send-to-report latency at the same rate.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use outbox::postgres::PgStore;
+use outbox::{Message, Outbox, HEADER_ID, HEADER_KEY};
+use outbox_kafka::{KafkaPublisher, PRODUCER_DEFAULTS};
+use outbox_relay::{Relay, RelayConfig};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use uuid::Uuid;
+
+use crate::common::{key, new_topic, payload, print_figure, sleep_until, BenchDb, Env, Figure, Row, Target, KEYS};
+use crate::probe::{Phases, Reports, TimedPublisher, TimedStore};
+
+/// Transactions per second the writers aim for; messages per transaction = rate / this.
+const TX_PER_SEC: u64 = 200;
+/// Concurrent writers.
+const WRITERS: usize = 16;
+
+/// Percentiles of one run, in milliseconds, and what the load achieved.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lat {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+    achieved: f64,
+    missing: u64,
+    /// Relay phases: mean milliseconds per claim (incl. empty ones), per publish, per mark.
+    claim_ms: f64,
+    publish_ms: f64,
+    mark_ms: f64,
+    /// Mean rows per published batch.
+    batch: f64,
+}
+
+fn lat_of(h: &Histogram<u64>, achieved: f64, missing: u64) -> Lat {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Lat {
+        p50: ms(0.5),
+        p99: ms(0.99),
+        p999: ms(0.999),
+        max: h.max() as f64 / 1000.0,
+        achieved,
+        missing,
+        ..Lat::default()
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds")
+}
+
+/// Paced load: transaction `i` starts at `start + i / TX_PER_SEC`. Returns (message id, commit
+/// instant) for transactions that committed after `measure_from`, and the achieved msg/s.
+async fn paced_writes(
+    pool: &sqlx::PgPool,
+    topic: &str,
+    per_tx: usize,
+    notify: bool,
+    warm: Duration,
+    dur: Duration,
+) -> anyhow::Result<(Vec<(Uuid, Instant)>, f64)> {
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + warm;
+    let end = measure_from + dur;
+    let ticket = Arc::new(AtomicU64::new(0));
+    let body = Arc::new(payload());
+    let outbox = Outbox::new().notify(notify);
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let (pool, ticket, body, outbox, topic) = (
+            pool.clone(),
+            ticket.clone(),
+            body.clone(),
+            outbox.clone(),
+            topic.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = ticket.fetch_add(1, Ordering::Relaxed);
+                let at = start + Duration::from_nanos(i * 1_000_000_000 / TX_PER_SEC);
+                if at >= end {
+                    break;
+                }
+                sleep_until(at).await;
+                let msgs: Vec<Message> = (0..per_tx)
+                    .map(|j| {
+                        Message::new(topic.clone(), body.to_vec())
+                            .key(key((i as usize * 7919 + j * 104_729 + w) % KEYS))
+                    })
+                    .collect();
+                let mut tx = pool.begin().await?;
+                sqlx::query("INSERT INTO bench_orders (customer, amount, note) VALUES ($1, $2, 'latency')")
+                    .bind(w as i32)
+                    .bind(i as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                outbox.enqueue_batch(&mut tx, &msgs).await?;
+                tx.commit().await?;
+                let committed = Instant::now();
+                if at >= measure_from {
+                    out.extend(msgs.iter().map(|m| (m.id(), committed)));
+                }
+            }
+            anyhow::Ok(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let last = all.iter().map(|(_, t)| *t).max().unwrap_or(end);
+    let achieved = all.len() as f64 / last.saturating_duration_since(measure_from).as_secs_f64().max(1e-3);
+    Ok((all, achieved))
+}
+
+/// How the relay is woken and configured for one latency run.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    /// NOTIFY in the writers' transactions.
+    notify: bool,
+    /// The relay's poll interval.
+    poll: Duration,
+    /// librdkafka `linger.ms` (None: the default, 5 ms).
+    linger_ms: Option<u32>,
+}
+
+/// The relay in `case`, measured from commit to delivery report.
+async fn relay_latency(
+    db: &BenchDb,
+    bootstrap: &str,
+    topic: &str,
+    rate: u64,
+    case: Case,
+    (warm, dur): (Duration, Duration),
+) -> anyhow::Result<Lat> {
+    let reports: Reports = Arc::new(Mutex::new(HashMap::new()));
+    let mut settings = vec![("bootstrap.servers".to_owned(), bootstrap.to_owned())];
+    if let Some(l) = case.linger_ms {
+        settings.push(("linger.ms".into(), l.to_string()));
+    }
+    let phases = Phases::until(u64::MAX);
+    let publisher = TimedPublisher {
+        inner: KafkaPublisher::new(settings)?,
+        phases: phases.clone(),
+        reports: Some(reports.clone()),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let store = TimedStore {
+        inner: PgStore::new(db.pool.clone()),
+        phases: phases.clone(),
+    };
+    let relay = tokio::spawn(async move {
+        Relay::new(store, publisher)
+            .config(RelayConfig::default().poll_interval(case.poll))
+            .run_until(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    // Let the relay take its lanes and start listening.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_tx = (rate / TX_PER_SEC) as usize;
+    let (committed, achieved) = paced_writes(&db.pool, topic, per_tx, case.notify, warm, dur).await?;
+    // Wait for the stragglers.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = {
+            let r = reports.lock().expect("reports lock");
+            committed.iter().filter(|(id, _)| r.contains_key(id)).count()
+        };
+        if n == committed.len() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(());
+    relay.await??;
+    let r = reports.lock().expect("reports lock");
+    let mut h = histogram();
+    let mut missing = 0;
+    for (id, at) in &committed {
+        match r.get(id) {
+            Some(rep) => h.record((rep.saturating_duration_since(*at).as_micros() as u64).max(1))?,
+            None => missing += 1,
+        }
+    }
+    let mut lat = lat_of(&h, achieved, missing);
+    let per_call = |us: &AtomicU64, n: &AtomicU64| {
+        us.load(Ordering::Relaxed) as f64 / 1000.0 / n.load(Ordering::Relaxed).max(1) as f64
+    };
+    lat.claim_ms = per_call(&phases.claim_us, &phases.claims);
+    lat.publish_ms = per_call(&phases.publish_us, &phases.publishes);
+    lat.mark_ms = per_call(&phases.mark_us, &phases.marks);
+    lat.batch = phases.claimed.load(Ordering::Relaxed) as f64 / phases.publishes.load(Ordering::Relaxed).max(1) as f64;
+    Ok(lat)
+}
+
+/// The broker alone: a producer with the relay's settings sends the same batches at the same
+/// pace; latency from send to delivery report.
+async fn raw_latency(bootstrap: &str, topic: &str, rate: u64, warm: Duration, dur: Duration) -> anyhow::Result<Lat> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap);
+    for (k, v) in PRODUCER_DEFAULTS {
+        cfg.set(*k, *v);
+    }
+    let producer: FutureProducer = cfg.create()?;
+    let per_tx = (rate / TX_PER_SEC) as usize;
+    let body = payload();
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + warm;
+    let end = measure_from + dur;
+    let h = Arc::new(Mutex::new(histogram()));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut waiters = Vec::new();
+    for i in 0u64.. {
+        let at = start + Duration::from_nanos(i * 1_000_000_000 / TX_PER_SEC);
+        if at >= end {
+            break;
+        }
+        sleep_until(at).await;
+        let t = Instant::now();
+        let mut futs = Vec::with_capacity(per_tx);
+        for j in 0..per_tx {
+            let id = Uuid::now_v7().to_string();
+            let k = key((i as usize * 7919 + j * 104_729) % KEYS);
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: HEADER_ID,
+                    value: Some(id.as_bytes()),
+                })
+                .insert(Header {
+                    key: HEADER_KEY,
+                    value: Some(k.as_bytes()),
+                });
+            let rec = FutureRecord::to(topic).key(k.as_str()).payload(&body).headers(headers);
+            match producer.send_result(rec) {
+                Ok(f) => futs.push(f),
+                Err((e, _)) => anyhow::bail!("raw producer: {e}"),
+            }
+        }
+        let (h, sent) = (h.clone(), sent.clone());
+        let measured = at >= measure_from;
+        waiters.push(tokio::spawn(async move {
+            for f in futs {
+                if let Ok(Ok(_)) = f.await {
+                    if measured {
+                        let us = (t.elapsed().as_micros() as u64).max(1);
+                        h.lock().expect("histogram lock").record(us).ok();
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for w in waiters {
+        w.await?;
+    }
+    let h = h.lock().expect("histogram lock");
+    let n = sent.load(Ordering::Relaxed);
+    Ok(lat_of(&h, n as f64 / dur.as_secs_f64(), 0))
+}
+
+/// Runs figure 3.
+pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
+    let t0 = Instant::now();
+    let rounds = env.rounds(3, 1);
+    let warm = Duration::from_secs(1);
+    let dur = Duration::from_secs(env.pick(6, 2));
+    let poll = Duration::from_millis(100);
+    let bootstrap = env.tansu.clone();
+    let topic = new_topic(env, &bootstrap, "bench-latency").await?;
+    let db = BenchDb::create(env, 24).await?;
+    let rates = [1000u64, 5000];
+    // [rate][variant] -> runs; variants: raw, notify, poll.
+    let cases = [
+        None,
+        Some(Case {
+            notify: true,
+            poll: RelayConfig::default().poll_interval,
+            linger_ms: None,
+        }),
+        Some(Case {
+            notify: false,
+            poll,
+            linger_ms: None,
+        }),
+        Some(Case {
+            notify: true,
+            poll: RelayConfig::default().poll_interval,
+            linger_ms: Some(0),
+        }),
+    ];
+    let names = [
+        "raw producer",
+        "relay NOTIFY",
+        "relay polling",
+        "relay NOTIFY, linger.ms=0",
+    ];
+    let mut res: Vec<Vec<Vec<Lat>>> = vec![vec![Vec::new(); cases.len()]; rates.len()];
+    for round in 0..rounds {
+        for (ri, &rate) in rates.iter().enumerate() {
+            for k in 0..cases.len() {
+                let variant = (k + round) % cases.len();
+                let l = match cases[variant] {
+                    None => raw_latency(&bootstrap, &topic, rate, warm, dur).await?,
+                    Some(case) => relay_latency(&db, &bootstrap, &topic, rate, case, (warm, dur)).await?,
+                };
+                eprintln!(
+                    "latency: round {}/{rounds}, {rate} msg/s, {}: p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms (achieved {:.0} msg/s, missing {})",
+                    round + 1,
+                    names[variant],
+                    l.p50,
+                    l.p99,
+                    l.p999,
+                    l.achieved,
+                    l.missing
+                );
+                res[ri][variant].push(l);
+            }
+            sqlx::query("TRUNCATE bench_orders").execute(&db.pool).await?;
+        }
+    }
+    db.drop_db().await;
+    crate::common::delete_topic(env, &bootstrap, &topic).await;
+
+    let mut rows = Vec::new();
+    for (ri, &rate) in rates.iter().enumerate() {
+        let per_tx = rate / TX_PER_SEC;
+        for (variant, label) in [
+            (1, format!("{rate} msg/s, relay woken by NOTIFY (poll fallback 1 s)")),
+            (
+                2,
+                format!("{rate} msg/s, relay polling every {} ms (NOTIFY off)", poll.as_millis()),
+            ),
+            (3, format!("{rate} msg/s, relay woken by NOTIFY, linger.ms=0")),
+            (0, format!("{rate} msg/s, raw producer send -> report (broker floor)")),
+        ] {
+            let runs = &res[ri][variant];
+            let col = |f: fn(&Lat) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+            let med = |f: fn(&Lat) -> f64| crate::common::median(&col(f));
+            let raw_p99 = crate::common::median(&res[ri][0].iter().map(|l| l.p99).collect::<Vec<_>>());
+            let mut p99 = Row::new(format!("{label}: p99"), "ms", col(|l| l.p99))
+                .extra("achieved_msg_per_s", med(|l| l.achieved))
+                .extra("p99_over_raw_p99", med(|l| l.p99) / raw_p99)
+                .extra("max_ms", med(|l| l.max))
+                .extra("missing", med(|l| l.missing as f64));
+            if variant != 0 {
+                p99 = p99
+                    .extra("claim_ms_per_call", med(|l| l.claim_ms))
+                    .extra("publish_ms_per_batch", med(|l| l.publish_ms))
+                    .extra("mark_ms_per_batch", med(|l| l.mark_ms))
+                    .extra("rows_per_batch", med(|l| l.batch));
+            }
+            if variant == 1 && rate == 1000 {
+                p99 = p99.target(Target::AtMost(10.0));
+            }
+            rows.push(Row::new(format!("{label}: p50"), "ms", col(|l| l.p50)));
+            rows.push(p99);
+            rows.push(Row::new(format!("{label}: p99.9"), "ms", col(|l| l.p999)).note(format!("{per_tx} msgs per tx")));
+        }
+    }
+    let fig = Figure {
+        id: "latency".into(),
+        title: "3. Latency, commit -> delivery report".into(),
+        setup: format!(
+            "tansu ({bootstrap}). {WRITERS} writers issue {TX_PER_SEC} business transactions/s on a fixed schedule, each \
+             with rate/{TX_PER_SEC} keyed messages (enqueue_batch), so 1,000 msg/s = 5 msgs/tx and 5,000 msg/s = 25 msgs/tx \
+             (NOTIFY serializes commits: see figure 1). Latency per message = time the relay's publish() returned with its \
+             delivery report - time commit() returned, over {} s after 1 s of warm-up; embedded relay with defaults \
+             (batch 500, KafkaPublisher linger.ms=5 default). Variants interleaved (rotating start).",
+            dur.as_secs()
+        ),
+        rounds,
+        rows,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    print_figure(&fig);
+    Ok(fig)
+}

@@ -1,0 +1,207 @@
+//! Figure 1: the write overhead. A business transaction inserts one row into `bench_orders`; the
+//! variants add one outbox message in the same transaction (keyed or not, NOTIFY on or off).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox::{Message, Outbox};
+use sqlx::PgPool;
+
+use crate::common::{key, payload, print_figure, BenchDb, Env, Figure, Row, Target, KEYS};
+
+/// What a business transaction does besides its own row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Variant {
+    /// Nothing: the baseline.
+    NoOutbox,
+    /// One outbox message.
+    Outbox {
+        /// With an ordering key (per-key counter row).
+        keyed: bool,
+        /// PostgreSQL NOTIFY in the transaction.
+        notify: bool,
+    },
+}
+
+impl Variant {
+    fn name(self) -> String {
+        match self {
+            Variant::NoOutbox => "no outbox".into(),
+            Variant::Outbox { keyed, notify } => format!(
+                "{} message, NOTIFY {}",
+                if keyed { "keyed" } else { "unkeyed" },
+                if notify { "on" } else { "off" }
+            ),
+        }
+    }
+}
+
+/// One business transaction of `v` by writer `w`, number `i`.
+pub(crate) async fn business_tx(
+    pool: &PgPool,
+    topic: &str,
+    v: Variant,
+    w: usize,
+    i: u64,
+    body: &[u8],
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO bench_orders (customer, amount, note) VALUES ($1, $2, $3)")
+        .bind((w * 1000 + (i % 1000) as usize) as i32)
+        .bind(i as i64 * 7 % 10_000)
+        .bind("order placed by the benchmark, two items, standard shipping")
+        .execute(&mut *tx)
+        .await?;
+    if let Variant::Outbox { keyed, notify } = v {
+        let mut m = Message::new(topic, body.to_vec());
+        if keyed {
+            // Spread over the keys, different per writer: contention only as often as keys collide.
+            m = m.key(key((w * 7919 + i as usize * 104_729) % KEYS));
+        }
+        Outbox::new().notify(notify).enqueue(&mut tx, &m).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Runs `writers` concurrent writers of variant `v` for `dur`; returns transactions per second.
+pub(crate) async fn throughput(
+    pool: &PgPool,
+    topic: &str,
+    v: Variant,
+    writers: usize,
+    dur: Duration,
+) -> anyhow::Result<f64> {
+    let count = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let body = Arc::new(payload());
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for w in 0..writers {
+        let (pool, count, stop, body, topic) = (
+            pool.clone(),
+            count.clone(),
+            stop.clone(),
+            body.clone(),
+            topic.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                business_tx(&pool, &topic, v, w, i, &body).await?;
+                count.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(dur).await;
+    // Count what committed within the window; transactions still in flight finish outside it.
+    let n = count.load(Ordering::Relaxed);
+    let secs = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    Ok(n as f64 / secs)
+}
+
+/// Runs figure 1.
+pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
+    let t0 = Instant::now();
+    let rounds = env.rounds(7, 2);
+    let dur = Duration::from_millis(env.pick(1500, 700));
+    let variants = [
+        Variant::NoOutbox,
+        Variant::Outbox {
+            keyed: false,
+            notify: true,
+        },
+        Variant::Outbox {
+            keyed: false,
+            notify: false,
+        },
+        Variant::Outbox {
+            keyed: true,
+            notify: true,
+        },
+        Variant::Outbox {
+            keyed: true,
+            notify: false,
+        },
+    ];
+    let db = BenchDb::create(env, 20).await?;
+    // Every key already has its counter row, as in a service that has been running.
+    sqlx::query("INSERT INTO outbox_keys (key, seq) SELECT 'key-' || lpad(k::text, 5, '0'), 0 FROM generate_series(0, $1 - 1) k")
+        .bind(KEYS as i32)
+        .execute(&db.pool)
+        .await?;
+    let mut rows = Vec::new();
+    for writers in [1usize, 16] {
+        // Warm-up: connections, plans, caches.
+        throughput(
+            &db.pool,
+            "bench.order.placed",
+            Variant::Outbox {
+                keyed: true,
+                notify: false,
+            },
+            writers,
+            Duration::from_millis(500),
+        )
+        .await?;
+        let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        for round in 0..rounds {
+            sqlx::query("TRUNCATE bench_orders, outbox_messages")
+                .execute(&db.pool)
+                .await?;
+            sqlx::query("VACUUM ANALYZE outbox_keys").execute(&db.pool).await?;
+            // Interleaved, starting with a different variant each round.
+            for j in 0..variants.len() {
+                let k = (j + round) % variants.len();
+                let v = throughput(&db.pool, "bench.order.placed", variants[k], writers, dur).await?;
+                tps[k].push(v);
+            }
+            eprintln!(
+                "write: {writers} writer(s), round {}/{rounds}: {}",
+                round + 1,
+                tps.iter()
+                    .map(|v| format!("{:.0}", v.last().unwrap_or(&0.0)))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
+        }
+        let base = Row::new(
+            format!("{writers} writer(s): {}", variants[0].name()),
+            "tx/s",
+            tps[0].clone(),
+        );
+        rows.push(base.clone());
+        for (k, v) in variants.iter().enumerate().skip(1) {
+            let Variant::Outbox { keyed, .. } = v else { continue };
+            rows.push(
+                Row::new(format!("{writers} writer(s): {}", v.name()), "tx/s", tps[k].clone())
+                    .vs(&base)
+                    .target(Target::AtLeast(if *keyed { 0.75 } else { 0.85 })),
+            );
+        }
+    }
+    db.drop_db().await;
+    let fig = Figure {
+        id: "write".into(),
+        title: "1. Write overhead".into(),
+        setup: format!(
+            "Business transaction = BEGIN; INSERT one bench_orders row; [outbox enqueue of one {}-byte message]; COMMIT. \
+             {:.1} s per variant per round, variants interleaved (rotating start), 1 and 16 concurrent writers on a pool \
+             of 20; keyed messages spread over {KEYS} keys whose counter rows exist; synchronous_commit=on.",
+            crate::common::PAYLOAD_BYTES,
+            dur.as_secs_f64()
+        ),
+        rounds,
+        rows,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    print_figure(&fig);
+    Ok(fig)
+}
