@@ -191,6 +191,8 @@ mod mysql {
             ours,
             outbox::mysql::MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
         );
+        // The outbox schema and the inbox's (0002_inbox.sql).
+        assert_eq!(ours, vec![1, 2]);
         // Both schemas are usable in one transaction.
         let mut tx = pool.begin().await.unwrap();
         sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")

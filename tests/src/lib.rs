@@ -4,4 +4,5 @@
 
 pub mod db;
 pub mod conformance;
+pub mod inbox_suite;
 pub mod kafka;

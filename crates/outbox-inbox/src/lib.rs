@@ -6,6 +6,8 @@ mod handler;
 mod inbox;
 mod incoming;
 
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
