@@ -11,7 +11,11 @@ async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
     let pool = outbox_tests::db::fresh_pg_unmigrated().await;
     let dir = std::env::temp_dir().join(format!("app-migrations-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("20240101000000_orders.sql"), "CREATE TABLE orders (id BIGINT PRIMARY KEY);").unwrap();
+    std::fs::write(
+        dir.join("20240101000000_orders.sql"),
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY);",
+    )
+    .unwrap();
     let app = Migrator::new(dir.as_path()).await.unwrap();
 
     app.run(&pool).await.unwrap();
@@ -19,18 +23,30 @@ async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
     // Each side runs again, in both orders, without seeing the other's rows.
     app.run(&pool).await.unwrap();
     outbox::postgres::migrate(&pool).await.unwrap();
-    std::fs::write(dir.join("20240102000000_more.sql"), "ALTER TABLE orders ADD COLUMN note TEXT;").unwrap();
+    std::fs::write(
+        dir.join("20240102000000_more.sql"),
+        "ALTER TABLE orders ADD COLUMN note TEXT;",
+    )
+    .unwrap();
     let app = Migrator::new(dir.as_path()).await.unwrap();
     app.run(&pool).await.unwrap();
 
-    let app_versions: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version").fetch_all(&pool).await.unwrap();
+    let app_versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
-    let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations").fetch_all(&pool).await.unwrap();
+    let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
     assert_eq!(ours, vec![1, 2]);
     // Both schemas are usable in one transaction.
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')").execute(&mut *tx).await.unwrap();
+    sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     outbox::enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
     tx.commit().await.unwrap();
     std::fs::remove_dir_all(dir).ok();
@@ -48,7 +64,10 @@ async fn concurrent_migrations_do_not_conflict() {
 #[tokio::test]
 async fn lease_rows_match_the_lane_count() {
     let pool = outbox_tests::db::fresh_pg().await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_leases").fetch_one(&pool).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_leases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(n, outbox::LANES as i64);
 }
 
@@ -57,18 +76,31 @@ async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let mut wake = store.wakeups().await.unwrap().expect("PostgreSQL supports LISTEN");
+    // A relay holding every lane, idle: writers notify.
+    for lease in store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap() {
+        store.set_idle(&lease, true).await.unwrap();
+    }
 
     let mut tx = pool.begin().await.unwrap();
-    outbox::enqueue(&mut tx, &Message::new("t", "x").key("k")).await.unwrap();
+    outbox::enqueue(&mut tx, &Message::new("t", "x").key("k"))
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let e = outbox::enqueue(&mut tx, &Message::new("t", "y").key("k2")).await.unwrap();
+    let e = outbox::enqueue(&mut tx, &Message::new("t", "y").key("k2"))
+        .await
+        .unwrap();
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), wake.next()).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(300), wake.next())
+            .await
+            .is_err(),
         "no wake-up before commit (nor for the rolled-back one)"
     );
     tx.commit().await.unwrap();
-    let lane = tokio::time::timeout(Duration::from_secs(5), wake.next()).await.unwrap().unwrap();
+    let lane = tokio::time::timeout(Duration::from_secs(5), wake.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(lane, e.lane);
 
     // The batch form notifies every lane it wrote to.
@@ -81,10 +113,59 @@ async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
     want.dedup();
     let mut got = Vec::new();
     while got.len() < want.len() {
-        got.push(tokio::time::timeout(Duration::from_secs(5), wake.next()).await.unwrap().unwrap());
+        got.push(
+            tokio::time::timeout(Duration::from_secs(5), wake.next())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     got.sort();
     assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn notify_goes_only_to_idle_lanes() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let mut wake = store.wakeups().await.unwrap().unwrap();
+    let leases = store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap();
+    let m = Message::new("t", "x").key("k");
+    let lane = outbox::lane_of(Some("k"), m.id(), outbox::LANES);
+    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+    // Busy (not idle): no NOTIFY, the relay will claim the row anyway.
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &m).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), wake.next())
+        .await
+        .is_err());
+    // Idle: NOTIFY at commit.
+    store.set_idle(lease, true).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &Message::new("t", "y").key("k"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), wake.next()).await.unwrap(),
+        Some(lane)
+    );
+    // Released lanes are not idle: nobody is listening for them.
+    store.release(lease).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &Message::new("t", "z").key("k"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), wake.next())
+        .await
+        .is_err());
+    assert_eq!(
+        store.status().await.unwrap().pending,
+        3,
+        "every message is written either way"
+    );
 }
 
 #[tokio::test]
@@ -92,11 +173,19 @@ async fn notify_can_be_turned_off() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let mut wake = store.wakeups().await.unwrap().unwrap();
+    for lease in store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap() {
+        store.set_idle(&lease, true).await.unwrap();
+    }
     let quiet = outbox::Outbox::new().notify(false);
     let mut tx = pool.begin().await.unwrap();
     quiet.enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
-    quiet.enqueue_batch(&mut tx, &[Message::new("t", "x"), Message::new("t", "y")]).await.unwrap();
+    quiet
+        .enqueue_batch(&mut tx, &[Message::new("t", "x"), Message::new("t", "y")])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(500), wake.next()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(500), wake.next())
+        .await
+        .is_err());
     assert_eq!(store.status().await.unwrap().pending, 3);
 }

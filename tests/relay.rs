@@ -76,7 +76,9 @@ async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
                 committed.extend(msgs.iter().map(|m| m.id()));
                 // A rolled-back transaction: its message must never appear.
                 let mut tx = pool.begin().await.unwrap();
-                outbox::enqueue(&mut tx, &Message::new(t.clone(), "rolled-back").key("key-1")).await.unwrap();
+                outbox::enqueue(&mut tx, &Message::new(t.clone(), "rolled-back").key("key-1"))
+                    .await
+                    .unwrap();
                 tx.rollback().await.unwrap();
             }
             committed
@@ -91,7 +93,14 @@ async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
     stop.send(()).unwrap();
     relay.await.unwrap();
 
-    let seen = read_until(&bootstrap, &t, &expect, Duration::from_secs(60), Duration::from_millis(500)).await;
+    let seen = read_until(
+        &bootstrap,
+        &t,
+        &expect,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
     let dups = check_delivery(&seen, &expect);
     assert_eq!(dups, 0, "no faults, so no duplicates");
     // The wire format: Kafka key = outbox key, headers carry id/key/seq.
@@ -115,16 +124,25 @@ async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
     let mut tx = pool.begin().await.unwrap();
     let big = Message::new(t.clone(), vec![b'x'; 50_000]).key("poison");
     let after_big = Message::new(t.clone(), "after").key("poison");
-    let others: Vec<Message> = (0..50).map(|i| Message::new(t.clone(), format!("{i}")).key(format!("k{i}"))).collect();
+    let others: Vec<Message> = (0..50)
+        .map(|i| Message::new(t.clone(), format!("{i}")).key(format!("k{i}")))
+        .collect();
     outbox::enqueue(&mut tx, &big).await.unwrap();
     outbox::enqueue(&mut tx, &after_big).await.unwrap();
     outbox::enqueue_batch(&mut tx, &others).await.unwrap();
     tx.commit().await.unwrap();
 
     // The producer refuses messages above 20 kB: a permanent failure.
-    let publisher =
-        KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str()), ("message.max.bytes", "20000")]).unwrap();
-    let (stop, relay) = start_relay(store.clone(), publisher, test_config().dead_letter_policy(DeadLetterPolicy::Skip));
+    let publisher = KafkaPublisher::new([
+        ("bootstrap.servers", bootstrap.as_str()),
+        ("message.max.bytes", "20000"),
+    ])
+    .unwrap();
+    let (stop, relay) = start_relay(
+        store.clone(),
+        publisher,
+        test_config().dead_letter_policy(DeadLetterPolicy::Skip),
+    );
     wait_drained(&store, Duration::from_secs(60)).await;
     stop.send(()).unwrap();
     relay.await.unwrap();
@@ -135,7 +153,14 @@ async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
     assert!(dead[0].error.to_lowercase().contains("too large"), "{}", dead[0].error);
     let mut expect: HashSet<_> = others.iter().map(|m| m.id()).collect();
     expect.insert(after_big.id());
-    let seen = read_until(&bootstrap, &t, &expect, Duration::from_secs(30), Duration::from_millis(300)).await;
+    let seen = read_until(
+        &bootstrap,
+        &t,
+        &expect,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    )
+    .await;
     check_delivery_skipping(&seen, &expect);
 }
 
@@ -171,9 +196,19 @@ async fn late_committed_row_is_published() {
     wait_drained(&store, Duration::from_secs(30)).await;
     stop.send(()).unwrap();
     relay.await.unwrap();
-    let seen = read_until(&bootstrap, &t, &expect, Duration::from_secs(30), Duration::from_millis(300)).await;
+    let seen = read_until(
+        &bootstrap,
+        &t,
+        &expect,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    )
+    .await;
     check_delivery(&seen, &expect);
-    assert!(low.id() < seen.iter().map(|s| s.id).max().unwrap(), "the late row had the lowest id");
+    assert!(
+        low.id() < seen.iter().map(|s| s.id).max().unwrap(),
+        "the late row had the lowest id"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -190,19 +225,29 @@ async fn two_relays_share_lanes_without_reordering() {
     let mut expect = HashSet::new();
     for r in 0..20 {
         let mut tx = pool.begin().await.unwrap();
-        let msgs: Vec<Message> =
-            (0..100).map(|i| Message::new(t.clone(), format!("{r}-{i}")).key(format!("k{}", i % 30))).collect();
+        let msgs: Vec<Message> = (0..100)
+            .map(|i| Message::new(t.clone(), format!("{r}-{i}")).key(format!("k{}", i % 30)))
+            .collect();
         outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
         tx.commit().await.unwrap();
         expect.extend(msgs.iter().map(|m| m.id()));
         if r == 5 {
-            // Let the two relays settle on a fair split of the lanes.
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-            let lanes = store.status().await.unwrap().lanes;
-            let a_n = lanes.iter().filter(|l| l.owner.as_deref() == Some("relay-a")).count();
-            let b_n = lanes.iter().filter(|l| l.owner.as_deref() == Some("relay-b")).count();
-            assert!(a_n > 0 && b_n > 0, "both relays own lanes (a={a_n}, b={b_n})");
-            assert_eq!(a_n + b_n, outbox::LANES as usize, "every lane has exactly one owner");
+            // The two relays settle on a fair split: every lane owned, each relay holding half.
+            let start = std::time::Instant::now();
+            loop {
+                let lanes = store.status().await.unwrap().lanes;
+                let a_n = lanes.iter().filter(|l| l.owner.as_deref() == Some("relay-a")).count();
+                let b_n = lanes.iter().filter(|l| l.owner.as_deref() == Some("relay-b")).count();
+                let half = outbox::LANES as usize / 2;
+                if a_n == half && b_n == half {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "lanes never split fairly (a={a_n}, b={b_n})"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
     wait_drained(&store, Duration::from_secs(60)).await;
@@ -210,7 +255,14 @@ async fn two_relays_share_lanes_without_reordering() {
     stop_b.send(()).unwrap();
     a.await.unwrap();
     b.await.unwrap();
-    let seen = read_until(&bootstrap, &t, &expect, Duration::from_secs(60), Duration::from_millis(300)).await;
+    let seen = read_until(
+        &bootstrap,
+        &t,
+        &expect,
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+    )
+    .await;
     check_delivery(&seen, &expect);
     // Both relays released their lanes on shutdown.
     assert!(store.status().await.unwrap().lanes.iter().all(|l| l.owner.is_none()));
@@ -225,7 +277,11 @@ async fn notify_wakes_the_relay_without_polling() {
     let store = outbox::postgres::PgStore::new(pool.clone());
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str()), ("linger.ms", "0")]).unwrap();
     // Poll only once a minute: delivery within seconds proves the NOTIFY path.
-    let (stop, relay) = start_relay(store.clone(), publisher, test_config().poll_interval(Duration::from_secs(60)));
+    let (stop, relay) = start_relay(
+        store.clone(),
+        publisher,
+        test_config().poll_interval(Duration::from_secs(60)),
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let m = Message::new(t.clone(), "wake").key("k");
     let mut tx = pool.begin().await.unwrap();

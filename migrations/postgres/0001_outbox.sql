@@ -32,11 +32,15 @@ CREATE TABLE outbox_keys (
 );
 
 -- One lease row per lane. epoch grows on every takeover; writes by the relay check it.
+-- idle: the owning relay found the lane empty and waits for a wake-up. Enqueue sends NOTIFY only
+-- then: NOTIFY serializes committing transactions, so a busy relay (which will claim the row anyway)
+-- is not notified.
 CREATE TABLE outbox_leases (
     lane       INT         PRIMARY KEY,
     owner      TEXT,
     epoch      BIGINT      NOT NULL DEFAULT 0,
-    expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity'
+    expires_at TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    idle       BOOLEAN     NOT NULL DEFAULT false
 );
 INSERT INTO outbox_leases (lane) SELECT generate_series(0, 31);
 

@@ -39,6 +39,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
     async move {
         tracing::debug!("lane started");
         let mut store_errors = 0;
+        let mut idle = false;
         loop {
             if stop.is_cancelled() {
                 return LaneExit::Stopped;
@@ -58,7 +59,15 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                     continue;
                 }
             };
+            let full = rows.len() == shared.cfg.batch_size;
             if rows.is_empty() {
+                if !idle {
+                    // Ask writers for a wake-up, then look once more: a row committed before the
+                    // flag was visible would otherwise wait for the next poll.
+                    set_idle(&shared.store, &lease, true).await;
+                    idle = true;
+                    continue;
+                }
                 let woken = shared.wake[lease.lane as usize].notified();
                 tokio::select! {
                     _ = woken => {}
@@ -67,7 +76,11 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 }
                 continue;
             }
-            let full = rows.len() == shared.cfg.batch_size;
+            if idle && full {
+                // Under load the lane is busy: writers stop paying for NOTIFY.
+                set_idle(&shared.store, &lease, false).await;
+                idle = false;
+            }
             if let Err(LaneExit::Lost) = publish_batch(&shared, &lease, &rows, &stop).await {
                 return LaneExit::Lost;
             }
@@ -79,6 +92,14 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
     }
     .instrument(span)
     .await
+}
+
+/// Records the lane's idle flag. A failure only costs wake-up latency (the poll still runs), so it
+/// is logged, not fatal.
+async fn set_idle<S: Store>(store: &S, lease: &Lease, idle: bool) {
+    if let Err(e) = store.set_idle(lease, idle).await {
+        tracing::debug!(error = %e, idle, "could not record the lane's idle flag");
+    }
 }
 
 /// Sleeps `d` unless stopped first; true when stopped.

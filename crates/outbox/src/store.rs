@@ -103,6 +103,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = owner;
         Ok(())
     }
+    /// Tells writers whether the lane's relay is idle, waiting for a wake-up (true), or busy
+    /// draining (false). PostgreSQL sends NOTIFY only to idle lanes; other databases ignore it.
+    async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
+        let _ = (lease, idle);
+        Ok(())
+    }
     /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
     /// row is waiting (backoff, delay) or parked. No cursor: rows committed late are found too.
     async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>>;
@@ -150,6 +156,9 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     async fn leave(&self, owner: &str) -> Result<()> {
         (**self).leave(owner).await
+    }
+    async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
+        (**self).set_idle(lease, idle).await
     }
     async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
         (**self).claim(lease, limit).await

@@ -9,10 +9,13 @@ pub(super) const ENQUEUE_UNKEYED: &str = "\
 INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
 SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond')";
 
+// NOTIFY only when the lane's relay is idle (see outbox_leases.idle): a busy relay claims the row
+// anyway, and NOTIFY serializes committing transactions.
 pub(super) const ENQUEUE_UNKEYED_NOTIFY: &str = "\
 INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
 SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond') \
-FROM (SELECT pg_notify('outbox_wake', $1::text)) AS w";
+FROM (SELECT 1) AS one LEFT JOIN LATERAL \
+  (SELECT pg_notify('outbox_wake', $1::text) FROM outbox_leases WHERE lane = $1 AND idle) AS w ON true";
 
 // The counter row is locked before the message row gets its position, so per key, pos follows seq.
 pub(super) const ENQUEUE_KEYED: &str = "\
@@ -27,7 +30,8 @@ WITH k AS (INSERT INTO outbox_keys AS c (key, seq) VALUES ($8, 1) \
            ON CONFLICT (key) DO UPDATE SET seq = c.seq + 1 RETURNING seq) \
 INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at, key, seq) \
 SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond'), $8, k.seq \
-FROM k, (SELECT pg_notify('outbox_wake', $1::text)) AS w \
+FROM k LEFT JOIN LATERAL \
+  (SELECT pg_notify('outbox_wake', $1::text) FROM outbox_leases WHERE lane = $1 AND idle) AS w ON true \
 RETURNING seq";
 
 // Many messages in one round trip. Counters are taken in key order (no deadlock between two
@@ -46,7 +50,8 @@ numbered AS ( \
     c.seq - count(*) OVER (PARTITION BY i.key) + row_number() OVER (PARTITION BY i.key ORDER BY i.ord) END AS seq \
   FROM input i LEFT JOIN counts c ON c.key = i.key), \
 wake AS ( \
-  SELECT count(*) AS n FROM (SELECT DISTINCT lane FROM input WHERE $9) l, \
+  SELECT count(*) AS n FROM (SELECT DISTINCT lane FROM input WHERE $9) l \
+  JOIN outbox_leases o ON o.lane = l.lane AND o.idle, \
   LATERAL (SELECT pg_notify('outbox_wake', l.lane::text)) AS x) \
 INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at, key, seq) \
 SELECT lane, id, topic, payload, headers, COALESCE(at, now() + delay_ms * interval '1 millisecond'), key, seq \
@@ -56,7 +61,7 @@ RETURNING id, seq, lane";
 const LEASE: &str = "SELECT 1 FROM outbox_leases WHERE lane = $1 AND owner = $2 AND epoch = $3";
 
 pub(super) const ACQUIRE: &str = "\
-UPDATE outbox_leases AS l SET owner = $1, epoch = l.epoch + 1, \
+UPDATE outbox_leases AS l SET owner = $1, epoch = l.epoch + 1, idle = false, \
        expires_at = now() + $3::bigint * interval '1 millisecond' \
 WHERE l.lane IN (SELECT lane FROM outbox_leases WHERE owner IS NULL OR expires_at < now() \
                  ORDER BY lane LIMIT $2 FOR UPDATE SKIP LOCKED) \
@@ -74,8 +79,11 @@ WHERE owner = $1 RETURNING lane, epoch";
 pub(super) const LEAVE: &str = "DELETE FROM outbox_relays WHERE owner = $1";
 
 pub(super) const RELEASE: &str = "\
-UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity' \
+UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity', idle = false \
 WHERE lane = $1 AND owner = $2 AND epoch = $3";
+
+pub(super) const SET_IDLE: &str = "\
+UPDATE outbox_leases SET idle = $4 WHERE lane = $1 AND owner = $2 AND epoch = $3";
 
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
 

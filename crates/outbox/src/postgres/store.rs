@@ -100,6 +100,17 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
+        sqlx::query(sql::SET_IDLE)
+            .bind(lease.lane)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .bind(idle)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn leave(&self, owner: &str) -> Result<()> {
         sqlx::query(sql::LEAVE).bind(owner).execute(&self.pool).await?;
         Ok(())
