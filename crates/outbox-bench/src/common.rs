@@ -36,6 +36,8 @@ pub(crate) struct Env {
     pub(crate) quick: bool,
     /// Rounds override.
     pub(crate) rounds: Option<usize>,
+    /// Create benchmark databases with `jit = off` (an experiment: see BENCHMARKS.md, figure 2).
+    pub(crate) jit_off: bool,
 }
 
 impl Env {
@@ -83,6 +85,11 @@ impl BenchDb {
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut conn)
             .await?;
+        if env.jit_off {
+            sqlx::query(&format!("ALTER DATABASE {name} SET jit = off"))
+                .execute(&mut conn)
+                .await?;
+        }
         conn.close().await.ok();
         let pool = PgPoolOptions::new()
             .max_connections(max_conns)

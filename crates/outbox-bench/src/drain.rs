@@ -258,7 +258,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
     let n = env.pick(1_000_000usize, 20_000);
     let naive_n = env.pick(5_000u64, 1_000);
-    let naive_limit = Duration::from_secs(env.pick(15, 4));
+    let naive_limit = Duration::from_secs(env.pick(10, 4));
     let rounds = env.rounds(3, 1);
     let limit = Duration::from_secs(env.pick(600, 120));
     let brokers = env.brokers();

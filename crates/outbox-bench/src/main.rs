@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release -p outbox-bench -- all            # everything, ~25 min
-//! cargo run --release -p outbox-bench -- --quick all    # smoke run, a few minutes
+//! cargo run --release -p outbox-bench -- all --mock     # also drain to the mock cluster, ~35 min
+//! cargo run --release -p outbox-bench -- --quick all    # smoke run, ~3 min
 //! cargo run --release -p outbox-bench -- drain          # one figure
 //! ```
 //!
@@ -43,10 +44,14 @@ struct Cli {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     pg_url: String,
-    /// Also run broker-bound drains on librdkafka's in-process mock cluster (on by default for
-    /// `drain` and `all`; `--no-mock` turns it off).
+    /// Also drain to librdkafka's in-process mock cluster (figure 2), besides tansu. Adds about
+    /// 7 minutes per drain round at full size.
     #[arg(long, global = true)]
-    no_mock: bool,
+    mock: bool,
+    /// Create the benchmark databases with PostgreSQL's JIT off (`ALTER DATABASE ... SET jit =
+    /// off`): an experiment for the relay's claim query, not the default.
+    #[arg(long, global = true)]
+    jit_off: bool,
     /// Rounds per figure (overrides the defaults: 3-5 full, 1-2 quick).
     #[arg(long, global = true)]
     rounds: Option<usize>,
@@ -84,7 +89,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     // The mock cluster lives on this thread for the whole run (it is not Send).
-    let wants_mock = !cli.no_mock;
+    let wants_mock = cli.mock;
     let mock = if wants_mock {
         Some(rdkafka::mocking::MockCluster::new(1)?)
     } else {
@@ -106,6 +111,7 @@ fn main() -> anyhow::Result<()> {
         mock_topics: std::sync::Arc::new(std::sync::Mutex::new(mock_topics)),
         quick: cli.quick,
         rounds: cli.rounds,
+        jit_off: cli.jit_off,
     };
     let result = rt.block_on(run(&cli, &env));
     drop(mock);
@@ -163,6 +169,7 @@ fn write_json(
         "started_at": chrono::Utc::now() - chrono::Duration::milliseconds(started.elapsed().as_millis() as i64),
         "seconds": started.elapsed().as_secs_f64(),
         "machine": machine,
+        "loadavg_at_write": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "brokers": { "tansu": env.tansu, "mock": env.mock },
         "figures": figures,
     });
