@@ -21,8 +21,11 @@ CREATE TABLE outbox_messages (
     last_error   TEXT,
     PRIMARY KEY (lane, pos)
 );
--- Used by the claim to find a key's earlier rows that are waiting (backoff or delay).
-CREATE INDEX outbox_messages_key_seq ON outbox_messages (key, seq) WHERE key IS NOT NULL;
+-- Used by the claim to find a key's earlier rows that are waiting (backoff or delay). Only such
+-- rows are indexed: a row can wait only if it failed (attempts > 0) or was delayed, so plain
+-- enqueues never touch this index and the claim's check is one probe of a tiny index.
+CREATE INDEX outbox_messages_waiting ON outbox_messages (key, seq)
+    WHERE key IS NOT NULL AND (attempts > 0 OR available_at > created_at);
 
 -- Per-key sequence counter. Locking this row serializes writers of one key, so seq order is commit
 -- order. One row per key ever used (grows with keys, not messages).

@@ -68,7 +68,9 @@ pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Open
         "postgres" | "postgresql" => {
             let opts: sqlx::postgres::PgConnectOptions = url.parse().map_err(outbox::Error::from)?;
             // A statement never waits forever on a lock or a stuck query.
-            let opts = opts.options([("statement_timeout", "30s"), ("lock_timeout", "10s")]);
+            // JIT off: on a large backlog PostgreSQL would JIT-compile the claim on every call
+            // (60-140 ms each, BENCHMARKS.md).
+            let opts = opts.options([("statement_timeout", "30s"), ("lock_timeout", "10s"), ("jit", "off")]);
             opened!(
                 pool(16).connect_with(opts).await,
                 "postgres",

@@ -96,7 +96,8 @@ FROM outbox_messages m \
 WHERE m.lane = $1 AND EXISTS ({LEASE}) AND m.available_at <= now() \
   AND (m.key IS NULL OR ( \
         NOT EXISTS (SELECT 1 FROM outbox_messages p \
-                    WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > now()) \
+                    WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > now() \
+                      AND (p.attempts > 0 OR p.available_at > p.created_at)) \
     AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.key = m.key AND d.parked))) \
 ORDER BY m.pos LIMIT $4 \
 FOR UPDATE OF m SKIP LOCKED"
