@@ -128,14 +128,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             r.stop.cancel();
         }
         let deadline = tokio::time::Instant::now() + shared.cfg.shutdown_grace;
+        let mut stopped = Vec::new();
         for (lane, r) in running {
             let abort = r.task.abort_handle();
             match tokio::time::timeout_at(deadline, r.task).await {
-                Ok(Ok(LaneExit::Stopped)) => {
-                    if let Err(e) = shared.store.release(&r.lease).await {
-                        tracing::warn!(lane, error = %e, "could not release lease; it will expire");
-                    }
-                }
+                Ok(Ok(LaneExit::Stopped)) => stopped.push(r.lease),
                 Ok(_) => {}
                 Err(_) => {
                     abort.abort();
@@ -143,8 +140,24 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 }
             }
         }
-        if let Err(e) = shared.store.leave(&owner).await {
-            tracing::warn!(error = %e, "could not deregister; other relays rebalance when the heartbeat expires");
+        // Leases back and deregistration, all at once and within the grace period (at least a few
+        // seconds): when the database does not answer, they expire by themselves, rather than
+        // SIGTERM waiting one connect timeout per lane.
+        let store = &shared.store;
+        let give_back = async {
+            futures::future::join_all(stopped.iter().map(|lease| async move {
+                if let Err(e) = store.release(lease).await {
+                    tracing::warn!(lane = lease.lane, error = %e, "could not release lease; it will expire");
+                }
+            }))
+            .await;
+            if let Err(e) = store.leave(&owner).await {
+                tracing::warn!(error = %e, "could not deregister; other relays rebalance when the heartbeat expires");
+            }
+        };
+        let until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(5));
+        if tokio::time::timeout_at(until, give_back).await.is_err() {
+            tracing::warn!("database did not answer in time: leases and heartbeat will expire by themselves");
         }
         wakers.abort();
         stats.abort();

@@ -141,7 +141,13 @@ async fn run(s: outbox_relay::settings::Settings, migrate: bool) -> anyhow::Resu
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let db = backend::open(&s.database_url, migrate, s.keep_published).await?;
+    // Signal handlers first: a SIGTERM while the database is still unreachable ends the wait.
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let Some(db) = open_retrying(&s, migrate, shutdown.as_mut()).await? else {
+        tracing::info!("stopped before the database was reached");
+        return Ok(());
+    };
     tracing::info!(database = %redact_url(&s.database_url), backend = db.kind, kafka = ?outbox_kafka::redacted(&s.kafka), "configuration");
     let publisher = KafkaPublisher::new(s.kafka.clone()).context("creating the Kafka producer")?;
     let listener = tokio::net::TcpListener::bind(&s.admin_listen)
@@ -151,10 +157,51 @@ async fn run(s: outbox_relay::settings::Settings, migrate: bool) -> anyhow::Resu
     let admin = tokio::spawn(outbox_relay::admin::serve(listener, prometheus, Arc::clone(&db.store)));
     Relay::new(db.store, publisher)
         .config(s.relay)
-        .run_until(shutdown_signal())
+        .run_until(shutdown)
         .await?;
     admin.abort();
     Ok(())
+}
+
+/// Connects (and migrates), retrying while the database is unreachable, like the relay itself keeps
+/// retrying once it runs. Errors that waiting cannot fix (unsupported URL, bad settings, refused
+/// login, failed migration) end the process. `None` when shutdown came first.
+async fn open_retrying(
+    s: &outbox_relay::settings::Settings,
+    migrate: bool,
+    mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> anyhow::Result<Option<backend::Opened>> {
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        let res = tokio::select! {
+            _ = shutdown.as_mut() => return Ok(None),
+            res = backend::open(&s.database_url, migrate, s.keep_published) => res,
+        };
+        match res {
+            Ok(db) => return Ok(Some(db)),
+            Err(backend::OpenError::Outbox(outbox::Error::Database(e))) if unreachable(&e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; retrying");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+    }
+}
+
+/// Connection trouble that may pass: nothing listening, no connection within the timeout, the server
+/// starting up or out of connection slots (SQLSTATE class 08, 57P03, 53300).
+fn unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c == "57P03" || c == "53300"),
+        _ => false,
+    }
 }
 
 async fn shutdown_signal() {
