@@ -2,7 +2,8 @@
 //! this machine (override with `OUTBOX_TEST_PG`), and the broker helpers.
 #![allow(missing_docs)]
 
-pub mod db;
 pub mod conformance;
+pub mod daemon;
+pub mod db;
 pub mod inbox_suite;
 pub mod kafka;

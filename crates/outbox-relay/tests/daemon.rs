@@ -2,73 +2,17 @@
 //! and a restart lose nothing (duplicates bounded by one batch per lane); CLI errors are clear.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outbox::{Message, Store};
+use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs, RelayProcess};
 use outbox_tests::kafka::{check_delivery, create_topic, read_until, tansu, topic};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
-fn db_url(pool: &sqlx::PgPool) -> String {
-    let opts = pool.connect_options();
-    format!("postgres://postgres@127.0.0.1:5432/{}", opts.get_database().unwrap())
-}
-
-fn spawn_relay(url: &str, bootstrap: &str, batch: usize, extra: &[&str]) -> Child {
-    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    Command::new(BIN)
-        .args(["--database-url", url, "--kafka", &format!("bootstrap.servers={bootstrap}")])
-        .args(["--batch-size", &batch.to_string(), "--lease-ttl-ms", "3000", "--poll-interval-ms", "100"])
-        .args(["--admin-listen", &admin.to_string()])
-        .args(extra)
-        .arg("run")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start outbox-relay")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let st = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
-    assert!(st.success());
-}
-
-async fn enqueue_all(pool: &sqlx::PgPool, t: &str, n: usize, keys: usize) -> HashSet<uuid::Uuid> {
-    let mut ids = HashSet::new();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let mut tx = pool.begin().await.unwrap();
-        let msgs: Vec<Message> =
-            chunk.iter().map(|i| Message::new(t, vec![b'p'; 200]).key(format!("k{}", i % keys))).collect();
-        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-        tx.commit().await.unwrap();
-        ids.extend(msgs.iter().map(|m| m.id()));
-    }
-    ids
-}
-
-async fn pending(store: &dyn Store) -> i64 {
-    store.status().await.unwrap().pending
-}
-
-async fn wait_pending_below(store: &dyn Store, n: i64, within: Duration) {
-    let start = Instant::now();
-    while pending(store).await >= n {
-        assert!(start.elapsed() < within, "relay made no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(start.elapsed() < within, "relay did not exit in time");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn spawn_relay(url: &str, bootstrap: &str, batch: usize) -> RelayProcess {
+    RelayArgs::new(BIN, url, bootstrap, batch).spawn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,13 +23,16 @@ async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let ids = enqueue_all(&pool, &t, 20_000, 200).await;
-    let mut relay = spawn_relay(&db_url(&pool), &bootstrap, 200, &[]);
+    let mut relay = spawn_relay(&db_url(&pool), &bootstrap, 200);
     wait_pending_below(&store, 19_000, Duration::from_secs(60)).await;
-    signal(&relay, "-TERM");
-    let st = wait_exit(&mut relay, Duration::from_secs(40));
+    relay.signal("-TERM");
+    let st = relay.wait_exit(Duration::from_secs(40));
     assert_eq!(st.code(), Some(0), "SIGTERM must exit 0");
     let status = store.status().await.unwrap();
-    assert!(status.lanes.iter().all(|l| l.owner.is_none()), "leases released on shutdown");
+    assert!(
+        status.lanes.iter().all(|l| l.owner.is_none()),
+        "leases released on shutdown"
+    );
     assert_eq!(store.live_owners().await.unwrap(), 0, "deregistered");
     // Every row that was marked published really is on the topic; the rest is still pending.
     let left: i64 = status.pending;
@@ -98,9 +45,19 @@ async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
         .into_iter()
         .collect();
     let published: HashSet<_> = ids.difference(&remaining).copied().collect();
-    let seen = read_until(&bootstrap, &t, &published, Duration::from_secs(60), Duration::from_millis(200)).await;
+    let seen = read_until(
+        &bootstrap,
+        &t,
+        &published,
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+    )
+    .await;
     let seen_ids: HashSet<_> = seen.iter().map(|s| s.id).collect();
-    assert!(published.is_subset(&seen_ids), "a row was marked published but is not on the topic");
+    assert!(
+        published.is_subset(&seen_ids),
+        "a row was marked published but is not on the topic"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,19 +69,25 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
     let store = outbox::postgres::PgStore::new(pool.clone());
     let ids = enqueue_all(&pool, &t, 20_000, 200).await;
     let batch = 200;
-    let mut relay = spawn_relay(&db_url(&pool), &bootstrap, batch, &[]);
+    let mut relay = spawn_relay(&db_url(&pool), &bootstrap, batch);
     wait_pending_below(&store, 15_000, Duration::from_secs(60)).await;
-    signal(&relay, "-KILL");
-    relay.wait().unwrap();
+    relay.kill();
     let left_at_kill = pending(&store).await;
     assert!(left_at_kill > 0, "killed before the end");
     // Restart: it takes the lanes over once the dead relay's leases expire.
-    let mut relay = spawn_relay(&db_url(&pool), &bootstrap, batch, &[]);
+    let mut relay = spawn_relay(&db_url(&pool), &bootstrap, batch);
     wait_pending_below(&store, 1, Duration::from_secs(120)).await;
-    signal(&relay, "-TERM");
-    assert_eq!(wait_exit(&mut relay, Duration::from_secs(40)).code(), Some(0));
+    relay.signal("-TERM");
+    assert_eq!(relay.wait_exit(Duration::from_secs(40)).code(), Some(0));
 
-    let seen = read_until(&bootstrap, &t, &ids, Duration::from_secs(90), Duration::from_millis(500)).await;
+    let seen = read_until(
+        &bootstrap,
+        &t,
+        &ids,
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+    )
+    .await;
     let dups = check_delivery(&seen, &ids);
     let bound = batch * outbox::LANES as usize;
     assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
@@ -133,14 +96,24 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
 
 #[test]
 fn bad_configuration_is_a_clear_error() {
-    let out = Command::new(BIN).args(["--database-url", "redis://x", "status"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["--database-url", "redis://x", "status"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unsupported database URL"), "{err}");
 
     let cfg = std::env::temp_dir().join(format!("relay-{}.toml", uuid::Uuid::new_v4()));
-    std::fs::write(&cfg, "database_url = 'postgres://u:hunter2@127.0.0.1:1/x'\n[relay]\nbatchsize = 3\n").unwrap();
-    let out = Command::new(BIN).args(["--config", cfg.to_str().unwrap(), "status"]).output().unwrap();
+    std::fs::write(
+        &cfg,
+        "database_url = 'postgres://u:hunter2@127.0.0.1:1/x'\n[relay]\nbatchsize = 3\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("batchsize"), "{err}");
@@ -149,7 +122,10 @@ fn bad_configuration_is_a_clear_error() {
     // Unreachable database: fails within the connect timeout, password not printed.
     std::fs::write(&cfg, "database_url = 'postgres://u:hunter2@127.0.0.1:1/x'\n").unwrap();
     let start = Instant::now();
-    let out = Command::new(BIN).args(["--config", cfg.to_str().unwrap(), "status"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(start.elapsed() < Duration::from_secs(30));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -169,10 +145,17 @@ async fn status_and_dead_letter_commands() {
     let leases = store.acquire("op-test", 64, Duration::from_secs(60)).await.unwrap();
     let lease = leases.iter().find(|l| l.lane == e.lane).unwrap();
     let row = store.claim(lease, 1).await.unwrap().remove(0);
-    store.dead_letter(lease, row.pos, "MessageSizeTooLarge", true).await.unwrap();
+    store
+        .dead_letter(lease, row.pos, "MessageSizeTooLarge", true)
+        .await
+        .unwrap();
 
     let run = |args: &[&str]| {
-        let out = Command::new(BIN).args(["--database-url", &url]).args(args).output().unwrap();
+        let out = Command::new(BIN)
+            .args(["--database-url", &url])
+            .args(args)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -188,14 +171,19 @@ async fn status_and_dead_letter_commands() {
         .args(["--database-url", &url, "dead-letters", "discard", &m.id().to_string()])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "discarding a dead letter that is gone is an error");
+    assert!(
+        !out.status.success(),
+        "discarding a dead letter that is gone is an error"
+    );
 }
 
 /// Enqueues `n` keyed messages on any backend's pool.
 macro_rules! enqueue_on {
     ($pool:expr, $t:expr, $n:expr) => {{
         let mut tx = $pool.begin().await.unwrap();
-        let msgs: Vec<Message> = (0..$n).map(|i| Message::new($t.clone(), format!("{i}")).key(format!("k{}", i % 7))).collect();
+        let msgs: Vec<Message> = (0..$n)
+            .map(|i| Message::new($t.clone(), format!("{i}")).key(format!("k{}", i % 7)))
+            .collect();
         outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
         tx.commit().await.unwrap();
         msgs.iter().map(|m| m.id()).collect::<HashSet<uuid::Uuid>>()
@@ -203,10 +191,10 @@ macro_rules! enqueue_on {
 }
 
 async fn relay_on(url: &str, store: &dyn Store, t: &str, ids: &HashSet<uuid::Uuid>, bootstrap: &str) {
-    let mut relay = spawn_relay(url, bootstrap, 100, &[]);
+    let mut relay = spawn_relay(url, bootstrap, 100);
     wait_pending_below(store, 1, Duration::from_secs(60)).await;
-    signal(&relay, "-TERM");
-    assert_eq!(wait_exit(&mut relay, Duration::from_secs(30)).code(), Some(0));
+    relay.signal("-TERM");
+    assert_eq!(relay.wait_exit(Duration::from_secs(30)).code(), Some(0));
     let seen = read_until(bootstrap, t, ids, Duration::from_secs(30), Duration::from_millis(200)).await;
     assert_eq!(check_delivery(&seen, ids), 0);
 }
@@ -228,7 +216,10 @@ async fn the_backend_follows_the_url_scheme_mysql_and_sqlite() {
     // SQLite: the daemon creates the schema itself (`migrate`).
     let path = std::env::temp_dir().join(format!("outbox-daemon-{}.db", uuid::Uuid::new_v4().simple()));
     let url = format!("sqlite://{}?mode=rwc", path.display());
-    let out = Command::new(BIN).args(["--database-url", &url, "migrate"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["--database-url", &url, "migrate"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     let t = topic("daemon-sqlite");

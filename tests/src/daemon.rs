@@ -1,0 +1,232 @@
+//! Driving the `outbox-relay` daemon binary as an operator would: start it (its stderr collected
+//! line by line, so a chatty relay never blocks on a full pipe), signal it, wait for it, and watch
+//! the backlog it drains. The binary's path is passed in (tests have `CARGO_BIN_EXE_outbox-relay`).
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outbox::{Message, Store};
+
+/// The URL a relay process uses for the database behind `pool` (the local server).
+pub fn db_url(pool: &sqlx::PgPool) -> String {
+    let opts = pool.connect_options();
+    format!(
+        "postgres://postgres@127.0.0.1:5432/{}",
+        opts.get_database().expect("database name")
+    )
+}
+
+/// How to start a relay process.
+#[derive(Debug, Clone)]
+pub struct RelayArgs {
+    /// Path of the `outbox-relay` binary.
+    pub bin: String,
+    /// `--database-url`.
+    pub database_url: String,
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// `--batch-size`.
+    pub batch_size: usize,
+    /// `--lease-ttl-ms`.
+    pub lease_ttl_ms: u64,
+    /// `--poll-interval-ms`.
+    pub poll_interval_ms: u64,
+    /// More flags, placed before `run`.
+    pub extra: Vec<String>,
+    /// Environment variables for the process.
+    pub env: Vec<(String, String)>,
+    /// `RUST_LOG` of the process.
+    pub log: String,
+}
+
+impl RelayArgs {
+    /// Defaults for tests: poll every 100 ms, lease 3 s, log level info.
+    pub fn new(bin: &str, database_url: &str, bootstrap: &str, batch_size: usize) -> Self {
+        RelayArgs {
+            bin: bin.to_owned(),
+            database_url: database_url.to_owned(),
+            bootstrap: bootstrap.to_owned(),
+            batch_size,
+            lease_ttl_ms: 3000,
+            poll_interval_ms: 100,
+            extra: Vec::new(),
+            env: Vec::new(),
+            log: "info".into(),
+        }
+    }
+
+    /// Sets `--lease-ttl-ms`.
+    pub fn lease_ttl_ms(mut self, ms: u64) -> Self {
+        self.lease_ttl_ms = ms;
+        self
+    }
+
+    /// Adds flags (before `run`).
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    /// Sets `RUST_LOG`.
+    pub fn log(mut self, filter: &str) -> Self {
+        self.log = filter.to_owned();
+        self
+    }
+
+    /// Starts `outbox-relay ... run` with a free admin port.
+    pub fn spawn(&self) -> RelayProcess {
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut child = Command::new(&self.bin)
+            .args(["--database-url", &self.database_url])
+            .args(["--kafka", &format!("bootstrap.servers={}", self.bootstrap)])
+            .args(["--batch-size", &self.batch_size.to_string()])
+            .args(["--lease-ttl-ms", &self.lease_ttl_ms.to_string()])
+            .args(["--poll-interval-ms", &self.poll_interval_ms.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(&self.extra)
+            .arg("run")
+            .env("RUST_LOG", &self.log)
+            .env_remove("RUST_BACKTRACE")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start outbox-relay");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        RelayProcess { child, log }
+    }
+}
+
+/// A running relay process.
+pub struct RelayProcess {
+    /// The process.
+    pub child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl RelayProcess {
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`, `-STOP`, `-CONT`).
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} {}", self.pid());
+    }
+
+    /// SIGKILL, then reaps the process.
+    pub fn kill(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().unwrap();
+    }
+
+    /// Waits for the process to exit, failing the test after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < within,
+                "relay did not exit within {within:?}; log tail:\n{}",
+                self.tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Every stderr line so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// How many stderr lines so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// The last `n` stderr lines, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        let log = self.log.lock().unwrap();
+        log[log.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        // A failing test must not leave relays running (or stopped) behind it.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill").args(["-CONT", &self.pid().to_string()]).status();
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
+
+/// Enqueues `n` messages (200-byte payloads) over `keys` keys, 500 per committed transaction.
+pub async fn enqueue_all(pool: &sqlx::PgPool, topic: &str, n: usize, keys: usize) -> HashSet<uuid::Uuid> {
+    let mut ids = HashSet::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let mut tx = pool.begin().await.unwrap();
+        let msgs: Vec<Message> = chunk
+            .iter()
+            .map(|i| Message::new(topic, vec![b'p'; 200]).key(format!("k{}", i % keys)))
+            .collect();
+        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+        tx.commit().await.unwrap();
+        ids.extend(msgs.iter().map(|m| m.id()));
+    }
+    ids
+}
+
+/// Pending rows in the outbox.
+pub async fn pending(store: &dyn Store) -> i64 {
+    store.status().await.unwrap().pending
+}
+
+/// Waits until fewer than `n` rows are pending, failing the test after `within`.
+pub async fn wait_pending_below(store: &dyn Store, n: i64, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let p = pending(store).await;
+        if p < n {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "relay made no progress: {p} pending after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
