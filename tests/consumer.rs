@@ -51,12 +51,18 @@ impl Handler<sqlx::Postgres> for Effects {
 async fn effects_db() -> sqlx::PgPool {
     let pool = outbox_tests::db::fresh_pg().await;
     // No unique constraint on purpose: a second effect would show as a second row.
-    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL)").execute(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
     pool
 }
 
 async fn effect_counts(pool: &sqlx::PgPool) -> (i64, i64) {
-    sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM effects").fetch_one(pool).await.unwrap()
+    sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM effects")
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// Produces messages as the relay would (outbox headers), each `times` times.
@@ -65,7 +71,10 @@ async fn produce(bootstrap: &str, t: &str, n: usize, keys: usize, times: usize) 
 }
 
 async fn produce_keys(bootstrap: &str, t: &str, prefix: &str, n: usize, keys: usize, times: usize) -> Vec<uuid::Uuid> {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
     let mut ids = Vec::new();
     let mut seq: HashMap<String, i64> = HashMap::new();
     let mut batch = Vec::new();
@@ -81,11 +90,23 @@ async fn produce_keys(bootstrap: &str, t: &str, prefix: &str, n: usize, keys: us
         for (id, key, s) in &batch {
             let (ids_, ss) = (id.to_string(), s.to_string());
             let h = OwnedHeaders::new()
-                .insert(Header { key: outbox::HEADER_ID, value: Some(ids_.as_bytes()) })
-                .insert(Header { key: outbox::HEADER_KEY, value: Some(key.as_bytes()) })
-                .insert(Header { key: outbox::HEADER_SEQ, value: Some(ss.as_bytes()) });
+                .insert(Header {
+                    key: outbox::HEADER_ID,
+                    value: Some(ids_.as_bytes()),
+                })
+                .insert(Header {
+                    key: outbox::HEADER_KEY,
+                    value: Some(key.as_bytes()),
+                })
+                .insert(Header {
+                    key: outbox::HEADER_SEQ,
+                    value: Some(ss.as_bytes()),
+                });
             producer
-                .send(FutureRecord::to(t).key(key).payload("effect").headers(h), Duration::from_secs(10))
+                .send(
+                    FutureRecord::to(t).key(key).payload("effect").headers(h),
+                    Duration::from_secs(10),
+                )
                 .await
                 .unwrap();
         }
@@ -102,12 +123,23 @@ fn start(
     cfg: ConsumerConfig,
     extra: &[(&str, &str)],
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let mut settings = vec![("bootstrap.servers", bootstrap), ("group.id", group), ("session.timeout.ms", "6000")];
+    let mut settings = vec![
+        ("bootstrap.servers", bootstrap),
+        ("group.id", group),
+        ("session.timeout.ms", "6000"),
+    ];
     settings.extend_from_slice(extra);
-    let runner = ConsumerRunner::new(settings, &[t], pool, Inbox::new("effects"), handler).unwrap().config(cfg);
+    let runner = ConsumerRunner::new(settings, &[t], pool, Inbox::new("effects"), handler)
+        .unwrap()
+        .config(cfg);
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        runner.run_until(async { let _ = rx.await; }).await.unwrap();
+        runner
+            .run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
     });
     (tx, task)
 }
@@ -115,13 +147,19 @@ fn start(
 async fn wait_effects(pool: &sqlx::PgPool, n: i64, within: Duration) {
     let start = Instant::now();
     while effect_counts(pool).await.1 < n {
-        assert!(start.elapsed() < within, "only {:?} of {n} effects", effect_counts(pool).await);
+        assert!(
+            start.elapsed() < within,
+            "only {:?} of {n} effects",
+            effect_counts(pool).await
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 fn fast() -> ConsumerConfig {
-    ConsumerConfig::default().backoff_base(Duration::from_millis(20)).max_attempts(5)
+    ConsumerConfig::default()
+        .backoff_base(Duration::from_millis(20))
+        .max_attempts(5)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -150,8 +188,15 @@ async fn restart_before_offset_commit_redelivers_and_the_effect_stays_single() {
     let group = topic("g");
     // No auto-commit: the first consumer dies with its DB work committed and no offset committed.
     let handler = Effects::default();
-    let (_stop, task) =
-        start(&b, &group, &t, pool.clone(), handler.clone(), fast(), &[("enable.auto.commit", "false")]);
+    let (_stop, task) = start(
+        &b,
+        &group,
+        &t,
+        pool.clone(),
+        handler.clone(),
+        fast(),
+        &[("enable.auto.commit", "false")],
+    );
     wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
     task.abort(); // the process "dies": no graceful commit
     let _ = task.await;
@@ -164,17 +209,28 @@ async fn restart_before_offset_commit_redelivers_and_the_effect_stays_single() {
     stop.send(()).unwrap();
     task.await.unwrap();
     // The second consumer received all 100 again (it committed offset 100 for them) ...
-    assert_eq!(committed(&b, &group, &t).await, 100, "messages were redelivered and acked");
+    assert_eq!(
+        committed(&b, &group, &t).await,
+        100,
+        "messages were redelivered and acked"
+    );
     // ... and the inbox recognised every one: the handler never ran, the effects stayed single.
-    assert_eq!(handler2.attempts.lock().unwrap().values().sum::<u32>(), 0, "duplicates never reach the handler");
+    assert_eq!(
+        handler2.attempts.lock().unwrap().values().sum::<u32>(),
+        0,
+        "duplicates never reach the handler"
+    );
     assert_eq!(effect_counts(&pool).await, (100, 100));
 }
 
 /// The group's committed offset of partition 0.
 async fn committed(bootstrap: &str, group: &str, t: &str) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
     let mut tpl = rdkafka::TopicPartitionList::new();
     tpl.add_partition(t, 0);
     let tpl = tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(10)).unwrap())
@@ -193,7 +249,10 @@ async fn handler_failing_twice_then_succeeding_has_its_effect_once() {
     create_topic(&b, &t, 1).await;
     let pool = effects_db().await;
     let ids = produce(&b, &t, 30, 3, 1).await;
-    let handler = Effects { fail_first: 2, ..Default::default() };
+    let handler = Effects {
+        fail_first: 2,
+        ..Default::default()
+    };
     let group = topic("g");
     let (stop, task) = start(&b, &group, &t, pool.clone(), handler.clone(), fast(), &[]);
     wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
@@ -213,12 +272,30 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() 
     let pool = effects_db().await;
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
     // 1) no outbox-id header at all; 2) a handler that always fails on payload "poison".
-    producer.send(FutureRecord::<(), _>::to(&t).payload("no headers"), Duration::from_secs(10)).await.unwrap();
+    producer
+        .send(
+            FutureRecord::<(), _>::to(&t).payload("no headers"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     let pid = uuid::Uuid::now_v7().to_string();
-    let h = OwnedHeaders::new().insert(Header { key: outbox::HEADER_ID, value: Some(pid.as_bytes()) });
-    producer.send(FutureRecord::<(), _>::to(&t).payload("poison").headers(h), Duration::from_secs(10)).await.unwrap();
+    let h = OwnedHeaders::new().insert(Header {
+        key: outbox::HEADER_ID,
+        value: Some(pid.as_bytes()),
+    });
+    producer
+        .send(
+            FutureRecord::<(), _>::to(&t).payload("poison").headers(h),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     let ids = produce(&b, &t, 20, 2, 1).await;
-    let handler = Effects { poison: Some("poison".into()), ..Default::default() };
+    let handler = Effects {
+        poison: Some("poison".into()),
+        ..Default::default()
+    };
     let group = topic("g");
     let (stop, task) = start(&b, &group, &t, pool.clone(), handler, fast().max_attempts(3), &[]);
     wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
@@ -231,7 +308,11 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() 
     let errs: Vec<String> = dead
         .iter()
         .map(|d| {
-            let e = d.headers.iter().find(|(k, _)| k == outbox_kafka::HEADER_ERROR).expect("error header");
+            let e = d
+                .headers
+                .iter()
+                .find(|(k, _)| k == outbox_kafka::HEADER_ERROR)
+                .expect("error header");
             String::from_utf8_lossy(&e.1).into_owned()
         })
         .collect();

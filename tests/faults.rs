@@ -56,8 +56,9 @@ fn relay(
 
 async fn enqueue(h: &Harness, n: usize, keys: usize, tag: &str) -> HashSet<uuid::Uuid> {
     let mut tx = h.pool.begin().await.unwrap();
-    let msgs: Vec<Message> =
-        (0..n).map(|i| Message::new(h.topic.clone(), format!("{tag}{i}")).key(format!("k{}", i % keys))).collect();
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| Message::new(h.topic.clone(), format!("{tag}{i}")).key(format!("k{}", i % keys)))
+        .collect();
     outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
     tx.commit().await.unwrap();
     msgs.iter().map(|m| m.id()).collect()
@@ -93,9 +94,19 @@ async fn broker_down_longer_than_message_timeout_loses_nothing_and_keeps_order()
     drained(&h.store, Duration::from_secs(60)).await;
     stop.send(()).unwrap();
     task.await.unwrap();
-    assert!(h.store.dead_letters(10).await.unwrap().is_empty(), "an outage must not dead-letter");
+    assert!(
+        h.store.dead_letters(10).await.unwrap().is_empty(),
+        "an outage must not dead-letter"
+    );
 
-    let seen = read_until(&bootstrap, &h.topic, &expect, Duration::from_secs(60), Duration::from_millis(500)).await;
+    let seen = read_until(
+        &bootstrap,
+        &h.topic,
+        &expect,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
     let dups = check_delivery(&seen, &expect);
     eprintln!("broker down 10 s: {} messages, {dups} duplicates", expect.len());
 }
@@ -120,7 +131,14 @@ async fn produce_request_errors_and_latency_are_absorbed_in_order() {
     drained(&h.store, Duration::from_secs(60)).await;
     stop.send(()).unwrap();
     task.await.unwrap();
-    let seen = read_until(&bootstrap, &h.topic, &expect, Duration::from_secs(60), Duration::from_millis(500)).await;
+    let seen = read_until(
+        &bootstrap,
+        &h.topic,
+        &expect,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
     check_delivery(&seen, &expect);
 }
 
@@ -141,7 +159,14 @@ async fn partition_leader_moves_mid_stream() {
     drained(&h.store, Duration::from_secs(60)).await;
     stop.send(()).unwrap();
     task.await.unwrap();
-    let seen = read_until(&bootstrap, &h.topic, &expect, Duration::from_secs(60), Duration::from_millis(500)).await;
+    let seen = read_until(
+        &bootstrap,
+        &h.topic,
+        &expect,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
     check_delivery(&seen, &expect);
 }
 
@@ -154,7 +179,9 @@ async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
     let bad = Message::new("no-such-topic-anywhere", "x").key("parked-key");
     let behind = Message::new(h.topic.clone(), "behind").key("parked-key");
     let other = Message::new(h.topic.clone(), "other").key("free-key");
-    outbox::enqueue_batch(&mut tx, &[bad.clone(), behind.clone(), other.clone()]).await.unwrap();
+    outbox::enqueue_batch(&mut tx, &[bad.clone(), behind.clone(), other.clone()])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     let publisher = KafkaPublisher::new([
@@ -172,7 +199,13 @@ async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
     let (tx, rx) = oneshot::channel::<()>();
     let store = h.store.clone();
     let task = tokio::spawn(async move {
-        Relay::new(store, publisher).config(cfg).run_until(async { let _ = rx.await; }).await.unwrap();
+        Relay::new(store, publisher)
+            .config(cfg)
+            .run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
     });
     let start = std::time::Instant::now();
     while h.store.dead_letters(10).await.unwrap().is_empty() {
@@ -191,7 +224,14 @@ async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
     tx.send(()).unwrap();
     task.await.unwrap();
     let expect = HashSet::from([behind.id(), other.id()]);
-    let seen = read_until(&bootstrap, &h.topic, &expect, Duration::from_secs(30), Duration::from_millis(300)).await;
+    let seen = read_until(
+        &bootstrap,
+        &h.topic,
+        &expect,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    )
+    .await;
     let ids: HashSet<_> = seen.iter().map(|s| s.id).collect();
     assert_eq!(ids, expect);
 }

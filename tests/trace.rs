@@ -50,7 +50,9 @@ async fn the_consumer_span_continues_the_producer_trace() {
     assert_ne!(producer_trace, TraceId::INVALID);
     async {
         let mut tx = pool.begin().await.unwrap();
-        outbox::enqueue(&mut tx, &Message::new(t.clone(), "x").key("k")).await.unwrap();
+        outbox::enqueue(&mut tx, &Message::new(t.clone(), "x").key("k"))
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
     }
     .instrument(request)
@@ -58,9 +60,13 @@ async fn the_consumer_span_continues_the_producer_trace() {
 
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
     let (stop_relay, rx) = tokio::sync::oneshot::channel::<()>();
-    let relay = tokio::spawn(Relay::new(store.clone(), publisher).config(RelayConfig::default()).run_until(async {
-        let _ = rx.await;
-    }));
+    let relay = tokio::spawn(
+        Relay::new(store.clone(), publisher)
+            .config(RelayConfig::default())
+            .run_until(async {
+                let _ = rx.await;
+            }),
+    );
     let handler = RecordTrace::default();
     let group = outbox_tests::kafka::topic("g");
     let runner = ConsumerRunner::new(
@@ -86,5 +92,9 @@ async fn the_consumer_span_continues_the_producer_trace() {
     relay.await.unwrap().unwrap();
     consumer.await.unwrap().unwrap();
     assert_eq!(store.status().await.unwrap().pending, 0);
-    assert_eq!(*handler.0.lock().unwrap(), vec![producer_trace], "the handler ran in the producer's trace");
+    assert_eq!(
+        *handler.0.lock().unwrap(),
+        vec![producer_trace],
+        "the handler ran in the producer's trace"
+    );
 }

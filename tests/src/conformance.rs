@@ -14,7 +14,10 @@ pub const OWNER: &str = "suite-owner";
 
 /// Takes every lane for `owner` (fresh database: all lanes are free).
 pub async fn take_all(store: &dyn Store, owner: &str) -> Vec<Lease> {
-    let leases = store.acquire(owner, LANES as usize, Duration::from_secs(60)).await.unwrap();
+    let leases = store
+        .acquire(owner, LANES as usize, Duration::from_secs(60))
+        .await
+        .unwrap();
     assert_eq!(leases.len(), LANES as usize, "a fresh database has every lane free");
     leases
 }
