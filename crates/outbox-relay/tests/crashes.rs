@@ -200,6 +200,9 @@ async fn relay_paused_past_its_lease_cannot_mark_after_another_took_over() {
     }
     s.assert_no_dead_letters().await;
     let dups = s.check(&ids).await;
+    // A's published-but-unmarked batches (one per lane) are re-sent by B: one copy more each.
+    let bound = batch * LANES as usize;
+    assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
     eprintln!(
         "paused relay: {} stale marks refused, {} lanes stopped on renewal, {dups} duplicates",
         a.count("another relay owns the lane now"),
@@ -265,6 +268,12 @@ async fn database_connections_killed_while_draining_lose_nothing() {
         "the kills never hit the relay ({killed} killed)"
     );
     let dups = s.check(&ids).await;
+    // Only a lost lease (lease upkeep failing for longer than the TTL) re-sends a batch per lane.
+    let bound = batch * LANES as usize * (1 + upkeep);
+    assert!(
+        dups <= bound,
+        "{dups} duplicates exceed one batch per lane per failed lease round ({bound})"
+    );
     eprintln!(
         "killed connections: {killed} backends in {rounds} rounds; relay saw {claims} failed claims, {writes} failed \
          marks, {upkeep} failed lease rounds; {dups} duplicates"
@@ -307,6 +316,8 @@ async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
     );
     s.assert_no_dead_letters().await;
     let dups = s.check(&ids).await;
+    let bound = batch * LANES as usize;
+    assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
     eprintln!(
         "table lock 12 s: {during_lock} lock timeouts ({} failed claims, {} failed marks), {dups} duplicates",
         relay.count("claim failed"),
@@ -594,5 +605,7 @@ async fn sigterm_during_a_database_outage_exits_within_the_grace_period() {
     std::fs::remove_file(cfg).ok();
     s.assert_no_dead_letters().await;
     let dups = s.check(&ids).await;
+    let bound = batch * LANES as usize;
+    assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
     eprintln!("SIGTERM during a database outage: exit 0 after {took:.1?}; {dups} duplicates");
 }
