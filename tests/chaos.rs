@@ -9,13 +9,14 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox::{Message, Store};
 use outbox_inbox::{Handler, Inbox, Incoming};
-use outbox_kafka::{ConsumerConfig, ConsumerRunner, KafkaPublisher};
-use outbox_relay::{DeadLetterPolicy, Relay, RelayConfig};
+use outbox_kafka::{ConsumerConfig, ConsumerRunner};
+use outbox_relay::{DeadLetterPolicy, RelayConfig};
+use outbox_tests::embedded::{self, drained, test_config, wait_for, Running};
 use outbox_tests::kafka::{check_delivery, check_delivery_skipping, create_topic, read_until, tansu, topic};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -25,41 +26,11 @@ use tokio::sync::oneshot;
 type Mock = MockCluster<'static, DefaultProducerContext>;
 
 fn config() -> RelayConfig {
-    RelayConfig::default()
-        .poll_interval(Duration::from_millis(100))
-        .lease_ttl(Duration::from_secs(5))
-        .backoff_base(Duration::from_millis(100))
-        .backoff_max(Duration::from_secs(1))
-}
-
-/// An embedded relay; send on (or drop) the sender to stop it.
-struct Running {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.send(()).ok();
-        self.task.await.unwrap();
-    }
+    test_config().backoff_base(Duration::from_millis(100))
 }
 
 fn start(store: impl Store, bootstrap: &str, kafka: &[(&str, &str)], cfg: RelayConfig) -> Running {
-    let mut settings = vec![("bootstrap.servers", bootstrap)];
-    settings.extend_from_slice(kafka);
-    let publisher = KafkaPublisher::new(settings).unwrap();
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        Relay::new(store, publisher)
-            .config(cfg)
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    Running { stop, task }
+    embedded::start(store, embedded::kafka(bootstrap, kafka), cfg)
 }
 
 /// A store on its own small pool (the relay's 32 lanes share 10 connections), so tests running side
@@ -71,33 +42,6 @@ async fn small_store(pool: &sqlx::PgPool) -> outbox::postgres::PgStore {
         .await
         .unwrap();
     outbox::postgres::PgStore::new(small)
-}
-
-async fn drained(store: &dyn Store, within: Duration) {
-    let start = Instant::now();
-    loop {
-        let p = store.status().await.unwrap().pending;
-        if p == 0 {
-            return;
-        }
-        assert!(
-            start.elapsed() < within,
-            "backlog not drained in {within:?}: {p} pending"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn wait_for<F, Fut>(what: &str, within: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn mock_topic(mock: &Mock, prefix: &str, partitions: i32) -> String {
@@ -544,16 +488,14 @@ fn start_consumer(bootstrap: &str, t: &str, pool: sqlx::PgPool, inbox: Inbox) ->
     let runner = ConsumerRunner::new(settings, &[t], pool, inbox, Effects)
         .unwrap()
         .config(ConsumerConfig::default().backoff_base(Duration::from_millis(20)));
-    let (stop, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
+    Running::spawn(|stopped| async move {
         runner
             .run_until(async {
-                let _ = rx.await;
+                let _ = stopped.await;
             })
             .await
             .unwrap();
-    });
-    Running { stop, task }
+    })
 }
 
 /// Checks the consumer's database: every expected message applied exactly once, and per key in

@@ -5,13 +5,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox::{Message, Store};
-use outbox_kafka::KafkaPublisher;
-use outbox_relay::{Relay, RelayConfig};
+use outbox_tests::embedded::{self, drained, test_config, wait_for, Running};
 use outbox_tests::kafka::{check_delivery, read_until};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::types::RDKafkaRespErr;
-use tokio::sync::oneshot;
 
 struct Harness {
     pool: sqlx::PgPool,
@@ -27,31 +25,9 @@ async fn harness(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerC
     Harness { pool, store, topic }
 }
 
-fn relay(
-    store: outbox::postgres::PgStore,
-    bootstrap: &str,
-    extra: &[(&str, &str)],
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let mut settings = vec![("bootstrap.servers", bootstrap)];
-    settings.extend_from_slice(extra);
-    let publisher = KafkaPublisher::new(settings).unwrap();
-    let cfg = RelayConfig::default()
-        .poll_interval(Duration::from_millis(100))
-        .lease_ttl(Duration::from_secs(5))
-        .backoff_base(Duration::from_millis(100))
-        .backoff_max(Duration::from_secs(1))
-        .batch_size(100);
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        Relay::new(store, publisher)
-            .config(cfg)
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    (tx, task)
+fn relay(store: outbox::postgres::PgStore, bootstrap: &str, extra: &[(&str, &str)]) -> Running {
+    let cfg = test_config().backoff_base(Duration::from_millis(100)).batch_size(100);
+    embedded::start(store, embedded::kafka(bootstrap, extra), cfg)
 }
 
 async fn enqueue(h: &Harness, n: usize, keys: usize, tag: &str) -> HashSet<uuid::Uuid> {
@@ -64,21 +40,13 @@ async fn enqueue(h: &Harness, n: usize, keys: usize, tag: &str) -> HashSet<uuid:
     msgs.iter().map(|m| m.id()).collect()
 }
 
-async fn drained(store: &dyn Store, within: Duration) {
-    let start = std::time::Instant::now();
-    while store.status().await.unwrap().pending > 0 {
-        assert!(start.elapsed() < within, "backlog not drained in {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_down_longer_than_message_timeout_loses_nothing_and_keeps_order() {
     let mock = MockCluster::new(1).unwrap();
     let bootstrap = mock.bootstrap_servers();
     let h = harness(&mock, 4).await;
     // Deliveries time out after 3 s, so the outage makes the relay itself retry with backoff.
-    let (stop, task) = relay(h.store.clone(), &bootstrap, &[("message.timeout.ms", "3000")]);
+    let relay = relay(h.store.clone(), &bootstrap, &[("message.timeout.ms", "3000")]);
     let mut expect = enqueue(&h, 500, 50, "a").await;
     drained(&h.store, Duration::from_secs(30)).await;
 
@@ -92,8 +60,7 @@ async fn broker_down_longer_than_message_timeout_loses_nothing_and_keeps_order()
     mock.broker_up(1).unwrap();
     expect.extend(enqueue(&h, 300, 50, "after").await);
     drained(&h.store, Duration::from_secs(60)).await;
-    stop.send(()).unwrap();
-    task.await.unwrap();
+    relay.stop().await;
     assert!(
         h.store.dead_letters(10).await.unwrap().is_empty(),
         "an outage must not dead-letter"
@@ -126,11 +93,10 @@ async fn produce_request_errors_and_latency_are_absorbed_in_order() {
         ],
     );
     mock.broker_round_trip_time(1, Duration::from_millis(200)).unwrap();
-    let (stop, task) = relay(h.store.clone(), &bootstrap, &[]);
+    let relay = relay(h.store.clone(), &bootstrap, &[]);
     let expect = enqueue(&h, 1000, 20, "e").await;
     drained(&h.store, Duration::from_secs(60)).await;
-    stop.send(()).unwrap();
-    task.await.unwrap();
+    relay.stop().await;
     let seen = read_until(
         &bootstrap,
         &h.topic,
@@ -147,7 +113,7 @@ async fn partition_leader_moves_mid_stream() {
     let mock = MockCluster::new(3).unwrap();
     let bootstrap = mock.bootstrap_servers();
     let h = harness(&mock, 3).await;
-    let (stop, task) = relay(h.store.clone(), &bootstrap, &[]);
+    let relay = relay(h.store.clone(), &bootstrap, &[]);
     let mut expect = enqueue(&h, 300, 30, "a").await;
     for (i, leader) in [2, 3, 1].into_iter().enumerate() {
         for p in 0..3 {
@@ -157,8 +123,7 @@ async fn partition_leader_moves_mid_stream() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     drained(&h.store, Duration::from_secs(60)).await;
-    stop.send(()).unwrap();
-    task.await.unwrap();
+    relay.stop().await;
     let seen = read_until(
         &bootstrap,
         &h.topic,
@@ -184,34 +149,22 @@ async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
         .unwrap();
     tx.commit().await.unwrap();
 
-    let publisher = KafkaPublisher::new([
-        ("bootstrap.servers", bootstrap.as_str()),
-        ("allow.auto.create.topics", "false"),
-        ("topic.metadata.propagation.max.ms", "500"),
-        ("message.timeout.ms", "5000"),
-    ])
-    .unwrap();
-    let cfg = RelayConfig::default()
-        .poll_interval(Duration::from_millis(100))
+    let publisher = embedded::kafka(
+        &bootstrap,
+        &[
+            ("allow.auto.create.topics", "false"),
+            ("topic.metadata.propagation.max.ms", "500"),
+            ("message.timeout.ms", "5000"),
+        ],
+    );
+    let cfg = test_config()
         .dead_letter_policy(outbox_relay::DeadLetterPolicy::Park)
-        .max_attempts(3)
-        .backoff_base(Duration::from_millis(50));
-    let (tx, rx) = oneshot::channel::<()>();
-    let store = h.store.clone();
-    let task = tokio::spawn(async move {
-        Relay::new(store, publisher)
-            .config(cfg)
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    let start = std::time::Instant::now();
-    while h.store.dead_letters(10).await.unwrap().is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(60), "never dead-lettered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .max_attempts(3);
+    let relay = embedded::start(h.store.clone(), publisher, cfg);
+    wait_for("dead-lettered", Duration::from_secs(60), || async {
+        !h.store.dead_letters(10).await.unwrap().is_empty()
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // The parked key's next message waits; the other key flowed.
     assert_eq!(h.store.status().await.unwrap().pending, 1);
@@ -221,8 +174,7 @@ async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
     // Operator discards the poison message: the key moves on.
     assert!(h.store.discard_dead_letter(bad.id()).await.unwrap());
     drained(&h.store, Duration::from_secs(30)).await;
-    tx.send(()).unwrap();
-    task.await.unwrap();
+    relay.stop().await;
     let expect = HashSet::from([behind.id(), other.id()]);
     let seen = read_until(
         &bootstrap,

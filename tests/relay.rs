@@ -6,48 +6,9 @@ use std::time::Duration;
 
 use outbox::{Message, Store};
 use outbox_kafka::KafkaPublisher;
-use outbox_relay::{DeadLetterPolicy, Relay, RelayConfig};
+use outbox_relay::DeadLetterPolicy;
+use outbox_tests::embedded::{drained, start, test_config};
 use outbox_tests::kafka::{check_delivery, create_topic, read_until, tansu, topic};
-use tokio::sync::oneshot;
-
-fn test_config() -> RelayConfig {
-    RelayConfig::default()
-        .poll_interval(Duration::from_millis(100))
-        .lease_ttl(Duration::from_secs(5))
-        .backoff_base(Duration::from_millis(50))
-        .backoff_max(Duration::from_secs(1))
-}
-
-/// Starts an embedded relay; drop or send on the returned sender to stop it.
-fn start_relay(
-    store: impl Store,
-    publisher: KafkaPublisher,
-    cfg: RelayConfig,
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        Relay::new(store, publisher)
-            .config(cfg)
-            .run_until(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    (tx, task)
-}
-
-async fn wait_drained(store: &dyn Store, within: Duration) {
-    let start = std::time::Instant::now();
-    loop {
-        let s = store.status().await.unwrap();
-        if s.pending == 0 {
-            return;
-        }
-        assert!(start.elapsed() < within, "backlog not drained: {} pending", s.pending);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
@@ -58,7 +19,7 @@ async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
     let store = outbox::postgres::PgStore::new(pool.clone());
 
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
-    let (stop, relay) = start_relay(store.clone(), publisher, test_config());
+    let relay = start(store.clone(), publisher, test_config());
 
     // Four writers enqueue while the relay runs; some transactions roll back.
     let mut writers = Vec::new();
@@ -89,9 +50,8 @@ async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
         expect.extend(w.await.unwrap());
     }
     assert_eq!(expect.len(), 10_000);
-    wait_drained(&store, Duration::from_secs(120)).await;
-    stop.send(()).unwrap();
-    relay.await.unwrap();
+    drained(&store, Duration::from_secs(120)).await;
+    relay.stop().await;
 
     let seen = read_until(
         &bootstrap,
@@ -138,14 +98,13 @@ async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
         ("message.max.bytes", "20000"),
     ])
     .unwrap();
-    let (stop, relay) = start_relay(
+    let relay = start(
         store.clone(),
         publisher,
         test_config().dead_letter_policy(DeadLetterPolicy::Skip),
     );
-    wait_drained(&store, Duration::from_secs(60)).await;
-    stop.send(()).unwrap();
-    relay.await.unwrap();
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
 
     let dead = store.dead_letters(10).await.unwrap();
     assert_eq!(dead.len(), 1);
@@ -178,7 +137,7 @@ async fn late_committed_row_is_published() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
-    let (stop, relay) = start_relay(store.clone(), publisher, test_config());
+    let relay = start(store.clone(), publisher, test_config());
 
     let mut late = pool.begin().await.unwrap();
     let low = Message::new(t.clone(), "late");
@@ -191,11 +150,10 @@ async fn late_committed_row_is_published() {
         tx.commit().await.unwrap();
         expect.insert(m.id());
     }
-    wait_drained(&store, Duration::from_secs(30)).await;
+    drained(&store, Duration::from_secs(30)).await;
     late.commit().await.unwrap();
-    wait_drained(&store, Duration::from_secs(30)).await;
-    stop.send(()).unwrap();
-    relay.await.unwrap();
+    drained(&store, Duration::from_secs(30)).await;
+    relay.stop().await;
     let seen = read_until(
         &bootstrap,
         &t,
@@ -220,8 +178,8 @@ async fn two_relays_share_lanes_without_reordering() {
     let store = outbox::postgres::PgStore::new(pool.clone());
     let mk = || KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
     let cfg = test_config().lease_ttl(Duration::from_secs(3));
-    let (stop_a, a) = start_relay(store.clone(), mk(), cfg.clone().owner("relay-a".into()));
-    let (stop_b, b) = start_relay(store.clone(), mk(), cfg.clone().owner("relay-b".into()));
+    let a = start(store.clone(), mk(), cfg.clone().owner("relay-a".into()));
+    let b = start(store.clone(), mk(), cfg.clone().owner("relay-b".into()));
     let mut expect = HashSet::new();
     for r in 0..20 {
         let mut tx = pool.begin().await.unwrap();
@@ -250,11 +208,8 @@ async fn two_relays_share_lanes_without_reordering() {
             }
         }
     }
-    wait_drained(&store, Duration::from_secs(60)).await;
-    stop_a.send(()).unwrap();
-    stop_b.send(()).unwrap();
-    a.await.unwrap();
-    b.await.unwrap();
+    drained(&store, Duration::from_secs(60)).await;
+    tokio::join!(a.stop(), b.stop());
     let seen = read_until(
         &bootstrap,
         &t,
@@ -277,7 +232,7 @@ async fn notify_wakes_the_relay_without_polling() {
     let store = outbox::postgres::PgStore::new(pool.clone());
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str()), ("linger.ms", "0")]).unwrap();
     // Poll only once a minute: delivery within seconds proves the NOTIFY path.
-    let (stop, relay) = start_relay(
+    let relay = start(
         store.clone(),
         publisher,
         test_config().poll_interval(Duration::from_secs(60)),
@@ -287,8 +242,7 @@ async fn notify_wakes_the_relay_without_polling() {
     let mut tx = pool.begin().await.unwrap();
     outbox::enqueue(&mut tx, &m).await.unwrap();
     tx.commit().await.unwrap();
-    wait_drained(&store, Duration::from_secs(10)).await;
-    stop.send(()).unwrap();
-    relay.await.unwrap();
+    drained(&store, Duration::from_secs(10)).await;
+    relay.stop().await;
     let _ = Arc::new(());
 }

@@ -304,6 +304,32 @@ macro_rules! conformance_suite {
         }
 
         #[tokio::test]
+        async fn claim_ahead_leaves_out_the_batch_in_flight_and_keeps_key_order() {
+            let (pool, store) = fresh().await;
+            let leases = take_all(&*store, OWNER).await;
+            let mut tx = pool.begin().await.unwrap();
+            let mut lane = None;
+            for i in 0..6 {
+                let e = outbox::enqueue(&mut tx, &Message::new("t", format!("m{i}")).key("k")).await.unwrap();
+                lane = Some(e.lane);
+            }
+            tx.commit().await.unwrap();
+            let lease = lease_of(&leases, lane.unwrap());
+            let first = store.claim(lease, 4).await.unwrap();
+            let in_flight: Vec<i64> = first.iter().map(|r| r.pos).collect();
+            let ahead = store.claim_excluding(lease, 4, &in_flight).await.unwrap();
+            let seqs = |rows: &[outbox::StoredMessage]| rows.iter().map(|r| r.seq.unwrap()).collect::<Vec<_>>();
+            assert_eq!(seqs(&first), vec![1, 2, 3, 4]);
+            assert_eq!(seqs(&ahead), vec![5, 6], "the rows after the batch in flight, in order");
+            // Leaving out positions that are not there changes nothing.
+            let all = store.claim_excluding(lease, 10, &[i64::MAX, -1]).await.unwrap();
+            assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5, 6]);
+            // Once the first row fails, the rows claimed ahead of it are no longer claimable.
+            store.mark_failed(lease, first[0].pos, "broker down", Duration::from_secs(60)).await.unwrap();
+            assert!(store.claim_excluding(lease, 10, &in_flight[1..]).await.unwrap().is_empty());
+        }
+
+        #[tokio::test]
         async fn dead_letters_park_or_skip_and_can_be_retried_or_discarded() {
             let (pool, store) = fresh().await;
             let leases = take_all(&*store, OWNER).await;

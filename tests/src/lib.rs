@@ -5,5 +5,6 @@
 pub mod conformance;
 pub mod daemon;
 pub mod db;
+pub mod embedded;
 pub mod inbox_suite;
 pub mod kafka;

@@ -99,9 +99,18 @@ impl<S: Store> Store for TimedStore<S> {
     async fn leave(&self, owner: &str) -> outbox::Result<()> {
         self.inner.leave(owner).await
     }
-    async fn claim(&self, lease: &Lease, limit: usize) -> outbox::Result<Vec<StoredMessage>> {
+    // Forwarded, or the lanes never look idle and PostgreSQL writers never send NOTIFY.
+    async fn set_idle(&self, lease: &Lease, idle: bool) -> outbox::Result<()> {
+        self.inner.set_idle(lease, idle).await
+    }
+    async fn claim_excluding(
+        &self,
+        lease: &Lease,
+        limit: usize,
+        in_flight: &[i64],
+    ) -> outbox::Result<Vec<StoredMessage>> {
         let t = Instant::now();
-        let r = self.inner.claim(lease, limit).await;
+        let r = self.inner.claim_excluding(lease, limit, in_flight).await;
         add_us(&self.phases.claim_us, t);
         self.phases.claims.fetch_add(1, Ordering::Relaxed);
         if let Ok(rows) = &r {

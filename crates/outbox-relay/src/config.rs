@@ -43,6 +43,9 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// How often pending count and oldest age are refreshed for metrics. Defaults to 10 s.
     pub stats_interval: Duration,
+    /// Claim a lane's next batch while the current one is being published (the claim's round trip
+    /// then hides behind the broker's). Defaults to true; false claims only after the marks.
+    pub claim_ahead: bool,
 }
 
 impl Default for RelayConfig {
@@ -59,6 +62,7 @@ impl Default for RelayConfig {
             dead_letter_policy: DeadLetterPolicy::Skip,
             shutdown_grace: Duration::from_secs(30),
             stats_interval: Duration::from_secs(10),
+            claim_ahead: true,
         }
     }
 }
@@ -94,6 +98,8 @@ setters! {
     shutdown_grace: Duration,
     /// Sets [`RelayConfig::stats_interval`].
     stats_interval: Duration,
+    /// Sets [`RelayConfig::claim_ahead`].
+    claim_ahead: bool,
 }
 
 impl RelayConfig {

@@ -40,24 +40,29 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
         tracing::debug!("lane started");
         let mut store_errors = 0;
         let mut idle = false;
+        // The batch claimed while the previous one was being published, if any.
+        let mut ahead: Option<Vec<StoredMessage>> = None;
         loop {
             if stop.is_cancelled() {
                 return LaneExit::Stopped;
             }
-            let rows = match shared.store.claim(&lease, shared.cfg.batch_size).await {
-                Ok(rows) => {
-                    store_errors = 0;
-                    rows
-                }
-                Err(e) => {
-                    store_errors += 1;
-                    metrics::counter!(m::STORE_ERRORS).increment(1);
-                    tracing::warn!(error = %e, "claim failed; retrying");
-                    if pause(&stop, shared.cfg.backoff(store_errors)).await {
-                        return LaneExit::Stopped;
+            let rows = match ahead.take().filter(|r| !r.is_empty()) {
+                Some(rows) => rows,
+                None => match shared.store.claim(&lease, shared.cfg.batch_size).await {
+                    Ok(rows) => {
+                        store_errors = 0;
+                        rows
                     }
-                    continue;
-                }
+                    Err(e) => {
+                        store_errors += 1;
+                        metrics::counter!(m::STORE_ERRORS).increment(1);
+                        tracing::warn!(error = %e, "claim failed; retrying");
+                        if pause(&stop, shared.cfg.backoff(store_errors)).await {
+                            return LaneExit::Stopped;
+                        }
+                        continue;
+                    }
+                },
             };
             let full = rows.len() == shared.cfg.batch_size;
             if rows.is_empty() {
@@ -81,12 +86,35 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 set_idle(&shared.store, &lease, false).await;
                 idle = false;
             }
-            if let Err(LaneExit::Lost) = publish_batch(&shared, &lease, &rows, &stop).await {
-                return LaneExit::Lost;
+            if !shared.cfg.claim_ahead {
+                if let Err(exit) = publish_batch(&shared, &lease, &rows, &stop).await {
+                    return exit;
+                }
+                if !full {
+                    // A short batch means the lane was drained a moment ago; yield instead of spinning.
+                    tokio::task::yield_now().await;
+                }
+                continue;
             }
-            if !full {
-                // A short batch means the lane was drained a moment ago; yield instead of spinning.
-                tokio::task::yield_now().await;
+            // Claim the next batch while this one is published. Rows of a key that this batch
+            // leaves unsettled (retry, park) are dropped from it: they stay pending and are
+            // claimed again, in order, after the row that holds them back.
+            let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
+            let (blocked, next) = tokio::join!(
+                publish_batch(&shared, &lease, &rows, &stop),
+                shared.store.claim_excluding(&lease, shared.cfg.batch_size, &in_flight)
+            );
+            let blocked = match blocked {
+                Ok(blocked) => blocked,
+                Err(exit) => return exit,
+            };
+            match next {
+                Ok(mut next) => {
+                    next.retain(|r| !r.key.as_deref().is_some_and(|k| blocked.contains(k)));
+                    ahead = Some(next);
+                }
+                // The next round claims again, with the usual error handling.
+                Err(e) => tracing::debug!(error = %e, "claim ahead failed"),
             }
         }
     }
@@ -115,7 +143,7 @@ async fn publish_batch<S: Store, P: Publisher>(
     lease: &Lease,
     rows: &[StoredMessage],
     stop: &CancellationToken,
-) -> Result<(), LaneExit> {
+) -> Result<HashSet<String>, LaneExit> {
     crate::failpoint::hit(crate::failpoint::Point::AfterClaim);
     let span = tracing::debug_span!("publish_batch", lane = lease.lane, size = rows.len());
     let started = std::time::Instant::now();
@@ -165,7 +193,7 @@ async fn publish_batch<S: Store, P: Publisher>(
         })
         .await?;
     }
-    Ok(())
+    Ok(plan.blocked.into_iter().map(str::to_owned).collect())
 }
 
 /// Publishes the batch, except rows that could not be decoded: those fail permanently (and are
@@ -212,6 +240,8 @@ pub(crate) struct Plan<'a> {
     pub(crate) delivered_created: Vec<chrono::DateTime<chrono::Utc>>,
     pub(crate) retry: Vec<(&'a StoredMessage, PublishError)>,
     pub(crate) dead: Vec<(&'a StoredMessage, PublishError)>,
+    /// Keys with a row left unsettled (retried or parked): nothing later of theirs may be sent.
+    pub(crate) blocked: HashSet<&'a str>,
 }
 
 /// Per key, once a message is not settled as delivered (it will be retried, or is parked), nothing
@@ -222,10 +252,9 @@ pub(crate) fn settle<'a>(
     results: Vec<Result<Delivered, PublishError>>,
 ) -> Plan<'a> {
     let mut plan = Plan::default();
-    let mut blocked: HashSet<&str> = HashSet::new();
     for (row, res) in rows.iter().zip(results) {
         if let Some(k) = row.key.as_deref() {
-            if blocked.contains(k) {
+            if plan.blocked.contains(k) {
                 continue;
             }
         }
@@ -240,7 +269,7 @@ pub(crate) fn settle<'a>(
                 let blocks = !dead || cfg.dead_letter_policy == DeadLetterPolicy::Park;
                 if blocks {
                     if let Some(k) = row.key.as_deref() {
-                        blocked.insert(k);
+                        plan.blocked.insert(k);
                     }
                 }
                 if dead {

@@ -50,6 +50,8 @@ pub struct RelaySection {
     pub dead_letter_policy: Option<DeadLetterPolicy>,
     /// Shutdown grace in milliseconds.
     pub shutdown_grace_ms: Option<u64>,
+    /// Claim the next batch while the current one is published (default true).
+    pub claim_ahead: Option<bool>,
     /// Keep published rows in `outbox_published` (PostgreSQL).
     pub keep_published: Option<bool>,
 }
@@ -156,6 +158,9 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     }
     if let Some(v) = r.shutdown_grace_ms {
         relay = relay.shutdown_grace(ms(v));
+    }
+    if let Some(v) = r.claim_ahead {
+        relay = relay.claim_ahead(v);
     }
     relay
         .validate()

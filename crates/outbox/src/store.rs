@@ -111,7 +111,12 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
     /// row is waiting (backoff, delay) or parked. No cursor: rows committed late are found too.
-    async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>>;
+    async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
+        self.claim_excluding(lease, limit, &[]).await
+    }
+    /// [`Store::claim`], leaving out the rows at positions `in_flight` (a batch still being
+    /// published): the relay claims its next batch while the broker confirms the current one.
+    async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>>;
     /// Records that the broker has these rows (deletes them, or moves them to the published table).
     /// Fails with [`crate::Error::StaleLease`] when the lease is no longer current.
     async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()>;
@@ -160,8 +165,8 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
         (**self).set_idle(lease, idle).await
     }
-    async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
-        (**self).claim(lease, limit).await
+    async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
+        (**self).claim_excluding(lease, limit, in_flight).await
     }
     async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()> {
         (**self).mark_published(lease, done).await

@@ -107,7 +107,7 @@ pub(super) const LIVE_OWNERS: &str = "SELECT COUNT(*) FROM outbox_relays WHERE e
 /// during the scan (breaking per-key order). It would also take next-key locks on the lane under
 /// REPEATABLE READ, stalling enqueuers. The snapshot of one statement always holds a prefix of each
 /// key, and the lease (checked in the same statement) already gives the lane to one relay.
-/// Binds: lane, lane, owner, epoch, limit.
+/// Binds: lane, lane, owner, epoch, JSON array of the positions in flight (left out), limit.
 pub(super) const CLAIM: &str = "\
 SELECT m.pos, m.id, m.lane, m.topic, m.`key`, m.seq, m.payload, m.headers, m.attempts, m.created_at \
 FROM outbox_messages m \
@@ -118,6 +118,7 @@ WHERE m.lane = ? \
         NOT EXISTS (SELECT 1 FROM outbox_messages p \
                     WHERE p.`key` = m.`key` AND p.seq < m.seq AND p.available_at > UTC_TIMESTAMP(6)) \
     AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.`key` = m.`key` AND d.parked))) \
+  AND m.pos NOT IN (SELECT f.pos FROM JSON_TABLE(?, '$[*]' COLUMNS (pos BIGINT PATH '$')) AS f) \
 ORDER BY m.pos LIMIT ?";
 
 /// Deletes published rows of a lane, one statement per row, all in one round trip (a multi-statement

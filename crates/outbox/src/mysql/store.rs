@@ -163,12 +163,13 @@ impl Store for MySqlStore {
         Ok(n as usize)
     }
 
-    async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
+    async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
         let rows: Vec<ClaimRow<Vec<u8>, NaiveDateTime>> = sqlx::query_as(sql::CLAIM)
             .bind(lease.lane)
             .bind(lease.lane)
             .bind(&lease.owner)
             .bind(lease.epoch)
+            .bind(serde_json::to_string(in_flight)?)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await?;

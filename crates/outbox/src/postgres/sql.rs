@@ -89,6 +89,7 @@ pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE e
 
 // A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
 // with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix.
+// $5: positions of the batch in flight, left out.
 pub(super) fn claim() -> String {
     format!(
         "SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at \
@@ -99,6 +100,7 @@ WHERE m.lane = $1 AND EXISTS ({LEASE}) AND m.available_at <= now() \
                     WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > now() \
                       AND (p.attempts > 0 OR p.available_at > p.created_at)) \
     AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.key = m.key AND d.parked))) \
+  AND m.pos <> ALL($5) \
 ORDER BY m.pos LIMIT $4 \
 FOR UPDATE OF m SKIP LOCKED"
     )

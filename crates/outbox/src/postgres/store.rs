@@ -121,12 +121,13 @@ impl Store for PgStore {
         Ok(n as usize)
     }
 
-    async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
+    async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
         let rows: Vec<ClaimRow<String, DateTime<Utc>>> = sqlx::query_as(&self.claim_sql)
             .bind(lease.lane)
             .bind(&lease.owner)
             .bind(lease.epoch)
             .bind(limit as i64)
+            .bind(in_flight)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().map(|r| r.decode(Ok, Ok)).collect())

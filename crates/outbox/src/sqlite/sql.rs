@@ -84,7 +84,7 @@ pub(super) const LIVE_OWNERS: &str = concat!("SELECT COUNT(*) FROM outbox_relays
 /// A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
 /// with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix. "Now" is
 /// computed once (materialized): rows come out over several steps, and SQLite's clock may move
-/// between steps. Binds: lane, owner, epoch, limit.
+/// between steps. Binds: lane, owner, epoch, limit, JSON array of the positions in flight (left out).
 pub(super) const CLAIM: &str = concat!(
     "WITH c(now) AS MATERIALIZED (SELECT ",
     now!(),
@@ -98,6 +98,7 @@ WHERE m.lane = ?1 \
         NOT EXISTS (SELECT 1 FROM outbox_messages p \
                     WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > c.now) \
     AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.key = m.key AND d.parked))) \
+  AND m.pos NOT IN (SELECT value FROM json_each(?5)) \
 ORDER BY m.pos LIMIT ?4"
 );
 

@@ -1,0 +1,95 @@
+//! Embedded relays (and other background loops) for the end-to-end tests: one way to start them,
+//! stop them and wait for the backlog to drain.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use outbox::{Publisher, Store};
+use outbox_kafka::KafkaPublisher;
+use outbox_relay::{Relay, RelayConfig};
+use tokio::sync::oneshot;
+
+/// Relay settings for tests: quick polls, short leases, short backoff.
+pub fn test_config() -> RelayConfig {
+    RelayConfig::default()
+        .poll_interval(Duration::from_millis(100))
+        .lease_ttl(Duration::from_secs(5))
+        .backoff_base(Duration::from_millis(50))
+        .backoff_max(Duration::from_secs(1))
+}
+
+/// A background task that runs until told to stop (or until this is dropped).
+pub struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Spawns `run(stopped)`, where `stopped` completes when [`Running::stop`] is called.
+    pub fn spawn<F, Fut>(run: F) -> Running
+    where
+        F: FnOnce(oneshot::Receiver<()>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (stop, rx) = oneshot::channel::<()>();
+        Running {
+            stop,
+            task: tokio::spawn(run(rx)),
+        }
+    }
+
+    /// Asks the task to stop and waits for it; panics if it failed.
+    pub async fn stop(self) {
+        self.stop.send(()).ok();
+        self.task.await.unwrap();
+    }
+}
+
+/// Starts an embedded relay.
+pub fn start<S: Store, P: Publisher>(store: S, publisher: P, cfg: RelayConfig) -> Running {
+    Running::spawn(|stopped| async move {
+        Relay::new(store, publisher)
+            .config(cfg)
+            .run_until(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    })
+}
+
+/// A Kafka publisher for `bootstrap` with extra librdkafka settings.
+pub fn kafka(bootstrap: &str, extra: &[(&str, &str)]) -> KafkaPublisher {
+    let mut settings = vec![("bootstrap.servers", bootstrap)];
+    settings.extend_from_slice(extra);
+    KafkaPublisher::new(settings).unwrap()
+}
+
+/// Waits until nothing is pending, failing the test after `within`.
+pub async fn drained(store: &dyn Store, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let p = store.status().await.unwrap().pending;
+        if p == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "backlog not drained in {within:?}: {p} pending"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `cond` holds, failing the test with `what` after `within`.
+pub async fn wait_for<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
