@@ -50,6 +50,7 @@ pub(crate) fn drain_config() -> RelayConfig {
 /// ([`NullPublisher`], the SQL-only drain).
 pub(crate) async fn relay_drain(
     db: &BenchDb,
+    cfg: RelayConfig,
     bootstrap: Option<&str>,
     broker_pid: Option<u32>,
     n: u64,
@@ -70,7 +71,7 @@ pub(crate) async fn relay_drain(
                 phases: phases.clone(),
                 reports: None,
             };
-            tokio::spawn(run_relay(store, publisher, stop_rx))
+            tokio::spawn(run_relay(store, publisher, cfg, stop_rx))
         }
         None => {
             let publisher = TimedPublisher {
@@ -78,7 +79,7 @@ pub(crate) async fn relay_drain(
                 phases: phases.clone(),
                 reports: None,
             };
-            tokio::spawn(run_relay(store, publisher, stop_rx))
+            tokio::spawn(run_relay(store, publisher, cfg, stop_rx))
         }
     };
     let reached = phases.wait(limit).await;
@@ -102,10 +103,11 @@ pub(crate) async fn relay_drain(
 async fn run_relay<S: Store, P: Publisher>(
     store: S,
     publisher: P,
+    cfg: RelayConfig,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<()> {
     Relay::new(store, publisher)
-        .config(drain_config())
+        .config(cfg)
         .run_until(async {
             let _ = stop.await;
         })
@@ -265,6 +267,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
 
     let mut sql = Vec::new();
     let mut relay: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    let mut relay_after: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut raw: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut naive: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut fill_secs = Vec::new();
@@ -273,7 +276,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         // SQL-only: the relay engine with a publisher that confirms at once.
         let db = BenchDb::create(env, 20).await?;
         fill_secs.push(fill_backlog(&db.pool, "bench-sql", n).await?);
-        let d = relay_drain(&db, None, None, n as u64, limit).await?;
+        let d = relay_drain(&db, drain_config(), None, None, n as u64, limit).await?;
         eprintln!("  sql-only: {:.0} msg/s", d.rate());
         sql.push(d);
         db.drop_db().await;
@@ -281,14 +284,26 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         for (b, (name, bootstrap)) in brokers.iter().enumerate() {
             let pid = if *name == "tansu" { tansu_pid() } else { None };
             let topic = new_topic(env, bootstrap, "bench-drain").await?;
-            let db = BenchDb::create(env, 20).await?;
-            fill_secs.push(fill_backlog(&db.pool, &topic, n).await?);
-            let d = relay_drain(&db, Some(bootstrap), pid, n as u64, limit)
+            // A/B: the next batch claimed during the publish (the default) or after the marks;
+            // which goes first alternates by round.
+            for ahead in [round % 2 == 0, round % 2 != 0] {
+                let db = BenchDb::create(env, 20).await?;
+                fill_secs.push(fill_backlog(&db.pool, &topic, n).await?);
+                let d = relay_drain(
+                    &db,
+                    drain_config().claim_ahead(ahead),
+                    Some(bootstrap),
+                    pid,
+                    n as u64,
+                    limit,
+                )
                 .await
                 .with_context(|| format!("relay drain on {name}"))?;
-            eprintln!("  relay on {name}: {:.0} msg/s", d.rate());
-            relay[b].push(d);
-            db.drop_db().await;
+                let how = if ahead { "claim ahead" } else { "claim after mark" };
+                eprintln!("  relay on {name} ({how}): {:.0} msg/s", d.rate());
+                if ahead { &mut relay[b] } else { &mut relay_after[b] }.push(d);
+                db.drop_db().await;
+            }
 
             let d = raw_produce(bootstrap, pid, &topic, n).await?;
             eprintln!("  raw producer on {name}: {:.0} msg/s", d.rate());
@@ -377,6 +392,21 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             .vs(&naive_row)
             .target(Target::AtLeast(20.0)),
         );
+        let after_row = Row::new(
+            format!("relay drain on {name}, claim_ahead = false"),
+            "msg/s",
+            rate(&relay_after[b]),
+        )
+        .extra("claim_us_per_msg", med(&relay_after[b], |d| d.phases_us.0))
+        .extra("publish_us_per_msg", med(&relay_after[b], |d| d.phases_us.1))
+        .extra("mark_us_per_msg", med(&relay_after[b], |d| d.phases_us.2));
+        rows.push(
+            relay_row
+                .clone()
+                .vs(&after_row)
+                .note("claim ahead / claim after mark, same rounds"),
+        );
+        rows.push(after_row);
         rows.push(relay_row.vs(&raw_row).note("relay / raw producer"));
         rows.push(raw_row);
         rows.push(naive_row);
@@ -388,7 +418,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             "Backlog of {n} keyed rows ({} keys, {}-byte payloads) filled with INSERT ... SELECT generate_series \
              (median fill {:.1} s); topic with {} partitions; relay embedded in this process with defaults \
              (batch 500, 32 lanes, pool of 20 connections), KafkaPublisher defaults (acks=all, idempotence, linger 5 ms). \
-             Order per round: SQL-only, then per broker relay, raw producer, naive. Brokers: {}.",
+             Order per round: SQL-only, then per broker relay with and without claim-ahead (alternating which goes first), raw producer, naive. Brokers: {}.",
             crate::common::KEYS,
             crate::common::PAYLOAD_BYTES,
             crate::common::median(&fill_secs),

@@ -11,6 +11,9 @@ use crate::common::{fill_backlog, new_topic, pending, print_figure, BenchDb, Env
 use crate::drain::drain_config;
 use crate::write::{throughput, Variant};
 
+/// `max_busy_lanes` of the paced relay variant.
+const LIMITED: usize = 1;
+
 /// Runs figure 4.
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
@@ -27,67 +30,85 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let db = BenchDb::create(env, 40).await?;
     fill_backlog(&db.pool, &topic, backlog).await?;
     throughput(&db.pool, &topic, variant, writers, Duration::from_millis(500)).await?;
-    let mut alone = Vec::new();
-    let mut with_relay = Vec::new();
-    let mut drained_during = Vec::new();
+    // Relay variants: None = no relay; Some(None) = drain defaults; Some(Some(n)) = max_busy_lanes n.
+    let variants: [Option<Option<usize>>; 3] = [None, Some(None), Some(Some(LIMITED))];
+    let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut drained_during: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut left = Vec::new();
     for round in 0..rounds {
-        // Keep the backlog topped up so the relay drains throughout the window.
-        let p = pending(&db.pool).await? as usize;
-        if p < backlog {
-            fill_backlog(&db.pool, &topic, backlog - p).await?;
+        for i in 0..variants.len() {
+            // Rotate which variant goes first.
+            let v = (i + round) % variants.len();
+            // Keep the backlog topped up so the relay drains throughout the window.
+            let p = pending(&db.pool).await? as usize;
+            if p < backlog {
+                fill_backlog(&db.pool, &topic, backlog - p).await?;
+            }
+            sqlx::query("CHECKPOINT").execute(&db.pool).await?;
+            let Some(limit) = variants[v] else {
+                tps[v].push(throughput(&db.pool, &topic, variant, writers, dur).await?);
+                continue;
+            };
+            let before = pending(&db.pool).await?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let store = crate::probe::TimedStore {
+                inner: PgStore::new(db.pool.clone()),
+                phases: crate::probe::Phases::until(u64::MAX),
+            };
+            let publisher = crate::probe::TimedPublisher {
+                inner: KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())])?,
+                phases: crate::probe::Phases::until(u64::MAX),
+                reports: None,
+            };
+            let relay = tokio::spawn(async move {
+                Relay::new(store, publisher)
+                    .config(drain_config().max_busy_lanes(limit))
+                    .run_until(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            });
+            // The relay reaches its drain rate first.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let b = throughput(&db.pool, &topic, variant, writers, dur).await?;
+            let _ = stop_tx.send(());
+            relay.await??;
+            let after = pending(&db.pool).await?;
+            let written = (b * dur.as_secs_f64()) as i64;
+            drained_during[v].push((before + written - after) as f64 / (dur.as_secs_f64() + 0.5));
+            left.push(after as f64);
+            tps[v].push(b);
         }
-        sqlx::query("CHECKPOINT").execute(&db.pool).await?;
-        let a = throughput(&db.pool, &topic, variant, writers, dur).await?;
-
-        let before = pending(&db.pool).await?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let store = crate::probe::TimedStore {
-            inner: PgStore::new(db.pool.clone()),
-            phases: crate::probe::Phases::until(u64::MAX),
-        };
-        let publisher = crate::probe::TimedPublisher {
-            inner: KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())])?,
-            phases: crate::probe::Phases::until(u64::MAX),
-            reports: None,
-        };
-        let relay = tokio::spawn(async move {
-            Relay::new(store, publisher)
-                .config(drain_config())
-                .run_until(async {
-                    let _ = stop_rx.await;
-                })
-                .await
-        });
-        // The relay reaches its drain rate first.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let b = throughput(&db.pool, &topic, variant, writers, dur).await?;
-        let _ = stop_tx.send(());
-        relay.await??;
-        let after = pending(&db.pool).await?;
-        let written = (b * dur.as_secs_f64()) as i64;
-        drained_during.push((before + written - after) as f64 / (dur.as_secs_f64() + 0.5));
-        left.push(after as f64);
         eprintln!(
-            "interference: round {}/{rounds}: alone {a:.0} tx/s, while relay drains {b:.0} tx/s ({after} rows left)",
-            round + 1
+            "interference: round {}/{rounds}: alone {:.0} tx/s, relay draining {:.0} tx/s, relay with max_busy_lanes={LIMITED} {:.0} tx/s",
+            round + 1,
+            tps[0][round],
+            tps[1][round],
+            tps[2][round]
         );
-        alone.push(a);
-        with_relay.push(b);
     }
     db.drop_db().await;
     crate::common::delete_topic(env, &bootstrap, &topic).await;
-    let base = Row::new(format!("{writers} writers, no relay running"), "tx/s", alone);
+    let med = crate::common::median;
+    let base = Row::new(format!("{writers} writers, no relay running"), "tx/s", tps[0].clone());
     let rows = vec![
         base.clone(),
         Row::new(
-            format!("{writers} writers while the relay drains the backlog"),
+            format!("{writers} writers while the relay drains the backlog (defaults: every lane busy)"),
             "tx/s",
-            with_relay,
+            tps[1].clone(),
         )
         .vs(&base)
         .target(Target::AtLeast(0.9))
-        .extra("relay_drain_msg_per_s", crate::common::median(&drained_during))
+        .extra("relay_drain_msg_per_s", med(&drained_during[1])),
+        Row::new(
+            format!("{writers} writers while the relay drains, max_busy_lanes = {LIMITED}"),
+            "tx/s",
+            tps[2].clone(),
+        )
+        .vs(&base)
+        .target(Target::AtLeast(0.9))
+        .extra("relay_drain_msg_per_s", med(&drained_during[2]))
         .extra("min_backlog_left", left.iter().copied().fold(f64::INFINITY, f64::min)),
     ];
     let fig = Figure {
@@ -95,8 +116,9 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         title: "4. Interference of the relay with business transactions".into(),
         setup: format!(
             "tansu ({bootstrap}). Business transaction = one bench_orders row + one keyed outbox message, NOTIFY off \
-             (figure 1 shows NOTIFY's own cost); {writers} writers, {:.1} s windows, alone and with an embedded relay \
-             (drain defaults) draining a backlog kept at >= {backlog} rows, interleaved.",
+             (figure 1 shows NOTIFY's own cost); {writers} writers, {:.1} s windows, alone, with an embedded relay \
+             (drain defaults) and with one paced by max_busy_lanes = {LIMITED}, draining a backlog kept at >= {backlog} \
+             rows; variants interleaved, rotating which goes first.",
             dur.as_secs_f64()
         ),
         rounds,

@@ -43,6 +43,10 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// How often pending count and oldest age are refreshed for metrics. Defaults to 10 s.
     pub stats_interval: Duration,
+    /// At most this many lanes claim and publish at the same time (the others wait their turn);
+    /// bounds the relay's share of the database while a backlog drains. Defaults to none (every
+    /// held lane works at once).
+    pub max_busy_lanes: Option<usize>,
     /// Claim a lane's next batch while the current one is being published (the claim's round trip
     /// then hides behind the broker's). Defaults to true; false claims only after the marks.
     pub claim_ahead: bool,
@@ -62,6 +66,7 @@ impl Default for RelayConfig {
             dead_letter_policy: DeadLetterPolicy::Skip,
             shutdown_grace: Duration::from_secs(30),
             stats_interval: Duration::from_secs(10),
+            max_busy_lanes: None,
             claim_ahead: true,
         }
     }
@@ -98,6 +103,8 @@ setters! {
     shutdown_grace: Duration,
     /// Sets [`RelayConfig::stats_interval`].
     stats_interval: Duration,
+    /// Sets [`RelayConfig::max_busy_lanes`].
+    max_busy_lanes: Option<usize>,
     /// Sets [`RelayConfig::claim_ahead`].
     claim_ahead: bool,
 }
@@ -124,6 +131,9 @@ impl RelayConfig {
         }
         if self.lease_ttl < Duration::from_secs(1) {
             return Err("lease_ttl must be at least 1s".into());
+        }
+        if self.max_busy_lanes == Some(0) {
+            return Err("max_busy_lanes must be at least 1".into());
         }
         if self.owner.is_empty() {
             return Err("owner must not be empty".into());

@@ -81,8 +81,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let shared = Arc::new(Shared {
             store: self.store,
             publisher: self.publisher,
-            cfg: self.cfg,
             wake: (0..LANES).map(|_| Notify::new()).collect(),
+            busy: self.cfg.max_busy_lanes.map(tokio::sync::Semaphore::new),
+            cfg: self.cfg,
         });
         let owner = shared.cfg.owner.clone();
         tracing::info!(%owner, "relay starting");

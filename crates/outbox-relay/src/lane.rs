@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::{Delivered, Error, FailureKind, Lease, PublishError, Publisher, Store, StoredMessage};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -19,6 +19,8 @@ pub(crate) struct Shared<S, P> {
     pub(crate) cfg: RelayConfig,
     /// One wake-up per lane (NOTIFY payload or in-process commit).
     pub(crate) wake: Vec<Notify>,
+    /// Turns to work, when [`RelayConfig::max_busy_lanes`] is set.
+    pub(crate) busy: Option<Semaphore>,
 }
 
 /// Why a lane loop ended.
@@ -46,6 +48,14 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             if stop.is_cancelled() {
                 return LaneExit::Stopped;
             }
+            // Held for this round's claim and publish; given back before waiting for work.
+            let turn = match &shared.busy {
+                Some(busy) => tokio::select! {
+                    permit = busy.acquire() => Some(permit.expect("the semaphore is never closed")),
+                    _ = stop.cancelled() => return LaneExit::Stopped,
+                },
+                None => None,
+            };
             let rows = match ahead.take().filter(|r| !r.is_empty()) {
                 Some(rows) => rows,
                 None => match shared.store.claim(&lease, shared.cfg.batch_size).await {
@@ -54,6 +64,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                         rows
                     }
                     Err(e) => {
+                        drop(turn);
                         store_errors += 1;
                         metrics::counter!(m::STORE_ERRORS).increment(1);
                         tracing::warn!(error = %e, "claim failed; retrying");
@@ -66,6 +77,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             };
             let full = rows.len() == shared.cfg.batch_size;
             if rows.is_empty() {
+                drop(turn);
                 if !idle {
                     // Ask writers for a wake-up, then look once more: a row committed before the
                     // flag was visible would otherwise wait for the next poll.

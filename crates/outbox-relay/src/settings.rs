@@ -40,6 +40,8 @@ pub struct RelaySection {
     pub lease_ttl_ms: Option<u64>,
     /// Maximum lanes held.
     pub max_lanes: Option<usize>,
+    /// Maximum lanes claiming and publishing at the same time.
+    pub max_busy_lanes: Option<usize>,
     /// Attempts before dead-lettering.
     pub max_attempts: Option<i32>,
     /// First backoff in milliseconds.
@@ -143,6 +145,9 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     }
     if r.max_lanes.is_some() {
         relay = relay.max_lanes(r.max_lanes);
+    }
+    if r.max_busy_lanes.is_some() {
+        relay = relay.max_busy_lanes(r.max_busy_lanes);
     }
     if let Some(v) = o.max_attempts.or(r.max_attempts) {
         relay = relay.max_attempts(v);

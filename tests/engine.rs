@@ -1,10 +1,14 @@
-//! The relay claims a lane's next batch while the current one is being published. These tests pin
-//! what that must not change: a key whose row failed sends nothing after it until the retry
-//! succeeded, and every row is delivered. Real PostgreSQL; the publisher is scripted (it fails the
-//! chosen rows on their first attempts) and records every call, so the order it was handed rows in
-//! is checked exactly. The broker-backed tests (relay.rs, faults.rs) run the same engine on Kafka.
+//! The engine with a scripted publisher over real PostgreSQL, where exact order and concurrency can
+//! be checked. The broker-backed tests (relay.rs, faults.rs) run the same engine on Kafka.
+//!
+//! Claim ahead: the relay claims a lane's next batch while the current one is being published. A
+//! key whose row failed must send nothing after it until the retry succeeded, and every row is
+//! delivered. The publisher fails the chosen rows on their first attempts and records every call.
+//!
+//! Busy lanes: with `max_busy_lanes = n`, never more than n batches are being published at once.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -161,4 +165,64 @@ fn the_order_check_catches_a_row_sent_past_its_failed_predecessor() {
     // Resending k1 before k2 is fine.
     let good = vec![call(&[("k", 1, false)]), call(&[("k", 1, true), ("k", 2, true)])];
     assert_eq!(check_order(&good).len(), 2);
+}
+
+/// Counts publishes in progress and remembers the most at once.
+#[derive(Default)]
+struct Concurrency {
+    now: AtomicUsize,
+    most: AtomicUsize,
+    rows: AtomicUsize,
+}
+
+#[async_trait]
+impl Publisher for Concurrency {
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(n, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        self.rows.fetch_add(batch.len(), Ordering::SeqCst);
+        batch
+            .iter()
+            .map(|r| {
+                Ok(Delivered {
+                    pos: r.pos,
+                    partition: 0,
+                    offset: r.pos,
+                })
+            })
+            .collect()
+    }
+}
+
+async fn most_busy(max_busy_lanes: Option<usize>) -> usize {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    // 2,000 rows over 200 keys: every lane has work for several batches.
+    let mut tx = pool.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..2000)
+        .map(|i| Message::new("t", format!("{i}")).key(format!("k{}", i % 200)))
+        .collect();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    let publisher = Arc::new(Concurrency::default());
+    let cfg = test_config().batch_size(10).max_busy_lanes(max_busy_lanes);
+    let relay = start(store.clone(), publisher.clone(), cfg);
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
+    assert_eq!(publisher.rows.load(Ordering::SeqCst), 2000, "every row published once");
+    publisher.most.load(Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_busy_lanes_caps_the_batches_in_flight() {
+    let most = most_busy(Some(3)).await;
+    assert!(
+        (1..=3).contains(&most),
+        "{most} batches in flight with max_busy_lanes = 3"
+    );
+    // Without the cap the lanes overlap (the check above is not vacuous).
+    let most = most_busy(None).await;
+    assert!(most > 3, "only {most} batches in flight without a cap");
 }
