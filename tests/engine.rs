@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox::{Delivered, Message, PublishError, Publisher, Store, StoredMessage};
+use outbox_relay::ClaimAhead;
 use outbox_tests::embedded::{drained, start, test_config};
 
 /// Fails a row `failures` times when its (key, seq) is in `flaky`, and then every later row of that
@@ -106,7 +107,7 @@ fn check_order(calls: &[Vec<(String, i64, bool)>]) -> HashSet<(String, i64)> {
     all
 }
 
-async fn run(claim_ahead: bool) {
+async fn run(claim_ahead: ClaimAhead) {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     // Keys "a".."e" share lanes with many others; 40 rows each, committed in 8 transactions.
@@ -148,12 +149,17 @@ async fn run(claim_ahead: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claim_ahead_never_hands_over_a_row_before_its_failed_predecessor() {
-    run(true).await;
+    run(ClaimAhead::Always).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claim_ahead_auto_keeps_the_same_order() {
+    run(ClaimAhead::Auto).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claiming_after_the_marks_keeps_the_same_order() {
-    run(false).await;
+    run(ClaimAhead::Never).await;
 }
 
 #[test]

@@ -189,3 +189,35 @@ async fn notify_can_be_turned_off() {
         .is_err());
     assert_eq!(store.status().await.unwrap().pending, 3);
 }
+
+#[tokio::test]
+async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let mut lane = 0;
+    for i in 0..4 {
+        lane = outbox::enqueue(&mut tx, &Message::new("t", format!("{i}")).key("k"))
+            .await
+            .unwrap()
+            .lane;
+    }
+    tx.commit().await.unwrap();
+    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+    // Another session (a relay frozen inside its claim, an operator) holds seq 1..2 locked.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM outbox_messages WHERE key = 'k' AND seq <= 2 FOR UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = tokio::time::timeout(Duration::from_secs(5), store.claim(lease, 10))
+        .await
+        .expect("the claim does not wait for row locks")
+        .unwrap()
+        .iter()
+        .map(|r| r.seq.unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4], "the key's rows from its first, locks or not");
+    other.rollback().await.unwrap();
+}

@@ -9,7 +9,7 @@ use anyhow::Context;
 use outbox::postgres::PgStore;
 use outbox::{Delivered, Publisher, Store, HEADER_ID, HEADER_KEY, HEADER_SEQ};
 use outbox_kafka::{KafkaPublisher, PRODUCER_DEFAULTS};
-use outbox_relay::{Relay, RelayConfig};
+use outbox_relay::{ClaimAhead, Relay, RelayConfig};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
@@ -46,12 +46,19 @@ pub(crate) fn drain_config() -> RelayConfig {
     RelayConfig::default().poll_interval(Duration::from_millis(100))
 }
 
-/// Runs an embedded relay on `db` until `n` rows are marked. `bootstrap` None: no broker
-/// ([`NullPublisher`], the SQL-only drain).
+/// Where a drain publishes: a broker, or [`NullPublisher`] confirming after a delay (zero: the
+/// SQL-only drain).
+#[derive(Clone, Copy)]
+pub(crate) enum Sink<'a> {
+    Broker(&'a str),
+    Null(Duration),
+}
+
+/// Runs an embedded relay on `db` until `n` rows are marked.
 pub(crate) async fn relay_drain(
     db: &BenchDb,
     cfg: RelayConfig,
-    bootstrap: Option<&str>,
+    sink: Sink<'_>,
     broker_pid: Option<u32>,
     n: u64,
     limit: Duration,
@@ -64,8 +71,8 @@ pub(crate) async fn relay_drain(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let cpu = CpuProbe::start(broker_pid);
     let started = Instant::now();
-    let relay = match bootstrap {
-        Some(b) => {
+    let relay = match sink {
+        Sink::Broker(b) => {
             let publisher = TimedPublisher {
                 inner: KafkaPublisher::new([("bootstrap.servers", b)])?,
                 phases: phases.clone(),
@@ -73,9 +80,9 @@ pub(crate) async fn relay_drain(
             };
             tokio::spawn(run_relay(store, publisher, cfg, stop_rx))
         }
-        None => {
+        Sink::Null(delay) => {
             let publisher = TimedPublisher {
-                inner: NullPublisher,
+                inner: NullPublisher { delay },
                 phases: phases.clone(),
                 reports: None,
             };
@@ -255,10 +262,14 @@ pub(crate) async fn naive_drain(db: &BenchDb, bootstrap: &str, n: u64, limit: Du
     })
 }
 
+/// The broker round trip the "remote broker" drains simulate (acks=all across availability zones).
+const REMOTE_RTT: Duration = Duration::from_millis(20);
+
 /// Runs figure 2.
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
     let n = env.pick(1_000_000usize, 20_000);
+    let remote_n = env.pick(200_000usize, 20_000);
     let naive_n = env.pick(5_000u64, 1_000);
     let naive_limit = Duration::from_secs(env.pick(10, 4));
     let rounds = env.rounds(3, 1);
@@ -267,7 +278,11 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
 
     let mut sql = Vec::new();
     let mut relay: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
-    let mut relay_after: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    // claim_ahead = never / always, beside the default (auto) in `relay`.
+    let mut relay_never: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    let mut relay_always: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    // A remote broker simulated by a fixed round trip: claim_ahead auto / never.
+    let mut remote: [Vec<Drained>; 2] = [Vec::new(), Vec::new()];
     let mut raw: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut naive: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut fill_secs = Vec::new();
@@ -276,32 +291,51 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         // SQL-only: the relay engine with a publisher that confirms at once.
         let db = BenchDb::create(env, 20).await?;
         fill_secs.push(fill_backlog(&db.pool, "bench-sql", n).await?);
-        let d = relay_drain(&db, drain_config(), None, None, n as u64, limit).await?;
+        let d = relay_drain(&db, drain_config(), Sink::Null(Duration::ZERO), None, n as u64, limit).await?;
         eprintln!("  sql-only: {:.0} msg/s", d.rate());
         sql.push(d);
         db.drop_db().await;
 
+        for i in 0..2 {
+            let auto = (i + round) % 2 == 0;
+            let mode = if auto { ClaimAhead::Auto } else { ClaimAhead::Never };
+            let db = BenchDb::create(env, 20).await?;
+            fill_backlog(&db.pool, "bench-remote", remote_n).await?;
+            let sink = Sink::Null(REMOTE_RTT);
+            let d = relay_drain(
+                &db,
+                drain_config().claim_ahead(mode),
+                sink,
+                None,
+                remote_n as u64,
+                limit,
+            )
+            .await?;
+            eprintln!("  simulated remote broker, claim_ahead {mode:?}: {:.0} msg/s", d.rate());
+            remote[usize::from(!auto)].push(d);
+            db.drop_db().await;
+        }
+
         for (b, (name, bootstrap)) in brokers.iter().enumerate() {
             let pid = if *name == "tansu" { tansu_pid() } else { None };
             let topic = new_topic(env, bootstrap, "bench-drain").await?;
-            // A/B: the next batch claimed during the publish (the default) or after the marks;
-            // which goes first alternates by round.
-            for ahead in [round % 2 == 0, round % 2 != 0] {
+            // claim_ahead auto (the default), never, always; the first one rotates by round.
+            let modes = [ClaimAhead::Auto, ClaimAhead::Never, ClaimAhead::Always];
+            for i in 0..modes.len() {
+                let mode = modes[(i + round) % modes.len()];
                 let db = BenchDb::create(env, 20).await?;
                 fill_secs.push(fill_backlog(&db.pool, &topic, n).await?);
-                let d = relay_drain(
-                    &db,
-                    drain_config().claim_ahead(ahead),
-                    Some(bootstrap),
-                    pid,
-                    n as u64,
-                    limit,
-                )
-                .await
-                .with_context(|| format!("relay drain on {name}"))?;
-                let how = if ahead { "claim ahead" } else { "claim after mark" };
-                eprintln!("  relay on {name} ({how}): {:.0} msg/s", d.rate());
-                if ahead { &mut relay[b] } else { &mut relay_after[b] }.push(d);
+                let sink = Sink::Broker(bootstrap);
+                let d = relay_drain(&db, drain_config().claim_ahead(mode), sink, pid, n as u64, limit)
+                    .await
+                    .with_context(|| format!("relay drain on {name}"))?;
+                eprintln!("  relay on {name} (claim_ahead {mode:?}): {:.0} msg/s", d.rate());
+                match mode {
+                    ClaimAhead::Auto => &mut relay[b],
+                    ClaimAhead::Never => &mut relay_never[b],
+                    ClaimAhead::Always => &mut relay_always[b],
+                }
+                .push(d);
                 db.drop_db().await;
             }
 
@@ -392,25 +426,47 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             .vs(&naive_row)
             .target(Target::AtLeast(20.0)),
         );
-        let after_row = Row::new(
-            format!("relay drain on {name}, claim_ahead = false"),
-            "msg/s",
-            rate(&relay_after[b]),
-        )
-        .extra("claim_us_per_msg", med(&relay_after[b], |d| d.phases_us.0))
-        .extra("publish_us_per_msg", med(&relay_after[b], |d| d.phases_us.1))
-        .extra("mark_us_per_msg", med(&relay_after[b], |d| d.phases_us.2));
+        let mode_row = |mode: &str, v: &[Drained]| {
+            Row::new(format!("relay drain on {name}, claim_ahead = {mode}"), "msg/s", rate(v))
+                .extra("claim_us_per_msg", med(v, |d| d.phases_us.0))
+                .extra("publish_us_per_msg", med(v, |d| d.phases_us.1))
+                .extra("mark_us_per_msg", med(v, |d| d.phases_us.2))
+        };
+        let never_row = mode_row("never", &relay_never[b]);
+        let always_row = mode_row("always", &relay_always[b]);
         rows.push(
             relay_row
                 .clone()
-                .vs(&after_row)
-                .note("claim ahead / claim after mark, same rounds"),
+                .vs(&never_row)
+                .note("auto (default) / never, same rounds"),
         );
-        rows.push(after_row);
+        rows.push(always_row.vs(&never_row).note("always / never, same rounds"));
+        rows.push(never_row);
         rows.push(relay_row.vs(&raw_row).note("relay / raw producer"));
         rows.push(raw_row);
         rows.push(naive_row);
     }
+    let never = Row::new(
+        format!(
+            "simulated remote broker ({} ms round trip per batch), {remote_n}-row backlog, claim_ahead = never",
+            REMOTE_RTT.as_millis()
+        ),
+        "msg/s",
+        rate(&remote[1]),
+    );
+    rows.push(
+        Row::new(
+            format!(
+                "simulated remote broker ({} ms round trip per batch), claim_ahead = auto",
+                REMOTE_RTT.as_millis()
+            ),
+            "msg/s",
+            rate(&remote[0]),
+        )
+        .vs(&never)
+        .note("auto / never, same rounds"),
+    );
+    rows.push(never);
     let fig = Figure {
         id: "drain".into(),
         title: "2. Relay drain".into(),
@@ -418,7 +474,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             "Backlog of {n} keyed rows ({} keys, {}-byte payloads) filled with INSERT ... SELECT generate_series \
              (median fill {:.1} s); topic with {} partitions; relay embedded in this process with defaults \
              (batch 500, 32 lanes, pool of 20 connections), KafkaPublisher defaults (acks=all, idempotence, linger 5 ms). \
-             Order per round: SQL-only, then per broker relay with and without claim-ahead (alternating which goes first), raw producer, naive. Brokers: {}.",
+             Order per round: SQL-only, a simulated remote broker (NullPublisher answering after a fixed round trip) with claim_ahead auto and never, then per broker the relay with claim_ahead auto (default), never and always (rotating which goes first), raw producer, naive. Brokers: {}.",
             crate::common::KEYS,
             crate::common::PAYLOAD_BYTES,
             crate::common::median(&fill_secs),

@@ -191,12 +191,18 @@ impl<P: Publisher> Publisher for TimedPublisher<P> {
     }
 }
 
-/// A publisher that confirms everything at once without a broker (for the SQL-only drain).
-pub(crate) struct NullPublisher;
+/// A publisher without a broker that confirms every batch after `delay` (zero: the SQL-only
+/// drain; a few milliseconds: a remote broker's acks=all round trip).
+pub(crate) struct NullPublisher {
+    pub(crate) delay: Duration,
+}
 
 #[async_trait]
 impl Publisher for NullPublisher {
     async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         batch
             .iter()
             .map(|r| {

@@ -46,11 +46,17 @@ fn pool<DB: sqlx::Database>(max: u32) -> sqlx::pool::PoolOptions<DB> {
         .acquire_timeout(Duration::from_secs(10))
 }
 
-/// The migration (if asked) and the store, the same steps on every database.
+/// The migration (if asked, after `$prepare`) and the store, the same steps on every database.
 macro_rules! opened {
-    ($pool:expr, $kind:literal, $module:ident, $store:ident, $migrate:expr, $keep:expr) => {{
+    ($pool:expr, $kind:literal, $module:ident, $store:ident, $migrate:expr, $keep:expr) => {
+        opened!($pool, $kind, $module, $store, $migrate, $keep, |_| async {
+            Ok::<(), sqlx::Error>(())
+        })
+    };
+    ($pool:expr, $kind:literal, $module:ident, $store:ident, $migrate:expr, $keep:expr, $prepare:expr) => {{
         let pool = $pool.map_err(outbox::Error::from)?;
         if $migrate {
+            ($prepare)(&pool).await.map_err(outbox::Error::from)?;
             outbox::$module::migrate(&pool).await?;
         }
         Ok(Opened {
@@ -60,8 +66,10 @@ macro_rules! opened {
     }};
 }
 
-/// Connects to `url` and optionally runs the outbox migrations.
-pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Opened, OpenError> {
+/// Connects to `url` and optionally runs the outbox migrations. `schema` (PostgreSQL, checked by
+/// `settings` to be a plain identifier) becomes the connections' `search_path`, and `migrate`
+/// creates it when missing.
+pub async fn open(url: &str, schema: Option<&str>, migrate: bool, keep_published: bool) -> Result<Opened, OpenError> {
     let scheme = url.split(':').next().unwrap_or_default();
     match scheme {
         #[cfg(feature = "postgres")]
@@ -70,14 +78,30 @@ pub async fn open(url: &str, migrate: bool, keep_published: bool) -> Result<Open
             // A statement never waits forever on a lock or a stuck query.
             // JIT off: on a large backlog PostgreSQL would JIT-compile the claim on every call
             // (60-140 ms each, BENCHMARKS.md).
-            let opts = opts.options([("statement_timeout", "30s"), ("lock_timeout", "10s"), ("jit", "off")]);
+            let mut opts = opts.options([("statement_timeout", "30s"), ("lock_timeout", "10s"), ("jit", "off")]);
+            if let Some(schema) = schema {
+                opts = opts.options([("search_path", schema)]);
+            }
+            let create_schema = |pool: &sqlx::PgPool| {
+                let pool = pool.clone();
+                async move {
+                    match schema {
+                        Some(schema) => sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                            .execute(&pool)
+                            .await
+                            .map(drop),
+                        None => Ok(()),
+                    }
+                }
+            };
             opened!(
                 pool(16).connect_with(opts).await,
                 "postgres",
                 postgres,
                 PgStore,
                 migrate,
-                keep_published
+                keep_published,
+                create_schema
             )
         }
         #[cfg(feature = "mysql")]

@@ -16,6 +16,21 @@ pub enum DeadLetterPolicy {
     Park,
 }
 
+/// When a lane claims its next batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ClaimAhead {
+    /// While the current batch is being published, if the lane's last publish took longer than
+    /// its last claim: the claim then hides behind the broker's round trip. When the database is
+    /// the slower side, claiming during the publish would only add load to it (BENCHMARKS.md, 2).
+    #[default]
+    Auto,
+    /// Always while the current batch is being published.
+    Always,
+    /// Only after the current batch is marked.
+    Never,
+}
+
 /// Relay engine settings. Every field has a documented default.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -47,9 +62,9 @@ pub struct RelayConfig {
     /// bounds the relay's share of the database while a backlog drains. Defaults to none (every
     /// held lane works at once).
     pub max_busy_lanes: Option<usize>,
-    /// Claim a lane's next batch while the current one is being published (the claim's round trip
-    /// then hides behind the broker's). Defaults to true; false claims only after the marks.
-    pub claim_ahead: bool,
+    /// Whether a lane claims its next batch while the current one is being published. Defaults
+    /// to [`ClaimAhead::Auto`].
+    pub claim_ahead: ClaimAhead,
 }
 
 impl Default for RelayConfig {
@@ -67,7 +82,7 @@ impl Default for RelayConfig {
             shutdown_grace: Duration::from_secs(30),
             stats_interval: Duration::from_secs(10),
             max_busy_lanes: None,
-            claim_ahead: true,
+            claim_ahead: ClaimAhead::Auto,
         }
     }
 }
@@ -106,7 +121,7 @@ setters! {
     /// Sets [`RelayConfig::max_busy_lanes`].
     max_busy_lanes: Option<usize>,
     /// Sets [`RelayConfig::claim_ahead`].
-    claim_ahead: bool,
+    claim_ahead: ClaimAhead,
 }
 
 impl RelayConfig {

@@ -10,7 +10,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{DeadLetterPolicy, RelayConfig};
+use crate::config::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 use crate::metrics as m;
 
 pub(crate) struct Shared<S, P> {
@@ -44,6 +44,8 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
         let mut idle = false;
         // The batch claimed while the previous one was being published, if any.
         let mut ahead: Option<Vec<StoredMessage>> = None;
+        // How long the lane's last claim and last publish took (for `ClaimAhead::Auto`).
+        let (mut claim_took, mut publish_took) = (Duration::ZERO, Duration::ZERO);
         loop {
             if stop.is_cancelled() {
                 return LaneExit::Stopped;
@@ -58,12 +60,13 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             };
             let rows = match ahead.take().filter(|r| !r.is_empty()) {
                 Some(rows) => rows,
-                None => match shared.store.claim(&lease, shared.cfg.batch_size).await {
-                    Ok(rows) => {
+                None => match timed(shared.store.claim(&lease, shared.cfg.batch_size)).await {
+                    (Ok(rows), took) => {
                         store_errors = 0;
+                        claim_took = took;
                         rows
                     }
-                    Err(e) => {
+                    (Err(e), _) => {
                         drop(turn);
                         store_errors += 1;
                         metrics::counter!(m::STORE_ERRORS).increment(1);
@@ -98,9 +101,15 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 set_idle(&shared.store, &lease, false).await;
                 idle = false;
             }
-            if !shared.cfg.claim_ahead {
-                if let Err(exit) = publish_batch(&shared, &lease, &rows, &stop).await {
-                    return exit;
+            let claim_ahead = match shared.cfg.claim_ahead {
+                ClaimAhead::Always => true,
+                ClaimAhead::Never => false,
+                ClaimAhead::Auto => publish_took > claim_took,
+            };
+            if !claim_ahead {
+                match publish_batch(&shared, &lease, &rows, &stop).await {
+                    Ok(done) => publish_took = done.publish_took,
+                    Err(exit) => return exit,
                 }
                 if !full {
                     // A short batch means the lane was drained a moment ago; yield instead of spinning.
@@ -112,17 +121,19 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             // leaves unsettled (retry, park) are dropped from it: they stay pending and are
             // claimed again, in order, after the row that holds them back.
             let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
-            let (blocked, next) = tokio::join!(
+            let (done, (next, took)) = tokio::join!(
                 publish_batch(&shared, &lease, &rows, &stop),
-                shared.store.claim_excluding(&lease, shared.cfg.batch_size, &in_flight)
+                timed(shared.store.claim_excluding(&lease, shared.cfg.batch_size, &in_flight))
             );
-            let blocked = match blocked {
-                Ok(blocked) => blocked,
+            let done = match done {
+                Ok(done) => done,
                 Err(exit) => return exit,
             };
+            publish_took = done.publish_took;
             match next {
                 Ok(mut next) => {
-                    next.retain(|r| !r.key.as_deref().is_some_and(|k| blocked.contains(k)));
+                    claim_took = took;
+                    next.retain(|r| !r.key.as_deref().is_some_and(|k| done.blocked.contains(k)));
                     ahead = Some(next);
                 }
                 // The next round claims again, with the usual error handling.
@@ -142,6 +153,21 @@ async fn set_idle<S: Store>(store: &S, lease: &Lease, idle: bool) {
     }
 }
 
+/// Runs `f` and says how long it took.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
+    let start = std::time::Instant::now();
+    let out = f.await;
+    (out, start.elapsed())
+}
+
+/// What settling a batch leaves for the next round.
+struct BatchDone {
+    /// Keys with a row left unsettled (retried or parked): nothing later of theirs may be sent.
+    blocked: HashSet<String>,
+    /// How long the broker took (the publish alone, without the marks).
+    publish_took: Duration,
+}
+
 /// Sleeps `d` unless stopped first; true when stopped.
 async fn pause(stop: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
@@ -155,13 +181,12 @@ async fn publish_batch<S: Store, P: Publisher>(
     lease: &Lease,
     rows: &[StoredMessage],
     stop: &CancellationToken,
-) -> Result<HashSet<String>, LaneExit> {
+) -> Result<BatchDone, LaneExit> {
     crate::failpoint::hit(crate::failpoint::Point::AfterClaim);
     let span = tracing::debug_span!("publish_batch", lane = lease.lane, size = rows.len());
-    let started = std::time::Instant::now();
     crate::failpoint::hit(crate::failpoint::Point::DuringPublish);
-    let results = publish_decodable(shared, rows).instrument(span).await;
-    metrics::histogram!(m::BATCH_DURATION).record(started.elapsed().as_secs_f64());
+    let (results, publish_took) = timed(publish_decodable(shared, rows).instrument(span)).await;
+    metrics::histogram!(m::BATCH_DURATION).record(publish_took.as_secs_f64());
     assert_eq!(results.len(), rows.len(), "publisher must answer once per message");
     crate::failpoint::hit(crate::failpoint::Point::BeforeMark);
 
@@ -205,7 +230,10 @@ async fn publish_batch<S: Store, P: Publisher>(
         })
         .await?;
     }
-    Ok(plan.blocked.into_iter().map(str::to_owned).collect())
+    Ok(BatchDone {
+        blocked: plan.blocked.into_iter().map(str::to_owned).collect(),
+        publish_took,
+    })
 }
 
 /// Publishes the batch, except rows that could not be decoded: those fail permanently (and are

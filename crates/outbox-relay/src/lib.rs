@@ -11,5 +11,5 @@ mod lane;
 pub mod metrics;
 pub mod settings;
 
-pub use config::{DeadLetterPolicy, RelayConfig};
+pub use config::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 pub use engine::{Relay, RelayError};

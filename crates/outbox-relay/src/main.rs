@@ -69,12 +69,12 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { migrate } => run(s, migrate).await,
         Command::Migrate => {
-            backend::open(&s.database_url, true, false).await?;
+            backend::open(&s.database_url, s.database_schema.as_deref(), true, false).await?;
             println!("outbox schema is up to date ({})", redact_url(&s.database_url));
             Ok(())
         }
         Command::Status => {
-            let db = backend::open(&s.database_url, false, false).await?;
+            let db = backend::open(&s.database_url, s.database_schema.as_deref(), false, false).await?;
             let st = db.store.status().await?;
             println!("database:      {} ({})", redact_url(&s.database_url), db.kind);
             println!("pending:       {}", st.pending);
@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::DeadLetters(cmd) => {
-            let db = backend::open(&s.database_url, false, false).await?;
+            let db = backend::open(&s.database_url, s.database_schema.as_deref(), false, false).await?;
             match cmd {
                 DeadLetters::List { limit } => {
                     let list = db.store.dead_letters(limit).await?;
@@ -175,7 +175,7 @@ async fn open_retrying(
     loop {
         let res = tokio::select! {
             _ = shutdown.as_mut() => return Ok(None),
-            res = backend::open(&s.database_url, migrate, s.keep_published) => res,
+            res = backend::open(&s.database_url, s.database_schema.as_deref(), migrate, s.keep_published) => res,
         };
         match res {
             Ok(db) => return Ok(Some(db)),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::{DeadLetterPolicy, RelayConfig};
+use crate::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 
 /// The TOML file. Every key is optional; see README "Configuration".
 #[derive(Debug, Default, Deserialize)]
@@ -15,6 +15,8 @@ use crate::{DeadLetterPolicy, RelayConfig};
 pub struct FileConfig {
     /// Database URL: `postgres://`, `mysql://` or `sqlite:`.
     pub database_url: Option<String>,
+    /// PostgreSQL schema holding the outbox tables (default: the server's `search_path`).
+    pub database_schema: Option<String>,
     /// Engine settings.
     #[serde(default)]
     pub relay: RelaySection,
@@ -52,8 +54,8 @@ pub struct RelaySection {
     pub dead_letter_policy: Option<DeadLetterPolicy>,
     /// Shutdown grace in milliseconds.
     pub shutdown_grace_ms: Option<u64>,
-    /// Claim the next batch while the current one is published (default true).
-    pub claim_ahead: Option<bool>,
+    /// `auto` (default), `always` or `never`: claim the next batch while the current one is published.
+    pub claim_ahead: Option<ClaimAhead>,
     /// Keep published rows in `outbox_published` (PostgreSQL).
     pub keep_published: Option<bool>,
 }
@@ -75,6 +77,9 @@ pub struct Overrides {
     /// Database URL (`postgres://`, `mysql://`, `sqlite:`).
     #[arg(long, env = "OUTBOX_DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
+    /// PostgreSQL schema holding the outbox tables (a plain identifier).
+    #[arg(long, env = "OUTBOX_DATABASE_SCHEMA", global = true)]
+    pub database_schema: Option<String>,
     /// librdkafka setting KEY=VALUE (repeatable). Environment: OUTBOX_KAFKA_<KEY> with `_` for `.`.
     #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
     pub kafka: Vec<String>,
@@ -103,6 +108,8 @@ pub struct Overrides {
 pub struct Settings {
     /// Database URL.
     pub database_url: String,
+    /// PostgreSQL schema of the outbox tables, validated as a plain identifier.
+    pub database_schema: Option<String>,
     /// Engine settings.
     pub relay: RelayConfig,
     /// librdkafka settings.
@@ -127,6 +134,10 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
         o.database_url.clone().or(file.database_url).ok_or_else(|| {
             anyhow::anyhow!("no database URL: set --database-url, OUTBOX_DATABASE_URL or database_url")
         })?;
+    let database_schema = o.database_schema.clone().or(file.database_schema);
+    if let Some(schema) = &database_schema {
+        check_schema(schema, &database_url)?;
+    }
 
     let r = file.relay;
     let ms = Duration::from_millis;
@@ -185,6 +196,7 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     }
     Ok(Settings {
         database_url,
+        database_schema,
         relay,
         kafka,
         admin_listen: o
@@ -194,6 +206,24 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| "127.0.0.1:9464".into()),
         keep_published: r.keep_published.unwrap_or(false),
     })
+}
+
+/// A schema name goes into SQL text (`CREATE SCHEMA`) and `search_path`, so only a plain lowercase
+/// identifier is accepted: nothing to quote, nothing to inject, no case folding surprises.
+fn check_schema(schema: &str, url: &str) -> anyhow::Result<()> {
+    let mut chars = schema.chars();
+    let plain = schema.len() <= 63
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !plain {
+        anyhow::bail!(
+            "invalid database_schema {schema:?}: expected a plain identifier ([a-z_][a-z0-9_]*, at most 63 characters)"
+        );
+    }
+    if !(url.starts_with("postgres:") || url.starts_with("postgresql:")) {
+        anyhow::bail!("database_schema is for PostgreSQL; on MySQL name the database in the URL");
+    }
+    Ok(())
 }
 
 /// The URL with its password replaced by `***`, for logs.
@@ -213,6 +243,29 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schema_must_be_a_plain_identifier() {
+        let pg = "postgres://localhost/app";
+        for ok in ["outbox", "_private", "orders_outbox_2"] {
+            check_schema(ok, pg).unwrap();
+        }
+        let long = "a".repeat(64);
+        for bad in [
+            "",
+            "Outbox",
+            "2outbox",
+            "out-box",
+            "a;drop table x",
+            "\"q\"",
+            "schéma",
+            long.as_str(),
+        ] {
+            let err = check_schema(bad, pg).unwrap_err().to_string();
+            assert!(err.contains("plain identifier"), "{bad:?}: {err}");
+        }
+        assert!(check_schema("outbox", "mysql://localhost/app").is_err());
+    }
 
     #[test]
     fn unknown_keys_are_errors() {

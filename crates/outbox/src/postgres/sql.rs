@@ -87,9 +87,17 @@ UPDATE outbox_leases SET idle = $4 WHERE lane = $1 AND owner = $2 AND epoch = $3
 
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
 
+pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";
+
 // A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
 // with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix.
 // $5: positions of the batch in flight, left out.
+//
+// A plain snapshot read, on purpose without `FOR UPDATE SKIP LOCKED`: the lease already gives the
+// lane to one relay, and SKIP LOCKED would break the prefix. A row locked by anyone else (a relay
+// that stalled inside its claim and lost the lane, an operator's session) would be skipped while
+// the later rows of its key were returned and published ahead of it (crashes.rs caught exactly this
+// with a relay frozen by SIGSTOP).
 pub(super) fn claim() -> String {
     format!(
         "SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at \
@@ -101,8 +109,7 @@ WHERE m.lane = $1 AND EXISTS ({LEASE}) AND m.available_at <= now() \
                       AND (p.attempts > 0 OR p.available_at > p.created_at)) \
     AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.key = m.key AND d.parked))) \
   AND m.pos <> ALL($5) \
-ORDER BY m.pos LIMIT $4 \
-FOR UPDATE OF m SKIP LOCKED"
+ORDER BY m.pos LIMIT $4"
     )
 }
 

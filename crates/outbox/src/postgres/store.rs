@@ -122,14 +122,20 @@ impl Store for PgStore {
     }
 
     async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
+        // JIT off for this statement only, whatever the pool's settings: on a large backlog the
+        // claim's cost estimate passes `jit_above_cost` and every claim would pay 60-140 ms of LLVM
+        // compilation (BENCHMARKS.md, figure 2).
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
         let rows: Vec<ClaimRow<String, DateTime<Utc>>> = sqlx::query_as(&self.claim_sql)
             .bind(lease.lane)
             .bind(&lease.owner)
             .bind(lease.epoch)
             .bind(limit as i64)
             .bind(in_flight)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(rows.into_iter().map(|r| r.decode(Ok, Ok)).collect())
     }
 
