@@ -3,10 +3,11 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use outbox::{Delivered, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -39,10 +40,52 @@ pub fn is_secret(key: &str) -> bool {
     SECRET_KEYS.contains(&key) || key.contains("password") || key.contains("secret")
 }
 
+/// How long after librdkafka reported an authentication failure a publish fails at once instead of
+/// waiting for its delivery reports (librdkafka retries the connection meanwhile).
+const AUTH_FAILURE_HOLDS: Duration = Duration::from_secs(5);
+
+/// What librdkafka reported about the broker connection, shared with the producer's context.
+#[derive(Default)]
+struct BrokerState {
+    /// The last authentication failure: when, and librdkafka's reason (never holds a secret).
+    auth_failed: Mutex<Option<(Instant, String)>>,
+    /// Wakes publishes waiting for reports when authentication fails.
+    auth_notify: tokio::sync::Notify,
+}
+
+impl BrokerState {
+    fn recent_auth_failure(&self) -> Option<String> {
+        let last = self.auth_failed.lock().expect("broker state lock");
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < AUTH_FAILURE_HOLDS)
+            .map(|(_, why)| why.clone())
+    }
+}
+
+/// The producer's context: librdkafka's global errors, logged; an authentication failure is also
+/// recorded so publishes fail at once (as `Unavailable`) instead of timing out.
+#[derive(Clone)]
+struct Context(Arc<BrokerState>);
+
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+            tracing::error!(%reason, "broker authentication failed");
+            *self.0.auth_failed.lock().expect("broker state lock") = Some((Instant::now(), reason.to_owned()));
+            self.0.auth_notify.notify_waiters();
+        } else {
+            tracing::warn!(%error, %reason, "librdkafka error");
+        }
+    }
+}
+
+type Producer_ = FutureProducer<Context>;
+
 /// Publishes outbox rows to Kafka. Clone-free and shared by all lanes of a relay.
 pub struct KafkaPublisher {
     settings: BTreeMap<String, String>,
-    producer: Mutex<Arc<FutureProducer>>,
+    state: Arc<BrokerState>,
+    producer: Mutex<Arc<Producer_>>,
 }
 
 impl std::fmt::Debug for KafkaPublisher {
@@ -73,9 +116,11 @@ impl KafkaPublisher {
         for (k, v) in PRODUCER_DEFAULTS {
             map.entry((*k).to_owned()).or_insert_with(|| (*v).to_owned());
         }
-        let producer = build(&map)?;
+        let state = Arc::new(BrokerState::default());
+        let producer = build(&map, &state)?;
         Ok(KafkaPublisher {
             settings: map,
+            state,
             producer: Mutex::new(Arc::new(producer)),
         })
     }
@@ -85,13 +130,13 @@ impl KafkaPublisher {
         redacted(&self.settings)
     }
 
-    fn current(&self) -> Arc<FutureProducer> {
+    fn current(&self) -> Arc<Producer_> {
         self.producer.lock().expect("producer lock").clone()
     }
 
     /// A fatal error (e.g. out-of-order sequence) makes the producer unusable: build a new one.
     /// The failed rows come back as retryable and are re-sent in order by the relay.
-    fn rebuild_if_fatal(&self, used: &Arc<FutureProducer>) {
+    fn rebuild_if_fatal(&self, used: &Arc<Producer_>) {
         let Some((code, reason)) = used.client().fatal_error() else {
             return;
         };
@@ -100,7 +145,7 @@ impl KafkaPublisher {
             return; // another lane already rebuilt it
         }
         tracing::error!(?code, %reason, "fatal producer error; rebuilding the producer");
-        match build(&self.settings) {
+        match build(&self.settings, &self.state) {
             Ok(p) => *slot = Arc::new(p),
             Err(e) => tracing::error!(error = %e, "could not rebuild the producer; will try again"),
         }
@@ -112,12 +157,16 @@ impl KafkaPublisher {
     }
 }
 
-fn build(settings: &BTreeMap<String, String>) -> Result<FutureProducer, KafkaError> {
+fn build(settings: &BTreeMap<String, String>, state: &Arc<BrokerState>) -> Result<Producer_, KafkaError> {
     let mut cfg = ClientConfig::new();
     for (k, v) in settings {
         cfg.set(k, v);
     }
-    cfg.create()
+    cfg.create_with_context(Context(state.clone()))
+}
+
+fn auth_failed(why: &str) -> PublishError {
+    PublishError::unavailable(format!("broker authentication failed: {why}"))
 }
 
 /// Decides retry or dead letter from a Kafka error.
@@ -174,6 +223,9 @@ fn headers(row: &StoredMessage) -> OwnedHeaders {
 #[async_trait]
 impl Publisher for KafkaPublisher {
     async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        if let Some(why) = self.state.recent_auth_failure() {
+            return batch.iter().map(|_| Err(auth_failed(&why))).collect();
+        }
         let producer = self.current();
         let mut pending = Vec::with_capacity(batch.len());
         // Keys whose message could not even be queued: later messages of the key are held back so
@@ -219,20 +271,37 @@ impl Publisher for KafkaPublisher {
             }
         }
         let mut out = Vec::with_capacity(batch.len());
+        let auth = self.state.auth_notify.notified();
+        tokio::pin!(auth);
+        let mut auth_failure: Option<String> = None;
         for (row, p) in batch.iter().zip(pending) {
             let res = match p {
                 Err(e) => Err(e),
-                Ok(fut) => match fut.await {
-                    Ok(Ok(d)) => {
-                        tracing::trace!(outbox.id = %row.id, partition = d.partition, offset = d.offset, "delivered");
-                        Ok(Delivered {
-                            pos: row.pos,
-                            partition: d.partition,
-                            offset: d.offset,
-                        })
+                // Authentication failed while waiting: the rest fails at once (the messages may
+                // still go out if it later succeeds; the consumer deduplicates).
+                Ok(_) if auth_failure.is_some() => Err(auth_failed(auth_failure.as_deref().unwrap_or_default())),
+                Ok(fut) => match tokio::select! {
+                    r = fut => Some(r),
+                    _ = &mut auth => None,
+                } {
+                    None => {
+                        let why = self.state.recent_auth_failure().unwrap_or_else(|| "unknown".into());
+                        let e = auth_failed(&why);
+                        auth_failure = Some(why);
+                        Err(e)
                     }
-                    Ok(Err((e, _))) => Err(classify(&e)),
-                    Err(_canceled) => Err(PublishError::retryable("delivery report lost (producer dropped)")),
+                    Some(r) => match r {
+                        Ok(Ok(d)) => {
+                            tracing::trace!(outbox.id = %row.id, partition = d.partition, offset = d.offset, "delivered");
+                            Ok(Delivered {
+                                pos: row.pos,
+                                partition: d.partition,
+                                offset: d.offset,
+                            })
+                        }
+                        Ok(Err((e, _))) => Err(classify(&e)),
+                        Err(_canceled) => Err(PublishError::retryable("delivery report lost (producer dropped)")),
+                    },
                 },
             };
             out.push(res);

@@ -16,18 +16,20 @@ pub enum DeadLetterPolicy {
     Park,
 }
 
-/// When a lane claims its next batch.
+/// When a lane claims its next batch. Claiming during the publish hides one claim per round behind
+/// the broker's round trip, but the lanes already overlap each other's claims and publishes: with
+/// many lanes busy the database is the limit, and claiming ahead only adds load to it (BENCHMARKS.md,
+/// figure 2: 0.90x on tansu, 0.82x with a simulated remote broker). Hence `Never` by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ClaimAhead {
     /// While the current batch is being published, if the lane's last publish took longer than
-    /// its last claim: the claim then hides behind the broker's round trip. When the database is
-    /// the slower side, claiming during the publish would only add load to it (BENCHMARKS.md, 2).
-    #[default]
+    /// its last claim (the broker is the slower side).
     Auto,
     /// Always while the current batch is being published.
     Always,
     /// Only after the current batch is marked.
+    #[default]
     Never,
 }
 
@@ -63,7 +65,7 @@ pub struct RelayConfig {
     /// held lane works at once).
     pub max_busy_lanes: Option<usize>,
     /// Whether a lane claims its next batch while the current one is being published. Defaults
-    /// to [`ClaimAhead::Auto`].
+    /// to [`ClaimAhead::Never`].
     pub claim_ahead: ClaimAhead,
 }
 
@@ -82,7 +84,7 @@ impl Default for RelayConfig {
             shutdown_grace: Duration::from_secs(30),
             stats_interval: Duration::from_secs(10),
             max_busy_lanes: None,
-            claim_ahead: ClaimAhead::Auto,
+            claim_ahead: ClaimAhead::Never,
         }
     }
 }

@@ -46,6 +46,8 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
         let mut ahead: Option<Vec<StoredMessage>> = None;
         // How long the lane's last claim and last publish took (for `ClaimAhead::Auto`).
         let (mut claim_took, mut publish_took) = (Duration::ZERO, Duration::ZERO);
+        // Rounds in a row in which the broker was unavailable (for the lane's backoff).
+        let mut outages = 0;
         loop {
             if stop.is_cancelled() {
                 return LaneExit::Stopped;
@@ -107,9 +109,13 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 ClaimAhead::Auto => publish_took > claim_took,
             };
             if !claim_ahead {
-                match publish_batch(&shared, &lease, &rows, &stop).await {
-                    Ok(done) => publish_took = done.publish_took,
+                let done = match publish_batch(&shared, &lease, &rows, &stop).await {
+                    Ok(done) => done,
                     Err(exit) => return exit,
+                };
+                publish_took = done.publish_took;
+                if back_off(&shared.cfg, &stop, done.unavailable, &mut outages).await {
+                    return LaneExit::Stopped;
                 }
                 if !full {
                     // A short batch means the lane was drained a moment ago; yield instead of spinning.
@@ -130,6 +136,9 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 Err(exit) => return exit,
             };
             publish_took = done.publish_took;
+            if back_off(&shared.cfg, &stop, done.unavailable, &mut outages).await {
+                return LaneExit::Stopped;
+            }
             match next {
                 Ok(mut next) => {
                     claim_took = took;
@@ -153,6 +162,17 @@ async fn set_idle<S: Store>(store: &S, lease: &Lease, idle: bool) {
     }
 }
 
+/// After a round in which the broker was unavailable, waits (growing with each such round in a
+/// row) before the lane tries again; true when stopped meanwhile.
+async fn back_off(cfg: &RelayConfig, stop: &CancellationToken, unavailable: bool, outages: &mut i32) -> bool {
+    if !unavailable {
+        *outages = 0;
+        return false;
+    }
+    *outages += 1;
+    pause(stop, cfg.backoff(*outages)).await
+}
+
 /// Runs `f` and says how long it took.
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
     let start = std::time::Instant::now();
@@ -166,6 +186,8 @@ struct BatchDone {
     blocked: HashSet<String>,
     /// How long the broker took (the publish alone, without the marks).
     publish_took: Duration,
+    /// The broker could not be used: back off before the next round.
+    unavailable: bool,
 }
 
 /// Sleeps `d` unless stopped first; true when stopped.
@@ -230,9 +252,14 @@ async fn publish_batch<S: Store, P: Publisher>(
         })
         .await?;
     }
+    if let Some(why) = &plan.unavailable {
+        metrics::counter!(m::FAILED, "kind" => "unavailable").increment(1);
+        tracing::error!(error = %why, "broker unavailable; the lane backs off, no attempt counted");
+    }
     Ok(BatchDone {
         blocked: plan.blocked.into_iter().map(str::to_owned).collect(),
         publish_took,
+        unavailable: plan.unavailable.is_some(),
     })
 }
 
@@ -280,6 +307,9 @@ pub(crate) struct Plan<'a> {
     pub(crate) delivered_created: Vec<chrono::DateTime<chrono::Utc>>,
     pub(crate) retry: Vec<(&'a StoredMessage, PublishError)>,
     pub(crate) dead: Vec<(&'a StoredMessage, PublishError)>,
+    /// Why the broker could not be used, if it could not: those rows stay as they are (no
+    /// attempt counted) and the lane backs off.
+    pub(crate) unavailable: Option<String>,
     /// Keys with a row left unsettled (retried or parked): nothing later of theirs may be sent.
     pub(crate) blocked: HashSet<&'a str>,
 }
@@ -302,6 +332,12 @@ pub(crate) fn settle<'a>(
             Ok(d) => {
                 plan.delivered.push(d);
                 plan.delivered_created.push(row.created_at);
+            }
+            Err(e) if e.kind == FailureKind::Unavailable => {
+                if let Some(k) = row.key.as_deref() {
+                    plan.blocked.insert(k);
+                }
+                plan.unavailable.get_or_insert(e.message);
             }
             Err(e) => {
                 let exhausted = row.attempts + 1 >= cfg.max_attempts;
@@ -423,6 +459,24 @@ mod tests {
             park.delivered.is_empty(),
             "a parked key publishes nothing after its dead letter"
         );
+    }
+
+    #[test]
+    fn an_unavailable_broker_counts_no_attempt_and_holds_the_key() {
+        let rows = [row(1, Some("a"), 19), row(2, Some("a"), 0), row(3, Some("b"), 0)];
+        let results = vec![
+            Err(PublishError::unavailable("SASL authentication failed")),
+            ok(2),
+            ok(3),
+        ];
+        let plan = settle(&RelayConfig::default(), &rows, results);
+        assert!(
+            plan.retry.is_empty() && plan.dead.is_empty(),
+            "no attempt counted, never dead-lettered"
+        );
+        assert_eq!(plan.delivered.iter().map(|d| d.pos).collect::<Vec<_>>(), vec![3]);
+        assert!(plan.blocked.contains("a"));
+        assert_eq!(plan.unavailable.as_deref(), Some("SASL authentication failed"));
     }
 
     #[test]

@@ -12,6 +12,10 @@ pub enum FailureKind {
     Retryable,
     /// Will never succeed (too large, invalid topic, not authorized): dead-letter it.
     Permanent,
+    /// The broker cannot be used at all (authentication failed): nothing is wrong with the
+    /// message. The relay backs the lane off and sends it again later without counting an attempt,
+    /// so an outage never dead-letters the backlog.
+    Unavailable,
 }
 
 /// A failed publish of one message.
@@ -36,6 +40,13 @@ impl PublishError {
     pub fn permanent(message: impl Into<String>) -> Self {
         PublishError {
             kind: FailureKind::Permanent,
+            message: message.into(),
+        }
+    }
+    /// The broker is unavailable (see [`FailureKind::Unavailable`]).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        PublishError {
+            kind: FailureKind::Unavailable,
             message: message.into(),
         }
     }
