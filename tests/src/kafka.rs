@@ -33,12 +33,21 @@ pub fn topic(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Client settings for `bootstrap` (add SASL and the like with `.set`).
+pub fn client(bootstrap: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap);
+    cfg
+}
+
 /// Creates `name` with `partitions` partitions.
 pub async fn create_topic(bootstrap: &str, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
+    create_topic_with(&client(bootstrap), name, partitions).await
+}
+
+/// [`create_topic`] with the given client settings.
+pub async fn create_topic_with(cfg: &ClientConfig, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = cfg.create().expect("admin client");
     let res = admin
         .create_topics(
             &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
@@ -81,8 +90,19 @@ pub async fn read_until(
     deadline: Duration,
     linger: Duration,
 ) -> Vec<Seen> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    read_until_with(&client(bootstrap), topic, expect, deadline, linger).await
+}
+
+/// [`read_until`] with the given client settings.
+pub async fn read_until_with(
+    cfg: &ClientConfig,
+    topic: &str,
+    expect: &HashSet<uuid::Uuid>,
+    deadline: Duration,
+    linger: Duration,
+) -> Vec<Seen> {
+    let consumer: StreamConsumer = cfg
+        .clone()
         .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
