@@ -1,10 +1,15 @@
-//! The broker process itself: a tansu broker of the test's own (persistent `sqlite://` storage, its
-//! own port) killed and restarted under load, and SASL/SCRAM authentication (right password works,
-//! a wrong one fails at once without dead-lettering anything, no secret in any log).
+//! Talking to a broker that requires authentication: SASL/SCRAM-SHA-512 against a tansu broker of
+//! the test's own (its own port, `sqlite://` storage so that the user survives the restart that
+//! turns authentication on). Right password works, a wrong one fails at once without counting an
+//! attempt or dead-lettering anything, and no secret appears in any log.
 //!
-//! TLS is not tested here: tansu 0.6 accepts `--cert/--key` but never wraps its listener in TLS
-//! (tansu-broker 0.6.0, broker.rs: the acceptor is built and left unused), so there is no TLS
-//! broker on this machine to talk to.
+//! Not tested here, because this machine has no broker that can do it:
+//! - TLS: tansu 0.6 accepts `--cert/--key` but never wraps its listener in TLS (tansu-broker 0.6.0,
+//!   broker.rs builds the acceptor and leaves it unused).
+//! - A broker killed and restarted with persistent storage: after a restart on `sqlite://` storage,
+//!   tansu 0.6.0 answers every produce to a topic created before it with UNKNOWN_SERVER_ERROR (seen
+//!   after SIGKILL and after SIGTERM, from the relay's idempotent producer, a new one, and a
+//!   non-idempotent one), so nothing could be delivered after the restart by any client.
 
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
@@ -14,7 +19,7 @@ use std::time::Duration;
 use outbox::{Message, Store};
 use outbox_kafka::KafkaPublisher;
 use outbox_tests::embedded::{drained, start, test_config, wait_for};
-use outbox_tests::kafka::{check_delivery, client, create_topic_with, read_until_with, topic};
+use outbox_tests::kafka::{check_delivery, create_topic_with, read_until_with, topic};
 use rdkafka::config::ClientConfig;
 
 const USER: &str = "outbox-relay";
@@ -23,7 +28,9 @@ const PASSWORD: &str = "s3cret-Pa55word";
 /// A tansu broker process with sqlite storage in a directory of its own.
 struct Broker {
     port: u16,
-    storage: String,
+    /// The broker's working directory: its storage is `sqlite://tansu.db` in there (tansu reads
+    /// the path after `sqlite://` as relative).
+    dir: std::path::PathBuf,
     child: Option<Child>,
 }
 
@@ -48,11 +55,7 @@ impl Broker {
             .port();
         let dir = std::env::temp_dir().join(format!("outbox-tansu-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        Broker {
-            port,
-            storage: format!("sqlite://{}/tansu.db", dir.display()),
-            child: None,
-        }
+        Broker { port, dir, child: None }
     }
 
     fn bootstrap(&self) -> String {
@@ -64,7 +67,8 @@ impl Broker {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let mut cmd = Command::new(tansu_bin());
         cmd.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", &self.storage, "--silent"])
+            .args(["--storage-engine", "sqlite://tansu.db", "--silent"])
+            .current_dir(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if authentication {
@@ -105,67 +109,8 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        std::fs::remove_dir_all(&self.dir).ok();
     }
-}
-
-async fn enqueue(pool: &sqlx::PgPool, t: &str, n: usize, tag: &str) -> HashSet<uuid::Uuid> {
-    let mut tx = pool.begin().await.unwrap();
-    let msgs: Vec<Message> = (0..n)
-        .map(|i| Message::new(t, format!("{tag}{i}")).key(format!("k{}", i % 20)))
-        .collect();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
-    msgs.iter().map(|m| m.id()).collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn broker_killed_and_restarted_with_persistent_storage_loses_nothing() {
-    let mut broker = Broker::new();
-    broker.start(false);
-    let bootstrap = broker.bootstrap();
-    let t = topic("restart");
-    create_topic_with(&client(&bootstrap), &t, 4).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
-    let publisher = KafkaPublisher::new([
-        ("bootstrap.servers", bootstrap.as_str()),
-        ("message.timeout.ms", "5000"),
-        ("reconnect.backoff.max.ms", "500"),
-    ])
-    .unwrap();
-    let relay = start(store.clone(), publisher, test_config().batch_size(50));
-
-    let mut expect = enqueue(&pool, &t, 1000, "before-").await;
-    drained(&store, Duration::from_secs(60)).await;
-    // Killed while more is committed; the relay keeps retrying while the broker is gone.
-    expect.extend(enqueue(&pool, &t, 500, "during-a-").await);
-    broker.kill();
-    expect.extend(enqueue(&pool, &t, 500, "during-b-").await);
-    tokio::time::sleep(Duration::from_secs(7)).await; // past message.timeout.ms: reports fail
-    assert!(
-        store.status().await.unwrap().pending > 0,
-        "nothing can be published while it is down"
-    );
-    broker.start(false);
-    expect.extend(enqueue(&pool, &t, 500, "after-").await);
-    drained(&store, Duration::from_secs(120)).await;
-    relay.stop().await;
-
-    assert!(
-        store.dead_letters(10).await.unwrap().is_empty(),
-        "an outage dead-letters nothing"
-    );
-    // The broker kept what it acknowledged before the kill, and got the rest after the restart.
-    let seen = read_until_with(
-        &client(&bootstrap),
-        &t,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
-    let dups = check_delivery(&seen, &expect);
-    eprintln!("broker restart: {} messages, {dups} duplicates", expect.len());
 }
 
 fn sasl(bootstrap: &str, password: &str) -> Vec<(String, String)> {
@@ -203,6 +148,16 @@ impl std::io::Write for Captured {
     }
 }
 
+async fn enqueue(pool: &sqlx::PgPool, t: &str, n: usize, tag: &str) -> HashSet<uuid::Uuid> {
+    let mut tx = pool.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| Message::new(t, format!("{tag}{i}")).key(format!("k{}", i % 20)))
+        .collect();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    msgs.iter().map(|m| m.id()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sasl_scram_right_password_works_wrong_one_fails_fast_and_no_secret_is_logged() {
     let logs = Captured::default();
@@ -233,9 +188,13 @@ async fn sasl_scram_right_password_works_wrong_one_fails_fast_and_no_secret_is_l
     let expect = enqueue(&pool, &t, 200, "m").await;
     let wrong = KafkaPublisher::new(sasl(&bootstrap, "not-the-password")).unwrap();
     let relay = start(store.clone(), wrong, test_config().batch_size(50).max_attempts(2));
-    wait_for("authentication failure reported", Duration::from_secs(15), || {
+    // Within 15 s, well inside message.timeout.ms (30 s): the batch failed at once as unavailable.
+    wait_for("publish failed fast as unavailable", Duration::from_secs(15), || {
         let logs = logs.clone();
-        async move { String::from_utf8_lossy(&logs.0.lock().unwrap()).contains("broker authentication failed") }
+        async move {
+            let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+            text.contains("broker authentication failed") && text.contains("broker unavailable; the lane backs off")
+        }
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
