@@ -221,3 +221,35 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
     assert_eq!(seqs, vec![1, 2, 3, 4], "the key's rows from its first, locks or not");
     other.rollback().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_row_whose_writer_began_after_the_claims_clock_is_not_skipped() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
+    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+    // Seq 1's writer began (created_at = available_at = its now()) after the claim's clock, seq 2's
+    // writer before it; both committed. Per key, seq 1 must still come first.
+    for (seq, offset_ms) in [(1_i64, 2_000_i64), (2, -2_000)] {
+        sqlx::query(
+            "INSERT INTO outbox_messages (lane, id, topic, payload, headers, key, seq, created_at, available_at) \
+             VALUES ($1, $2, 't', '\\x00', '[]', 'k', $3, now() + $4 * interval '1 ms', now() + $4 * interval '1 ms')",
+        )
+        .bind(lane)
+        .bind(uuid::Uuid::now_v7())
+        .bind(seq)
+        .bind(offset_ms)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let seqs: Vec<i64> = store
+        .claim(lease, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq.unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2]);
+}

@@ -98,11 +98,19 @@ pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";
 // that stalled inside its claim and lost the lane, an operator's session) would be skipped while
 // the later rows of its key were returned and published ahead of it (crashes.rs caught exactly this
 // with a relay frozen by SIGSTOP).
+//
+// A row that was never delayed nor failed (`available_at = created_at`) is claimable whatever the
+// clocks say: its `created_at` is its writer's transaction start, which can be later than this
+// claim's `now()` although the writer committed first (the claim's transaction began a round trip
+// before its snapshot). Comparing it with `now()` would leave it out while its key's next row, from
+// a writer that began earlier but committed after it, was claimed: a reordering that
+// `relay::ten_thousand_messages...` caught. Rows that do wait (delay, backoff) are exactly the
+// ones the predecessor check (and its partial index) looks at.
 pub(super) fn claim() -> String {
     format!(
         "SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at \
 FROM outbox_messages m \
-WHERE m.lane = $1 AND EXISTS ({LEASE}) AND m.available_at <= now() \
+WHERE m.lane = $1 AND EXISTS ({LEASE}) AND (m.available_at <= now() OR m.available_at = m.created_at) \
   AND (m.key IS NULL OR ( \
         NOT EXISTS (SELECT 1 FROM outbox_messages p \
                     WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > now() \
