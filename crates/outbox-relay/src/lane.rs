@@ -108,45 +108,38 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 ClaimAhead::Never => false,
                 ClaimAhead::Auto => publish_took > claim_took,
             };
-            if !claim_ahead {
-                let done = match publish_batch(&shared, &lease, &rows, &stop).await {
-                    Ok(done) => done,
-                    Err(exit) => return exit,
-                };
-                publish_took = done.publish_took;
-                if back_off(&shared.cfg, &stop, done.unavailable, &mut outages).await {
-                    return LaneExit::Stopped;
-                }
-                if !full {
-                    // A short batch means the lane was drained a moment ago; yield instead of spinning.
-                    tokio::task::yield_now().await;
-                }
-                continue;
-            }
-            // Claim the next batch while this one is published. Rows of a key that this batch
-            // leaves unsettled (retry, park) are dropped from it: they stay pending and are
-            // claimed again, in order, after the row that holds them back.
-            let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
-            let (done, (next, took)) = tokio::join!(
-                publish_batch(&shared, &lease, &rows, &stop),
-                timed(shared.store.claim_excluding(&lease, shared.cfg.batch_size, &in_flight))
-            );
+            // With claim ahead, the next batch is claimed while this one is published. Rows of a
+            // key that this batch leaves unsettled (retry, park) are dropped from it: they stay
+            // pending and are claimed again, in order, after the row that holds them back.
+            let publish = publish_batch(&shared, &lease, &rows, &stop);
+            let (done, next) = if claim_ahead {
+                let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
+                let claim = timed(shared.store.claim_excluding(&lease, shared.cfg.batch_size, &in_flight));
+                let (done, next) = tokio::join!(publish, claim);
+                (done, Some(next))
+            } else {
+                (publish.await, None)
+            };
             let done = match done {
                 Ok(done) => done,
                 Err(exit) => return exit,
             };
+            drop(turn);
             publish_took = done.publish_took;
             if back_off(&shared.cfg, &stop, done.unavailable, &mut outages).await {
                 return LaneExit::Stopped;
             }
             match next {
-                Ok(mut next) => {
+                Some((Ok(mut next), took)) => {
                     claim_took = took;
                     next.retain(|r| !r.key.as_deref().is_some_and(|k| done.blocked.contains(k)));
                     ahead = Some(next);
                 }
                 // The next round claims again, with the usual error handling.
-                Err(e) => tracing::debug!(error = %e, "claim ahead failed"),
+                Some((Err(e), _)) => tracing::debug!(error = %e, "claim ahead failed"),
+                // A short batch means the lane was drained a moment ago; yield instead of spinning.
+                None if !full => tokio::task::yield_now().await,
+                None => {}
             }
         }
     }
