@@ -232,3 +232,28 @@ async fn max_busy_lanes_caps_the_batches_in_flight() {
     let most = most_busy(None).await;
     assert!(most > 3, "only {most} batches in flight without a cap");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_rate_paces_the_relay() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let mut tx = pool.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..1500)
+        .map(|i| Message::new("t", format!("{i}")).key(format!("k{}", i % 100)))
+        .collect();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    let publisher = Arc::new(Concurrency::default());
+    // 500/s with a burst of one second: 1,500 messages cannot all be out in under 2 s. (Only a
+    // lower bound: a slow machine makes it slower, never faster.)
+    let started = std::time::Instant::now();
+    let relay = start(store.clone(), publisher.clone(), test_config().max_rate(Some(500)));
+    drained(&store, Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    relay.stop().await;
+    assert_eq!(publisher.rows.load(Ordering::SeqCst), 1500);
+    assert!(
+        took >= Duration::from_millis(1900),
+        "1,500 messages at 500/s took only {took:?}"
+    );
+}

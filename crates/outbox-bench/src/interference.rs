@@ -11,8 +11,10 @@ use crate::common::{fill_backlog, new_topic, pending, print_figure, BenchDb, Env
 use crate::drain::drain_config;
 use crate::write::{throughput, Variant};
 
-/// `max_busy_lanes` of the paced relay variant.
+/// `max_busy_lanes` of the relay variant paced by lanes.
 const LIMITED: usize = 1;
+/// `max_rate` (msg/s) of the relay variant paced by rate.
+const RATE: u32 = 2_000;
 
 /// Runs figure 4.
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
@@ -30,8 +32,13 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let db = BenchDb::create(env, 40).await?;
     fill_backlog(&db.pool, &topic, backlog).await?;
     throughput(&db.pool, &topic, variant, writers, Duration::from_millis(500)).await?;
-    // Relay variants: None = no relay; Some(None) = drain defaults; Some(Some(n)) = max_busy_lanes n.
-    let variants: [Option<Option<usize>>; 3] = [None, Some(None), Some(Some(LIMITED))];
+    // Relay variants: None = no relay; then the drain defaults, paced by lanes, paced by rate.
+    let variants: [Option<outbox_relay::RelayConfig>; 4] = [
+        None,
+        Some(drain_config()),
+        Some(drain_config().max_busy_lanes(Some(LIMITED))),
+        Some(drain_config().max_rate(Some(RATE))),
+    ];
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut drained_during: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut left = Vec::new();
@@ -45,7 +52,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 fill_backlog(&db.pool, &topic, backlog - p).await?;
             }
             sqlx::query("CHECKPOINT").execute(&db.pool).await?;
-            let Some(limit) = variants[v] else {
+            let Some(cfg) = variants[v].clone() else {
                 tps[v].push(throughput(&db.pool, &topic, variant, writers, dur).await?);
                 continue;
             };
@@ -62,7 +69,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             };
             let relay = tokio::spawn(async move {
                 Relay::new(store, publisher)
-                    .config(drain_config().max_busy_lanes(limit))
+                    .config(cfg)
                     .run_until(async {
                         let _ = stop_rx.await;
                     })
@@ -80,11 +87,13 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             tps[v].push(b);
         }
         eprintln!(
-            "interference: round {}/{rounds}: alone {:.0} tx/s, relay draining {:.0} tx/s, relay with max_busy_lanes={LIMITED} {:.0} tx/s",
+            "interference: round {}/{rounds}: alone {:.0} tx/s, relay draining {:.0} tx/s, max_busy_lanes={LIMITED} {:.0} \
+             tx/s, max_rate={RATE} {:.0} tx/s",
             round + 1,
             tps[0][round],
             tps[1][round],
-            tps[2][round]
+            tps[2][round],
+            tps[3][round]
         );
     }
     db.drop_db().await;
@@ -108,7 +117,15 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         )
         .vs(&base)
         .target(Target::AtLeast(0.9))
-        .extra("relay_drain_msg_per_s", med(&drained_during[2]))
+        .extra("relay_drain_msg_per_s", med(&drained_during[2])),
+        Row::new(
+            format!("{writers} writers while the relay drains, max_rate = {RATE} msg/s"),
+            "tx/s",
+            tps[3].clone(),
+        )
+        .vs(&base)
+        .target(Target::AtLeast(0.9))
+        .extra("relay_drain_msg_per_s", med(&drained_during[3]))
         .extra("min_backlog_left", left.iter().copied().fold(f64::INFINITY, f64::min)),
     ];
     let fig = Figure {
@@ -117,7 +134,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         setup: format!(
             "tansu ({bootstrap}). Business transaction = one bench_orders row + one keyed outbox message, NOTIFY off \
              (figure 1 shows NOTIFY's own cost); {writers} writers, {:.1} s windows, alone, with an embedded relay \
-             (drain defaults) and with one paced by max_busy_lanes = {LIMITED}, draining a backlog kept at >= {backlog} \
+             (drain defaults), with one paced by max_busy_lanes = {LIMITED} and one by max_rate = {RATE} msg/s, draining a backlog kept at >= {backlog} \
              rows; variants interleaved, rotating which goes first.",
             dur.as_secs_f64()
         ),

@@ -64,6 +64,9 @@ pub struct RelayConfig {
     /// bounds the relay's share of the database while a backlog drains. Defaults to none (every
     /// held lane works at once).
     pub max_busy_lanes: Option<usize>,
+    /// At most this many messages per second, all lanes of this relay together (a pace while a
+    /// backlog drains, like `max_busy_lanes` but by rate). Defaults to none.
+    pub max_rate: Option<u32>,
     /// Whether a lane claims its next batch while the current one is being published. Defaults
     /// to [`ClaimAhead::Never`].
     pub claim_ahead: ClaimAhead,
@@ -84,6 +87,7 @@ impl Default for RelayConfig {
             shutdown_grace: Duration::from_secs(30),
             stats_interval: Duration::from_secs(10),
             max_busy_lanes: None,
+            max_rate: None,
             claim_ahead: ClaimAhead::Never,
         }
     }
@@ -122,6 +126,8 @@ setters! {
     stats_interval: Duration,
     /// Sets [`RelayConfig::max_busy_lanes`].
     max_busy_lanes: Option<usize>,
+    /// Sets [`RelayConfig::max_rate`].
+    max_rate: Option<u32>,
     /// Sets [`RelayConfig::claim_ahead`].
     claim_ahead: ClaimAhead,
 }
@@ -148,6 +154,9 @@ impl RelayConfig {
         }
         if self.lease_ttl < Duration::from_secs(1) {
             return Err("lease_ttl must be at least 1s".into());
+        }
+        if self.max_rate == Some(0) {
+            return Err("max_rate must be at least 1".into());
         }
         if self.max_busy_lanes == Some(0) {
             return Err("max_busy_lanes must be at least 1".into());

@@ -83,6 +83,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             publisher: self.publisher,
             wake: (0..LANES).map(|_| Notify::new()).collect(),
             busy: self.cfg.max_busy_lanes.map(tokio::sync::Semaphore::new),
+            rate: self
+                .cfg
+                .max_rate
+                .and_then(std::num::NonZeroU32::new)
+                .map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r))),
             cfg: self.cfg,
         });
         let owner = shared.cfg.owner.clone();

@@ -21,6 +21,8 @@ pub(crate) struct Shared<S, P> {
     pub(crate) wake: Vec<Notify>,
     /// Turns to work, when [`RelayConfig::max_busy_lanes`] is set.
     pub(crate) busy: Option<Semaphore>,
+    /// The pace, when [`RelayConfig::max_rate`] is set.
+    pub(crate) rate: Option<governor::DefaultDirectRateLimiter>,
 }
 
 /// Why a lane loop ended.
@@ -111,6 +113,11 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             // With claim ahead, the next batch is claimed while this one is published. Rows of a
             // key that this batch leaves unsettled (retry, park) are dropped from it: they stay
             // pending and are claimed again, in order, after the row that holds them back.
+            if let Some(rate) = &shared.rate {
+                if pace(rate, rows.len(), &stop).await {
+                    return LaneExit::Stopped;
+                }
+            }
             let publish = publish_batch(&shared, &lease, &rows, &stop);
             let (done, next) = if claim_ahead {
                 let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
@@ -165,6 +172,33 @@ async fn back_off(cfg: &RelayConfig, stop: &CancellationToken, unavailable: bool
     *outages += 1;
     pause(stop, cfg.backoff(*outages)).await
 }
+
+/// Waits until the relay's pace allows `n` more messages, asked in small pieces so that lanes take
+/// turns; true when stopped meanwhile.
+async fn pace(rate: &governor::DefaultDirectRateLimiter, n: usize, stop: &CancellationToken) -> bool {
+    let mut left = n;
+    while left > 0 {
+        let piece = left.min(MAX_PIECE);
+        let want = std::num::NonZeroU32::new(piece as u32).expect("piece > 0");
+        let ready = async {
+            // A piece larger than the burst can never pass: take it one message at a time.
+            if rate.until_n_ready(want).await.is_err() {
+                for _ in 0..piece {
+                    rate.until_ready().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = ready => {}
+            _ = stop.cancelled() => return true,
+        }
+        left -= piece;
+    }
+    false
+}
+
+/// Messages asked of the rate limiter at once.
+const MAX_PIECE: usize = 50;
 
 /// Runs `f` and says how long it took.
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {

@@ -44,6 +44,8 @@ pub struct RelaySection {
     pub max_lanes: Option<usize>,
     /// Maximum lanes claiming and publishing at the same time.
     pub max_busy_lanes: Option<usize>,
+    /// Maximum messages per second (all lanes).
+    pub max_rate: Option<u32>,
     /// Attempts before dead-lettering.
     pub max_attempts: Option<i32>,
     /// First backoff in milliseconds.
@@ -159,6 +161,9 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     }
     if r.max_busy_lanes.is_some() {
         relay = relay.max_busy_lanes(r.max_busy_lanes);
+    }
+    if r.max_rate.is_some() {
+        relay = relay.max_rate(r.max_rate);
     }
     if let Some(v) = o.max_attempts.or(r.max_attempts) {
         relay = relay.max_attempts(v);
