@@ -151,121 +151,141 @@ async fn writers_and_a_relay<DB: outbox::Backend>(pool: sqlx::Pool<DB>, store: A
     assert_eq!(last.values().sum::<i64>() as usize, expected);
 }
 
-mod mysql {
-    use super::*;
+/// The scenarios MySQL/MariaDB and SQLite share: `other_db_suite!(module, Store, fresh,
+/// fresh_unmigrated, kept-rows query, key type of that query, how the key "k" reads back)`.
+macro_rules! other_db_suite {
+    ($module:ident, $store:ident, $fresh:ident, $fresh_unmigrated:ident, $kept_sql:literal, $key:ty, $k:expr) => {
+        use outbox::$module::$store;
 
-    #[tokio::test]
-    async fn concurrent_writers_and_a_relay_keep_every_key_in_order() {
-        let pool = outbox_tests::db::fresh_mysql().await;
-        writers_and_a_relay(pool.clone(), Arc::new(MySqlStore::new(pool))).await;
-    }
-
-    use outbox::mysql::MySqlStore;
-
-    #[tokio::test]
-    async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
-        let pool = outbox_tests::db::fresh_mysql_unmigrated().await;
-        let dir = app_migrations();
-        let app = Migrator::new(dir.as_path()).await.unwrap();
-
-        app.run(&pool).await.unwrap();
-        outbox::mysql::migrate(&pool).await.unwrap();
-        // Each side runs again, in both orders, without seeing the other's rows.
-        app.run(&pool).await.unwrap();
-        outbox::mysql::migrate(&pool).await.unwrap();
-        more_app_migrations(&dir);
-        let app = Migrator::new(dir.as_path()).await.unwrap();
-        app.run(&pool).await.unwrap();
-        outbox::mysql::migrate(&pool).await.unwrap();
-
-        let app_versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
-        let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations ORDER BY version")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        assert_eq!(
-            ours,
-            outbox::mysql::MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
-        );
-        // The outbox schema and the inbox's (0002_inbox.sql).
-        assert_eq!(ours, vec![1, 2]);
-        // Both schemas are usable in one transaction.
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        outbox::enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
-        tx.commit().await.unwrap();
-        std::fs::remove_dir_all(dir).ok();
-    }
-
-    #[tokio::test]
-    async fn concurrent_migrations_do_not_conflict() {
-        let pool = outbox_tests::db::fresh_mysql_unmigrated().await;
-        let runs = (0..4).map(|_| outbox::mysql::migrate(&pool));
-        for r in futures::future::join_all(runs).await {
-            r.unwrap();
+        #[tokio::test]
+        async fn concurrent_writers_and_a_relay_keep_every_key_in_order() {
+            let pool = outbox_tests::db::$fresh().await;
+            writers_and_a_relay(pool.clone(), Arc::new($store::new(pool))).await;
         }
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_schema_migrations")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(n, outbox::mysql::MIGRATOR.iter().count() as i64);
-    }
 
-    #[tokio::test]
-    async fn lease_rows_match_the_lane_count_and_there_is_no_listen() {
-        let pool = outbox_tests::db::fresh_mysql().await;
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_leases")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(n, outbox::LANES as i64);
-        assert!(
-            MySqlStore::new(pool).wakeups().await.unwrap().is_none(),
-            "the relay polls MySQL"
-        );
-    }
+        #[tokio::test]
+        async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
+            let pool = outbox_tests::db::$fresh_unmigrated().await;
+            let dir = app_migrations();
+            let app = Migrator::new(dir.as_path()).await.unwrap();
 
-    #[tokio::test]
-    async fn kept_published_rows_carry_partition_and_offset_and_are_cleaned_up() {
-        let pool = outbox_tests::db::fresh_mysql().await;
-        let store = MySqlStore::new(pool.clone()).keep_published(true);
-        let mut tx = pool.begin().await.unwrap();
-        let msgs: Vec<Message> = (0..3).map(|i| Message::new("t", format!("{i}")).key("k")).collect();
-        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-        tx.commit().await.unwrap();
-        let leases = take_all(&store, OWNER).await;
-        let rows = claim_all(&store, &leases).await;
-        publish(&store, &leases, &rows).await;
-        // Marking again (a duplicate delivery report) changes nothing.
-        publish(&store, &leases, &rows).await;
-        assert_eq!(store.status().await.unwrap().pending, 0);
-        let kept: Vec<(Vec<u8>, i32, i64)> =
-            sqlx::query_as("SELECT `key`, kafka_partition, kafka_offset FROM outbox_published ORDER BY seq")
+            app.run(&pool).await.unwrap();
+            outbox::$module::migrate(&pool).await.unwrap();
+            // Each side runs again, in both orders, without seeing the other's rows.
+            app.run(&pool).await.unwrap();
+            outbox::$module::migrate(&pool).await.unwrap();
+            more_app_migrations(&dir);
+            let app = Migrator::new(dir.as_path()).await.unwrap();
+            app.run(&pool).await.unwrap();
+            outbox::$module::migrate(&pool).await.unwrap();
+
+            let app_versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
                 .fetch_all(&pool)
                 .await
                 .unwrap();
-        assert_eq!(
-            kept,
-            vec![(b"k".to_vec(), 3, 1), (b"k".to_vec(), 3, 2), (b"k".to_vec(), 3, 3)]
-        );
-        assert_eq!(store.cleanup_published(Duration::from_secs(3600), 10).await.unwrap(), 0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(store.cleanup_published(Duration::ZERO, 2).await.unwrap(), 2);
-        assert_eq!(store.cleanup_published(Duration::ZERO, 2).await.unwrap(), 1);
-    }
+            assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
+            let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations ORDER BY version")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            assert_eq!(
+                ours,
+                outbox::$module::MIGRATOR
+                    .iter()
+                    .map(|m| m.version)
+                    .collect::<Vec<_>>()
+            );
+            // The outbox schema and the inbox's (0002_inbox.sql).
+            assert_eq!(ours, vec![1, 2]);
+            // Both schemas are usable in one transaction.
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            outbox::enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
+            tx.commit().await.unwrap();
+            std::fs::remove_dir_all(dir).ok();
+        }
 
-    #[tokio::test]
-    async fn batches_larger_than_one_statement_keep_per_key_order() {
-        let pool = outbox_tests::db::fresh_mysql().await;
-        big_batch(&pool, &MySqlStore::new(pool.clone())).await;
-    }
+        #[tokio::test]
+        async fn concurrent_migrations_do_not_conflict() {
+            let pool = outbox_tests::db::$fresh_unmigrated().await;
+            let runs = (0..4).map(|_| outbox::$module::migrate(&pool));
+            for r in futures::future::join_all(runs).await {
+                r.unwrap();
+            }
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_schema_migrations")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(n, outbox::$module::MIGRATOR.iter().count() as i64);
+        }
+
+        #[tokio::test]
+        async fn lease_rows_match_the_lane_count_and_there_is_no_listen() {
+            let pool = outbox_tests::db::$fresh().await;
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_leases")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(n, outbox::LANES as i64);
+            assert!(
+                $store::new(pool).wakeups().await.unwrap().is_none(),
+                "the relay polls this database"
+            );
+        }
+
+        #[tokio::test]
+        async fn kept_published_rows_carry_partition_and_offset_and_are_cleaned_up() {
+            let pool = outbox_tests::db::$fresh().await;
+            let store = $store::new(pool.clone()).keep_published(true);
+            let mut tx = pool.begin().await.unwrap();
+            let msgs: Vec<Message> = (0..3)
+                .map(|i| Message::new("t", format!("{i}")).key("k"))
+                .collect();
+            outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+            tx.commit().await.unwrap();
+            let leases = take_all(&store, OWNER).await;
+            let rows = claim_all(&store, &leases).await;
+            publish(&store, &leases, &rows).await;
+            // Marking again (a duplicate delivery report) changes nothing.
+            publish(&store, &leases, &rows).await;
+            assert_eq!(store.status().await.unwrap().pending, 0);
+            let kept: Vec<($key, i32, i64)> = sqlx::query_as($kept_sql).fetch_all(&pool).await.unwrap();
+            assert_eq!(kept, vec![($k, 3, 1), ($k, 3, 2), ($k, 3, 3)]);
+            assert_eq!(
+                store
+                    .cleanup_published(Duration::from_secs(3600), 10)
+                    .await
+                    .unwrap(),
+                0
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert_eq!(store.cleanup_published(Duration::ZERO, 2).await.unwrap(), 2);
+            assert_eq!(store.cleanup_published(Duration::ZERO, 2).await.unwrap(), 1);
+        }
+
+        #[tokio::test]
+        async fn batches_larger_than_one_statement_keep_per_key_order() {
+            let pool = outbox_tests::db::$fresh().await;
+            big_batch(&pool, &$store::new(pool.clone())).await;
+        }
+    };
+}
+
+mod mysql {
+    use super::*;
+
+    other_db_suite!(
+        mysql,
+        MySqlStore,
+        fresh_mysql,
+        fresh_mysql_unmigrated,
+        "SELECT `key`, kafka_partition, kafka_offset FROM outbox_published ORDER BY seq",
+        Vec<u8>,
+        b"k".to_vec()
+    );
 
     #[tokio::test]
     async fn batch_seqs_are_current_even_when_the_transaction_snapshot_is_older() {
@@ -319,113 +339,15 @@ mod mysql {
 mod sqlite {
     use super::*;
 
-    #[tokio::test]
-    async fn concurrent_writers_and_a_relay_keep_every_key_in_order() {
-        let pool = outbox_tests::db::fresh_sqlite().await;
-        writers_and_a_relay(pool.clone(), Arc::new(SqliteStore::new(pool))).await;
-    }
-
-    use outbox::sqlite::SqliteStore;
-
-    #[tokio::test]
-    async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
-        let pool = outbox_tests::db::fresh_sqlite_unmigrated().await;
-        let dir = app_migrations();
-        let app = Migrator::new(dir.as_path()).await.unwrap();
-
-        app.run(&pool).await.unwrap();
-        outbox::sqlite::migrate(&pool).await.unwrap();
-        // Each side runs again, in both orders, without seeing the other's rows.
-        app.run(&pool).await.unwrap();
-        outbox::sqlite::migrate(&pool).await.unwrap();
-        more_app_migrations(&dir);
-        let app = Migrator::new(dir.as_path()).await.unwrap();
-        app.run(&pool).await.unwrap();
-        outbox::sqlite::migrate(&pool).await.unwrap();
-
-        let app_versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
-        let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations ORDER BY version")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        assert_eq!(
-            ours,
-            outbox::sqlite::MIGRATOR.iter().map(|m| m.version).collect::<Vec<_>>()
-        );
-        // Both schemas are usable in one transaction.
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        outbox::enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
-        tx.commit().await.unwrap();
-        std::fs::remove_dir_all(dir).ok();
-    }
-
-    #[tokio::test]
-    async fn concurrent_migrations_do_not_conflict() {
-        let pool = outbox_tests::db::fresh_sqlite_unmigrated().await;
-        let runs = (0..4).map(|_| outbox::sqlite::migrate(&pool));
-        for r in futures::future::join_all(runs).await {
-            r.unwrap();
-        }
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_schema_migrations")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(n, outbox::sqlite::MIGRATOR.iter().count() as i64);
-    }
-
-    #[tokio::test]
-    async fn lease_rows_match_the_lane_count_and_there_is_no_listen() {
-        let pool = outbox_tests::db::fresh_sqlite().await;
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_leases")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(n, outbox::LANES as i64);
-        assert!(
-            SqliteStore::new(pool).wakeups().await.unwrap().is_none(),
-            "the relay polls SQLite"
-        );
-    }
-
-    #[tokio::test]
-    async fn kept_published_rows_carry_partition_and_offset_and_are_cleaned_up() {
-        let pool = outbox_tests::db::fresh_sqlite().await;
-        let store = SqliteStore::new(pool.clone()).keep_published(true);
-        let mut tx = pool.begin().await.unwrap();
-        let msgs: Vec<Message> = (0..3).map(|i| Message::new("t", format!("{i}")).key("k")).collect();
-        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-        tx.commit().await.unwrap();
-        let leases = take_all(&store, OWNER).await;
-        let rows = claim_all(&store, &leases).await;
-        publish(&store, &leases, &rows).await;
-        // Marking again (a duplicate delivery report) changes nothing.
-        publish(&store, &leases, &rows).await;
-        assert_eq!(store.status().await.unwrap().pending, 0);
-        let kept: Vec<(String, i32, i64)> =
-            sqlx::query_as("SELECT key, kafka_partition, kafka_offset FROM outbox_published ORDER BY seq")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-        assert_eq!(kept, vec![("k".into(), 3, 1), ("k".into(), 3, 2), ("k".into(), 3, 3)]);
-        assert_eq!(store.cleanup_published(Duration::from_secs(3600), 10).await.unwrap(), 0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(store.cleanup_published(Duration::ZERO, 2).await.unwrap(), 2);
-        assert_eq!(store.cleanup_published(Duration::ZERO, 2).await.unwrap(), 1);
-    }
-
-    #[tokio::test]
-    async fn batches_larger_than_one_statement_keep_per_key_order() {
-        let pool = outbox_tests::db::fresh_sqlite().await;
-        big_batch(&pool, &SqliteStore::new(pool.clone())).await;
-    }
+    other_db_suite!(
+        sqlite,
+        SqliteStore,
+        fresh_sqlite,
+        fresh_sqlite_unmigrated,
+        "SELECT key, kafka_partition, kafka_offset FROM outbox_published ORDER BY seq",
+        String,
+        "k".to_owned()
+    );
 
     #[tokio::test]
     async fn in_memory_database_works_through_a_one_connection_pool() {
