@@ -173,32 +173,26 @@ async fn back_off(cfg: &RelayConfig, stop: &CancellationToken, unavailable: bool
     pause(stop, cfg.backoff(*outages)).await
 }
 
-/// Waits until the relay's pace allows `n` more messages, asked in small pieces so that lanes take
-/// turns; true when stopped meanwhile.
+/// Waits until the relay's pace allows the `n` messages of a batch, all at once, so that lanes take
+/// turns batch by batch (asked piecemeal, 32 lanes would share the rate and every batch would wait
+/// for the slowest share). A batch larger than the limiter's burst (one second's worth) goes message
+/// by message. True when stopped meanwhile.
 async fn pace(rate: &governor::DefaultDirectRateLimiter, n: usize, stop: &CancellationToken) -> bool {
-    let mut left = n;
-    while left > 0 {
-        let piece = left.min(MAX_PIECE);
-        let want = std::num::NonZeroU32::new(piece as u32).expect("piece > 0");
-        let ready = async {
-            // A piece larger than the burst can never pass: take it one message at a time.
-            if rate.until_n_ready(want).await.is_err() {
-                for _ in 0..piece {
-                    rate.until_ready().await;
-                }
+    let Some(want) = std::num::NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else {
+        return false;
+    };
+    let ready = async {
+        if rate.until_n_ready(want).await.is_err() {
+            for _ in 0..want.get() {
+                rate.until_ready().await;
             }
-        };
-        tokio::select! {
-            _ = ready => {}
-            _ = stop.cancelled() => return true,
         }
-        left -= piece;
+    };
+    tokio::select! {
+        _ = ready => false,
+        _ = stop.cancelled() => true,
     }
-    false
 }
-
-/// Messages asked of the rate limiter at once.
-const MAX_PIECE: usize = 50;
 
 /// Runs `f` and says how long it took.
 async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
