@@ -79,13 +79,14 @@ impl ClientContext for Context {
     }
 }
 
-type Producer_ = FutureProducer<Context>;
+/// The producer, with the context that watches for authentication failures.
+type OutboxProducer = FutureProducer<Context>;
 
 /// Publishes outbox rows to Kafka. Clone-free and shared by all lanes of a relay.
 pub struct KafkaPublisher {
     settings: BTreeMap<String, String>,
     state: Arc<BrokerState>,
-    producer: Mutex<Arc<Producer_>>,
+    producer: Mutex<Arc<OutboxProducer>>,
 }
 
 impl std::fmt::Debug for KafkaPublisher {
@@ -130,13 +131,13 @@ impl KafkaPublisher {
         redacted(&self.settings)
     }
 
-    fn current(&self) -> Arc<Producer_> {
+    fn current(&self) -> Arc<OutboxProducer> {
         self.producer.lock().expect("producer lock").clone()
     }
 
     /// A fatal error (e.g. out-of-order sequence) makes the producer unusable: build a new one.
     /// The failed rows come back as retryable and are re-sent in order by the relay.
-    fn rebuild_if_fatal(&self, used: &Arc<Producer_>) {
+    fn rebuild_if_fatal(&self, used: &Arc<OutboxProducer>) {
         let Some((code, reason)) = used.client().fatal_error() else {
             return;
         };
@@ -157,7 +158,7 @@ impl KafkaPublisher {
     }
 }
 
-fn build(settings: &BTreeMap<String, String>, state: &Arc<BrokerState>) -> Result<Producer_, KafkaError> {
+fn build(settings: &BTreeMap<String, String>, state: &Arc<BrokerState>) -> Result<OutboxProducer, KafkaError> {
     let mut cfg = ClientConfig::new();
     for (k, v) in settings {
         cfg.set(k, v);
