@@ -3,9 +3,13 @@
 //! turns authentication on). Right password works, a wrong one fails at once without counting an
 //! attempt or dead-lettering anything, and no secret appears in any log.
 //!
+//! TLS: tansu 0.6 accepts `--cert/--key` but never wraps its listener in TLS (tansu-broker 0.6.0,
+//! broker.rs builds the acceptor and leaves it unused), so the TLS test puts a TLS terminator
+//! (socat, with a certificate made by openssl for the test) in front of a tansu that advertises the
+//! terminator's address: every client connection is TLS. Right CA works; a CA that did not sign the
+//! broker's certificate fails at once as unavailable.
+//!
 //! Not tested here, because this machine has no broker that can do it:
-//! - TLS: tansu 0.6 accepts `--cert/--key` but never wraps its listener in TLS (tansu-broker 0.6.0,
-//!   broker.rs builds the acceptor and leaves it unused).
 //! - A broker killed and restarted with persistent storage: after a restart on `sqlite://` storage,
 //!   tansu 0.6.0 answers every produce to a topic created before it with UNKNOWN_SERVER_ERROR (seen
 //!   after SIGKILL and after SIGTERM, from the relay's idempotent producer, a new one, and a
@@ -16,8 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox::{Message, Store};
+use outbox::{FailureKind, Message, Publisher, Store};
 use outbox_kafka::KafkaPublisher;
+use outbox_tests::conformance::{claim_all, take_all};
 use outbox_tests::embedded::{drained, start, test_config, wait_for};
 use outbox_tests::kafka::{check_delivery, create_topic_with, read_until_with, topic};
 use rdkafka::config::ClientConfig;
@@ -65,12 +70,24 @@ impl Broker {
     /// Starts the broker (on loopback only) and waits until it accepts connections.
     fn start(&mut self, authentication: bool) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        self.start_advertising(authentication, &url);
+    }
+
+    /// Starts the broker, telling clients to connect to `advertised` (a TLS terminator).
+    fn start_advertising(&mut self, authentication: bool, advertised: &str) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
         let mut cmd = Command::new(tansu_bin());
-        cmd.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://tansu.db", "--silent"])
-            .current_dir(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            advertised,
+        ])
+        .args(["--storage-engine", "sqlite://tansu.db", "--silent"])
+        .current_dir(&self.dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         if authentication {
             cmd.arg("--authentication");
         }
@@ -230,4 +247,173 @@ async fn sasl_scram_right_password_works_wrong_one_fails_fast_and_no_secret_is_l
     for secret in [PASSWORD, "not-the-password"] {
         assert!(!logs.contains(secret), "a password appeared in the logs");
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA (`<name>-ca.pem`) and, signed by it, a certificate for 127.0.0.1 (`<name>.pem`, `<name>.key`).
+fn certificates(dir: &std::path::Path, name: &str) {
+    let ca_key = format!("{name}-ca.key");
+    let ca = format!("{name}-ca.pem");
+    let key = format!("{name}.key");
+    let csr = format!("{name}.csr");
+    let crt = format!("{name}.pem");
+    let ext = format!("{name}.ext");
+    std::fs::write(dir.join(&ext), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(dir, &["genrsa", "-out", &ca_key, "2048"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &ca_key,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=outbox test CA",
+            "-out",
+            &ca,
+        ],
+    );
+    openssl(dir, &["genrsa", "-out", &key, "2048"]);
+    openssl(
+        dir,
+        &["req", "-new", "-key", &key, "-subj", "/CN=127.0.0.1", "-out", &csr],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &crt,
+        ],
+    );
+}
+
+/// socat terminating TLS on `port` (certificate `<name>.pem`) and forwarding to `to`.
+struct Terminator(Child);
+
+impl Terminator {
+    fn start(dir: &std::path::Path, name: &str, port: u16, to: u16) -> Terminator {
+        let listen =
+            format!("OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={name}.pem,key={name}.key,verify=0");
+        let child = Command::new("socat")
+            .args([listen.as_str(), &format!("TCP:127.0.0.1:{to}")])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start socat");
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "socat did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Terminator(child)
+    }
+}
+
+impl Drop for Terminator {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+fn tls(bootstrap: &str, ca: &std::path::Path) -> Vec<(String, String)> {
+    vec![
+        ("bootstrap.servers".to_owned(), bootstrap.to_owned()),
+        ("security.protocol".to_owned(), "SSL".to_owned()),
+        ("ssl.ca.location".to_owned(), ca.display().to_string()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_right_ca_delivers_wrong_ca_fails_fast() {
+    let dir = std::env::temp_dir().join(format!("outbox-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    certificates(&dir, "broker");
+    certificates(&dir, "other");
+    let tls_port = free_port();
+    let mut broker = Broker::new();
+    broker.start_advertising(false, &format!("tcp://127.0.0.1:{tls_port}"));
+    let _terminator = Terminator::start(&dir, "broker", tls_port, broker.port);
+    let bootstrap = format!("127.0.0.1:{tls_port}");
+    let mut client = ClientConfig::new();
+    for (k, v) in tls(&bootstrap, &dir.join("broker-ca.pem")) {
+        client.set(k, v);
+    }
+    let t = topic("tls");
+    create_topic_with(&client, &t, 2).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let expect = enqueue(&pool, &t, 200, "m").await;
+
+    // A CA that did not sign the broker's certificate: the handshake fails and the publish returns
+    // at once as unavailable (well inside message.timeout.ms, 30 s), so the relay would count no
+    // attempt and dead-letter nothing.
+    let wrong = KafkaPublisher::new(tls(&bootstrap, &dir.join("other-ca.pem"))).unwrap();
+    let leases = take_all(&store, "tls-test").await;
+    let rows = claim_all(&store, &leases).await;
+    let out = tokio::time::timeout(Duration::from_secs(15), wrong.publish(&rows[..10]))
+        .await
+        .expect("a TLS failure fails the publish fast");
+    assert!(
+        out.iter()
+            .all(|r| matches!(r, Err(e) if e.kind == FailureKind::Unavailable)),
+        "{out:?}"
+    );
+    for l in &leases {
+        store.release(l).await.unwrap();
+    }
+
+    // The right CA: everything arrives, read back over TLS by an independent consumer.
+    let right = KafkaPublisher::new(tls(&bootstrap, &dir.join("broker-ca.pem"))).unwrap();
+    let relay = start(store.clone(), right, test_config().batch_size(50));
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
+    let seen = read_until_with(
+        &client,
+        &t,
+        &expect,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(check_delivery(&seen, &expect), 0);
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -40,7 +40,7 @@ pub fn is_secret(key: &str) -> bool {
     SECRET_KEYS.contains(&key) || key.contains("password") || key.contains("secret")
 }
 
-/// How long after librdkafka reported an authentication failure a publish fails at once instead of
+/// How long after librdkafka reported an authentication (SASL or TLS) failure a publish fails at once instead of
 /// waiting for its delivery reports (librdkafka retries the connection meanwhile).
 const AUTH_FAILURE_HOLDS: Duration = Duration::from_secs(5);
 
@@ -69,7 +69,12 @@ struct Context(Arc<BrokerState>);
 
 impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+        // Authentication (SASL) or the TLS handshake (certificates): the broker cannot be used,
+        // whatever the message.
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)
+        ) {
             tracing::error!(%reason, "broker authentication failed");
             *self.0.auth_failed.lock().expect("broker state lock") = Some((Instant::now(), reason.to_owned()));
             self.0.auth_notify.notify_waiters();
