@@ -143,12 +143,36 @@ fn sasl(bootstrap: &str, password: &str) -> Vec<(String, String)> {
     .collect()
 }
 
-fn sasl_client(bootstrap: &str) -> ClientConfig {
+/// Client settings for the test's own clients (topic creation, the independent reader).
+fn client_of(settings: &[(String, String)]) -> ClientConfig {
     let mut cfg = ClientConfig::new();
-    for (k, v) in sasl(bootstrap, PASSWORD) {
+    for (k, v) in settings {
         cfg.set(k, v);
     }
     cfg
+}
+
+/// Runs a relay with `settings` until the outbox is drained, then checks with an independent reader
+/// (same settings) that every expected message arrived, in order, once.
+async fn deliver_all(
+    store: &outbox::postgres::PgStore,
+    settings: &[(String, String)],
+    t: &str,
+    expect: &HashSet<uuid::Uuid>,
+) {
+    let publisher = KafkaPublisher::new(settings.to_vec()).unwrap();
+    let relay = start(store.clone(), publisher, test_config().batch_size(50));
+    drained(store, Duration::from_secs(60)).await;
+    relay.stop().await;
+    let seen = read_until_with(
+        &client_of(settings),
+        t,
+        expect,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(check_delivery(&seen, expect), 0);
 }
 
 /// Captures everything the code under test logs (tracing), to look for secrets.
@@ -196,7 +220,7 @@ async fn sasl_scram_right_password_works_wrong_one_fails_fast_and_no_secret_is_l
     broker.start(true);
     let bootstrap = broker.bootstrap();
     let t = topic("sasl");
-    create_topic_with(&sasl_client(&bootstrap), &t, 2).await;
+    create_topic_with(&client_of(&sasl(&bootstrap, PASSWORD)), &t, 2).await;
 
     // Wrong password: the publish fails at once as "unavailable"; nothing is dead-lettered and no
     // attempt is counted.
@@ -228,19 +252,7 @@ async fn sasl_scram_right_password_works_wrong_one_fails_fast_and_no_secret_is_l
     assert_eq!(attempts, 0, "an unavailable broker counts no attempt");
 
     // Right password: everything arrives, read back by an independent (authenticated) consumer.
-    let right = KafkaPublisher::new(sasl(&bootstrap, PASSWORD)).unwrap();
-    let relay = start(store.clone(), right, test_config().batch_size(50));
-    drained(&store, Duration::from_secs(60)).await;
-    relay.stop().await;
-    let seen = read_until_with(
-        &sasl_client(&bootstrap),
-        &t,
-        &expect,
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-    )
-    .await;
-    assert_eq!(check_delivery(&seen, &expect), 0);
+    deliver_all(&store, &sasl(&bootstrap, PASSWORD), &t, &expect).await;
 
     let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
     assert!(logs.contains("broker authentication failed"), "the failure is logged");
@@ -373,12 +385,8 @@ async fn tls_right_ca_delivers_wrong_ca_fails_fast() {
     broker.start_advertising(false, &format!("tcp://127.0.0.1:{tls_port}"));
     let _terminator = Terminator::start(&dir, "broker", tls_port, broker.port);
     let bootstrap = format!("127.0.0.1:{tls_port}");
-    let mut client = ClientConfig::new();
-    for (k, v) in tls(&bootstrap, &dir.join("broker-ca.pem")) {
-        client.set(k, v);
-    }
     let t = topic("tls");
-    create_topic_with(&client, &t, 2).await;
+    create_topic_with(&client_of(&tls(&bootstrap, &dir.join("broker-ca.pem"))), &t, 2).await;
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let expect = enqueue(&pool, &t, 200, "m").await;
@@ -402,18 +410,6 @@ async fn tls_right_ca_delivers_wrong_ca_fails_fast() {
     }
 
     // The right CA: everything arrives, read back over TLS by an independent consumer.
-    let right = KafkaPublisher::new(tls(&bootstrap, &dir.join("broker-ca.pem"))).unwrap();
-    let relay = start(store.clone(), right, test_config().batch_size(50));
-    drained(&store, Duration::from_secs(60)).await;
-    relay.stop().await;
-    let seen = read_until_with(
-        &client,
-        &t,
-        &expect,
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-    )
-    .await;
-    assert_eq!(check_delivery(&seen, &expect), 0);
+    deliver_all(&store, &tls(&bootstrap, &dir.join("broker-ca.pem")), &t, &expect).await;
     std::fs::remove_dir_all(&dir).ok();
 }
