@@ -17,7 +17,7 @@ use outbox_inbox::{Handler, Inbox, Incoming};
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
 use outbox_relay::{DeadLetterPolicy, RelayConfig};
 use outbox_tests::embedded::{self, drained, test_config, wait_for, Running};
-use outbox_tests::kafka::{check_delivery, check_delivery_skipping, create_topic, read_until, tansu, topic};
+use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_until, topic};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::RDKafkaRespErr;
@@ -529,7 +529,7 @@ async fn check_effects(pool: &sqlx::PgPool, expect: &HashSet<uuid::Uuid>, within
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cleanup_loops_beside_relays_never_touch_pending_rows() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("cleanup");
     create_topic(&bootstrap, &t, 4).await;
     let pool = outbox_tests::db::fresh_pg().await;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use outbox_inbox::{Handler, Inbox, Incoming};
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
-use outbox_tests::kafka::{create_topic, read_until, tansu, topic};
+use outbox_tests::kafka::{broker, create_topic, read_until, topic};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -164,7 +164,7 @@ fn fast() -> ConsumerConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_delivered_twice_has_its_effect_once() {
-    let b = tansu();
+    let b = broker();
     let t = topic("consume-twice");
     create_topic(&b, &t, 2).await;
     let pool = effects_db().await;
@@ -180,7 +180,7 @@ async fn every_message_delivered_twice_has_its_effect_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_before_offset_commit_redelivers_and_the_effect_stays_single() {
-    let b = tansu();
+    let b = broker();
     let t = topic("consume-restart");
     create_topic(&b, &t, 1).await;
     let pool = effects_db().await;
@@ -244,7 +244,7 @@ async fn committed(bootstrap: &str, group: &str, t: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn handler_failing_twice_then_succeeding_has_its_effect_once() {
-    let b = tansu();
+    let b = broker();
     let t = topic("consume-retry");
     create_topic(&b, &t, 1).await;
     let pool = effects_db().await;
@@ -264,7 +264,7 @@ async fn handler_failing_twice_then_succeeding_has_its_effect_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() {
-    let b = tansu();
+    let b = broker();
     let t = topic("consume-poison");
     let dlq = format!("{t}.dlq");
     create_topic(&b, &t, 1).await;
@@ -322,7 +322,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_consumers_and_a_rebalance_mid_stream_apply_every_effect_exactly_once() {
-    let b = tansu();
+    let b = broker();
     let t = topic("consume-rebalance");
     create_topic(&b, &t, 4).await;
     let pool = effects_db().await;

@@ -1,4 +1,4 @@
-//! The relay end to end: real PostgreSQL, real Kafka-API broker (tansu), an independent reader.
+//! The relay end to end: real PostgreSQL, real Apache Kafka, an independent reader.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -8,11 +8,11 @@ use outbox::{Message, Store};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::DeadLetterPolicy;
 use outbox_tests::embedded::{drained, start, test_config};
-use outbox_tests::kafka::{check_delivery, create_topic, read_until, tansu, topic};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("relay-10k");
     create_topic(&bootstrap, &t, 8).await;
     let pool = outbox_tests::db::fresh_pg().await;
@@ -76,7 +76,7 @@ async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("relay-dlq");
     create_topic(&bootstrap, &t, 2).await;
     let pool = outbox_tests::db::fresh_pg().await;
@@ -131,7 +131,7 @@ fn check_delivery_skipping(seen: &[outbox_tests::kafka::Seen], expect: &HashSet<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn late_committed_row_is_published() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("relay-late");
     create_topic(&bootstrap, &t, 1).await;
     let pool = outbox_tests::db::fresh_pg().await;
@@ -171,7 +171,7 @@ async fn late_committed_row_is_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_relays_share_lanes_without_reordering() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("relay-two");
     create_topic(&bootstrap, &t, 4).await;
     let pool = outbox_tests::db::fresh_pg().await;
@@ -225,7 +225,7 @@ async fn two_relays_share_lanes_without_reordering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_relay_without_polling() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("relay-notify");
     create_topic(&bootstrap, &t, 1).await;
     let pool = outbox_tests::db::fresh_pg().await;

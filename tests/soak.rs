@@ -9,7 +9,7 @@
 //!
 //! Prints lost / rolled-back-leaked / per-key-inversions / duplicate-effects counts (and the wire
 //! duplicates against their bound) and exits non-zero if any is above zero. Needs the local
-//! PostgreSQL and the tansu broker (started if down), like the tests. `--help` lists the options.
+//! PostgreSQL and the local Kafka broker (started by `.ci/kafka` if down), like the tests. `--help` lists the options.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -43,12 +43,9 @@ soak [--messages N] [--rate N] [--writers N] [--keys N] [--hot-share PCT] [--rol
   --kill-every-ms  SIGKILL and restart the relay this often (default 5000)
   --lease-ttl-ms   relay lease TTL; a restarted relay waits this long for the lanes (default 2000)
   --partitions     topic partitions (default 8)
-  --consumers      ConsumerRunners in the consumer group (default 1). With more than one, consumers
-                   resume partitions from committed offsets after rebalances: tansu 0.6 loses the
-                   rest of a record batch when a fetch starts inside it, so use `--bootstrap mock`
-                   (or a real Kafka) for that
+  --consumers      ConsumerRunners in the consumer group (default 1)
   --relay-bin      outbox-relay binary (default: built with cargo, same profile as this binary)
-  --bootstrap      Kafka bootstrap servers (default: the local tansu broker, started if down);
+  --bootstrap      Kafka bootstrap servers (default: the local Kafka broker, started if down);
                    `mock` runs librdkafka's mock cluster in this process instead";
 
 #[derive(Debug, Clone)]
@@ -310,7 +307,7 @@ async fn main() -> ExitCode {
             b
         }
         other => {
-            let b = other.map(str::to_owned).unwrap_or_else(outbox_tests::kafka::tansu);
+            let b = other.map(str::to_owned).unwrap_or_else(outbox_tests::kafka::broker);
             outbox_tests::kafka::create_topic(&b, &topic, args.partitions).await;
             b
         }

@@ -38,7 +38,7 @@ async fn the_consumer_span_continues_the_producer_trace() {
         tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("outbox-test")));
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let bootstrap = outbox_tests::kafka::tansu();
+    let bootstrap = outbox_tests::kafka::broker();
     let t = outbox_tests::kafka::topic("trace");
     outbox_tests::kafka::create_topic(&bootstrap, &t, 1).await;
     let pool = outbox_tests::db::fresh_pg().await;

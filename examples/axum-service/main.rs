@@ -2,7 +2,7 @@
 //! the same process.
 //!
 //! ```sh
-//! bash .ci/services                      # PostgreSQL + the tansu broker on 127.0.0.1:19092
+//! bash .ci/services                      # PostgreSQL + Apache Kafka on 127.0.0.1:19092
 //! cargo run --example axum-service       # listens on 127.0.0.1:3000
 //! curl -X POST localhost:3000/orders -H 'content-type: application/json' -d '{"customer":"ada","amount_cents":1250}'
 //! curl localhost:3000/orders/<id>        # the order, and whether its message was published

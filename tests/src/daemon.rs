@@ -161,6 +161,13 @@ impl RelayProcess {
         }
     }
 
+    /// SIGTERM, then asserts a clean exit (code 0) within 30 s; the log tail explains a failure.
+    pub fn terminate(&mut self) {
+        self.signal("-TERM");
+        let code = self.wait_exit(Duration::from_secs(30)).code();
+        assert_eq!(code, Some(0), "{}", self.tail(20));
+    }
+
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()

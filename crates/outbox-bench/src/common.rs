@@ -25,8 +25,8 @@ pub(crate) const KEYS: usize = 10_000;
 pub(crate) struct Env {
     /// Server URL of PostgreSQL (a database name in it is replaced per benchmark).
     pub(crate) pg_url: String,
-    /// Bootstrap of the tansu broker (a real Kafka-API broker in its own process).
-    pub(crate) tansu: String,
+    /// Bootstrap of the local Apache Kafka broker (its own process).
+    pub(crate) kafka: String,
     /// Bootstrap of librdkafka's in-process mock cluster, when enabled.
     pub(crate) mock: Option<String>,
     /// Topics created on the mock cluster up front (its admin API does not create topics), taken
@@ -55,9 +55,9 @@ impl Env {
         }
     }
 
-    /// The brokers to run broker-bound figures on: tansu always, the mock cluster when enabled.
+    /// The brokers to run broker-bound figures on: Kafka always, the mock cluster when enabled.
     pub(crate) fn brokers(&self) -> Vec<(&'static str, String)> {
-        let mut v = vec![("tansu", self.tansu.clone())];
+        let mut v = vec![("kafka", self.kafka.clone())];
         if let Some(m) = &self.mock {
             v.push(("mock", m.clone()));
         }
@@ -204,23 +204,30 @@ pub(crate) async fn new_topic(env: &Env, bootstrap: &str, prefix: &str) -> anyho
     Ok(name)
 }
 
-/// Starts tansu with the repository's script if nothing listens on 127.0.0.1:19092.
-pub(crate) fn tansu_bootstrap() -> anyhow::Result<String> {
+/// The local Apache Kafka broker's directory (`.ci/kafka up`, as `.ci/services` starts it).
+const KAFKA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/kafka/single");
+
+/// Starts the local Apache Kafka broker with the repository's script if nothing listens on
+/// 127.0.0.1:19092 (`OUTBOX_BENCH_KAFKA` names another one).
+pub(crate) fn kafka_bootstrap() -> anyhow::Result<String> {
     if let Ok(b) = std::env::var("OUTBOX_BENCH_KAFKA") {
         return Ok(b);
     }
     let port = 19092;
     if std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/tansu");
-        let st = std::process::Command::new("bash").arg(script).arg("start").status()?;
-        anyhow::ensure!(st.success(), ".ci/tansu start failed");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/kafka");
+        let st = std::process::Command::new("bash")
+            .arg(script)
+            .args(["up", KAFKA_DIR, "1", &port.to_string()])
+            .status()?;
+        anyhow::ensure!(st.success(), ".ci/kafka up failed");
     }
     Ok(format!("127.0.0.1:{port}"))
 }
 
-/// The pid of the tansu broker, if it was started by `.ci/tansu`.
-pub(crate) fn tansu_pid() -> Option<u32> {
-    std::fs::read_to_string("/tmp/outbox-tansu-19092.pid")
+/// The pid of the local Kafka broker, if it was started by `.ci/kafka`.
+pub(crate) fn broker_pid() -> Option<u32> {
+    std::fs::read_to_string(format!("{KAFKA_DIR}/n1/pid"))
         .ok()?
         .trim()
         .parse()
@@ -282,7 +289,7 @@ pub(crate) struct CpuProbe {
 pub(crate) struct CpuUsed {
     /// This process (relay, producer, load generator; with the mock cluster, the broker too).
     pub(crate) bench: f64,
-    /// The tansu process (0 when the broker was the in-process mock cluster).
+    /// The Kafka broker process (0 when the broker was the in-process mock cluster).
     pub(crate) broker: f64,
     /// All PostgreSQL server processes.
     pub(crate) postgres: f64,

@@ -114,7 +114,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let rounds = env.rounds(3, 1);
     let dur = Duration::from_millis(env.pick(5000, 1500));
     let total = env.pick(20_000usize, 5_000);
-    let bootstrap = env.tansu.clone();
+    let bootstrap = env.kafka.clone();
     let db = BenchDb::create(env, 4).await?;
     let mut rows = Vec::new();
     for keyed in [true, false] {
@@ -163,7 +163,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         id: "consumer".into(),
         title: "5. Consumer: inbox vs plain".into(),
         setup: format!(
-            "tansu ({bootstrap}). {total} messages with outbox headers (keyed: {} keys, dense seqs; unkeyed) in a topic of \
+            "Apache Kafka ({bootstrap}). {total} messages with outbox headers (keyed: {} keys, dense seqs; unkeyed) in a topic of \
              {PARTITIONS} partitions, read from the beginning by one rdkafka consumer for {:.1} s per run, one message at a \
              time as ConsumerRunner does. Plain = the handler (insert one row) in its own transaction; inbox = \
              Inbox::process with the same handler. Inbox tables truncated before each run; variants interleaved.",

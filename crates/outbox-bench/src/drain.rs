@@ -16,7 +16,7 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer}
 use rdkafka::ClientContext;
 
 use crate::common::{
-    fill_backlog, key, new_topic, payload, print_figure, tansu_pid, BenchDb, CpuProbe, CpuUsed, Env, Figure, Row,
+    broker_pid, fill_backlog, key, new_topic, payload, print_figure, BenchDb, CpuProbe, CpuUsed, Env, Figure, Row,
     Target,
 };
 use crate::probe::{NullPublisher, Phases, TimedPublisher, TimedStore};
@@ -317,7 +317,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         }
 
         for (b, (name, bootstrap)) in brokers.iter().enumerate() {
-            let pid = if *name == "tansu" { tansu_pid() } else { None };
+            let pid = if *name == "kafka" { broker_pid() } else { None };
             let topic = new_topic(env, bootstrap, "bench-drain").await?;
             // claim_ahead auto (the default), never, always; the first one rotates by round.
             let modes = [ClaimAhead::Auto, ClaimAhead::Never, ClaimAhead::Always];

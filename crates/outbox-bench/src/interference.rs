@@ -27,7 +27,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         keyed: true,
         notify: false,
     };
-    let bootstrap = env.tansu.clone();
+    let bootstrap = env.kafka.clone();
     let topic = new_topic(env, &bootstrap, "bench-interference").await?;
     let db = BenchDb::create(env, 40).await?;
     fill_backlog(&db.pool, &topic, backlog).await?;
@@ -132,7 +132,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         id: "interference".into(),
         title: "4. Interference of the relay with business transactions".into(),
         setup: format!(
-            "tansu ({bootstrap}). Business transaction = one bench_orders row + one keyed outbox message, NOTIFY off \
+            "Apache Kafka ({bootstrap}). Business transaction = one bench_orders row + one keyed outbox message, NOTIFY off \
              (figure 1 shows NOTIFY's own cost); {writers} writers, {:.1} s windows, alone, with an embedded relay \
              (drain defaults), with one paced by max_busy_lanes = {LIMITED} and one by max_rate = {RATE} msg/s, draining a backlog kept at >= {backlog} \
              rows; variants interleaved, rotating which goes first.",

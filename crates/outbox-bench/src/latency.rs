@@ -277,7 +277,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let warm = Duration::from_secs(1);
     let dur = Duration::from_secs(env.pick(6, 2));
     let poll = Duration::from_millis(100);
-    let bootstrap = env.tansu.clone();
+    let bootstrap = env.kafka.clone();
     let topic = new_topic(env, &bootstrap, "bench-latency").await?;
     let db = BenchDb::create(env, 24).await?;
     let rates = [1000u64, 5000];
@@ -373,7 +373,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         id: "latency".into(),
         title: "3. Latency, commit -> delivery report".into(),
         setup: format!(
-            "tansu ({bootstrap}). {WRITERS} writers issue {TX_PER_SEC} business transactions/s on a fixed schedule, each \
+            "Apache Kafka ({bootstrap}). {WRITERS} writers issue {TX_PER_SEC} business transactions/s on a fixed schedule, each \
              with rate/{TX_PER_SEC} keyed messages (enqueue_batch), so 1,000 msg/s = 5 msgs/tx and 5,000 msg/s = 25 msgs/tx \
              (NOTIFY serializes commits: see figure 1). Latency per message = time the relay's publish() returned with its \
              delivery report - time commit() returned, over {} s after 1 s of warm-up; embedded relay with defaults \

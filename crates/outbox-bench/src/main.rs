@@ -44,7 +44,7 @@ struct Cli {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     pg_url: String,
-    /// Also drain to librdkafka's in-process mock cluster (figure 2), besides tansu. Adds about
+    /// Also drain to librdkafka's in-process mock cluster (figure 2), besides Kafka. Adds about
     /// 7 minutes per drain round at full size.
     #[arg(long, global = true)]
     mock: bool,
@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
     };
     let env = Env {
         pg_url: cli.pg_url.clone(),
-        tansu: common::tansu_bootstrap()?,
+        kafka: common::kafka_bootstrap()?,
         mock: mock.as_ref().map(|m| m.bootstrap_servers()),
         mock_topics: std::sync::Arc::new(std::sync::Mutex::new(mock_topics)),
         quick: cli.quick,
@@ -170,7 +170,7 @@ fn write_json(
         "seconds": started.elapsed().as_secs_f64(),
         "machine": machine,
         "loadavg_at_write": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
-        "brokers": { "tansu": env.tansu, "mock": env.mock },
+        "brokers": { "kafka": env.kafka, "mock": env.mock },
         "figures": figures,
     });
     if let Some(dir) = cli.json.parent() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::common::{
-    cpu_secs, fill_backlog, new_topic, print_figure, rss_kib, tansu_pid, BenchDb, Env, Figure, Row, Target,
+    broker_pid, cpu_secs, fill_backlog, new_topic, print_figure, rss_kib, BenchDb, Env, Figure, Row, Target,
 };
 
 /// Path of the relay daemon; built with cargo unless `OUTBOX_BENCH_RELAY_BIN` names one.
@@ -144,8 +144,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let bin = relay_binary()?;
     let (small, large) = env.pick((100_000usize, 1_000_000usize), (20_000, 60_000));
     let rounds = env.rounds(1, 1);
-    let bootstrap = env.tansu.clone();
-    let _ = tansu_pid();
+    let bootstrap = env.kafka.clone();
+    let _ = broker_pid();
     let mut s_runs = Vec::new();
     let mut l_runs = Vec::new();
     for round in 0..rounds {
@@ -197,7 +197,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         title: "6. Relay daemon memory".into(),
         setup: format!(
             "target/release/outbox-relay run as a child process (--poll-interval-ms 100, defaults otherwise: batch 500, \
-             32 lanes, pool 16, RUST_LOG=warn) on tansu ({bootstrap}); VmHWM/VmRSS from /proc/<pid>/status sampled every \
+             32 lanes, pool 16, RUST_LOG=warn) on Apache Kafka ({bootstrap}); VmHWM/VmRSS from /proc/<pid>/status sampled every \
              100 ms; drained when /metrics outbox_published_total reached the backlog; CPU from /proc/<pid>/stat. \
              Rounds alternate {small} and {large}."
         ),

@@ -191,9 +191,24 @@ pub fn classify(e: &KafkaError) -> PublishError {
             | C::InvalidRecord
             | C::InvalidRequiredAcks,
         ) => PublishError::permanent(e.to_string()),
-        Some(C::MessageTimedOut) => {
-            PublishError::retryable(format!("{e} (possibly persisted; will resend, consumers deduplicate)"))
+        // The cluster cannot take the message right now, whatever the message: no leader, too few
+        // in-sync replicas, no broker reachable, or no answer within message.timeout.ms. An outage
+        // is not the message's fault: no attempt is counted, the lane backs off for as long as it
+        // lasts, so a long outage dead-letters nothing.
+        Some(C::MessageTimedOut | C::RequestTimedOut) => {
+            PublishError::unavailable(format!("{e} (possibly persisted; will resend, consumers deduplicate)"))
         }
+        Some(
+            C::AllBrokersDown
+            | C::BrokerTransportFailure
+            | C::NetworkException
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::BrokerNotAvailable
+            | C::ReplicaNotAvailable,
+        ) => PublishError::unavailable(e.to_string()),
         _ => PublishError::retryable(e.to_string()),
     }
 }
@@ -336,9 +351,13 @@ mod tests {
         let big = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         assert_eq!(classify(&big).kind, outbox::FailureKind::Permanent);
         let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
-        assert_eq!(classify(&timeout).kind, outbox::FailureKind::Retryable);
+        assert_eq!(classify(&timeout).kind, outbox::FailureKind::Unavailable);
         let down = KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown);
-        assert_eq!(classify(&down).kind, outbox::FailureKind::Retryable);
+        assert_eq!(classify(&down).kind, outbox::FailureKind::Unavailable);
+        let isr = KafkaError::MessageProduction(RDKafkaErrorCode::NotEnoughReplicas);
+        assert_eq!(classify(&isr).kind, outbox::FailureKind::Unavailable);
+        let other = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidMessage);
+        assert_eq!(classify(&other).kind, outbox::FailureKind::Retryable);
     }
 
     #[test]

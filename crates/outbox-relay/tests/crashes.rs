@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, Store, LANES};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs};
-use outbox_tests::kafka::{check_delivery, create_topic, read_until, tansu, topic};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
 use rand::{Rng, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
@@ -39,7 +39,7 @@ struct Setup {
 }
 
 async fn setup(prefix: &str, partitions: i32) -> Setup {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let topic = topic(prefix);
     create_topic(&bootstrap, &topic, partitions).await;
     let pool = outbox_tests::db::fresh_pg().await;
@@ -110,13 +110,7 @@ async fn crash_then_restart(point: &str) {
     let mut relay = s.relay(batch).spawn();
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
     let took = started.elapsed();
-    relay.signal("-TERM");
-    assert_eq!(
-        relay.wait_exit(Duration::from_secs(30)).code(),
-        Some(0),
-        "{}",
-        relay.tail(20)
-    );
+    relay.terminate();
     s.assert_no_dead_letters().await;
 
     let dups = s.check(&ids).await;
@@ -195,8 +189,7 @@ async fn relay_paused_past_its_lease_cannot_mark_after_another_took_over() {
     }
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
     for r in [&mut a, &mut b] {
-        r.signal("-TERM");
-        assert_eq!(r.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", r.tail(20));
+        r.terminate();
     }
     s.assert_no_dead_letters().await;
     let dups = s.check(&ids).await;
@@ -250,13 +243,7 @@ async fn database_connections_killed_while_draining_lose_nothing() {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(100..300))).await;
     }
     wait_pending_below(&store, 1, Duration::from_secs(90)).await;
-    relay.signal("-TERM");
-    assert_eq!(
-        relay.wait_exit(Duration::from_secs(30)).code(),
-        Some(0),
-        "{}",
-        relay.tail(20)
-    );
+    relay.terminate();
     assert!(store.dead_letters(5).await.unwrap().is_empty());
     let (claims, writes, upkeep) = (
         relay.count("claim failed"),
@@ -302,13 +289,7 @@ async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
     let during_lock = relay.count("lock timeout");
     tx.rollback().await.unwrap();
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
-    relay.signal("-TERM");
-    assert_eq!(
-        relay.wait_exit(Duration::from_secs(30)).code(),
-        Some(0),
-        "{}",
-        relay.tail(20)
-    );
+    relay.terminate();
     assert!(
         during_lock > 0,
         "no statement hit the lock timeout:\n{}",
@@ -441,8 +422,7 @@ async fn four_relays_killed_and_restarted_at_random_on_a_hot_key() {
     assert_eq!(ids.len(), 10_000);
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
     for r in &mut relays {
-        r.signal("-TERM");
-        assert_eq!(r.wait_exit(Duration::from_secs(30)).code(), Some(0), "{}", r.tail(20));
+        r.terminate();
     }
     std::fs::remove_file(cfg).ok();
     s.assert_no_dead_letters().await;
@@ -542,13 +522,7 @@ async fn database_outage_longer_than_the_lease_then_back_loses_nothing() {
     }
     proxy.restore().await;
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
-    relay.signal("-TERM");
-    assert_eq!(
-        relay.wait_exit(Duration::from_secs(30)).code(),
-        Some(0),
-        "{}",
-        relay.tail(20)
-    );
+    relay.terminate();
     s.assert_no_dead_letters().await;
     let dups = s.check(&ids).await;
     let bound = batch * LANES as usize;
@@ -595,13 +569,7 @@ async fn sigterm_during_a_database_outage_exits_within_the_grace_period() {
     ids.extend(enqueue_all(&s.pool, &s.topic, 1000, 100).await);
     let mut relay = args.spawn();
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
-    relay.signal("-TERM");
-    assert_eq!(
-        relay.wait_exit(Duration::from_secs(30)).code(),
-        Some(0),
-        "{}",
-        relay.tail(20)
-    );
+    relay.terminate();
     std::fs::remove_file(cfg).ok();
     s.assert_no_dead_letters().await;
     let dups = s.check(&ids).await;

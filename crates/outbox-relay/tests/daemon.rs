@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, Store};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs, RelayProcess};
-use outbox_tests::kafka::{check_delivery, create_topic, read_until, tansu, topic};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
@@ -17,7 +17,7 @@ fn spawn_relay(url: &str, bootstrap: &str, batch: usize) -> RelayProcess {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("daemon-term");
     create_topic(&bootstrap, &t, 4).await;
     let pool = outbox_tests::db::fresh_pg().await;
@@ -62,7 +62,7 @@ async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_then_restart_loses_nothing() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("daemon-kill");
     create_topic(&bootstrap, &t, 4).await;
     let pool = outbox_tests::db::fresh_pg().await;
@@ -193,15 +193,14 @@ macro_rules! enqueue_on {
 async fn relay_on(url: &str, store: &dyn Store, t: &str, ids: &HashSet<uuid::Uuid>, bootstrap: &str) {
     let mut relay = spawn_relay(url, bootstrap, 100);
     wait_pending_below(store, 1, Duration::from_secs(60)).await;
-    relay.signal("-TERM");
-    assert_eq!(relay.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    relay.terminate();
     let seen = read_until(bootstrap, t, ids, Duration::from_secs(30), Duration::from_millis(200)).await;
     assert_eq!(check_delivery(&seen, ids), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_follows_the_url_scheme_mysql_and_sqlite() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
 
     // MariaDB / MySQL.
     let pool = outbox_tests::db::fresh_mysql().await;
@@ -252,7 +251,7 @@ fn a_schema_name_that_is_not_a_plain_identifier_is_refused_at_startup() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_tables_in_their_own_schema() {
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let pool = outbox_tests::db::fresh_pg_unmigrated().await;
     let url = db_url(&pool);
     let out = Command::new(BIN)
@@ -284,8 +283,7 @@ async fn outbox_tables_in_their_own_schema() {
         .args(["--database-schema", "orders_outbox"])
         .spawn();
     wait_pending_below(&store, 1, Duration::from_secs(60)).await;
-    relay.signal("-TERM");
-    assert_eq!(relay.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    relay.terminate();
     let seen = read_until(
         &bootstrap,
         &t,

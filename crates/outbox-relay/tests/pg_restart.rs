@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, Store, LANES};
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
-use outbox_tests::kafka::{check_delivery, create_topic, read_until, tansu, topic};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
@@ -57,7 +57,7 @@ async fn postgres_restarted_under_load_loses_nothing() {
         eprintln!("skipped: OUTBOX_TEST_NO_PG_RESTART is set");
         return;
     }
-    let bootstrap = tansu();
+    let bootstrap = broker();
     let t = topic("pg-restart");
     create_topic(&bootstrap, &t, 4).await;
     let pool = outbox_tests::db::fresh_pg().await;
@@ -97,13 +97,7 @@ async fn postgres_restarted_under_load_loses_nothing() {
     }
     assert!(relay.running(), "the relay died with the database:\n{}", relay.tail(20));
     wait_pending_below(&store, 1, Duration::from_secs(90)).await;
-    relay.signal("-TERM");
-    assert_eq!(
-        relay.wait_exit(Duration::from_secs(30)).code(),
-        Some(0),
-        "{}",
-        relay.tail(20)
-    );
+    relay.terminate();
     assert!(store.dead_letters(10).await.unwrap().is_empty());
 
     // What committed is what the business table holds, whatever the clients were told.

@@ -8,13 +8,15 @@ use crate::{Delivered, StoredMessage};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum FailureKind {
-    /// Worth retrying (broker down, timeout, leader moved, possibly persisted).
+    /// Worth retrying, and may be the message's own fault: counts an attempt, so it is
+    /// dead-lettered after `max_attempts`.
     Retryable,
     /// Will never succeed (too large, invalid topic, not authorized): dead-letter it.
     Permanent,
-    /// The broker cannot be used at all (authentication failed): nothing is wrong with the
-    /// message. The relay backs the lane off and sends it again later without counting an attempt,
-    /// so an outage never dead-letters the backlog.
+    /// The broker cannot take the message now, whatever the message: authentication failed, no
+    /// broker reachable, no leader or too few in-sync replicas, no confirmation in time (possibly
+    /// persisted). The relay backs the lane off and sends it again later without counting an
+    /// attempt, so an outage of any length never dead-letters the backlog.
     Unavailable,
 }
 

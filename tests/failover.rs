@@ -1,0 +1,161 @@
+//! Real Apache Kafka failing under the relay: a broker SIGKILLed and restarted on its log dirs, the
+//! leader of the busiest partitions SIGKILLed in a three-node cluster, and two of three nodes down
+//! (below `min.insync.replicas`) for longer than `message.timeout.ms`. Each test has a cluster of
+//! its own (`.ci/kafka`), writers that keep committing while it fails, and an independent reader
+//! that checks every committed message arrived, per-key seqs in order, duplicates within their bound.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outbox::{Message, Store, LANES};
+use outbox_kafka::KafkaPublisher;
+use outbox_relay::RelayConfig;
+use outbox_tests::embedded::{drained, start, test_config, Running};
+use outbox_tests::kafka::{check_delivery, create_topic, read_until, topic, Cluster};
+use tokio::task::JoinHandle;
+
+const BATCH: usize = 100;
+
+fn config() -> RelayConfig {
+    test_config().batch_size(BATCH).max_attempts(3)
+}
+
+/// Commits `txs` transactions of 10 keyed messages (40 keys), one every `every`, while the test
+/// breaks the cluster; returns the ids that committed.
+fn writers(pool: sqlx::PgPool, t: String, txs: usize, every: Duration) -> JoinHandle<HashSet<uuid::Uuid>> {
+    tokio::spawn(async move {
+        let mut committed = HashSet::new();
+        let mut tick = tokio::time::interval(every);
+        for b in 0..txs {
+            tick.tick().await;
+            let msgs: Vec<Message> = (0..10)
+                .map(|i| Message::new(t.clone(), format!("b{b}i{i}")).key(format!("key-{}", (b * 3 + i) % 40)))
+                .collect();
+            let mut tx = pool.begin().await.unwrap();
+            outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+            tx.commit().await.unwrap();
+            committed.extend(msgs.iter().map(|m| m.id()));
+        }
+        committed
+    })
+}
+
+/// A relay on the cluster with the test's settings.
+fn relay(store: &outbox::postgres::PgStore, cluster: &Cluster, extra: &[(&str, &str)], cfg: RelayConfig) -> Running {
+    let bootstrap = cluster.bootstrap();
+    let mut settings = vec![("bootstrap.servers", bootstrap.as_str())];
+    settings.extend_from_slice(extra);
+    start(store.clone(), KafkaPublisher::new(settings).unwrap(), cfg)
+}
+
+/// Drains, stops the relay, and checks with an independent reader: all arrived, in order per key,
+/// no dead letter, duplicates within one batch per lane. Returns the duplicates.
+async fn settle(
+    store: &outbox::postgres::PgStore,
+    cluster: &Cluster,
+    relay: Running,
+    t: &str,
+    ids: &HashSet<uuid::Uuid>,
+) -> usize {
+    drained(store, Duration::from_secs(180)).await;
+    relay.stop().await;
+    assert!(
+        store.dead_letters(10).await.unwrap().is_empty(),
+        "nothing is dead-lettered"
+    );
+    let seen = read_until(
+        &cluster.bootstrap(),
+        t,
+        ids,
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+    )
+    .await;
+    let dups = check_delivery(&seen, ids);
+    assert!(dups <= BATCH * LANES as usize, "{dups} duplicates");
+    dups
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_killed_and_restarted_on_its_log_dirs_loses_nothing() {
+    let cluster = Cluster::start(1);
+    let t = topic("broker-restart");
+    create_topic(&cluster.bootstrap(), &t, 4).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let relay = relay(&store, &cluster, &[], config());
+    let writing = writers(pool.clone(), t.clone(), 400, Duration::from_millis(25));
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.kill(1);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.restart(1);
+    let ids = writing.await.unwrap();
+    assert_eq!(ids.len(), 4000);
+    let dups = settle(&store, &cluster, relay, &t, &ids).await;
+    eprintln!("broker restart: {} delivered, {dups} duplicates", ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_of_the_busiest_partitions_killed_mid_stream_loses_nothing() {
+    let cluster = Cluster::start(3);
+    let t = topic("failover");
+    create_topic(&cluster.bootstrap(), &t, 6).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let relay = relay(&store, &cluster, &[], config());
+    let writing = writers(pool.clone(), t.clone(), 600, Duration::from_millis(25));
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = cluster.busiest_leader(&t);
+    cluster.kill(leader);
+    // Past the broker session timeout (9 s): the controller fences it and moves its leaderships.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    cluster.restart(leader);
+    let ids = writing.await.unwrap();
+    assert_eq!(ids.len(), 6000);
+    let dups = settle(&store, &cluster, relay, &t, &ids).await;
+    eprintln!("leader {leader} killed: {} delivered, {dups} duplicates", ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_of_three_brokers_down_past_the_message_timeout_dead_letters_nothing() {
+    let cluster = Cluster::start(3);
+    let t = topic("min-isr");
+    create_topic(&cluster.bootstrap(), &t, 6).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    // A short delivery timeout and few attempts: an outage counted as attempts would dead-letter
+    // every key's head within the outage.
+    let relay = relay(
+        &store,
+        &cluster,
+        &[("message.timeout.ms", "5000")],
+        config().max_attempts(2),
+    );
+    let writing = writers(pool.clone(), t.clone(), 500, Duration::from_millis(50));
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.kill(2);
+    cluster.kill(3);
+    // Four message timeouts with one broker of three: no partition has min.insync.replicas.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let stuck = store.status().await.unwrap().pending;
+    assert!(
+        stuck > 0,
+        "writes kept committing while the cluster could not take them"
+    );
+    assert!(
+        store.dead_letters(10).await.unwrap().is_empty(),
+        "an outage below min.insync.replicas dead-letters nothing"
+    );
+    cluster.restart(2);
+    let ids = writing.await.unwrap();
+    assert_eq!(ids.len(), 5000);
+    let dups = settle(&store, &cluster, relay, &t, &ids).await;
+    cluster.restart(3);
+    eprintln!(
+        "below min ISR for 20 s: {stuck} pending during, {} delivered, {dups} duplicates",
+        ids.len()
+    );
+}
