@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use outbox_inbox::{Handler, Inbox, Incoming};
-use outbox_kafka::{ConsumerConfig, ConsumerRunner};
+use outbox_kafka::{ConsumerConfig, ConsumerRunner, ConsumerStats};
 use outbox_tests::kafka::{broker, create_topic, read_until, topic};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -123,6 +123,20 @@ fn start(
     cfg: ConsumerConfig,
     extra: &[(&str, &str)],
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (stop, task, _) = start_with_stats(bootstrap, group, t, pool, handler, cfg, extra);
+    (stop, task)
+}
+
+/// [`start`], also returning the runner's live counters.
+fn start_with_stats(
+    bootstrap: &str,
+    group: &str,
+    t: &str,
+    pool: sqlx::PgPool,
+    handler: Effects,
+    cfg: ConsumerConfig,
+    extra: &[(&str, &str)],
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>, Arc<ConsumerStats>) {
     let mut settings = vec![
         ("bootstrap.servers", bootstrap),
         ("group.id", group),
@@ -132,6 +146,7 @@ fn start(
     let runner = ConsumerRunner::new(settings, &[t], pool, Inbox::new("effects"), handler)
         .unwrap()
         .config(cfg);
+    let stats = runner.stats();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         runner
@@ -141,7 +156,7 @@ fn start(
             .await
             .unwrap();
     });
-    (tx, task)
+    (tx, task, stats)
 }
 
 async fn wait_effects(pool: &sqlx::PgPool, n: i64, within: Duration) {
@@ -339,4 +354,104 @@ async fn two_consumers_and_a_rebalance_mid_stream_apply_every_effect_exactly_onc
     stop_b.send(()).unwrap();
     bb.await.unwrap();
     assert_eq!(effect_counts(&pool).await, (600, 600), "every effect exactly once");
+}
+
+/// Waits until the dead-letter topic `dlq` has stayed empty for 3 s; returns what it held.
+async fn dead_letter_topic(bootstrap: &str, dlq: &str) -> usize {
+    read_until(bootstrap, dlq, &HashSet::new(), Duration::from_secs(3), Duration::ZERO)
+        .await
+        .len()
+}
+
+/// Terminates every connection to `db` (they come back with the database's current settings).
+async fn drop_connections(admin: &sqlx::PgPool, db: &str) {
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(db)
+    .execute(admin)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_database_read_only_for_a_while_dead_letters_nothing() {
+    let b = broker();
+    let t = topic("consume-read-only");
+    let dlq = format!("{t}.dlq");
+    create_topic(&b, &t, 2).await;
+    create_topic(&b, &dlq, 1).await;
+    let pool = effects_db().await;
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    let admin = sqlx::PgPool::connect(&outbox_tests::db::pg_url()).await.unwrap();
+    let ids = produce(&b, &t, 400, 20, 1).await;
+    let (stop, task, stats) = start_with_stats(&b, &topic("g"), &t, pool.clone(), Effects::default(), fast(), &[]);
+    wait_effects(&pool, 50, Duration::from_secs(60)).await;
+
+    // A failover's read-only phase: every write of the inbox fails (SQLSTATE 25006).
+    sqlx::query(&format!("ALTER DATABASE {db} SET default_transaction_read_only = on"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    drop_connections(&admin, &db).await;
+    let during = Instant::now();
+    while during.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sqlx::query(&format!("ALTER DATABASE {db} RESET default_transaction_read_only"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    drop_connections(&admin, &db).await;
+
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(90)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (400, 400), "every effect exactly once");
+    assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(
+        stats.infrastructure_retries.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the outage was seen"
+    );
+    assert_eq!(dead_letter_topic(&b, &dlq).await, 0, "nothing on the dead-letter topic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_database_unreachable_then_back_dead_letters_nothing() {
+    let b = broker();
+    let t = topic("consume-db-down");
+    let dlq = format!("{t}.dlq");
+    create_topic(&b, &t, 2).await;
+    create_topic(&b, &dlq, 1).await;
+    let pool = effects_db().await;
+    let proxy = outbox_tests::proxy::DbProxy::start().await;
+    let through_proxy = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_with((*pool.connect_options()).clone().port(proxy.port))
+        .await
+        .unwrap();
+    let ids = produce(&b, &t, 400, 20, 1).await;
+    let (stop, task, stats) = start_with_stats(&b, &topic("g"), &t, through_proxy, Effects::default(), fast(), &[]);
+    wait_effects(&pool, 50, Duration::from_secs(60)).await;
+
+    // The database stops answering (connections dropped, new ones refused) for 15 s: longer than
+    // max_attempts (5) tries of 2 s (the pool's acquire timeout) each.
+    proxy.cut();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.restore().await;
+
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(90)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (400, 400), "every effect exactly once");
+    assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(
+        stats.infrastructure_retries.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the outage was seen"
+    );
+    assert_eq!(dead_letter_topic(&b, &dlq).await, 0, "nothing on the dead-letter topic");
 }

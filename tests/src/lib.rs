@@ -8,3 +8,4 @@ pub mod db;
 pub mod embedded;
 pub mod inbox_suite;
 pub mod kafka;
+pub mod proxy;

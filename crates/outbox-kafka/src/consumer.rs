@@ -1,19 +1,28 @@
 //! The consumer runner: reads a topic, runs each message through the [`Inbox`] (dedup record and
-//! handler writes in one transaction), and only then stores its offset for commit. Handler errors
-//! retry with backoff; after `max_attempts` the message goes to a dead-letter topic and the
-//! partition moves on.
+//! handler writes in one transaction), and only then stores its offset for commit.
+//!
+//! A message that cannot be applied now never blocks the other partitions: its partition is
+//! paused and rewound to it, and resumed after a backoff, while the runner keeps polling (so it
+//! stays in its group and shutdown is never blocked). Database trouble (connection refused,
+//! read-only server, too many connections, disk full...) is not the message's fault: it is
+//! retried for as long as it lasts and never dead-lettered. The handler's own errors are retried
+//! with backoff; after `max_attempts` the message goes to a dead-letter topic and the partition
+//! moves on. A message without usable outbox headers is dead-lettered at once.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_inbox::{Backend, Handler, Inbox, Incoming, Outcome};
+use outbox_inbox::{Backend, Handler, Inbox, InboxError, Incoming, Outcome};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 /// Header naming why a message was dead-lettered.
@@ -92,6 +101,9 @@ pub struct ConsumerStats {
     pub retries: AtomicU64,
     /// Messages sent to the dead-letter topic.
     pub dead_lettered: AtomicU64,
+    /// Attempts that failed on database (or dead-letter topic) trouble and were retried without
+    /// counting against `max_attempts`.
+    pub infrastructure_retries: AtomicU64,
 }
 
 /// Errors that stop the runner.
@@ -124,6 +136,8 @@ pub struct ConsumerRunner<DB: Backend, H> {
     handler: H,
     cfg: ConsumerConfig,
     stats: Arc<ConsumerStats>,
+    /// Database failures in a row (any message): the backoff while the database is away.
+    outage_streak: std::sync::atomic::AtomicU32,
 }
 
 impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
@@ -161,6 +175,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             handler,
             cfg: ConsumerConfig::default(),
             stats: Arc::default(),
+            outage_streak: Default::default(),
         })
     }
 
@@ -176,12 +191,19 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     }
 
     /// Consumes until `shutdown` completes: the message being processed finishes, stored offsets
-    /// are committed, then the runner returns.
+    /// are committed, then the runner returns. Shutdown is never held up by a message waiting for
+    /// a retry: its partition's offset simply stays before it.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ConsumerError> {
         tokio::pin!(shutdown);
+        let mut waiting = Waiting::default();
         loop {
+            let next_resume = waiting.next_resume();
             let msg = tokio::select! {
                 _ = &mut shutdown => break,
+                _ = tokio::time::sleep_until(next_resume.unwrap_or_else(Instant::now)), if next_resume.is_some() => {
+                    waiting.resume_due(&self.consumer);
+                    continue;
+                }
                 m = self.consumer.recv() => m,
             };
             let msg = match msg {
@@ -191,7 +213,19 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
                     continue;
                 }
             };
-            self.handle(&msg).await?;
+            let tp = (msg.topic().to_owned(), msg.partition());
+            if waiting.is_paused(&tp) {
+                // Fetched before its partition was paused; read again after the resume.
+                continue;
+            }
+            let attempts = waiting.attempts(&tp, msg.offset());
+            match self.attempt(&msg, attempts).await {
+                Step::Done => {
+                    waiting.done(&tp);
+                    self.store(&msg);
+                }
+                Step::Again { attempts, delay } => waiting.pause(&self.consumer, tp, msg.offset(), attempts, delay),
+            }
         }
         // Commit what is stored; an empty assignment or nothing stored is not an error.
         match self.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -201,9 +235,9 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         Ok(())
     }
 
-    /// Processes one message until it is done (processed, duplicate) or dead-lettered, then stores
-    /// its offset.
-    async fn handle(&self, msg: &OwnedMessage) -> Result<(), ConsumerError> {
+    /// One try at a message: applied (or a duplicate, or dead-lettered) means done; anything else
+    /// means try again after a delay. `attempts` counts the handler's earlier failures only.
+    async fn attempt(&self, msg: &OwnedMessage, attempts: u32) -> Step {
         let headers: Vec<(&str, &[u8])> = msg
             .headers()
             .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
@@ -211,10 +245,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         let payload = msg.payload().unwrap_or_default();
         let incoming = match Incoming::from_headers(msg.topic(), payload, headers.iter().copied()) {
             Ok(i) => i,
-            Err(e) => {
-                self.dead_letter(msg, &e.to_string(), 0).await?;
-                return self.store(msg);
-            }
+            Err(e) => return self.dead_letter_or_wait(msg, &e.to_string(), 0).await,
         };
         let traceparent = incoming
             .header_value(outbox::HEADER_TRACEPARENT)
@@ -227,46 +258,77 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             // Fails only when no OpenTelemetry layer is installed: nothing to continue then.
             let _ = span.set_parent(parent);
         }
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let res = self
-                .inbox
-                .process(&self.pool, &incoming, &self.handler)
-                .instrument(span.clone())
-                .await;
-            match res {
-                Ok(o @ (Outcome::Processed | Outcome::Duplicate)) => {
-                    let counter = if o == Outcome::Processed {
-                        &self.stats.processed
-                    } else {
-                        &self.stats.duplicates
-                    };
-                    counter.fetch_add(1, Relaxed);
-                    return self.store(msg);
-                }
-                Ok(_held) => {
-                    // A gap under GapPolicy::Hold: wait for the missing message; never dead-letter.
-                    tracing::info!(outbox.id = %incoming.id, "held: waiting for an earlier message of the key");
-                    attempt = attempt.min(self.cfg.max_attempts.saturating_sub(1));
-                }
-                Err(e) if e.is_retryable() && attempt < self.cfg.max_attempts => {
-                    self.stats.retries.fetch_add(1, Relaxed);
-                    tracing::warn!(outbox.id = %incoming.id, attempt, error = %e, "handler failed; retrying");
-                }
-                Err(e) => {
-                    tracing::error!(outbox.id = %incoming.id, attempt, error = %e, "giving up; dead-lettering");
-                    self.dead_letter(msg, &e.to_string(), attempt).await?;
-                    return self.store(msg);
+        let res = self
+            .inbox
+            .process(&self.pool, &incoming, &self.handler)
+            .instrument(span)
+            .await;
+        match res {
+            Ok(o) if o.is_done() => {
+                self.outage_streak.store(0, Relaxed);
+                let counter = if o == Outcome::Duplicate {
+                    &self.stats.duplicates
+                } else {
+                    &self.stats.processed
+                };
+                counter.fetch_add(1, Relaxed);
+                Step::Done
+            }
+            Ok(o) => {
+                tracing::info!(outbox.id = %incoming.id, outcome = ?o, "not applied yet; its partition waits");
+                Step::Again {
+                    attempts,
+                    delay: self.cfg.backoff_max,
                 }
             }
-            tokio::time::sleep(self.cfg.backoff(attempt)).await;
+            Err(e @ InboxError::Database(_)) => {
+                // The database, not the message: wait for it for as long as it takes.
+                self.stats.infrastructure_retries.fetch_add(1, Relaxed);
+                metrics::counter!("outbox_consumer_infrastructure_errors_total").increment(1);
+                let streak = self.outage_streak.fetch_add(1, Relaxed) + 1;
+                tracing::warn!(outbox.id = %incoming.id, error = %e, streak, "database unavailable; the partition waits and retries");
+                Step::Again {
+                    attempts,
+                    delay: self.cfg.backoff(streak),
+                }
+            }
+            Err(e) if e.is_retryable() && attempts + 1 < self.cfg.max_attempts => {
+                self.stats.retries.fetch_add(1, Relaxed);
+                tracing::warn!(outbox.id = %incoming.id, attempt = attempts + 1, error = %e, "handler failed; retrying");
+                Step::Again {
+                    attempts: attempts + 1,
+                    delay: self.cfg.backoff(attempts + 1),
+                }
+            }
+            Err(e) => {
+                tracing::error!(outbox.id = %incoming.id, attempt = attempts + 1, error = %e, "giving up; dead-lettering");
+                self.dead_letter_or_wait(msg, &e.to_string(), attempts + 1).await
+            }
         }
     }
 
-    fn store(&self, msg: &OwnedMessage) -> Result<(), ConsumerError> {
-        self.consumer.store_offset(msg.topic(), msg.partition(), msg.offset())?;
-        Ok(())
+    /// Sends `msg` to the dead-letter topic; if that topic cannot be written, the message waits
+    /// (its partition is retried later) rather than being skipped.
+    async fn dead_letter_or_wait(&self, msg: &OwnedMessage, error: &str, attempts: u32) -> Step {
+        match self.dead_letter(msg, error, attempts).await {
+            Ok(()) => Step::Done,
+            Err(e) => {
+                self.stats.infrastructure_retries.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, "dead letter not written; the partition waits and retries");
+                Step::Again {
+                    attempts: attempts.saturating_sub(1),
+                    delay: self.cfg.backoff_max,
+                }
+            }
+        }
+    }
+
+    /// Stores the offset after `msg` for the next commit. A partition revoked meanwhile refuses it:
+    /// its new owner reads the message again (and the inbox recognises it).
+    fn store(&self, msg: &OwnedMessage) {
+        if let Err(e) = self.consumer.store_offset(msg.topic(), msg.partition(), msg.offset()) {
+            tracing::warn!(error = %e, topic = msg.topic(), partition = msg.partition(), "offset not stored (partition revoked?)");
+        }
     }
 
     async fn dead_letter(&self, msg: &OwnedMessage, error: &str, attempts: u32) -> Result<(), ConsumerError> {
@@ -307,12 +369,88 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         if let Some(k) = msg.key() {
             record = record.key(k);
         }
-        metrics::counter!("outbox_consumer_dead_lettered_total").increment(1);
-        self.stats.dead_lettered.fetch_add(1, Relaxed);
         self.producer
             .send(record, Duration::from_secs(30))
             .await
-            .map(|_| ())
-            .map_err(|(source, _)| ConsumerError::DeadLetter { topic, source })
+            .map_err(|(source, _)| ConsumerError::DeadLetter { topic, source })?;
+        metrics::counter!("outbox_consumer_dead_lettered_total").increment(1);
+        self.stats.dead_lettered.fetch_add(1, Relaxed);
+        Ok(())
+    }
+}
+
+/// What to do after one try at a message.
+enum Step {
+    /// Applied, a duplicate, or dead-lettered: store its offset.
+    Done,
+    /// Try again after `delay`; `attempts` handler failures so far.
+    Again { attempts: u32, delay: Duration },
+}
+
+/// Partitions paused at a message that waits for a retry, and the handler failures of the message
+/// each partition is at.
+#[derive(Default)]
+struct Waiting {
+    /// (topic, partition) -> (offset of the waiting message, handler failures so far, resume at);
+    /// resume at is `None` once the partition is resumed and the message is being read again.
+    at: HashMap<(String, i32), (i64, u32, Option<Instant>)>,
+}
+
+impl Waiting {
+    fn next_resume(&self) -> Option<Instant> {
+        self.at.values().filter_map(|(_, _, r)| *r).min()
+    }
+
+    fn is_paused(&self, tp: &(String, i32)) -> bool {
+        self.at.get(tp).is_some_and(|(_, _, r)| r.is_some())
+    }
+
+    /// Handler failures so far of the message at `offset` (0 for any other message).
+    fn attempts(&self, tp: &(String, i32), offset: i64) -> u32 {
+        match self.at.get(tp) {
+            Some((o, n, _)) if *o == offset => *n,
+            _ => 0,
+        }
+    }
+
+    fn done(&mut self, tp: &(String, i32)) {
+        self.at.remove(tp);
+    }
+
+    /// Pauses the partition and rewinds it to the waiting message.
+    fn pause(&mut self, consumer: &StreamConsumer, tp: (String, i32), offset: i64, attempts: u32, delay: Duration) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        if let Err(e) = consumer.pause(&tpl) {
+            tracing::warn!(error = %e, topic = tp.0, partition = tp.1, "pause failed");
+        }
+        seek(consumer, &tp, offset);
+        self.at.insert(tp, (offset, attempts, Some(Instant::now() + delay)));
+    }
+
+    /// Resumes the partitions whose delay is over, rewound to their waiting message again (the
+    /// partition may have been revoked and assigned back meanwhile).
+    fn resume_due(&mut self, consumer: &StreamConsumer) {
+        let now = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        for (tp, (offset, _, resume_at)) in self.at.iter_mut() {
+            if resume_at.is_some_and(|r| r <= now) {
+                *resume_at = None;
+                seek(consumer, tp, *offset);
+                tpl.add_partition(&tp.0, tp.1);
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!(error = %e, "resume failed");
+            }
+        }
+    }
+}
+
+fn seek(consumer: &StreamConsumer, tp: &(String, i32), offset: i64) {
+    if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(5)) {
+        // Not assigned any more: its next owner starts from the committed offset, before it.
+        tracing::debug!(error = %e, topic = tp.0, partition = tp.1, "seek failed");
     }
 }

@@ -122,6 +122,7 @@ impl KafkaPublisher {
         for (k, v) in PRODUCER_DEFAULTS {
             map.entry((*k).to_owned()).or_insert_with(|| (*v).to_owned());
         }
+        check_delivery_invariants(&map)?;
         let state = Arc::new(BrokerState::default());
         let producer = build(&map, &state)?;
         Ok(KafkaPublisher {
@@ -161,6 +162,59 @@ impl KafkaPublisher {
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.current().flush(timeout)
     }
+}
+
+/// Refuses settings under which a delivery report no longer means "every in-sync replica has it"
+/// or producer retries may reorder a key: the relay marks a row on its report, so these would turn
+/// into lost or reordered messages. The error names the setting.
+fn check_delivery_invariants(settings: &BTreeMap<String, String>) -> Result<(), KafkaError> {
+    let get = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| settings.get(*k).map(|v| ((*k).to_owned(), v.trim().to_owned())))
+    };
+    let refuse = |key: String, value: String, why: &str| {
+        Err(KafkaError::ClientConfig(
+            rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+            format!("refused: {why}"),
+            key,
+            value,
+        ))
+    };
+    if let Some((k, v)) = get(&["acks", "request.required.acks"]) {
+        if !matches!(v.as_str(), "all" | "-1") {
+            return refuse(
+                k,
+                v,
+                "the relay marks a row only once every in-sync replica has it; set acks=all",
+            );
+        }
+    }
+    let idempotent = get(&["enable.idempotence"]).is_some_and(|(_, v)| v == "true");
+    if !idempotent {
+        let in_flight = get(&["max.in.flight.requests.per.connection", "max.in.flight"]);
+        if in_flight.as_ref().is_none_or(|(_, v)| v != "1") {
+            let (k, v) = in_flight.unwrap_or((
+                "max.in.flight.requests.per.connection".into(),
+                "(default 1000000)".into(),
+            ));
+            return refuse(
+                k,
+                v,
+                "without enable.idempotence=true a retried request can overtake a later one of the same key; \
+                 keep enable.idempotence=true or set max.in.flight.requests.per.connection=1",
+            );
+        }
+    }
+    if let Some((k, v)) = get(&["message.timeout.ms", "delivery.timeout.ms"]) {
+        if v.parse::<u64>().map_or(true, |ms| ms == 0) {
+            return refuse(
+                k,
+                v,
+                "a batch must get its delivery reports in bounded time; use a positive timeout",
+            );
+        }
+    }
+    Ok(())
 }
 
 fn build(settings: &BTreeMap<String, String>, state: &Arc<BrokerState>) -> Result<OutboxProducer, KafkaError> {
@@ -372,5 +426,41 @@ mod tests {
         assert!(err.to_string().contains("acks"), "{err}");
         let err = KafkaPublisher::new([("no.such.setting", "1")]).unwrap_err();
         assert!(err.to_string().contains("no.such.setting"), "{err}");
+    }
+
+    #[test]
+    fn settings_that_break_confirm_before_mark_or_key_order_are_refused() {
+        let refused = |extra: &[(&str, &str)], names: &str| {
+            let mut settings = vec![("bootstrap.servers", "127.0.0.1:1")];
+            settings.extend_from_slice(extra);
+            let err = KafkaPublisher::new(settings).expect_err("refused");
+            assert!(err.to_string().contains(names), "{extra:?}: {err}");
+        };
+        refused(&[("acks", "0"), ("enable.idempotence", "false")], "acks");
+        refused(&[("acks", "1"), ("enable.idempotence", "false")], "acks");
+        refused(
+            &[("request.required.acks", "1"), ("enable.idempotence", "false")],
+            "request.required.acks",
+        );
+        refused(
+            &[("enable.idempotence", "false")],
+            "max.in.flight.requests.per.connection",
+        );
+        refused(
+            &[
+                ("enable.idempotence", "false"),
+                ("max.in.flight.requests.per.connection", "5"),
+            ],
+            "max.in.flight.requests.per.connection",
+        );
+        refused(&[("message.timeout.ms", "0")], "message.timeout.ms");
+        // What keeps the invariants is accepted.
+        KafkaPublisher::new([
+            ("bootstrap.servers", "127.0.0.1:1"),
+            ("enable.idempotence", "false"),
+            ("max.in.flight.requests.per.connection", "1"),
+            ("acks", "-1"),
+        ])
+        .unwrap();
     }
 }

@@ -1,8 +1,11 @@
 //! Crash points for fault tests: `OUTBOX_RELAY_CRASH_AT=<point>:<n>` makes the process abort (like
-//! SIGKILL: nothing flushed, nothing released) the n-th time a lane passes `<point>`. Unset in
-//! production; checking it costs one atomic load per batch.
+//! SIGKILL: nothing flushed, nothing released) the n-th time a lane passes `<point>`. Compiled only
+//! with the `failpoints` feature (`.ci/test` turns it on); without it [`hit`] is empty, so no
+//! environment variable can abort a production relay.
 
+#[cfg(feature = "failpoints")]
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "failpoints")]
 use std::sync::OnceLock;
 
 /// Where in a batch's life the relay can be made to crash.
@@ -20,6 +23,7 @@ pub(crate) enum Point {
     AfterMark,
 }
 
+#[cfg(feature = "failpoints")]
 fn parse(spec: &str) -> Option<(Point, u64)> {
     let (name, n) = spec.split_once(':').unwrap_or((spec, "1"));
     let point = match name {
@@ -33,10 +37,18 @@ fn parse(spec: &str) -> Option<(Point, u64)> {
     Some((point, n.parse().ok()?))
 }
 
+#[cfg(feature = "failpoints")]
 static ARMED: OnceLock<Option<(Point, u64)>> = OnceLock::new();
+#[cfg(feature = "failpoints")]
 static HITS: AtomicU64 = AtomicU64::new(0);
 
+/// Aborts the process if this is the armed point's n-th hit (only with the `failpoints` feature).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(crate) fn hit(_point: Point) {}
+
 /// Aborts the process if this is the armed point's n-th hit.
+#[cfg(feature = "failpoints")]
 pub(crate) fn hit(point: Point) {
     let armed = ARMED.get_or_init(|| {
         let spec = std::env::var("OUTBOX_RELAY_CRASH_AT").ok()?;
@@ -62,7 +74,7 @@ pub(crate) fn hit(point: Point) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "failpoints"))]
 mod tests {
     use super::*;
 

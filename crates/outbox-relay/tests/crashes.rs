@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use outbox::{Message, Store, LANES};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs};
 use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::proxy::DbProxy;
 use rand::{Rng, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
@@ -119,26 +120,46 @@ async fn crash_then_restart(point: &str) {
     eprintln!("crash at {point}: {left} pending at the crash, drained {took:.1?} after the restart, {dups} duplicates (bound {bound})");
 }
 
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_claim_then_restart_loses_nothing() {
     crash_then_restart("after_claim").await;
 }
 
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_during_publish_then_restart_loses_nothing() {
     crash_then_restart("during_publish").await;
 }
 
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_before_mark_then_restart_loses_nothing() {
     crash_then_restart("before_mark").await;
 }
 
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_during_mark_then_restart_loses_nothing() {
     crash_then_restart("during_mark").await;
 }
 
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_mark_then_restart_loses_nothing() {
     crash_then_restart("after_mark").await;
@@ -436,67 +457,6 @@ async fn four_relays_killed_and_restarted_at_random_on_a_hot_key() {
         "four relays: {kills} kills in {:.1?}, {dups} duplicates (bound {bound})",
         start.elapsed()
     );
-}
-
-/// A TCP proxy to the local PostgreSQL that can be cut (its port closed: new connections are
-/// refused, open ones dropped) and restored on the same port.
-struct DbProxy {
-    port: u16,
-    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl DbProxy {
-    async fn start() -> DbProxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = DbProxy {
-            port: listener.local_addr().unwrap().port(),
-            tasks: Arc::default(),
-        };
-        proxy.serve(listener);
-        proxy
-    }
-
-    fn serve(&self, listener: tokio::net::TcpListener) {
-        let tasks = self.tasks.clone();
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    continue;
-                };
-                let conn = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                tasks.lock().unwrap().push(conn.abort_handle());
-            }
-        });
-        self.tasks.lock().unwrap().push(accept.abort_handle());
-    }
-
-    fn cut(&self) {
-        for t in self.tasks.lock().unwrap().drain(..) {
-            t.abort();
-        }
-    }
-
-    async fn restore(&self) {
-        let start = Instant::now();
-        let listener = loop {
-            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(
-                        start.elapsed() < Duration::from_secs(10),
-                        "cannot listen on {} again: {e}",
-                        self.port
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        };
-        self.serve(listener);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
