@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use outbox::{Delivered, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ};
+use outbox::{Delivered, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -25,19 +25,25 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("message.timeout.ms", "30000"),
 ];
 
-/// Configuration keys whose values are never printed.
-const SECRET_KEYS: &[&str] = &[
-    "sasl.password",
-    "sasl.oauthbearer.client.secret",
-    "ssl.key.password",
-    "ssl.key.pem",
-    "ssl.keystore.password",
-    "ssl_key",
+/// librdkafka's other names for settings the publisher cares about: (main name, alias).
+const ALIASES: &[(&str, &str)] = &[
+    ("acks", "request.required.acks"),
+    ("message.timeout.ms", "delivery.timeout.ms"),
+    ("max.in.flight.requests.per.connection", "max.in.flight"),
 ];
+
+/// Configuration keys whose values are never printed.
+const SECRET_KEYS: &[&str] = &["ssl_key", "ssl.key.pem", "sasl.oauthbearer.config"];
+
+/// Parts of a key that mark its value as secret: passwords, client secrets, private keys and
+/// their passphrases (e.g. `sasl.oauthbearer.assertion.private.key.passphrase`,
+/// `sasl.oauthbearer.assertion.private.key.pem`), tokens.
+const SECRET_PARTS: &[&str] = &["password", "secret", "passphrase", "private.key", "token", "credential"];
 
 /// True for librdkafka settings whose value must never be logged.
 pub fn is_secret(key: &str) -> bool {
-    SECRET_KEYS.contains(&key) || key.contains("password") || key.contains("secret")
+    let key = key.to_ascii_lowercase();
+    SECRET_KEYS.contains(&key.as_str()) || SECRET_PARTS.iter().any(|p| key.contains(p))
 }
 
 /// How long after librdkafka reported an authentication (SASL or TLS) failure a publish fails at once instead of
@@ -120,11 +126,17 @@ impl KafkaPublisher {
     {
         let mut map: BTreeMap<String, String> = settings.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         for (k, v) in PRODUCER_DEFAULTS {
-            map.entry((*k).to_owned()).or_insert_with(|| (*v).to_owned());
+            // A setting given under its alias is not filled in under its main name.
+            let given = ALIASES
+                .iter()
+                .any(|(main, alias)| main == k && map.contains_key(*alias));
+            if !given {
+                map.entry((*k).to_owned()).or_insert_with(|| (*v).to_owned());
+            }
         }
         check_delivery_invariants(&map)?;
         let state = Arc::new(BrokerState::default());
-        let producer = build(&map, &state)?;
+        let producer = build(&map, &state).map_err(redact_error)?;
         Ok(KafkaPublisher {
             settings: map,
             state,
@@ -152,7 +164,7 @@ impl KafkaPublisher {
             return; // another lane already rebuilt it
         }
         tracing::error!(?code, %reason, "fatal producer error; rebuilding the producer");
-        match build(&self.settings, &self.state) {
+        match build(&self.settings, &self.state).map_err(redact_error) {
             Ok(p) => *slot = Arc::new(p),
             Err(e) => tracing::error!(error = %e, "could not rebuild the producer; will try again"),
         }
@@ -161,6 +173,17 @@ impl KafkaPublisher {
     /// Waits until every queued message has a delivery report, at most `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.current().flush(timeout)
+    }
+}
+
+/// librdkafka's configuration errors name the value they refused: never a secret's.
+fn redact_error(e: KafkaError) -> KafkaError {
+    match e {
+        KafkaError::ClientConfig(res, desc, key, value) if is_secret(&key) => {
+            let desc = desc.replace(&value, "***");
+            KafkaError::ClientConfig(res, desc, key, "***".into())
+        }
+        e => e,
     }
 }
 
@@ -270,7 +293,7 @@ pub fn classify(e: &KafkaError) -> PublishError {
 fn headers(row: &StoredMessage) -> OwnedHeaders {
     let id = row.id.to_string();
     let seq = row.seq.map(|s| s.to_string());
-    let mut h = OwnedHeaders::new_with_capacity(3 + row.headers.len()).insert(Header {
+    let mut h = OwnedHeaders::new_with_capacity(4 + row.headers.len()).insert(Header {
         key: HEADER_ID,
         value: Some(id.as_bytes()),
     });
@@ -283,6 +306,12 @@ fn headers(row: &StoredMessage) -> OwnedHeaders {
     if let Some(s) = &seq {
         h = h.insert(Header {
             key: HEADER_SEQ,
+            value: Some(s.as_bytes()),
+        });
+    }
+    if let Some(s) = &row.source {
+        h = h.insert(Header {
+            key: HEADER_SOURCE,
             value: Some(s.as_bytes()),
         });
     }

@@ -233,16 +233,36 @@ fn check_schema(schema: &str, url: &str) -> anyhow::Result<()> {
 
 /// The URL with its password replaced by `***`, for logs.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match base.find("://") {
+        Some(s) => {
+            let rest = &base[s + 3..];
+            let end = rest.find('/').unwrap_or(rest.len());
+            match rest[..end]
+                .rsplit_once('@')
+                .and_then(|(creds, host)| Some((creds.split_once(':')?.0, host)))
+            {
+                Some((user, host)) => format!("{}{user}:***@{host}{}", &base[..s + 3], &rest[end..]),
+                None => base.to_owned(),
             }
         }
-        _ => url.to_owned(),
+        None => base.to_owned(),
+    };
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if outbox_kafka::is_secret(k) || k.eq_ignore_ascii_case("pass") => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 #[cfg(test)]
@@ -307,5 +327,10 @@ mod tests {
         assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact_url("sqlite:x.db"), "sqlite:x.db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=disable&password=s&sslpassword=t"),
+            "postgres://u@h/db?sslmode=disable&password=***&sslpassword=***"
+        );
+        assert_eq!(redact_url("mysql://u:p@h/db?x=a@b"), "mysql://u:***@h/db?x=a@b");
     }
 }

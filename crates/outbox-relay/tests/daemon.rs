@@ -294,3 +294,99 @@ async fn outbox_tables_in_their_own_schema() {
     .await;
     assert_eq!(check_delivery(&seen, &ids), 0);
 }
+
+/// Runs the daemon with `args` (and `env`) until it exits or `for_at_most` passes (then SIGTERM),
+/// returning everything it printed on stdout and stderr.
+fn all_output(args: &[&str], env: &[(&str, &str)], for_at_most: Duration) -> String {
+    let out_file = std::env::temp_dir().join(format!("outbox-secrets-{}.log", uuid::Uuid::new_v4().simple()));
+    let out = std::fs::File::create(&out_file).unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "debug")
+        .envs(env.iter().copied())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() && start.elapsed() < for_at_most {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if child.try_wait().unwrap().is_none() {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        child.wait().unwrap();
+    }
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    std::fs::remove_file(&out_file).ok();
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_any_output_or_log() {
+    let bootstrap = broker();
+    let pool = outbox_tests::db::fresh_pg().await;
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    // PostgreSQL trusts 127.0.0.1 here, so the planted DSN passwords do not stop the relay.
+    let file = std::env::temp_dir().join(format!("outbox-secrets-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &file,
+        format!(
+            r#"database_url = "postgres://postgres:dsn-userinfo-S3CRET@127.0.0.1:5432/{db}"
+[kafka]
+"bootstrap.servers" = "{bootstrap}"
+"sasl.password" = "kafka-sasl-S3CRET"
+"ssl.key.password" = "ssl-key-S3CRET"
+"sasl.oauthbearer.client.secret" = "oauth-client-S3CRET"
+"#
+        ),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut printed = all_output(
+        &[
+            "--config",
+            config,
+            "--kafka",
+            "sasl.oauthbearer.assertion.private.key.passphrase=assertion-passphrase-S3CRET",
+            "--admin-listen",
+            &admin,
+            "run",
+        ],
+        &[("OUTBOX_KAFKA_SSL_KEYSTORE_PASSWORD", "keystore-S3CRET")],
+        Duration::from_secs(5),
+    );
+    printed += &all_output(
+        &[
+            "--database-url",
+            &format!("postgres://postgres@127.0.0.1:5432/{db}?password=dsn-query-S3CRET&sslmode=disable"),
+            "status",
+        ],
+        &[],
+        Duration::from_secs(30),
+    );
+    printed += &all_output(
+        &[
+            "--database-url",
+            "postgres://postgres:unreachable-S3CRET@127.0.0.1:1/nowhere?password=unreachable-query-S3CRET",
+            "status",
+        ],
+        &[],
+        Duration::from_secs(30),
+    );
+    std::fs::remove_file(&file).ok();
+    assert!(
+        printed.contains("configuration"),
+        "the relay started and printed its configuration:\n{printed}"
+    );
+    assert!(printed.contains("database:"), "status ran:\n{printed}");
+    let leaked: Vec<&str> = printed.lines().filter(|l| l.contains("S3CRET")).collect();
+    assert!(leaked.is_empty(), "secrets printed:\n{}", leaked.join("\n"));
+}
