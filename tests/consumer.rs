@@ -455,3 +455,140 @@ async fn consumer_database_unreachable_then_back_dead_letters_nothing() {
     );
     assert_eq!(dead_letter_topic(&b, &dlq).await, 0, "nothing on the dead-letter topic");
 }
+
+/// A consumer-group member in its own process (`consumer-member`), to SIGKILL.
+struct Member(std::process::Child);
+
+impl Member {
+    fn start(b: &str, t: &str, group: &str, pool: &sqlx::PgPool) -> Member {
+        let db = pool.connect_options().get_database().unwrap().to_owned();
+        let url = format!("{}/{db}", outbox_tests::db::pg_url().rsplit_once('/').unwrap().0);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_consumer-member"))
+            .args([b, t, group, &url])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start consumer-member");
+        Member(child)
+    }
+
+    fn signal(&mut self, sig: &str) {
+        let st = std::process::Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// SIGTERM: leaves the group after committing; must exit 0.
+    fn stop(mut self) {
+        self.signal("-TERM");
+        let st = self.0.wait().unwrap();
+        assert!(st.success(), "member exited with {st}");
+    }
+
+    /// SIGKILL: gone without a word, whatever it was doing.
+    fn kill(mut self) {
+        self.signal("-KILL");
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_whose_members_join_leave_and_get_killed_under_load_applies_every_effect_once() {
+    let b = broker();
+    let t = topic("consume-group");
+    create_topic(&b, &t, 6).await;
+    let pool = effects_db().await;
+    let group = topic("g");
+    let mut members = vec![
+        Member::start(&b, &t, &group, &pool),
+        Member::start(&b, &t, &group, &pool),
+        Member::start(&b, &t, &group, &pool),
+    ];
+    // Load: 3,000 keyed messages in 10 bursts over about 5 s, while the group changes.
+    let (b2, t2) = (b.clone(), t.clone());
+    let producing = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for burst in 0..10 {
+            ids.extend(produce_keys(&b2, &t2, &format!("b{burst}-"), 300, 30, 1).await);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        ids
+    });
+    wait_effects(&pool, 300, Duration::from_secs(60)).await;
+    members.remove(1).kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    members.push(Member::start(&b, &t, &group, &pool));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    members.remove(0).stop();
+    let ids = producing.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    members.remove(0).kill();
+    members.push(Member::start(&b, &t, &group, &pool));
+
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(120)).await;
+    for m in members {
+        m.stop();
+    }
+    assert_eq!(
+        effect_counts(&pool).await,
+        (ids.len() as i64, ids.len() as i64),
+        "every effect exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_runner_deletes_expired_inbox_records_on_a_schedule() {
+    let b = broker();
+    let t = topic("consume-cleanup");
+    create_topic(&b, &t, 1).await;
+    let pool = effects_db().await;
+    // Unkeyed messages: the inbox keeps one record each, for its retention.
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+    for _ in 0..50 {
+        let id = uuid::Uuid::now_v7().to_string();
+        let h = OwnedHeaders::new().insert(Header {
+            key: outbox::HEADER_ID,
+            value: Some(id.as_bytes()),
+        });
+        producer
+            .send(
+                FutureRecord::<str, str>::to(&t).payload("effect").headers(h),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    let group = topic("g");
+    let settings = [("bootstrap.servers", b.as_str()), ("group.id", group.as_str())];
+    let inbox = Inbox::new("effects").retention(Duration::from_millis(1));
+    let cfg = fast().cleanup_interval(Some(Duration::from_millis(300)));
+    let runner = ConsumerRunner::new(settings, &[t.as_str()], pool.clone(), inbox, Effects::default())
+        .unwrap()
+        .config(cfg);
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run_until(async {
+        let _ = rx.await;
+    }));
+    wait_effects(&pool, 50, Duration::from_secs(60)).await;
+    outbox_tests::embedded::wait_for("expired inbox records deleted", Duration::from_secs(30), || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_inbox_messages")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n == 0
+        }
+    })
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

@@ -246,3 +246,45 @@ async fn notify_wakes_the_relay_without_polling() {
     relay.stop().await;
     let _ = Arc::new(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kept_published_rows_are_deleted_past_their_retention_on_a_schedule() {
+    let bootstrap = broker();
+    let t = topic("relay-keep");
+    create_topic(&bootstrap, &t, 2).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone()).keep_published(true);
+    let mut tx = pool.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..300)
+        .map(|i| Message::new(t.clone(), format!("m{i}")).key(format!("k{}", i % 7)))
+        .collect();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
+    let cfg = test_config()
+        .cleanup_interval(Duration::from_millis(200))
+        .published_retention(Duration::from_secs(5));
+    let relay = start(store.clone(), publisher, cfg);
+    drained(&store, Duration::from_secs(60)).await;
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 300, "published rows are kept for their retention");
+    outbox_tests::embedded::wait_for(
+        "kept rows deleted after their retention",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                n == 0
+            }
+        },
+    )
+    .await;
+    relay.stop().await;
+}

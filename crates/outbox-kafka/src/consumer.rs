@@ -48,6 +48,9 @@ pub struct ConsumerConfig {
     pub backoff_max: Duration,
     /// Dead-letter topic; by default `<topic>.dlq`.
     pub dead_letter_topic: Option<String>,
+    /// How often the runner deletes the inbox's expired records ([`Inbox::cleanup`]); `None`
+    /// leaves it to the application. Defaults to every 10 minutes.
+    pub cleanup_interval: Option<Duration>,
 }
 
 impl Default for ConsumerConfig {
@@ -57,6 +60,7 @@ impl Default for ConsumerConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             dead_letter_topic: None,
+            cleanup_interval: Some(Duration::from_secs(10 * 60)),
         }
     }
 }
@@ -75,6 +79,11 @@ impl ConsumerConfig {
     /// Sets [`ConsumerConfig::backoff_max`].
     pub fn backoff_max(mut self, d: Duration) -> Self {
         self.backoff_max = d;
+        self
+    }
+    /// Sets [`ConsumerConfig::cleanup_interval`].
+    pub fn cleanup_interval(mut self, every: Option<Duration>) -> Self {
+        self.cleanup_interval = every;
         self
     }
     /// Sets [`ConsumerConfig::dead_letter_topic`].
@@ -196,10 +205,19 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ConsumerError> {
         tokio::pin!(shutdown);
         let mut waiting = Waiting::default();
+        let mut next_cleanup = self.cfg.cleanup_interval.map(|every| Instant::now() + every);
         loop {
             let next_resume = waiting.next_resume();
             let msg = tokio::select! {
                 _ = &mut shutdown => break,
+                _ = tokio::time::sleep_until(next_cleanup.unwrap_or_else(Instant::now)), if next_cleanup.is_some() => {
+                    match self.inbox.cleanup(&self.pool, 1000).await {
+                        Ok(n) => tracing::debug!(deleted = n, "inbox cleanup"),
+                        Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
+                    }
+                    next_cleanup = self.cfg.cleanup_interval.map(|every| Instant::now() + every);
+                    continue;
+                }
                 _ = tokio::time::sleep_until(next_resume.unwrap_or_else(Instant::now)), if next_resume.is_some() => {
                     waiting.resume_due(&self.consumer);
                     continue;

@@ -70,6 +70,11 @@ pub struct RelayConfig {
     /// Whether a lane claims its next batch while the current one is being published. Defaults
     /// to [`ClaimAhead::Never`].
     pub claim_ahead: ClaimAhead,
+    /// How often published rows kept by the store (`keep_published`) that are older than
+    /// [`RelayConfig::published_retention`] are deleted, in small batches. Defaults to 5 minutes.
+    pub cleanup_interval: Duration,
+    /// How long kept published rows stay. Defaults to 7 days.
+    pub published_retention: Duration,
 }
 
 impl Default for RelayConfig {
@@ -89,6 +94,8 @@ impl Default for RelayConfig {
             max_busy_lanes: None,
             max_rate: None,
             claim_ahead: ClaimAhead::Never,
+            cleanup_interval: Duration::from_secs(5 * 60),
+            published_retention: Duration::from_secs(7 * 24 * 60 * 60),
         }
     }
 }
@@ -130,6 +137,10 @@ setters! {
     max_rate: Option<u32>,
     /// Sets [`RelayConfig::claim_ahead`].
     claim_ahead: ClaimAhead,
+    /// Sets [`RelayConfig::cleanup_interval`].
+    cleanup_interval: Duration,
+    /// Sets [`RelayConfig::published_retention`].
+    published_retention: Duration,
 }
 
 impl RelayConfig {
@@ -163,6 +174,9 @@ impl RelayConfig {
         }
         if self.owner.is_empty() {
             return Err("owner must not be empty".into());
+        }
+        if self.cleanup_interval < Duration::from_millis(100) {
+            return Err("cleanup_interval must be at least 100ms".into());
         }
         Ok(())
     }

@@ -94,6 +94,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         tracing::info!(%owner, "relay starting");
         let wakers = spawn_wakers(shared.clone(), self.local);
         let stats = tokio::spawn(stats_loop(shared.clone()));
+        let cleanup = tokio::spawn(cleanup_loop(shared.clone()));
 
         let mut running: HashMap<i32, Running> = HashMap::new();
         let tick = (shared.cfg.lease_ttl / 3).max(Duration::from_millis(200));
@@ -167,6 +168,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
         wakers.abort();
         stats.abort();
+        cleanup.abort();
         metrics::gauge!(m::LANES_HELD).set(0.0);
         tracing::info!("relay stopped");
         Ok(())
@@ -256,6 +258,23 @@ fn spawn_wakers<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>, local: Option
         };
         tokio::join!(local_loop, db_loop);
     })
+}
+
+/// Deletes kept published rows past their retention, on a schedule (a no-op for stores that
+/// delete rows when they mark them).
+async fn cleanup_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
+    loop {
+        tokio::time::sleep(shared.cfg.cleanup_interval).await;
+        match shared
+            .store
+            .cleanup_published(shared.cfg.published_retention, 1000)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "deleted published rows past their retention"),
+            Err(e) => tracing::warn!(error = %e, "published-rows cleanup failed; will try again"),
+        }
+    }
 }
 
 async fn stats_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {

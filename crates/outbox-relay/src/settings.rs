@@ -58,8 +58,12 @@ pub struct RelaySection {
     pub shutdown_grace_ms: Option<u64>,
     /// `auto` (default), `always` or `never`: claim the next batch while the current one is published.
     pub claim_ahead: Option<ClaimAhead>,
-    /// Keep published rows in `outbox_published` (PostgreSQL).
+    /// Keep published rows in `outbox_published`.
     pub keep_published: Option<bool>,
+    /// How often kept published rows past their retention are deleted, in milliseconds.
+    pub cleanup_interval_ms: Option<u64>,
+    /// How long kept published rows stay, in milliseconds.
+    pub published_retention_ms: Option<u64>,
 }
 
 /// `[admin]` section.
@@ -182,6 +186,12 @@ pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     }
     if let Some(v) = r.claim_ahead {
         relay = relay.claim_ahead(v);
+    }
+    if let Some(v) = r.cleanup_interval_ms {
+        relay = relay.cleanup_interval(ms(v));
+    }
+    if let Some(v) = r.published_retention_ms {
+        relay = relay.published_retention(ms(v));
     }
     relay
         .validate()

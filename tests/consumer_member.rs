@@ -1,0 +1,62 @@
+//! One member of a consumer group, as its own process, for tests that SIGKILL members: a
+//! `ConsumerRunner` applying each message through the inbox into `effects` (one row per applied
+//! message, no unique constraint, so a second application would show as a second row).
+//!
+//! ```sh
+//! consumer-member BOOTSTRAP TOPIC GROUP DATABASE_URL
+//! ```
+//!
+//! Runs until SIGTERM (finishes the message in hand, commits stored offsets, exits 0) or SIGKILL.
+
+use async_trait::async_trait;
+use outbox_inbox::{Handler, Inbox, Incoming};
+use outbox_kafka::{ConsumerConfig, ConsumerRunner};
+
+struct Effects;
+
+#[async_trait]
+impl Handler<sqlx::Postgres> for Effects {
+    type Error = sqlx::Error;
+    async fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        msg: &Incoming<'_>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
+            .bind(msg.id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [bootstrap, topic, group, url] = args.as_slice() else {
+        eprintln!("usage: consumer-member BOOTSTRAP TOPIC GROUP DATABASE_URL");
+        std::process::exit(2);
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let pool = sqlx::PgPool::connect(url).await.expect("database");
+    let settings = [
+        ("bootstrap.servers", bootstrap.as_str()),
+        ("group.id", group.as_str()),
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+    ];
+    let runner = ConsumerRunner::new(settings, &[topic.as_str()], pool, Inbox::new("effects"), Effects)
+        .expect("consumer")
+        .config(ConsumerConfig::default());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    eprintln!("member ready");
+    runner
+        .run_until(async move {
+            term.recv().await;
+        })
+        .await
+        .expect("runner");
+}
