@@ -278,12 +278,30 @@ async fn cleanup_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
 }
 
 async fn stats_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
+    let mut unowned_since: Option<Instant> = None;
+    let mut warned: Option<Instant> = None;
     loop {
         match shared.store.status().await {
             Ok(s) => {
                 metrics::gauge!(m::PENDING).set(s.pending as f64);
                 metrics::gauge!(m::OLDEST_PENDING_AGE).set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
                 metrics::gauge!(m::DEAD_LETTERS).set(s.dead_letters as f64);
+                let unowned = s.unowned_lanes();
+                metrics::gauge!(m::LANES_UNOWNED).set(unowned as f64);
+                if unowned == 0 {
+                    unowned_since = None;
+                } else {
+                    // A lane changes hands within a lease; one unowned for longer is served by nobody.
+                    let since = *unowned_since.get_or_insert_with(Instant::now);
+                    let due = warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60));
+                    if since.elapsed() >= shared.cfg.lease_ttl && due {
+                        tracing::warn!(
+                            unowned,
+                            "lanes held by no relay: their messages wait (do the relays' max_lanes add up to fewer than 32?)"
+                        );
+                        warned = Some(Instant::now());
+                    }
+                }
             }
             Err(e) => tracing::debug!(error = %e, "status refresh failed"),
         }

@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
                     .map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()))
             );
             println!("dead letters:  {}", st.dead_letters);
+            println!("unowned lanes: {} of {}", st.unowned_lanes(), st.lanes.len());
             println!("lanes:");
             for l in &st.lanes {
                 let now = chrono::Utc::now();

@@ -20,5 +20,8 @@ pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
 pub const BATCH_DURATION: &str = "outbox_batch_duration_seconds";
 /// Lanes this relay holds.
 pub const LANES_HELD: &str = "outbox_lanes_held";
+/// Lanes no live relay holds (their messages wait): nonzero for long when the relays' `max_lanes`
+/// add up to fewer than the 32 lanes.
+pub const LANES_UNOWNED: &str = "outbox_lanes_unowned";
 /// Store (database) operations that failed and will be retried.
 pub const STORE_ERRORS: &str = "outbox_store_errors_total";

@@ -390,3 +390,38 @@ async fn no_secret_reaches_any_output_or_log() {
     let leaked: Vec<&str> = printed.lines().filter(|l| l.contains("S3CRET")).collect();
     assert!(leaked.is_empty(), "secrets printed:\n{}", leaked.join("\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_no_relay_serves_are_reported_in_logs_and_status() {
+    let bootstrap = broker();
+    let pool = outbox_tests::db::fresh_pg().await;
+    let cfg = std::env::temp_dir().join(format!("outbox-lanes-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&cfg, "[relay]\nmax_lanes = 4\n").unwrap();
+    let mut relay = RelayArgs::new(BIN, &db_url(&pool), &bootstrap, 100)
+        .args(["--config", cfg.to_str().unwrap()])
+        .spawn();
+    // The lease is 3 s and the stats refresh every 10 s: the warning comes within about 20 s.
+    let start = Instant::now();
+    while relay.count("lanes held by no relay") == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "no warning:\n{}",
+            relay.tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let line = relay
+        .stderr()
+        .into_iter()
+        .find(|l| l.contains("lanes held by no relay"))
+        .unwrap();
+    assert!(line.contains("unowned") && line.contains("28"), "{line}");
+    let out = Command::new(BIN)
+        .args(["--database-url", &db_url(&pool), "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8(out.stdout).unwrap();
+    assert!(status.contains("unowned lanes: 28 of 32"), "{status}");
+    relay.terminate();
+    std::fs::remove_file(cfg).ok();
+}

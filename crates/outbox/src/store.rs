@@ -62,6 +62,18 @@ pub struct Status {
     pub lanes: Vec<LaneInfo>,
 }
 
+impl Status {
+    /// Lanes that no relay holds now (no owner, or its lease has expired): nothing publishes their
+    /// messages until a relay takes them.
+    pub fn unowned_lanes(&self) -> usize {
+        let now = Utc::now();
+        self.lanes
+            .iter()
+            .filter(|l| l.owner.is_none() || l.expires_at.is_none_or(|e| e <= now))
+            .count()
+    }
+}
+
 /// A message that could not be published, with why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
