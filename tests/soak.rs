@@ -3,13 +3,21 @@
 //! consumer service (ConsumerRunner + Inbox) applies them into its own database. An independent
 //! Kafka reader and the consumer's database are then compared with what the writers committed.
 //!
+//! With `--cluster N` the soak starts a Kafka cluster of its own (N KRaft nodes, `.ci/kafka`; with
+//! 3 or more nodes, replication factor 3 and `min.insync.replicas=2`), and with
+//! `--broker-kill-every-ms` it also SIGKILLs one random node of that cluster on a schedule and
+//! restarts it on its log dirs a few seconds later (never two nodes down at once), until the
+//! consumers have caught up.
+//!
 //! ```sh
 //! cargo run --release -p outbox-tests --bin soak -- --messages 1000000
+//! cargo run --release -p outbox-tests --bin soak -- --messages 20000 --cluster 3 --broker-kill-every-ms 10000
 //! ```
 //!
 //! Prints lost / rolled-back-leaked / per-key-inversions / duplicate-effects counts (and the wire
 //! duplicates against their bound) and exits non-zero if any is above zero. Needs the local
-//! PostgreSQL and the local Kafka broker (started by `.ci/kafka` if down), like the tests. `--help` lists the options.
+//! PostgreSQL and, without `--cluster` or `--bootstrap`, the local Kafka broker (started by
+//! `.ci/kafka` if down), like the tests. `--help` lists the options.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -23,15 +31,16 @@ use outbox::{Message, Store, LANES};
 use outbox_inbox::{Handler, Inbox, Incoming};
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
 use outbox_tests::daemon::{db_url, RelayArgs, RelayProcess};
+use outbox_tests::kafka::Cluster;
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::ClientConfig;
 
 const USAGE: &str = "\
 soak [--messages N] [--rate N] [--writers N] [--keys N] [--hot-share PCT] [--rollback-pct PCT]
      [--batch N] [--kill-every-ms MS] [--lease-ttl-ms MS] [--partitions N] [--consumers N]
-     [--relay-bin PATH] [--bootstrap HOST:PORT|mock]
+     [--relay-bin PATH] [--bootstrap HOST:PORT|mock | --cluster N [--broker-kill-every-ms MS]]
 
   --messages       committed messages to stream (default 100000)
   --rate           committed messages per second, all writers together (default 2000; 0: no limit)
@@ -46,7 +55,16 @@ soak [--messages N] [--rate N] [--writers N] [--keys N] [--hot-share PCT] [--rol
   --consumers      ConsumerRunners in the consumer group (default 1)
   --relay-bin      outbox-relay binary (default: built with cargo, same profile as this binary)
   --bootstrap      Kafka bootstrap servers (default: the local Kafka broker, started if down);
-                   `mock` runs librdkafka's mock cluster in this process instead";
+                   `mock` runs librdkafka's mock cluster in this process instead
+  --cluster        start a Kafka cluster of N KRaft nodes for this run (`.ci/kafka`, stopped at
+                   the end); with N >= 3, replication factor 3 and min.insync.replicas=2.
+                   Not with --bootstrap
+  --broker-kill-every-ms
+                   with --cluster: SIGKILL one random node this often (at least 1000; default 0:
+                   never), restart it on its log dirs 3-5 s later and wait until every partition
+                   is fully in sync again before the next kill (never two nodes down); kills go on
+                   until the consumers have caught up. Each broker kill adds batch x 32 lanes to
+                   the wire-duplicate bound";
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -63,6 +81,8 @@ struct Args {
     consumers: usize,
     relay_bin: Option<String>,
     bootstrap: Option<String>,
+    cluster: Option<u16>,
+    broker_kill_every: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -80,6 +100,8 @@ fn parse_args() -> Result<Args, String> {
         consumers: 1,
         relay_bin: None,
         bootstrap: None,
+        cluster: None,
+        broker_kill_every: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -102,8 +124,28 @@ fn parse_args() -> Result<Args, String> {
             "--consumers" => a.consumers = num(&v)?.max(1) as usize,
             "--relay-bin" => a.relay_bin = Some(v),
             "--bootstrap" => a.bootstrap = Some(v),
+            "--cluster" => match num(&v)? {
+                n @ 1..=10 => a.cluster = Some(n as u16),
+                _ => return Err(format!("--cluster {v}: between 1 and 10 nodes")),
+            },
+            "--broker-kill-every-ms" => {
+                a.broker_kill_every = match num(&v)? {
+                    0 => None,
+                    ms => Some(Duration::from_millis(ms.max(1000))),
+                }
+            }
             _ => return Err(format!("unknown option {flag}\n\n{USAGE}")),
         }
+    }
+    if a.cluster.is_some() && a.bootstrap.is_some() {
+        return Err(format!(
+            "--cluster and --bootstrap exclude each other: --cluster starts the cluster it uses\n\n{USAGE}"
+        ));
+    }
+    if a.broker_kill_every.is_some() && a.cluster.is_none() {
+        return Err(format!(
+            "--broker-kill-every-ms needs --cluster: the soak only kills brokers it started\n\n{USAGE}"
+        ));
     }
     Ok(a)
 }
@@ -219,6 +261,96 @@ fn spawn_reader(
     })
 }
 
+/// Whether every partition of every topic has all its replicas in sync and a leader, as the
+/// cluster's metadata says (a restarted node has caught up). Blocking.
+fn fully_in_sync(metadata: &BaseConsumer) -> bool {
+    let Ok(md) = metadata.fetch_metadata(None, Duration::from_secs(5)) else {
+        return false;
+    };
+    !md.topics().is_empty()
+        && md.topics().iter().all(|t| {
+            t.error().is_none()
+                && t.partitions()
+                    .iter()
+                    .all(|p| p.error().is_none() && p.leader() >= 0 && p.isr().len() == p.replicas().len())
+        })
+}
+
+/// Kills brokers of `cluster` until `stop`: every `every`, SIGKILLs one node picked at random,
+/// restarts it on its log dirs 3-5 s later, and waits until every partition is fully in sync again
+/// before the next kill may come (so never two nodes are down, nor one down while another is still
+/// catching up). Counts the kills in `kills`.
+fn spawn_broker_killer(
+    cluster: Arc<Cluster>,
+    nodes: u16,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+    kills: Arc<AtomicU64>,
+    started: Instant,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut next = Instant::now() + every;
+        loop {
+            loop {
+                if stop.load(Relaxed) {
+                    return;
+                }
+                if Instant::now() >= next {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let node = rng.gen_range(1..=nodes);
+            let down = Duration::from_millis(rng.gen_range(3000..=5000));
+            let c = cluster.clone();
+            tokio::task::spawn_blocking(move || c.kill(node))
+                .await
+                .expect("kill broker");
+            kills.fetch_add(1, Relaxed);
+            println!(
+                "  {:>6.0?}  broker node {node} SIGKILLed; restart in {down:.1?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(down).await;
+            let c = cluster.clone();
+            tokio::task::spawn_blocking(move || c.restart(node))
+                .await
+                .expect("restart broker");
+            let restarted = Instant::now();
+            let (bootstrap, stop_waiting) = (cluster.bootstrap(), stop.clone());
+            let in_sync = tokio::task::spawn_blocking(move || {
+                let metadata: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .create()
+                    .expect("metadata client");
+                loop {
+                    if fully_in_sync(&metadata) {
+                        return true;
+                    }
+                    if stop_waiting.load(Relaxed) {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+            .await
+            .expect("wait for in-sync replicas");
+            println!(
+                "  {:>6.0?}  broker node {node} back{} {:.1?} after its restart",
+                started.elapsed(),
+                if in_sync {
+                    ", every partition in sync"
+                } else {
+                    "; stopped waiting for the ISR"
+                },
+                restarted.elapsed()
+            );
+            next = (next + every).max(Instant::now());
+        }
+    })
+}
+
 #[derive(Default)]
 struct Written {
     committed: Vec<uuid::Uuid>,
@@ -291,22 +423,41 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Killed brokers make librdkafka log every refused connection as an error: not shown unless
+    // RUST_LOG asks for them.
+    let default_log = if args.broker_kill_every.is_some() {
+        "error,librdkafka=off,rdkafka::client=off"
+    } else {
+        "error"
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log.into()))
         .with_writer(std::io::stderr)
         .init();
     let relay_bin = args.relay_bin.clone().map(PathBuf::from).unwrap_or_else(relay_binary);
     let topic = outbox_tests::kafka::topic("soak");
     let mut _mock = None;
-    let bootstrap = match args.bootstrap.as_deref() {
-        Some("mock") => {
+    let mut cluster: Option<Arc<Cluster>> = None;
+    let bootstrap = match (args.cluster, args.bootstrap.as_deref()) {
+        (Some(nodes), _) => {
+            println!("starting a Kafka cluster of {nodes} nodes (.ci/kafka)");
+            let c = tokio::task::spawn_blocking(move || Cluster::start(nodes))
+                .await
+                .expect("start the Kafka cluster");
+            let b = c.bootstrap();
+            println!("      cluster {} at {b}", c.dir().display());
+            outbox_tests::kafka::create_topic(&b, &topic, args.partitions).await;
+            cluster = Some(Arc::new(c));
+            b
+        }
+        (None, Some("mock")) => {
             let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
             mock.create_topic(&topic, args.partitions, 1).expect("mock topic");
             let b = mock.bootstrap_servers();
             _mock = Some(mock);
             b
         }
-        other => {
+        (None, other) => {
             let b = other.map(str::to_owned).unwrap_or_else(outbox_tests::kafka::broker);
             outbox_tests::kafka::create_topic(&b, &topic, args.partitions).await;
             b
@@ -339,6 +490,11 @@ async fn main() -> ExitCode {
         db_url(&src),
         db_url(&dst)
     );
+    match (args.cluster, args.broker_kill_every) {
+        (Some(n), Some(every)) => println!("      kafka: own cluster of {n} nodes, one node SIGKILLed every {every:?}"),
+        (Some(n), None) => println!("      kafka: own cluster of {n} nodes, no broker kills"),
+        _ => println!("      kafka: {bootstrap}"),
+    }
     let started = Instant::now();
 
     // The consumer service.
@@ -398,17 +554,33 @@ async fn main() -> ExitCode {
         })
     };
 
+    // The broker killer, until the consumers have caught up.
+    let broker_kills = Arc::new(AtomicU64::new(0));
+    let stop_broker_kills = Arc::new(AtomicBool::new(false));
+    let broker_killer = match (&cluster, args.cluster, args.broker_kill_every) {
+        (Some(c), Some(nodes), Some(every)) => Some(spawn_broker_killer(
+            c.clone(),
+            nodes,
+            every,
+            stop_broker_kills.clone(),
+            broker_kills.clone(),
+            started,
+        )),
+        _ => None,
+    };
+
     // Writers.
     let left = Arc::new(AtomicUsize::new(args.messages));
     let writers: Vec<_> = (0..args.writers)
         .map(|w| tokio::spawn(write(src.clone(), topic.clone(), args.clone(), w, left.clone())))
         .collect();
     let progress = {
-        let (store, dst, wire, kills, left, total) = (
+        let (store, dst, wire, kills, broker_kills, left, total) = (
             store.clone(),
             dst.clone(),
             wire.clone(),
             kills.clone(),
+            broker_kills.clone(),
             left.clone(),
             args.messages,
         );
@@ -425,14 +597,16 @@ async fn main() -> ExitCode {
                     (w.seen.len(), w.records)
                 };
                 println!(
-                    "  {:>6.0?}  committed {:>8}  pending {:>7}  on the wire {:>8} ({} records)  applied {:>8}  kills {}",
+                    "  {:>6.0?}  committed {:>8}  pending {:>7}  on the wire {:>8} ({} records)  applied {:>8}  kills {}  \
+                     broker kills {}",
                     started.elapsed(),
                     total - left.load(Relaxed),
                     pending,
                     seen,
                     records,
                     applied,
-                    kills.load(Relaxed)
+                    kills.load(Relaxed),
+                    broker_kills.load(Relaxed)
                 );
             }
         })
@@ -483,6 +657,12 @@ async fn main() -> ExitCode {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // No more broker kills: the node that is down comes back before the last reads.
+    stop_broker_kills.store(true, Relaxed);
+    if let Some(k) = broker_killer {
+        k.await.expect("broker killer");
+    }
+    let broker_kills = broker_kills.load(Relaxed);
     // Late duplicates.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for (tx, task) in consumers {
@@ -530,8 +710,9 @@ async fn main() -> ExitCode {
         .count();
     let status = store.status().await.expect("status");
     let wire_dups = wire.records - wire.seen.len() as u64;
-    // A kill leaves at most one published, unmarked batch per lane behind.
-    let bound = kills * (args.batch as u64) * LANES as u64;
+    // A relay kill leaves at most one published, unmarked batch per lane behind; a broker kill can
+    // make every lane's in-flight batch be resent.
+    let bound = (kills + broker_kills) * (args.batch as u64) * LANES as u64;
 
     let lost = lost_wire + lost_effects;
     let leaked = leaked_wire + leaked_effects;
@@ -540,6 +721,7 @@ async fn main() -> ExitCode {
     println!("  committed                 {}", committed.len());
     println!("  rolled back               {}", rolled_back.len());
     println!("  relay kills               {kills}");
+    println!("  broker kills              {broker_kills}");
     println!("  lost                      {lost}  (never on the wire {lost_wire}, never applied {lost_effects})");
     println!(
         "  rolled-back-leaked        {leaked}  (uncommitted ids on the wire {leaked_wire}, applied {leaked_effects}; \
@@ -550,7 +732,11 @@ async fn main() -> ExitCode {
         wire.inversions
     );
     println!("  duplicate-effects         {duplicate_effects}");
-    println!("  wire duplicates           {wire_dups}  (bound {bound} = kills x batch x {LANES} lanes)");
+    println!(
+        "  wire duplicates           {wire_dups}  (bound {bound} = (relay kills {kills} + broker kills {broker_kills}) x \
+         batch {} x {LANES} lanes: each kill may resend every lane's in-flight batch)",
+        args.batch
+    );
     println!(
         "  pending / dead letters    {} / {}",
         status.pending, status.dead_letters
@@ -576,11 +762,25 @@ async fn main() -> ExitCode {
         || status.pending > 0
         || status.dead_letters > 0
         || !relay_exit.success();
+    println!("{}", if failed { "SOAK FAILED" } else { "soak ok" });
+    if let Some(c) = cluster.and_then(Arc::into_inner) {
+        if failed {
+            // Stop the nodes but keep their logs.
+            let _ = Command::new("bash")
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/kafka"))
+                .arg("down")
+                .arg(c.dir())
+                .status();
+            println!("kafka cluster kept for inspection: {}", c.dir().display());
+            std::mem::forget(c);
+        } else {
+            println!("stopping the Kafka cluster");
+            drop(c);
+        }
+    }
     if failed {
-        println!("SOAK FAILED");
         ExitCode::FAILURE
     } else {
-        println!("soak ok");
         ExitCode::SUCCESS
     }
 }
