@@ -5,19 +5,37 @@
 //! is processed once), concurrent deliveries run the effect once, cleanup works in batches.
 //! Below the suites: the parsing of delivered messages, which needs no database.
 
-use outbox_inbox::{InboxError, Incoming};
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outbox_inbox::{Handler, Inbox, InboxError, Incoming, Outcome};
+use outbox_tests::embedded::{drained, kafka, start, test_config};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 mod postgres {
-    outbox_tests::inbox_suite!(sqlx::Postgres, outbox_tests::db::fresh_pg());
+    outbox_tests::inbox_suite!(
+        sqlx::Postgres,
+        outbox_tests::db::fresh_pg(),
+        outbox_tests::db::fresh_pg_unmigrated()
+    );
 }
 
 mod mysql {
-    outbox_tests::inbox_suite!(sqlx::MySql, outbox_tests::db::fresh_mysql());
+    outbox_tests::inbox_suite!(
+        sqlx::MySql,
+        outbox_tests::db::fresh_mysql(),
+        outbox_tests::db::fresh_mysql_unmigrated()
+    );
 }
 
 mod sqlite {
-    outbox_tests::inbox_suite!(sqlx::Sqlite, outbox_tests::db::fresh_sqlite());
+    outbox_tests::inbox_suite!(
+        sqlx::Sqlite,
+        outbox_tests::db::fresh_sqlite(),
+        outbox_tests::db::fresh_sqlite_unmigrated()
+    );
 }
 
 #[test]
@@ -69,4 +87,153 @@ fn incoming_without_a_usable_id_is_a_permanent_error() {
         );
         assert!(!err.is_retryable());
     }
+}
+
+#[test]
+fn only_database_trouble_is_infrastructure() {
+    #[derive(Debug, thiserror::Error)]
+    #[error("handler failed")]
+    struct Failed;
+
+    let database = [
+        sqlx::Error::PoolTimedOut,
+        sqlx::Error::RowNotFound,
+        sqlx::Error::Protocol("unexpected answer".into()),
+        sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+    ];
+    for e in database {
+        let err = InboxError::<Failed>::Database(e);
+        assert!(err.is_infrastructure(), "{err:?}");
+    }
+    let not: [InboxError<Failed>; 3] = [
+        InboxError::Handler(Failed),
+        InboxError::MissingHeader("outbox-id"),
+        InboxError::MalformedHeader {
+            name: "outbox-seq",
+            reason: "seven".into(),
+        },
+    ];
+    for err in not {
+        assert!(!err.is_infrastructure(), "{err:?}");
+    }
+}
+
+/// Writes one row per applied message.
+struct Apply;
+
+#[async_trait]
+impl Handler<Postgres> for Apply {
+    type Error = sqlx::Error;
+
+    async fn handle(&self, tx: &mut Transaction<'_, Postgres>, msg: &Incoming<'_>) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO applied (message_id) VALUES ($1)")
+            .bind(msg.id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Two services, each with its own outbox database and relay, publish key "order-42" to one
+/// topic; one consumer reads it through its inbox: all four messages are applied, once.
+#[tokio::test]
+async fn the_same_key_from_two_outbox_databases_reaches_one_consumer_in_full() {
+    let bootstrap = outbox_tests::kafka::broker();
+    let topic = outbox_tests::kafka::topic("inbox-sources");
+    outbox_tests::kafka::create_topic(&bootstrap, &topic, 1).await;
+    let mut expect = HashSet::new();
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        let pool = outbox_tests::db::fresh_pg().await;
+        let mut tx = pool.begin().await.unwrap();
+        for n in 1..=2 {
+            let msg = outbox::Message::new(topic.as_str(), format!("{n}")).key("order-42");
+            let e = outbox::enqueue(&mut tx, &msg).await.unwrap();
+            assert_eq!(e.seq, Some(n));
+            expect.insert(e.id);
+        }
+        tx.commit().await.unwrap();
+        let store = outbox::postgres::PgStore::new(pool);
+        let relay = start(store.clone(), kafka(&bootstrap, &[]), test_config());
+        relays.push((relay, store));
+    }
+    for (_, store) in &relays {
+        drained(store, Duration::from_secs(60)).await;
+    }
+    for (relay, _) in relays {
+        relay.stop().await;
+    }
+    let seen = outbox_tests::kafka::read_until(
+        &bootstrap,
+        &topic,
+        &expect,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(seen.len(), 4, "{seen:?}");
+
+    let pool = outbox_tests::db::fresh_pg().await;
+    sqlx::raw_sql("CREATE TABLE applied (message_id UUID PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let inbox = Inbox::new("order-consumer");
+    for round in 0..2 {
+        for s in &seen {
+            let headers = s.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+            let msg = Incoming::from_headers(&topic, &s.payload, headers).unwrap();
+            let expected = if round == 0 {
+                Outcome::Processed
+            } else {
+                Outcome::Duplicate
+            };
+            assert_eq!(
+                inbox.process(&pool, &msg, &Apply).await.unwrap(),
+                expected,
+                "round {round}: {:?} seq {:?}",
+                s.key,
+                s.seq
+            );
+        }
+    }
+    let applied: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM applied")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(applied.into_iter().collect::<HashSet<_>>(), expect);
+}
+
+#[test]
+fn the_source_header_is_parsed_and_checked() {
+    let id = Uuid::now_v7().to_string();
+    let source = Uuid::new_v4().to_string();
+    let with = |value: &[u8]| -> Result<Option<String>, InboxError> {
+        let headers: [(&str, &[u8]); 2] = [("outbox-id", id.as_bytes()), ("outbox-source", value)];
+        Incoming::from_headers("orders", b"", headers).map(|m| m.source.map(str::to_owned))
+    };
+    assert_eq!(with(source.as_bytes()).unwrap(), Some(source.clone()));
+    assert_eq!(
+        with(&[b'x'; outbox_inbox::MAX_SOURCE_LEN]).unwrap().map(|s| s.len()),
+        Some(255)
+    );
+    // Empty: the default source, as without the header.
+    assert_eq!(with(b"").unwrap(), None);
+    let none = Incoming::from_headers("orders", b"", [("outbox-id", id.as_bytes())]).unwrap();
+    assert_eq!(none.source, None);
+    for bad in [&[b'x'; outbox_inbox::MAX_SOURCE_LEN + 1][..], b"\xff"] {
+        let err = with(bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                InboxError::MalformedHeader {
+                    name: "outbox-source",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(!err.is_retryable());
+    }
+    assert_eq!(Incoming::new(Uuid::now_v7(), "t", b"").source("").source, None);
 }

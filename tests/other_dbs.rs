@@ -195,8 +195,8 @@ macro_rules! other_db_suite {
                     .map(|m| m.version)
                     .collect::<Vec<_>>()
             );
-            // The outbox schema and the inbox's (0002_inbox.sql).
-            assert_eq!(ours, vec![1, 2]);
+            // The outbox schema, the inbox's (0002_inbox.sql), the source id (0003_outbox_source.sql).
+            assert_eq!(ours, vec![1, 2, 3]);
             // Both schemas are usable in one transaction.
             let mut tx = pool.begin().await.unwrap();
             sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")

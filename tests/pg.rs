@@ -40,7 +40,7 @@ async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
         .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(ours, vec![1, 2]);
+    assert_eq!(ours, vec![1, 2, 3]);
     // Both schemas are usable in one transaction.
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")

@@ -1,24 +1,42 @@
-//! The conformance suite every inbox backend passes. `inbox_suite!(Db, fresh)` expands to one
-//! `#[tokio::test]` per scenario, where `fresh` is a future of a new, migrated `Pool<Db>`; each
-//! scenario is written once, for every database. The crate that expands it needs `outbox-inbox`
+//! The conformance suite every inbox backend passes. `inbox_suite!(Db, fresh, fresh_unmigrated)`
+//! expands to one `#[tokio::test]` per scenario, where `fresh` is a future of a new, migrated
+//! `Pool<Db>` and `fresh_unmigrated` one of a new, empty one; each scenario is written once, for
+//! every database. The crate that expands it needs `outbox-inbox`
 //! (with the database's feature), `metrics`, `async-trait`, `sqlx`, `tokio` and `uuid`.
 //!
 //! The suite's own statements are portable SQL with the values inlined (generated consumer names,
 //! test keys and ids: nothing to quote), on a business table `effects` created by the suite. What
-//! cannot be written portably, picking a key's rows in the inbox tables and moving a time back, comes
-//! from the database's [`Dialect`]: a new backend implements it to get the suite.
+//! cannot be written portably, picking a key's rows in the inbox tables, moving a time back, the
+//! outbox's migrations and store, comes from the database's [`Dialect`]: a new backend implements it
+//! to get the suite.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, Once, OnceLock};
 
-/// The SQL the suite cannot state once for all databases.
-pub trait Dialect {
+/// The SQL (and the outbox pieces) the suite cannot state once for all databases.
+pub trait Dialect: sqlx::Database {
     /// A condition selecting the rows of `key` (a test key, no quotes in it) in
     /// `outbox_inbox_keys` and `outbox_inbox_gaps`.
     fn key_is(key: &str) -> String;
     /// An expression: the time in `column` (a time column of the inbox tables) two days earlier.
     fn two_days_before(column: &str) -> String;
+    /// Column names and values identifying `key` (a test key) in an `INSERT` into
+    /// `outbox_inbox_keys` (or, with `gaps`, `outbox_inbox_gaps`) as migration 0002 created them:
+    /// `(columns, values)`.
+    fn key_insert(key: &str, gaps: bool) -> (&'static str, String);
+    /// Placeholder number `n` (from 1) of a statement.
+    fn param(n: usize) -> String;
+    /// An expression of the current time for the inbox tables' time columns.
+    fn now() -> &'static str;
+    /// The type of a binary column.
+    fn blob() -> &'static str;
+    /// The outbox's embedded migrations.
+    fn migrator() -> &'static sqlx::migrate::Migrator;
+    /// Runs the outbox's `migrate`.
+    fn migrate(pool: &sqlx::Pool<Self>) -> futures::future::LocalBoxFuture<'_, outbox::Result<()>>;
+    /// The relay's store on `pool`.
+    fn store(pool: sqlx::Pool<Self>) -> std::sync::Arc<dyn outbox::Store>;
 }
 
 impl Dialect for sqlx::Postgres {
@@ -28,6 +46,34 @@ impl Dialect for sqlx::Postgres {
 
     fn two_days_before(column: &str) -> String {
         format!("{column} - interval '2 days'")
+    }
+
+    fn key_insert(key: &str, _gaps: bool) -> (&'static str, String) {
+        ("key", format!("'{key}'"))
+    }
+
+    fn param(n: usize) -> String {
+        format!("${n}")
+    }
+
+    fn now() -> &'static str {
+        "now()"
+    }
+
+    fn blob() -> &'static str {
+        "BYTEA"
+    }
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &outbox::postgres::MIGRATOR
+    }
+
+    fn migrate(pool: &sqlx::Pool<Self>) -> futures::future::LocalBoxFuture<'_, outbox::Result<()>> {
+        Box::pin(outbox::postgres::migrate(pool))
+    }
+
+    fn store(pool: sqlx::Pool<Self>) -> std::sync::Arc<dyn outbox::Store> {
+        std::sync::Arc::new(outbox::postgres::PgStore::new(pool))
     }
 }
 
@@ -40,6 +86,38 @@ impl Dialect for sqlx::MySql {
     fn two_days_before(column: &str) -> String {
         format!("{column} - INTERVAL 2 DAY")
     }
+
+    fn key_insert(key: &str, gaps: bool) -> (&'static str, String) {
+        if gaps {
+            ("key_hash", format!("UNHEX(SHA2('{key}', 256))"))
+        } else {
+            ("`key`, key_hash", format!("'{key}', UNHEX(SHA2('{key}', 256))"))
+        }
+    }
+
+    fn param(_: usize) -> String {
+        "?".into()
+    }
+
+    fn now() -> &'static str {
+        "UTC_TIMESTAMP(6)"
+    }
+
+    fn blob() -> &'static str {
+        "BLOB"
+    }
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &outbox::mysql::MIGRATOR
+    }
+
+    fn migrate(pool: &sqlx::Pool<Self>) -> futures::future::LocalBoxFuture<'_, outbox::Result<()>> {
+        Box::pin(outbox::mysql::migrate(pool))
+    }
+
+    fn store(pool: sqlx::Pool<Self>) -> std::sync::Arc<dyn outbox::Store> {
+        std::sync::Arc::new(outbox::mysql::MySqlStore::new(pool))
+    }
 }
 
 // Times are microseconds since the Unix epoch.
@@ -50,6 +128,34 @@ impl Dialect for sqlx::Sqlite {
 
     fn two_days_before(column: &str) -> String {
         format!("{column} - 2 * 86400 * 1000000")
+    }
+
+    fn key_insert(key: &str, _gaps: bool) -> (&'static str, String) {
+        ("key", format!("'{key}'"))
+    }
+
+    fn param(_: usize) -> String {
+        "?".into()
+    }
+
+    fn now() -> &'static str {
+        "1700000000000000"
+    }
+
+    fn blob() -> &'static str {
+        "BLOB"
+    }
+
+    fn migrator() -> &'static sqlx::migrate::Migrator {
+        &outbox::sqlite::MIGRATOR
+    }
+
+    fn migrate(pool: &sqlx::Pool<Self>) -> futures::future::LocalBoxFuture<'_, outbox::Result<()>> {
+        Box::pin(outbox::sqlite::migrate(pool))
+    }
+
+    fn store(pool: sqlx::Pool<Self>) -> std::sync::Arc<dyn outbox::Store> {
+        std::sync::Arc::new(outbox::sqlite::SqliteStore::new(pool))
     }
 }
 
@@ -108,7 +214,7 @@ pub fn counter_value(name: &str, consumer: &str) -> u64 {
 
 #[macro_export]
 macro_rules! inbox_suite {
-    ($db:ty, $fresh:expr) => {
+    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::sync::Arc;
         use std::time::Duration;
@@ -238,6 +344,89 @@ macro_rules! inbox_suite {
             }
         }
 
+        /// What a handler saw of one message, owned.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        struct Saw {
+            id: Uuid,
+            key: Option<String>,
+            seq: Option<i64>,
+            topic: String,
+            payload: Vec<u8>,
+            headers: Vec<(String, Vec<u8>)>,
+        }
+
+        impl Saw {
+            fn of(msg: &Incoming<'_>) -> Saw {
+                Saw {
+                    id: msg.id,
+                    key: msg.key.map(str::to_owned),
+                    seq: msg.seq,
+                    topic: msg.topic.to_owned(),
+                    payload: msg.payload.to_vec(),
+                    headers: msg
+                        .headers
+                        .iter()
+                        .map(|(n, v)| ((*n).to_owned(), v.to_vec()))
+                        .collect(),
+                }
+            }
+        }
+
+        /// Inserts one effect row per message and keeps what it saw of every call, in call order.
+        /// Fails once on the first call for `fail_once` (key, seq), after writing (the rollback must
+        /// undo it), optionally sleeping inside the transaction.
+        #[derive(Default)]
+        struct Recorder {
+            saw: std::sync::Mutex<Vec<Saw>>,
+            fail_once: std::sync::Mutex<Option<(String, i64)>>,
+            sleep: Duration,
+        }
+
+        impl Recorder {
+            /// Every call so far, in order (calls of rolled-back transactions included).
+            fn calls(&self) -> Vec<Saw> {
+                self.saw.lock().unwrap().clone()
+            }
+
+            /// (key, seq) of every call so far, in order.
+            fn order(&self) -> Vec<(String, i64)> {
+                self.calls()
+                    .into_iter()
+                    .map(|s| (s.key.unwrap_or_default(), s.seq.unwrap_or_default()))
+                    .collect()
+            }
+        }
+
+        #[async_trait]
+        impl Handler<$db> for Recorder {
+            type Error = Boom;
+
+            async fn handle(&self, tx: &mut sqlx::Transaction<'_, $db>, msg: &Incoming<'_>) -> Result<(), Boom> {
+                self.saw.lock().unwrap().push(Saw::of(msg));
+                let insert = format!("INSERT INTO effects (message_id) VALUES ('{}')", msg.id);
+                sqlx::query(&insert).execute(&mut **tx).await.map_err(|_| Boom)?;
+                if !self.sleep.is_zero() {
+                    tokio::time::sleep(self.sleep).await;
+                }
+                let mut fail = self.fail_once.lock().unwrap();
+                let this = msg.key.map(str::to_owned).zip(msg.seq);
+                if this.is_some() && *fail == this {
+                    *fail = None;
+                    return Err(Boom);
+                }
+                Ok(())
+            }
+        }
+
+        /// Rows of `consumer` in the parked messages' table.
+        async fn parked_rows(pool: &Pool, consumer: &str) -> i64 {
+            count(
+                pool,
+                format!("SELECT COUNT(*) FROM outbox_inbox_parked WHERE consumer = '{consumer}'"),
+            )
+            .await
+        }
+
         fn unkeyed() -> Incoming<'static> {
             Incoming::new(Uuid::now_v7(), "orders", b"payload")
         }
@@ -248,6 +437,17 @@ macro_rules! inbox_suite {
 
         /// Delivers a new message (new id) of `key` with `seq`.
         async fn deliver(inbox: &Inbox, pool: &Pool, handler: &Effect, key: &'static str, seq: i64) -> Outcome {
+            deliver_with(inbox, pool, handler, key, seq).await
+        }
+
+        /// [`deliver`] with any handler.
+        async fn deliver_with<H: Handler<$db>>(
+            inbox: &Inbox,
+            pool: &Pool,
+            handler: &H,
+            key: &'static str,
+            seq: i64,
+        ) -> Outcome {
             inbox.process(pool, &keyed(key, seq), handler).await.unwrap()
         }
 
@@ -733,42 +933,235 @@ macro_rules! inbox_suite {
         }
 
         #[tokio::test]
-        async fn a_gap_under_hold_commits_nothing_until_the_missing_message_came() {
+        async fn under_hold_a_successor_delivered_first_is_parked_and_applied_right_after_its_predecessor() {
             metrics_on();
             let pool = pool().await;
             let c = consumer();
             let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
-            let handler = Effect::default();
-            assert_eq!(deliver(&inbox, &pool, &handler, "k", 1).await, Outcome::Processed);
-            let third = keyed("k", 3);
-            for _ in 0..2 {
-                let out = inbox.process(&pool, &third, &handler).await.unwrap();
-                assert_eq!(out, Outcome::Held);
-                assert!(!out.is_done());
+            let handler = Recorder::default();
+            // The relay re-sent K:1 and K:2 after a timeout: the partition holds K:2, then K:1.
+            let id2 = Uuid::now_v7().to_string();
+            let headers2: Vec<(&str, &[u8])> = vec![
+                ("outbox-id", id2.as_bytes()),
+                ("outbox-key", b"K"),
+                ("outbox-seq", b"2"),
+                ("content-type", b"application/json"),
+                ("raw", b"\x00\xff\x01"),
+                ("empty", b""),
+                ("raw", b"again"),
+            ];
+            let k2 = Incoming::from_headers("orders", b"{\"n\":2}", headers2.clone()).unwrap();
+            for expected in [Outcome::Parked, Outcome::Duplicate] {
+                // Done for the runner (it stores the offset and moves on), not applied yet; the
+                // second delivery is a duplicate of the parked message.
+                let out = inbox.process(&pool, &k2, &handler).await.unwrap();
+                assert!(out.is_done(), "{out:?}");
+                assert_eq!(out, expected);
             }
-            assert_eq!(effects(&pool).await, 1);
-            assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
-            assert_eq!(key_seq(&pool, &c, "k").await, Some(1));
-            assert_eq!(counter("outbox_inbox_gaps_total", &c), 2);
-            // Held: the gap was not recorded either.
-            assert_eq!(gaps(&pool, &c, "k").await, []);
-            assert_eq!(gap_from(&pool, &c, "k").await, None);
-            // A key first seen above seq 1 waits for its beginning too, leaving no row behind.
-            assert_eq!(deliver(&inbox, &pool, &handler, "new", 2).await, Outcome::Held);
-            assert_eq!(key_seq(&pool, &c, "new").await, None);
+            assert_eq!(parked_rows(&pool, &c).await, 1);
+            assert!(handler.calls().is_empty());
+            // Other keys meanwhile: "m" in order, "n" in reverse (3 and 2 wait for 1).
+            let m: Vec<_> = (1..=2).map(|seq| keyed("m", seq)).collect();
+            let n: Vec<_> = (1..=3).map(|seq| keyed("n", seq)).collect();
+            for msg in &m {
+                assert_eq!(
+                    inbox.process(&pool, msg, &handler).await.unwrap(),
+                    Outcome::Processed
+                );
+            }
+            for msg in [&n[2], &n[1], &n[2]] {
+                let out = inbox.process(&pool, msg, &handler).await.unwrap();
+                assert!(out.is_done(), "{out:?}");
+                assert_ne!(out, Outcome::Processed);
+            }
+            assert_eq!(counter("outbox_inbox_parked_total", &c), 3);
+            assert_eq!(counter("outbox_inbox_duplicates_total", &c), 2);
+            assert_eq!(parked_rows(&pool, &c).await, 3);
 
-            // The missing message arrives: the held one goes through on its next delivery.
-            assert_eq!(deliver(&inbox, &pool, &handler, "k", 2).await, Outcome::Processed);
+            // K:1 arrives: K:2 is applied right after it, in the same transaction.
+            let k1 = keyed("K", 1);
             assert_eq!(
-                inbox.process(&pool, &third, &handler).await.unwrap(),
+                inbox.process(&pool, &k1, &handler).await.unwrap(),
                 Outcome::Processed
             );
             assert_eq!(
-                inbox.process(&pool, &third, &handler).await.unwrap(),
+                inbox.process(&pool, &n[0], &handler).await.unwrap(),
+                Outcome::Processed
+            );
+            let order = handler.order();
+            let expected: Vec<(String, i64)> = [
+                ("m", 1),
+                ("m", 2),
+                ("K", 1),
+                ("K", 2),
+                ("n", 1),
+                ("n", 2),
+                ("n", 3),
+            ]
+            .iter()
+            .map(|(k, s)| ((*k).to_owned(), *s))
+            .collect();
+            assert_eq!(order, expected);
+            // The parked message reached the handler as it was delivered.
+            let saw = handler.calls().into_iter().find(|s| s.id == k2.id).unwrap();
+            assert_eq!(saw, Saw::of(&k2));
+            assert_eq!(saw.payload, b"{\"n\":2}");
+            assert_eq!(
+                saw.headers,
+                headers2
+                    .iter()
+                    .map(|(n, v)| ((*n).to_owned(), v.to_vec()))
+                    .collect::<Vec<_>>()
+            );
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            assert_eq!(key_seq(&pool, &c, "K").await, Some(2));
+            assert_eq!(key_seq(&pool, &c, "n").await, Some(3));
+
+            // Every message again: duplicates, nothing applied twice.
+            for msg in [&k2, &k1].into_iter().chain(&m).chain(&n) {
+                assert_eq!(
+                    inbox.process(&pool, msg, &handler).await.unwrap(),
+                    Outcome::Duplicate,
+                    "{msg:?}"
+                );
+            }
+            for msg in [&k2, &k1].into_iter().chain(&m).chain(&n) {
+                assert_eq!(effects_of(&pool, msg.id).await, 1, "{msg:?}");
+            }
+            assert_eq!(effects(&pool).await, 7);
+            assert_eq!(handler.calls().len(), 7);
+            // The key goes on as usual.
+            assert_eq!(
+                deliver_with(&inbox, &pool, &handler, "K", 3).await,
+                Outcome::Processed
+            );
+            assert_eq!(counter("outbox_inbox_processed_total", &c), 8);
+            assert_eq!(counter("outbox_inbox_unparked_total", &c), 3);
+            assert_eq!(counter("outbox_inbox_gaps_total", &c), 0);
+        }
+
+        #[tokio::test]
+        async fn under_hold_a_key_first_seen_above_1_waits_for_its_beginning_without_stalling() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let handler = Recorder::default();
+            // 4 and 2 wait for 1; 3 is missing when 1 comes: 1 and 2 apply, 4 keeps waiting.
+            for seq in [4, 2] {
+                let out = deliver_with(&inbox, &pool, &handler, "k", seq).await;
+                assert!(out.is_done(), "{out:?}");
+                assert_eq!(out, Outcome::Parked);
+            }
+            assert_eq!(
+                deliver_with(&inbox, &pool, &handler, "k", 1).await,
+                Outcome::Processed
+            );
+            assert_eq!(handler.order(), [("k".to_owned(), 1), ("k".to_owned(), 2)]);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(2));
+            assert_eq!(parked_rows(&pool, &c).await, 1);
+            assert_eq!(
+                deliver_with(&inbox, &pool, &handler, "k", 3).await,
+                Outcome::Processed
+            );
+            assert_eq!(handler.order(), [1, 2, 3, 4].map(|s| ("k".to_owned(), s)));
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(4));
+            // Under Hold nothing was skipped: no gap was recorded.
+            assert_eq!(gaps(&pool, &c, "k").await, []);
+            for seq in 1..=4 {
+                assert_eq!(
+                    deliver_with(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Duplicate
+                );
+            }
+            assert_eq!(effects(&pool).await, 4);
+        }
+
+        #[tokio::test]
+        async fn under_hold_a_failing_parked_successor_rolls_back_its_predecessor_too() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let handler = Recorder {
+                fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 2))),
+                ..Recorder::default()
+            };
+            let k2 = keyed("k", 2);
+            assert_eq!(
+                inbox.process(&pool, &k2, &handler).await.unwrap(),
+                Outcome::Parked
+            );
+            let k1 = keyed("k", 1);
+            let err = inbox.process(&pool, &k1, &handler).await.unwrap_err();
+            assert!(matches!(err, InboxError::Handler(Boom)), "{err:?}");
+            assert!(err.is_retryable());
+            // One transaction: neither effect committed, 2 is still parked.
+            assert_eq!(effects(&pool).await, 0);
+            assert_eq!(parked_rows(&pool, &c).await, 1);
+            assert_eq!(
+                inbox.process(&pool, &k1, &handler).await.unwrap(),
+                Outcome::Processed
+            );
+            assert_eq!(effects_of(&pool, k1.id).await, 1);
+            assert_eq!(effects_of(&pool, k2.id).await, 1);
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            assert_eq!(
+                inbox.process(&pool, &k2, &handler).await.unwrap(),
                 Outcome::Duplicate
             );
-            assert_eq!(key_seq(&pool, &c, "k").await, Some(3));
-            assert_eq!(effects(&pool).await, 3);
+            assert_eq!(effects(&pool).await, 2);
+        }
+
+        #[tokio::test]
+        async fn under_hold_a_predecessor_and_its_successor_delivered_concurrently_apply_once_in_order() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            // Sleeping inside the transaction keeps the first delivery uncommitted while the others
+            // arrive.
+            let handler = Arc::new(Recorder {
+                sleep: Duration::from_millis(50),
+                ..Recorder::default()
+            });
+            // Each seq delivered twice; the deliveries start 5 ms apart in the order given, or all
+            // at once.
+            let mut keys = Vec::new();
+            for (order, stagger) in [
+                ([2, 1, 2, 1], 5),
+                ([1, 2, 1, 2], 5),
+                ([2, 1, 1, 2], 0),
+                ([1, 2, 2, 1], 0),
+            ] {
+                let key: &'static str = Box::leak(format!("k-{}", Uuid::new_v4().simple()).into_boxed_str());
+                keys.push(key);
+                let msgs = [keyed(key, 1), keyed(key, 2)];
+                let tasks: Vec<_> = order
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, seq)| {
+                        let (pool, inbox, handler) = (pool.clone(), inbox.clone(), handler.clone());
+                        let msg = msgs[seq as usize - 1].clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(stagger * i as u64)).await;
+                            inbox.process(&pool, &msg, &*handler).await.unwrap()
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    let out = t.await.unwrap();
+                    assert!(out.is_done(), "{order:?}: {out:?}");
+                }
+                for msg in &msgs {
+                    assert_eq!(effects_of(&pool, msg.id).await, 1, "{order:?}");
+                }
+                assert_eq!(key_seq(&pool, &c, key).await, Some(2), "{order:?}");
+            }
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            let order = handler.order();
+            for key in keys {
+                let of_key: Vec<i64> = order.iter().filter(|(k, _)| k == key).map(|(_, s)| *s).collect();
+                assert_eq!(of_key, [1, 2], "{key}");
+            }
         }
 
         #[tokio::test]
@@ -902,10 +1295,10 @@ macro_rules! inbox_suite {
         }
 
         #[tokio::test]
-        async fn cleanup_deletes_expired_gaps_and_a_skipped_message_later_than_that_is_a_duplicate() {
+        async fn a_gap_stays_open_until_filled_whatever_the_retention_and_the_cleanup() {
             let pool = pool().await;
             let c = consumer();
-            let inbox = Inbox::new(&c).retention(Duration::from_secs(24 * 60 * 60));
+            let inbox = Inbox::new(&c).retention(Duration::from_millis(1));
             let handler = Effect::default();
             for (key, seqs) in [("old", [1, 5]), ("split", [1, 10])] {
                 for seq in seqs {
@@ -915,12 +1308,17 @@ macro_rules! inbox_suite {
                     );
                 }
             }
-            // "split" is split by a late message before its gap gets old: both parts keep its age.
+            // "split" is split by a late message before the cleanup.
             assert_eq!(
                 deliver(&inbox, &pool, &handler, "split", 5).await,
                 Outcome::Processed
             );
-            assert_eq!(gaps(&pool, &c, "split").await, [(2, 4), (6, 9)]);
+            let msg = unkeyed();
+            assert_eq!(
+                inbox.process(&pool, &msg, &handler).await.unwrap(),
+                Outcome::Processed
+            );
+            // Far past the window (the rows are two days old; the window is 1 ms).
             age(
                 &pool,
                 "outbox_inbox_gaps",
@@ -928,38 +1326,40 @@ macro_rules! inbox_suite {
                 &format!("consumer = '{c}'"),
             )
             .await;
-            for seq in [1, 4] {
+            age(
+                &pool,
+                "outbox_inbox_messages",
+                "processed_at",
+                &format!("consumer = '{c}'"),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+
+            // Only the unkeyed record goes: the open gaps are kept until filled.
+            assert_eq!(inbox.cleanup(&pool, 2).await.unwrap(), 1);
+            assert_eq!(inbox.cleanup(&pool, 2).await.unwrap(), 0);
+            assert_eq!(gaps(&pool, &c, "old").await, [(2, 4)]);
+            assert_eq!(gaps(&pool, &c, "split").await, [(2, 4), (6, 9)]);
+            // A skipped message arriving now (a dead letter replayed a week later) is processed,
+            // once.
+            for (key, seq) in [("old", 3), ("split", 2), ("split", 9)] {
+                let late = keyed(key, seq);
                 assert_eq!(
-                    deliver(&inbox, &pool, &handler, "recent", seq).await,
-                    Outcome::Processed
+                    inbox.process(&pool, &late, &handler).await.unwrap(),
+                    Outcome::Processed,
+                    "{key} {seq}"
+                );
+                assert_eq!(
+                    inbox.process(&pool, &late, &handler).await.unwrap(),
+                    Outcome::Duplicate,
+                    "{key} {seq}"
                 );
             }
-
-            // 3 expired gaps by batches of 2: 2 + 1. No unkeyed records to delete.
-            assert_eq!(inbox.cleanup(&pool, 2).await.unwrap(), 3);
+            assert_eq!(gaps(&pool, &c, "old").await, [(2, 2), (4, 4)]);
+            assert_eq!(gaps(&pool, &c, "split").await, [(3, 4), (6, 8)]);
             assert_eq!(inbox.cleanup(&pool, 2).await.unwrap(), 0);
-            assert_eq!(gaps(&pool, &c, "old").await, []);
-            assert_eq!(gaps(&pool, &c, "split").await, []);
-            assert_eq!(gaps(&pool, &c, "recent").await, [(2, 3)]);
-            // Past the window a skipped message is taken for a duplicate; the key's gap_from, left
-            // behind by the cleanup, is repaired on the way.
-            assert_eq!(gap_from(&pool, &c, "old").await, Some(2));
-            assert_eq!(
-                deliver(&inbox, &pool, &handler, "old", 3).await,
-                Outcome::Duplicate
-            );
-            assert_eq!(gap_from(&pool, &c, "old").await, None);
-            assert_eq!(
-                deliver(&inbox, &pool, &handler, "old", 3).await,
-                Outcome::Duplicate
-            );
-            // Within the window it is processed.
-            assert_eq!(
-                deliver(&inbox, &pool, &handler, "recent", 3).await,
-                Outcome::Processed
-            );
-            assert_eq!(gaps(&pool, &c, "recent").await, [(2, 2)]);
-            assert_eq!(effects(&pool).await, 2 + 3 + 2 + 1);
+            assert_eq!(gaps(&pool, &c, "old").await, [(2, 2), (4, 4)]);
+            assert_eq!(effects(&pool).await, 2 + 3 + 1 + 3);
         }
 
         #[tokio::test]
@@ -1012,6 +1412,309 @@ macro_rules! inbox_suite {
             // Another consumer's rows are its own business (its window is 7 days).
             assert_eq!(id_rows(&pool, other.consumer()).await, 1);
             assert_eq!(other.cleanup(&pool, 100).await.unwrap(), 0);
+        }
+
+        #[tokio::test]
+        async fn the_same_key_from_two_outboxes_is_applied_once_per_outbox() {
+            metrics_on();
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            // Two services, each with its own outbox database, both enqueue key "order-42".
+            let (a, b) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+            let ids: Vec<String> = (0..4).map(|_| Uuid::now_v7().to_string()).collect();
+            let seq_text = ["1", "2"];
+            let msgs: Vec<Incoming<'_>> = [(&a, 0), (&b, 0), (&b, 1), (&a, 1)]
+                .iter()
+                .enumerate()
+                .map(|(i, (source, s))| {
+                    Incoming::from_headers(
+                        "orders",
+                        b"{}",
+                        [
+                            ("outbox-id", ids[i].as_bytes()),
+                            ("outbox-key", &b"order-42"[..]),
+                            ("outbox-seq", seq_text[*s].as_bytes()),
+                            ("outbox-source", source.as_bytes()),
+                        ],
+                    )
+                    .unwrap()
+                })
+                .collect();
+            for msg in &msgs {
+                assert_eq!(
+                    inbox.process(&pool, msg, &handler).await.unwrap(),
+                    Outcome::Processed,
+                    "{msg:?}"
+                );
+            }
+            for msg in &msgs {
+                assert_eq!(
+                    inbox.process(&pool, msg, &handler).await.unwrap(),
+                    Outcome::Duplicate,
+                    "{msg:?}"
+                );
+            }
+            assert_eq!(effects(&pool).await, 4);
+            // Neither outbox's numbering looked like a gap in the other's.
+            assert_eq!(counter("outbox_inbox_gaps_total", &c), 0);
+        }
+
+        #[tokio::test]
+        async fn the_claim_carries_the_outbox_databases_source_and_two_outboxes_stay_apart() {
+            let pool = pool().await;
+            let inbox = Inbox::new(consumer());
+            let handler = Effect::default();
+            // Two outbox databases, each with its own source id, both enqueue key "order-42".
+            let mut sources = Vec::new();
+            let mut claimed = Vec::new();
+            for _ in 0..2 {
+                let outbox_db: Pool = $fresh.await;
+                let source: String = sqlx::query_scalar("SELECT id FROM outbox_source")
+                    .fetch_one(&outbox_db)
+                    .await
+                    .unwrap();
+                assert!(!source.is_empty());
+                let mut tx = outbox_db.begin().await.unwrap();
+                for n in 1..=2 {
+                    let msg = outbox::Message::new("orders", format!("{n}")).key("order-42");
+                    outbox::enqueue(&mut tx, &msg).await.unwrap();
+                }
+                tx.commit().await.unwrap();
+                let store = <$db as Dialect>::store(outbox_db);
+                let leases = store
+                    .acquire("suite", outbox::LANES as usize, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                let lane = outbox::lane_of(Some("order-42"), Uuid::nil(), outbox::LANES);
+                let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+                let rows = store.claim(lease, 10).await.unwrap();
+                assert_eq!(rows.len(), 2);
+                for row in &rows {
+                    assert_eq!(row.source.as_deref(), Some(source.as_str()));
+                }
+                sources.push(source);
+                claimed.extend(rows);
+            }
+            assert_ne!(sources[0], sources[1]);
+            // Delivered with the headers the publisher sends: every message applies once.
+            for expected in [Outcome::Processed, Outcome::Duplicate] {
+                for row in &claimed {
+                    let (id, seq) = (row.id.to_string(), row.seq.unwrap().to_string());
+                    let headers = [
+                        (outbox::HEADER_ID, id.as_bytes()),
+                        (outbox::HEADER_KEY, row.key.as_deref().unwrap().as_bytes()),
+                        (outbox::HEADER_SEQ, seq.as_bytes()),
+                        (outbox::HEADER_SOURCE, row.source.as_deref().unwrap().as_bytes()),
+                    ];
+                    let msg = Incoming::from_headers("orders", &row.payload, headers).unwrap();
+                    assert_eq!(msg.source, row.source.as_deref());
+                    assert_eq!(
+                        inbox.process(&pool, &msg, &handler).await.unwrap(),
+                        expected,
+                        "{row:?}"
+                    );
+                }
+            }
+            assert_eq!(effects(&pool).await, 4);
+        }
+
+        #[tokio::test]
+        async fn under_expect_seqs_of_other_topics_are_not_counted_and_a_late_one_still_applies() {
+            metrics_on();
+            let pool = pool().await;
+            let handler = Effect::default();
+            // Key "k": 1 and 3 are sent to "orders", 2 to "invoices", which these consumers do not
+            // read; 4 to "orders" is delivered late.
+            let msgs = [keyed("k", 1), keyed("k", 3), keyed("k", 5), keyed("k", 4)];
+            for (policy, gaps_counted) in [(GapPolicy::Expect, 0), (GapPolicy::Accept, 2)] {
+                let c = consumer();
+                let inbox = Inbox::new(&c).gap_policy(policy);
+                for msg in &msgs {
+                    assert_eq!(
+                        inbox.process(&pool, msg, &handler).await.unwrap(),
+                        Outcome::Processed
+                    );
+                    assert_eq!(
+                        inbox.process(&pool, msg, &handler).await.unwrap(),
+                        Outcome::Duplicate
+                    );
+                }
+                assert_eq!(counter("outbox_inbox_gaps_total", &c), gaps_counted, "{policy:?}");
+                assert_eq!(counter("outbox_inbox_gap_fills_total", &c), 1, "{policy:?}");
+                // The seq sent elsewhere stays an open gap: if it ever reaches this consumer, it
+                // applies.
+                assert_eq!(gaps(&pool, &c, "k").await, [(2, 2)], "{policy:?}");
+                assert_eq!(key_seq(&pool, &c, "k").await, Some(5));
+            }
+            assert_eq!(effects(&pool).await, 2 * 4);
+        }
+
+        #[tokio::test]
+        async fn records_written_before_sources_keep_working_after_the_migration() {
+            // A database migrated up to 0002 (the inbox without sources), with records in it.
+            let pool: Pool = $fresh_unmigrated.await;
+            let blob = <$db as Dialect>::blob();
+            sqlx::raw_sql(&format!(
+                "CREATE TABLE outbox_schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+                 checksum {blob} NOT NULL, installed_on BIGINT)"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+            let p = <$db as Dialect>::param;
+            let record = format!(
+                "INSERT INTO outbox_schema_migrations (version, description, checksum) VALUES ({}, {}, {})",
+                p(1),
+                p(2),
+                p(3)
+            );
+            for m in <$db as Dialect>::migrator().iter().filter(|m| m.version <= 2) {
+                sqlx::raw_sql(&m.sql).execute(&pool).await.unwrap();
+                sqlx::query(&record)
+                    .bind(m.version)
+                    .bind(&*m.description)
+                    .bind(&*m.checksum)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            let c = consumer();
+            let now = <$db as Dialect>::now();
+            // Key "k" applied up to 2; key "g" up to 4 with 2..=3 skipped; one unkeyed message.
+            for (key, seq, gap_from) in [("k", 2, "NULL"), ("g", 4, "2")] {
+                let (cols, vals) = <$db as Dialect>::key_insert(key, false);
+                sqlx::raw_sql(&format!(
+                    "INSERT INTO outbox_inbox_keys (consumer, {cols}, seq, gap_from, updated_at) \
+                     VALUES ('{c}', {vals}, {seq}, {gap_from}, {now})"
+                ))
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            let (cols, vals) = <$db as Dialect>::key_insert("g", true);
+            sqlx::raw_sql(&format!(
+                "INSERT INTO outbox_inbox_gaps (consumer, {cols}, from_seq, to_seq, created_at) \
+                 VALUES ('{c}', {vals}, 2, 3, {now})"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+            let old = unkeyed();
+            sqlx::query(&format!(
+                "INSERT INTO outbox_inbox_messages (consumer, message_id, processed_at) VALUES ({}, {}, {now})",
+                p(1),
+                p(2)
+            ))
+            .bind(&c)
+            .bind(old.id)
+            .execute(&pool)
+            .await
+            .unwrap();
+
+            <$db as Dialect>::migrate(&pool).await.unwrap();
+            let versions: Vec<i64> =
+                sqlx::query_scalar("SELECT version FROM outbox_schema_migrations ORDER BY version")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            assert_eq!(versions, [1, 2, 3]);
+            let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox_source")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            assert_eq!(ids.len(), 1);
+            sqlx::raw_sql("CREATE TABLE effects (message_id VARCHAR(36) NOT NULL)")
+                .execute(&pool)
+                .await
+                .unwrap();
+
+            // Messages without a source (a relay that predates it) find their records as before.
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            let steps = [
+                ("k", 1, Outcome::Duplicate),
+                ("k", 2, Outcome::Duplicate),
+                ("k", 3, Outcome::Processed),
+                ("g", 3, Outcome::Processed),
+                ("g", 3, Outcome::Duplicate),
+                ("g", 4, Outcome::Duplicate),
+            ];
+            for (key, seq, expected) in steps {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, key, seq).await,
+                    expected,
+                    "{key} {seq}"
+                );
+            }
+            assert_eq!(
+                inbox.process(&pool, &old, &handler).await.unwrap(),
+                Outcome::Duplicate
+            );
+            // The first message of a key with a source takes the key's records over: the upgraded
+            // relay sending a message again is still recognised, and a gap still fills.
+            let source = Uuid::new_v4().to_string();
+            let sourced = |key: &'static str, seq: i64| keyed(key, seq).source(source.as_str());
+            let steps = [
+                ("k", 3, Outcome::Duplicate),
+                ("k", 4, Outcome::Processed),
+                ("g", 2, Outcome::Processed),
+                ("g", 2, Outcome::Duplicate),
+                ("g", 3, Outcome::Duplicate),
+            ];
+            for (key, seq, expected) in steps {
+                let msg = sourced(key, seq);
+                assert_eq!(
+                    inbox.process(&pool, &msg, &handler).await.unwrap(),
+                    expected,
+                    "{key} {seq}"
+                );
+            }
+            let default_rows = count(
+                &pool,
+                format!("SELECT COUNT(*) FROM outbox_inbox_keys WHERE consumer = '{c}' AND source = ''"),
+            )
+            .await;
+            assert_eq!(default_rows, 0);
+            assert_eq!(key_rows(&pool, &c).await, 2);
+            assert_eq!(gaps(&pool, &c, "g").await, []);
+            assert_eq!(effects(&pool).await, 4);
+        }
+
+        #[tokio::test]
+        async fn a_parked_message_without_source_goes_over_with_its_key() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let handler = Recorder::default();
+            // Before the relay sent sources: 1 applied, 3 parked.
+            assert_eq!(
+                deliver_with(&inbox, &pool, &handler, "k", 1).await,
+                Outcome::Processed
+            );
+            assert_eq!(
+                deliver_with(&inbox, &pool, &handler, "k", 3).await,
+                Outcome::Parked
+            );
+            // 2 comes from the upgraded relay, with its source: 3 follows it.
+            let source = Uuid::new_v4().to_string();
+            let two = keyed("k", 2).source(&source);
+            assert_eq!(
+                inbox.process(&pool, &two, &handler).await.unwrap(),
+                Outcome::Processed
+            );
+            assert_eq!(handler.order(), [1, 2, 3].map(|s| ("k".to_owned(), s)));
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            assert_eq!(key_rows(&pool, &c).await, 1);
+            for seq in 1..=3 {
+                let msg = keyed("k", seq).source(&source);
+                assert_eq!(
+                    inbox.process(&pool, &msg, &handler).await.unwrap(),
+                    Outcome::Duplicate
+                );
+            }
+            assert_eq!(effects(&pool).await, 3);
         }
     };
 }

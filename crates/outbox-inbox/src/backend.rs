@@ -1,10 +1,11 @@
 //! What a database must provide to host an inbox: record a message's dedup info on the handler's
-//! transaction (filling recorded gaps), and delete expired records in batches. One implementation
-//! per sqlx database.
+//! transaction (filling recorded gaps, parking a message that comes before its predecessor), take
+//! parked messages back, and delete expired records in batches. One implementation per sqlx
+//! database.
 
 use async_trait::async_trait;
 
-use crate::Incoming;
+use crate::{Incoming, Parked};
 
 /// A database the inbox can keep its records in: implemented for the sqlx databases enabled by
 /// features (`postgres`, `mysql`, `sqlite`).
@@ -12,32 +13,39 @@ use crate::Incoming;
 pub trait Backend: sqlx::Database {
     /// Records `msg` for `consumer` on the handler's transaction connection, in as few round trips
     /// as the database allows. Must block on a concurrent, uncommitted record of the same message
-    /// (same id, or same key) and then answer as if that one had committed first.
+    /// (same id, or same source and key) and then answer as if that one had committed first.
     ///
-    /// For a keyed message that skips seqs, records the skipped range as an open gap; for one at or
-    /// below the key's highest seq that falls in an open gap, cuts its seq out of the gap and answers
-    /// [`Recorded::FilledGap`]. A message with no gap involved costs one statement.
+    /// Keyed records are scoped by (consumer, source, key). For a keyed message that skips seqs:
+    /// with `hold`, parks it (the key is left as it was) and answers [`Recorded::Parked`], or
+    /// [`Recorded::Duplicate`] if it is parked already; without, records the skipped range as an
+    /// open gap. For one at or below the key's highest seq that falls in an open gap, cuts its seq
+    /// out of the gap and answers [`Recorded::FilledGap`]. The first message of a key with a
+    /// source takes over the key's records of the default source, if there are any. A message
+    /// with no gap involved costs one statement (two for a key's first message with a source).
     #[doc(hidden)]
     async fn record(
         conn: &mut <Self as sqlx::Database>::Connection,
         consumer: &str,
         msg: &Incoming<'_>,
+        hold: bool,
     ) -> Result<Recorded, sqlx::Error>;
+
+    /// Takes the parked message `seq` of (consumer, source, key) out of the parked table and makes
+    /// it the key's highest applied seq, on the transaction that applied `seq - 1` (so with the key
+    /// row locked). None when that message is not parked.
+    #[doc(hidden)]
+    async fn unpark(
+        conn: &mut <Self as sqlx::Database>::Connection,
+        consumer: &str,
+        source: &str,
+        key: &str,
+        seq: i64,
+    ) -> Result<Option<Parked>, sqlx::Error>;
 
     /// Deletes at most `batch` unkeyed records of `consumer` older than `retention_ms`, in one short
     /// transaction of its own. Returns how many it deleted.
     #[doc(hidden)]
     async fn delete_expired(
-        pool: &sqlx::Pool<Self>,
-        consumer: &str,
-        retention_ms: i64,
-        batch: i64,
-    ) -> Result<u64, sqlx::Error>;
-
-    /// Deletes at most `batch` open gaps of `consumer` recorded more than `retention_ms` ago, in one
-    /// short transaction of its own. Returns how many it deleted.
-    #[doc(hidden)]
-    async fn delete_expired_gaps(
         pool: &sqlx::Pool<Self>,
         consumer: &str,
         retention_ms: i64,
@@ -49,7 +57,8 @@ pub trait Backend: sqlx::Database {
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
-    /// Already processed: nothing was written (at most the key's gap bookkeeping was tidied).
+    /// Already processed, or already parked: nothing was written (at most the key's gap
+    /// bookkeeping was tidied).
     Duplicate,
     /// Recorded as new. For a keyed message, `previous` is the highest seq applied before (None for
     /// a key never seen); for an unkeyed message it is None. When a keyed message skipped seqs
@@ -65,6 +74,12 @@ pub enum Recorded {
         from: i64,
         /// The gap's last seq, before this message filled its part.
         to: i64,
+    },
+    /// Recorded with `hold`: a keyed message above the key's highest seq + 1, now parked until its
+    /// predecessor is applied. The key's records are as they were.
+    Parked {
+        /// The key's highest applied seq (None for a key never seen).
+        previous: Option<i64>,
     },
 }
 
@@ -87,39 +102,55 @@ pub(crate) enum KeyStep {
 }
 
 /// Implements [`Backend`] for a database from its statements: the Rust side (what to run after what,
-/// what it means) is the same everywhere. Module `$sql` provides:
+/// what it means) is the same everywhere. Module `$sql` provides, keyed statements bound first with
+/// (consumer, source, key), source being '' for the default source:
 ///
-/// - `RECORD_KEYED`, bound (consumer, key, seq): records a keyed message in one statement; how it
-///   answers is the first step below.
-/// - `RECORD_GAP: Option<&str>`, bound (consumer, key, from, to): records the gap a new message
-///   skipped; `None` when `RECORD_KEYED` records it itself.
-/// - `FILL_GAP: &[&str]`, each bound (consumer, key, seq), run in order on the key row locked by
-///   `RECORD_KEYED`: the first answers the gap `(from_seq, to_seq)` holding seq (no row: a
-///   duplicate), all together cut seq out of it and keep the key's `gap_from` up to date.
+/// - `RECORD_KEYED`, bound (consumer, source, key, seq): records a keyed message in one statement;
+///   how it answers is the first step below.
+/// - `RECORD_GAP: Option<&str>`, bound (consumer, source, key, from, to): records the gap a new
+///   message skipped; `None` when `RECORD_KEYED` records it itself.
+/// - `FILL_GAP: &[&str]`, each bound (consumer, source, key, seq), run in order on the key row
+///   locked by `RECORD_KEYED`: the first answers the gap `(from_seq, to_seq)` holding seq (no row:
+///   a duplicate), all together cut seq out of it and keep the key's `gap_from` up to date.
+/// - `UNDO_ADVANCE: &[&str]`, each bound (consumer, source, key, previous): puts the key row that
+///   `RECORD_KEYED` just advanced past a gap back to seq `previous` (0 for a key it just created),
+///   and removes the gap it recorded (the row stays locked): the message is parked instead.
+/// - `PARK`, bound (consumer, source, key, seq, id, topic, payload, headers): parks a message
+///   unless that (consumer, source, key, seq) is parked already.
+/// - `TAKE_PARKED: &[&str]`, each bound (consumer, source, key, seq): the first answers the parked
+///   message `(message_id, topic, payload, headers)` (no row: none), the others (run only when
+///   there is one) delete it.
+/// - `LEGACY_KEY`, bound (consumer, key): a row (any column) when the key has records of the
+///   default source. `ADOPT: &[&str]`, each bound (consumer, source, key), run in order: drop the
+///   records `RECORD_KEYED` just created for (source, key) and move the default source's records of
+///   the key (key row, gaps, parked messages) to `source`.
 /// - `RECORD_UNKEYED`, bound (consumer, id): records an unkeyed message unless its id is there.
-/// - `DELETE_EXPIRED` and `DELETE_EXPIRED_GAPS`, bound (consumer, retention ms, batch): one batch
-///   of the cleanup, one statement in a transaction of its own; the rows deleted are the count.
+/// - `DELETE_EXPIRED`, bound (consumer, retention ms, batch): one batch of the cleanup, one
+///   statement in a transaction of its own; the rows deleted are the count.
 ///
 /// The first step, the one statement of the common path, is where databases differ:
 ///
 /// - `sql_backend!(Db, sql)`: the record statements answer with rows (`RETURNING`). `RECORD_KEYED`:
 ///   no row = duplicate; a row `(prev_seq, seq)` with the message's seq = new (prev_seq: the highest
 ///   before); with a higher seq = below the highest while the key has open gaps that may hold it.
-///   `RECORD_UNKEYED`: one row inserted = new.
-/// - `sql_backend!(Db, sql, record_keyed, record_unkeyed)`: the calling module runs them itself and
-///   tells what they found, `record_keyed(conn, consumer, key, seq) -> Result<KeyStep, _>` and
-///   `record_unkeyed(conn, consumer, id) -> Result<bool, _>` (true: new); for a database whose
-///   statements answer otherwise (MySQL: in the OK packet).
+///   `RECORD_UNKEYED` and `PARK`: one row inserted = new.
+/// - `sql_backend!(Db, sql, record_keyed, record_unkeyed, park)`: the calling module runs them
+///   itself and tells what they found, `record_keyed(conn, consumer, source, key, seq) ->
+///   Result<KeyStep, _>`, `record_unkeyed(conn, consumer, id) -> Result<bool, _>` and
+///   `park(conn, consumer, source, key, seq, msg, headers) -> Result<bool, _>` (true: new); for a
+///   database whose statements answer otherwise (MySQL: in the OK packet).
 macro_rules! sql_backend {
     ($db:ty, $sql:ident) => {
         async fn record_keyed(
             conn: &mut <$db as sqlx::Database>::Connection,
             consumer: &str,
+            source: &str,
             key: &str,
             seq: i64,
         ) -> Result<$crate::backend::KeyStep, sqlx::Error> {
             let row: Option<(Option<i64>, i64)> = sqlx::query_as($sql::RECORD_KEYED)
                 .bind(consumer)
+                .bind(source)
                 .bind(key)
                 .bind(seq)
                 .fetch_optional(&mut *conn)
@@ -144,15 +175,100 @@ macro_rules! sql_backend {
             Ok(done.rows_affected() == 1)
         }
 
-        $crate::backend::sql_backend!($db, $sql, record_keyed, record_unkeyed);
+        #[allow(clippy::too_many_arguments)]
+        async fn park(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            consumer: &str,
+            source: &str,
+            key: &str,
+            seq: i64,
+            msg: &$crate::Incoming<'_>,
+            headers: &[u8],
+        ) -> Result<bool, sqlx::Error> {
+            let done = sqlx::query($sql::PARK)
+                .bind(consumer)
+                .bind(source)
+                .bind(key)
+                .bind(seq)
+                .bind(msg.id)
+                .bind(msg.topic)
+                .bind(msg.payload)
+                .bind(headers)
+                .execute(&mut *conn)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        $crate::backend::sql_backend!($db, $sql, record_keyed, record_unkeyed, park);
     };
-    ($db:ty, $sql:ident, $record_keyed:ident, $record_unkeyed:ident) => {
+    ($db:ty, $sql:ident, $record_keyed:ident, $record_unkeyed:ident, $park:ident) => {
+        /// Runs `statements` in order, each bound (consumer, source, key).
+        async fn run_keyed(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            statements: &[&str],
+            consumer: &str,
+            source: &str,
+            key: &str,
+        ) -> Result<(), sqlx::Error> {
+            for statement in statements {
+                sqlx::query(statement)
+                    .bind(consumer)
+                    .bind(source)
+                    .bind(key)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(())
+        }
+
+        /// Runs `statements` in order, each bound (consumer, source, key, n).
+        async fn run_seq(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            statements: &[&str],
+            consumer: &str,
+            source: &str,
+            key: &str,
+            n: i64,
+        ) -> Result<(), sqlx::Error> {
+            for statement in statements {
+                sqlx::query(statement)
+                    .bind(consumer)
+                    .bind(source)
+                    .bind(key)
+                    .bind(n)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(())
+        }
+
+        /// If (consumer, key) has records of the default source, drops the records just created for
+        /// (consumer, source, key) and moves the default source's ones there. True when it did.
+        async fn adopt(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            consumer: &str,
+            source: &str,
+            key: &str,
+        ) -> Result<bool, sqlx::Error> {
+            let legacy: Option<(i64,)> = sqlx::query_as($sql::LEGACY_KEY)
+                .bind(consumer)
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if legacy.is_none() {
+                return Ok(false);
+            }
+            run_keyed(&mut *conn, $sql::ADOPT, consumer, source, key).await?;
+            Ok(true)
+        }
+
         #[async_trait::async_trait]
         impl $crate::Backend for $db {
             async fn record(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 consumer: &str,
                 msg: &$crate::Incoming<'_>,
+                hold: bool,
             ) -> Result<$crate::Recorded, sqlx::Error> {
                 let Some((key, seq)) = msg.key_seq() else {
                     return Ok(if $record_unkeyed(&mut *conn, consumer, msg.id).await? {
@@ -161,13 +277,34 @@ macro_rules! sql_backend {
                         $crate::Recorded::Duplicate
                     });
                 };
-                match $record_keyed(&mut *conn, consumer, key, seq).await? {
+                let source = msg.scope();
+                let mut step = $record_keyed(&mut *conn, consumer, source, key, seq).await?;
+                if step == ($crate::backend::KeyStep::New { previous: None })
+                    && !source.is_empty()
+                    && adopt(&mut *conn, consumer, source, key).await?
+                {
+                    // The key's records from before sources were sent are this source's now:
+                    // record the message again against them.
+                    step = $record_keyed(&mut *conn, consumer, source, key, seq).await?;
+                }
+                match step {
                     $crate::backend::KeyStep::Duplicate => Ok($crate::Recorded::Duplicate),
                     $crate::backend::KeyStep::New { previous } => {
                         let from = previous.unwrap_or(0) + 1;
+                        if hold && from < seq {
+                            run_seq(&mut *conn, $sql::UNDO_ADVANCE, consumer, source, key, from - 1).await?;
+                            let headers = $crate::parked::encode_headers(&msg.headers);
+                            let parked = $park(&mut *conn, consumer, source, key, seq, msg, &headers).await?;
+                            return Ok(if parked {
+                                $crate::Recorded::Parked { previous }
+                            } else {
+                                $crate::Recorded::Duplicate
+                            });
+                        }
                         if let (Some(record_gap), true) = ($sql::RECORD_GAP, from < seq) {
                             sqlx::query(record_gap)
                                 .bind(consumer)
+                                .bind(source)
                                 .bind(key)
                                 .bind(from)
                                 .bind(seq - 1)
@@ -180,24 +317,59 @@ macro_rules! sql_backend {
                         let (first, rest) = $sql::FILL_GAP.split_first().expect("FILL_GAP has a statement");
                         let gap: Option<(i64, i64)> = sqlx::query_as(first)
                             .bind(consumer)
+                            .bind(source)
                             .bind(key)
                             .bind(seq)
                             .fetch_optional(&mut *conn)
                             .await?;
-                        for statement in rest {
-                            sqlx::query(statement)
-                                .bind(consumer)
-                                .bind(key)
-                                .bind(seq)
-                                .execute(&mut *conn)
-                                .await?;
-                        }
+                        run_seq(&mut *conn, rest, consumer, source, key, seq).await?;
                         Ok(match gap {
                             Some((from, to)) => $crate::Recorded::FilledGap { from, to },
                             None => $crate::Recorded::Duplicate,
                         })
                     }
                 }
+            }
+
+            async fn unpark(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                consumer: &str,
+                source: &str,
+                key: &str,
+                seq: i64,
+            ) -> Result<Option<$crate::Parked>, sqlx::Error> {
+                let (first, rest) = $sql::TAKE_PARKED
+                    .split_first()
+                    .expect("TAKE_PARKED has a statement");
+                let row: Option<(::uuid::Uuid, String, Vec<u8>, Vec<u8>)> = sqlx::query_as(first)
+                    .bind(consumer)
+                    .bind(source)
+                    .bind(key)
+                    .bind(seq)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let Some((id, topic, payload, headers)) = row else {
+                    return Ok(None);
+                };
+                run_seq(&mut *conn, rest, consumer, source, key, seq).await?;
+                // The key's highest is seq - 1 (this transaction applied it and holds the key row):
+                // the parked message is the next one.
+                match $record_keyed(&mut *conn, consumer, source, key, seq).await? {
+                    $crate::backend::KeyStep::New { previous } if previous.unwrap_or(0) == seq - 1 => {}
+                    other => {
+                        return Err(sqlx::Error::Protocol(format!(
+                            "parked message {seq} of a key does not follow its highest applied seq: {other:?}"
+                        )))
+                    }
+                }
+                let headers = $crate::parked::decode_headers(&headers)
+                    .map_err(|e| sqlx::Error::Decode(format!("parked message {id}: headers: {e}").into()))?;
+                Ok(Some($crate::Parked {
+                    id,
+                    topic,
+                    payload,
+                    headers,
+                }))
             }
 
             async fn delete_expired(
@@ -207,21 +379,6 @@ macro_rules! sql_backend {
                 batch: i64,
             ) -> Result<u64, sqlx::Error> {
                 let done = sqlx::query($sql::DELETE_EXPIRED)
-                    .bind(consumer)
-                    .bind(retention_ms)
-                    .bind(batch)
-                    .execute(pool)
-                    .await?;
-                Ok(done.rows_affected())
-            }
-
-            async fn delete_expired_gaps(
-                pool: &sqlx::Pool<$db>,
-                consumer: &str,
-                retention_ms: i64,
-                batch: i64,
-            ) -> Result<u64, sqlx::Error> {
-                let done = sqlx::query($sql::DELETE_EXPIRED_GAPS)
                     .bind(consumer)
                     .bind(retention_ms)
                     .bind(batch)

@@ -1,5 +1,6 @@
 //! The one error type of `outbox-inbox`: a message the inbox cannot identify, the handler's own
-//! failure, or database trouble, with `is_retryable` telling the consumer runner what to do.
+//! failure, or database trouble, with `is_retryable` and `is_infrastructure` telling the consumer
+//! runner what to do.
 
 use std::convert::Infallible;
 
@@ -12,7 +13,8 @@ pub enum InboxError<E = Infallible> {
     /// A header the inbox needs (`outbox-id`) is not on the message.
     #[error("message has no {0:?} header")]
     MissingHeader(&'static str),
-    /// A framework header (`outbox-id`, `outbox-key`, `outbox-seq`) could not be parsed.
+    /// A framework header (`outbox-id`, `outbox-key`, `outbox-seq`, `outbox-source`) could not be
+    /// parsed.
     #[error("malformed {name:?} header: {reason}")]
     MalformedHeader {
         /// The header name.
@@ -39,6 +41,21 @@ impl<E> InboxError<E> {
             InboxError::Handler(_) => true,
             InboxError::Database(e) => database_retryable(e),
         }
+    }
+
+    /// True for database trouble of any kind ([`InboxError::Database`]): the connection or the pool,
+    /// a timeout, a deadlock, a statement the database refused. The message is not at fault, and
+    /// nothing was committed: a consumer runner waits for the database and delivers the message
+    /// again (however long that takes) instead of counting the failure against the message or
+    /// dead-lettering it. False for the handler's own error ([`InboxError::Handler`]) and for a
+    /// message the inbox cannot identify ([`InboxError::MissingHeader`],
+    /// [`InboxError::MalformedHeader`]).
+    ///
+    /// Independent of [`is_retryable`](Self::is_retryable), which tells whether the same delivery
+    /// can succeed later: a constraint violation is infrastructure but not retryable, a handler
+    /// error is retryable but not infrastructure.
+    pub fn is_infrastructure(&self) -> bool {
+        matches!(self, InboxError::Database(_))
     }
 }
 

@@ -1,49 +1,68 @@
-//! The inbox itself: its settings, `process` (dedup record and handler in one transaction) and the
-//! batched `cleanup` of expired records.
+//! The inbox itself: its settings, `process` (dedup record and handler in one transaction, parked
+//! successors applied in the same one) and the batched `cleanup` of expired records.
 
 use std::time::Duration;
 
-use crate::{Backend, Handler, InboxError, Incoming, Recorded};
+use crate::{Backend, Handler, InboxError, Incoming, Recorded, MAX_SOURCE_LEN};
 
-/// How long records of unkeyed messages, and open gaps of keyed ones, are kept by default: 7 days.
+/// How long records of unkeyed messages are kept by default: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 
 const MAX_RETENTION_MS: i64 = 1000 * 365 * 24 * 60 * 60 * 1000;
 
-/// What to do when a keyed message skips seqs (the key's highest applied seq is 4 and 6 arrives).
+/// What a keyed message means when it skips seqs (the key's highest applied seq is 4 and 6
+/// arrives): seqs are dense per (source, key) from 1, across every topic the outbox sends the key
+/// to.
 ///
-/// Either way the gap is logged (`warn`) and counted (`outbox_inbox_gaps_total`), on every delivery
-/// that finds it.
+/// Whatever the policy, nothing waits: every outcome of [`Inbox::process`] is
+/// [done](Outcome::is_done), so a consumer runner commits the offset and goes on with the
+/// partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GapPolicy {
     /// Process the message and move the key on. The skipped seqs are recorded as an open gap of
-    /// the key: if one of them arrives later (within the retention window), it is processed then,
-    /// once, after higher seqs; a seq at or below the key's highest outside every open gap is a
-    /// duplicate. The default.
+    /// the key, kept until filled: if one of them arrives later, however much later, it is
+    /// processed then, once, after higher seqs; a seq at or below the key's highest outside every
+    /// open gap is a duplicate. The gap is logged (`warn`) and counted (`outbox_inbox_gaps_total`).
+    /// For a consumer that reads every topic its keys' messages are sent to. The default.
     #[default]
     Accept,
-    /// Process nothing, commit nothing and answer [`Outcome::Held`]: deliver it again later, after
-    /// the missing messages (for example once an operator replayed a dead letter).
+    /// Apply the messages of a key in seq order. A message whose predecessor has not been applied
+    /// is parked (kept whole in the inbox's tables, in its own transaction) and answers
+    /// [`Outcome::Parked`]; when the predecessor is applied, the parked messages that follow it
+    /// are applied in the same transaction, by the same handler, in seq order. Nothing is skipped,
+    /// so no gap is recorded. For a consumer that reads every topic its keys' messages are sent
+    /// to: a message whose predecessor never reaches it stays parked (see the crate
+    /// documentation).
     Hold,
+    /// Like [`Accept`](GapPolicy::Accept), but skipped seqs are expected, not a sign of trouble:
+    /// recorded as open gaps the same way (a late message is still processed, once), neither
+    /// logged above `debug` nor counted. For a consumer that reads only some of the topics its
+    /// keys' messages are sent to: the seqs of the others are never delivered to it.
+    Expect,
 }
 
 /// What [`Inbox::process`] did with a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The handler ran and its writes committed with the dedup record.
+    /// The handler ran and its writes committed with the dedup record (under [`GapPolicy::Hold`],
+    /// with those of the parked messages that followed it).
     Processed,
-    /// The message was processed before: the handler did not run.
+    /// The message was processed (or parked) before: the handler did not run.
     Duplicate,
-    /// A gap under [`GapPolicy::Hold`]: the handler did not run, nothing was committed. Deliver the
-    /// message again later; do not commit its offset.
-    Held,
+    /// Under [`GapPolicy::Hold`], the message's predecessor has not been applied: the message is
+    /// parked in the inbox's tables (committed), and will be applied right after its predecessor,
+    /// in the predecessor's transaction. The handler did not run.
+    Parked,
 }
 
 impl Outcome {
-    /// True when the message is handled for good (processed now or before): the consumer may commit
-    /// its offset. False for [`Outcome::Held`].
+    /// True when the consumer may commit the message's offset: it is processed now or before, or
+    /// parked in the inbox's tables (applied with its predecessor). True for every outcome: a
+    /// message never has to be delivered again once `process` returned `Ok`.
     pub fn is_done(self) -> bool {
-        matches!(self, Outcome::Processed | Outcome::Duplicate)
+        match self {
+            Outcome::Processed | Outcome::Duplicate | Outcome::Parked => true,
+        }
     }
 }
 
@@ -81,11 +100,12 @@ impl Inbox {
     }
 
     /// How long records of unkeyed messages are kept, so how long after its first delivery a
-    /// duplicate unkeyed message is still recognised. Keyed messages are recognised forever.
+    /// duplicate unkeyed message is still recognised. Defaults to 7 days.
     ///
-    /// Also how long an open gap of a key (seqs skipped under [`GapPolicy::Accept`]) is kept: a
-    /// skipped message arriving later than that after the gap was seen is taken for a duplicate
-    /// and not processed. Defaults to 7 days.
+    /// Keyed messages are recognised forever, whatever the window: per (source, key) the highest
+    /// applied seq and the open gaps (seqs skipped under [`GapPolicy::Accept`] or
+    /// [`GapPolicy::Expect`]) are kept until the gap is filled, and parked messages until they are
+    /// applied.
     pub fn retention(mut self, window: Duration) -> Self {
         self.retention = window;
         self
@@ -100,14 +120,17 @@ impl Inbox {
     /// the message, then runs `handler` with that transaction and commits. The handler's writes and
     /// the record commit together or not at all.
     ///
-    /// A duplicate (or a message held back by [`GapPolicy::Hold`]) does not run the handler and
-    /// commits nothing but, at most, the tidying of its key's gap bookkeeping. A keyed message that
-    /// was skipped by a gap and arrives late is processed (see [`GapPolicy::Accept`]). Concurrent
-    /// deliveries of one message wait for each other: one processes it, the others see a
-    /// duplicate. On a handler error everything is rolled back and the error is
-    /// returned ([`InboxError::is_retryable`] is true): deliver the message again.
+    /// A duplicate does not run the handler and commits nothing but, at most, the tidying of its
+    /// key's gap bookkeeping. A keyed message that was skipped by a gap and arrives late is
+    /// processed (see [`GapPolicy::Accept`]). Under [`GapPolicy::Hold`] a message whose
+    /// predecessor has not been applied is parked (committed, the handler does not run), and a
+    /// message that is applied brings the parked messages that follow it along, in its
+    /// transaction. Concurrent deliveries of one message wait for each other: one processes it,
+    /// the others see a duplicate. On a handler error (its own message's, or a parked one's)
+    /// everything is rolled back and the error is returned ([`InboxError::is_retryable`] is
+    /// true): deliver the message again.
     ///
-    /// Commit the consumer offset only when the outcome [`is_done`](Outcome::is_done).
+    /// Commit the consumer offset when the outcome [`is_done`](Outcome::is_done) (every `Ok`).
     #[tracing::instrument(name = "process", skip_all, fields(outbox.id = %msg.id, consumer = %self.consumer))]
     pub async fn process<DB, H>(
         &self,
@@ -119,22 +142,42 @@ impl Inbox {
         DB: Backend,
         H: Handler<DB> + ?Sized,
     {
+        if msg.source.is_some_and(|s| s.len() > MAX_SOURCE_LEN) {
+            return Err(InboxError::MalformedHeader {
+                name: outbox::HEADER_SOURCE,
+                reason: format!("more than {MAX_SOURCE_LEN} bytes"),
+            });
+        }
+        let hold = self.gap_policy == GapPolicy::Hold;
         let mut tx = pool.begin().await?;
         // For a message new at the top of its key: the key's highest seq before it.
-        let advanced_from = match DB::record(&mut *tx, &self.consumer, msg).await? {
+        let advanced_from = match DB::record(&mut *tx, &self.consumer, msg, hold).await? {
             Recorded::Duplicate => {
                 // End the transaction now to release the key row. Commit rather than roll back: a
                 // duplicate writes nothing, except that looking at the key's gaps may have repaired
-                // its gap_from (left too low by the cleanup); keeping that spares later duplicates.
+                // its gap_from; keeping that spares later duplicates.
                 tx.commit().await?;
                 tracing::debug!(key = msg.key, seq = msg.seq, "duplicate, skipped");
-                self.count("outbox_inbox_duplicates_total");
+                self.count("outbox_inbox_duplicates_total", 1);
                 return Ok(Outcome::Duplicate);
+            }
+            Recorded::Parked { previous } => {
+                tx.commit().await?;
+                let applied = previous.unwrap_or(0);
+                tracing::info!(
+                    key = msg.key,
+                    seq = msg.seq,
+                    source = msg.source,
+                    applied,
+                    "parked: seqs after {applied} not applied yet; applied right after them"
+                );
+                self.count("outbox_inbox_parked_total", 1);
+                return Ok(Outcome::Parked);
             }
             Recorded::New { previous } => Some(previous),
             Recorded::FilledGap { from, to } => {
-                // Skipped when a higher seq was accepted, arriving now: applied late, under either
-                // policy (the key has moved on already; holding it would fill nothing).
+                // Skipped when a higher seq was accepted, arriving now: applied late, under every
+                // policy (the key has moved on already; parking it would wait for nothing).
                 tracing::info!(
                     key = msg.key,
                     seq = msg.seq,
@@ -142,7 +185,7 @@ impl Inbox {
                     gap.to = to,
                     "late message of a recorded gap: processing it"
                 );
-                self.count("outbox_inbox_gap_fills_total");
+                self.count("outbox_inbox_gap_fills_total", 1);
                 None
             }
         };
@@ -150,19 +193,24 @@ impl Inbox {
             // A key never seen starts at 1: seqs are dense per key from the first message on.
             let expected = previous.unwrap_or(0) + 1;
             if seq > expected {
-                tracing::warn!(
-                    key,
-                    seq,
-                    expected,
-                    policy = ?self.gap_policy,
-                    "gap in the key's sequence: messages {expected}..{seq} (exclusive) were not processed"
-                );
-                // `record` recorded the gap: under Accept it commits with this message and the
-                // skipped messages are processed if they come later; Hold rolls it back.
-                self.count("outbox_inbox_gaps_total");
-                if self.gap_policy == GapPolicy::Hold {
-                    tx.rollback().await?;
-                    return Ok(Outcome::Held);
+                // `record` recorded the skipped seqs as an open gap (Hold parks instead).
+                if self.gap_policy == GapPolicy::Accept {
+                    tracing::warn!(
+                        key,
+                        seq,
+                        expected,
+                        source = msg.source,
+                        "gap in the key's sequence: messages {expected}..{seq} (exclusive) were not processed"
+                    );
+                    self.count("outbox_inbox_gaps_total", 1);
+                } else {
+                    tracing::debug!(
+                        key,
+                        seq,
+                        expected,
+                        source = msg.source,
+                        "seqs not delivered to this consumer"
+                    );
                 }
             }
         }
@@ -172,15 +220,43 @@ impl Inbox {
             let _ = tx.rollback().await;
             return Err(InboxError::Handler(e));
         }
+        let mut applied = 1;
+        if let (true, Some((key, seq)), Some(_)) = (hold, msg.key_seq(), advanced_from) {
+            // The parked messages that follow, while they follow: same transaction, same handler.
+            let mut next = seq + 1;
+            while let Some(parked) = DB::unpark(&mut *tx, &self.consumer, msg.scope(), key, next).await? {
+                let successor = parked.incoming(key, next, msg.source);
+                tracing::info!(key, seq = next, outbox.id = %parked.id, "applying a parked message");
+                if let Err(e) = handler.handle(&mut tx, &successor).await {
+                    let _ = tx.rollback().await;
+                    tracing::warn!(
+                        key,
+                        seq = next,
+                        outbox.id = %parked.id,
+                        "a parked message failed: the message before it is rolled back too"
+                    );
+                    return Err(InboxError::Handler(e));
+                }
+                applied += 1;
+                next += 1;
+            }
+        }
         tx.commit().await?;
-        self.count("outbox_inbox_processed_total");
+        self.count("outbox_inbox_processed_total", applied);
+        if applied > 1 {
+            self.count("outbox_inbox_unparked_total", applied - 1);
+        }
         Ok(Outcome::Processed)
     }
 
     /// Deletes the records of this consumer's unkeyed messages that are older than the retention
-    /// window, then its open gaps recorded longer ago than the window, `batch_size` rows per short
-    /// transaction (so it never holds locks for long), until a batch comes back short. Per-key
-    /// records (the highest seq) are kept. Returns how many rows it deleted.
+    /// window, `batch_size` rows per short transaction (so it never holds locks for long), until a
+    /// batch comes back short. Returns how many rows it deleted.
+    ///
+    /// Records of keyed messages are never deleted: the per-key highest seqs, the open gaps (a
+    /// skipped message arriving a month later, a dead letter replayed, say, must still be
+    /// processed, not taken for a duplicate) and the parked messages (they wait for their
+    /// predecessor).
     ///
     /// Run it now and then (say hourly) from one place; concurrent runs are safe, just wasteful.
     #[tracing::instrument(name = "cleanup", skip_all, fields(consumer = %self.consumer))]
@@ -190,29 +266,21 @@ impl Inbox {
         let retention_ms = i64::try_from(self.retention.as_millis())
             .unwrap_or(i64::MAX)
             .min(MAX_RETENTION_MS);
-        let mut deleted = [0u64; 2];
-        for (table, total) in deleted.iter_mut().enumerate() {
-            loop {
-                let n = if table == 0 {
-                    DB::delete_expired(pool, &self.consumer, retention_ms, batch).await?
-                } else {
-                    DB::delete_expired_gaps(pool, &self.consumer, retention_ms, batch).await?
-                };
-                *total += n;
-                if n < batch as u64 {
-                    break;
-                }
-                // Each batch has committed; a long cleanup must not starve the runtime's other
-                // tasks.
-                tokio::task::yield_now().await;
+        let mut messages = 0;
+        loop {
+            let n = DB::delete_expired(pool, &self.consumer, retention_ms, batch).await?;
+            messages += n;
+            if n < batch as u64 {
+                break;
             }
+            // Each batch has committed; a long cleanup must not starve the runtime's other tasks.
+            tokio::task::yield_now().await;
         }
-        let [messages, gaps] = deleted;
-        tracing::info!(messages, gaps, "cleaned up expired inbox records");
-        Ok(messages + gaps)
+        tracing::info!(messages, "cleaned up expired inbox records");
+        Ok(messages)
     }
 
-    fn count(&self, name: &'static str) {
-        metrics::counter!(name, "consumer" => self.consumer.clone()).increment(1);
+    fn count(&self, name: &'static str, n: u64) {
+        metrics::counter!(name, "consumer" => self.consumer.clone()).increment(n);
     }
 }

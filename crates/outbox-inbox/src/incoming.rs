@@ -1,16 +1,19 @@
 //! A delivered message as the inbox sees it, borrowed from the consumer's buffer, and the parsing of
-//! the framework headers (`outbox-id`, `outbox-key`, `outbox-seq`) that identify it.
+//! the framework headers (`outbox-id`, `outbox-key`, `outbox-seq`, `outbox-source`) that identify it.
 
-use outbox::{HEADER_ID, HEADER_KEY, HEADER_SEQ};
+use outbox::{HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE};
 use uuid::Uuid;
 
 use crate::InboxError;
+
+/// The longest `outbox-source` the inbox accepts, in bytes (the column is that wide on MySQL).
+pub const MAX_SOURCE_LEN: usize = 255;
 
 /// One delivered message. Build it with [`Incoming::from_headers`] from what the broker delivered, or
 /// with [`Incoming::new`] when the id comes from elsewhere.
 ///
 /// The message is *keyed* when it has both a key and a seq: then duplicates are recognised by seq
-/// per key, forever. Otherwise by id, within the inbox's retention window.
+/// per (source, key), forever. Otherwise by id, within the inbox's retention window.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Incoming<'a> {
@@ -18,8 +21,14 @@ pub struct Incoming<'a> {
     pub id: Uuid,
     /// The ordering key (`outbox-key`), if any.
     pub key: Option<&'a str>,
-    /// The per-key sequence number (`outbox-seq`): 1, 2, 3, ... without holes, per key.
+    /// The per-key sequence number (`outbox-seq`): 1, 2, 3, ... without holes, per key of one
+    /// outbox database.
     pub seq: Option<i64>,
+    /// The id of the outbox database the message comes from (`outbox-source`), if any. Keys and
+    /// seqs are numbered per outbox database: the inbox keeps the records of each source apart. A
+    /// message without one (sent by a relay that predates the header) belongs to the default
+    /// source. At most [`MAX_SOURCE_LEN`] bytes.
+    pub source: Option<&'a str>,
     /// The topic it was delivered on.
     pub topic: &'a str,
     /// The payload bytes (empty for a message without payload).
@@ -35,6 +44,7 @@ impl<'a> Incoming<'a> {
             id,
             key: None,
             seq: None,
+            source: None,
             topic,
             payload,
             headers: Vec::new(),
@@ -48,6 +58,13 @@ impl<'a> Incoming<'a> {
         self
     }
 
+    /// Sets the source: the id of the outbox database the message comes from (at most
+    /// [`MAX_SOURCE_LEN`] bytes; an empty one is the default source, as if none was set).
+    pub fn source(mut self, source: &'a str) -> Self {
+        self.source = (!source.is_empty()).then_some(source);
+        self
+    }
+
     /// Appends a header.
     pub fn header(mut self, name: &'a str, value: &'a [u8]) -> Self {
         self.headers.push((name, value));
@@ -56,11 +73,13 @@ impl<'a> Incoming<'a> {
 
     /// Parses a delivered message. `headers` are (name, value) pairs as the broker delivered them
     /// (with rdkafka: `h.key, h.value.unwrap_or_default()`); values of the framework headers are
-    /// UTF-8 text. `outbox-id` is required; `outbox-key` and `outbox-seq` are optional, and when
-    /// several headers share a name the first one counts.
+    /// UTF-8 text. `outbox-id` is required; `outbox-key`, `outbox-seq` and `outbox-source` are
+    /// optional (an empty `outbox-source` counts as none), and when several headers share a name
+    /// the first one counts.
     ///
-    /// A missing or malformed `outbox-id`, a key that is empty or not UTF-8, or a seq that is not a
-    /// positive integer is an error that no retry fixes (`is_retryable()` is false).
+    /// A missing or malformed `outbox-id`, a key that is empty or not UTF-8, a seq that is not a
+    /// positive integer, or a source that is not UTF-8 or longer than [`MAX_SOURCE_LEN`] bytes is
+    /// an error that no retry fixes (`is_retryable()` is false).
     ///
     /// ```
     /// use outbox_inbox::Incoming;
@@ -93,10 +112,24 @@ impl<'a> Incoming<'a> {
                 Err(e) => return Err(malformed(HEADER_SEQ, e.to_string())),
             },
         };
+        let source = match find(HEADER_SOURCE) {
+            None => None,
+            Some(v) => match text(HEADER_SOURCE, v)? {
+                "" => None,
+                s if s.len() > MAX_SOURCE_LEN => {
+                    return Err(malformed(
+                        HEADER_SOURCE,
+                        format!("{} bytes, more than {MAX_SOURCE_LEN}", s.len()),
+                    ))
+                }
+                s => Some(s),
+            },
+        };
         Ok(Incoming {
             id,
             key,
             seq,
+            source,
             topic,
             payload,
             headers,
@@ -111,6 +144,11 @@ impl<'a> Incoming<'a> {
     /// Key and seq when the message is keyed (both present).
     pub(crate) fn key_seq(&self) -> Option<(&'a str, i64)> {
         self.key.zip(self.seq)
+    }
+
+    /// The source the inbox scopes the message's records by: '' for the default source.
+    pub(crate) fn scope(&self) -> &'a str {
+        self.source.unwrap_or("")
     }
 }
 

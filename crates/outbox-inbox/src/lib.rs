@@ -5,6 +5,7 @@ mod error;
 mod handler;
 mod inbox;
 mod incoming;
+mod parked;
 
 #[cfg(feature = "mysql")]
 mod mysql;
@@ -17,4 +18,5 @@ pub use backend::{Backend, Recorded};
 pub use error::InboxError;
 pub use handler::Handler;
 pub use inbox::{GapPolicy, Inbox, Outcome, DEFAULT_RETENTION};
-pub use incoming::Incoming;
+pub use incoming::{Incoming, MAX_SOURCE_LEN};
+pub use parked::Parked;

@@ -430,6 +430,7 @@ mod tests {
             attempts,
             created_at: chrono::Utc::now(),
             corrupt: None,
+            source: None,
         }
     }
 

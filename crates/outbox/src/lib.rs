@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 pub use error::{Error, Result};
 pub use message::{
     lane_of, validate_topic, Enqueued, Message, StoredMessage, DEFAULT_MAX_PAYLOAD, HEADER_ID, HEADER_KEY, HEADER_SEQ,
-    HEADER_TRACEPARENT, RESERVED_HEADER_PREFIX,
+    HEADER_SOURCE, HEADER_TRACEPARENT, RESERVED_HEADER_PREFIX,
 };
 pub use publisher::{FailureKind, PublishError, Publisher};
 pub use store::{DeadLetter, Delivered, LaneInfo, Lease, Status, Store, LANES};

@@ -15,6 +15,10 @@ pub const HEADER_ID: &str = "outbox-id";
 pub const HEADER_KEY: &str = "outbox-key";
 /// Header carrying the per-key sequence number on the wire.
 pub const HEADER_SEQ: &str = "outbox-seq";
+/// Header carrying the source id on the wire: which outbox database the message comes from (the
+/// id in its `outbox_source` table). Keys and their seqs are numbered per outbox database, so a
+/// consumer reading several tells their sequences apart by it.
+pub const HEADER_SOURCE: &str = "outbox-source";
 /// W3C trace context header, carried from the enqueueing span to the consumer.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// Header names starting with this prefix are reserved for the framework.
@@ -229,6 +233,9 @@ pub struct StoredMessage {
     /// Why the row could not be decoded (e.g. a headers column that is not what `enqueue` writes).
     /// The relay dead-letters such a row instead of publishing it; it never blocks the lane.
     pub corrupt: Option<String>,
+    /// The id of the outbox database the row was claimed from (its `outbox_source` table, read by
+    /// the claim), sent as the `outbox-source` header. `None` when the table is empty.
+    pub source: Option<String>,
 }
 
 /// A claimed row as a backend reads it: `K` and `T` are how that database stores keys and times.
@@ -247,6 +254,7 @@ pub(crate) struct ClaimRow<K, T> {
     pub(crate) headers: Option<String>,
     pub(crate) attempts: i32,
     pub(crate) created_at: T,
+    pub(crate) source: Option<String>,
 }
 
 #[allow(dead_code)] // used by the backends compiled in
@@ -298,6 +306,7 @@ impl<K, T> ClaimRow<K, T> {
             attempts: self.attempts,
             created_at,
             corrupt,
+            source: self.source,
         }
     }
 }

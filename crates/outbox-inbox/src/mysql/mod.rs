@@ -6,7 +6,7 @@
 //! affected, and the value they passed to `LAST_INSERT_ID(expr)` (see `sql.rs`). Recording a message
 //! therefore sets the session's `LAST_INSERT_ID()`: a handler reads the id of its own
 //! `AUTO_INCREMENT` insert from that insert's result, or with `LAST_INSERT_ID()` right after it.
-//! Everything after the first statement (gap bookkeeping, cleanup) is the shared logic of
+//! Everything after the first statement (gap bookkeeping, parking, cleanup) is the shared logic of
 //! [`sql_backend!`](crate::backend::sql_backend).
 
 mod sql;
@@ -15,13 +15,21 @@ use sqlx::MySqlConnection;
 use uuid::Uuid;
 
 use crate::backend::KeyStep;
+use crate::Incoming;
 
 /// Runs `RECORD_KEYED` and reads its answer from the OK packet: two rows affected = the key row
 /// advanced (an updated row counts 2), the insert id being the highest seq before; otherwise the
 /// insert id tells a new key (nothing passed, 0), a duplicate, or a seq to look up in the gaps.
-async fn record_keyed(conn: &mut MySqlConnection, consumer: &str, key: &str, seq: i64) -> Result<KeyStep, sqlx::Error> {
+async fn record_keyed(
+    conn: &mut MySqlConnection,
+    consumer: &str,
+    source: &str,
+    key: &str,
+    seq: i64,
+) -> Result<KeyStep, sqlx::Error> {
     let done = sqlx::query(sql::RECORD_KEYED)
         .bind(consumer)
+        .bind(source)
         .bind(key)
         .bind(seq)
         .execute(&mut *conn)
@@ -54,4 +62,30 @@ async fn record_unkeyed(conn: &mut MySqlConnection, consumer: &str, id: Uuid) ->
     Ok(done.last_insert_id() != sql::ANSWER_DUPLICATE)
 }
 
-crate::backend::sql_backend!(sqlx::MySql, sql, record_keyed, record_unkeyed);
+/// Runs `PARK`: a message parked before leaves [`sql::ANSWER_PARKED_BEFORE`] in the OK packet, a
+/// new row nothing (0).
+#[allow(clippy::too_many_arguments)]
+async fn park(
+    conn: &mut MySqlConnection,
+    consumer: &str,
+    source: &str,
+    key: &str,
+    seq: i64,
+    msg: &Incoming<'_>,
+    headers: &[u8],
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(sql::PARK)
+        .bind(consumer)
+        .bind(source)
+        .bind(key)
+        .bind(seq)
+        .bind(msg.id)
+        .bind(msg.topic)
+        .bind(msg.payload)
+        .bind(headers)
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.last_insert_id() != sql::ANSWER_PARKED_BEFORE)
+}
+
+crate::backend::sql_backend!(sqlx::MySql, sql, record_keyed, record_unkeyed, park);

@@ -109,7 +109,8 @@ pub(super) const LIVE_OWNERS: &str = "SELECT COUNT(*) FROM outbox_relays WHERE e
 /// key, and the lease (checked in the same statement) already gives the lane to one relay.
 /// Binds: lane, lane, owner, epoch, JSON array of the positions in flight (left out), limit.
 pub(super) const CLAIM: &str = "\
-SELECT m.pos, m.id, m.lane, m.topic, m.`key`, m.seq, m.payload, m.headers, m.attempts, m.created_at \
+SELECT m.pos, m.id, m.lane, m.topic, m.`key`, m.seq, m.payload, m.headers, m.attempts, m.created_at, \
+  (SELECT s.id FROM outbox_source s) AS source \
 FROM outbox_messages m \
 WHERE m.lane = ? \
   AND EXISTS (SELECT 1 FROM outbox_leases l WHERE l.lane = ? AND l.owner = ? AND l.epoch = ?) \

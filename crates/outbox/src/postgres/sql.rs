@@ -108,7 +108,8 @@ pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";
 // ones the predecessor check (and its partial index) looks at.
 pub(super) fn claim() -> String {
     format!(
-        "SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at \
+        "SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at, \
+  (SELECT s.id FROM outbox_source s) AS source \
 FROM outbox_messages m \
 WHERE m.lane = $1 AND EXISTS ({LEASE}) AND (m.available_at <= now() OR m.available_at = m.created_at) \
   AND (m.key IS NULL OR ( \

@@ -89,7 +89,8 @@ pub(super) const CLAIM: &str = concat!(
     "WITH c(now) AS MATERIALIZED (SELECT ",
     now!(),
     ") \
-SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at \
+SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at, \
+  (SELECT s.id FROM outbox_source s) AS source \
 FROM c, outbox_messages m \
 WHERE m.lane = ?1 \
   AND EXISTS (SELECT 1 FROM outbox_leases l WHERE l.lane = ?1 AND l.owner = ?2 AND l.epoch = ?3) \
