@@ -81,10 +81,13 @@ impl Cluster {
     /// The shared single broker on 127.0.0.1:19092 (started by `.ci/kafka up` if it is down; never
     /// stopped by the tests): its SASL and SSL listeners serve the authentication tests.
     pub fn shared() -> Cluster {
-        let dir = kafka_dir().join("single");
+        let mut dir = kafka_dir().join("single");
         let base = 19092;
         if std::net::TcpStream::connect(("127.0.0.1", base)).is_err() {
             run_script(&["up", dir.to_str().unwrap(), "1", &base.to_string()]);
+        } else if let Ok(running) = std::fs::read_to_string(format!("/tmp/outbox-kafka-{base}.dir")) {
+            // Started from another checkout: its certificates are there.
+            dir = PathBuf::from(running.trim());
         }
         Cluster {
             dir,

@@ -227,7 +227,9 @@ pub(crate) fn kafka_bootstrap() -> anyhow::Result<String> {
 
 /// The pid of the local Kafka broker, if it was started by `.ci/kafka`.
 pub(crate) fn broker_pid() -> Option<u32> {
-    std::fs::read_to_string(format!("{KAFKA_DIR}/n1/pid"))
+    let dir = std::fs::read_to_string("/tmp/outbox-kafka-19092.dir")
+        .map_or_else(|_| KAFKA_DIR.to_owned(), |d| d.trim().to_owned());
+    std::fs::read_to_string(format!("{dir}/n1/pid"))
         .ok()?
         .trim()
         .parse()
