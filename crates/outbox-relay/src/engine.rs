@@ -293,7 +293,7 @@ async fn stats_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
                 } else {
                     // A lane changes hands within a lease; one unowned for longer is served by nobody.
                     let since = *unowned_since.get_or_insert_with(Instant::now);
-                    let due = warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60));
+                    let due = warned.map_or(true, |w| w.elapsed() >= Duration::from_secs(60));
                     if since.elapsed() >= shared.cfg.lease_ttl && due {
                         tracing::warn!(
                             unowned,
