@@ -8,7 +8,7 @@ use outbox::{Message, Store};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::DeadLetterPolicy;
 use outbox_tests::embedded::{drained, start, test_config};
-use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_until, topic};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
@@ -120,13 +120,8 @@ async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
         Duration::from_millis(300),
     )
     .await;
-    check_delivery_skipping(&seen, &expect);
-}
-
-/// Like `check_delivery`, for a run where one seq of a key was skipped on purpose.
-fn check_delivery_skipping(seen: &[outbox_tests::kafka::Seen], expect: &HashSet<uuid::Uuid>) {
-    let ids: HashSet<_> = seen.iter().map(|s| s.id).collect();
-    assert_eq!(&ids, expect);
+    // The dead letter is seq 1 of its key; the rest arrive in order.
+    check_delivery_skipping(&seen, &expect, &HashSet::from([("poison".to_owned(), 1)]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -287,4 +282,50 @@ async fn kept_published_rows_are_deleted_past_their_retention_on_a_schedule() {
     )
     .await;
     relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_held_back_behind_a_failed_one_of_its_key_counts_no_attempt() {
+    let bootstrap = broker();
+    let t = topic("relay-held");
+    create_topic(&bootstrap, &t, 2).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let mut tx = pool.begin().await.unwrap();
+    let big = Message::new(t.clone(), vec![b'x'; 50_000]).key("poison");
+    let after: Vec<Message> = (0..3)
+        .map(|i| Message::new(t.clone(), format!("after {i}")).key("poison"))
+        .collect();
+    outbox::enqueue(&mut tx, &big).await.unwrap();
+    outbox::enqueue_batch(&mut tx, &after).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // The producer refuses the first message (too large); the rows after it in the same batch are
+    // held back without being sent. With a single attempt allowed, a held-back row that counted an
+    // attempt would be dead-lettered without ever having been sent.
+    let publisher = KafkaPublisher::new([
+        ("bootstrap.servers", bootstrap.as_str()),
+        ("message.max.bytes", "20000"),
+    ])
+    .unwrap();
+    let cfg = test_config().dead_letter_policy(DeadLetterPolicy::Skip).max_attempts(1);
+    let relay = start(store.clone(), publisher, cfg);
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
+
+    let dead: Vec<uuid::Uuid> = store.dead_letters(10).await.unwrap().iter().map(|d| d.id).collect();
+    assert_eq!(dead, vec![big.id()], "only the refused message is a dead letter");
+    let expect: HashSet<_> = after.iter().map(|m| m.id()).collect();
+    let seen = read_until(
+        &bootstrap,
+        &t,
+        &expect,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    )
+    .await;
+    assert_eq!(
+        check_delivery_skipping(&seen, &expect, &HashSet::from([("poison".to_owned(), 1)])),
+        0
+    );
 }

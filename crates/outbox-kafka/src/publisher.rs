@@ -338,7 +338,7 @@ impl Publisher for KafkaPublisher {
         for row in batch {
             if let Some(k) = row.key.as_deref() {
                 if held.contains(k) {
-                    pending.push(Err(PublishError::retryable(
+                    pending.push(Err(PublishError::held_back(
                         "held back: an earlier message of its key failed",
                     )));
                     continue;

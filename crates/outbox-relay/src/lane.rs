@@ -305,7 +305,7 @@ async fn publish_decodable<S: Store, P: Publisher>(
             }
             results.push(Some(Err(PublishError::permanent(reason.clone()))));
         } else if key_held {
-            results.push(Some(Err(PublishError::retryable(
+            results.push(Some(Err(PublishError::held_back(
                 "held back behind a parked corrupt row",
             ))));
         } else {
@@ -353,6 +353,13 @@ pub(crate) fn settle<'a>(
             Ok(d) => {
                 plan.delivered.push(d);
                 plan.delivered_created.push(row.created_at);
+            }
+            // Never sent: not an attempt. The row stays pending as it is, and so does the rest of
+            // its key, until its predecessor is resolved.
+            Err(e) if e.kind == FailureKind::HeldBack => {
+                if let Some(k) = row.key.as_deref() {
+                    plan.blocked.insert(k);
+                }
             }
             Err(e) if e.kind == FailureKind::Unavailable => {
                 if let Some(k) = row.key.as_deref() {

@@ -18,6 +18,10 @@ pub enum FailureKind {
     /// persisted). The relay backs the lane off and sends it again later without counting an
     /// attempt, so an outage of any length never dead-letters the backlog.
     Unavailable,
+    /// Not sent at all: held back because an earlier message of its key in the same batch could
+    /// not be sent. Counts no attempt; the row stays as it is and goes out once its predecessor is
+    /// resolved (published, or dead-lettered under `skip`).
+    HeldBack,
 }
 
 /// A failed publish of one message.
@@ -42,6 +46,13 @@ impl PublishError {
     pub fn permanent(message: impl Into<String>) -> Self {
         PublishError {
             kind: FailureKind::Permanent,
+            message: message.into(),
+        }
+    }
+    /// Held back without being sent (see [`FailureKind::HeldBack`]).
+    pub fn held_back(message: impl Into<String>) -> Self {
+        PublishError {
+            kind: FailureKind::HeldBack,
             message: message.into(),
         }
     }
