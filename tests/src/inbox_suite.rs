@@ -1716,5 +1716,96 @@ macro_rules! inbox_suite {
             }
             assert_eq!(effects(&pool).await, 3);
         }
+
+        #[tokio::test]
+        async fn parked_messages_whose_predecessor_is_gone_for_good_can_be_released_in_order() {
+            metrics_on();
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let handler = Recorder::default();
+            let source = Uuid::new_v4().to_string();
+            let sourced = |seq: i64| keyed("k", seq).source(source.as_str());
+            // 1 and 2 are lost for good (say, discarded dead letters); 3 and 5 wait for them.
+            for seq in [5, 3] {
+                assert_eq!(
+                    inbox.process(&pool, &sourced(seq), &handler).await.unwrap(),
+                    Outcome::Parked
+                );
+            }
+            assert_eq!(
+                deliver_with(&inbox, &pool, &handler, "other", 2).await,
+                Outcome::Parked
+            );
+            // Nothing parked for that key, or that source: nothing to do.
+            assert_eq!(inbox.release_parked(&pool, None, "k", &handler).await.unwrap(), 0);
+            assert_eq!(
+                inbox
+                    .release_parked(&pool, Some(source.as_str()), "none", &handler)
+                    .await
+                    .unwrap(),
+                0
+            );
+            assert!(handler.calls().is_empty());
+            // Looking did not create a key row for the default source.
+            assert_eq!(key_rows(&pool, &c).await, 2);
+
+            assert_eq!(
+                inbox
+                    .release_parked(&pool, Some(source.as_str()), "k", &handler)
+                    .await
+                    .unwrap(),
+                2
+            );
+            assert_eq!(handler.order(), [3, 5].map(|s| ("k".to_owned(), s)));
+            assert_eq!(parked_rows(&pool, &c).await, 1);
+            assert_eq!(counter("outbox_inbox_gaps_total", &c), 2);
+            // The seqs given up on are open gaps: if they ever arrive, they apply, once.
+            let gap_rows = count(
+                &pool,
+                format!("SELECT COUNT(*) FROM outbox_inbox_gaps WHERE consumer = '{c}' AND source = '{source}'"),
+            )
+            .await;
+            assert_eq!(gap_rows, 2);
+            for (seq, expected) in [
+                (4, Outcome::Processed),
+                (4, Outcome::Duplicate),
+                (5, Outcome::Duplicate),
+                (6, Outcome::Processed),
+                (1, Outcome::Processed),
+            ] {
+                assert_eq!(
+                    inbox.process(&pool, &sourced(seq), &handler).await.unwrap(),
+                    expected,
+                    "{seq}"
+                );
+            }
+            assert_eq!(handler.order(), [3, 5, 4, 6, 1].map(|s| ("k".to_owned(), s)));
+            assert_eq!(effects(&pool).await, 5);
+            // A failing handler releases nothing.
+            let failing = Recorder {
+                fail_once: std::sync::Mutex::new(Some(("other".to_owned(), 2))),
+                ..Recorder::default()
+            };
+            let err = inbox
+                .release_parked(&pool, None, "other", &failing)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, InboxError::Handler(Boom)), "{err:?}");
+            assert_eq!(parked_rows(&pool, &c).await, 1);
+            assert_eq!(
+                inbox
+                    .release_parked(&pool, None, "other", &failing)
+                    .await
+                    .unwrap(),
+                1
+            );
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            assert_eq!(
+                deliver_with(&inbox, &pool, &handler, "other", 3).await,
+                Outcome::Processed
+            );
+            assert_eq!(effects(&pool).await, 7);
+        }
     };
 }

@@ -31,8 +31,10 @@ pub trait Backend: sqlx::Database {
     ) -> Result<Recorded, sqlx::Error>;
 
     /// Takes the parked message `seq` of (consumer, source, key) out of the parked table and makes
-    /// it the key's highest applied seq, on the transaction that applied `seq - 1` (so with the key
-    /// row locked). None when that message is not parked.
+    /// it the key's highest applied seq, on a transaction that holds the key row (it applied
+    /// `seq - 1`, or called [`Backend::lock_key`]). None when that message is not parked; else the
+    /// message and the key's highest applied seq before it. Without `skipping`, that must be
+    /// `seq - 1`; with it, the seqs between are recorded as an open gap.
     #[doc(hidden)]
     async fn unpark(
         conn: &mut <Self as sqlx::Database>::Connection,
@@ -40,7 +42,28 @@ pub trait Backend: sqlx::Database {
         source: &str,
         key: &str,
         seq: i64,
-    ) -> Result<Option<Parked>, sqlx::Error>;
+        skipping: bool,
+    ) -> Result<Option<(Parked, i64)>, sqlx::Error>;
+
+    /// Locks the key row of (consumer, source, key) for the rest of the transaction. Meant for a
+    /// key that has a row (one with parked messages does); one without gets a row with nothing
+    /// applied.
+    #[doc(hidden)]
+    async fn lock_key(
+        conn: &mut <Self as sqlx::Database>::Connection,
+        consumer: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<(), sqlx::Error>;
+
+    /// The lowest seq parked for (consumer, source, key), if any.
+    #[doc(hidden)]
+    async fn lowest_parked(
+        conn: &mut <Self as sqlx::Database>::Connection,
+        consumer: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<Option<i64>, sqlx::Error>;
 
     /// Deletes at most `batch` unkeyed records of `consumer` older than `retention_ms`, in one short
     /// transaction of its own. Returns how many it deleted.
@@ -120,6 +143,7 @@ pub(crate) enum KeyStep {
 /// - `TAKE_PARKED: &[&str]`, each bound (consumer, source, key, seq): the first answers the parked
 ///   message `(message_id, topic, payload, headers)` (no row: none), the others (run only when
 ///   there is one) delete it.
+/// - `LOWEST_PARKED`, bound (consumer, source, key): the lowest parked seq of the key (NULL: none).
 /// - `LEGACY_KEY`, bound (consumer, key): a row (any column) when the key has records of the
 ///   default source. `ADOPT: &[&str]`, each bound (consumer, source, key), run in order: drop the
 ///   records `RECORD_KEYED` just created for (source, key) and move the default source's records of
@@ -337,7 +361,8 @@ macro_rules! sql_backend {
                 source: &str,
                 key: &str,
                 seq: i64,
-            ) -> Result<Option<$crate::Parked>, sqlx::Error> {
+                skipping: bool,
+            ) -> Result<Option<($crate::Parked, i64)>, sqlx::Error> {
                 let (first, rest) = $sql::TAKE_PARKED
                     .split_first()
                     .expect("TAKE_PARKED has a statement");
@@ -352,24 +377,65 @@ macro_rules! sql_backend {
                     return Ok(None);
                 };
                 run_seq(&mut *conn, rest, consumer, source, key, seq).await?;
-                // The key's highest is seq - 1 (this transaction applied it and holds the key row):
-                // the parked message is the next one.
-                match $record_keyed(&mut *conn, consumer, source, key, seq).await? {
-                    $crate::backend::KeyStep::New { previous } if previous.unwrap_or(0) == seq - 1 => {}
+                // Parked messages are above the key's highest seq (this transaction holds the key
+                // row): the message becomes the highest. Unless skipping, it is the next one.
+                let previous = match $record_keyed(&mut *conn, consumer, source, key, seq).await? {
+                    $crate::backend::KeyStep::New { previous } if previous.unwrap_or(0) == seq - 1 => seq - 1,
+                    $crate::backend::KeyStep::New { previous } if skipping && previous.unwrap_or(0) < seq => {
+                        let previous = previous.unwrap_or(0);
+                        if let Some(record_gap) = $sql::RECORD_GAP {
+                            sqlx::query(record_gap)
+                                .bind(consumer)
+                                .bind(source)
+                                .bind(key)
+                                .bind(previous + 1)
+                                .bind(seq - 1)
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                        previous
+                    }
                     other => {
                         return Err(sqlx::Error::Protocol(format!(
                             "parked message {seq} of a key does not follow its highest applied seq: {other:?}"
                         )))
                     }
-                }
+                };
                 let headers = $crate::parked::decode_headers(&headers)
                     .map_err(|e| sqlx::Error::Decode(format!("parked message {id}: headers: {e}").into()))?;
-                Ok(Some($crate::Parked {
+                let parked = $crate::Parked {
                     id,
                     topic,
                     payload,
                     headers,
-                }))
+                };
+                Ok(Some((parked, previous)))
+            }
+
+            async fn lock_key(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                consumer: &str,
+                source: &str,
+                key: &str,
+            ) -> Result<(), sqlx::Error> {
+                // Recording seq 0 changes nothing (every seq is above it) but takes the key row's
+                // lock, as any record does; a key with no row gets one with nothing applied (0).
+                $record_keyed(&mut *conn, consumer, source, key, 0).await?;
+                Ok(())
+            }
+
+            async fn lowest_parked(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                consumer: &str,
+                source: &str,
+                key: &str,
+            ) -> Result<Option<i64>, sqlx::Error> {
+                sqlx::query_scalar($sql::LOWEST_PARKED)
+                    .bind(consumer)
+                    .bind(source)
+                    .bind(key)
+                    .fetch_one(&mut *conn)
+                    .await
             }
 
             async fn delete_expired(

@@ -8,6 +8,10 @@ use crate::Incoming;
 /// Applies one message. It runs inside the transaction [`Inbox::process`](crate::Inbox::process)
 /// opened: write through `tx` and the writes commit together with the dedup record, or not at all.
 ///
+/// Under [`GapPolicy::Hold`](crate::GapPolicy::Hold) one transaction can apply several messages of
+/// a key: the delivered one, then the parked ones that follow it, each with its own call, in seq
+/// order; an error on any of them rolls back all of them.
+///
 /// Do not commit or roll back `tx`, and keep side effects outside the database (HTTP calls, e-mails)
 /// idempotent or out of the handler: they cannot be rolled back.
 ///

@@ -224,7 +224,7 @@ impl Inbox {
         if let (true, Some((key, seq)), Some(_)) = (hold, msg.key_seq(), advanced_from) {
             // The parked messages that follow, while they follow: same transaction, same handler.
             let mut next = seq + 1;
-            while let Some(parked) = DB::unpark(&mut *tx, &self.consumer, msg.scope(), key, next).await? {
+            while let Some((parked, _)) = DB::unpark(&mut *tx, &self.consumer, msg.scope(), key, next, false).await? {
                 let successor = parked.incoming(key, next, msg.source);
                 tracing::info!(key, seq = next, outbox.id = %parked.id, "applying a parked message");
                 if let Err(e) = handler.handle(&mut tx, &successor).await {
@@ -247,6 +247,75 @@ impl Inbox {
             self.count("outbox_inbox_unparked_total", applied - 1);
         }
         Ok(Outcome::Processed)
+    }
+
+    /// Gives up waiting for the missing predecessors of `key`'s parked messages (from `source`;
+    /// `None`: messages without an `outbox-source`): applies every parked message of the key, in
+    /// seq order, with `handler`, in one transaction, and returns how many. The seqs skipped on the
+    /// way are recorded as open gaps, as [`GapPolicy::Accept`] does: if one of them arrives later,
+    /// it is still processed, once. On a handler error nothing is applied or released.
+    ///
+    /// For an operator, when a message under [`GapPolicy::Hold`] waits for one that will never
+    /// come: the consumer started after the topic's first messages were deleted, the missing
+    /// message was dead-lettered and discarded, or it was sent to a topic this consumer does not
+    /// read. The parked messages are in `outbox_inbox_parked` (consumer, source, key, seq).
+    #[tracing::instrument(name = "release_parked", skip_all, fields(consumer = %self.consumer, key))]
+    pub async fn release_parked<DB, H>(
+        &self,
+        pool: &sqlx::Pool<DB>,
+        source: Option<&str>,
+        key: &str,
+        handler: &H,
+    ) -> Result<u64, InboxError<H::Error>>
+    where
+        DB: Backend,
+        H: Handler<DB> + ?Sized,
+    {
+        let source = source.filter(|s| !s.is_empty());
+        let scope = source.unwrap_or("");
+        let mut tx = pool.begin().await?;
+        if DB::lowest_parked(&mut *tx, &self.consumer, scope, key).await?.is_none() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        // Every parked message of the key was written under the key row's lock (the row stays
+        // while they wait): with it held, none is being parked or applied meanwhile.
+        DB::lock_key(&mut *tx, &self.consumer, scope, key).await?;
+        let (mut applied, mut gaps) = (0, 0);
+        while let Some(seq) = DB::lowest_parked(&mut *tx, &self.consumer, scope, key).await? {
+            let Some((parked, previous)) = DB::unpark(&mut *tx, &self.consumer, scope, key, seq, true).await? else {
+                break;
+            };
+            if previous + 1 < seq {
+                tracing::warn!(
+                    key,
+                    source,
+                    seq,
+                    "given up waiting for messages {}..{seq} (exclusive)",
+                    previous + 1
+                );
+                gaps += 1;
+            }
+            let msg = parked.incoming(key, seq, source);
+            if let Err(e) = handler.handle(&mut tx, &msg).await {
+                let _ = tx.rollback().await;
+                return Err(InboxError::Handler(e));
+            }
+            applied += 1;
+        }
+        tx.commit().await?;
+        if applied > 0 {
+            tracing::info!(
+                key,
+                source,
+                applied,
+                "released parked messages; the seqs missing before them are open gaps"
+            );
+            self.count("outbox_inbox_processed_total", applied);
+            self.count("outbox_inbox_unparked_total", applied);
+            self.count("outbox_inbox_gaps_total", gaps);
+        }
+        Ok(applied)
     }
 
     /// Deletes the records of this consumer's unkeyed messages that are older than the retention

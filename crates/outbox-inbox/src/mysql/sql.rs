@@ -133,6 +133,13 @@ DELETE FROM outbox_inbox_parked \
 WHERE consumer = ? AND `source` = ? AND key_hash = UNHEX(SHA2(?, 256)) AND seq = ?",
 ];
 
+// Binds (consumer, source, key): the lowest parked seq of the key (NULL: none), read on the
+// transaction that holds the key row (a locking read: the latest committed rows).
+pub(super) const LOWEST_PARKED: &str = "\
+SELECT MIN(seq) FROM outbox_inbox_parked \
+WHERE consumer = ? AND `source` = ? AND key_hash = UNHEX(SHA2(?, 256)) \
+FOR UPDATE";
+
 // Binds (consumer, key): a row when the key has records of the default source. A plain read: the
 // statements of ADOPT lock what they move.
 pub(super) const LEGACY_KEY: &str = "\

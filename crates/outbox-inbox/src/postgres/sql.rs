@@ -91,6 +91,10 @@ pub(super) const TAKE_PARKED: &[&str] = &["\
 DELETE FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3 AND seq = $4 \
 RETURNING message_id, topic, payload, headers"];
 
+// Binds (consumer, source, key): the lowest parked seq of the key (NULL: none).
+pub(super) const LOWEST_PARKED: &str = "\
+SELECT min(seq) FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3";
+
 // Binds (consumer, key): a row when the key has records of the default source ('': written before
 // messages carried their source, or sent by a relay that does not send it).
 pub(super) const LEGACY_KEY: &str = "\
