@@ -40,7 +40,7 @@ async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
         .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(ours, vec![1, 2, 3]);
+    assert_eq!(ours, vec![1, 2, 3, 4]);
     // Both schemas are usable in one transaction.
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
@@ -252,4 +252,37 @@ async fn a_row_whose_writer_began_after_the_claims_clock_is_not_skipped() {
         .map(|r| r.seq.unwrap())
         .collect();
     assert_eq!(seqs, vec![1, 2]);
+}
+
+#[tokio::test]
+async fn a_row_skipped_for_its_delivery_time_always_holds_back_its_key() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
+    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+    // Seq 1 asks to be delivered in 1 h, and its writer's clock (created_at) reads 2 h ahead of the
+    // claim's: it is not due, so it is skipped, and seq 2 must wait for it.
+    for (seq, created_h, available_h) in [(1_i64, 2_i64, 1_i64), (2, 0, 0)] {
+        sqlx::query(
+            "INSERT INTO outbox_messages (lane, id, topic, payload, headers, key, seq, created_at, available_at) \
+             VALUES ($1, $2, 't', '\\x00', '[]', 'k', $3, now() + $4 * interval '1 hour', now() + $5 * interval '1 hour')",
+        )
+        .bind(lane)
+        .bind(uuid::Uuid::now_v7())
+        .bind(seq)
+        .bind(created_h)
+        .bind(available_h)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let seqs: Vec<i64> = store
+        .claim(lease, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.seq.unwrap())
+        .collect();
+    assert_eq!(seqs, Vec::<i64>::new(), "seq 2 went ahead of a seq 1 that was not due");
 }

@@ -105,17 +105,19 @@ pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";
 // before its snapshot). Comparing it with `now()` would leave it out while its key's next row, from
 // a writer that began earlier but committed after it, was claimed: a reordering that
 // `relay::ten_thousand_messages...` caught. Rows that do wait (delay, backoff) are exactly the
-// ones the predecessor check (and its partial index) looks at.
+// ones the predecessor check (and its partial index) looks at: a row waits exactly when
+// `available_at <> created_at AND available_at > now()`, the same condition for skipping a row and
+// for holding back its key's later rows (migration 0004 makes the index's predicate match).
 pub(super) fn claim() -> String {
     format!(
         "SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at, \
   (SELECT s.id FROM outbox_source s) AS source \
 FROM outbox_messages m \
-WHERE m.lane = $1 AND EXISTS ({LEASE}) AND (m.available_at <= now() OR m.available_at = m.created_at) \
+WHERE m.lane = $1 AND EXISTS ({LEASE}) AND NOT (m.available_at <> m.created_at AND m.available_at > now()) \
   AND (m.key IS NULL OR ( \
         NOT EXISTS (SELECT 1 FROM outbox_messages p \
-                    WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > now() \
-                      AND (p.attempts > 0 OR p.available_at > p.created_at)) \
+                    WHERE p.key = m.key AND p.seq < m.seq \
+                      AND p.available_at <> p.created_at AND p.available_at > now()) \
     AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.key = m.key AND d.parked))) \
   AND m.pos <> ALL($5) \
 ORDER BY m.pos LIMIT $4"
