@@ -10,7 +10,6 @@
 use std::collections::HashSet;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::{Message, Store, LANES};
