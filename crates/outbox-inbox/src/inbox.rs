@@ -273,11 +273,17 @@ impl Inbox {
     {
         let source = source.filter(|s| !s.is_empty());
         let scope = source.unwrap_or("");
-        let mut tx = pool.begin().await?;
-        if DB::lowest_parked(&mut *tx, &self.consumer, scope, key).await?.is_none() {
-            tx.commit().await?;
+        // Nothing parked: nothing to lock (a statement of its own, so that in the transaction below
+        // the key row is locked before any parked row).
+        let mut conn = pool.acquire().await?;
+        if DB::lowest_parked(&mut conn, &self.consumer, scope, key)
+            .await?
+            .is_none()
+        {
             return Ok(0);
         }
+        drop(conn);
+        let mut tx = pool.begin().await?;
         // Every parked message of the key was written under the key row's lock (the row stays
         // while they wait): with it held, none is being parked or applied meanwhile.
         DB::lock_key(&mut *tx, &self.consumer, scope, key).await?;
