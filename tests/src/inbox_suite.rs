@@ -1619,7 +1619,10 @@ macro_rules! inbox_suite {
                     .fetch_all(&pool)
                     .await
                     .unwrap();
-            assert_eq!(versions, [1, 2, 3]);
+            // 0003 and whatever came after it.
+            let all: Vec<i64> = <$db as Dialect>::migrator().iter().map(|m| m.version).collect();
+            assert_eq!(versions, all);
+            assert_eq!(versions[..3], [1, 2, 3]);
             let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox_source")
                 .fetch_all(&pool)
                 .await
