@@ -237,3 +237,32 @@ fn the_source_header_is_parsed_and_checked() {
     }
     assert_eq!(Incoming::new(Uuid::now_v7(), "t", b"").source("").source, None);
 }
+
+/// MySQL DDL is not transactional: an interrupted run of migration 0003 is repeated from its start.
+/// Every statement of it runs again without error and without changing what the first run did.
+#[tokio::test]
+async fn mysql_migration_0003_can_run_again() {
+    let pool = outbox_tests::db::fresh_mysql().await;
+    let source: String = sqlx::query_scalar("SELECT id FROM outbox_source")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let m = outbox::mysql::MIGRATOR.iter().find(|m| m.version == 3).unwrap();
+    for _ in 0..2 {
+        sqlx::raw_sql(&m.sql).execute(&pool).await.unwrap();
+    }
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox_source")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ids, [source]);
+    let primary: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(column_name AS CHAR) FROM information_schema.key_column_usage \
+         WHERE table_schema = DATABASE() AND table_name = 'outbox_inbox_gaps' AND constraint_name = 'PRIMARY' \
+         ORDER BY ordinal_position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(primary, ["consumer", "source", "key_hash", "from_seq"]);
+}
