@@ -363,3 +363,132 @@ mod sqlite {
         assert_eq!((rows.len(), rows[0].id, rows[0].seq), (1, e.id, Some(1)));
     }
 }
+
+/// Whether the write path and the inbox both call `e` worth trying again.
+fn retryable(e: sqlx::Error) -> (bool, bool) {
+    let inbox = outbox_inbox::InboxError::<std::convert::Infallible>::Database(e);
+    let transient = inbox.is_retryable();
+    let outbox_err = match inbox {
+        outbox_inbox::InboxError::Database(e) => outbox::Error::Database(e),
+        _ => unreachable!(),
+    };
+    (outbox_err.is_retryable(), transient)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mariadb_deadlock_and_lock_wait_timeout_are_retryable_other_errors_are_not() {
+    let pool = outbox_tests::db::fresh_mysql().await;
+    sqlx::query("CREATE TABLE acct (id INT PRIMARY KEY, n INT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO acct VALUES (1, 0), (2, 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // A real deadlock: two transactions lock the rows in opposite orders.
+    let (mut a, mut b) = (pool.begin().await.unwrap(), pool.begin().await.unwrap());
+    sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
+        .execute(&mut *a)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 2")
+        .execute(&mut *b)
+        .await
+        .unwrap();
+    let second = tokio::spawn(async move {
+        let r = sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
+            .execute(&mut *b)
+            .await;
+        (r.map(|_| ()), b)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 2")
+        .execute(&mut *a)
+        .await
+        .map(|_| ());
+    let (second, b) = second.await.unwrap();
+    let deadlock = first
+        .err()
+        .or(second.err())
+        .expect("one of the two is the deadlock victim");
+    assert!(
+        deadlock.to_string().contains("1213") || deadlock.to_string().to_lowercase().contains("deadlock"),
+        "{deadlock}"
+    );
+    assert_eq!(retryable(deadlock), (true, true), "a deadlock is worth another try");
+    drop((a, b));
+
+    // A lock wait timeout (1205, SQLSTATE HY000).
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let mut waiter = pool.acquire().await.unwrap();
+    sqlx::query("SET SESSION innodb_lock_wait_timeout = 1")
+        .execute(&mut *waiter)
+        .await
+        .unwrap();
+    let timeout = sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
+        .execute(&mut *waiter)
+        .await
+        .expect_err("lock wait timeout");
+    assert_eq!(
+        retryable(timeout),
+        (true, true),
+        "a lock wait timeout is worth another try"
+    );
+    holder.rollback().await.unwrap();
+
+    // Errors that fail the same way every time, whatever their SQLSTATE (1062: 23000; 1366: HY000).
+    let dup = sqlx::query("INSERT INTO acct VALUES (1, 0)")
+        .execute(&pool)
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(retryable(dup), (false, false));
+    let bad = sqlx::query("INSERT INTO acct VALUES (3, 'not a number')")
+        .execute(&pool)
+        .await
+        .expect_err("bad value");
+    assert_eq!(
+        retryable(bad),
+        (false, false),
+        "HY000 alone does not make an error transient"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_busy_snapshot_is_retryable() {
+    let pool = outbox_tests::db::fresh_sqlite().await;
+    sqlx::query("CREATE TABLE acct (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO acct VALUES (1, 0)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // WAL: a reader's snapshot predates a commit by another connection; its upgrade to a writer
+    // then fails with SQLITE_BUSY_SNAPSHOT (517).
+    let mut reader = pool.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT n FROM acct WHERE id = 1")
+        .fetch_one(&mut *reader)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let busy = sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
+        .execute(&mut *reader)
+        .await
+        .expect_err("busy snapshot");
+    let code = match &busy {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    assert_eq!(code.as_deref(), Some("517"), "{busy}");
+    assert_eq!(retryable(busy), (true, true), "a busy snapshot is worth another try");
+}

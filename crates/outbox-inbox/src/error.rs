@@ -60,32 +60,5 @@ impl<E> InboxError<E> {
 }
 
 fn database_retryable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::Tls(_) => true,
-        // serialization_failure, deadlock_detected, lock/statement timeouts, admin shutdown, too many
-        // connections; MySQL deadlock / lock wait timeout; SQLite busy / locked.
-        sqlx::Error::Database(db) => matches!(
-            db.code().as_deref(),
-            Some(
-                "40001"
-                    | "40P01"
-                    | "55P03"
-                    | "57014"
-                    | "57P01"
-                    | "57P02"
-                    | "57P03"
-                    | "53300"
-                    | "1213"
-                    | "1205"
-                    | "5"
-                    | "6"
-            )
-        ),
-        _ => false,
-    }
+    outbox::db_error::is_transient(e)
 }

@@ -62,37 +62,7 @@ impl Error {
     /// serialization conflicts); false for bad input and lost leases.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(e) => match e {
-                sqlx::Error::Io(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed
-                | sqlx::Error::Protocol(_)
-                | sqlx::Error::Tls(_) => true,
-                sqlx::Error::Database(db) => {
-                    // serialization_failure, deadlock_detected, lock/statement timeouts, admin shutdown,
-                    // MySQL deadlock/lock wait timeout, SQLite busy/locked.
-                    matches!(
-                        db.code().as_deref(),
-                        Some(
-                            "40001"
-                                | "40P01"
-                                | "55P03"
-                                | "57014"
-                                | "57P01"
-                                | "57P02"
-                                | "57P03"
-                                | "53300"
-                                | "1213"
-                                | "1205"
-                                | "5"
-                                | "6"
-                                | "HY000"
-                        )
-                    )
-                }
-                _ => false,
-            },
+            Error::Database(e) => crate::db_error::is_transient(e),
             _ => false,
         }
     }

@@ -5,6 +5,7 @@
     allow(dead_code)
 )]
 
+pub mod db_error;
 mod error;
 mod message;
 mod migrate;
