@@ -106,6 +106,8 @@ pub struct ConsumerStats {
     pub processed: AtomicU64,
     /// Deliveries recognised as duplicates (the handler did not run).
     pub duplicates: AtomicU64,
+    /// Messages parked by the inbox (`GapPolicy::Hold`) until their predecessor is applied.
+    pub parked: AtomicU64,
     /// Handler attempts that failed and were retried.
     pub retries: AtomicU64,
     /// Messages sent to the dead-letter topic.
@@ -284,10 +286,10 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         match res {
             Ok(o) if o.is_done() => {
                 self.outage_streak.store(0, Relaxed);
-                let counter = if o == Outcome::Duplicate {
-                    &self.stats.duplicates
-                } else {
-                    &self.stats.processed
+                let counter = match o {
+                    Outcome::Duplicate => &self.stats.duplicates,
+                    Outcome::Parked => &self.stats.parked,
+                    _ => &self.stats.processed,
                 };
                 counter.fetch_add(1, Relaxed);
                 Step::Done
