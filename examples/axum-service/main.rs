@@ -46,13 +46,12 @@ struct AppError(StatusCode, String);
 
 impl From<outbox::Error> for AppError {
     fn from(e: outbox::Error) -> Self {
-        match e {
-            outbox::Error::Database(_) | outbox::Error::Migrate(_) => {
-                tracing::error!(error = %e, "database");
-                AppError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
-            }
-            other => AppError(StatusCode::BAD_REQUEST, other.to_string()),
+        if e.is_bad_input() {
+            return AppError(StatusCode::BAD_REQUEST, e.to_string());
         }
+        // Database trouble, and anything that is not the caller's fault.
+        tracing::error!(error = %e, "request failed");
+        AppError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
     }
 }
 

@@ -38,9 +38,6 @@ pub enum Error {
         /// The epoch the caller held.
         epoch: i64,
     },
-    /// A configuration value was rejected.
-    #[error("invalid configuration: {0}")]
-    Config(String),
     /// A row in the outbox could not be decoded (corrupted or written by something else).
     #[error("corrupt outbox row {id}: {reason}")]
     CorruptRow {
@@ -58,6 +55,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// True when the caller's input was rejected (topic, key, payload size, reserved header,
+    /// payload serialization): the message was not enqueued, and the same input fails again. In a
+    /// request handler, the caller's fault (HTTP 400); every other error is the service's own.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidTopic { .. }
+                | Error::EmptyKey
+                | Error::PayloadTooLarge { .. }
+                | Error::ReservedHeader(_)
+                | Error::Serialize(_)
+        )
+    }
+
     /// True when trying the same operation again later can succeed (connection trouble, timeouts,
     /// serialization conflicts); false for bad input and lost leases.
     pub fn is_retryable(&self) -> bool {
@@ -70,3 +81,17 @@ impl Error {
 
 /// Result with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_is_told_apart_from_the_relays_faults() {
+        assert!(Error::EmptyKey.is_bad_input());
+        assert!(Error::ReservedHeader("outbox-id".into()).is_bad_input());
+        assert!(!Error::StaleLease { lane: 1, epoch: 2 }.is_bad_input());
+        assert!(!Error::Database(sqlx::Error::PoolTimedOut).is_bad_input());
+        assert!(Error::Database(sqlx::Error::PoolTimedOut).is_retryable());
+    }
+}
