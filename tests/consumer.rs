@@ -592,3 +592,44 @@ async fn the_runner_deletes_expired_inbox_records_on_a_schedule() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_inbox_that_forgets_unkeyed_messages_before_the_topic_does_is_reported() {
+    let b = broker();
+    let t = topic("consume-retention");
+    create_topic(&b, &t, 1).await; // the broker's default retention: 7 days
+    let pool = effects_db().await;
+    let group = topic("g");
+    let runner = |inbox: Inbox, extra: Option<(&'static str, &'static str)>| {
+        let mut settings = vec![("bootstrap.servers", b.as_str()), ("group.id", group.as_str())];
+        settings.extend(extra);
+        ConsumerRunner::new(settings, &[t.as_str()], pool.clone(), inbox, Effects::default()).unwrap()
+    };
+    let day = Duration::from_secs(24 * 3600);
+    let short = runner(Inbox::new("effects").retention(day), None)
+        .check_retention()
+        .await
+        .unwrap();
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert!(
+        short[0].contains(&t) && short[0].contains("retention.ms=604800000"),
+        "{}",
+        short[0]
+    );
+    let long = runner(Inbox::new("effects").retention(8 * day), None)
+        .check_retention()
+        .await
+        .unwrap();
+    assert!(long.is_empty(), "{long:?}");
+    let latest = runner(
+        Inbox::new("effects").retention(day),
+        Some(("auto.offset.reset", "latest")),
+    )
+    .check_retention()
+    .await
+    .unwrap();
+    assert!(
+        latest.is_empty(),
+        "a group that starts at the end reads nothing again: {latest:?}"
+    );
+}

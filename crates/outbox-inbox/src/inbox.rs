@@ -116,6 +116,11 @@ impl Inbox {
         &self.consumer
     }
 
+    /// How long records of unkeyed messages are kept (see [`Inbox::retention`]).
+    pub fn retention_window(&self) -> Duration {
+        self.retention
+    }
+
     /// Processes one delivered message, effectively once: in one transaction on `pool` it records
     /// the message, then runs `handler` with that transaction and commits. The handler's writes and
     /// the record commit together or not at all.

@@ -141,6 +141,12 @@ pub enum ConsumerError {
 /// librdkafka also commits stored offsets of revoked partitions on a rebalance.
 pub struct ConsumerRunner<DB: Backend, H> {
     consumer: StreamConsumer,
+    /// The subscribed topics.
+    topics: Vec<String>,
+    /// Settings for an admin client (connection and security settings of the consumer).
+    admin: ClientConfig,
+    /// Whether a group without committed offsets starts at the beginning of its topics.
+    reset_earliest: bool,
     producer: FutureProducer,
     pool: sqlx::Pool<DB>,
     inbox: Inbox,
@@ -175,11 +181,19 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             }
         }
         ccfg.set("enable.auto.offset.store", "false");
+        let admin = pcfg.clone();
         pcfg.set("acks", "all").set("enable.idempotence", "true");
+        let reset_earliest = matches!(
+            ccfg.get("auto.offset.reset"),
+            Some("earliest" | "smallest" | "beginning")
+        );
         let consumer: StreamConsumer = ccfg.create()?;
         consumer.subscribe(topics)?;
         Ok(ConsumerRunner {
             consumer,
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            admin,
+            reset_earliest,
             producer: pcfg.create()?,
             pool,
             inbox,
@@ -201,10 +215,58 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         self.stats.clone()
     }
 
+    /// Compares each topic's `retention.ms` with the inbox's retention. With
+    /// `auto.offset.reset=earliest` (the runner's default), a group whose committed offsets expired
+    /// (Kafka's `offsets.retention.minutes`) reads its topics again from the start; an unkeyed
+    /// message still on a topic but no longer in the inbox would then be applied again. Returns one
+    /// line per topic at risk (empty when the inbox keeps unkeyed records at least as long as every
+    /// topic keeps messages, or when the group starts at the end); `run_until` logs them.
+    pub async fn check_retention(&self) -> Result<Vec<String>, ConsumerError> {
+        use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+        if !self.reset_earliest {
+            return Ok(Vec::new());
+        }
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = self.admin.create()?;
+        let specs: Vec<ResourceSpecifier<'_>> = self.topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+        let inbox_ms = i64::try_from(self.inbox.retention_window().as_millis()).unwrap_or(i64::MAX);
+        let mut risks = Vec::new();
+        for (topic, res) in self
+            .topics
+            .iter()
+            .zip(admin.describe_configs(&specs, &AdminOptions::new()).await?)
+        {
+            let Ok(resource) = res else { continue };
+            let Some(topic_ms) = resource
+                .get("retention.ms")
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.parse::<i64>().ok())
+            else {
+                continue;
+            };
+            if topic_ms < 0 || topic_ms > inbox_ms {
+                risks.push(format!(
+                    "topic {topic} keeps messages for retention.ms={topic_ms} but the inbox keeps unkeyed \
+                     records for {inbox_ms} ms: after the group's committed offsets expire, older unkeyed \
+                     messages would be applied again (raise Inbox::retention to at least the topic's \
+                     retention, or set auto.offset.reset=latest)"
+                ));
+            }
+        }
+        Ok(risks)
+    }
+
     /// Consumes until `shutdown` completes: the message being processed finishes, stored offsets
     /// are committed, then the runner returns. Shutdown is never held up by a message waiting for
     /// a retry: its partition's offset simply stays before it.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ConsumerError> {
+        match self.check_retention().await {
+            Ok(risks) => {
+                for risk in risks {
+                    tracing::warn!("{risk}");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "topic retention not checked"),
+        }
         tokio::pin!(shutdown);
         let mut waiting = Waiting::default();
         let mut next_cleanup = self.cfg.cleanup_interval.map(|every| Instant::now() + every);
