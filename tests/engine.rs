@@ -108,13 +108,19 @@ fn check_order(calls: &[Vec<(String, i64, bool)>]) -> HashSet<(String, i64)> {
 }
 
 async fn run(claim_ahead: ClaimAhead) {
+    run_on(claim_ahead, &["t"]).await
+}
+
+/// [`run`] with the messages spread over `topics` (a key's seqs run across all of them).
+async fn run_on(claim_ahead: ClaimAhead, topics: &[&str]) {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     // Keys "a".."e" share lanes with many others; 40 rows each, committed in 8 transactions.
     let keys = ["a", "b", "c", "d", "e"];
     let mut tx = pool.begin().await.unwrap();
     for i in 0..200 {
-        outbox::enqueue(&mut tx, &Message::new("t", format!("{i}")).key(keys[i % keys.len()]))
+        let topic = topics[(i / keys.len()) % topics.len()];
+        outbox::enqueue(&mut tx, &Message::new(topic, format!("{i}")).key(keys[i % keys.len()]))
             .await
             .unwrap();
         if i % 25 == 24 {
@@ -150,6 +156,12 @@ async fn run(claim_ahead: ClaimAhead) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claim_ahead_never_hands_over_a_row_before_its_failed_predecessor() {
     run(ClaimAhead::Always).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_on_two_topics_sends_nothing_past_its_failed_message_on_either() {
+    run_on(ClaimAhead::Never, &["orders", "invoices"]).await;
+    run_on(ClaimAhead::Always, &["orders", "invoices"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
