@@ -374,40 +374,27 @@ async fn drop_connections(admin: &sqlx::PgPool, db: &str) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn consumer_database_read_only_for_a_while_dead_letters_nothing() {
+/// A consumer database outage mid-stream: 400 messages, the runner on `runner_pool`; `outage`
+/// breaks the database after the first 50 effects and mends it before returning. Afterwards every
+/// effect is there once, nothing was dead-lettered, and the runner saw the outage.
+async fn outage_mid_stream<F, Fut>(name: &str, pool: &sqlx::PgPool, runner_pool: sqlx::PgPool, outage: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let b = broker();
-    let t = topic("consume-read-only");
+    let t = topic(name);
     let dlq = format!("{t}.dlq");
     create_topic(&b, &t, 2).await;
     create_topic(&b, &dlq, 1).await;
-    let pool = effects_db().await;
-    let db = pool.connect_options().get_database().unwrap().to_owned();
-    let admin = sqlx::PgPool::connect(&outbox_tests::db::pg_url()).await.unwrap();
     let ids = produce(&b, &t, 400, 20, 1).await;
-    let (stop, task, stats) = start_with_stats(&b, &topic("g"), &t, pool.clone(), Effects::default(), fast(), &[]);
-    wait_effects(&pool, 50, Duration::from_secs(60)).await;
-
-    // A failover's read-only phase: every write of the inbox fails (SQLSTATE 25006).
-    sqlx::query(&format!("ALTER DATABASE {db} SET default_transaction_read_only = on"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    drop_connections(&admin, &db).await;
-    let during = Instant::now();
-    while during.elapsed() < Duration::from_secs(3) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    sqlx::query(&format!("ALTER DATABASE {db} RESET default_transaction_read_only"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    drop_connections(&admin, &db).await;
-
-    wait_effects(&pool, ids.len() as i64, Duration::from_secs(90)).await;
+    let (stop, task, stats) = start_with_stats(&b, &topic("g"), &t, runner_pool, Effects::default(), fast(), &[]);
+    wait_effects(pool, 50, Duration::from_secs(60)).await;
+    outage().await;
+    wait_effects(pool, ids.len() as i64, Duration::from_secs(90)).await;
     stop.send(()).unwrap();
     task.await.unwrap();
-    assert_eq!(effect_counts(&pool).await, (400, 400), "every effect exactly once");
+    assert_eq!(effect_counts(pool).await, (400, 400), "every effect exactly once");
     assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert!(
         stats.infrastructure_retries.load(std::sync::atomic::Ordering::Relaxed) > 0,
@@ -417,12 +404,33 @@ async fn consumer_database_read_only_for_a_while_dead_letters_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consumer_database_read_only_for_a_while_dead_letters_nothing() {
+    let pool = effects_db().await;
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    let admin = sqlx::PgPool::connect(&outbox_tests::db::pg_url()).await.unwrap();
+    // A failover's read-only phase for 3 s: every write of the inbox fails (SQLSTATE 25006).
+    let read_only = |on: bool| {
+        let sql = if on {
+            format!("ALTER DATABASE {db} SET default_transaction_read_only = on")
+        } else {
+            format!("ALTER DATABASE {db} RESET default_transaction_read_only")
+        };
+        let (admin, db) = (admin.clone(), db.clone());
+        async move {
+            sqlx::query(&sql).execute(&admin).await.unwrap();
+            drop_connections(&admin, &db).await;
+        }
+    };
+    outage_mid_stream("consume-read-only", &pool, pool.clone(), || async {
+        read_only(true).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        read_only(false).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn consumer_database_unreachable_then_back_dead_letters_nothing() {
-    let b = broker();
-    let t = topic("consume-db-down");
-    let dlq = format!("{t}.dlq");
-    create_topic(&b, &t, 2).await;
-    create_topic(&b, &dlq, 1).await;
     let pool = effects_db().await;
     let proxy = outbox_tests::proxy::DbProxy::start().await;
     let through_proxy = sqlx::postgres::PgPoolOptions::new()
@@ -431,29 +439,14 @@ async fn consumer_database_unreachable_then_back_dead_letters_nothing() {
         .connect_with((*pool.connect_options()).clone().port(proxy.port))
         .await
         .unwrap();
-    let ids = produce(&b, &t, 400, 20, 1).await;
-    let (stop, task, stats) = start_with_stats(&b, &topic("g"), &t, through_proxy, Effects::default(), fast(), &[]);
-    wait_effects(&pool, 50, Duration::from_secs(60)).await;
-
     // The database stops answering (connections dropped, new ones refused) for 15 s: longer than
     // max_attempts (5) tries of 2 s (the pool's acquire timeout) each.
-    proxy.cut();
-    let down = Instant::now();
-    while down.elapsed() < Duration::from_secs(15) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    proxy.restore().await;
-
-    wait_effects(&pool, ids.len() as i64, Duration::from_secs(90)).await;
-    stop.send(()).unwrap();
-    task.await.unwrap();
-    assert_eq!(effect_counts(&pool).await, (400, 400), "every effect exactly once");
-    assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
-    assert!(
-        stats.infrastructure_retries.load(std::sync::atomic::Ordering::Relaxed) > 0,
-        "the outage was seen"
-    );
-    assert_eq!(dead_letter_topic(&b, &dlq).await, 0, "nothing on the dead-letter topic");
+    outage_mid_stream("consume-db-down", &pool, through_proxy, || async {
+        proxy.cut();
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        proxy.restore().await;
+    })
+    .await;
 }
 
 /// A consumer-group member in its own process (`consumer-member`), to SIGKILL.

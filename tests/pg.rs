@@ -222,67 +222,55 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
     other.rollback().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_row_whose_writer_began_after_the_claims_clock_is_not_skipped() {
+/// Writes rows of key `k` as (seq, created_at, available_at), both as milliseconds from the
+/// server's now(), then returns the seqs one claim of their lane takes.
+async fn claimed_seqs(rows: &[(i64, i64, i64)]) -> Vec<i64> {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
     let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
-    // Seq 1's writer began (created_at = available_at = its now()) after the claim's clock, seq 2's
-    // writer before it; both committed. Per key, seq 1 must still come first.
-    for (seq, offset_ms) in [(1_i64, 2_000_i64), (2, -2_000)] {
+    for (seq, created_ms, available_ms) in rows {
         sqlx::query(
             "INSERT INTO outbox_messages (lane, id, topic, payload, headers, key, seq, created_at, available_at) \
-             VALUES ($1, $2, 't', '\\x00', '[]', 'k', $3, now() + $4 * interval '1 ms', now() + $4 * interval '1 ms')",
+             VALUES ($1, $2, 't', '\\x00', '[]', 'k', $3, now() + $4 * interval '1 ms', now() + $5 * interval '1 ms')",
         )
         .bind(lane)
         .bind(uuid::Uuid::now_v7())
         .bind(seq)
-        .bind(offset_ms)
+        .bind(created_ms)
+        .bind(available_ms)
         .execute(&pool)
         .await
         .unwrap();
     }
-    let seqs: Vec<i64> = store
+    store
         .claim(lease, 10)
         .await
         .unwrap()
         .iter()
         .map(|r| r.seq.unwrap())
-        .collect();
-    assert_eq!(seqs, vec![1, 2]);
+        .collect()
+}
+
+#[tokio::test]
+async fn a_row_whose_writer_began_after_the_claims_clock_is_not_skipped() {
+    // Seq 1's writer began (created_at = available_at = its now()) after the claim's clock, seq 2's
+    // writer before it; both committed. Per key, seq 1 must still come first.
+    assert_eq!(
+        claimed_seqs(&[(1, 2_000, 2_000), (2, -2_000, -2_000)]).await,
+        vec![1, 2]
+    );
 }
 
 #[tokio::test]
 async fn a_row_skipped_for_its_delivery_time_always_holds_back_its_key() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
-    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
-    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
-    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
     // Seq 1 asks to be delivered in 1 h, and its writer's clock (created_at) reads 2 h ahead of the
     // claim's: it is not due, so it is skipped, and seq 2 must wait for it.
-    for (seq, created_h, available_h) in [(1_i64, 2_i64, 1_i64), (2, 0, 0)] {
-        sqlx::query(
-            "INSERT INTO outbox_messages (lane, id, topic, payload, headers, key, seq, created_at, available_at) \
-             VALUES ($1, $2, 't', '\\x00', '[]', 'k', $3, now() + $4 * interval '1 hour', now() + $5 * interval '1 hour')",
-        )
-        .bind(lane)
-        .bind(uuid::Uuid::now_v7())
-        .bind(seq)
-        .bind(created_h)
-        .bind(available_h)
-        .execute(&pool)
-        .await
-        .unwrap();
-    }
-    let seqs: Vec<i64> = store
-        .claim(lease, 10)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.seq.unwrap())
-        .collect();
-    assert_eq!(seqs, Vec::<i64>::new(), "seq 2 went ahead of a seq 1 that was not due");
+    const HOUR: i64 = 3_600_000;
+    assert_eq!(
+        claimed_seqs(&[(1, 2 * HOUR, HOUR), (2, 0, 0)]).await,
+        Vec::<i64>::new(),
+        "seq 2 went ahead of a seq 1 that was not due"
+    );
 }
