@@ -219,8 +219,12 @@ async fn restart_before_offset_commit_redelivers_and_the_effect_stays_single() {
     assert_eq!(first, 100);
 
     let handler2 = Effects::default();
-    let (stop, task) = start(&b, &group, &t, pool.clone(), handler2.clone(), fast(), &[]);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (stop, task, stats) = start_with_stats(&b, &group, &t, pool.clone(), handler2.clone(), fast(), &[]);
+    outbox_tests::embedded::wait_for("all 100 redelivered", Duration::from_secs(60), || {
+        let n = stats.duplicates.load(std::sync::atomic::Ordering::Relaxed);
+        async move { n == 100 }
+    })
+    .await;
     stop.send(()).unwrap();
     task.await.unwrap();
     // The second consumer received all 100 again (it committed offset 100 for them) ...
