@@ -276,8 +276,16 @@ macro_rules! conformance_suite {
             let rows = claim_all(&*store, &leases).await;
             let got: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
             assert_eq!(got, vec![&b"other"[..]], "delayed row and the key's later row wait");
-            tokio::time::sleep(Duration::from_millis(2300)).await;
-            let rows = claim_all(&*store, &leases).await;
+            // Due after 2 s: claimed as soon as it is, never before (checked above).
+            let start = std::time::Instant::now();
+            let rows = loop {
+                let rows = claim_all(&*store, &leases).await;
+                if rows.iter().any(|r| r.key.as_deref() == Some("k")) {
+                    break rows;
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "the delayed row never became due");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
             let got: Vec<&[u8]> =
                 rows.iter().filter(|r| r.key.as_deref() == Some("k")).map(|r| r.payload.as_slice()).collect();
             assert_eq!(got, vec![&b"d1"[..], b"d2"]);
@@ -296,8 +304,16 @@ macro_rules! conformance_suite {
             assert_eq!(rows.len(), 2);
             store.mark_failed(lease, rows[0].pos, "broker down", Duration::from_millis(1500)).await.unwrap();
             assert!(store.claim(lease, 10).await.unwrap().is_empty(), "k2 must wait behind k1");
-            tokio::time::sleep(Duration::from_millis(1800)).await;
-            let rows = store.claim(lease, 10).await.unwrap();
+            // Both come back once the backoff (1.5 s) is over.
+            let start = std::time::Instant::now();
+            let rows = loop {
+                let rows = store.claim(lease, 10).await.unwrap();
+                if !rows.is_empty() {
+                    break rows;
+                }
+                assert!(start.elapsed() < Duration::from_secs(10), "the backoff never ended");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
             assert_eq!(rows.len(), 2);
             assert_eq!(rows[0].attempts, 1);
             assert_eq!(rows[0].seq, Some(1));
