@@ -637,7 +637,8 @@ async fn main() -> ExitCode {
         started.elapsed()
     );
 
-    // Let the reader and the consumers catch up (bounded: stop when nothing moves for a minute).
+    // Let the reader and the consumers catch up (bounded: stop when nothing moves for 3 minutes; a
+    // consumer group can sit out a coordinator's failover and the rebalance after it for a minute).
     let mut last = (0usize, 0i64, Instant::now());
     loop {
         let seen_all = committed.iter().all(|id| wire.lock().unwrap().seen.contains_key(id));
@@ -651,7 +652,7 @@ async fn main() -> ExitCode {
         let seen = wire.lock().unwrap().seen.len();
         if (seen, applied) != (last.0, last.1) {
             last = (seen, applied, Instant::now());
-        } else if last.2.elapsed() > Duration::from_secs(60) {
+        } else if last.2.elapsed() > Duration::from_secs(180) {
             println!("reader or consumers stopped making progress; checking what arrived");
             break;
         }
