@@ -630,3 +630,85 @@ async fn an_inbox_that_forgets_unkeyed_messages_before_the_topic_does_is_reporte
         "a group that starts at the end reads nothing again: {latest:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_hold_a_successor_ahead_of_its_predecessor_never_stalls_the_runner() {
+    let b = broker();
+    let t = topic("consume-hold");
+    create_topic(&b, &t, 1).await;
+    let pool = effects_db().await;
+    // The order in which effects were written.
+    sqlx::query("ALTER TABLE effects ADD COLUMN n BIGSERIAL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // One partition: K:2, then other keys, then K:1 (as after a relay's re-send), then more others.
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+    let send = |key: String, seq: i64| {
+        let producer = producer.clone();
+        let t = t.clone();
+        async move {
+            let id = uuid::Uuid::now_v7();
+            let (ids, ss) = (id.to_string(), seq.to_string());
+            let h = OwnedHeaders::new()
+                .insert(Header {
+                    key: outbox::HEADER_ID,
+                    value: Some(ids.as_bytes()),
+                })
+                .insert(Header {
+                    key: outbox::HEADER_KEY,
+                    value: Some(key.as_bytes()),
+                })
+                .insert(Header {
+                    key: outbox::HEADER_SEQ,
+                    value: Some(ss.as_bytes()),
+                });
+            producer
+                .send(
+                    FutureRecord::to(&t).key(&key).payload("effect").headers(h),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+            id
+        }
+    };
+    let k2 = send("K".into(), 2).await;
+    let mut others = Vec::new();
+    for i in 0..20 {
+        others.push(send(format!("other-{i}"), 1).await);
+    }
+    let k1 = send("K".into(), 1).await;
+    for i in 20..40 {
+        others.push(send(format!("other-{i}"), 1).await);
+    }
+    let group = topic("g");
+    let settings = [("bootstrap.servers", b.as_str()), ("group.id", group.as_str())];
+    let inbox = Inbox::new("effects").gap_policy(outbox_inbox::GapPolicy::Hold);
+    let runner = ConsumerRunner::new(settings, &[t.as_str()], pool.clone(), inbox, Effects::default())
+        .unwrap()
+        .config(fast());
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run_until(async {
+        let _ = rx.await;
+    }));
+    wait_effects(&pool, 42, Duration::from_secs(60)).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("shutdown returns")
+        .unwrap()
+        .unwrap();
+    assert_eq!(effect_counts(&pool).await, (42, 42), "every effect exactly once");
+    let order: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT message_id FROM effects ORDER BY n")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let pos = |id: uuid::Uuid| order.iter().position(|x| *x == id).unwrap();
+    assert!(pos(k1) < pos(k2), "K:1 applied before K:2");
+    assert_eq!(pos(k2), pos(k1) + 1, "K:2 applied right after K:1");
+    assert!(
+        others.iter().take(20).all(|o| pos(*o) < pos(k1)),
+        "the keys behind K:2 did not wait for K:1"
+    );
+}
