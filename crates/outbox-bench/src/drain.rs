@@ -278,7 +278,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
 
     let mut sql = Vec::new();
     let mut relay: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
-    // claim_ahead = never / always, beside the default (auto) in `relay`.
+    // claim_ahead = never (the default) / always, beside auto in `relay`.
     let mut relay_never: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut relay_always: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     // A remote broker simulated by a fixed round trip: claim_ahead auto / never.
@@ -319,7 +319,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         for (b, (name, bootstrap)) in brokers.iter().enumerate() {
             let pid = if *name == "kafka" { broker_pid() } else { None };
             let topic = new_topic(env, bootstrap, "bench-drain").await?;
-            // claim_ahead auto (the default), never, always; the first one rotates by round.
+            // claim_ahead auto, never (the default), always; the first one rotates by round.
             let modes = [ClaimAhead::Auto, ClaimAhead::Never, ClaimAhead::Always];
             for i in 0..modes.len() {
                 let mode = modes[(i + round) % modes.len()];
@@ -392,7 +392,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             "relay_cpu_us_per_msg"
         };
         let relay_row = Row::new(
-            format!("relay drain on {name} ({n}-row backlog)"),
+            format!("relay drain on {name}, claim_ahead = auto ({n}-row backlog)"),
             "msg/s",
             rate(&relay[b]),
         )
@@ -438,7 +438,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             relay_row
                 .clone()
                 .vs(&never_row)
-                .note("auto (default) / never, same rounds"),
+                .note("auto / never (the default), same rounds"),
         );
         rows.push(always_row.vs(&never_row).note("always / never, same rounds"));
         rows.push(never_row);
@@ -474,7 +474,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             "Backlog of {n} keyed rows ({} keys, {}-byte payloads) filled with INSERT ... SELECT generate_series \
              (median fill {:.1} s); topic with {} partitions; relay embedded in this process with defaults \
              (batch 500, 32 lanes, pool of 20 connections), KafkaPublisher defaults (acks=all, idempotence, linger 5 ms). \
-             Order per round: SQL-only, a simulated remote broker (NullPublisher answering after a fixed round trip) with claim_ahead auto and never, then per broker the relay with claim_ahead auto (default), never and always (rotating which goes first), raw producer, naive. Brokers: {}.",
+             Order per round: SQL-only, a simulated remote broker (NullPublisher answering after a fixed round trip) with claim_ahead auto and never, then per broker the relay with claim_ahead auto, never (the default) and always (rotating which goes first), raw producer, naive. Brokers: {}.",
             crate::common::KEYS,
             crate::common::PAYLOAD_BYTES,
             crate::common::median(&fill_secs),
