@@ -70,6 +70,31 @@ async fn produce(bootstrap: &str, t: &str, n: usize, keys: usize, times: usize) 
     produce_keys(bootstrap, t, "k", n, keys, times).await
 }
 
+/// Sends one keyed message with the outbox headers a relay would set.
+async fn send_keyed(producer: &FutureProducer, t: &str, id: uuid::Uuid, key: &str, seq: i64) {
+    let (id, seq) = (id.to_string(), seq.to_string());
+    let h = OwnedHeaders::new()
+        .insert(Header {
+            key: outbox::HEADER_ID,
+            value: Some(id.as_bytes()),
+        })
+        .insert(Header {
+            key: outbox::HEADER_KEY,
+            value: Some(key.as_bytes()),
+        })
+        .insert(Header {
+            key: outbox::HEADER_SEQ,
+            value: Some(seq.as_bytes()),
+        });
+    producer
+        .send(
+            FutureRecord::to(t).key(key).payload("effect").headers(h),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+}
+
 async fn produce_keys(bootstrap: &str, t: &str, prefix: &str, n: usize, keys: usize, times: usize) -> Vec<uuid::Uuid> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -88,27 +113,7 @@ async fn produce_keys(bootstrap: &str, t: &str, prefix: &str, n: usize, keys: us
     }
     for _ in 0..times {
         for (id, key, s) in &batch {
-            let (ids_, ss) = (id.to_string(), s.to_string());
-            let h = OwnedHeaders::new()
-                .insert(Header {
-                    key: outbox::HEADER_ID,
-                    value: Some(ids_.as_bytes()),
-                })
-                .insert(Header {
-                    key: outbox::HEADER_KEY,
-                    value: Some(key.as_bytes()),
-                })
-                .insert(Header {
-                    key: outbox::HEADER_SEQ,
-                    value: Some(ss.as_bytes()),
-                });
-            producer
-                .send(
-                    FutureRecord::to(t).key(key).payload("effect").headers(h),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
+            send_keyed(&producer, t, *id, key, *s).await;
         }
     }
     ids
@@ -649,27 +654,7 @@ async fn under_hold_a_successor_ahead_of_its_predecessor_never_stalls_the_runner
         let t = t.clone();
         async move {
             let id = uuid::Uuid::now_v7();
-            let (ids, ss) = (id.to_string(), seq.to_string());
-            let h = OwnedHeaders::new()
-                .insert(Header {
-                    key: outbox::HEADER_ID,
-                    value: Some(ids.as_bytes()),
-                })
-                .insert(Header {
-                    key: outbox::HEADER_KEY,
-                    value: Some(key.as_bytes()),
-                })
-                .insert(Header {
-                    key: outbox::HEADER_SEQ,
-                    value: Some(ss.as_bytes()),
-                });
-            producer
-                .send(
-                    FutureRecord::to(&t).key(&key).payload("effect").headers(h),
-                    Duration::from_secs(10),
-                )
-                .await
-                .unwrap();
+            send_keyed(&producer, &t, id, &key, seq).await;
             id
         }
     };
