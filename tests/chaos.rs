@@ -11,9 +11,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use outbox::{Message, Store};
-use outbox_inbox::{Handler, Inbox, Incoming};
+use outbox_inbox::Inbox;
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
 use outbox_relay::{DeadLetterPolicy, RelayConfig};
 use outbox_tests::embedded::{self, drained, test_config, wait_for, Running};
@@ -446,36 +445,8 @@ async fn topic_authorization_failure_is_dead_lettered_while_other_topics_flow() 
     eprintln!("authorization: {} dead letters, e.g. {:?}", dl.len(), dl[0].error);
 }
 
-/// Consumer-side effects: one row per applied message, no unique constraint (a second application
-/// of the same message would show).
-#[derive(Clone)]
-struct Effects;
-
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-struct DbError(#[from] sqlx::Error);
-
-#[async_trait]
-impl Handler<sqlx::Postgres> for Effects {
-    type Error = DbError;
-    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, msg: &Incoming<'_>) -> Result<(), DbError> {
-        sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
-            .bind(msg.id)
-            .bind(msg.key)
-            .bind(msg.seq)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-}
-
 async fn consumer_db() -> sqlx::PgPool {
-    let pool = outbox_tests::db::fresh_pg().await;
-    sqlx::query("CREATE TABLE effects (n BIGSERIAL PRIMARY KEY, message_id UUID NOT NULL, key TEXT, seq BIGINT)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool
+    outbox_tests::effects::effects_db().await
 }
 
 fn start_consumer(bootstrap: &str, t: &str, pool: sqlx::PgPool, inbox: Inbox) -> Running {
@@ -485,7 +456,7 @@ fn start_consumer(bootstrap: &str, t: &str, pool: sqlx::PgPool, inbox: Inbox) ->
         ("group.id", group.as_str()),
         ("session.timeout.ms", "6000"),
     ];
-    let runner = ConsumerRunner::new(settings, &[t], pool, inbox, Effects)
+    let runner = ConsumerRunner::new(settings, &[t], pool, inbox, outbox_tests::effects::EffectRows)
         .unwrap()
         .config(ConsumerConfig::default().backoff_base(Duration::from_millis(20)));
     Running::spawn(|stopped| async move {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use outbox_inbox::{Handler, Inbox, Incoming};
 use outbox_kafka::{ConsumerConfig, ConsumerRunner, ConsumerStats};
+use outbox_tests::effects::effects_db;
 use outbox_tests::kafka::{broker, create_topic, read_until, topic};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -46,16 +47,6 @@ impl Handler<sqlx::Postgres> for Effects {
             .map_err(|e| Boom(e.to_string()))?;
         Ok(())
     }
-}
-
-async fn effects_db() -> sqlx::PgPool {
-    let pool = outbox_tests::db::fresh_pg().await;
-    // No unique constraint on purpose: a second effect would show as a second row.
-    sqlx::query("CREATE TABLE effects (message_id UUID NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool
 }
 
 async fn effect_counts(pool: &sqlx::PgPool) -> (i64, i64) {
@@ -642,11 +633,6 @@ async fn under_hold_a_successor_ahead_of_its_predecessor_never_stalls_the_runner
     let t = topic("consume-hold");
     create_topic(&b, &t, 1).await;
     let pool = effects_db().await;
-    // The order in which effects were written.
-    sqlx::query("ALTER TABLE effects ADD COLUMN n BIGSERIAL")
-        .execute(&pool)
-        .await
-        .unwrap();
     // One partition: K:2, then other keys, then K:1 (as after a relay's re-send), then more others.
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
     let send = |key: String, seq: i64| {

@@ -1,6 +1,6 @@
 //! One member of a consumer group, as its own process, for tests that SIGKILL members: a
-//! `ConsumerRunner` applying each message through the inbox into `effects` (one row per applied
-//! message, no unique constraint, so a second application would show as a second row).
+//! `ConsumerRunner` applying each message through the inbox into `effects`
+//! (`outbox_tests::effects`: a second application of a message would show as a second row).
 //!
 //! ```sh
 //! consumer-member BOOTSTRAP TOPIC GROUP DATABASE_URL
@@ -8,27 +8,8 @@
 //!
 //! Runs until SIGTERM (finishes the message in hand, commits stored offsets, exits 0) or SIGKILL.
 
-use async_trait::async_trait;
-use outbox_inbox::{Handler, Inbox, Incoming};
+use outbox_inbox::Inbox;
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
-
-struct Effects;
-
-#[async_trait]
-impl Handler<sqlx::Postgres> for Effects {
-    type Error = sqlx::Error;
-    async fn handle(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        msg: &Incoming<'_>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO effects (message_id) VALUES ($1)")
-            .bind(msg.id)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -48,9 +29,15 @@ async fn main() {
         ("session.timeout.ms", "6000"),
         ("heartbeat.interval.ms", "500"),
     ];
-    let runner = ConsumerRunner::new(settings, &[topic.as_str()], pool, Inbox::new("effects"), Effects)
-        .expect("consumer")
-        .config(ConsumerConfig::default());
+    let runner = ConsumerRunner::new(
+        settings,
+        &[topic.as_str()],
+        pool,
+        Inbox::new("effects"),
+        outbox_tests::effects::EffectRows,
+    )
+    .expect("consumer")
+    .config(ConsumerConfig::default());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     eprintln!("member ready");
     runner

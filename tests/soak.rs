@@ -26,9 +26,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use outbox::{Message, Store, LANES};
-use outbox_inbox::{Handler, Inbox, Incoming};
+use outbox_inbox::Inbox;
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
 use outbox_tests::daemon::{db_url, RelayArgs, RelayProcess};
 use outbox_tests::kafka::Cluster;
@@ -163,28 +162,6 @@ fn relay_binary() -> PathBuf {
     assert!(st.success(), "building outbox-relay failed");
     let exe = std::env::current_exe().expect("current exe");
     exe.parent().expect("target dir").join("outbox-relay")
-}
-
-/// The consumer service's handler: one effect row per application (no unique constraint, so a
-/// second application of a message would show as a second row).
-struct Effects;
-
-#[async_trait]
-impl Handler<sqlx::Postgres> for Effects {
-    type Error = sqlx::Error;
-    async fn handle(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        msg: &Incoming<'_>,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
-            .bind(msg.id)
-            .bind(msg.key)
-            .bind(msg.seq)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
 }
 
 /// What the independent reader saw, folded as it reads (per key, first arrivals in seq order).
@@ -465,7 +442,7 @@ async fn main() -> ExitCode {
     };
     let src = outbox_tests::db::fresh_pg().await;
     let dst = outbox_tests::db::fresh_pg().await;
-    sqlx::query("CREATE TABLE effects (n BIGSERIAL PRIMARY KEY, message_id UUID NOT NULL, key TEXT, seq BIGINT)")
+    sqlx::query(outbox_tests::effects::CREATE_EFFECTS)
         .execute(&dst)
         .await
         .unwrap();
@@ -506,9 +483,15 @@ async fn main() -> ExitCode {
             ("group.id", group.as_str()),
             ("session.timeout.ms", "10000"),
         ];
-        let runner = ConsumerRunner::new(settings, &[topic.as_str()], dst.clone(), Inbox::new("soak"), Effects)
-            .expect("consumer")
-            .config(ConsumerConfig::default());
+        let runner = ConsumerRunner::new(
+            settings,
+            &[topic.as_str()],
+            dst.clone(),
+            Inbox::new("soak"),
+            outbox_tests::effects::EffectRows,
+        )
+        .expect("consumer")
+        .config(ConsumerConfig::default());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             runner

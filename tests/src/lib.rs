@@ -5,6 +5,7 @@
 pub mod conformance;
 pub mod daemon;
 pub mod db;
+pub mod effects;
 pub mod embedded;
 pub mod inbox_suite;
 pub mod kafka;
