@@ -76,13 +76,19 @@ async fn settle(
     dups
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn broker_killed_and_restarted_on_its_log_dirs_loses_nothing() {
-    let cluster = Cluster::start(1);
-    let t = topic("broker-restart");
-    create_topic(&cluster.bootstrap(), &t, 4).await;
+/// A cluster of `nodes`, a topic on it with `partitions` partitions, and a fresh outbox database.
+async fn setup(nodes: u16, name: &str, partitions: i32) -> (Cluster, String, sqlx::PgPool, outbox::postgres::PgStore) {
+    let cluster = Cluster::start(nodes);
+    let t = topic(name);
+    create_topic(&cluster.bootstrap(), &t, partitions).await;
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
+    (cluster, t, pool, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_killed_and_restarted_on_its_log_dirs_loses_nothing() {
+    let (cluster, t, pool, store) = setup(1, "broker-restart", 4).await;
     let relay = relay(&store, &cluster, &[], config());
     let writing = writers(pool.clone(), t.clone(), 400, Duration::from_millis(25));
 
@@ -98,11 +104,7 @@ async fn broker_killed_and_restarted_on_its_log_dirs_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_of_the_busiest_partitions_killed_mid_stream_loses_nothing() {
-    let cluster = Cluster::start(3);
-    let t = topic("failover");
-    create_topic(&cluster.bootstrap(), &t, 6).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (cluster, t, pool, store) = setup(3, "failover", 6).await;
     let relay = relay(&store, &cluster, &[], config());
     let writing = writers(pool.clone(), t.clone(), 600, Duration::from_millis(25));
 
@@ -120,11 +122,7 @@ async fn leader_of_the_busiest_partitions_killed_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_of_three_brokers_down_past_the_message_timeout_dead_letters_nothing() {
-    let cluster = Cluster::start(3);
-    let t = topic("min-isr");
-    create_topic(&cluster.bootstrap(), &t, 6).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (cluster, t, pool, store) = setup(3, "min-isr", 6).await;
     // A short delivery timeout and few attempts: an outage counted as attempts would dead-letter
     // every key's head within the outage.
     let relay = relay(
