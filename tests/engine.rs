@@ -64,11 +64,7 @@ impl Publisher for Scripted {
             out.push(if fail {
                 Err(PublishError::retryable("scripted: broker timed out"))
             } else {
-                Ok(Delivered {
-                    pos: row.pos,
-                    partition: 0,
-                    offset: seq,
-                })
+                Ok(Delivered::new(row.pos).at(0, seq))
             });
         }
         self.calls.lock().unwrap().push(call);
@@ -201,16 +197,7 @@ impl Publisher for Concurrency {
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.now.fetch_sub(1, Ordering::SeqCst);
         self.rows.fetch_add(batch.len(), Ordering::SeqCst);
-        batch
-            .iter()
-            .map(|r| {
-                Ok(Delivered {
-                    pos: r.pos,
-                    partition: 0,
-                    offset: r.pos,
-                })
-            })
-            .collect()
+        batch.iter().map(|r| Ok(Delivered::new(r.pos).at(0, r.pos))).collect()
     }
 }
 

@@ -37,11 +37,7 @@ async fn publish(store: &dyn Store, leases: &[Lease], rows: &[outbox::StoredMess
         let done: Vec<Delivered> = rows
             .iter()
             .filter(|r| r.lane == l.lane)
-            .map(|r| Delivered {
-                pos: r.pos,
-                partition: 3,
-                offset: r.seq.unwrap_or(0),
-            })
+            .map(|r| Delivered::new(r.pos).at(3, r.seq.unwrap_or(0)))
             .collect();
         store.mark_published(l, &done).await.unwrap();
     }

@@ -59,7 +59,7 @@ macro_rules! conformance_suite {
         }
 
         fn delivered(rows: &[outbox::StoredMessage]) -> Vec<Delivered> {
-            rows.iter().map(|r| Delivered { pos: r.pos, partition: 0, offset: 0 }).collect()
+            rows.iter().map(|r| Delivered::new(r.pos).at(0, 0)).collect()
         }
 
         #[tokio::test]

@@ -203,15 +203,6 @@ impl Publisher for NullPublisher {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        batch
-            .iter()
-            .map(|r| {
-                Ok(Delivered {
-                    pos: r.pos,
-                    partition: 0,
-                    offset: 0,
-                })
-            })
-            .collect()
+        batch.iter().map(|r| Ok(Delivered::new(r.pos).at(0, 0))).collect()
     }
 }

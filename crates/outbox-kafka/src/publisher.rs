@@ -397,11 +397,7 @@ impl Publisher for KafkaPublisher {
                     Some(r) => match r {
                         Ok(Ok(d)) => {
                             tracing::trace!(outbox.id = %row.id, partition = d.partition, offset = d.offset, "delivered");
-                            Ok(Delivered {
-                                pos: row.pos,
-                                partition: d.partition,
-                                offset: d.offset,
-                            })
+                            Ok(Delivered::new(row.pos).at(d.partition, d.offset))
                         }
                         Ok(Err((e, _))) => Err(classify(&e)),
                         Err(_canceled) => Err(PublishError::retryable("delivery report lost (producer dropped)")),

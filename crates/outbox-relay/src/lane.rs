@@ -442,11 +442,7 @@ mod tests {
     }
 
     fn ok(pos: i64) -> Result<Delivered, PublishError> {
-        Ok(Delivered {
-            pos,
-            partition: 0,
-            offset: pos,
-        })
+        Ok(Delivered::new(pos).at(0, pos))
     }
 
     #[test]

@@ -27,13 +27,33 @@ pub struct Lease {
 
 /// The broker's confirmation for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Delivered {
     /// Position of the row (from [`StoredMessage::pos`]).
     pub pos: i64,
     /// Partition the broker stored it in.
     pub partition: i32,
-    /// Offset within that partition.
+    /// Offset within that partition; -1 where the broker reports no position.
     pub offset: i64,
+}
+
+impl Delivered {
+    /// The broker confirmed the row at `pos` without telling where it stored it (partition 0,
+    /// offset -1).
+    pub fn new(pos: i64) -> Self {
+        Delivered {
+            pos,
+            partition: 0,
+            offset: -1,
+        }
+    }
+
+    /// Where the broker stored it: a Kafka partition and offset, a stream's sequence (partition 0).
+    pub fn at(mut self, partition: i32, offset: i64) -> Self {
+        self.partition = partition;
+        self.offset = offset;
+        self
+    }
 }
 
 /// One lane's lease as `status` shows it.

@@ -1,0 +1,1 @@
+//! NATS JetStream adapter for the outbox.
