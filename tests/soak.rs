@@ -153,7 +153,7 @@ fn parse_args() -> Result<Args, String> {
 fn relay_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "outbox-relay", "--bin", "outbox-relay"])
+    cmd.args(["build", "-p", "outbox-cli", "--bin", "outbox-relay"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     if !cfg!(debug_assertions) {
         cmd.arg("--release");

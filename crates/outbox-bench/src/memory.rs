@@ -18,9 +18,9 @@ pub(crate) fn relay_binary() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
-    eprintln!("memory: cargo build --release -p outbox-relay --bin outbox-relay");
+    eprintln!("memory: cargo build --release -p outbox-cli --bin outbox-relay");
     let st = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "-p", "outbox-relay", "--bin", "outbox-relay"])
+        .args(["build", "--release", "-p", "outbox-cli", "--bin", "outbox-relay"])
         .current_dir(&root)
         .status()
         .context("running cargo build for the relay daemon")?;

@@ -6,7 +6,7 @@ use rand::Rng;
 use serde::Deserialize;
 
 /// What happens to a key whose message was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DeadLetterPolicy {
     /// The key moves on: later messages of the key are published.
@@ -20,7 +20,7 @@ pub enum DeadLetterPolicy {
 /// the broker's round trip, but the lanes already overlap each other's claims and publishes: with
 /// many lanes busy the database is the limit, and claiming ahead only adds load to it (BENCHMARKS.md,
 /// figure 2: 0.90x on tansu, 0.82x with a simulated remote broker). Hence `Never` by default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ClaimAhead {
     /// While the current batch is being published, if the lane's last publish took longer than
@@ -179,6 +179,31 @@ impl RelayConfig {
             return Err("cleanup_interval must be at least 100ms".into());
         }
         Ok(())
+    }
+}
+
+/// Parses the lowercase names the configuration uses (`skip`, `park`).
+impl std::str::FromStr for DeadLetterPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "skip" => Ok(DeadLetterPolicy::Skip),
+            "park" => Ok(DeadLetterPolicy::Park),
+            _ => Err(format!("unknown dead-letter policy {s:?}: expected skip or park")),
+        }
+    }
+}
+
+/// Parses the lowercase names the configuration uses (`auto`, `always`, `never`).
+impl std::str::FromStr for ClaimAhead {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(ClaimAhead::Auto),
+            "always" => Ok(ClaimAhead::Always),
+            "never" => Ok(ClaimAhead::Never),
+            _ => Err(format!("unknown claim_ahead {s:?}: expected auto, always or never")),
+        }
     }
 }
 

@@ -7,127 +7,127 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::{ClaimAhead, DeadLetterPolicy, RelayConfig};
+use outbox_relay::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 
 /// The TOML file. Every key is optional; see README "Configuration".
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub(crate) struct FileConfig {
     /// Database URL: `postgres://`, `mysql://` or `sqlite:`.
-    pub database_url: Option<String>,
+    pub(crate) database_url: Option<String>,
     /// PostgreSQL schema holding the outbox tables (default: the server's `search_path`).
-    pub database_schema: Option<String>,
+    pub(crate) database_schema: Option<String>,
     /// Engine settings.
     #[serde(default)]
-    pub relay: RelaySection,
+    pub(crate) relay: RelaySection,
     /// librdkafka settings, passed through unchanged (`"bootstrap.servers" = "..."`).
     #[serde(default)]
-    pub kafka: BTreeMap<String, String>,
+    pub(crate) kafka: BTreeMap<String, String>,
     /// Admin HTTP endpoint.
     #[serde(default)]
-    pub admin: AdminSection,
+    pub(crate) admin: AdminSection,
 }
 
 /// `[relay]` section.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RelaySection {
+pub(crate) struct RelaySection {
     /// Lease owner name.
-    pub owner: Option<String>,
+    pub(crate) owner: Option<String>,
     /// Rows per batch.
-    pub batch_size: Option<usize>,
+    pub(crate) batch_size: Option<usize>,
     /// Poll interval in milliseconds.
-    pub poll_interval_ms: Option<u64>,
+    pub(crate) poll_interval_ms: Option<u64>,
     /// Lease TTL in milliseconds.
-    pub lease_ttl_ms: Option<u64>,
+    pub(crate) lease_ttl_ms: Option<u64>,
     /// Maximum lanes held.
-    pub max_lanes: Option<usize>,
+    pub(crate) max_lanes: Option<usize>,
     /// Maximum lanes claiming and publishing at the same time.
-    pub max_busy_lanes: Option<usize>,
+    pub(crate) max_busy_lanes: Option<usize>,
     /// Maximum messages per second (all lanes).
-    pub max_rate: Option<u32>,
+    pub(crate) max_rate: Option<u32>,
     /// Attempts before dead-lettering.
-    pub max_attempts: Option<i32>,
+    pub(crate) max_attempts: Option<i32>,
     /// First backoff in milliseconds.
-    pub backoff_base_ms: Option<u64>,
+    pub(crate) backoff_base_ms: Option<u64>,
     /// Backoff cap in milliseconds.
-    pub backoff_max_ms: Option<u64>,
+    pub(crate) backoff_max_ms: Option<u64>,
     /// `skip` or `park`.
-    pub dead_letter_policy: Option<DeadLetterPolicy>,
+    pub(crate) dead_letter_policy: Option<DeadLetterPolicy>,
     /// Shutdown grace in milliseconds.
-    pub shutdown_grace_ms: Option<u64>,
+    pub(crate) shutdown_grace_ms: Option<u64>,
     /// `auto` (default), `always` or `never`: claim the next batch while the current one is published.
-    pub claim_ahead: Option<ClaimAhead>,
+    pub(crate) claim_ahead: Option<ClaimAhead>,
     /// Keep published rows in `outbox_published`.
-    pub keep_published: Option<bool>,
+    pub(crate) keep_published: Option<bool>,
     /// How often kept published rows past their retention are deleted, in milliseconds.
-    pub cleanup_interval_ms: Option<u64>,
+    pub(crate) cleanup_interval_ms: Option<u64>,
     /// How long kept published rows stay, in milliseconds.
-    pub published_retention_ms: Option<u64>,
+    pub(crate) published_retention_ms: Option<u64>,
 }
 
 /// `[admin]` section.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminSection {
+pub(crate) struct AdminSection {
     /// Address for `/metrics`, `/healthz`, `/readyz`. Defaults to 127.0.0.1:9464.
-    pub listen: Option<String>,
+    pub(crate) listen: Option<String>,
 }
 
 /// Flags and environment variables (clap resolves flag > env).
 #[derive(Debug, Default, clap::Args)]
-pub struct Overrides {
+pub(crate) struct Overrides {
     /// Configuration file (TOML).
     #[arg(long, short, env = "OUTBOX_CONFIG", global = true)]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Database URL (`postgres://`, `mysql://`, `sqlite:`).
     #[arg(long, env = "OUTBOX_DATABASE_URL", global = true, hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub(crate) database_url: Option<String>,
     /// PostgreSQL schema holding the outbox tables (a plain identifier).
     #[arg(long, env = "OUTBOX_DATABASE_SCHEMA", global = true)]
-    pub database_schema: Option<String>,
+    pub(crate) database_schema: Option<String>,
     /// librdkafka setting KEY=VALUE (repeatable). Environment: OUTBOX_KAFKA_<KEY> with `_` for `.`.
     #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
-    pub kafka: Vec<String>,
+    pub(crate) kafka: Vec<String>,
     /// Rows per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", global = true)]
-    pub batch_size: Option<usize>,
+    pub(crate) batch_size: Option<usize>,
     /// Poll interval in milliseconds.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", global = true)]
-    pub poll_interval_ms: Option<u64>,
+    pub(crate) poll_interval_ms: Option<u64>,
     /// Lease TTL in milliseconds.
     #[arg(long, env = "OUTBOX_LEASE_TTL_MS", global = true)]
-    pub lease_ttl_ms: Option<u64>,
+    pub(crate) lease_ttl_ms: Option<u64>,
     /// Dead-letter policy.
     #[arg(long, env = "OUTBOX_DEAD_LETTER_POLICY", global = true)]
-    pub dead_letter_policy: Option<DeadLetterPolicy>,
+    pub(crate) dead_letter_policy: Option<DeadLetterPolicy>,
     /// Attempts before dead-lettering.
     #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", global = true)]
-    pub max_attempts: Option<i32>,
+    pub(crate) max_attempts: Option<i32>,
     /// Admin endpoint address.
     #[arg(long, env = "OUTBOX_ADMIN_LISTEN", global = true)]
-    pub admin_listen: Option<String>,
+    pub(crate) admin_listen: Option<String>,
 }
 
 /// Everything the daemon needs, resolved.
 #[derive(Debug)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Database URL.
-    pub database_url: String,
+    pub(crate) database_url: String,
     /// PostgreSQL schema of the outbox tables, validated as a plain identifier.
-    pub database_schema: Option<String>,
+    pub(crate) database_schema: Option<String>,
     /// Engine settings.
-    pub relay: RelayConfig,
+    pub(crate) relay: RelayConfig,
     /// librdkafka settings.
-    pub kafka: BTreeMap<String, String>,
+    pub(crate) kafka: BTreeMap<String, String>,
     /// Admin address.
-    pub admin_listen: String,
+    pub(crate) admin_listen: String,
     /// Keep published rows.
-    pub keep_published: bool,
+    pub(crate) keep_published: bool,
 }
 
 /// Reads the file (if any), applies environment and flags.
-pub fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
+pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     let file: FileConfig = match &o.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -242,7 +242,7 @@ fn check_schema(schema: &str, url: &str) -> anyhow::Result<()> {
 }
 
 /// The URL with its password replaced by `***`, for logs.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),

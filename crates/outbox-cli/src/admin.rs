@@ -16,7 +16,7 @@ struct AdminState {
 }
 
 /// Serves the admin endpoint on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, prometheus: PrometheusHandle, store: Arc<dyn Store>) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, prometheus: PrometheusHandle, store: Arc<dyn Store>) {
     let state = Arc::new(AdminState { prometheus, store });
     let app = Router::new()
         .route(

@@ -121,7 +121,7 @@ async fn crash_then_restart(point: &str) {
 
 #[cfg_attr(
     not(feature = "failpoints"),
-    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_claim_then_restart_loses_nothing() {
@@ -130,7 +130,7 @@ async fn crash_after_claim_then_restart_loses_nothing() {
 
 #[cfg_attr(
     not(feature = "failpoints"),
-    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_during_publish_then_restart_loses_nothing() {
@@ -139,7 +139,7 @@ async fn crash_during_publish_then_restart_loses_nothing() {
 
 #[cfg_attr(
     not(feature = "failpoints"),
-    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_before_mark_then_restart_loses_nothing() {
@@ -148,7 +148,7 @@ async fn crash_before_mark_then_restart_loses_nothing() {
 
 #[cfg_attr(
     not(feature = "failpoints"),
-    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_during_mark_then_restart_loses_nothing() {
@@ -157,7 +157,7 @@ async fn crash_during_mark_then_restart_loses_nothing() {
 
 #[cfg_attr(
     not(feature = "failpoints"),
-    ignore = "needs --features outbox-relay/failpoints (.ci/test)"
+    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_after_mark_then_restart_loses_nothing() {

@@ -6,19 +6,19 @@ use std::time::Duration;
 use outbox::Store;
 
 /// A connected store, chosen by URL scheme.
-pub struct Opened {
+pub(crate) struct Opened {
     /// The store.
-    pub store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     /// `postgres`, `mysql` or `sqlite`.
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
 }
 
 /// Errors opening a database.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum OpenError {
-    /// The URL scheme is not one we know, or its backend was not compiled in.
-    #[error("unsupported database URL {0:?}: expected postgres://, mysql:// or sqlite: (compiled backends: {1})")]
+pub(crate) enum OpenError {
+    /// The URL scheme is not one we know, or its driver was not compiled in.
+    #[error("unsupported database URL {0:?}: expected postgres://, mysql:// or sqlite: (compiled in: {1})")]
     Unsupported(String, String),
     /// Connecting or migrating failed.
     #[error(transparent)]
@@ -69,7 +69,12 @@ macro_rules! opened {
 /// Connects to `url` and optionally runs the outbox migrations. `schema` (PostgreSQL, checked by
 /// `settings` to be a plain identifier) becomes the connections' `search_path`, and `migrate`
 /// creates it when missing.
-pub async fn open(url: &str, schema: Option<&str>, migrate: bool, keep_published: bool) -> Result<Opened, OpenError> {
+pub(crate) async fn open(
+    url: &str,
+    schema: Option<&str>,
+    migrate: bool,
+    keep_published: bool,
+) -> Result<Opened, OpenError> {
     let scheme = url.split(':').next().unwrap_or_default();
     match scheme {
         #[cfg(feature = "postgres")]

@@ -5,8 +5,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outbox_kafka::KafkaPublisher;
-use outbox_relay::settings::{redact_url, resolve, Overrides};
-use outbox_relay::{backend, Relay};
+use outbox_relay::Relay;
+use settings::{redact_url, resolve, Overrides};
+
+mod admin;
+mod open;
+mod settings;
 
 #[derive(Parser)]
 #[command(
@@ -69,12 +73,12 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { migrate } => run(s, migrate).await,
         Command::Migrate => {
-            backend::open(&s.database_url, s.database_schema.as_deref(), true, false).await?;
+            open::open(&s.database_url, s.database_schema.as_deref(), true, false).await?;
             println!("outbox schema is up to date ({})", redact_url(&s.database_url));
             Ok(())
         }
         Command::Status => {
-            let db = backend::open(&s.database_url, s.database_schema.as_deref(), false, false).await?;
+            let db = open::open(&s.database_url, s.database_schema.as_deref(), false, false).await?;
             let st = db.store.status().await?;
             println!("database:      {} ({})", redact_url(&s.database_url), db.kind);
             println!("pending:       {}", st.pending);
@@ -103,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::DeadLetters(cmd) => {
-            let db = backend::open(&s.database_url, s.database_schema.as_deref(), false, false).await?;
+            let db = open::open(&s.database_url, s.database_schema.as_deref(), false, false).await?;
             match cmd {
                 DeadLetters::List { limit } => {
                     let list = db.store.dead_letters(limit).await?;
@@ -138,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn run(s: outbox_relay::settings::Settings, migrate: bool) -> anyhow::Result<()> {
+async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
@@ -149,13 +153,13 @@ async fn run(s: outbox_relay::settings::Settings, migrate: bool) -> anyhow::Resu
         tracing::info!("stopped before the database was reached");
         return Ok(());
     };
-    tracing::info!(database = %redact_url(&s.database_url), backend = db.kind, kafka = ?outbox_kafka::redacted(&s.kafka), "configuration");
+    tracing::info!(database = %redact_url(&s.database_url), database = db.kind, kafka = ?outbox_kafka::redacted(&s.kafka), "configuration");
     let publisher = KafkaPublisher::new(s.kafka.clone()).context("creating the Kafka producer")?;
     let listener = tokio::net::TcpListener::bind(&s.admin_listen)
         .await
         .with_context(|| format!("binding the admin endpoint {}", s.admin_listen))?;
     tracing::info!(addr = %s.admin_listen, "admin endpoint: /metrics /healthz /readyz");
-    let admin = tokio::spawn(outbox_relay::admin::serve(listener, prometheus, Arc::clone(&db.store)));
+    let admin = tokio::spawn(admin::serve(listener, prometheus, Arc::clone(&db.store)));
     Relay::new(db.store, publisher)
         .config(s.relay)
         .run_until(shutdown)
@@ -168,19 +172,19 @@ async fn run(s: outbox_relay::settings::Settings, migrate: bool) -> anyhow::Resu
 /// retrying once it runs. Errors that waiting cannot fix (unsupported URL, bad settings, refused
 /// login, failed migration) end the process. `None` when shutdown came first.
 async fn open_retrying(
-    s: &outbox_relay::settings::Settings,
+    s: &settings::Settings,
     migrate: bool,
     mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
-) -> anyhow::Result<Option<backend::Opened>> {
+) -> anyhow::Result<Option<open::Opened>> {
     let mut delay = std::time::Duration::from_millis(500);
     loop {
         let res = tokio::select! {
             _ = shutdown.as_mut() => return Ok(None),
-            res = backend::open(&s.database_url, s.database_schema.as_deref(), migrate, s.keep_published) => res,
+            res = open::open(&s.database_url, s.database_schema.as_deref(), migrate, s.keep_published) => res,
         };
         match res {
             Ok(db) => return Ok(Some(db)),
-            Err(backend::OpenError::Outbox(outbox::Error::Database(e))) if unreachable(&e) => {
+            Err(open::OpenError::Outbox(outbox::Error::Database(e))) if unreachable(&e) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; retrying");
             }
             Err(e) => return Err(e.into()),
