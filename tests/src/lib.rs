@@ -10,3 +10,4 @@ pub mod embedded;
 pub mod inbox_suite;
 pub mod kafka;
 pub mod proxy;
+pub mod publisher_suite;

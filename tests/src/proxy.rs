@@ -1,23 +1,26 @@
-//! A TCP proxy in front of the local PostgreSQL, for database outages that touch only the test
-//! that makes them (the server itself is shared by every test).
+//! TCP proxies in front of local servers (PostgreSQL, brokers), for outages that touch only the
+//! test that makes them (the server itself may be shared by every test).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A TCP proxy to the local PostgreSQL that can be cut (its port closed: new connections are
+/// A TCP proxy on 127.0.0.1 to a local port that can be cut (its port closed: new connections are
 /// refused, open ones dropped) and restored on the same port.
-pub struct DbProxy {
+pub struct TcpProxy {
     /// The port it listens on (127.0.0.1).
     pub port: u16,
+    /// The port it forwards to (127.0.0.1).
+    pub target: u16,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
-impl DbProxy {
-    /// Starts it on a free port.
-    pub async fn start() -> DbProxy {
+impl TcpProxy {
+    /// Starts it on a free port, forwarding to `127.0.0.1:target_port`.
+    pub async fn start(target_port: u16) -> TcpProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = DbProxy {
+        let proxy = TcpProxy {
             port: listener.local_addr().unwrap().port(),
+            target: target_port,
             tasks: Arc::default(),
         };
         proxy.serve(listener);
@@ -26,13 +29,14 @@ impl DbProxy {
 
     fn serve(&self, listener: tokio::net::TcpListener) {
         let tasks = self.tasks.clone();
+        let target = self.target;
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
                     continue;
                 };
                 let conn = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
@@ -66,5 +70,33 @@ impl DbProxy {
             }
         };
         self.serve(listener);
+    }
+}
+
+/// A [`TcpProxy`] to the local PostgreSQL (127.0.0.1:5432).
+pub struct DbProxy {
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    inner: TcpProxy,
+}
+
+impl DbProxy {
+    /// Starts it on a free port.
+    pub async fn start() -> DbProxy {
+        let inner = TcpProxy::start(5432).await;
+        DbProxy {
+            port: inner.port,
+            inner,
+        }
+    }
+
+    /// Closes the port and drops every open connection.
+    pub fn cut(&self) {
+        self.inner.cut()
+    }
+
+    /// Listens on the same port again.
+    pub async fn restore(&self) {
+        self.inner.restore().await
     }
 }
