@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox::{FailureKind, Message, Publisher, Store};
+use outbox::{FailureKind, Message, Publisher, Store, StoreAdmin};
 use outbox_kafka::KafkaPublisher;
 use outbox_tests::conformance::{claim_all, take_all};
 use outbox_tests::embedded::{drained, start, test_config, wait_for};

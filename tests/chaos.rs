@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::{Message, Store};
+use outbox::{Message, Store, StoreAdmin};
 use outbox_inbox::Inbox;
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
 use outbox_relay::{DeadLetterPolicy, RelayConfig};

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use outbox::{Delivered, Message, PublishError, Publisher, Store, StoredMessage};
+use outbox::{Delivered, Message, PublishError, Publisher, StoreAdmin, StoredMessage};
 use outbox_relay::ClaimAhead;
 use outbox_tests::embedded::{drained, start, test_config};
 

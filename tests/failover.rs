@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox::{Message, Store, LANES};
+use outbox::{Message, StoreAdmin, LANES};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::RelayConfig;
 use outbox_tests::embedded::{drained, start, test_config, Running};

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use outbox::{Message, Store};
+use outbox::{Message, StoreAdmin};
 use outbox_tests::embedded::{self, drained, test_config, wait_for, Running};
 use outbox_tests::kafka::{check_delivery, read_until};
 use rdkafka::mocking::MockCluster;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use outbox::{Message, Store};
+use outbox::{Message, Store, StoreAdmin};
 use sqlx::migrate::Migrator;
 
 #[tokio::test]
@@ -75,10 +75,15 @@ async fn lease_rows_match_the_lane_count() {
 async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let mut wake = store.wakeups().await.unwrap().expect("PostgreSQL supports LISTEN");
+    let mut wake = store
+        .wakeups()
+        .expect("PostgreSQL supports LISTEN")
+        .listen()
+        .await
+        .unwrap();
     // A relay holding every lane, idle: writers notify.
     for lease in store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap() {
-        store.set_idle(&lease, true).await.unwrap();
+        store.wakeups().unwrap().set_idle(&lease, true).await.unwrap();
     }
 
     let mut tx = pool.begin().await.unwrap();
@@ -128,7 +133,7 @@ async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
 async fn notify_goes_only_to_idle_lanes() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let mut wake = store.wakeups().await.unwrap().unwrap();
+    let mut wake = store.wakeups().unwrap().listen().await.unwrap();
     let leases = store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap();
     let m = Message::new("t", "x").key("k");
     let lane = outbox::lane_of(Some("k"), m.id(), outbox::LANES);
@@ -141,7 +146,7 @@ async fn notify_goes_only_to_idle_lanes() {
         .await
         .is_err());
     // Idle: NOTIFY at commit.
-    store.set_idle(lease, true).await.unwrap();
+    store.wakeups().unwrap().set_idle(lease, true).await.unwrap();
     let mut tx = pool.begin().await.unwrap();
     outbox::enqueue(&mut tx, &Message::new("t", "y").key("k"))
         .await
@@ -172,9 +177,9 @@ async fn notify_goes_only_to_idle_lanes() {
 async fn notify_can_be_turned_off() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let mut wake = store.wakeups().await.unwrap().unwrap();
+    let mut wake = store.wakeups().unwrap().listen().await.unwrap();
     for lease in store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap() {
-        store.set_idle(&lease, true).await.unwrap();
+        store.wakeups().unwrap().set_idle(&lease, true).await.unwrap();
     }
     let quiet = outbox::Outbox::new().notify(false);
     let mut tx = pool.begin().await.unwrap();
@@ -211,7 +216,7 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
         .execute(&mut *other)
         .await
         .unwrap();
-    let seqs: Vec<i64> = tokio::time::timeout(Duration::from_secs(5), store.claim(lease, 10))
+    let seqs: Vec<i64> = tokio::time::timeout(Duration::from_secs(5), store.claim(lease, 10, &[]))
         .await
         .expect("the claim does not wait for row locks")
         .unwrap()
@@ -245,7 +250,7 @@ async fn claimed_seqs(rows: &[(i64, i64, i64)]) -> Vec<i64> {
         .unwrap();
     }
     store
-        .claim(lease, 10)
+        .claim(lease, 10, &[])
         .await
         .unwrap()
         .iter()

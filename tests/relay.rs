@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::{Message, Store};
+use outbox::{Message, StoreAdmin};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::DeadLetterPolicy;
 use outbox_tests::embedded::{drained, start, test_config};

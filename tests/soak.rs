@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outbox::{Message, Store, LANES};
+use outbox::{Message, StoreAdmin, LANES};
 use outbox_inbox::Inbox;
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
 use outbox_tests::daemon::{db_url, RelayArgs, RelayProcess};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use opentelemetry::trace::{TraceContextExt, TraceId, TracerProvider};
-use outbox::{Message, Store};
+use outbox::{Message, StoreAdmin};
 use outbox_inbox::{Handler, Inbox, Incoming};
 use outbox_kafka::{ConsumerRunner, KafkaPublisher};
 use outbox_relay::{Relay, RelayConfig};

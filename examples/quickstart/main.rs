@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_trait::async_trait;
-use outbox::{Delivered, Message, Outbox, PublishError, Publisher, Store, StoredMessage};
+use outbox::{Delivered, Message, Outbox, PublishError, Publisher, StoreAdmin, StoredMessage};
 use outbox_inbox::{Handler, Inbox, Incoming};
 use outbox_kafka::{ConsumerRunner, KafkaPublisher};
 use outbox_relay::{Relay, RelayConfig};

@@ -31,7 +31,7 @@ pub fn lease_of(leases: &[Lease], lane: i32) -> &Lease {
 pub async fn claim_all(store: &dyn Store, leases: &[Lease]) -> Vec<outbox::StoredMessage> {
     let mut out = Vec::new();
     for l in leases {
-        out.extend(store.claim(l, 10_000).await.unwrap());
+        out.extend(store.claim(l, 10_000, &[]).await.unwrap());
     }
     out
 }
@@ -239,7 +239,7 @@ macro_rules! conformance_suite {
             tx.commit().await.unwrap();
             let old = store.acquire("old", 64, Duration::from_millis(300)).await.unwrap();
             let old = lease_of(&old, e.lane).clone();
-            let rows = store.claim(&old, 10).await.unwrap();
+            let rows = store.claim(&old, 10, &[]).await.unwrap();
             assert_eq!(rows.len(), 1);
             tokio::time::sleep(Duration::from_millis(1200)).await;
             let new = store.acquire("new", 64, Duration::from_secs(60)).await.unwrap();
@@ -255,9 +255,9 @@ macro_rules! conformance_suite {
                 store.dead_letter(&old, rows[0].pos, "boom", true).await,
                 Err(Error::StaleLease { .. })
             ));
-            assert!(store.claim(&old, 10).await.unwrap().is_empty(), "a stale lease claims nothing");
+            assert!(store.claim(&old, 10, &[]).await.unwrap().is_empty(), "a stale lease claims nothing");
             assert!(store.renew("old", Duration::from_secs(1)).await.unwrap().iter().all(|l| l.lane != e.lane));
-            let again = store.claim(&new, 10).await.unwrap();
+            let again = store.claim(&new, 10, &[]).await.unwrap();
             assert_eq!(again.len(), 1, "the row is untouched by the stale owner");
             assert_eq!(again[0].attempts, 0);
             store.mark_published(&new, &delivered(&again)).await.unwrap();
@@ -300,14 +300,14 @@ macro_rules! conformance_suite {
             outbox::enqueue(&mut tx, &Message::new("t", "k2").key("k")).await.unwrap();
             tx.commit().await.unwrap();
             let lease = lease_of(&leases, e.lane);
-            let rows = store.claim(lease, 10).await.unwrap();
+            let rows = store.claim(lease, 10, &[]).await.unwrap();
             assert_eq!(rows.len(), 2);
             store.mark_failed(lease, rows[0].pos, "broker down", Duration::from_millis(1500)).await.unwrap();
-            assert!(store.claim(lease, 10).await.unwrap().is_empty(), "k2 must wait behind k1");
+            assert!(store.claim(lease, 10, &[]).await.unwrap().is_empty(), "k2 must wait behind k1");
             // Both come back once the backoff (1.5 s) is over.
             let start = std::time::Instant::now();
             let rows = loop {
-                let rows = store.claim(lease, 10).await.unwrap();
+                let rows = store.claim(lease, 10, &[]).await.unwrap();
                 if !rows.is_empty() {
                     break rows;
                 }
@@ -331,18 +331,18 @@ macro_rules! conformance_suite {
             }
             tx.commit().await.unwrap();
             let lease = lease_of(&leases, lane.unwrap());
-            let first = store.claim(lease, 4).await.unwrap();
+            let first = store.claim(lease, 4, &[]).await.unwrap();
             let in_flight: Vec<i64> = first.iter().map(|r| r.pos).collect();
-            let ahead = store.claim_excluding(lease, 4, &in_flight).await.unwrap();
+            let ahead = store.claim(lease, 4, &in_flight).await.unwrap();
             let seqs = |rows: &[outbox::StoredMessage]| rows.iter().map(|r| r.seq.unwrap()).collect::<Vec<_>>();
             assert_eq!(seqs(&first), vec![1, 2, 3, 4]);
             assert_eq!(seqs(&ahead), vec![5, 6], "the rows after the batch in flight, in order");
             // Leaving out positions that are not there changes nothing.
-            let all = store.claim_excluding(lease, 10, &[i64::MAX, -1]).await.unwrap();
+            let all = store.claim(lease, 10, &[i64::MAX, -1]).await.unwrap();
             assert_eq!(seqs(&all), vec![1, 2, 3, 4, 5, 6]);
             // Once the first row fails, the rows claimed ahead of it are no longer claimable.
             store.mark_failed(lease, first[0].pos, "broker down", Duration::from_secs(60)).await.unwrap();
-            assert!(store.claim_excluding(lease, 10, &in_flight[1..]).await.unwrap().is_empty());
+            assert!(store.claim(lease, 10, &in_flight[1..]).await.unwrap().is_empty());
         }
 
         #[tokio::test]
@@ -370,7 +370,7 @@ macro_rules! conformance_suite {
             assert_eq!((parked.id, parked.error.as_str(), parked.attempts), (p.id, "too large", 1));
             assert!(store.retry_dead_letter(p.id).await.unwrap());
             assert!(!store.retry_dead_letter(p.id).await.unwrap());
-            let rows = store.claim(lp, 10).await.unwrap();
+            let rows = store.claim(lp, 10, &[]).await.unwrap();
             let got: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
             assert_eq!(got, vec![&b"p1"[..], b"p2"], "retried row goes first, in seq order");
             assert!(store.discard_dead_letter(s.id).await.unwrap());

@@ -1489,7 +1489,7 @@ macro_rules! inbox_suite {
                     .unwrap();
                 let lane = outbox::lane_of(Some("order-42"), Uuid::nil(), outbox::LANES);
                 let lease = leases.iter().find(|l| l.lane == lane).unwrap();
-                let rows = store.claim(lease, 10).await.unwrap();
+                let rows = store.claim(lease, 10, &[]).await.unwrap();
                 assert_eq!(rows.len(), 2);
                 for row in &rows {
                     assert_eq!(row.source.as_deref(), Some(source.as_str()));

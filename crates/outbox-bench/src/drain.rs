@@ -231,7 +231,7 @@ pub(crate) async fn naive_drain(db: &BenchDb, bootstrap: &str, n: u64, limit: Du
     let mut idle_lanes = 0;
     'outer: while done < n && started.elapsed() < limit {
         for lease in &leases {
-            let rows = store.claim(lease, 1).await?;
+            let rows = store.claim(lease, 1, &[]).await?;
             if rows.is_empty() {
                 idle_lanes += 1;
                 if idle_lanes > leases.len() {

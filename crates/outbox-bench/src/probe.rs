@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::stream::BoxStream;
-use outbox::{DeadLetter, Delivered, Lease, PublishError, Publisher, Status, Store, StoredMessage};
+use outbox::{
+    DeadLetter, Delivered, Lease, PublishError, Publisher, Status, Store, StoreAdmin, StoredMessage, Wakeups,
+};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -99,18 +100,9 @@ impl<S: Store> Store for TimedStore<S> {
     async fn leave(&self, owner: &str) -> outbox::Result<()> {
         self.inner.leave(owner).await
     }
-    // Forwarded, or the lanes never look idle and PostgreSQL writers never send NOTIFY.
-    async fn set_idle(&self, lease: &Lease, idle: bool) -> outbox::Result<()> {
-        self.inner.set_idle(lease, idle).await
-    }
-    async fn claim_excluding(
-        &self,
-        lease: &Lease,
-        limit: usize,
-        in_flight: &[i64],
-    ) -> outbox::Result<Vec<StoredMessage>> {
+    async fn claim(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> outbox::Result<Vec<StoredMessage>> {
         let t = Instant::now();
-        let r = self.inner.claim_excluding(lease, limit, in_flight).await;
+        let r = self.inner.claim(lease, limit, in_flight).await;
         add_us(&self.phases.claim_us, t);
         self.phases.claims.fetch_add(1, Ordering::Relaxed);
         if let Ok(rows) = &r {
@@ -137,6 +129,14 @@ impl<S: Store> Store for TimedStore<S> {
     async fn dead_letter(&self, lease: &Lease, pos: i64, error: &str, park: bool) -> outbox::Result<()> {
         self.inner.dead_letter(lease, pos, error, park).await
     }
+    // Forwarded, or the lanes never look idle and PostgreSQL writers never send NOTIFY.
+    fn wakeups(&self) -> Option<&dyn Wakeups> {
+        self.inner.wakeups()
+    }
+}
+
+#[async_trait]
+impl<S: Store> StoreAdmin for TimedStore<S> {
     async fn status(&self) -> outbox::Result<Status> {
         self.inner.status().await
     }
@@ -151,9 +151,6 @@ impl<S: Store> Store for TimedStore<S> {
     }
     async fn cleanup_published(&self, older_than: Duration, batch: usize) -> outbox::Result<u64> {
         self.inner.cleanup_published(older_than, batch).await
-    }
-    async fn wakeups(&self) -> outbox::Result<Option<BoxStream<'static, i32>>> {
-        self.inner.wakeups().await
     }
 }
 

@@ -12,7 +12,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outbox::{Message, Store, LANES};
+use outbox::{Message, Store, StoreAdmin, LANES};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs};
 use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
 use outbox_tests::proxy::DbProxy;

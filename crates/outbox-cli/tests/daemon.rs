@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use outbox::{Message, Store};
+use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs, RelayProcess};
 use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
 
@@ -144,7 +144,7 @@ async fn status_and_dead_letter_commands() {
     tx.commit().await.unwrap();
     let leases = store.acquire("op-test", 64, Duration::from_secs(60)).await.unwrap();
     let lease = leases.iter().find(|l| l.lane == e.lane).unwrap();
-    let row = store.claim(lease, 1).await.unwrap().remove(0);
+    let row = store.claim(lease, 1, &[]).await.unwrap().remove(0);
     store
         .dead_letter(lease, row.pos, "MessageSizeTooLarge", true)
         .await

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox::{Message, Store, LANES};
+use outbox::{Message, StoreAdmin, LANES};
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
 use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
 

@@ -244,15 +244,18 @@ fn spawn_wakers<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>, local: Option
             }
         };
         let db_loop = async {
-            match shared.store.wakeups().await {
-                Ok(Some(mut lanes)) => {
+            let Some(wakeups) = shared.store.wakeups() else {
+                tracing::info!("database has no commit notifications; polling");
+                return;
+            };
+            match wakeups.listen().await {
+                Ok(mut lanes) => {
                     while let Some(lane) = lanes.next().await {
                         if let Some(w) = shared.wake.get(lane as usize) {
                             w.notify_one();
                         }
                     }
                 }
-                Ok(None) => tracing::info!("database has no commit notifications; polling"),
                 Err(e) => tracing::warn!(error = %e, "could not LISTEN; polling"),
             }
         };

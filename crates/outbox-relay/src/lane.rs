@@ -64,7 +64,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             };
             let rows = match ahead.take().filter(|r| !r.is_empty()) {
                 Some(rows) => rows,
-                None => match timed(shared.store.claim(&lease, shared.cfg.batch_size)).await {
+                None => match timed(shared.store.claim(&lease, shared.cfg.batch_size, &[])).await {
                     (Ok(rows), took) => {
                         store_errors = 0;
                         claim_took = took;
@@ -121,7 +121,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             let publish = publish_batch(&shared, &lease, &rows, &stop);
             let (done, next) = if claim_ahead {
                 let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
-                let claim = timed(shared.store.claim_excluding(&lease, shared.cfg.batch_size, &in_flight));
+                let claim = timed(shared.store.claim(&lease, shared.cfg.batch_size, &in_flight));
                 let (done, next) = tokio::join!(publish, claim);
                 (done, Some(next))
             } else {
@@ -157,7 +157,10 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
 /// Records the lane's idle flag. A failure only costs wake-up latency (the poll still runs), so it
 /// is logged, not fatal.
 async fn set_idle<S: Store>(store: &S, lease: &Lease, idle: bool) {
-    if let Err(e) = store.set_idle(lease, idle).await {
+    let Some(wakeups) = store.wakeups() else {
+        return;
+    };
+    if let Err(e) = wakeups.set_idle(lease, idle).await {
         tracing::debug!(error = %e, idle, "could not record the lane's idle flag");
     }
 }

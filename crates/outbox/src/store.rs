@@ -115,11 +115,16 @@ pub struct DeadLetter {
     pub dead_at: DateTime<Utc>,
 }
 
-/// Storage operations the relay needs. One implementation per database; the engine knows nothing
-/// else about SQL. Every write checks the caller's lease epoch in the same statement, so a relay that
-/// lost its lane cannot change anything in it.
+/// The relay's hot path: leases, claims and the outcome of each publish. One implementation per
+/// database; the engine knows nothing else about SQL. Every write checks the caller's lease epoch in
+/// the same statement, so a relay that lost its lane cannot change anything in it.
+///
+/// No method has a default body: a wrapper (a timing or metrics decorator) that forgets one fails
+/// to compile instead of silently dropping it. The engine also reads the backlog and deletes kept
+/// rows ([`StoreAdmin`]), hence the supertrait; a wake-up on commit is a capability
+/// ([`Store::wakeups`]).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: StoreAdmin {
     /// Takes up to `max` lanes that are free or whose lease expired, bumping each lane's epoch.
     async fn acquire(&self, owner: &str, max: usize, ttl: Duration) -> Result<Vec<Lease>>;
     /// Heartbeat: records `owner` as a live relay for `ttl` and extends every lease it still
@@ -130,25 +135,12 @@ pub trait Store: Send + Sync + 'static {
     /// Number of live relays (heartbeat not expired), holding lanes or not.
     async fn live_owners(&self) -> Result<usize>;
     /// Removes `owner` from the live relays (graceful shutdown), so the others rebalance at once.
-    /// Backends without a heartbeat table do nothing (their relays then count only by expiry).
-    async fn leave(&self, owner: &str) -> Result<()> {
-        let _ = owner;
-        Ok(())
-    }
-    /// Tells writers whether the lane's relay is idle, waiting for a wake-up (true), or busy
-    /// draining (false). PostgreSQL sends NOTIFY only to idle lanes; other databases ignore it.
-    async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
-        let _ = (lease, idle);
-        Ok(())
-    }
+    async fn leave(&self, owner: &str) -> Result<()>;
     /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
-    /// row is waiting (backoff, delay) or parked. No cursor: rows committed late are found too.
-    async fn claim(&self, lease: &Lease, limit: usize) -> Result<Vec<StoredMessage>> {
-        self.claim_excluding(lease, limit, &[]).await
-    }
-    /// [`Store::claim`], leaving out the rows at positions `in_flight` (a batch still being
-    /// published): the relay claims its next batch while the broker confirms the current one.
-    async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>>;
+    /// row is waiting (backoff, delay) or parked, leaving out the rows at positions `in_flight` (a
+    /// batch still being published, so the relay can claim its next batch while the broker
+    /// confirms the current one; `&[]` otherwise). No cursor: rows committed late are found too.
+    async fn claim(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>>;
     /// Records that the broker has these rows (deletes them, or moves them to the published table).
     /// Fails with [`crate::Error::StaleLease`] when the lease is no longer current.
     async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()>;
@@ -156,6 +148,25 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_failed(&self, lease: &Lease, pos: i64, error: &str, retry_in: Duration) -> Result<()>;
     /// Moves a row to the dead-letter table. `park` keeps its key blocked until an operator acts.
     async fn dead_letter(&self, lease: &Lease, pos: i64, error: &str, park: bool) -> Result<()>;
+    /// The database's wake-up on commit, if it has one (PostgreSQL LISTEN/NOTIFY); `None`: the
+    /// relay polls (and wakes on [`crate::Outbox::local_wakeup`] when it shares the writers' process).
+    fn wakeups(&self) -> Option<&dyn Wakeups>;
+}
+
+/// A database that tells the relay which lanes got new rows when they commit.
+#[async_trait]
+pub trait Wakeups: Send + Sync {
+    /// A stream of lanes that got new rows.
+    async fn listen(&self) -> Result<BoxStream<'static, i32>>;
+    /// Tells writers whether the lane's relay is idle, waiting for a wake-up (true), or busy
+    /// draining (false): writers notify only idle lanes.
+    async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()>;
+}
+
+/// What an operator (and the engine's metrics and cleanup loops) asks of the outbox database:
+/// backlog, dead letters, retention.
+#[async_trait]
+pub trait StoreAdmin: Send + Sync + 'static {
     /// Backlog, lanes and dead-letter count.
     async fn status(&self) -> Result<Status>;
     /// Dead letters, oldest first.
@@ -166,11 +177,6 @@ pub trait Store: Send + Sync + 'static {
     async fn discard_dead_letter(&self, id: Uuid) -> Result<bool>;
     /// Deletes up to `batch` published rows older than `older_than` (only when they are kept).
     async fn cleanup_published(&self, older_than: Duration, batch: usize) -> Result<u64>;
-    /// A stream of lanes that got new rows (PostgreSQL NOTIFY). `None` when the database has no
-    /// such thing: the relay then polls.
-    async fn wakeups(&self) -> Result<Option<BoxStream<'static, i32>>> {
-        Ok(None)
-    }
 }
 
 #[allow(dead_code)]
@@ -194,11 +200,8 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     async fn leave(&self, owner: &str) -> Result<()> {
         (**self).leave(owner).await
     }
-    async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
-        (**self).set_idle(lease, idle).await
-    }
-    async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
-        (**self).claim_excluding(lease, limit, in_flight).await
+    async fn claim(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
+        (**self).claim(lease, limit, in_flight).await
     }
     async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> Result<()> {
         (**self).mark_published(lease, done).await
@@ -209,6 +212,13 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     async fn dead_letter(&self, lease: &Lease, pos: i64, error: &str, park: bool) -> Result<()> {
         (**self).dead_letter(lease, pos, error, park).await
     }
+    fn wakeups(&self) -> Option<&dyn Wakeups> {
+        (**self).wakeups()
+    }
+}
+
+#[async_trait]
+impl<T: StoreAdmin + ?Sized> StoreAdmin for std::sync::Arc<T> {
     async fn status(&self) -> Result<Status> {
         (**self).status().await
     }
@@ -223,8 +233,5 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     async fn cleanup_published(&self, older_than: Duration, batch: usize) -> Result<u64> {
         (**self).cleanup_published(older_than, batch).await
-    }
-    async fn wakeups(&self) -> Result<Option<BoxStream<'static, i32>>> {
-        (**self).wakeups().await
     }
 }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::sql;
 use crate::message::ClaimRow;
-use crate::{DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoredMessage};
+use crate::{DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoreAdmin, StoredMessage, Wakeups};
 
 /// The PostgreSQL [`Store`].
 #[derive(Debug, Clone)]
@@ -100,17 +100,6 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
-        sqlx::query(sql::SET_IDLE)
-            .bind(lease.lane)
-            .bind(&lease.owner)
-            .bind(lease.epoch)
-            .bind(idle)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     async fn leave(&self, owner: &str) -> Result<()> {
         sqlx::query(sql::LEAVE).bind(owner).execute(&self.pool).await?;
         Ok(())
@@ -121,7 +110,7 @@ impl Store for PgStore {
         Ok(n as usize)
     }
 
-    async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
+    async fn claim(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
         // JIT off for this statement only, whatever the pool's settings: on a large backlog the
         // claim's cost estimate passes `jit_above_cost` and every claim would pay 60-140 ms of LLVM
         // compilation (BENCHMARKS.md, figure 2).
@@ -180,6 +169,13 @@ impl Store for PgStore {
         held(lease, r)
     }
 
+    fn wakeups(&self) -> Option<&dyn Wakeups> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for PgStore {
     async fn status(&self) -> Result<Status> {
         let (pending, age): (i64, Option<f64>) = sqlx::query_as(sql::STATUS_BACKLOG).fetch_one(&self.pool).await?;
         let dead_letters: i64 = sqlx::query_scalar(sql::STATUS_DEAD).fetch_one(&self.pool).await?;
@@ -252,8 +248,22 @@ impl Store for PgStore {
             .await?;
         Ok(r.rows_affected())
     }
+}
 
-    async fn wakeups(&self) -> Result<Option<BoxStream<'static, i32>>> {
+#[async_trait]
+impl Wakeups for PgStore {
+    async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
+        sqlx::query(sql::SET_IDLE)
+            .bind(lease.lane)
+            .bind(&lease.owner)
+            .bind(lease.epoch)
+            .bind(idle)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<BoxStream<'static, i32>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(sql::NOTIFY_CHANNEL).await?;
         // Errors (lost connection) are skipped: PgListener reconnects on the next poll, and the
@@ -268,7 +278,7 @@ impl Store for PgStore {
                 }
             }
         });
-        Ok(Some(lanes.boxed()))
+        Ok(lanes.boxed())
     }
 }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::sql;
 use crate::message::ClaimRow;
-use crate::{DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoredMessage};
+use crate::{DeadLetter, Delivered, Error, LaneInfo, Lease, Result, Status, Store, StoreAdmin, StoredMessage, Wakeups};
 
 /// The SQLite [`Store`]. Polled: [`Store::wakeups`] is `None` (no LISTEN in SQLite).
 #[derive(Debug, Clone)]
@@ -133,7 +133,7 @@ impl Store for SqliteStore {
         Ok(n as usize)
     }
 
-    async fn claim_excluding(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
+    async fn claim(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
         let rows: Vec<ClaimRow<String, i64>> = sqlx::query_as(sql::CLAIM)
             .bind(lease.lane)
             .bind(&lease.owner)
@@ -203,6 +203,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn wakeups(&self) -> Option<&dyn Wakeups> {
+        None
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for SqliteStore {
     async fn status(&self) -> Result<Status> {
         let (pending, age): (i64, Option<i64>) = sqlx::query_as(sql::STATUS_BACKLOG).fetch_one(&self.pool).await?;
         let dead_letters: i64 = sqlx::query_scalar(sql::STATUS_DEAD).fetch_one(&self.pool).await?;
