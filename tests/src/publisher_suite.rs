@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use outbox::{Delivered, FailureKind, Message, PublishError, Publisher, Store, StoreAdmin, StoredMessage};
+use outbox::{Delivered, FailureKind, Message, PublishError, Publisher, StoreAdmin, StoredMessage};
 use uuid::Uuid;
 
 use crate::embedded::{drained, start, test_config, wait_for};
