@@ -1,0 +1,195 @@
+//! The publisher's settings (`RabbitConfig`, read from a file with serde) and the one place a
+//! connection is opened: on tokio, within a deadline, with the URL's password never shown.
+
+use std::time::Duration;
+
+use lapin::{Connection, ConnectionProperties};
+use serde::Deserialize;
+
+/// The URL used when none is given: the local server's default virtual host as `guest`.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The largest message RabbitMQ accepts by default (`max_message_size`, 128 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
+
+/// Publisher settings. In a file (`[rabbitmq]` of the relay's TOML) every field is optional and an
+/// unknown field is an error.
+///
+/// ```
+/// let cfg: outbox_rabbitmq::RabbitConfig = toml::from_str(r#"
+///     url = "amqp://relay:secret@broker:5672/%2f"
+///     exchange = "events"
+///     confirm_timeout_ms = 10000
+/// "#).unwrap();
+/// assert_eq!(cfg.exchange, "events");
+/// assert!(!format!("{cfg:?}").contains("secret"));
+/// ```
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RabbitConfig {
+    /// AMQP URI (`amqp://` or `amqps://`, user and password in it, virtual host as the path).
+    /// Never logged with its password. Defaults to [`DEFAULT_URL`].
+    pub url: String,
+    /// Exchange every message is published to, with the message's topic as the routing key. The
+    /// exchange must exist (checked on connect). Defaults to `""`, the default exchange: the topic
+    /// is then the name of the queue the message goes to.
+    pub exchange: String,
+    /// How long a batch waits for the broker's confirms, in milliseconds; what is unconfirmed then
+    /// is reported unavailable (possibly persisted: it is sent again and consumers deduplicate).
+    /// Defaults to 30000.
+    pub confirm_timeout_ms: u64,
+    /// How long opening the connection may take, in milliseconds. Defaults to 10000.
+    pub connect_timeout_ms: u64,
+    /// Largest message (payload plus headers) sent; a larger one fails permanently without being
+    /// sent. Set it to the server's `max_message_size`. Defaults to 128 MiB
+    /// ([`DEFAULT_MAX_MESSAGE_SIZE`], RabbitMQ's default).
+    pub max_message_size: usize,
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        RabbitConfig {
+            url: DEFAULT_URL.to_owned(),
+            exchange: String::new(),
+            confirm_timeout_ms: 30_000,
+            connect_timeout_ms: 10_000,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+impl std::fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("url", &redact_url(&self.url))
+            .field("exchange", &self.exchange)
+            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("max_message_size", &self.max_message_size)
+            .finish()
+    }
+}
+
+impl RabbitConfig {
+    /// The defaults with `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RabbitConfig {
+            url: url.into(),
+            ..RabbitConfig::default()
+        }
+    }
+    /// Sets [`RabbitConfig::exchange`].
+    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.exchange = exchange.into();
+        self
+    }
+    /// Sets [`RabbitConfig::confirm_timeout_ms`].
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+    /// Sets [`RabbitConfig::connect_timeout_ms`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+    /// Sets [`RabbitConfig::max_message_size`].
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+    /// Refuses settings under which a batch could wait for ever or nothing could be sent.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.confirm_timeout_ms == 0 {
+            return Err("confirm_timeout_ms must be positive: a batch must get its confirms in bounded time".into());
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err("connect_timeout_ms must be positive".into());
+        }
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+            return Err(format!(
+                "url {} is not an amqp:// or amqps:// URI",
+                redact_url(&self.url)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `url` with the password of its user info replaced by `***`.
+///
+/// ```
+/// assert_eq!(outbox_rabbitmq::redact_url("amqp://u:p%40ss@h:5672/v"), "amqp://u:***@h:5672/v");
+/// assert_eq!(outbox_rabbitmq::redact_url("amqp://h:5672"), "amqp://h:5672");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Opens a connection on the current tokio runtime, within `timeout`. The error names the server
+/// (never the password).
+pub(crate) async fn connect(url: &str, timeout: Duration) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    match tokio::time::timeout(timeout, Connection::connect(url, props)).await {
+        Ok(res) => res,
+        Err(_) => Err(lapin::Error::IOError(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection within {timeout:?}"),
+        )))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let d = RabbitConfig::default();
+        assert_eq!(d.url, DEFAULT_URL);
+        assert_eq!(d.exchange, "");
+        assert_eq!(d.confirm_timeout_ms, 30_000);
+        assert_eq!(d.connect_timeout_ms, 10_000);
+        assert_eq!(d.max_message_size, 128 * 1024 * 1024);
+        d.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = toml::from_str::<RabbitConfig>("exchnage = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("exchnage"), "{err}");
+        let cfg: RabbitConfig = toml::from_str("").unwrap();
+        assert_eq!(cfg, RabbitConfig::default());
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("amqp://relay:s3cret@h/%2f"), "amqp://relay:***@h/%2f");
+        assert_eq!(redact_url("amqps://a:b:c@h:5671"), "amqps://a:***@h:5671");
+        assert_eq!(redact_url("amqp://relay@h"), "amqp://relay@h");
+        assert_eq!(redact_url("not a url"), "not a url");
+        let cfg = RabbitConfig::new("amqp://relay:s3cret@h/%2f");
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+        let err = RabbitConfig::new("http://u:s3cret@h").validate().unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(RabbitConfig::default()
+            .confirm_timeout(Duration::ZERO)
+            .validate()
+            .is_err());
+    }
+}
