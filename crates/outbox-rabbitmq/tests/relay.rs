@@ -1,0 +1,238 @@
+//! End to end on the shared RabbitMQ node: enqueue in a PostgreSQL transaction -> relay ->
+//! RabbitMQ -> consumer runner -> inbox effects, once each, per key in order; unroutable messages
+//! dead-lettered by the relay while other keys flow; a poison message to the dead-letter queue.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{check_effects, declare_queue, name, queue_depth, Node, Reader};
+use outbox::{Message, StoreAdmin};
+use outbox_inbox::{Handler, Inbox, Incoming};
+use outbox_rabbitmq::{ConsumerStats, RabbitConfig, RabbitConsumerConfig, RabbitConsumerRunner, RabbitPublisher};
+use outbox_relay::DeadLetterPolicy;
+use outbox_tests::effects::{effects_db, EffectRows};
+use outbox_tests::embedded::{drained, start, test_config, wait_for, Running};
+
+async fn effects(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM effects")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn consumer_config(url: &str, queue: &str) -> RabbitConsumerConfig {
+    RabbitConsumerConfig::new(url, queue)
+        .backoff_base(Duration::from_millis(20))
+        .backoff_max(Duration::from_millis(500))
+}
+
+/// Runs a consumer runner until stopped.
+fn run_consumer<H: Handler<sqlx::Postgres> + 'static>(
+    cfg: RabbitConsumerConfig,
+    pool: sqlx::PgPool,
+    handler: H,
+) -> (Running, Arc<ConsumerStats>) {
+    let runner = RabbitConsumerRunner::new(cfg, pool, Inbox::new("effects"), handler).unwrap();
+    let stats = runner.stats();
+    let running = Running::spawn(|stopped| async move {
+        runner
+            .run_until(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (running, stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
+    let node = Node::shared();
+    let queue = name("e2e");
+    declare_queue(&node.url(), &queue).await;
+    let outbox_db = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(outbox_db.clone());
+    let consumer_db = effects_db().await;
+
+    let publisher = RabbitPublisher::connect(RabbitConfig::new(node.url())).await.unwrap();
+    let relay = start(store.clone(), publisher, test_config());
+    let (consumer, stats) = run_consumer(consumer_config(&node.url(), &queue), consumer_db.clone(), EffectRows);
+
+    // Four writers, 20 keys, 1,000 messages; every fifth transaction rolls back.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (pool, queue) = (outbox_db.clone(), queue.clone());
+        writers.push(tokio::spawn(async move {
+            let mut ids = HashSet::new();
+            for b in 0..25 {
+                let msgs: Vec<Message> = (0..10)
+                    .map(|i| Message::new(&queue, format!("w{w}b{b}i{i}")).key(format!("key-{}", w * 5 + i % 5)))
+                    .collect();
+                let mut tx = outbox_db_begin(&pool).await;
+                outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+                if b % 5 == 4 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                    ids.extend(msgs.iter().map(|m| m.id()));
+                }
+            }
+            ids
+        }));
+    }
+    let mut committed = HashSet::new();
+    for w in writers {
+        committed.extend(w.await.unwrap());
+    }
+    assert_eq!(committed.len(), 800);
+    drained(&store, Duration::from_secs(120)).await;
+    wait_for("every committed message applied", Duration::from_secs(120), || {
+        let pool = consumer_db.clone();
+        async move { effects(&pool).await.1 >= 800 }
+    })
+    .await;
+    relay.stop().await;
+    consumer.stop().await;
+
+    let applied: HashSet<uuid::Uuid> = sqlx::query_scalar("SELECT message_id FROM effects")
+        .fetch_all(&consumer_db)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(applied, committed, "exactly the committed messages were applied");
+    assert_eq!(effects(&consumer_db).await, (800, 800), "each once");
+    check_effects(&consumer_db, 20, 40).await;
+    assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(queue_depth(&node.url(), &queue).await, 0, "everything acked");
+}
+
+async fn outbox_db_begin(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    pool.begin().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unroutable_messages_are_dead_lettered_while_other_keys_flow() {
+    let node = Node::shared();
+    let queue = name("routable");
+    declare_queue(&node.url(), &queue).await;
+    let nowhere = name("no-queue-bound");
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+
+    let first = Message::new(&queue, "first").key("mixed");
+    let lost = Message::new(&nowhere, "to nowhere").key("mixed");
+    let after = Message::new(&queue, "after").key("mixed");
+    let others: Vec<Message> = (0..40)
+        .map(|i| Message::new(&queue, format!("{i}")).key(format!("k{}", i % 8)))
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &first).await.unwrap();
+    outbox::enqueue(&mut tx, &lost).await.unwrap();
+    outbox::enqueue_batch(&mut tx, &others).await.unwrap();
+    outbox::enqueue(&mut tx, &after).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let reader = Reader::start(node.url(), queue.clone());
+    let publisher = RabbitPublisher::connect(RabbitConfig::new(node.url())).await.unwrap();
+    let relay = start(
+        store.clone(),
+        publisher,
+        test_config().dead_letter_policy(DeadLetterPolicy::Skip),
+    );
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
+
+    let dead = store.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].id, lost.id());
+    assert!(dead[0].error.contains("unroutable"), "{}", dead[0].error);
+    assert!(dead[0].error.contains(&nowhere), "{}", dead[0].error);
+    let seen = reader.read(42, Duration::from_secs(30)).await;
+    let ids: HashSet<uuid::Uuid> = seen.iter().map(|r| r.id).collect();
+    let mut expect: HashSet<uuid::Uuid> = others.iter().map(|m| m.id()).collect();
+    expect.insert(first.id());
+    expect.insert(after.id());
+    assert_eq!(ids, expect, "every routable message arrived, and nothing else");
+    let mixed: Vec<i64> = seen
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("mixed"))
+        .filter_map(|r| r.seq)
+        .collect();
+    assert_eq!(mixed, [1, 3], "key order kept around the dead letter");
+}
+
+/// Fails every message whose payload is `poison`.
+#[derive(Clone, Copy)]
+struct PoisonAware;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot apply a poison message")]
+struct Poison;
+
+#[async_trait]
+impl Handler<sqlx::Postgres> for PoisonAware {
+    type Error = Poison;
+    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, msg: &Incoming<'_>) -> Result<(), Poison> {
+        if msg.payload == b"poison" {
+            return Err(Poison);
+        }
+        EffectRows.handle(tx, msg).await.map_err(|_| Poison)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_message_goes_to_the_dead_letter_queue_after_max_attempts() {
+    let node = Node::shared();
+    let queue = name("poison");
+    declare_queue(&node.url(), &queue).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let consumer_db = effects_db().await;
+    let msgs: Vec<Message> = (0..10)
+        .map(|i| {
+            Message::new(&queue, if i == 3 { "poison".to_owned() } else { format!("{i}") }).key(format!("k{}", i % 2))
+        })
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    let publisher = RabbitPublisher::connect(RabbitConfig::new(node.url())).await.unwrap();
+    let relay = start(store.clone(), publisher, test_config());
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
+
+    let cfg = consumer_config(&node.url(), &queue).max_attempts(3);
+    let dlq = cfg.dead_letter_key();
+    let (consumer, stats) = run_consumer(cfg, consumer_db.clone(), PoisonAware);
+    wait_for("nine effects", Duration::from_secs(60), || {
+        let pool = consumer_db.clone();
+        async move { effects(&pool).await.0 >= 9 }
+    })
+    .await;
+    wait_for("the dead letter", Duration::from_secs(30), || {
+        let stats = stats.clone();
+        async move { stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed) == 1 }
+    })
+    .await;
+    consumer.stop().await;
+    assert_eq!(effects(&consumer_db).await, (9, 9));
+    assert_eq!(
+        stats.retries.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "attempts 1 and 2 retried"
+    );
+
+    let dead = Reader::start(node.url(), dlq).read(1, Duration::from_secs(30)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, msgs[3].id());
+    let header = |n: &str| dead[0].headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    assert_eq!(header(outbox_rabbitmq::HEADER_ATTEMPTS).as_deref(), Some("3"));
+    assert_eq!(header(outbox_rabbitmq::HEADER_ORIGINAL_QUEUE), Some(queue.clone()));
+    assert!(header(outbox_rabbitmq::HEADER_ERROR).unwrap().contains("poison"));
+    assert_eq!(queue_depth(&node.url(), &queue).await, 0, "everything acked");
+}
