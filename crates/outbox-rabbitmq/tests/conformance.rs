@@ -1,0 +1,123 @@
+//! The publisher conformance suite (`outbox_tests::publisher_suite`) on RabbitMQ: the shared node
+//! for most guarantees, a node of the test's own (SIGKILLed and started again on its data) for
+//! kills, and a `TcpProxy` in front of it for cuts. A destination is a durable queue (the
+//! publisher's exchange is the default one, so the topic is the queue's name), declared before
+//! anything is published to it and read by a background consumer of its own.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{declare_queue, name, url, Node, Reader};
+use outbox::Publisher;
+use outbox_rabbitmq::{RabbitConfig, RabbitPublisher};
+use outbox_tests::proxy::TcpProxy;
+use outbox_tests::publisher_suite::{BrokerFixture, Received};
+
+/// Every node `.ci/rabbitmq` starts refuses messages above 4 MiB (`max_message_size`).
+const OVERSIZE: usize = 5 * 1024 * 1024;
+
+/// The publisher under test waits this long for confirms and for a connection.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+struct RabbitFixture {
+    node: Node,
+    /// In front of the node: what the publisher under test connects to (dedicated fixtures only).
+    proxy: Option<TcpProxy>,
+    readers: Mutex<HashMap<String, Arc<Reader>>>,
+}
+
+impl RabbitFixture {
+    fn shared() -> RabbitFixture {
+        RabbitFixture {
+            node: Node::shared(),
+            proxy: None,
+            readers: Mutex::default(),
+        }
+    }
+
+    async fn dedicated() -> RabbitFixture {
+        let node = tokio::task::block_in_place(Node::dedicated);
+        let proxy = TcpProxy::start(node.port).await;
+        RabbitFixture {
+            node,
+            proxy: Some(proxy),
+            readers: Mutex::default(),
+        }
+    }
+
+    fn proxy(&self) -> &TcpProxy {
+        self.proxy.as_ref().expect("only a dedicated fixture is cut")
+    }
+}
+
+#[async_trait]
+impl BrokerFixture for RabbitFixture {
+    fn name(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn destination(&self) -> String {
+        let queue = name("suite");
+        declare_queue(&self.node.url(), &queue).await;
+        let reader = Arc::new(Reader::start(self.node.url(), queue.clone()));
+        self.readers.lock().unwrap().insert(queue.clone(), reader);
+        queue
+    }
+
+    async fn missing_destination(&self) -> String {
+        // No queue has this name: the default exchange cannot route it.
+        name("no-such-queue")
+    }
+
+    async fn publisher(&self) -> Arc<dyn Publisher> {
+        let port = self.proxy.as_ref().map_or(self.node.port, |p| p.port);
+        let cfg = RabbitConfig::new(url(port))
+            .confirm_timeout(TIMEOUT)
+            .connect_timeout(TIMEOUT);
+        Arc::new(RabbitPublisher::connect(cfg).await.expect("connect the publisher"))
+    }
+
+    async fn read(&self, destination: &str, at_least: usize, timeout: Duration) -> Vec<Received> {
+        let reader = self
+            .readers
+            .lock()
+            .unwrap()
+            .get(destination)
+            .cloned()
+            .expect("a destination of this fixture");
+        reader.read(at_least, timeout).await
+    }
+
+    fn oversize(&self) -> usize {
+        OVERSIZE
+    }
+
+    async fn kill(&self) {
+        tokio::task::block_in_place(|| self.node.kill());
+    }
+
+    async fn start(&self) {
+        tokio::task::block_in_place(|| self.node.start());
+    }
+
+    async fn cut(&self) {
+        self.proxy().cut();
+    }
+
+    async fn restore(&self) {
+        self.proxy().restore().await;
+    }
+
+    fn failure_bound(&self) -> Duration {
+        TIMEOUT * 3
+    }
+}
+
+outbox_tests::publisher_suite!(
+    shared = RabbitFixture::shared(),
+    dedicated = RabbitFixture::dedicated().await,
+);
