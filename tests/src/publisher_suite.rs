@@ -475,7 +475,7 @@ pub mod cases {
         let (pool, store) = outbox_db().await;
 
         fixture.cut().await;
-        let ids = commit_rounds(&pool, &dest, 4, 5, Duration::ZERO).await;
+        let ids = commit_rounds(&pool, &dest, 4, 5, Duration::from_millis(1)).await;
         let relay = start(store.clone(), watched.clone(), test_config().batch_size(BATCH));
         // Three rounds of publishes, each over and reported, while the server cannot confirm.
         let bound = fixture.failure_bound() * 4;
