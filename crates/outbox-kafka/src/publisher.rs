@@ -135,6 +135,7 @@ impl KafkaPublisher {
             }
         }
         check_delivery_invariants(&map)?;
+        fill_propagation(&mut map);
         let state = Arc::new(BrokerState::default());
         let producer = build(&map, &state).map_err(redact_error)?;
         Ok(KafkaPublisher {
@@ -238,6 +239,27 @@ fn check_delivery_invariants(settings: &BTreeMap<String, String>) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// librdkafka's name for how long a topic the cluster does not report is taken for one still being
+/// created: only after it does librdkafka fail the topic's messages as unknown.
+const PROPAGATION: &str = "topic.metadata.propagation.max.ms";
+
+/// Unless set, [`PROPAGATION`] is a third of the delivery timeout, at most 10 s. librdkafka's
+/// default (30 s) is as long as our default `message.timeout.ms`, so a message to a topic that does
+/// not exist timed out instead ("possibly persisted": `Unavailable`, backed off and sent again for
+/// ever, never dead-lettered) and the lane stalled for the whole timeout on each try. A third leaves
+/// the unknown-topic failure (`Permanent`) time to come first.
+fn fill_propagation(settings: &mut BTreeMap<String, String>) {
+    if settings.contains_key(PROPAGATION) {
+        return;
+    }
+    let timeout_ms = ["message.timeout.ms", "delivery.timeout.ms"]
+        .iter()
+        .find_map(|k| settings.get(*k))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(30_000);
+    settings.insert(PROPAGATION.to_owned(), (timeout_ms / 3).clamp(1, 10_000).to_string());
 }
 
 fn build(settings: &BTreeMap<String, String>, state: &Arc<BrokerState>) -> Result<OutboxProducer, KafkaError> {
@@ -446,6 +468,16 @@ mod tests {
         assert_eq!(s["partitioner"], "consistent");
         assert_eq!(s["acks"], "all");
         assert_eq!(s["enable.idempotence"], "true");
+        // An unknown topic fails (permanent) before the delivery timeout (unavailable).
+        assert_eq!(s["topic.metadata.propagation.max.ms"], "10000");
+        let p = KafkaPublisher::new([("bootstrap.servers", "127.0.0.1:1"), ("message.timeout.ms", "6000")]).unwrap();
+        assert_eq!(p.settings()["topic.metadata.propagation.max.ms"], "2000");
+        let p = KafkaPublisher::new([
+            ("bootstrap.servers", "127.0.0.1:1"),
+            ("topic.metadata.propagation.max.ms", "500"),
+        ])
+        .unwrap();
+        assert_eq!(p.settings()["topic.metadata.propagation.max.ms"], "500");
         // librdkafka itself rejects a setting that breaks idempotence, with a clear message.
         let err = KafkaPublisher::new([("bootstrap.servers", "127.0.0.1:1"), ("acks", "1")]).unwrap_err();
         assert!(err.to_string().contains("acks"), "{err}");
