@@ -242,10 +242,20 @@ pub(crate) async fn connect(
         .iter()
         .map(|a| a.parse().map_err(|e| NatsError::Config(format!("server URL {a}: {e}"))))
         .collect::<Result<_, _>>()?;
-    opts.connect(addrs).await.map_err(|e| NatsError::Connect {
+    let client = opts.connect(addrs).await.map_err(|e| NatsError::Connect {
         url: redact_url(url),
         reason: e.to_string(),
-    })
+    })?;
+    // The first connection is made in the background: give it up to the connect timeout, so a
+    // reachable server is used from the first publish on.
+    let until = tokio::time::Instant::now() + connect_timeout;
+    while client.connection_state() != async_nats::connection::State::Connected && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if client.connection_state() != async_nats::connection::State::Connected {
+        tracing::warn!(url = %redact_url(url), "nats-server not reachable yet; connecting in the background");
+    }
+    Ok(client)
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, ErrorCode};
 use async_trait::async_trait;
 use futures::future::join_all;
-use outbox::{Delivered, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE};
+use outbox::{
+    Delivered, FailureKind, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE,
+};
 
 use crate::config::{connect, redact_url};
 use crate::{subject_for, NatsConfig, NatsError};
@@ -126,20 +128,33 @@ impl NatsPublisher {
         chain: Vec<(usize, &StoredMessage)>,
     ) -> Vec<(usize, Result<Delivered, PublishError>)> {
         let mut out = Vec::with_capacity(chain.len());
-        let mut failed = false;
+        let mut failed: Option<FailureKind> = None;
         for (i, row) in chain {
-            if failed {
-                out.push((
-                    i,
-                    Err(PublishError::held_back(
-                        "held back: an earlier message of its key failed",
-                    )),
-                ));
-                continue;
+            match failed {
+                // The server cannot take anything now: the rest of the key is not sent and is
+                // reported the same way (the relay backs off, nothing counts as an attempt).
+                Some(FailureKind::Unavailable) => {
+                    out.push((
+                        i,
+                        Err(PublishError::unavailable(
+                            "not sent: an earlier message of its key found the server unavailable",
+                        )),
+                    ));
+                }
+                Some(_) => {
+                    out.push((
+                        i,
+                        Err(PublishError::held_back(
+                            "held back: an earlier message of its key failed",
+                        )),
+                    ));
+                }
+                None => {
+                    let res = self.publish_one(row).await;
+                    failed = res.as_ref().err().map(|e| e.kind);
+                    out.push((i, res));
+                }
             }
-            let res = self.publish_one(row).await;
-            failed = res.is_err();
-            out.push((i, res));
         }
         out
     }
@@ -265,7 +280,6 @@ impl Publisher for NatsPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outbox::FailureKind;
 
     #[test]
     fn classification() {

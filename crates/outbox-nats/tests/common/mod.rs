@@ -1,0 +1,274 @@
+//! What the NATS tests share: the shared server of `.ci/nats`, dedicated servers a test can kill
+//! and restart on their store, one stream per destination, and an independent reader.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use outbox_nats::{async_nats, NatsConfig, NatsPublisher};
+use outbox_tests::proxy::TcpProxy;
+use outbox_tests::publisher_suite::{BrokerFixture, Received};
+
+/// The shared server (`.ci/nats up`): `OUTBOX_TEST_NATS` or 127.0.0.1:4222.
+pub fn shared_url() -> String {
+    std::env::var("OUTBOX_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn script() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/nats").to_owned()
+}
+
+fn run_script(args: &[&str]) {
+    let out = std::process::Command::new("bash")
+        .arg(script())
+        .args(args)
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        ".ci/nats {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A nats-server of one test's own (own port, own store), started with `.ci/nats start`.
+pub struct Server {
+    pub dir: String,
+    pub port: u16,
+}
+
+impl Server {
+    pub async fn start() -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = format!(
+            "{}/../../target/nats/test-{}",
+            env!("CARGO_MANIFEST_DIR"),
+            uuid::Uuid::new_v4().simple()
+        );
+        let s = Server { dir, port };
+        s.up().await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same store and port; returns when it accepts connections.
+    pub async fn up(&self) {
+        let (dir, port) = (self.dir.clone(), self.port.to_string());
+        tokio::task::spawn_blocking(move || run_script(&["start", &dir, &port]))
+            .await
+            .unwrap();
+    }
+
+    /// SIGKILL, and waits until it is gone.
+    pub async fn kill(&self) {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || run_script(&["kill", &dir, "KILL"]))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(script())
+            .args(["kill", &self.dir, "KILL"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A client for streams and reading (not the one under test).
+pub async fn client(url: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+        .expect("connect")
+}
+
+/// A fresh destination: the topic `nt-<uuid>` and the stream `NT_<uuid>` taking `<topic>.*`.
+pub async fn new_destination(client: &async_nats::Client, what: &str) -> (String, String) {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("{what}-{u}");
+    let stream = format!("S_{u}");
+    let subject = format!("{topic}.*");
+    let subjects = [subject.as_str()];
+    with_retry(|| outbox_nats::ensure_stream(client, &stream, &subjects)).await;
+    (topic, stream)
+}
+
+/// Retries a JetStream call for a while (a restarted server takes a moment to answer its API).
+pub async fn with_retry<T, E: std::fmt::Display, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let start = Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "JetStream call kept failing: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Every message of `stream` in stream order, read by sequence; waits until at least `at_least`
+/// are stored or `timeout` passed.
+pub async fn read_stream(
+    client: &async_nats::Client,
+    stream: &str,
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<Received> {
+    let js = jetstream::new(client.clone());
+    let start = Instant::now();
+    let s = with_retry(|| js.get_stream(stream)).await;
+    let last = loop {
+        let info = with_retry(|| {
+            let mut s = s.clone();
+            async move { s.info().await.cloned() }
+        })
+        .await;
+        if info.state.messages as usize >= at_least || start.elapsed() >= timeout {
+            break info.state.last_sequence;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let m = with_retry(|| s.get_raw_message(seq)).await;
+        let headers: Vec<(String, String)> = m
+            .headers
+            .iter()
+            .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
+            .collect();
+        let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        out.push(Received {
+            id: get(outbox::HEADER_ID)
+                .and_then(|v| v.parse().ok())
+                .expect("outbox-id header"),
+            key: get(outbox::HEADER_KEY),
+            seq: get(outbox::HEADER_SEQ).and_then(|v| v.parse().ok()),
+            source: get(outbox::HEADER_SOURCE),
+            headers,
+            payload: m.payload.to_vec(),
+        });
+    }
+    out
+}
+
+/// The publisher conformance suite's view of NATS: a destination is a topic with a stream of its
+/// own; the dedicated fixture puts a TCP proxy between the publisher and its own server.
+pub struct NatsFixture {
+    server: Option<Server>,
+    proxy: Option<TcpProxy>,
+    url: String,
+    reader: async_nats::Client,
+    streams: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl NatsFixture {
+    pub async fn shared() -> NatsFixture {
+        let url = shared_url();
+        NatsFixture {
+            reader: client(&url).await,
+            server: None,
+            proxy: None,
+            url,
+            streams: Default::default(),
+        }
+    }
+
+    pub async fn dedicated() -> NatsFixture {
+        let server = Server::start().await;
+        let proxy = TcpProxy::start(server.port).await;
+        NatsFixture {
+            reader: client(&server.url()).await,
+            url: format!("nats://127.0.0.1:{}", proxy.port),
+            server: Some(server),
+            proxy: Some(proxy),
+            streams: Default::default(),
+        }
+    }
+
+    pub fn publisher_config(&self) -> NatsConfig {
+        NatsConfig::default()
+            .url(self.url.clone())
+            .ack_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2))
+    }
+}
+
+#[async_trait::async_trait]
+impl BrokerFixture for NatsFixture {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn destination(&self) -> String {
+        let (topic, stream) = new_destination(&self.reader, "suite").await;
+        self.streams.lock().unwrap().insert(topic.clone(), stream);
+        topic
+    }
+
+    async fn missing_destination(&self) -> String {
+        format!("no-stream-{}", uuid::Uuid::new_v4().simple())
+    }
+
+    async fn publisher(&self) -> Arc<dyn outbox::Publisher> {
+        Arc::new(NatsPublisher::connect(self.publisher_config()).await.unwrap())
+    }
+
+    async fn read(&self, destination: &str, at_least: usize, timeout: Duration) -> Vec<Received> {
+        let stream = self
+            .streams
+            .lock()
+            .unwrap()
+            .get(destination)
+            .cloned()
+            .expect("a destination of this fixture");
+        read_stream(&self.reader, &stream, at_least, timeout).await
+    }
+
+    fn oversize(&self) -> usize {
+        // nats-server's default max_payload (1 MiB) plus one byte.
+        1024 * 1024 + 1
+    }
+
+    async fn kill(&self) {
+        self.server.as_ref().expect("dedicated").kill().await;
+    }
+
+    async fn start(&self) {
+        self.server.as_ref().expect("dedicated").up().await;
+    }
+
+    async fn cut(&self) {
+        self.proxy.as_ref().expect("dedicated").cut();
+    }
+
+    async fn restore(&self) {
+        self.proxy.as_ref().expect("dedicated").restore().await;
+    }
+
+    fn failure_bound(&self) -> Duration {
+        // The ack timeout (5 s) plus slack.
+        Duration::from_secs(15)
+    }
+}
