@@ -168,6 +168,12 @@ async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// First and longest wait between attempts to reach the database at start-up.
+const RECONNECT_BACKOFF: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_millis(500),
+    std::time::Duration::from_secs(10),
+);
+
 /// Connects (and migrates), retrying while the database is unreachable, like the relay itself keeps
 /// retrying once it runs. Errors that waiting cannot fix (unsupported URL, bad settings, refused
 /// login, failed migration) end the process. `None` when shutdown came first.
@@ -176,8 +182,11 @@ async fn open_retrying(
     migrate: bool,
     mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
 ) -> anyhow::Result<Option<open::Opened>> {
-    let mut delay = std::time::Duration::from_millis(500);
+    let backoff = outbox::Backoff::new(RECONNECT_BACKOFF.0, RECONNECT_BACKOFF.1)?;
+    let mut attempt = 0;
     loop {
+        attempt += 1;
+        let delay = backoff.delay(attempt);
         let res = tokio::select! {
             _ = shutdown.as_mut() => return Ok(None),
             res = open::open(&s.database_url, s.database_schema.as_deref(), migrate, s.keep_published) => res,
@@ -193,7 +202,6 @@ async fn open_retrying(
             _ = shutdown.as_mut() => return Ok(None),
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(std::time::Duration::from_secs(10));
     }
 }
 

@@ -56,7 +56,7 @@ pub(crate) struct RelaySection {
     pub(crate) dead_letter_policy: Option<DeadLetterPolicy>,
     /// Shutdown grace in milliseconds.
     pub(crate) shutdown_grace_ms: Option<u64>,
-    /// `auto` (default), `always` or `never`: claim the next batch while the current one is published.
+    /// `auto`, `always` or `never` (default): claim the next batch while the current one is published.
     pub(crate) claim_ahead: Option<ClaimAhead>,
     /// Keep published rows in `outbox_published`.
     pub(crate) keep_published: Option<bool>,
@@ -278,6 +278,54 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// README's configuration table states each engine default; this pins it to the constants.
+    #[test]
+    fn readme_states_the_engine_defaults() {
+        let readme = include_str!("../../../README.md");
+        let default_of = |key: &str| -> String {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `[relay] {key}")))
+                .unwrap_or_else(|| panic!("README has no row for [relay] {key}"));
+            row.split('|').nth(3).expect("a default column").trim().to_owned()
+        };
+        let ms = |d: Duration| d.as_millis().to_string();
+        type C = RelayConfig;
+        assert_eq!(default_of("batch_size"), C::DEFAULT_BATCH_SIZE.to_string());
+        assert_eq!(default_of("poll_interval_ms"), ms(C::DEFAULT_POLL_INTERVAL));
+        assert_eq!(default_of("lease_ttl_ms"), ms(C::DEFAULT_LEASE_TTL));
+        assert_eq!(default_of("max_attempts"), C::DEFAULT_MAX_ATTEMPTS.to_string());
+        assert_eq!(
+            default_of("backoff_base_ms"),
+            format!("{}, {}", ms(C::DEFAULT_BACKOFF_BASE), ms(C::DEFAULT_BACKOFF_MAX))
+        );
+        assert_eq!(
+            default_of("dead_letter_policy"),
+            format!("`{}`", name(C::DEFAULT_DEAD_LETTER_POLICY))
+        );
+        assert_eq!(default_of("shutdown_grace_ms"), ms(C::DEFAULT_SHUTDOWN_GRACE));
+        assert_eq!(default_of("claim_ahead"), format!("`{}`", name(C::DEFAULT_CLAIM_AHEAD)));
+        let cleanup = default_of("cleanup_interval_ms");
+        assert!(
+            cleanup.starts_with(&format!(
+                "{} (5 min), {} (7 days)",
+                ms(C::DEFAULT_CLEANUP_INTERVAL),
+                ms(C::DEFAULT_PUBLISHED_RETENTION)
+            )),
+            "{cleanup}"
+        );
+        let built = RelayConfig::default();
+        assert_eq!(built.batch_size, C::DEFAULT_BATCH_SIZE);
+        assert_eq!(built.lease_ttl, C::DEFAULT_LEASE_TTL);
+        assert_eq!(built.claim_ahead, C::DEFAULT_CLAIM_AHEAD);
+        assert_eq!(built.published_retention, C::DEFAULT_PUBLISHED_RETENTION);
+    }
+
+    /// The name the configuration file uses for an enum value (its serde name).
+    fn name<T: std::fmt::Debug>(v: T) -> String {
+        format!("{v:?}").to_lowercase()
+    }
 
     #[test]
     fn schema_must_be_a_plain_identifier() {

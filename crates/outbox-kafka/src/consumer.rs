@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use outbox::{Backoff, InvalidBackoff};
 use outbox_inbox::{Backend, Handler, Inbox, InboxError, Incoming, Outcome};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -42,7 +43,7 @@ pub const HEADER_ATTEMPTS: &str = "outbox-attempts";
 pub struct ConsumerConfig {
     /// Handler attempts before the message is dead-lettered. Defaults to 5.
     pub max_attempts: u32,
-    /// First retry delay; doubles per attempt. Defaults to 100 ms.
+    /// First retry delay; doubles per attempt, with jitter. Defaults to 100 ms.
     pub backoff_base: Duration,
     /// Retry delay cap. Defaults to 5 s.
     pub backoff_max: Duration,
@@ -92,10 +93,15 @@ impl ConsumerConfig {
         self
     }
 
+    /// The retry delays, from [`ConsumerConfig::backoff_base`] doubling up to
+    /// [`ConsumerConfig::backoff_max`], jittered.
+    pub fn retry_backoff(&self) -> Result<Backoff, InvalidBackoff> {
+        Backoff::new(self.backoff_base, self.backoff_max)
+    }
+
+    // `run_until` refuses an invalid backoff before the first message, so the fallback is unused.
     fn backoff(&self, attempt: u32) -> Duration {
-        self.backoff_base
-            .saturating_mul(1 << attempt.clamp(1, 16).saturating_sub(1))
-            .min(self.backoff_max)
+        self.retry_backoff().map_or(self.backoff_max, |b| b.delay(attempt))
     }
 }
 
@@ -124,6 +130,9 @@ pub enum ConsumerError {
     /// Kafka client creation, subscription or commit failed.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// The settings are not usable (a backoff base above its cap).
+    #[error(transparent)]
+    Config(#[from] InvalidBackoff),
     /// A dead letter could not be written: the runner stops rather than skip the message.
     #[error("could not write to the dead-letter topic {topic}: {source}")]
     DeadLetter {
@@ -259,6 +268,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     /// are committed, then the runner returns. Shutdown is never held up by a message waiting for
     /// a retry: its partition's offset simply stays before it.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ConsumerError> {
+        self.cfg.retry_backoff()?;
         match self.check_retention().await {
             Ok(risks) => {
                 for risk in risks {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rand::Rng;
+use outbox::{Backoff, InvalidBackoff};
 use serde::Deserialize;
 
 /// What happens to a key whose message was dead-lettered.
@@ -77,25 +77,52 @@ pub struct RelayConfig {
     pub published_retention: Duration,
 }
 
+impl RelayConfig {
+    /// Default [`RelayConfig::batch_size`].
+    pub const DEFAULT_BATCH_SIZE: usize = 500;
+    /// Default [`RelayConfig::poll_interval`].
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+    /// Default [`RelayConfig::lease_ttl`].
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+    /// Default [`RelayConfig::max_attempts`].
+    pub const DEFAULT_MAX_ATTEMPTS: i32 = 20;
+    /// Default [`RelayConfig::backoff_base`].
+    pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(200);
+    /// Default [`RelayConfig::backoff_max`].
+    pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+    /// Default [`RelayConfig::dead_letter_policy`].
+    pub const DEFAULT_DEAD_LETTER_POLICY: DeadLetterPolicy = DeadLetterPolicy::Skip;
+    /// Default [`RelayConfig::shutdown_grace`].
+    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// Default [`RelayConfig::stats_interval`].
+    pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(10);
+    /// Default [`RelayConfig::claim_ahead`].
+    pub const DEFAULT_CLAIM_AHEAD: ClaimAhead = ClaimAhead::Never;
+    /// Default [`RelayConfig::cleanup_interval`].
+    pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(5 * 60);
+    /// Default [`RelayConfig::published_retention`].
+    pub const DEFAULT_PUBLISHED_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+}
+
 impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             owner: default_owner(),
-            batch_size: 500,
-            poll_interval: Duration::from_secs(1),
-            lease_ttl: Duration::from_secs(30),
+            batch_size: Self::DEFAULT_BATCH_SIZE,
+            poll_interval: Self::DEFAULT_POLL_INTERVAL,
+            lease_ttl: Self::DEFAULT_LEASE_TTL,
             max_lanes: None,
-            max_attempts: 20,
-            backoff_base: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(60),
-            dead_letter_policy: DeadLetterPolicy::Skip,
-            shutdown_grace: Duration::from_secs(30),
-            stats_interval: Duration::from_secs(10),
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            backoff_base: Self::DEFAULT_BACKOFF_BASE,
+            backoff_max: Self::DEFAULT_BACKOFF_MAX,
+            dead_letter_policy: Self::DEFAULT_DEAD_LETTER_POLICY,
+            shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            stats_interval: Self::DEFAULT_STATS_INTERVAL,
             max_busy_lanes: None,
             max_rate: None,
-            claim_ahead: ClaimAhead::Never,
-            cleanup_interval: Duration::from_secs(5 * 60),
-            published_retention: Duration::from_secs(7 * 24 * 60 * 60),
+            claim_ahead: Self::DEFAULT_CLAIM_AHEAD,
+            cleanup_interval: Self::DEFAULT_CLEANUP_INTERVAL,
+            published_retention: Self::DEFAULT_PUBLISHED_RETENTION,
         }
     }
 }
@@ -144,15 +171,11 @@ setters! {
 }
 
 impl RelayConfig {
-    /// Delay before retry number `attempt` (1-based): exponential, capped, full jitter
-    /// (uniform in [delay/2, delay]) so relays that failed together do not retry together.
-    pub fn backoff(&self, attempt: i32) -> Duration {
-        let exp = self
-            .backoff_base
-            .saturating_mul(1u32 << attempt.clamp(1, 20).saturating_sub(1) as u32);
-        let cap = exp.min(self.backoff_max);
-        let lo = cap / 2;
-        lo + rand::thread_rng().gen_range(Duration::ZERO..=cap - lo)
+    /// The retry delays: from [`RelayConfig::backoff_base`], doubling per attempt up to
+    /// [`RelayConfig::backoff_max`], with jitter so relays that failed together do not retry
+    /// together.
+    pub fn retry_backoff(&self) -> Result<Backoff, InvalidBackoff> {
+        Backoff::new(self.backoff_base, self.backoff_max)
     }
 
     /// Checks the settings make sense.
@@ -174,6 +197,9 @@ impl RelayConfig {
         }
         if self.owner.is_empty() {
             return Err("owner must not be empty".into());
+        }
+        if let Err(e) = self.retry_backoff() {
+            return Err(e.to_string());
         }
         if self.cleanup_interval < Duration::from_millis(100) {
             return Err("cleanup_interval must be at least 100ms".into());
@@ -220,18 +246,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let c = RelayConfig::default()
-            .backoff_base(Duration::from_millis(100))
-            .backoff_max(Duration::from_secs(2));
-        for _ in 0..100 {
-            let d1 = c.backoff(1);
-            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
-            let d3 = c.backoff(3);
-            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
-            let d30 = c.backoff(30);
-            assert!(d30 >= Duration::from_secs(1) && d30 <= Duration::from_secs(2));
-        }
+    fn a_backoff_base_above_its_cap_is_refused() {
+        let c = RelayConfig::default().backoff_base(Duration::from_secs(90));
+        assert!(c.validate().unwrap_err().contains("at most max"));
+        assert!(RelayConfig::default().retry_backoff().is_ok());
     }
 
     #[test]

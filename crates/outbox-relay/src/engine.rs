@@ -78,6 +78,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// `shutdown_grace`), releases its leases and returns.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RelayError> {
         self.cfg.validate().map_err(RelayError::Config)?;
+        let backoff = self
+            .cfg
+            .retry_backoff()
+            .map_err(|e| RelayError::Config(e.to_string()))?;
         let shared = Arc::new(Shared {
             store: self.store,
             publisher: self.publisher,
@@ -88,6 +92,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 .max_rate
                 .and_then(std::num::NonZeroU32::new)
                 .map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r))),
+            backoff,
             cfg: self.cfg,
         });
         let owner = shared.cfg.owner.clone();

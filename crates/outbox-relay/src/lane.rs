@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::{Delivered, Error, FailureKind, Lease, PublishError, Publisher, Store, StoredMessage};
+use outbox::{Backoff, Delivered, Error, FailureKind, Lease, PublishError, Publisher, Store, StoredMessage};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -23,6 +23,8 @@ pub(crate) struct Shared<S, P> {
     pub(crate) busy: Option<Semaphore>,
     /// The pace, when [`RelayConfig::max_rate`] is set.
     pub(crate) rate: Option<governor::DefaultDirectRateLimiter>,
+    /// Retry delays ([`RelayConfig::backoff_base`] to [`RelayConfig::backoff_max`]).
+    pub(crate) backoff: Backoff,
 }
 
 /// Why a lane loop ended.
@@ -75,7 +77,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                         store_errors += 1;
                         metrics::counter!(m::STORE_ERRORS).increment(1);
                         tracing::warn!(error = %e, "claim failed; retrying");
-                        if pause(&stop, shared.cfg.backoff(store_errors)).await {
+                        if pause(&stop, shared.backoff.delay(store_errors)).await {
                             return LaneExit::Stopped;
                         }
                         continue;
@@ -133,7 +135,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             };
             drop(turn);
             publish_took = done.publish_took;
-            if back_off(&shared.cfg, &stop, done.unavailable, &mut outages).await {
+            if back_off(&shared.backoff, &stop, done.unavailable, &mut outages).await {
                 return LaneExit::Stopped;
             }
             match next {
@@ -167,13 +169,13 @@ async fn set_idle<S: Store>(store: &S, lease: &Lease, idle: bool) {
 
 /// After a round in which the broker was unavailable, waits (growing with each such round in a
 /// row) before the lane tries again; true when stopped meanwhile.
-async fn back_off(cfg: &RelayConfig, stop: &CancellationToken, unavailable: bool, outages: &mut i32) -> bool {
+async fn back_off(backoff: &Backoff, stop: &CancellationToken, unavailable: bool, outages: &mut u32) -> bool {
     if !unavailable {
         *outages = 0;
         return false;
     }
     *outages += 1;
-    pause(stop, cfg.backoff(*outages)).await
+    pause(stop, backoff.delay(*outages)).await
 }
 
 /// Waits until the relay's pace allows the `n` messages of a batch, all at once, so that lanes take
@@ -241,7 +243,7 @@ async fn publish_batch<S: Store, P: Publisher>(
     // Confirmed rows first: a crash after this point re-sends only the failed ones.
     if !plan.delivered.is_empty() {
         crate::failpoint::hit(crate::failpoint::Point::DuringMark);
-        retry_store(stop, &shared.cfg, || {
+        retry_store(stop, &shared.backoff, || {
             shared.store.mark_published(lease, &plan.delivered)
         })
         .await?;
@@ -254,11 +256,11 @@ async fn publish_batch<S: Store, P: Publisher>(
     }
     for (row, err) in &plan.retry {
         let attempt = row.attempts + 1;
-        let delay = shared.cfg.backoff(attempt);
+        let delay = shared.backoff.delay(attempt.max(1) as u32);
         tracing::warn!(outbox.id = %row.id, attempt, error = %err, retry_in = ?delay, "publish failed; will retry");
         metrics::counter!(m::FAILED, "kind" => "retryable").increment(1);
         metrics::counter!(m::RETRIED).increment(1);
-        retry_store(stop, &shared.cfg, || {
+        retry_store(stop, &shared.backoff, || {
             shared.store.mark_failed(lease, row.pos, &err.message, delay)
         })
         .await?;
@@ -271,7 +273,7 @@ async fn publish_batch<S: Store, P: Publisher>(
             metrics::counter!(m::FAILED, "kind" => "permanent").increment(1);
         }
         metrics::counter!(m::DEAD_LETTERED).increment(1);
-        retry_store(stop, &shared.cfg, || {
+        retry_store(stop, &shared.backoff, || {
             shared.store.dead_letter(lease, row.pos, &err.message, park)
         })
         .await?;
@@ -397,12 +399,12 @@ pub(crate) fn settle<'a>(
 
 /// Retries a store write on database trouble until it succeeds, the lease is gone, or the lane is
 /// told to stop and a few more tries failed (the rows then stay pending and are re-sent later).
-async fn retry_store<F, Fut>(stop: &CancellationToken, cfg: &RelayConfig, mut op: F) -> Result<(), LaneExit>
+async fn retry_store<F, Fut>(stop: &CancellationToken, backoff: &Backoff, mut op: F) -> Result<(), LaneExit>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = outbox::Result<()>>,
 {
-    let mut attempt = 0;
+    let mut attempt: u32 = 0;
     loop {
         match op().await {
             Ok(()) => return Ok(()),
@@ -417,7 +419,7 @@ where
                 if stop.is_cancelled() && attempt >= 3 {
                     return Err(LaneExit::Stopped);
                 }
-                tokio::time::sleep(cfg.backoff(attempt.min(6))).await;
+                tokio::time::sleep(backoff.delay(attempt.min(6))).await;
             }
         }
     }

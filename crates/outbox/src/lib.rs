@@ -5,6 +5,7 @@
     allow(dead_code)
 )]
 
+mod backoff;
 pub mod db_error;
 mod error;
 mod message;
@@ -26,6 +27,7 @@ use async_trait::async_trait;
 use sqlx::Transaction;
 use tokio::sync::Notify;
 
+pub use backoff::{Backoff, InvalidBackoff};
 pub use error::{Error, Result};
 pub use message::{
     lane_of, validate_topic, Enqueued, Message, StoredMessage, DEFAULT_MAX_PAYLOAD, HEADER_ID, HEADER_KEY, HEADER_SEQ,
