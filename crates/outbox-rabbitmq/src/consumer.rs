@@ -202,6 +202,10 @@ pub enum ConsumerError {
     /// The settings cannot work (e.g. no queue).
     #[error("invalid consumer settings: {0}")]
     Config(String),
+    /// The server could not be reached (only [`RabbitConsumerRunner::declare`] returns it;
+    /// `run_until` keeps trying). Names the server without its password.
+    #[error("cannot connect: {0}")]
+    Connect(String),
     /// The server refused to declare or bind the queue, or to consume it (e.g. it exists with
     /// other arguments, or access is refused): no retry can fix it.
     #[error("cannot set up queue {queue}: {source}")]
@@ -245,8 +249,8 @@ struct Session {
     consume: Channel,
     /// Publishes dead letters, with confirms.
     dead: Channel,
-    /// The deliveries.
-    consumer: lapin::Consumer,
+    /// The deliveries (none when the session only declared).
+    consumer: Option<lapin::Consumer>,
 }
 
 impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
@@ -281,6 +285,20 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
         self.stats.clone()
     }
 
+    /// Connects once and declares what [`RabbitConsumerConfig::declare`] asks for (the queue, its
+    /// bindings, the dead-letter queue), then disconnects. Call it before anything is published
+    /// to the queue: a message published before its queue exists is unroutable (the relay
+    /// dead-letters it). `run_until` declares the same again, so calling this is optional.
+    pub async fn declare(&self) -> Result<(), ConsumerError> {
+        let session = match self.open(false).await {
+            Ok(s) => s,
+            Err(Fatal::Setup(e)) => return Err(e),
+            Err(Fatal::Retry(why)) => return Err(ConsumerError::Connect(why)),
+        };
+        let _ = session.conn.close(200, "declared").await;
+        Ok(())
+    }
+
     /// Consumes until `shutdown` completes: the delivery being processed finishes and is acked,
     /// then the channel is closed (the server requeues what was prefetched and not acked, in
     /// order) and the runner returns. A delivery waiting for a retry does not hold shutdown up.
@@ -291,7 +309,7 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
         loop {
             let session = tokio::select! {
                 _ = &mut shutdown => return Ok(()),
-                s = self.open() => s,
+                s = self.open(true) => s,
             };
             let session = match session {
                 Ok(s) => s,
@@ -320,8 +338,9 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
         }
     }
 
-    /// Connects, declares what `declare` asks for, and starts consuming.
-    async fn open(&self) -> Result<Session, Fatal> {
+    /// Connects, declares what `declare` asks for, and starts consuming (unless `consume` is
+    /// false: then the session has no consumer).
+    async fn open(&self, consume_too: bool) -> Result<Session, Fatal> {
         let retry = |e: lapin::Error| Fatal::Retry(e.to_string());
         let conn = connect(&self.cfg.url, self.cfg.connect_timeout).await.map_err(retry)?;
         let consume = conn.create_channel().await.map_err(retry)?;
@@ -369,6 +388,14 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
                     .map_err(setup)?;
             }
         }
+        if !consume_too {
+            return Ok(Session {
+                conn,
+                consume,
+                dead,
+                consumer: None,
+            });
+        }
         let consumer = consume
             .basic_consume(
                 &self.cfg.queue,
@@ -383,7 +410,7 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
             conn,
             consume,
             dead,
-            consumer,
+            consumer: Some(consumer),
         })
     }
 
@@ -393,7 +420,9 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
         shutdown: &mut (impl Future<Output = ()> + Unpin),
         next_cleanup: &mut Option<Instant>,
     ) -> End {
-        let mut consumer = session.consumer.clone();
+        let Some(mut consumer) = session.consumer.clone() else {
+            return End::Lost("not consuming".into());
+        };
         loop {
             let delivery = tokio::select! {
                 _ = &mut *shutdown => return End::Shutdown,
