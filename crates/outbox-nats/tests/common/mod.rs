@@ -272,3 +272,94 @@ impl BrokerFixture for NatsFixture {
         Duration::from_secs(15)
     }
 }
+
+/// A publisher on `url` with test timeouts.
+pub async fn publisher(url: &str) -> NatsPublisher {
+    NatsPublisher::connect(
+        NatsConfig::default()
+            .url(url)
+            .ack_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap()
+}
+
+/// Consumer settings for tests: quick retries, short ack wait.
+pub fn consumer_config(url: &str, stream: &str, durable: &str) -> outbox_nats::NatsConsumerConfig {
+    outbox_nats::NatsConsumerConfig::new(stream, durable)
+        .url(url)
+        .ack_wait(Duration::from_secs(2))
+        .backoff_base(Duration::from_millis(50))
+        .backoff_max(Duration::from_millis(500))
+}
+
+/// Starts a consumer runner with `handler` into `pool`; returns it running and its counters.
+pub async fn run_consumer<H>(
+    cfg: outbox_nats::NatsConsumerConfig,
+    pool: sqlx::PgPool,
+    handler: H,
+) -> (outbox_tests::embedded::Running, Arc<outbox_nats::NatsConsumerStats>)
+where
+    H: outbox_inbox::Handler<sqlx::Postgres> + 'static,
+{
+    let runner = outbox_nats::NatsConsumerRunner::connect(cfg, pool, outbox_inbox::Inbox::new("effects"), handler)
+        .await
+        .unwrap();
+    let stats = runner.stats();
+    let running = outbox_tests::embedded::Running::spawn(|stopped| async move {
+        runner
+            .run_until(async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    (running, stats)
+}
+
+/// Effects applied so far: (rows, distinct messages).
+pub async fn effect_counts(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT message_id) FROM effects")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until `n` distinct messages have their effect.
+pub async fn wait_effects(pool: &sqlx::PgPool, n: i64, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let (rows, distinct) = effect_counts(pool).await;
+        if distinct >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "only {distinct} of {n} messages applied ({rows} effect rows) within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Checks the effects: each of `expect` applied exactly once, nothing else, and per key the
+/// seqs applied in order 1, 2, 3...
+pub async fn check_effects(pool: &sqlx::PgPool, expect: &std::collections::HashSet<uuid::Uuid>) {
+    let rows: Vec<(uuid::Uuid, Option<String>, Option<i64>)> =
+        sqlx::query_as("SELECT message_id, key, seq FROM effects ORDER BY n")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let mut high: std::collections::HashMap<String, i64> = Default::default();
+    for (id, key, seq) in &rows {
+        assert!(seen.insert(*id), "message {id} applied twice");
+        assert!(expect.contains(id), "message {id} was never committed");
+        if let (Some(k), Some(s)) = (key, seq) {
+            let h = high.entry(k.clone()).or_insert(0);
+            assert_eq!(*s, *h + 1, "key {k}: seq {s} applied after {h}");
+            *h = *s;
+        }
+    }
+    assert_eq!(seen.len(), expect.len(), "every committed message applied");
+}

@@ -1,0 +1,136 @@
+//! End to end on the shared nats-server: enqueue in a PostgreSQL transaction, the relay publishes
+//! to JetStream, the consumer runner applies each message through the inbox.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use outbox::{Message, StoreAdmin};
+use outbox_relay::DeadLetterPolicy;
+use outbox_tests::embedded::{drained, start, test_config, wait_for};
+use outbox_tests::publisher_suite::check_delivery;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
+    let url = shared_url();
+    let reader = client(&url).await;
+    let (topic, stream) = new_destination(&reader, "e2e").await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let effects = outbox_tests::effects::effects_db().await;
+    let relay = start(store.clone(), publisher(&url).await, test_config());
+    let (consumer, stats) = run_consumer(
+        consumer_config(&url, &stream, "effects"),
+        effects.clone(),
+        outbox_tests::effects::EffectRows,
+    )
+    .await;
+
+    // Three writers; some transactions roll back and must never show up anywhere.
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let (pool, topic) = (pool.clone(), topic.clone());
+        writers.push(tokio::spawn(async move {
+            let mut committed = HashSet::new();
+            for b in 0..10 {
+                let mut tx = pool.begin().await.unwrap();
+                let msgs: Vec<Message> = (0..20)
+                    .map(|i| {
+                        Message::new(topic.clone(), format!("w{w}b{b}i{i}")).key(format!("key.{}", (w * 7 + i) % 25))
+                    })
+                    .collect();
+                outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+                tx.commit().await.unwrap();
+                committed.extend(msgs.iter().map(|m| m.id()));
+                let mut tx = pool.begin().await.unwrap();
+                outbox::enqueue(&mut tx, &Message::new(topic.clone(), "rolled back").key("key.1"))
+                    .await
+                    .unwrap();
+                tx.rollback().await.unwrap();
+            }
+            // And unkeyed messages.
+            let mut tx = pool.begin().await.unwrap();
+            let m = Message::new(topic.clone(), "unkeyed");
+            outbox::enqueue(&mut tx, &m).await.unwrap();
+            tx.commit().await.unwrap();
+            committed.insert(m.id());
+            committed
+        }));
+    }
+    let mut expect = HashSet::new();
+    for w in writers {
+        expect.extend(w.await.unwrap());
+    }
+    assert_eq!(expect.len(), 603);
+    drained(&store, Duration::from_secs(60)).await;
+    wait_effects(&effects, expect.len() as i64, Duration::from_secs(120)).await;
+    consumer.stop().await;
+    relay.stop().await;
+
+    check_effects(&effects, &expect).await;
+    let seen = read_stream(&reader, &stream, expect.len(), Duration::from_secs(10)).await;
+    assert_eq!(
+        check_delivery("nats", &seen, &expect),
+        0,
+        "no faults, no duplicates on the stream"
+    );
+    // The key is in the subject ("key.3" is not a subject token: hex-encoded).
+    let s = seen.iter().find(|r| r.key.as_deref() == Some("key.3")).unwrap();
+    assert!(s
+        .headers
+        .iter()
+        .any(|(k, v)| k == "Nats-Msg-Id" && *v == s.id.to_string()));
+    let subject = outbox_nats::subject_for("", &topic, Some("key.3")).unwrap();
+    assert_eq!(subject, format!("{topic}.~6b65792e33"));
+    assert_eq!(stats.processed.load(std::sync::atomic::Ordering::Relaxed), 603);
+}
+
+/// A topic that no stream takes: the relay dead-letters its message (no responders is permanent)
+/// and parks the key, while every other key and subject flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_without_a_stream_is_dead_lettered_and_its_key_parked_while_others_flow() {
+    let url = shared_url();
+    let reader = client(&url).await;
+    let (topic, stream) = new_destination(&reader, "nostream").await;
+    let missing = format!("missing-{}", uuid::Uuid::new_v4().simple());
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+
+    let poison = Message::new(missing.clone(), "nowhere").key("parked");
+    let behind = Message::new(topic.clone(), "behind").key("parked");
+    let others: Vec<Message> = (0..40)
+        .map(|i| Message::new(topic.clone(), format!("{i}")).key(format!("k{}", i % 8)))
+        .collect();
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &poison).await.unwrap();
+    outbox::enqueue(&mut tx, &behind).await.unwrap();
+    outbox::enqueue_batch(&mut tx, &others).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = start(
+        store.clone(),
+        publisher(&url).await,
+        test_config().dead_letter_policy(DeadLetterPolicy::Park),
+    );
+    let expect: HashSet<_> = others.iter().map(|m| m.id()).collect();
+    wait_for(
+        "the message without a stream dead-lettered",
+        Duration::from_secs(30),
+        || async { store.dead_letters(10).await.unwrap().len() == 1 },
+    )
+    .await;
+    let seen = read_stream(&reader, &stream, expect.len(), Duration::from_secs(30)).await;
+    relay.stop().await;
+
+    let dead = store.dead_letters(10).await.unwrap();
+    assert_eq!(dead[0].id, poison.id());
+    assert!(dead[0].error.contains("no stream"), "{}", dead[0].error);
+    assert_eq!(check_delivery("nats", &seen, &expect), 0);
+    assert!(
+        !seen.iter().any(|r| r.id == behind.id()),
+        "the parked key's next message stays behind its dead letter"
+    );
+    assert_eq!(store.status().await.unwrap().pending, 1, "the parked message waits");
+}
