@@ -258,3 +258,62 @@ async fn a_re_send_with_the_same_id_is_stored_once_even_across_a_server_restart(
     let ids: Vec<_> = seen.iter().map(|r| r.id).collect();
     assert_eq!(ids, [row.id, other.id], "stored once, then the next message");
 }
+
+/// The consumer's database goes away for longer than `max_deliver` retries would last: nothing is
+/// dead-lettered, every message is applied once when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_consumer_database_away_for_a_while_dead_letters_nothing() {
+    use outbox::Publisher;
+    let url = shared_url();
+    let reader = client(&url).await;
+    let (topic, stream) = new_destination(&reader, "dbout").await;
+    let effects = outbox_tests::effects::effects_db().await;
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&effects)
+        .await
+        .unwrap();
+    let db_proxy = outbox_tests::proxy::DbProxy::start().await;
+    let via_proxy = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&format!("postgres://postgres@127.0.0.1:{}/{db}", db_proxy.port))
+        .await
+        .unwrap();
+
+    let p = publisher(&url).await;
+    let first: Vec<_> = (0..10)
+        .map(|i| {
+            outbox_tests::publisher_suite::stored(i + 1, &topic, Some(&format!("k{}", i % 2)), Some(i / 2 + 1), vec![])
+        })
+        .collect();
+    assert!(p.publish(&first).await.iter().all(Result::is_ok));
+    let cfg = consumer_config(&url, &stream, "effects").max_deliver(2);
+    let (consumer, stats) = run_consumer(cfg, via_proxy, EffectRows).await;
+    wait_effects(&effects, 10, Duration::from_secs(60)).await;
+
+    db_proxy.cut();
+    let second: Vec<_> = (10..20)
+        .map(|i| {
+            outbox_tests::publisher_suite::stored(i + 1, &topic, Some(&format!("k{}", i % 2)), Some(i / 2 + 1), vec![])
+        })
+        .collect();
+    assert!(p.publish(&second).await.iter().all(Result::is_ok));
+    outbox_tests::embedded::wait_for(
+        "the runner met the outage several times",
+        Duration::from_secs(60),
+        || async { stats.infrastructure_retries.load(Relaxed) >= 4 },
+    )
+    .await;
+    db_proxy.restore().await;
+    wait_effects(&effects, 20, Duration::from_secs(60)).await;
+    consumer.stop().await;
+
+    let expect: HashSet<_> = first.iter().chain(&second).map(|r| r.id).collect();
+    check_effects(&effects, &expect).await;
+    assert_eq!(
+        stats.dead_lettered.load(Relaxed),
+        0,
+        "database trouble is never the message's fault"
+    );
+    assert_eq!(stats.retries.load(Relaxed), 0, "nor a handler failure");
+}
