@@ -153,8 +153,8 @@ async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
         tracing::info!("stopped before the database was reached");
         return Ok(());
     };
-    tracing::info!(database = %redact_url(&s.database_url), database = db.kind, kafka = ?outbox_kafka::redacted(&s.kafka), "configuration");
-    let publisher = KafkaPublisher::new(s.kafka.clone()).context("creating the Kafka producer")?;
+    let publisher = connect_broker(&s).await?;
+    tracing::info!(database = %redact_url(&s.database_url), driver = db.kind, "configuration");
     let listener = tokio::net::TcpListener::bind(&s.admin_listen)
         .await
         .with_context(|| format!("binding the admin endpoint {}", s.admin_listen))?;
@@ -166,6 +166,28 @@ async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
         .await?;
     admin.abort();
     Ok(())
+}
+
+/// The publisher for the configured broker. Settings are logged without secrets.
+async fn connect_broker(s: &settings::Settings) -> anyhow::Result<Arc<dyn outbox::Publisher>> {
+    use settings::Broker;
+    let broker = s.broker.as_ref().context(
+        "no broker configured: add a [kafka] section (or --kafka bootstrap.servers=...), a [rabbitmq] or a [nats] section",
+    )?;
+    Ok(match broker {
+        Broker::Kafka(kafka) => {
+            tracing::info!(kafka = ?outbox_kafka::redacted(kafka), "broker: Kafka");
+            Arc::new(KafkaPublisher::new(kafka.clone()).context("creating the Kafka producer")?)
+        }
+        Broker::Rabbitmq(cfg) => {
+            tracing::info!(url = %outbox_rabbitmq::redact_url(&cfg.url), exchange = %cfg.exchange, "broker: RabbitMQ");
+            Arc::new(outbox_rabbitmq::RabbitPublisher::connect(cfg.clone()).await?)
+        }
+        Broker::Nats(cfg) => {
+            tracing::info!(url = %outbox_nats::redact_url(&cfg.url), subject_prefix = %cfg.subject_prefix, "broker: NATS JetStream");
+            Arc::new(outbox_nats::NatsPublisher::connect(cfg.clone()).await?)
+        }
+    })
 }
 
 /// First and longest wait between attempts to reach the database at start-up.

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use outbox_nats::NatsConfig;
+use outbox_rabbitmq::RabbitConfig;
 use outbox_relay::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 
 /// The TOML file. Every key is optional; see README "Configuration".
@@ -21,8 +23,11 @@ pub(crate) struct FileConfig {
     #[serde(default)]
     pub(crate) relay: RelaySection,
     /// librdkafka settings, passed through unchanged (`"bootstrap.servers" = "..."`).
-    #[serde(default)]
-    pub(crate) kafka: BTreeMap<String, String>,
+    pub(crate) kafka: Option<BTreeMap<String, String>>,
+    /// RabbitMQ publisher settings.
+    pub(crate) rabbitmq: Option<RabbitConfig>,
+    /// NATS JetStream publisher settings.
+    pub(crate) nats: Option<NatsConfig>,
     /// Admin HTTP endpoint.
     #[serde(default)]
     pub(crate) admin: AdminSection,
@@ -109,6 +114,17 @@ pub(crate) struct Overrides {
     pub(crate) admin_listen: Option<String>,
 }
 
+/// The broker the relay publishes to: exactly one of `[kafka]`, `[rabbitmq]`, `[nats]`.
+#[derive(Debug)]
+pub(crate) enum Broker {
+    /// librdkafka settings.
+    Kafka(BTreeMap<String, String>),
+    /// RabbitMQ (confirms, mandatory, persistent).
+    Rabbitmq(RabbitConfig),
+    /// NATS JetStream (publish acks, `Nats-Msg-Id`).
+    Nats(NatsConfig),
+}
+
 /// Everything the daemon needs, resolved.
 #[derive(Debug)]
 pub(crate) struct Settings {
@@ -118,8 +134,8 @@ pub(crate) struct Settings {
     pub(crate) database_schema: Option<String>,
     /// Engine settings.
     pub(crate) relay: RelayConfig,
-    /// librdkafka settings.
-    pub(crate) kafka: BTreeMap<String, String>,
+    /// The broker the relay publishes to.
+    pub(crate) broker: Option<Broker>,
     /// Admin address.
     pub(crate) admin_listen: String,
     /// Keep published rows.
@@ -197,23 +213,12 @@ pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid relay settings: {e}"))?;
 
-    let mut kafka = file.kafka;
-    for (k, v) in std::env::vars() {
-        if let Some(rest) = k.strip_prefix("OUTBOX_KAFKA_") {
-            kafka.insert(rest.to_ascii_lowercase().replace('_', "."), v);
-        }
-    }
-    for kv in &o.kafka {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--kafka expects KEY=VALUE, got {kv:?}"))?;
-        kafka.insert(k.trim().to_owned(), v.to_owned());
-    }
+    let broker = broker(o, file.kafka, file.rabbitmq, file.nats, std::env::vars())?;
     Ok(Settings {
         database_url,
         database_schema,
         relay,
-        kafka,
+        broker,
         admin_listen: o
             .admin_listen
             .clone()
@@ -221,6 +226,62 @@ pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| "127.0.0.1:9464".into()),
         keep_published: r.keep_published.unwrap_or(false),
     })
+}
+
+/// Picks the one broker the file, the environment and the flags name. Kafka settings come from
+/// `[kafka]`, `OUTBOX_KAFKA_<KEY>` and `--kafka`; `OUTBOX_RABBITMQ_URL` and `OUTBOX_NATS_URL` set
+/// (or imply) those sections' `url`, so a password can stay out of the file. None at all is `None`:
+/// the commands that publish refuse to start without one.
+fn broker(
+    o: &Overrides,
+    kafka_file: Option<BTreeMap<String, String>>,
+    mut rabbitmq: Option<RabbitConfig>,
+    mut nats: Option<NatsConfig>,
+    env: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<Option<Broker>> {
+    let mut kafka = kafka_file;
+    for (k, v) in env {
+        if let Some(rest) = k.strip_prefix("OUTBOX_KAFKA_") {
+            kafka
+                .get_or_insert_with(BTreeMap::new)
+                .insert(rest.to_ascii_lowercase().replace('_', "."), v);
+        } else if k == "OUTBOX_RABBITMQ_URL" {
+            rabbitmq.get_or_insert_with(RabbitConfig::default).url = v;
+        } else if k == "OUTBOX_NATS_URL" {
+            nats.get_or_insert_with(NatsConfig::default).url = v;
+        }
+    }
+    for kv in &o.kafka {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--kafka expects KEY=VALUE, got {kv:?}"))?;
+        kafka
+            .get_or_insert_with(BTreeMap::new)
+            .insert(k.trim().to_owned(), v.to_owned());
+    }
+    let mut chosen: Vec<Broker> = Vec::new();
+    chosen.extend(kafka.map(Broker::Kafka));
+    chosen.extend(rabbitmq.map(Broker::Rabbitmq));
+    chosen.extend(nats.map(Broker::Nats));
+    if chosen.len() > 1 {
+        let names: Vec<&str> = chosen.iter().map(Broker::name).collect();
+        anyhow::bail!(
+            "more than one broker configured ({}): keep exactly one of [kafka], [rabbitmq], [nats]",
+            names.join(", ")
+        );
+    }
+    Ok(chosen.pop())
+}
+
+impl Broker {
+    /// The section name.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Broker::Kafka(_) => "kafka",
+            Broker::Rabbitmq(_) => "rabbitmq",
+            Broker::Nats(_) => "nats",
+        }
+    }
 }
 
 /// A schema name goes into SQL text (`CREATE SCHEMA`) and `search_path`, so only a plain lowercase
@@ -278,6 +339,39 @@ pub(crate) fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exactly_one_broker() {
+        let none = Overrides::default();
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert!(broker(&none, None, None, None, env(&[]).into_iter()).unwrap().is_none());
+        let nats: FileConfig = toml::from_str("[nats]\nurl = \"nats://127.0.0.1:4333\"").unwrap();
+        match broker(&none, nats.kafka, nats.rabbitmq, nats.nats, env(&[]).into_iter()).unwrap() {
+            Some(Broker::Nats(c)) => assert_eq!(c.url, "nats://127.0.0.1:4333"),
+            other => panic!("{other:?}"),
+        }
+        let both: FileConfig = toml::from_str("[nats]\n[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9092\"").unwrap();
+        let err = broker(&none, both.kafka, both.rabbitmq, both.nats, env(&[]).into_iter()).unwrap_err();
+        assert!(err.to_string().contains("kafka, nats"), "{err}");
+        // A Kafka flag beside a [rabbitmq] section is two brokers too.
+        let flags = Overrides {
+            kafka: vec!["bootstrap.servers=127.0.0.1:9092".into()],
+            ..Overrides::default()
+        };
+        let err = broker(
+            &flags,
+            None,
+            None,
+            None,
+            env(&[("OUTBOX_RABBITMQ_URL", "amqp://h")]).into_iter(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("kafka, rabbitmq"), "{err}");
+        let bad: Result<FileConfig, _> = toml::from_str("[rabbitmq]\nexchnage = \"x\"");
+        assert!(bad.is_err(), "a typo in [rabbitmq] is an error");
+    }
 
     /// README's configuration table states each engine default; this pins it to the constants.
     #[test]
@@ -375,8 +469,11 @@ mod tests {
         let s = resolve(&o).unwrap();
         assert_eq!(s.database_url, "postgres://file");
         assert_eq!(s.relay.batch_size, 20);
-        assert_eq!(s.kafka["bootstrap.servers"], "b:2");
-        assert_eq!(s.kafka["linger.ms"], "1");
+        let Some(Broker::Kafka(kafka)) = &s.broker else {
+            panic!("kafka expected: {:?}", s.broker)
+        };
+        assert_eq!(kafka["bootstrap.servers"], "b:2");
+        assert_eq!(kafka["linger.ms"], "1");
         std::fs::remove_file(dir).ok();
     }
 
