@@ -229,6 +229,7 @@ pub(crate) async fn connect(
             match event {
                 async_nats::Event::Connected => tracing::info!("connected to nats-server"),
                 async_nats::Event::Disconnected => tracing::warn!("disconnected from nats-server; reconnecting"),
+                async_nats::Event::Closed => tracing::debug!("nats connection closed"),
                 other => tracing::warn!(event = %other, "nats client event"),
             }
         });
