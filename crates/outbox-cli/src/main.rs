@@ -153,8 +153,8 @@ async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
         tracing::info!("stopped before the database was reached");
         return Ok(());
     };
-    let publisher = connect_broker(&s).await?;
     tracing::info!(database = %redact_url(&s.database_url), driver = db.kind, "configuration");
+    let publisher = connect_broker(&s).await?;
     let listener = tokio::net::TcpListener::bind(&s.admin_listen)
         .await
         .with_context(|| format!("binding the admin endpoint {}", s.admin_listen))?;
