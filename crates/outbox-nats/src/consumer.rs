@@ -71,7 +71,8 @@ pub struct NatsConsumerConfig {
     /// (a successor is parked until its predecessor is applied) or with one consumer per key
     /// subject (`filter_subject`). Defaults to 1.
     pub max_ack_pending: i64,
-    /// First retry delay of a failed handler; doubles per delivery. Defaults to 100 ms.
+    /// First retry delay of a failed handler; doubles per delivery, jittered ([`outbox::Backoff`]).
+    /// Defaults to 100 ms.
     pub backoff_base_ms: u64,
     /// Retry delay cap (also of the wait for the database). Defaults to 5 000 ms.
     pub backoff_max_ms: u64,
@@ -183,12 +184,6 @@ impl NatsConsumerConfig {
         self.cleanup_interval_ms = every.map_or(0, |d| d.as_millis() as u64);
         self
     }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        Duration::from_millis(self.backoff_base_ms)
-            .saturating_mul(1 << attempt.clamp(1, 16).saturating_sub(1))
-            .min(Duration::from_millis(self.backoff_max_ms))
-    }
 }
 
 /// Running counts of what the runner did, readable while it runs.
@@ -218,6 +213,7 @@ pub struct NatsConsumerRunner<DB: Backend, H> {
     inbox: Inbox,
     handler: H,
     cfg: NatsConsumerConfig,
+    backoff: outbox::Backoff,
     stats: Arc<NatsConsumerStats>,
 }
 
@@ -235,6 +231,11 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                 "the consumer needs a stream and a durable name".into(),
             ));
         }
+        let backoff = outbox::Backoff::new(
+            Duration::from_millis(cfg.backoff_base_ms),
+            Duration::from_millis(cfg.backoff_max_ms),
+        )
+        .map_err(|e| NatsError::Config(e.to_string()))?;
         let client = connect(
             &cfg.url,
             &cfg.connection_name,
@@ -289,6 +290,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
             inbox,
             handler,
             cfg,
+            backoff,
             stats: Arc::default(),
         })
     }
@@ -419,14 +421,14 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                     self.stats.infrastructure_retries.fetch_add(1, Relaxed);
                     outage += 1;
                     tracing::warn!(outbox.id = %incoming.id, error = %e, outage, "database unavailable; the message waits and is retried");
-                    if self.wait_holding(msg, self.cfg.backoff(outage), shutdown).await {
+                    if self.wait_holding(msg, self.backoff.delay(outage), shutdown).await {
                         let _ = msg.ack_with(AckKind::Nak(None)).await;
                         return true;
                     }
                 }
                 Err(e) if e.is_retryable() && delivered < self.cfg.max_deliver => {
                     self.stats.retries.fetch_add(1, Relaxed);
-                    let delay = self.cfg.backoff(u32::try_from(delivered).unwrap_or(u32::MAX));
+                    let delay = self.backoff.delay(u32::try_from(delivered).unwrap_or(u32::MAX));
                     tracing::warn!(outbox.id = %incoming.id, delivered, error = %e, ?delay, "handler failed; delivered again after a delay");
                     if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                         tracing::warn!(error = %e, "nak not sent; the message comes back after ack_wait");
@@ -491,7 +493,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                     self.stats.infrastructure_retries.fetch_add(1, Relaxed);
                     tries += 1;
                     tracing::error!(error = %e, "dead letter not written; the message waits and is retried");
-                    if self.wait_holding(msg, self.cfg.backoff(tries), shutdown).await {
+                    if self.wait_holding(msg, self.backoff.delay(tries), shutdown).await {
                         let _ = msg.ack_with(AckKind::Nak(None)).await;
                         return true;
                     }
