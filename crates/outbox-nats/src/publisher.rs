@@ -15,6 +15,7 @@ use futures::future::join_all;
 use outbox::{
     Delivered, FailureKind, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE,
 };
+use tracing::Instrument;
 
 use crate::config::{connect, redact_url};
 use crate::{subject_for, NatsConfig, NatsError};
@@ -150,7 +151,10 @@ impl NatsPublisher {
                     ));
                 }
                 None => {
-                    let res = self.publish_one(row).await;
+                    let res = self
+                        .publish_one(row)
+                        .instrument(tracing::debug_span!("publish", outbox.id = %row.id))
+                        .await;
                     failed = res.as_ref().err().map(|e| e.kind);
                     out.push((i, res));
                 }

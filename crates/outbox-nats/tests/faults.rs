@@ -61,6 +61,11 @@ async fn server_killed_and_restarted_mid_stream_loses_nothing_and_applies_each_m
     relay.stop().await;
 
     check_effects(&effects, &expect).await;
+    use outbox::StoreAdmin;
+    assert!(
+        store.dead_letters(10).await.unwrap().is_empty(),
+        "an outage dead-letters nothing"
+    );
     let seen = read_stream(&reader, &stream, expect.len(), Duration::from_secs(30)).await;
     let wire_dups = check_delivery("nats", &seen, &expect);
     eprintln!(
