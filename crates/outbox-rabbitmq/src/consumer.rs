@@ -62,7 +62,7 @@ pub struct RabbitConsumerConfig {
     pub prefetch: u16,
     /// Handler attempts before the message is dead-lettered. Defaults to 5.
     pub max_attempts: u32,
-    /// First retry delay; doubles per attempt. Defaults to 100 ms.
+    /// First retry delay; doubles per attempt, with jitter. Defaults to 100 ms.
     pub backoff_base: Duration,
     /// Retry delay cap, also the wait before connecting again. Defaults to 5 s.
     pub backoff_max: Duration,
@@ -168,10 +168,14 @@ impl RabbitConsumerConfig {
             .unwrap_or_else(|| format!("{}.dlq", self.queue))
     }
 
+    /// The retry delays, from `backoff_base` doubling up to `backoff_max`, jittered.
+    pub fn retry_backoff(&self) -> Result<outbox::Backoff, outbox::InvalidBackoff> {
+        outbox::Backoff::new(self.backoff_base, self.backoff_max)
+    }
+
+    // `run_until` refuses an invalid backoff before the first delivery, so the fallback is unused.
     fn backoff(&self, attempt: u32) -> Duration {
-        self.backoff_base
-            .saturating_mul(1 << attempt.clamp(1, 16).saturating_sub(1))
-            .min(self.backoff_max)
+        self.retry_backoff().map_or(self.backoff_max, |b| b.delay(attempt))
     }
 }
 
@@ -303,6 +307,9 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
     /// then the channel is closed (the server requeues what was prefetched and not acked, in
     /// order) and the runner returns. A delivery waiting for a retry does not hold shutdown up.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ConsumerError> {
+        self.cfg
+            .retry_backoff()
+            .map_err(|e| ConsumerError::Config(e.to_string()))?;
         tokio::pin!(shutdown);
         let mut next_cleanup = self.cfg.cleanup_interval.map(|every| Instant::now() + every);
         let mut first = true;
