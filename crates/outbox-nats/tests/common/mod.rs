@@ -19,10 +19,11 @@ fn script() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/nats").to_owned()
 }
 
-fn run_script(args: &[&str]) {
+fn run_script(args: &[&str], env: &[(String, String)]) {
     let out = std::process::Command::new("bash")
         .arg(script())
         .args(args)
+        .envs(env.iter().cloned())
         .output()
         .expect("bash runs");
     assert!(
@@ -37,10 +38,24 @@ fn run_script(args: &[&str]) {
 pub struct Server {
     pub dir: String,
     pub port: u16,
+    env: Vec<(String, String)>,
 }
 
 impl Server {
     pub async fn start() -> Server {
+        Server::start_with(Vec::new()).await
+    }
+
+    /// A server that requires `user` and `password`.
+    pub async fn start_with_auth(user: &str, password: &str) -> Server {
+        Server::start_with(vec![
+            ("OUTBOX_NATS_USER".into(), user.into()),
+            ("OUTBOX_NATS_PASSWORD".into(), password.into()),
+        ])
+        .await
+    }
+
+    async fn start_with(env: Vec<(String, String)>) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -51,7 +66,7 @@ impl Server {
             env!("CARGO_MANIFEST_DIR"),
             uuid::Uuid::new_v4().simple()
         );
-        let s = Server { dir, port };
+        let s = Server { dir, port, env };
         s.up().await;
         s
     }
@@ -62,8 +77,8 @@ impl Server {
 
     /// Starts it (again) on the same store and port; returns when it accepts connections.
     pub async fn up(&self) {
-        let (dir, port) = (self.dir.clone(), self.port.to_string());
-        tokio::task::spawn_blocking(move || run_script(&["start", &dir, &port]))
+        let (dir, port, env) = (self.dir.clone(), self.port.to_string(), self.env.clone());
+        tokio::task::spawn_blocking(move || run_script(&["start", &dir, &port], &env))
             .await
             .unwrap();
     }
@@ -71,7 +86,7 @@ impl Server {
     /// SIGKILL, and waits until it is gone.
     pub async fn kill(&self) {
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || run_script(&["kill", &dir, "KILL"]))
+        tokio::task::spawn_blocking(move || run_script(&["kill", &dir, "KILL"], &[]))
             .await
             .unwrap();
     }
