@@ -308,7 +308,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
     /// Consumes until `shutdown` completes: the message being processed finishes (or, while it
     /// waits for the database, is handed back with a nak), then the runner returns. Messages
     /// fetched but not processed are not acknowledged: the server delivers them again after
-    /// `ack_wait`.
+    /// `ack_wait`. Returns an error only when the durable consumer is deleted under it.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), NatsError> {
         tokio::pin!(shutdown);
         let cleanup_every =
@@ -353,12 +353,17 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                         break;
                     }
                 }
+                Some(Err(e)) if e.kind() == pull::MessagesErrorKind::ConsumerDeleted => {
+                    // Someone deleted the durable consumer: its position is gone, and creating it
+                    // again would start over from the beginning. An operator decides.
+                    return Err(NatsError::jetstream(
+                        &format!("consumer {} of {}", self.cfg.durable, self.cfg.stream),
+                        "deleted while the runner was consuming",
+                    ));
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "pull consumer error");
-                    if matches!(
-                        e.kind(),
-                        pull::MessagesErrorKind::ConsumerDeleted | pull::MessagesErrorKind::NoResponders
-                    ) {
+                    if e.kind() == pull::MessagesErrorKind::NoResponders {
                         messages = None;
                     }
                 }
