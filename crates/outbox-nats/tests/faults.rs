@@ -322,3 +322,92 @@ async fn the_consumer_database_away_for_a_while_dead_letters_nothing() {
     );
     assert_eq!(stats.retries.load(Relaxed), 0, "nor a handler failure");
 }
+
+/// Fails the first delivery of every message whose seq is 1 modulo 3.
+#[derive(Default)]
+struct FailFirstTry(std::sync::Mutex<HashSet<uuid::Uuid>>);
+
+#[async_trait]
+impl Handler<sqlx::Postgres> for FailFirstTry {
+    type Error = Refused;
+    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, msg: &Incoming<'_>) -> Result<(), Refused> {
+        if msg.seq.is_some_and(|s| s % 3 == 1) && self.0.lock().unwrap().insert(msg.id) {
+            return Err(Refused);
+        }
+        EffectRows.handle(tx, msg).await.map_err(|_| Refused)
+    }
+}
+
+/// With several deliveries in flight a later message passes one that waits for its retry; under
+/// `GapPolicy::Hold` the inbox parks it and applies it right after its predecessor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_many_in_flight_the_inbox_under_hold_keeps_each_key_in_order_through_retries() {
+    use outbox::Publisher;
+    let url = shared_url();
+    let reader = client(&url).await;
+    let (topic, stream) = new_destination(&reader, "hold").await;
+    let effects = outbox_tests::effects::effects_db().await;
+    let p = publisher(&url).await;
+    let rows: Vec<_> = (0..30)
+        .map(|i| {
+            outbox_tests::publisher_suite::stored(i + 1, &topic, Some(&format!("k{}", i % 3)), Some(i / 3 + 1), vec![])
+        })
+        .collect();
+    assert!(p.publish(&rows).await.iter().all(Result::is_ok));
+    let expect: HashSet<_> = rows.iter().map(|r| r.id).collect();
+
+    let cfg = consumer_config(&url, &stream, "effects").max_ack_pending(16);
+    let runner = outbox_nats::NatsConsumerRunner::connect(
+        cfg,
+        effects.clone(),
+        outbox_inbox::Inbox::new("effects").gap_policy(outbox_inbox::GapPolicy::Hold),
+        FailFirstTry::default(),
+    )
+    .await
+    .unwrap();
+    let stats = runner.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run_until(async {
+        let _ = stopped.await;
+    }));
+    wait_effects(&effects, expect.len() as i64, Duration::from_secs(60)).await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+
+    check_effects(&effects, &expect).await;
+    assert!(stats.retries.load(Relaxed) >= 10, "the first tries failed");
+    assert!(
+        stats.parked.load(Relaxed) >= 1,
+        "a successor overtook its retried predecessor and was parked"
+    );
+}
+
+/// With the default `max_ack_pending = 1` nothing passes a message waiting for its retry: every key
+/// is applied in order under the default gap policy too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn by_default_retries_keep_each_key_in_order_without_the_inbox_parking() {
+    use outbox::Publisher;
+    let url = shared_url();
+    let reader = client(&url).await;
+    let (topic, stream) = new_destination(&reader, "inorder").await;
+    let effects = outbox_tests::effects::effects_db().await;
+    let p = publisher(&url).await;
+    let rows: Vec<_> = (0..30)
+        .map(|i| {
+            outbox_tests::publisher_suite::stored(i + 1, &topic, Some(&format!("k{}", i % 3)), Some(i / 3 + 1), vec![])
+        })
+        .collect();
+    assert!(p.publish(&rows).await.iter().all(Result::is_ok));
+    let expect: HashSet<_> = rows.iter().map(|r| r.id).collect();
+    let (consumer, stats) = run_consumer(
+        consumer_config(&url, &stream, "effects"),
+        effects.clone(),
+        FailFirstTry::default(),
+    )
+    .await;
+    wait_effects(&effects, expect.len() as i64, Duration::from_secs(60)).await;
+    consumer.stop().await;
+    check_effects(&effects, &expect).await;
+    assert!(stats.retries.load(Relaxed) >= 10, "the first tries failed");
+    assert_eq!(stats.parked.load(Relaxed), 0);
+}
