@@ -6,6 +6,7 @@ mod handler;
 mod inbox;
 mod incoming;
 mod parked;
+mod runner;
 
 #[cfg(feature = "mysql")]
 mod mysql;
@@ -20,3 +21,4 @@ pub use handler::Handler;
 pub use inbox::{GapPolicy, Inbox, Outcome, DEFAULT_RETENTION};
 pub use incoming::{Incoming, MAX_SOURCE_LEN};
 pub use parked::Parked;
+pub use runner::{Disposition, RunnerStats};

@@ -11,12 +11,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::{Backoff, InvalidBackoff};
-use outbox_inbox::{Backend, Handler, Inbox, InboxError, Incoming, Outcome};
+use outbox_inbox::{Backend, Disposition, Handler, Inbox, Incoming};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -105,23 +105,8 @@ impl ConsumerConfig {
     }
 }
 
-/// Running counts of what the runner did, readable while it runs (also exported as metrics).
-#[derive(Debug, Default)]
-pub struct ConsumerStats {
-    /// Messages whose handler ran and committed.
-    pub processed: AtomicU64,
-    /// Deliveries recognised as duplicates (the handler did not run).
-    pub duplicates: AtomicU64,
-    /// Messages parked by the inbox (`GapPolicy::Hold`) until their predecessor is applied.
-    pub parked: AtomicU64,
-    /// Handler attempts that failed and were retried.
-    pub retries: AtomicU64,
-    /// Messages sent to the dead-letter topic.
-    pub dead_lettered: AtomicU64,
-    /// Attempts that failed on database (or dead-letter topic) trouble and were retried without
-    /// counting against `max_attempts`.
-    pub infrastructure_retries: AtomicU64,
-}
+/// Running counts of what the runner did, readable while it runs (the one set every runner keeps).
+pub use outbox_inbox::RunnerStats as ConsumerStats;
 
 /// Errors that stop the runner.
 #[derive(Debug, thiserror::Error)]
@@ -355,46 +340,26 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             .process(&self.pool, &incoming, &self.handler)
             .instrument(span)
             .await;
-        match res {
-            Ok(o) if o.is_done() => {
+        match Disposition::of(&res, attempts, self.cfg.max_attempts, &self.stats, incoming.id) {
+            Disposition::Done => {
                 self.outage_streak.store(0, Relaxed);
-                let counter = match o {
-                    Outcome::Duplicate => &self.stats.duplicates,
-                    Outcome::Parked => &self.stats.parked,
-                    _ => &self.stats.processed,
-                };
-                counter.fetch_add(1, Relaxed);
                 Step::Done
             }
-            Ok(o) => {
-                tracing::info!(outbox.id = %incoming.id, outcome = ?o, "not applied yet; its partition waits");
-                Step::Again {
-                    attempts,
-                    delay: self.cfg.backoff_max,
-                }
-            }
-            Err(e @ InboxError::Database(_)) => {
-                // The database, not the message: wait for it for as long as it takes.
-                self.stats.infrastructure_retries.fetch_add(1, Relaxed);
-                metrics::counter!("outbox_consumer_infrastructure_errors_total").increment(1);
+            Disposition::WaitForDatabase => {
+                // The database, not the message: its partition waits for as long as it takes.
                 let streak = self.outage_streak.fetch_add(1, Relaxed) + 1;
-                tracing::warn!(outbox.id = %incoming.id, error = %e, streak, "database unavailable; the partition waits and retries");
                 Step::Again {
                     attempts,
                     delay: self.cfg.backoff(streak),
                 }
             }
-            Err(e) if e.is_retryable() && attempts + 1 < self.cfg.max_attempts => {
-                self.stats.retries.fetch_add(1, Relaxed);
-                tracing::warn!(outbox.id = %incoming.id, attempt = attempts + 1, error = %e, "handler failed; retrying");
-                Step::Again {
-                    attempts: attempts + 1,
-                    delay: self.cfg.backoff(attempts + 1),
-                }
-            }
-            Err(e) => {
-                tracing::error!(outbox.id = %incoming.id, attempt = attempts + 1, error = %e, "giving up; dead-lettering");
-                self.dead_letter_or_wait(msg, &e.to_string(), attempts + 1).await
+            Disposition::Retry { attempt } => Step::Again {
+                attempts: attempt,
+                delay: self.cfg.backoff(attempt),
+            },
+            Disposition::DeadLetter { attempts } => {
+                let error = res.err().map(|e| e.to_string()).unwrap_or_default();
+                self.dead_letter_or_wait(msg, &error, attempts).await
             }
         }
     }

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use outbox_inbox::{Backend, Handler, Inbox, Incoming, Outcome};
+use outbox_inbox::{Backend, Disposition, Handler, Inbox, Incoming};
 use serde::Deserialize;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -186,23 +186,8 @@ impl NatsConsumerConfig {
     }
 }
 
-/// Running counts of what the runner did, readable while it runs.
-#[derive(Debug, Default)]
-pub struct NatsConsumerStats {
-    /// Messages whose handler ran and committed.
-    pub processed: AtomicU64,
-    /// Deliveries recognised as duplicates (the handler did not run).
-    pub duplicates: AtomicU64,
-    /// Messages parked by the inbox (`GapPolicy::Hold`) until their predecessor is applied.
-    pub parked: AtomicU64,
-    /// Handler failures that were retried (nak with delay).
-    pub retries: AtomicU64,
-    /// Messages published to the dead-letter subject and terminated.
-    pub dead_lettered: AtomicU64,
-    /// Attempts that failed on database (or dead-letter stream) trouble and were retried without
-    /// counting against the message.
-    pub infrastructure_retries: AtomicU64,
-}
+/// Running counts of what the runner did, readable while it runs (the one set every runner keeps).
+pub use outbox_inbox::RunnerStats as NatsConsumerStats;
 
 /// Consumes a stream through a durable pull consumer, processing each message through the inbox.
 pub struct NatsConsumerRunner<DB: Backend, H> {
@@ -406,14 +391,10 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                 .process(&self.pool, &incoming, &self.handler)
                 .instrument(span)
                 .await;
-            match res {
-                Ok(o) => {
-                    let counter = match o {
-                        Outcome::Duplicate => &self.stats.duplicates,
-                        Outcome::Parked => &self.stats.parked,
-                        _ => &self.stats.processed,
-                    };
-                    counter.fetch_add(1, Relaxed);
+            let failed_before = u32::try_from(delivered.max(1) - 1).unwrap_or(u32::MAX);
+            let max = u32::try_from(self.cfg.max_deliver).unwrap_or(u32::MAX);
+            match Disposition::of(&res, failed_before, max, &self.stats, incoming.id) {
+                Disposition::Done => {
                     // Committed: now the ack. A lost ack means one more delivery, which the inbox
                     // recognises.
                     if let Err(e) = msg.ack().await {
@@ -421,29 +402,26 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                     }
                     return false;
                 }
-                Err(e) if e.is_infrastructure() => {
+                Disposition::WaitForDatabase => {
                     // The database, not the message: keep it and wait, however long it takes.
-                    self.stats.infrastructure_retries.fetch_add(1, Relaxed);
                     outage += 1;
-                    tracing::warn!(outbox.id = %incoming.id, error = %e, outage, "database unavailable; the message waits and is retried");
                     if self.wait_holding(msg, self.backoff.delay(outage), shutdown).await {
                         let _ = msg.ack_with(AckKind::Nak(None)).await;
                         return true;
                     }
                 }
-                Err(e) if e.is_retryable() && delivered < self.cfg.max_deliver => {
-                    self.stats.retries.fetch_add(1, Relaxed);
-                    let delay = self.backoff.delay(u32::try_from(delivered).unwrap_or(u32::MAX));
-                    tracing::warn!(outbox.id = %incoming.id, delivered, error = %e, ?delay, "handler failed; delivered again after a delay");
+                Disposition::Retry { attempt } => {
+                    let delay = self.backoff.delay(attempt);
+                    tracing::debug!(outbox.id = %incoming.id, delivered, ?delay, "delivered again after the delay");
                     if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                         tracing::warn!(error = %e, "nak not sent; the message comes back after ack_wait");
                     }
                     return false;
                 }
-                Err(e) => {
-                    tracing::error!(outbox.id = %incoming.id, delivered, error = %e, "giving up; dead-lettering");
+                Disposition::DeadLetter { .. } => {
+                    let error = res.err().map(|e| e.to_string()).unwrap_or_default();
                     return self
-                        .dead_letter_until_done(msg, &e.to_string(), delivered, stream_seq, shutdown)
+                        .dead_letter_until_done(msg, &error, delivered, stream_seq, shutdown)
                         .await;
                 }
             }

@@ -9,7 +9,7 @@
 //! recognises what was already applied).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use lapin::options::{
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use outbox_inbox::{Backend, Handler, Inbox, Incoming, Outcome};
+use outbox_inbox::{Backend, Disposition, Handler, Inbox, Incoming};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -179,25 +179,9 @@ impl RabbitConsumerConfig {
     }
 }
 
-/// Running counts of what the runner did, readable while it runs (also exported as metrics).
-#[derive(Debug, Default)]
-pub struct ConsumerStats {
-    /// Messages whose handler ran and committed.
-    pub processed: AtomicU64,
-    /// Deliveries recognised as duplicates (the handler did not run).
-    pub duplicates: AtomicU64,
-    /// Messages parked by the inbox (`GapPolicy::Hold`) until their predecessor is applied.
-    pub parked: AtomicU64,
-    /// Handler attempts that failed and were retried.
-    pub retries: AtomicU64,
-    /// Messages sent to the dead-letter exchange.
-    pub dead_lettered: AtomicU64,
-    /// Attempts that failed on database (or dead-letter) trouble and were retried without counting
-    /// against `max_attempts`.
-    pub infrastructure_retries: AtomicU64,
-    /// Connections opened after the first (the server went away, or an ack could not be sent).
-    pub reconnects: AtomicU64,
-}
+/// Running counts of what the runner did, readable while it runs (the one set every runner keeps;
+/// `reconnects` counts this runner's own reconnections).
+pub use outbox_inbox::RunnerStats as ConsumerStats;
 
 /// Errors that stop the runner.
 #[derive(Debug, thiserror::Error)]
@@ -488,39 +472,26 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
             .process(&self.pool, &incoming, &self.handler)
             .instrument(span)
             .await;
-        match res {
-            Ok(o) => {
+        match Disposition::of(&res, attempts, self.cfg.max_attempts, &self.stats, incoming.id) {
+            Disposition::Done => {
                 self.outage_streak.store(0, Relaxed);
-                let counter = match o {
-                    Outcome::Duplicate => &self.stats.duplicates,
-                    Outcome::Parked => &self.stats.parked,
-                    Outcome::Processed => &self.stats.processed,
-                };
-                counter.fetch_add(1, Relaxed);
                 Step::Done
             }
-            Err(e) if e.is_infrastructure() => {
-                // The database, not the message: wait for it for as long as it takes.
-                self.stats.infrastructure_retries.fetch_add(1, Relaxed);
-                metrics::counter!("outbox_consumer_infrastructure_errors_total").increment(1);
+            Disposition::WaitForDatabase => {
+                // The database, not the message: the queue waits for as long as it takes.
                 let streak = self.outage_streak.fetch_add(1, Relaxed) + 1;
-                tracing::warn!(outbox.id = %incoming.id, error = %e, streak, "database unavailable; the queue waits and retries");
                 Step::Again {
                     attempts,
                     delay: self.cfg.backoff(streak),
                 }
             }
-            Err(e) if e.is_retryable() && attempts + 1 < self.cfg.max_attempts => {
-                self.stats.retries.fetch_add(1, Relaxed);
-                tracing::warn!(outbox.id = %incoming.id, attempt = attempts + 1, error = %e, "handler failed; retrying");
-                Step::Again {
-                    attempts: attempts + 1,
-                    delay: self.cfg.backoff(attempts + 1),
-                }
-            }
-            Err(e) => {
-                tracing::error!(outbox.id = %incoming.id, attempt = attempts + 1, error = %e, "giving up; dead-lettering");
-                self.dead_letter_or_wait(dead, d, &e.to_string(), attempts + 1).await
+            Disposition::Retry { attempt } => Step::Again {
+                attempts: attempt,
+                delay: self.cfg.backoff(attempt),
+            },
+            Disposition::DeadLetter { attempts } => {
+                let error = res.err().map(|e| e.to_string()).unwrap_or_default();
+                self.dead_letter_or_wait(dead, d, &error, attempts).await
             }
         }
     }
