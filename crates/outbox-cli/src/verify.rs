@@ -139,24 +139,12 @@ fn read_topics(
     source: &str,
     kept: HashMap<uuid::Uuid, audit::Kept>,
 ) -> anyhow::Result<(Audit, Vec<TopicRead>, Windows)> {
-    let mut cfg = rdkafka::ClientConfig::new();
-    for (k, v) in kafka {
-        cfg.set(k, v);
-    }
-    // Producer-only settings are ignored by a consumer (librdkafka logs it once).
-    if !kafka.contains_key("group.id") {
-        cfg.set("group.id", "outbox-relay-verify");
-    }
-    cfg.set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest");
-    let consumer: BaseConsumer = cfg.create().context("creating the Kafka consumer")?;
+    let meta = consumer(kafka)?;
 
     // All watermarks first, so the progress bar knows the total.
     let mut plan: Vec<Vec<(i32, i64, i64)>> = Vec::new();
     for topic in topics {
-        let md = consumer
+        let md = meta
             .fetch_metadata(Some(topic), REQUEST_TIMEOUT)
             .with_context(|| format!("reading the metadata of topic {topic}"))?;
         let t = md.topics().first().context("no metadata for the topic")?;
@@ -166,7 +154,7 @@ fn read_topics(
         anyhow::ensure!(!t.partitions().is_empty(), "topic {topic} does not exist");
         let mut parts = Vec::new();
         for p in t.partitions() {
-            let (low, high) = consumer
+            let (low, high) = meta
                 .fetch_watermarks(topic, p.id(), REQUEST_TIMEOUT)
                 .with_context(|| format!("reading the offsets of {topic}[{}]", p.id()))?;
             parts.push((p.id(), low, high));
@@ -191,6 +179,9 @@ fn read_topics(
                 open.insert(p, high);
             }
         }
+        // A consumer per topic: nothing queued for the previous topic (an end-of-partition event
+        // names no topic) can reach this read.
+        let consumer = self::consumer(kafka)?;
         if !open.is_empty() {
             consumer.assign(&tpl).context("assigning the partitions")?;
         }
@@ -221,6 +212,9 @@ fn read_topics(
             let Some(&end) = open.get(&m.partition()) else {
                 continue;
             };
+            if m.topic() != topic {
+                continue;
+            }
             if m.offset() >= end {
                 open.remove(&m.partition());
                 continue;
@@ -232,7 +226,6 @@ fn read_topics(
             bar.inc(1);
             record(&mut audit, t, source, m.headers());
         }
-        consumer.unassign().ok();
         reads.push(TopicRead {
             topic: topic.clone(),
             partitions: parts.len(),
@@ -241,6 +234,23 @@ fn read_topics(
     }
     bar.finish_and_clear();
     Ok((audit, reads, windows))
+}
+
+/// A consumer that reads assigned partitions only: no group membership, no commits.
+fn consumer(kafka: &BTreeMap<String, String>) -> anyhow::Result<BaseConsumer> {
+    let mut cfg = rdkafka::ClientConfig::new();
+    for (k, v) in kafka {
+        cfg.set(k, v);
+    }
+    // Producer-only settings are ignored by a consumer (librdkafka logs it once).
+    if !kafka.contains_key("group.id") {
+        cfg.set("group.id", "outbox-relay-verify");
+    }
+    cfg.set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest");
+    cfg.create().context("creating the Kafka consumer")
 }
 
 /// Classifies one record by its outbox headers and feeds the audit.

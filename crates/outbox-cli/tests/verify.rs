@@ -210,6 +210,27 @@ async fn lost_duplicated_and_swapped_records_fail_with_the_right_counts() {
     assert_eq!((k2["reordered"].clone(), k2["missing"].clone()), (1.into(), 0.into()));
     assert_eq!(k2["reordered_seqs"], serde_json::json!([3]));
 
+    // The summary for a person says the same.
+    let out = Command::new(BIN)
+        .args(["--database-url", &db_url(&pool)])
+        .args(["--kafka", &format!("bootstrap.servers={bootstrap}")])
+        .args(["verify", "--topic", &t])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "missing:    1",
+        "reordered:  1",
+        "duplicates: 1",
+        "key \"k0\": 1 missing (3)",
+        "key \"k1\": 1 duplicated (2)",
+        "key \"k2\": 1 reordered (3)",
+        "FAILED",
+    ] {
+        assert!(summary.contains(line), "{line:?} not in:\n{summary}");
+    }
+
     // Duplicates alone do not fail: the same records without the loss and the swap pass.
     let clean = topic("verify-duplicates");
     create_topic(&bootstrap, &clean, 1).await;
