@@ -11,6 +11,7 @@ use settings::{redact_url, resolve, Overrides};
 mod admin;
 mod open;
 mod settings;
+mod verify;
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +41,9 @@ enum Command {
     /// Inspect and handle dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Audit Kafka topics against the outbox: lost, reordered, duplicated messages per key.
+    /// Exit 0 clean, 1 lost or reordered, 2 usage or connection error.
+    Verify(verify::VerifyArgs),
 }
 
 #[derive(Subcommand)]
@@ -79,6 +83,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Verify(args) = cli.command {
+        std::process::exit(verify::main(&cli.overrides, args).await);
+    }
     let s = resolve(&cli.overrides)?;
     match cli.command {
         Command::Run { migrate } => run(s, migrate).await,
@@ -149,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Verify(_) => unreachable!("handled above"),
     }
 }
 

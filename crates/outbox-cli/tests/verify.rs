@@ -1,0 +1,289 @@
+//! `outbox-relay verify` against the real broker and PostgreSQL: a topic the relay filled passes; a
+//! topic written by hand with a record left out, one doubled and a pair swapped fails with exactly
+//! those counts; a seq still pending is not lost.
+
+use std::process::Command;
+use std::time::Duration;
+
+use outbox::Message;
+use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
+use outbox_tests::kafka::{broker, client, create_topic, topic};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+/// Runs `verify --json` on `topic`; returns the exit code and the report.
+fn verify(url: &str, bootstrap: &str, topic: &str) -> (i32, Value) {
+    let out = Command::new(BIN)
+        .args(["--database-url", url])
+        .args(["--kafka", &format!("bootstrap.servers={bootstrap}")])
+        .args(["verify", "--topic", topic, "--json"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run outbox-relay verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify printed no JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().expect("exit code"), report)
+}
+
+/// Enqueues `n` messages per key on `keys` (`k0`, `k1`...) plus `unkeyed` unkeyed ones.
+async fn enqueue(pool: &sqlx::PgPool, t: &str, keys: usize, n: usize, unkeyed: usize) {
+    let mut tx = pool.begin().await.unwrap();
+    let mut msgs = Vec::new();
+    for i in 0..n {
+        for k in 0..keys {
+            msgs.push(Message::new(t, format!("{k}/{i}")).key(format!("k{k}")));
+        }
+    }
+    msgs.extend((0..unkeyed).map(|i| Message::new(t, format!("u{i}"))));
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// A pending row taken over by the test, to be produced as the relay would.
+#[derive(Clone)]
+struct Row {
+    id: uuid::Uuid,
+    key: String,
+    seq: i64,
+}
+
+/// Takes the outbox rows of `keys` out of the table (so they count as published), ordered by key
+/// and seq. Rows for which `keep` says false stay pending.
+async fn take_rows(pool: &sqlx::PgPool, keep: impl Fn(&str, i64) -> bool) -> Vec<Row> {
+    let rows: Vec<(uuid::Uuid, String, i64)> =
+        sqlx::query_as("SELECT id, key, seq FROM outbox_messages WHERE key IS NOT NULL ORDER BY key, seq")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let mut taken = Vec::new();
+    for (id, key, seq) in rows {
+        if keep(&key, seq) {
+            sqlx::query("DELETE FROM outbox_messages WHERE id = $1")
+                .bind(id)
+                .execute(pool)
+                .await
+                .unwrap();
+            taken.push(Row { id, key, seq });
+        }
+    }
+    taken
+}
+
+/// Produces `rows` in this order, with the relay's headers and Kafka key, one at a time.
+async fn produce(bootstrap: &str, t: &str, source: &str, rows: &[Row]) {
+    let producer: FutureProducer = client(bootstrap).create().expect("producer");
+    for r in rows {
+        let (id, seq) = (r.id.to_string(), r.seq.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: outbox::HEADER_ID,
+                value: Some(&id),
+            })
+            .insert(Header {
+                key: outbox::HEADER_KEY,
+                value: Some(&r.key),
+            })
+            .insert(Header {
+                key: outbox::HEADER_SEQ,
+                value: Some(&seq),
+            })
+            .insert(Header {
+                key: outbox::HEADER_SOURCE,
+                value: Some(source),
+            });
+        let record = FutureRecord::to(t).key(&r.key).payload("p").headers(headers);
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+}
+
+async fn source(pool: &sqlx::PgPool) -> String {
+    sqlx::query_scalar("SELECT id FROM outbox_source")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The report's entry for `key`.
+fn problem<'a>(report: &'a Value, key: &str) -> &'a Value {
+    report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["key"] == key)
+        .unwrap_or_else(|| panic!("no problem reported for {key}: {report:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_relay_filled_passes() {
+    let bootstrap = broker();
+    let t = topic("verify-clean");
+    create_topic(&bootstrap, &t, 3).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    enqueue(&pool, &t, 20, 15, 40).await;
+    // Published rows kept: the unkeyed ids are checked too.
+    let config = std::env::temp_dir().join(format!("verify-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&config, "[relay]\nkeep_published = true\n").unwrap();
+    let mut relay = RelayArgs::new(BIN, &db_url(&pool), &bootstrap, 50)
+        .args(["--config", config.to_str().unwrap()])
+        .spawn();
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    wait_pending_below(&store, 1, Duration::from_secs(60)).await;
+    relay.terminate();
+    std::fs::remove_file(&config).ok();
+
+    let (code, report) = verify(&db_url(&pool), &bootstrap, &t);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["records"], 340, "{report:#}");
+    assert_eq!(report["keyed"], 300);
+    assert_eq!(report["keys"], 20);
+    assert_eq!(report["unkeyed"], 40);
+    assert_eq!(report["unkeyed_checked"], 40);
+    assert_eq!(report["unkeyed_missing"], 0);
+    assert_eq!(report["missing"], 0);
+    assert_eq!(report["reordered"], 0);
+    assert_eq!(report["duplicates"], 0);
+    assert_eq!(report["source"], source(&pool).await.as_str());
+    assert_eq!(report["topics"][0]["partitions"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_duplicated_and_swapped_records_fail_with_the_right_counts() {
+    let bootstrap = broker();
+    let t = topic("verify-broken");
+    create_topic(&bootstrap, &t, 2).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    enqueue(&pool, &t, 4, 5, 0).await;
+    let rows = take_rows(&pool, |_, _| true).await;
+    let mut written = Vec::new();
+    for r in &rows {
+        match (r.key.as_str(), r.seq) {
+            // Lost: k0's seq 3 never reaches the topic.
+            ("k0", 3) => {}
+            // Duplicated: k1's seq 2 twice.
+            ("k1", 2) => {
+                written.push(r.clone());
+                written.push(r.clone());
+            }
+            // Swapped: k2's seq 4 before its seq 3.
+            ("k2", 4) => {
+                let three = written.pop().expect("k2 seq 3");
+                written.push(r.clone());
+                written.push(three);
+            }
+            _ => written.push(r.clone()),
+        }
+    }
+    produce(&bootstrap, &t, &source(&pool).await, &written).await;
+
+    let (code, report) = verify(&db_url(&pool), &bootstrap, &t);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["records"], 20, "{report:#}");
+    assert_eq!(report["missing"], 1, "{report:#}");
+    assert_eq!(report["duplicates"], 1, "{report:#}");
+    assert_eq!(report["reordered"], 1, "{report:#}");
+    assert_eq!(
+        report["problems"].as_array().unwrap().len(),
+        3,
+        "k3 is clean: {report:#}"
+    );
+    let k0 = problem(&report, "k0");
+    assert_eq!(k0["missing"], 1);
+    assert_eq!(k0["missing_seqs"], serde_json::json!([[3, 3]]));
+    let k1 = problem(&report, "k1");
+    assert_eq!((k1["duplicates"].clone(), k1["missing"].clone()), (1.into(), 0.into()));
+    assert_eq!(k1["duplicate_seqs"], serde_json::json!([2]));
+    let k2 = problem(&report, "k2");
+    assert_eq!((k2["reordered"].clone(), k2["missing"].clone()), (1.into(), 0.into()));
+    assert_eq!(k2["reordered_seqs"], serde_json::json!([3]));
+
+    // The summary for a person says the same.
+    let out = Command::new(BIN)
+        .args(["--database-url", &db_url(&pool)])
+        .args(["--kafka", &format!("bootstrap.servers={bootstrap}")])
+        .args(["verify", "--topic", &t])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let summary = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "missing:    1",
+        "reordered:  1",
+        "duplicates: 1",
+        "key \"k0\": 1 missing (3)",
+        "key \"k1\": 1 duplicated (2)",
+        "key \"k2\": 1 reordered (3)",
+        "FAILED",
+    ] {
+        assert!(summary.contains(line), "{line:?} not in:\n{summary}");
+    }
+
+    // Duplicates alone do not fail: the same records without the loss and the swap pass.
+    let clean = topic("verify-duplicates");
+    create_topic(&bootstrap, &clean, 1).await;
+    let mut doubled = rows.clone();
+    doubled.insert(1, rows[0].clone());
+    produce(&bootstrap, &clean, &source(&pool).await, &doubled).await;
+    let (code, report) = verify(&db_url(&pool), &bootstrap, &clean);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["duplicates"], 1, "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_still_pending_is_not_missing() {
+    let bootstrap = broker();
+    let t = topic("verify-pending");
+    create_topic(&bootstrap, &t, 1).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    enqueue(&pool, &t, 2, 5, 0).await;
+    // k0: seq 3 waits in the outbox (e.g. in backoff) while 4 and 5 went out; k1: 5 not yet sent.
+    let rows = take_rows(&pool, |k, s| !matches!((k, s), ("k0", 3) | ("k1", 5))).await;
+    produce(&bootstrap, &t, &source(&pool).await, &rows).await;
+    let (code, report) = verify(&db_url(&pool), &bootstrap, &t);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["records"], 8);
+    assert_eq!(report["missing"], 0, "{report:#}");
+
+    // Once the row is gone without being published (a discarded dead letter), it is lost.
+    sqlx::query("DELETE FROM outbox_messages WHERE key = 'k0'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, report) = verify(&db_url(&pool), &bootstrap, &t);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(problem(&report, "k0")["missing_seqs"], serde_json::json!([[3, 3]]));
+}
+
+#[test]
+fn usage_and_connection_errors_exit_2() {
+    let out = Command::new(BIN)
+        .args(["--database-url", "postgres://postgres@127.0.0.1:5432/postgres"])
+        .args(["verify", "--topic", "t"])
+        .env_remove("OUTBOX_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no broker configured");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no Kafka configured"));
+    let out = Command::new(BIN)
+        .args(["--database-url", "postgres://postgres@127.0.0.1:1/none"])
+        .args(["--kafka", "bootstrap.servers=127.0.0.1:19092"])
+        .args(["verify", "--topic", "t"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "database unreachable");
+    let out = Command::new(BIN).args(["verify"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "--topic is required");
+}
