@@ -597,9 +597,15 @@ mod tests {
         assert_eq!(c.max_attempts, 5);
         assert!(c.declare);
         assert_eq!(c.dead_letter_key(), "orders.dlq");
-        assert_eq!(c.backoff(1), Duration::from_millis(100));
-        assert_eq!(c.backoff(3), Duration::from_millis(400));
-        assert_eq!(c.backoff(30), Duration::from_secs(5));
+        let b = c.retry_backoff().unwrap();
+        assert_eq!(b.ceiling(1), Duration::from_millis(100));
+        assert_eq!(b.ceiling(3), Duration::from_millis(400));
+        assert_eq!(b.ceiling(30), Duration::from_secs(5));
+        let d = c.backoff(3);
+        assert!(
+            d >= Duration::from_millis(200) && d <= Duration::from_millis(400),
+            "{d:?}"
+        );
         let c = RabbitConsumerConfig::new("amqp://u:s3cret@h", "q");
         assert!(!format!("{c:?}").contains("s3cret"));
     }
