@@ -62,22 +62,13 @@ const KEYS_PER_STATEMENT: usize = 1000;
 /// at once (they take turns on SQLite's write lock) and beside the application's own sqlx migrations
 /// (tracked in `outbox_schema_migrations`).
 pub async fn migrate(pool: &SqlitePool) -> Result<()> {
-    let mut tx = pool.begin_with(sql::BEGIN_WRITE).await?;
-    sqlx::query(sql::MIGRATIONS_TABLE).execute(&mut *tx).await?;
-    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(sql::MIGRATIONS_APPLIED).fetch_all(&mut *tx).await?;
-    for m in crate::migrate::pending(&MIGRATOR, &applied)? {
-        sqlx::raw_sql(&m.sql).execute(&mut *tx).await?;
-        sqlx::query(sql::MIGRATIONS_RECORD)
-            .bind(m.version)
-            .bind(&*m.description)
-            .bind(&*m.checksum)
-            .execute(&mut *tx)
-            .await?;
-        tracing::info!(version = m.version, description = %m.description, "applied outbox migration");
-    }
+    let mut tx = pool.begin_with(sql::BEGIN_IMMEDIATE).await?;
+    apply_migrations(&mut tx).await?;
     tx.commit().await?;
     Ok(())
 }
+
+crate::migrate::apply_migrations!(Sqlite, sql, MIGRATOR);
 
 #[async_trait]
 impl Backend for Sqlite {
