@@ -6,11 +6,31 @@
 //! these macros hold the Rust that is the same everywhere, as `sqlx::migrate::Migrator` holds the
 //! migration loop over each driver's statements.
 
+use std::time::Duration;
+
 use crate::Lease;
 
 /// A count bound as a SQL integer (a limit, a batch size).
 pub(crate) fn count(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A duration bound as whole milliseconds.
+#[allow(dead_code)] // used by the backends compiled in
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A duration bound as whole microseconds.
+#[allow(dead_code)] // used by the backends compiled in
+pub(crate) fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// An age read as microseconds (negative, from clocks apart: zero).
+#[allow(dead_code)] // used by the backends compiled in
+pub(crate) fn age_micros(us: i64) -> Duration {
+    Duration::from_micros(us.max(0) as u64)
 }
 
 /// The leases `owner` holds, from `(lane, epoch)` rows.

@@ -74,12 +74,7 @@ crate::migrate::apply_migrations!(MySql, sql, MIGRATOR);
 impl Backend for MySql {
     async fn insert(conn: &mut MySqlConnection, msgs: &[Message], _opts: &Options) -> Result<Vec<Enqueued>> {
         // Counters first, keys in order (two batches lock them in the same order), then the rows.
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        for m in msgs {
-            if let Some(k) = m.key.as_deref() {
-                *counts.entry(k).or_default() += 1;
-            }
-        }
+        let counts = crate::message::key_counts(msgs);
         let last = take_seqs(conn, &counts).await?;
         // Each key's block of seqs is handed out in input order.
         let mut next: HashMap<&str, i64> = HashMap::with_capacity(counts.len());

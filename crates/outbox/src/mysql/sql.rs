@@ -15,8 +15,6 @@
 //! which keeps the relay from deadlocking with business transactions. The only scan is the lease
 //! candidates' (`SKIP LOCKED`, never waits). The rows of one batch go in one multi-statement round trip.
 
-use std::time::Duration;
-
 use chrono::{DateTime, NaiveDateTime, Utc};
 
 use crate::Delivered;
@@ -40,14 +38,8 @@ pub(super) fn time(t: Time) -> Result<DateTime<Utc>, String> {
     Ok(t.and_utc())
 }
 
-pub(super) fn age(us: Age) -> Duration {
-    Duration::from_micros(us.max(0) as u64)
-}
-
-/// Durations are bound as microseconds.
-pub(super) fn span(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
+/// Ages are read and durations bound as microseconds.
+pub(super) use crate::sql_store::{age_micros as age, micros as span};
 
 /// Write transactions start with the pool's `BEGIN`.
 pub(super) const BEGIN_WRITE: Option<&str> = None;

@@ -1,4 +1,6 @@
-//! `MySqlStore`: the relay's operations on MySQL / MariaDB (statements live in `sql.rs`).
+//! `MySqlStore`: what the relay does on MySQL / MariaDB its own way (acquire, renew, claim, mark);
+//! the rest is the body in [`crate::sql_store`] over this database's dialect (`sql.rs`: statements,
+//! decoding).
 
 use std::time::Duration;
 

@@ -42,9 +42,7 @@ pub(super) fn age(seconds: Age) -> Duration {
 }
 
 /// Durations are bound as milliseconds.
-pub(super) fn span(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
+pub(super) use crate::sql_store::millis as span;
 
 /// Write transactions start with the pool's `BEGIN`.
 pub(super) const BEGIN_WRITE: Option<&str> = None;

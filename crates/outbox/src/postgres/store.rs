@@ -1,4 +1,5 @@
-//! `PgStore`: the relay's operations on PostgreSQL (statements live in `sql.rs`).
+//! `PgStore`: what the relay does on PostgreSQL its own way (acquire, renew, claim, mark); the rest is
+//! the body in [`crate::sql_store`] over this database's dialect (`sql.rs`: statements, decoding).
 
 use std::time::Duration;
 

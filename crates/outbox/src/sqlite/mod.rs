@@ -43,7 +43,7 @@ mod store;
 
 pub use store::SqliteStore;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool};
@@ -75,12 +75,7 @@ impl Backend for Sqlite {
     async fn insert(conn: &mut SqliteConnection, msgs: &[Message], _opts: &Options) -> Result<Vec<Enqueued>> {
         // Counters first, then the rows. The first write takes SQLite's write lock for the rest of
         // the caller's transaction, so nobody else writes (or takes seqs) until it ends.
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        for m in msgs {
-            if let Some(k) = m.key.as_deref() {
-                *counts.entry(k).or_default() += 1;
-            }
-        }
+        let counts = crate::message::key_counts(msgs);
         let keys: Vec<(&str, i64)> = counts.into_iter().collect();
         let mut next: HashMap<String, i64> = HashMap::with_capacity(keys.len());
         for chunk in keys.chunks(KEYS_PER_STATEMENT) {

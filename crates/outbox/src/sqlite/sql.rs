@@ -10,8 +10,6 @@
 //! can come between. There is no `FOR UPDATE` / `SKIP LOCKED` and none is needed: a claim is one read
 //! of one snapshot (WAL), and the lease already gives the lane to a single relay.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 
 /// Keys and owners come back as text.
@@ -33,14 +31,8 @@ pub(super) fn time(us: Time) -> Result<DateTime<Utc>, String> {
     DateTime::from_timestamp_micros(us).ok_or_else(|| format!("out of range: {us}"))
 }
 
-pub(super) fn age(us: Age) -> Duration {
-    Duration::from_micros(us.max(0) as u64)
-}
-
-/// Durations are bound as microseconds.
-pub(super) fn span(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
+/// Ages are read and durations bound as microseconds.
+pub(super) use crate::sql_store::{age_micros as age, micros as span};
 
 /// The database clock in microseconds since the Unix epoch.
 macro_rules! now {

@@ -1,4 +1,5 @@
-//! `SqliteStore`: the relay's operations on SQLite (statements live in `sql.rs`).
+//! `SqliteStore`: what the relay does on SQLite its own way (acquire, renew, claim, mark); the rest is
+//! the body in [`crate::sql_store`] over this database's dialect (`sql.rs`: statements, decoding).
 
 use std::time::Duration;
 
