@@ -11,6 +11,7 @@ mod error;
 mod message;
 mod migrate;
 mod publisher;
+mod sql_store;
 mod store;
 pub mod trace;
 

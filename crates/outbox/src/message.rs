@@ -238,6 +238,17 @@ pub struct StoredMessage {
     pub source: Option<String>,
 }
 
+/// How many of `msgs` each key has, in key order: the seqs each key takes in one batch (counters
+/// taken in key order keep two batches from deadlocking).
+#[allow(dead_code)] // used by the backends compiled in
+pub(crate) fn key_counts(msgs: &[Message]) -> std::collections::BTreeMap<&str, i64> {
+    let mut counts = std::collections::BTreeMap::new();
+    for k in msgs.iter().filter_map(|m| m.key.as_deref()) {
+        *counts.entry(k).or_default() += 1;
+    }
+    counts
+}
+
 /// A claimed row as a backend reads it: `K` and `T` are how that database stores keys and times.
 /// [`ClaimRow::decode`] is the one place a row becomes a [`StoredMessage`]; what cannot be decoded
 /// marks the row corrupt (the relay dead-letters it) instead of failing the whole claim.

@@ -1,6 +1,7 @@
-//! Which embedded migrations still need to run. Each backend tracks applied versions in its own
-//! `outbox_schema_migrations` table, never in `_sqlx_migrations`, so an application's own sqlx
-//! migrator and ours never see each other's rows.
+//! The migration loop, written once: which embedded migrations still need to run, and running them
+//! over a database's statements (each backend only takes its lock). Each backend tracks applied
+//! versions in its own `outbox_schema_migrations` table, never in `_sqlx_migrations`, so an
+//! application's own sqlx migrator and ours never see each other's rows.
 
 use sqlx::migrate::{MigrateError, Migration, Migrator};
 
@@ -20,3 +21,32 @@ pub(crate) fn pending<'m>(
     }
     Ok(todo)
 }
+
+/// Defines `apply_migrations(conn)` for `$db`: creates the tracking table, then runs the migrations
+/// of `$migrator` not applied yet, in order, each recorded as it runs. The caller holds the
+/// database's migration lock (a transaction, an advisory or named lock) around it. The dialect module
+/// `$sql` provides `MIGRATIONS_TABLE`, `MIGRATIONS_APPLIED` (answering version, checksum) and
+/// `MIGRATIONS_RECORD`, bound (version, description, checksum).
+#[allow(unused_macros)] // used by the backends compiled in
+macro_rules! apply_migrations {
+    ($db:ty, $sql:ident, $migrator:expr) => {
+        async fn apply_migrations(conn: &mut <$db as sqlx::Database>::Connection) -> $crate::Result<()> {
+            sqlx::query($sql::MIGRATIONS_TABLE).execute(&mut *conn).await?;
+            let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as($sql::MIGRATIONS_APPLIED).fetch_all(&mut *conn).await?;
+            for m in $crate::migrate::pending(&$migrator, &applied)? {
+                sqlx::raw_sql(&m.sql).execute(&mut *conn).await?;
+                sqlx::query($sql::MIGRATIONS_RECORD)
+                    .bind(m.version)
+                    .bind(&*m.description)
+                    .bind(&*m.checksum)
+                    .execute(&mut *conn)
+                    .await?;
+                tracing::info!(version = m.version, description = %m.description, "applied outbox migration");
+            }
+            Ok(())
+        }
+    };
+}
+
+#[allow(unused_imports)] // used by the backends compiled in
+pub(crate) use apply_migrations;

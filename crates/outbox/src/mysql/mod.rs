@@ -61,39 +61,20 @@ pub async fn migrate(pool: &MySqlPool) -> Result<()> {
             "timed out waiting for the outbox migration lock (GET_LOCK)".into(),
         )));
     }
-    let run = run_migrations(&mut conn).await;
+    let run = apply_migrations(&mut conn).await;
     // Closing the session releases the lock too; releasing it first is just polite.
     let _ = sqlx::query(sql::MIGRATIONS_UNLOCK).execute(&mut conn).await;
     let _ = conn.close().await;
     run
 }
 
-async fn run_migrations(conn: &mut MySqlConnection) -> Result<()> {
-    sqlx::query(sql::MIGRATIONS_TABLE).execute(&mut *conn).await?;
-    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(sql::MIGRATIONS_APPLIED).fetch_all(&mut *conn).await?;
-    for m in crate::migrate::pending(&MIGRATOR, &applied)? {
-        sqlx::raw_sql(&m.sql).execute(&mut *conn).await?;
-        sqlx::query(sql::MIGRATIONS_RECORD)
-            .bind(m.version)
-            .bind(&*m.description)
-            .bind(&*m.checksum)
-            .execute(&mut *conn)
-            .await?;
-        tracing::info!(version = m.version, description = %m.description, "applied outbox migration");
-    }
-    Ok(())
-}
+crate::migrate::apply_migrations!(MySql, sql, MIGRATOR);
 
 #[async_trait]
 impl Backend for MySql {
     async fn insert(conn: &mut MySqlConnection, msgs: &[Message], _opts: &Options) -> Result<Vec<Enqueued>> {
         // Counters first, keys in order (two batches lock them in the same order), then the rows.
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        for m in msgs {
-            if let Some(k) = m.key.as_deref() {
-                *counts.entry(k).or_default() += 1;
-            }
-        }
+        let counts = crate::message::key_counts(msgs);
         let last = take_seqs(conn, &counts).await?;
         // Each key's block of seqs is handed out in input order.
         let mut next: HashMap<&str, i64> = HashMap::with_capacity(counts.len());

@@ -1,4 +1,5 @@
-//! Every SQL statement of the MySQL/MariaDB backend, in one place.
+//! Every SQL statement of the MySQL/MariaDB backend and how its values decode, in one place: the
+//! dialect the store body of [`crate::sql_store`] runs.
 //!
 //! Written for MySQL 8.0.13+ and MariaDB 10.6+ alike: no `RETURNING`, no writable CTEs, `?`
 //! placeholders. "Now" is always `UTC_TIMESTAMP(6)` (the database clock, constant within a statement,
@@ -14,7 +15,34 @@
 //! which keeps the relay from deadlocking with business transactions. The only scan is the lease
 //! candidates' (`SKIP LOCKED`, never waits). The rows of one batch go in one multi-statement round trip.
 
+use chrono::{DateTime, NaiveDateTime, Utc};
+
 use crate::Delivered;
+
+/// Keys and owners are stored as bytes (compared byte for byte); they were written from Rust strings.
+pub(super) type Text = Vec<u8>;
+/// Times are `DATETIME(6)` in UTC.
+pub(super) type Time = NaiveDateTime;
+/// The backlog's age, in microseconds.
+pub(super) type Age = i64;
+
+pub(super) fn text(t: Text) -> Result<String, String> {
+    String::from_utf8(t).map_err(|e| e.to_string())
+}
+
+pub(super) fn lossy(t: Text) -> String {
+    String::from_utf8_lossy(&t).into_owned()
+}
+
+pub(super) fn time(t: Time) -> Result<DateTime<Utc>, String> {
+    Ok(t.and_utc())
+}
+
+/// Ages are read and durations bound as microseconds.
+pub(super) use crate::sql_store::{age_micros as age, micros as span};
+
+/// Write transactions start with the pool's `BEGIN`.
+pub(super) const BEGIN_WRITE: Option<&str> = None;
 
 /// The keyed write path, one key: take (or create) the key's counter row, which locks it until the
 /// enqueueing transaction ends, and hand the new value back through `LAST_INSERT_ID(expr)`, which the
@@ -176,11 +204,15 @@ SELECT id, topic, `key`, seq, attempts, error, parked, dead_at FROM outbox_dead_
 ORDER BY dead_at, pos LIMIT ?";
 
 /// Locks the dead letter, so two retries of one id cannot both re-insert it (binds: id).
-pub(super) const RETRY_DEAD_LETTER_LOCK: &str = "SELECT 1 FROM outbox_dead_letters WHERE id = ? FOR UPDATE";
+pub(super) const RETRY_DEAD_LETTER_LOCK: Option<&str> =
+    Some("SELECT 1 FROM outbox_dead_letters WHERE id = ? FOR UPDATE");
+
+/// Copies the dead letter back, then deletes it (binds: id), in one transaction.
+pub(super) const RETRY_DEAD_LETTER: &[&str] = &[RETRY_DEAD_LETTER_COPY, DISCARD_DEAD_LETTER];
 
 // Back into the outbox with its original position and seq, so a parked key resumes in order.
 // An explicit value in an AUTO_INCREMENT column is stored as given. Binds: id.
-pub(super) const RETRY_DEAD_LETTER_COPY: &str = "\
+const RETRY_DEAD_LETTER_COPY: &str = "\
 INSERT INTO outbox_messages \
   (lane, pos, id, topic, `key`, seq, payload, headers, created_at, available_at, attempts, last_error) \
 SELECT lane, pos, id, topic, `key`, seq, payload, headers, created_at, UTC_TIMESTAMP(6), 0, error \

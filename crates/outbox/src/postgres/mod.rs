@@ -19,21 +19,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/
 pub async fn migrate(pool: &PgPool) -> Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query(sql::MIGRATIONS_LOCK).execute(&mut *tx).await?;
-    sqlx::query(sql::MIGRATIONS_TABLE).execute(&mut *tx).await?;
-    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(sql::MIGRATIONS_APPLIED).fetch_all(&mut *tx).await?;
-    for m in crate::migrate::pending(&MIGRATOR, &applied)? {
-        sqlx::raw_sql(&m.sql).execute(&mut *tx).await?;
-        sqlx::query(sql::MIGRATIONS_RECORD)
-            .bind(m.version)
-            .bind(&*m.description)
-            .bind(&*m.checksum)
-            .execute(&mut *tx)
-            .await?;
-        tracing::info!(version = m.version, description = %m.description, "applied outbox migration");
-    }
+    apply_migrations(&mut tx).await?;
     tx.commit().await?;
     Ok(())
 }
+
+crate::migrate::apply_migrations!(Postgres, sql, MIGRATOR);
 
 #[async_trait]
 impl Backend for Postgres {

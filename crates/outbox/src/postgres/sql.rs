@@ -1,9 +1,51 @@
-//! Every SQL statement of the PostgreSQL backend, in one place.
+//! Every SQL statement of the PostgreSQL backend and how its values decode, in one place: the
+//! dialect the store body of [`crate::sql_store`] runs.
 //!
 //! Lease-guarded writes lock the lease row `FOR SHARE` in the same statement: a takeover (which
 //! updates that row) waits for them, and they see a takeover that committed first.
 
-pub(super) const NOTIFY_CHANNEL: &str = "outbox_wake";
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+/// The channel name, as a literal for `concat!`.
+macro_rules! notify_channel {
+    () => {
+        "outbox_wake"
+    };
+}
+
+/// The channel writers NOTIFY and the relay LISTENs on; the payload is the lane.
+pub(super) const NOTIFY_CHANNEL: &str = notify_channel!();
+
+/// Keys and owners come back as text.
+pub(super) type Text = String;
+/// Times come back as `timestamptz`.
+pub(super) type Time = DateTime<Utc>;
+/// The backlog's age, in seconds.
+pub(super) type Age = f64;
+
+pub(super) fn text(t: Text) -> Result<String, String> {
+    Ok(t)
+}
+
+pub(super) fn lossy(t: Text) -> String {
+    t
+}
+
+pub(super) fn time(t: Time) -> Result<DateTime<Utc>, String> {
+    Ok(t)
+}
+
+pub(super) fn age(seconds: Age) -> Duration {
+    Duration::from_secs_f64(seconds.max(0.0))
+}
+
+/// Durations are bound as milliseconds.
+pub(super) use crate::sql_store::millis as span;
+
+/// Write transactions start with the pool's `BEGIN`.
+pub(super) const BEGIN_WRITE: Option<&str> = None;
 
 pub(super) const ENQUEUE_UNKEYED: &str = "\
 INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
@@ -11,11 +53,14 @@ SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millise
 
 // NOTIFY only when the lane's relay is idle (see outbox_leases.idle): a busy relay claims the row
 // anyway, and NOTIFY serializes committing transactions.
-pub(super) const ENQUEUE_UNKEYED_NOTIFY: &str = "\
-INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
+pub(super) const ENQUEUE_UNKEYED_NOTIFY: &str = concat!(
+    "INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
 SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond') \
 FROM (SELECT 1) AS one LEFT JOIN LATERAL \
-  (SELECT pg_notify('outbox_wake', $1::text) FROM outbox_leases WHERE lane = $1 AND idle) AS w ON true";
+  (SELECT pg_notify('",
+    notify_channel!(),
+    "', $1::text) FROM outbox_leases WHERE lane = $1 AND idle) AS w ON true"
+);
 
 // The counter row is locked before the message row gets its position, so per key, pos follows seq.
 pub(super) const ENQUEUE_KEYED: &str = "\
@@ -25,19 +70,22 @@ INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at, ke
 SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond'), $8, k.seq FROM k \
 RETURNING seq";
 
-pub(super) const ENQUEUE_KEYED_NOTIFY: &str = "\
-WITH k AS (INSERT INTO outbox_keys AS c (key, seq) VALUES ($8, 1) \
+pub(super) const ENQUEUE_KEYED_NOTIFY: &str = concat!(
+    "WITH k AS (INSERT INTO outbox_keys AS c (key, seq) VALUES ($8, 1) \
            ON CONFLICT (key) DO UPDATE SET seq = c.seq + 1 RETURNING seq) \
 INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at, key, seq) \
 SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond'), $8, k.seq \
 FROM k LEFT JOIN LATERAL \
-  (SELECT pg_notify('outbox_wake', $1::text) FROM outbox_leases WHERE lane = $1 AND idle) AS w ON true \
-RETURNING seq";
+  (SELECT pg_notify('",
+    notify_channel!(),
+    "', $1::text) FROM outbox_leases WHERE lane = $1 AND idle) AS w ON true \
+RETURNING seq"
+);
 
 // Many messages in one round trip. Counters are taken in key order (no deadlock between two
 // batches), each key's block of seqs is handed out in input order. $9: send NOTIFY.
-pub(super) const ENQUEUE_BATCH: &str = "\
-WITH input AS ( \
+pub(super) const ENQUEUE_BATCH: &str = concat!(
+    "WITH input AS ( \
   SELECT * FROM unnest($1::int[], $2::uuid[], $3::text[], $4::bytea[], $5::text[], $6::timestamptz[], \
                        $7::bigint[], $8::text[]) \
   WITH ORDINALITY AS t(lane, id, topic, payload, headers, at, delay_ms, key, ord)), \
@@ -52,11 +100,14 @@ numbered AS ( \
 wake AS ( \
   SELECT count(*) AS n FROM (SELECT DISTINCT lane FROM input WHERE $9) l \
   JOIN outbox_leases o ON o.lane = l.lane AND o.idle, \
-  LATERAL (SELECT pg_notify('outbox_wake', l.lane::text)) AS x) \
+  LATERAL (SELECT pg_notify('",
+    notify_channel!(),
+    "', l.lane::text)) AS x) \
 INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at, key, seq) \
 SELECT lane, id, topic, payload, headers, COALESCE(at, now() + delay_ms * interval '1 millisecond'), key, seq \
 FROM numbered, wake ORDER BY ord \
-RETURNING id, seq, lane";
+RETURNING id, seq, lane"
+);
 
 const LEASE: &str = "SELECT 1 FROM outbox_leases WHERE lane = $1 AND owner = $2 AND epoch = $3";
 
@@ -178,15 +229,20 @@ pub(super) const DEAD_LETTERS: &str = "\
 SELECT id, topic, key, seq, attempts, error, parked, dead_at FROM outbox_dead_letters \
 ORDER BY dead_at, pos LIMIT $1";
 
-// Back into the outbox with its original position and seq, so a parked key resumes in order.
-pub(super) const RETRY_DEAD_LETTER: &str = "\
-WITH d AS (DELETE FROM outbox_dead_letters WHERE id = $1 RETURNING *) \
+// Back into the outbox with its original position and seq, so a parked key resumes in order: one
+// statement, so no transaction of its own.
+pub(super) const RETRY_DEAD_LETTER: &[&str] = &[concat!(
+    "WITH d AS (DELETE FROM outbox_dead_letters WHERE id = $1 RETURNING *) \
 INSERT INTO outbox_messages \
   (lane, pos, id, topic, key, seq, payload, headers, created_at, available_at, attempts, last_error) \
 OVERRIDING SYSTEM VALUE \
 SELECT lane, pos, id, topic, key, seq, payload, headers, created_at, now(), 0, error \
-FROM d, (SELECT pg_notify('outbox_wake', d.lane::text) FROM d) AS w \
-RETURNING 1";
+FROM d, (SELECT pg_notify('",
+    notify_channel!(),
+    "', d.lane::text) FROM d) AS w \
+RETURNING 1"
+)];
+pub(super) const RETRY_DEAD_LETTER_LOCK: Option<&str> = None;
 
 pub(super) const DISCARD_DEAD_LETTER: &str = "DELETE FROM outbox_dead_letters WHERE id = $1";
 

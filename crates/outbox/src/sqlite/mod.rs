@@ -43,7 +43,7 @@ mod store;
 
 pub use store::SqliteStore;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use sqlx::{Sqlite, SqliteConnection, SqlitePool};
@@ -62,34 +62,20 @@ const KEYS_PER_STATEMENT: usize = 1000;
 /// at once (they take turns on SQLite's write lock) and beside the application's own sqlx migrations
 /// (tracked in `outbox_schema_migrations`).
 pub async fn migrate(pool: &SqlitePool) -> Result<()> {
-    let mut tx = pool.begin_with(sql::BEGIN_WRITE).await?;
-    sqlx::query(sql::MIGRATIONS_TABLE).execute(&mut *tx).await?;
-    let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as(sql::MIGRATIONS_APPLIED).fetch_all(&mut *tx).await?;
-    for m in crate::migrate::pending(&MIGRATOR, &applied)? {
-        sqlx::raw_sql(&m.sql).execute(&mut *tx).await?;
-        sqlx::query(sql::MIGRATIONS_RECORD)
-            .bind(m.version)
-            .bind(&*m.description)
-            .bind(&*m.checksum)
-            .execute(&mut *tx)
-            .await?;
-        tracing::info!(version = m.version, description = %m.description, "applied outbox migration");
-    }
+    let mut tx = pool.begin_with(sql::BEGIN_IMMEDIATE).await?;
+    apply_migrations(&mut tx).await?;
     tx.commit().await?;
     Ok(())
 }
+
+crate::migrate::apply_migrations!(Sqlite, sql, MIGRATOR);
 
 #[async_trait]
 impl Backend for Sqlite {
     async fn insert(conn: &mut SqliteConnection, msgs: &[Message], _opts: &Options) -> Result<Vec<Enqueued>> {
         // Counters first, then the rows. The first write takes SQLite's write lock for the rest of
         // the caller's transaction, so nobody else writes (or takes seqs) until it ends.
-        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-        for m in msgs {
-            if let Some(k) = m.key.as_deref() {
-                *counts.entry(k).or_default() += 1;
-            }
-        }
+        let counts = crate::message::key_counts(msgs);
         let keys: Vec<(&str, i64)> = counts.into_iter().collect();
         let mut next: HashMap<String, i64> = HashMap::with_capacity(keys.len());
         for chunk in keys.chunks(KEYS_PER_STATEMENT) {

@@ -1,4 +1,5 @@
-//! Every SQL statement of the SQLite backend, in one place.
+//! Every SQL statement of the SQLite backend and how its values decode, in one place: the dialect
+//! the store body of [`crate::sql_store`] runs.
 //!
 //! Times are INTEGER microseconds since the Unix epoch. "Now" is SQLite's own clock, `julianday('now')`
 //! (millisecond resolution, available on every SQLite), scaled to microseconds; durations are bound
@@ -8,6 +9,30 @@
 //! alone: lease-guarded writes check the lease and write inside one such transaction, so no takeover
 //! can come between. There is no `FOR UPDATE` / `SKIP LOCKED` and none is needed: a claim is one read
 //! of one snapshot (WAL), and the lease already gives the lane to a single relay.
+
+use chrono::{DateTime, Utc};
+
+/// Keys and owners come back as text.
+pub(super) type Text = String;
+/// Times are INTEGER microseconds since the Unix epoch.
+pub(super) type Time = i64;
+/// The backlog's age, in microseconds.
+pub(super) type Age = i64;
+
+pub(super) fn text(t: Text) -> Result<String, String> {
+    Ok(t)
+}
+
+pub(super) fn lossy(t: Text) -> String {
+    t
+}
+
+pub(super) fn time(us: Time) -> Result<DateTime<Utc>, String> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| format!("out of range: {us}"))
+}
+
+/// Ages are read and durations bound as microseconds.
+pub(super) use crate::sql_store::{age_micros as age, micros as span};
 
 /// The database clock in microseconds since the Unix epoch.
 macro_rules! now {
@@ -119,20 +144,20 @@ WHERE m.lane = ?1 \
 ON CONFLICT (id) DO NOTHING"
 );
 
-/// Binds: lane, pos, error, retry in microseconds.
+/// Binds: error, retry in microseconds, lane, pos.
 pub(super) const MARK_FAILED: &str = concat!(
-    "UPDATE outbox_messages SET attempts = attempts + 1, last_error = ?3, available_at = ",
+    "UPDATE outbox_messages SET attempts = attempts + 1, last_error = ?1, available_at = ",
     now!(),
-    " + ?4 WHERE lane = ?1 AND pos = ?2"
+    " + ?2 WHERE lane = ?3 AND pos = ?4"
 );
 
-/// Binds: lane, pos, error, parked.
+/// Binds: error, parked, lane, pos.
 pub(super) const DEAD_LETTER_COPY: &str = concat!(
     "INSERT INTO outbox_dead_letters \
   (id, lane, pos, topic, key, seq, payload, headers, created_at, attempts, error, parked, dead_at) \
-SELECT id, lane, pos, topic, key, seq, payload, headers, created_at, attempts + 1, ?3, ?4, ",
+SELECT id, lane, pos, topic, key, seq, payload, headers, created_at, attempts + 1, ?1, ?2, ",
     now!(),
-    " FROM outbox_messages WHERE lane = ?1 AND pos = ?2 \
+    " FROM outbox_messages WHERE lane = ?3 AND pos = ?4 \
 ON CONFLICT (id) DO UPDATE SET error = excluded.error, parked = excluded.parked, \
   attempts = excluded.attempts, dead_at = excluded.dead_at"
 );
@@ -150,7 +175,7 @@ ORDER BY dead_at, pos LIMIT ?1";
 
 // Back into the outbox with its original position and seq, so a parked key resumes in order
 // (AUTOINCREMENT never hands that position to another row). Binds: id.
-pub(super) const RETRY_DEAD_LETTER_COPY: &str = concat!(
+const RETRY_DEAD_LETTER_COPY: &str = concat!(
     "INSERT INTO outbox_messages \
   (lane, pos, id, topic, key, seq, payload, headers, created_at, available_at, attempts, last_error) \
 SELECT lane, pos, id, topic, key, seq, payload, headers, created_at, ",
@@ -159,6 +184,11 @@ SELECT lane, pos, id, topic, key, seq, payload, headers, created_at, ",
 );
 
 pub(super) const DISCARD_DEAD_LETTER: &str = "DELETE FROM outbox_dead_letters WHERE id = ?1";
+
+/// Copies the dead letter back, then deletes it (binds: id), in one write transaction.
+pub(super) const RETRY_DEAD_LETTER: &[&str] = &[RETRY_DEAD_LETTER_COPY, DISCARD_DEAD_LETTER];
+/// The write transaction is the lock: SQLite has one writer.
+pub(super) const RETRY_DEAD_LETTER_LOCK: Option<&str> = None;
 
 /// Binds: age in microseconds, batch.
 pub(super) const CLEANUP_PUBLISHED: &str = concat!(
@@ -183,7 +213,9 @@ pub(super) const MIGRATIONS_RECORD: &str = concat!(
 );
 
 /// Starts a write transaction at once (instead of at the first write), waiting for the busy timeout.
-pub(super) const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+pub(super) const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
+/// Write transactions start with [`BEGIN_IMMEDIATE`].
+pub(super) const BEGIN_WRITE: Option<&str> = Some(BEGIN_IMMEDIATE);
 
 /// `n` copies of `item`, comma-separated.
 fn repeat(item: &str, n: usize) -> String {
