@@ -1,0 +1,112 @@
+//! The daemon picks its broker from configuration: a `[nats]` section publishes to JetStream (the
+//! shared nats-server of `.ci/nats`), two broker sections are refused at startup.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outbox::{Message, StoreAdmin};
+use outbox_nats::async_nats;
+use outbox_tests::daemon::db_url;
+
+const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+fn nats_url() -> String {
+    std::env::var("OUTBOX_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+fn config_file(text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("outbox-brokers-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_section_publishes_to_jetstream() {
+    let client = async_nats::connect(nats_url())
+        .await
+        .expect("the shared nats-server (.ci/nats up)");
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("daemon-{u}");
+    let stream = format!("DAEMON_{u}");
+    let subject = format!("{topic}.*");
+    outbox_nats::ensure_stream(&client, &stream, &[subject.as_str()])
+        .await
+        .unwrap();
+
+    let pool = outbox_tests::db::fresh_pg().await;
+    let mut tx = pool.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..60)
+        .map(|i| Message::new(topic.clone(), format!("m{i}")).key(format!("k{}", i % 6)))
+        .collect();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let cfg = config_file("[nats]\nack_timeout_ms = 5000\n");
+    let mut relay = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--database-url", &db_url(&pool)])
+        .args(["--poll-interval-ms", "100", "--admin-listen", &free_addr(), "run"])
+        .env("OUTBOX_NATS_URL", nats_url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let js = async_nats::jetstream::new(client);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        let pending = store.status().await.unwrap().pending;
+        let stored = js
+            .get_stream(&stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages;
+        if pending == 0 && stored >= 60 {
+            break stored;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pending {pending}, stored {stored} after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(relay.wait().unwrap().success(), "SIGTERM ends the relay with 0");
+    std::fs::remove_file(cfg).ok();
+    assert_eq!(stored, 60, "every row once on the stream (Nats-Msg-Id drops re-sends)");
+    assert!(store.dead_letters(10).await.unwrap().is_empty());
+}
+
+#[test]
+fn two_broker_sections_are_refused_at_startup() {
+    let cfg = config_file("[nats]\n[rabbitmq]\nexchange = \"orders\"\n");
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/none",
+        ])
+        .arg("run")
+        .output()
+        .unwrap();
+    std::fs::remove_file(cfg).ok();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("more than one broker configured (rabbitmq, nats)"),
+        "{text}"
+    );
+}
