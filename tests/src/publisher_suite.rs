@@ -600,43 +600,49 @@ pub mod cases {
     /// A connected publisher whose server is SIGKILLed reports every message `Unavailable` within
     /// the fixture's bound; once the server is started again, it publishes without being rebuilt.
     pub async fn killed_is_unavailable(fixture: Arc<dyn BrokerFixture>) {
-        let dest = fixture.destination().await;
-        let publisher = fixture.publisher().await;
-        publish_until_ok(&*publisher, &dest, Duration::from_secs(60)).await;
-        fixture.kill().await;
-        let rows: Vec<StoredMessage> = (1..=5)
-            .map(|i| stored(i, &dest, Some(&format!("k{}", i % 2)), Some(i), b"while down".to_vec()))
-            .collect();
-        assert_unavailable(&*fixture, &*publisher, &rows, "the server is killed").await;
-        fixture.start().await;
-        let id = publish_until_ok(&*publisher, &dest, Duration::from_secs(90)).await;
-        let seen = read_ids(&*fixture, &dest, &HashSet::from([id]), Duration::from_secs(60)).await;
-        assert!(
-            seen.iter().any(|r| r.id == id),
-            "{}: published after start",
-            fixture.name()
-        );
+        unavailable_then_back(fixture, Outage::Kill).await;
     }
 
     /// A connected publisher that is cut off reports every message `Unavailable` within the
     /// fixture's bound; once restored, it publishes without being rebuilt.
     pub async fn cut_is_unavailable(fixture: Arc<dyn BrokerFixture>) {
+        unavailable_then_back(fixture, Outage::Cut).await;
+    }
+
+    /// What takes the server away from a connected publisher.
+    #[derive(Clone, Copy)]
+    enum Outage {
+        /// SIGKILL, then started again on its storage.
+        Kill,
+        /// The connection cut, then restored.
+        Cut,
+    }
+
+    async fn unavailable_then_back(fixture: Arc<dyn BrokerFixture>, outage: Outage) {
         let dest = fixture.destination().await;
         let publisher = fixture.publisher().await;
         publish_until_ok(&*publisher, &dest, Duration::from_secs(60)).await;
-        fixture.cut().await;
+        let (payload, during, after) = match outage {
+            Outage::Kill => {
+                fixture.kill().await;
+                (&b"while down"[..], "the server is killed", "published after start")
+            }
+            Outage::Cut => {
+                fixture.cut().await;
+                (&b"while cut"[..], "the connection is cut", "published after restore")
+            }
+        };
         let rows: Vec<StoredMessage> = (1..=5)
-            .map(|i| stored(i, &dest, Some(&format!("k{}", i % 2)), Some(i), b"while cut".to_vec()))
+            .map(|i| stored(i, &dest, Some(&format!("k{}", i % 2)), Some(i), payload.to_vec()))
             .collect();
-        assert_unavailable(&*fixture, &*publisher, &rows, "the connection is cut").await;
-        fixture.restore().await;
+        assert_unavailable(&*fixture, &*publisher, &rows, during).await;
+        match outage {
+            Outage::Kill => fixture.start().await,
+            Outage::Cut => fixture.restore().await,
+        }
         let id = publish_until_ok(&*publisher, &dest, Duration::from_secs(90)).await;
         let seen = read_ids(&*fixture, &dest, &HashSet::from([id]), Duration::from_secs(60)).await;
-        assert!(
-            seen.iter().any(|r| r.id == id),
-            "{}: published after restore",
-            fixture.name()
-        );
+        assert!(seen.iter().any(|r| r.id == id), "{}: {after}", fixture.name());
     }
 
     /// A payload the broker refuses as too large is `Permanent` (dead-lettered, never retried),
