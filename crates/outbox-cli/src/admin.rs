@@ -1,7 +1,8 @@
-//! The admin HTTP endpoint: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`.
+//! The admin HTTP endpoint: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`, and the
+//! console (`crate::console`).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -9,15 +10,56 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use outbox::Store;
+use outbox_relay::RelayHealth;
 
-struct AdminState {
-    prometheus: PrometheusHandle,
-    store: Arc<dyn Store>,
+/// How long a database may take to answer a readiness check.
+const DB_ANSWER: Duration = Duration::from_secs(2);
+
+/// One database the daemon serves, as the admin endpoint sees it.
+pub(crate) struct DatabaseView {
+    /// `[[database]]` name, or `default`.
+    pub(crate) name: String,
+    /// The store and its relay's state, once the database was reached.
+    pub(crate) connected: OnceLock<Connected>,
+}
+
+/// A reached database and the relay draining it.
+pub(crate) struct Connected {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) health: RelayHealth,
+}
+
+impl DatabaseView {
+    pub(crate) fn new(name: &str) -> Arc<Self> {
+        Arc::new(DatabaseView {
+            name: name.to_owned(),
+            connected: OnceLock::new(),
+        })
+    }
+
+    /// Called once the database was reached and its relay built.
+    pub(crate) fn connected(&self, store: Arc<dyn Store>, health: RelayHealth) {
+        // Set once per view: each database's task reaches its database once.
+        let _ = self.connected.set(Connected { store, health });
+    }
+}
+
+/// What the admin routes share.
+pub(crate) struct AdminState {
+    pub(crate) prometheus: PrometheusHandle,
+    pub(crate) databases: Vec<Arc<DatabaseView>>,
+    /// The relays' lease TTL: a lane unowned for longer is served by nobody.
+    pub(crate) lease_ttl: Duration,
+    /// `/readyz` fails once the broker has been unavailable this long.
+    pub(crate) broker_unavailable: Duration,
+    /// When the daemon started (lanes are not expected to be owned before a lease has passed).
+    pub(crate) started: Instant,
+    /// Token the console's write actions need; `None` turns them off.
+    pub(crate) token: Option<crate::settings::Secret>,
 }
 
 /// Serves the admin endpoint on `listener` until the task is dropped.
-pub(crate) async fn serve(listener: tokio::net::TcpListener, prometheus: PrometheusHandle, store: Arc<dyn Store>) {
-    let state = Arc::new(AdminState { prometheus, store });
+pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
     let app = Router::new()
         .route(
             "/metrics",
@@ -25,16 +67,69 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, prometheus: Prometh
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .merge(crate::console::routes())
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin endpoint failed");
     }
 }
 
-/// Ready when the database answers within 2 s.
-async fn ready(State(s): State<Arc<AdminState>>) -> (StatusCode, &'static str) {
-    match tokio::time::timeout(Duration::from_secs(2), s.store.live_owners()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable"),
+/// Ready when every database answers within 2 s, the broker has not been unavailable for longer
+/// than `[admin] broker_unavailable_ms`, and no lane has been without an owner for longer than the
+/// lease. The body lists what is wrong.
+async fn ready(State(s): State<Arc<AdminState>>) -> (StatusCode, String) {
+    let problems = futures::future::join_all(s.databases.iter().map(|db| problems(&s, db))).await;
+    let problems: Vec<String> = problems.into_iter().flatten().collect();
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
     }
+}
+
+/// What keeps one database's relay from being ready.
+async fn problems(s: &AdminState, db: &DatabaseView) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(Connected { store, health }) = db.connected.get() else {
+        out.push(format!("database {}: not reached yet", db.name));
+        return out;
+    };
+    if let Some(down) = health.broker_unavailable_for().filter(|d| *d >= s.broker_unavailable) {
+        out.push(format!(
+            "database {}: broker unavailable for {:.0}s (threshold {:.0}s)",
+            db.name,
+            down.as_secs_f64(),
+            s.broker_unavailable.as_secs_f64()
+        ));
+    }
+    let status = match tokio::time::timeout(DB_ANSWER, store.status()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => {
+            out.push(format!("database {}: {e}", db.name));
+            return out;
+        }
+        Err(_) => {
+            out.push(format!("database {}: no answer within {DB_ANSWER:?}", db.name));
+            return out;
+        }
+    };
+    if s.started.elapsed() > s.lease_ttl {
+        let now = chrono::Utc::now();
+        let ttl = chrono::Duration::from_std(s.lease_ttl).unwrap_or(chrono::Duration::MAX);
+        let stale: Vec<String> = status
+            .lanes
+            .iter()
+            .filter(|l| l.owner.is_none() || l.expires_at.map_or(true, |e| now - e > ttl))
+            .map(|l| l.lane.to_string())
+            .collect();
+        if !stale.is_empty() {
+            out.push(format!(
+                "database {}: lanes {} without an owner for longer than the lease ({:.0}s)",
+                db.name,
+                stale.join(", "),
+                s.lease_ttl.as_secs_f64()
+            ));
+        }
+    }
+    out
 }

@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::Relay;
 use settings::{redact_url, resolve, Overrides};
+use tokio_util::sync::CancellationToken;
 
 mod admin;
+mod console;
 mod open;
 mod settings;
 mod verify;
@@ -90,41 +92,26 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { migrate } => run(s, migrate).await,
         Command::Migrate => {
-            open::open(&s.database_url, s.database_schema.as_deref(), true, false).await?;
-            println!("outbox schema is up to date ({})", redact_url(&s.database_url));
+            for d in &s.databases {
+                open::open(&d.url, d.schema.as_deref(), true, false)
+                    .await
+                    .with_context(|| format!("database {}", d.label()))?;
+                println!("outbox schema is up to date ({}: {})", d.label(), redact_url(&d.url));
+            }
             Ok(())
         }
         Command::Status => {
-            let db = open::open(&s.database_url, s.database_schema.as_deref(), false, false).await?;
-            let st = db.store.status().await?;
-            println!("database:      {} ({})", redact_url(&s.database_url), db.kind);
-            println!("pending:       {}", st.pending);
-            println!(
-                "oldest:        {}",
-                st.oldest_pending_age
-                    .map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()))
-            );
-            println!("dead letters:  {}", st.dead_letters);
-            println!("unowned lanes: {} of {}", st.unowned_lanes(), st.lanes.len());
-            println!("lanes:");
-            for l in &st.lanes {
-                let now = chrono::Utc::now();
-                match (&l.owner, l.expires_at) {
-                    (Some(o), Some(exp)) if exp > now => println!(
-                        "  {:>3}  epoch {:>5}  {}  (expires in {:.1}s)",
-                        l.lane,
-                        l.epoch,
-                        o,
-                        (exp - now).num_milliseconds() as f64 / 1000.0
-                    ),
-                    (Some(o), _) => println!("  {:>3}  epoch {:>5}  {}  (expired)", l.lane, l.epoch, o),
-                    (None, _) => println!("  {:>3}  epoch {:>5}  free", l.lane, l.epoch),
+            for (i, d) in s.databases.iter().enumerate() {
+                if i > 0 {
+                    println!();
                 }
+                status(d).await.with_context(|| format!("database {}", d.label()))?;
             }
             Ok(())
         }
         Command::DeadLetters(cmd) => {
-            let db = open::open(&s.database_url, s.database_schema.as_deref(), false, false).await?;
+            let d = s.one_database()?;
+            let db = open::open(&d.url, d.schema.as_deref(), false, false).await?;
             match cmd {
                 DeadLetters::List { limit } => {
                     let list = db.store.dead_letters(limit).await?;
@@ -160,30 +147,126 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// `status` for one database.
+async fn status(d: &settings::Database) -> anyhow::Result<()> {
+    let db = open::open(&d.url, d.schema.as_deref(), false, false).await?;
+    let st = db.store.status().await?;
+    match &d.name {
+        Some(name) => println!("database:      {name}: {} ({})", redact_url(&d.url), db.kind),
+        None => println!("database:      {} ({})", redact_url(&d.url), db.kind),
+    }
+    println!("pending:       {}", st.pending);
+    println!(
+        "oldest:        {}",
+        st.oldest_pending_age
+            .map_or("-".into(), |d| format!("{:.1}s", d.as_secs_f64()))
+    );
+    println!("dead letters:  {}", st.dead_letters);
+    println!("unowned lanes: {} of {}", st.unowned_lanes(), st.lanes.len());
+    println!("lanes:");
+    for l in &st.lanes {
+        let now = chrono::Utc::now();
+        match (&l.owner, l.expires_at) {
+            (Some(o), Some(exp)) if exp > now => println!(
+                "  {:>3}  epoch {:>5}  {}  (expires in {:.1}s)",
+                l.lane,
+                l.epoch,
+                o,
+                (exp - now).num_milliseconds() as f64 / 1000.0
+            ),
+            (Some(o), _) => println!("  {:>3}  epoch {:>5}  {}  (expired)", l.lane, l.epoch, o),
+            (None, _) => println!("  {:>3}  epoch {:>5}  free", l.lane, l.epoch),
+        }
+    }
+    Ok(())
+}
+
 async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    // Signal handlers first: a SIGTERM while the database is still unreachable ends the wait.
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    let Some(db) = open_retrying(&s, migrate, shutdown.as_mut()).await? else {
-        tracing::info!("stopped before the database was reached");
-        return Ok(());
-    };
-    tracing::info!(database = %redact_url(&s.database_url), driver = db.kind, "configuration");
+    // Signal handlers first: a SIGTERM while a database is still unreachable ends the wait.
+    let stop = CancellationToken::new();
+    let signalled = shutdown_signal()?;
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            signalled.await;
+            stop.cancel();
+        }
+    });
     let publisher = connect_broker(&s).await?;
+    let views: Vec<Arc<admin::DatabaseView>> = s
+        .databases
+        .iter()
+        .map(|d| admin::DatabaseView::new(d.label()))
+        .collect();
     let listener = tokio::net::TcpListener::bind(&s.admin_listen)
         .await
         .with_context(|| format!("binding the admin endpoint {}", s.admin_listen))?;
-    tracing::info!(addr = %s.admin_listen, "admin endpoint: /metrics /healthz /readyz");
-    let admin = tokio::spawn(admin::serve(listener, prometheus, Arc::clone(&db.store)));
-    Relay::new(db.store, publisher)
-        .config(s.relay)
-        .run_until(shutdown)
-        .await?;
+    tracing::info!(addr = %s.admin_listen, "admin endpoint: / (console) /metrics /healthz /readyz");
+    let state = Arc::new(admin::AdminState {
+        prometheus,
+        databases: views.clone(),
+        lease_ttl: s.relay.lease_ttl,
+        broker_unavailable: s.broker_unavailable,
+        started: std::time::Instant::now(),
+        token: s.admin_token.clone(),
+    });
+    let admin = tokio::spawn(admin::serve(listener, state));
+    // One relay per database, each with its own lanes, leases and backoff: a database that is down
+    // only stalls its own relay.
+    let s = Arc::new(s);
+    let mut relays = tokio::task::JoinSet::new();
+    for (d, view) in s.databases.iter().zip(views) {
+        let relay = serve_database(
+            Arc::clone(&s),
+            d.clone(),
+            view,
+            Arc::clone(&publisher),
+            migrate,
+            stop.clone(),
+        );
+        relays.spawn(relay);
+    }
+    let mut result = Ok(());
+    while let Some(done) = relays.join_next().await {
+        let done = done.context("a relay task panicked").and_then(|r| r);
+        if let Err(e) = done {
+            stop.cancel();
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
     admin.abort();
-    Ok(())
+    result
+}
+
+/// Reaches one database (retrying while it is down), then runs its relay until `stop`.
+async fn serve_database(
+    s: Arc<settings::Settings>,
+    d: settings::Database,
+    view: Arc<admin::DatabaseView>,
+    publisher: Arc<dyn outbox::Publisher>,
+    migrate: bool,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let label = d.label().to_owned();
+    let Some(db) = open_retrying(&d, migrate, s.keep_published, &stop)
+        .await
+        .with_context(|| format!("database {label}"))?
+    else {
+        tracing::info!(database = %label, "stopped before the database was reached");
+        return Ok(());
+    };
+    tracing::info!(database = %label, url = %redact_url(&d.url), driver = db.kind, "configuration");
+    let relay = Relay::new(Arc::clone(&db.store), publisher).config(s.relay.clone().name(d.name.clone()));
+    view.connected(db.store, relay.health());
+    relay
+        .run_until(stop.cancelled_owned())
+        .await
+        .with_context(|| format!("database {label}"))
 }
 
 /// The publisher for the configured broker. Settings are logged without secrets.
@@ -218,9 +301,10 @@ const RECONNECT_BACKOFF: (std::time::Duration, std::time::Duration) = (
 /// retrying once it runs. Errors that waiting cannot fix (unsupported URL, bad settings, refused
 /// login, failed migration) end the process. `None` when shutdown came first.
 async fn open_retrying(
-    s: &settings::Settings,
+    d: &settings::Database,
     migrate: bool,
-    mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    keep_published: bool,
+    stop: &CancellationToken,
 ) -> anyhow::Result<Option<open::Opened>> {
     let backoff = outbox::Backoff::new(RECONNECT_BACKOFF.0, RECONNECT_BACKOFF.1)?;
     let mut attempt = 0;
@@ -228,18 +312,18 @@ async fn open_retrying(
         attempt += 1;
         let delay = backoff.delay(attempt);
         let res = tokio::select! {
-            _ = shutdown.as_mut() => return Ok(None),
-            res = open::open(&s.database_url, s.database_schema.as_deref(), migrate, s.keep_published) => res,
+            _ = stop.cancelled() => return Ok(None),
+            res = open::open(&d.url, d.schema.as_deref(), migrate, keep_published) => res,
         };
         match res {
             Ok(db) => return Ok(Some(db)),
             Err(open::OpenError::Outbox(outbox::Error::Database(e))) if unreachable(&e) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "database not reachable; retrying");
+                tracing::warn!(database = d.label(), error = %e, retry_in = ?delay, "database not reachable; retrying");
             }
             Err(e) => return Err(e.into()),
         }
         tokio::select! {
-            _ = shutdown.as_mut() => return Ok(None),
+            _ = stop.cancelled() => return Ok(None),
             _ = tokio::time::sleep(delay) => {}
         }
     }
@@ -257,10 +341,14 @@ fn unreachable(e: &sqlx::Error) -> bool {
     }
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+/// Installs the SIGTERM handler now; the future completes on SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+    })
 }

@@ -19,6 +19,9 @@ pub(crate) struct FileConfig {
     pub(crate) database_url: Option<String>,
     /// PostgreSQL schema holding the outbox tables (default: the server's `search_path`).
     pub(crate) database_schema: Option<String>,
+    /// Several databases, one relay each (instead of `database_url`).
+    #[serde(default)]
+    pub(crate) database: Vec<DatabaseSection>,
     /// Engine settings.
     #[serde(default)]
     pub(crate) relay: RelaySection,
@@ -71,12 +74,28 @@ pub(crate) struct RelaySection {
     pub(crate) published_retention_ms: Option<u64>,
 }
 
+/// A `[[database]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DatabaseSection {
+    /// Names the database in metrics (`database` label), logs, the console and `--database`.
+    pub(crate) name: String,
+    /// Database URL: `postgres://`, `mysql://` or `sqlite:`.
+    pub(crate) url: String,
+    /// PostgreSQL schema holding the outbox tables.
+    pub(crate) schema: Option<String>,
+}
+
 /// `[admin]` section.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AdminSection {
-    /// Address for `/metrics`, `/healthz`, `/readyz`. Defaults to 127.0.0.1:9464.
+    /// Address for `/metrics`, `/healthz`, `/readyz` and the console. Defaults to 127.0.0.1:9464.
     pub(crate) listen: Option<String>,
+    /// `/readyz` fails once the broker has been unavailable this long, in milliseconds.
+    pub(crate) broker_unavailable_ms: Option<u64>,
+    /// Token the console's write actions (retry, discard) need; without one they are off.
+    pub(crate) token: Option<String>,
 }
 
 /// Flags and environment variables (clap resolves flag > env).
@@ -91,6 +110,10 @@ pub(crate) struct Overrides {
     /// PostgreSQL schema holding the outbox tables (a plain identifier).
     #[arg(long, env = "OUTBOX_DATABASE_SCHEMA", global = true)]
     pub(crate) database_schema: Option<String>,
+    /// Only the `[[database]]` of this name (required by the commands that act on one database
+    /// when several are configured).
+    #[arg(long = "database", env = "OUTBOX_DATABASE", value_name = "NAME", global = true)]
+    pub(crate) database: Option<String>,
     /// librdkafka setting KEY=VALUE (repeatable). Environment: OUTBOX_KAFKA_<KEY> with `_` for `.`.
     #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
     pub(crate) kafka: Vec<String>,
@@ -125,19 +148,53 @@ pub(crate) enum Broker {
     Nats(NatsConfig),
 }
 
+/// One database the daemon serves.
+#[derive(Debug, Clone)]
+pub(crate) struct Database {
+    /// The `[[database]]` name; `None` for the single `database_url`.
+    pub(crate) name: Option<String>,
+    /// Database URL.
+    pub(crate) url: String,
+    /// PostgreSQL schema of the outbox tables, validated as a plain identifier.
+    pub(crate) schema: Option<String>,
+}
+
+impl Database {
+    /// The name shown in logs and the console (`default` for the single `database_url`).
+    pub(crate) fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or("default")
+    }
+}
+
+/// A secret from the configuration: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Secret(pub(crate) String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Default `[admin] broker_unavailable_ms`: how long the broker may be unreachable before `/readyz`
+/// fails.
+pub(crate) const DEFAULT_BROKER_UNAVAILABLE: Duration = Duration::from_secs(60);
+
 /// Everything the daemon needs, resolved.
 #[derive(Debug)]
 pub(crate) struct Settings {
-    /// Database URL.
-    pub(crate) database_url: String,
-    /// PostgreSQL schema of the outbox tables, validated as a plain identifier.
-    pub(crate) database_schema: Option<String>,
+    /// The databases, at least one; each gets a relay of its own.
+    pub(crate) databases: Vec<Database>,
     /// Engine settings.
     pub(crate) relay: RelayConfig,
     /// The broker the relay publishes to.
     pub(crate) broker: Option<Broker>,
     /// Admin address.
     pub(crate) admin_listen: String,
+    /// `/readyz` fails once the broker has been unavailable this long.
+    pub(crate) broker_unavailable: Duration,
+    /// Token for the console's write actions.
+    pub(crate) admin_token: Option<Secret>,
     /// Keep published rows.
     pub(crate) keep_published: bool,
 }
@@ -152,14 +209,7 @@ pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
-    let database_url =
-        o.database_url.clone().or(file.database_url).ok_or_else(|| {
-            anyhow::anyhow!("no database URL: set --database-url, OUTBOX_DATABASE_URL or database_url")
-        })?;
-    let database_schema = o.database_schema.clone().or(file.database_schema);
-    if let Some(schema) = &database_schema {
-        check_schema(schema, &database_url)?;
-    }
+    let databases = databases(o, file.database_url, file.database_schema, file.database)?;
 
     let r = file.relay;
     let ms = Duration::from_millis;
@@ -215,8 +265,7 @@ pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
 
     let broker = broker(o, file.kafka, file.rabbitmq, file.nats, std::env::vars())?;
     Ok(Settings {
-        database_url,
-        database_schema,
+        databases,
         relay,
         broker,
         admin_listen: o
@@ -224,8 +273,101 @@ pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
             .clone()
             .or(file.admin.listen)
             .unwrap_or_else(|| "127.0.0.1:9464".into()),
+        broker_unavailable: file.admin.broker_unavailable_ms.map_or(DEFAULT_BROKER_UNAVAILABLE, ms),
+        admin_token: std::env::var("OUTBOX_ADMIN_TOKEN")
+            .ok()
+            .or(file.admin.token)
+            .filter(|t| !t.is_empty())
+            .map(Secret),
         keep_published: r.keep_published.unwrap_or(false),
     })
+}
+
+/// The databases to serve: `--database-url` (or `OUTBOX_DATABASE_URL`) names one and replaces the
+/// file's; otherwise the file's `database_url` or its `[[database]]` list (not both). `--database`
+/// keeps one entry of the list.
+fn databases(
+    o: &Overrides,
+    file_url: Option<String>,
+    file_schema: Option<String>,
+    list: Vec<DatabaseSection>,
+) -> anyhow::Result<Vec<Database>> {
+    let schema = o.database_schema.clone().or(file_schema);
+    let single = |url: String| -> anyhow::Result<Vec<Database>> {
+        if let Some(s) = &schema {
+            check_schema(s, &url)?;
+        }
+        Ok(vec![Database {
+            name: None,
+            url,
+            schema: schema.clone(),
+        }])
+    };
+    if let Some(url) = o.database_url.clone() {
+        return single(url);
+    }
+    match (file_url, list.is_empty()) {
+        (Some(_), false) => anyhow::bail!("database_url and [[database]] both set: keep one of them"),
+        (Some(url), true) => return single(url),
+        (None, true) => {
+            anyhow::bail!("no database URL: set --database-url, OUTBOX_DATABASE_URL, database_url or [[database]]")
+        }
+        (None, false) => {}
+    }
+    if schema.is_some() {
+        anyhow::bail!("database_schema applies to database_url; give each [[database]] its own schema");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for d in list {
+        let plain = !d.name.is_empty()
+            && d.name.len() <= 64
+            && d.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        anyhow::ensure!(
+            plain,
+            "invalid [[database]] name {:?}: expected 1-64 of [A-Za-z0-9_-]",
+            d.name
+        );
+        anyhow::ensure!(
+            seen.insert(d.name.clone()),
+            "[[database]] name {:?} appears twice",
+            d.name
+        );
+        if let Some(s) = &d.schema {
+            check_schema(s, &d.url).map_err(|e| anyhow::anyhow!("[[database]] {}: {e}", d.name))?;
+        }
+        out.push(Database {
+            name: Some(d.name),
+            url: d.url,
+            schema: d.schema,
+        });
+    }
+    if let Some(name) = &o.database {
+        let names: Vec<String> = out.iter().map(|d| d.label().to_owned()).collect();
+        out.retain(|d| d.name.as_deref() == Some(name.as_str()));
+        anyhow::ensure!(
+            !out.is_empty(),
+            "--database {name:?}: no such [[database]] (configured: {})",
+            names.join(", ")
+        );
+    }
+    Ok(out)
+}
+
+impl Settings {
+    /// The one database a command acts on: the only one configured, or the one `--database` names.
+    pub(crate) fn one_database(&self) -> anyhow::Result<&Database> {
+        match self.databases.as_slice() {
+            [one] => Ok(one),
+            many => anyhow::bail!(
+                "{} databases configured ({}): choose one with --database NAME",
+                many.len(),
+                many.iter().map(Database::label).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
 }
 
 /// Picks the one broker the file, the environment and the flags name. Kafka settings come from
@@ -467,7 +609,7 @@ mod tests {
             ..Default::default()
         };
         let s = resolve(&o).unwrap();
-        assert_eq!(s.database_url, "postgres://file");
+        assert_eq!(s.one_database().unwrap().url, "postgres://file");
         assert_eq!(s.relay.batch_size, 20);
         let Some(Broker::Kafka(kafka)) = &s.broker else {
             panic!("kafka expected: {:?}", s.broker)
@@ -475,6 +617,70 @@ mod tests {
         assert_eq!(kafka["bootstrap.servers"], "b:2");
         assert_eq!(kafka["linger.ms"], "1");
         std::fs::remove_file(dir).ok();
+    }
+
+    #[test]
+    fn many_databases() {
+        let file: FileConfig = toml::from_str(
+            "[[database]]\nname = 'orders'\nurl = 'postgres://h/orders'\nschema = 'outbox'\n\
+             [[database]]\nname = 'billing'\nurl = 'mysql://h/billing'\n",
+        )
+        .unwrap();
+        let none = Overrides::default();
+        let dbs = databases(&none, None, None, file.database).unwrap();
+        assert_eq!(
+            dbs.iter().map(|d| (d.label(), d.schema.as_deref())).collect::<Vec<_>>(),
+            [("orders", Some("outbox")), ("billing", None)]
+        );
+        let list = |text: &str| toml::from_str::<FileConfig>(text).unwrap().database;
+        let two =
+            "[[database]]\nname = 'a'\nurl = 'postgres://h/a'\n[[database]]\nname = 'b'\nurl = 'postgres://h/b'\n";
+        let pick = Overrides {
+            database: Some("b".into()),
+            ..Overrides::default()
+        };
+        let picked = databases(&pick, None, None, list(two)).unwrap();
+        assert_eq!(picked.len(), 1);
+        assert_eq!(picked[0].url, "postgres://h/b");
+        let wrong = Overrides {
+            database: Some("c".into()),
+            ..Overrides::default()
+        };
+        let err = databases(&wrong, None, None, list(two)).unwrap_err().to_string();
+        assert!(err.contains("configured: a, b"), "{err}");
+        let err = databases(&none, Some("postgres://h/x".into()), None, list(two)).unwrap_err();
+        assert!(err.to_string().contains("both set"), "{err}");
+        let dup =
+            "[[database]]\nname = 'a'\nurl = 'postgres://h/a'\n[[database]]\nname = 'a'\nurl = 'postgres://h/b'\n";
+        assert!(databases(&none, None, None, list(dup))
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
+        let bad = "[[database]]\nname = 'a b'\nurl = 'postgres://h/a'\n";
+        assert!(databases(&none, None, None, list(bad))
+            .unwrap_err()
+            .to_string()
+            .contains("invalid"));
+        let schema_on_mysql = "[[database]]\nname = 'a'\nurl = 'mysql://h/a'\nschema = 'x'\n";
+        assert!(databases(&none, None, None, list(schema_on_mysql)).is_err());
+        // A URL flag names one database and replaces the file's list.
+        let flag = Overrides {
+            database_url: Some("postgres://flag".into()),
+            ..Overrides::default()
+        };
+        let one = databases(&flag, None, None, list(two)).unwrap();
+        assert_eq!((one.len(), one[0].name.as_deref()), (1, None));
+        let s = Settings {
+            databases: databases(&none, None, None, list(two)).unwrap(),
+            relay: RelayConfig::default(),
+            broker: None,
+            admin_listen: String::new(),
+            broker_unavailable: DEFAULT_BROKER_UNAVAILABLE,
+            admin_token: Some(Secret("t0ken".into())),
+            keep_published: false,
+        };
+        assert!(s.one_database().unwrap_err().to_string().contains("--database NAME"));
+        assert!(!format!("{s:?}").contains("t0ken"), "the token is never printed");
     }
 
     #[test]

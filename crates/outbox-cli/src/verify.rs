@@ -89,12 +89,13 @@ pub(crate) async fn main(overrides: &Overrides, args: VerifyArgs) -> i32 {
 
 async fn verify(overrides: &Overrides, args: VerifyArgs) -> anyhow::Result<i32> {
     let s = resolve(overrides)?;
+    let target = s.one_database()?.clone();
     let kafka = match s.broker {
         Some(Broker::Kafka(k)) => k,
         Some(other) => anyhow::bail!("verify reads Kafka topics; the configured broker is [{}]", other.name()),
         None => anyhow::bail!("no Kafka configured: add a [kafka] section or --kafka bootstrap.servers=..."),
     };
-    let database = db::Db::connect(&s.database_url, s.database_schema.as_deref()).await?;
+    let database = db::Db::connect(&target.url, target.schema.as_deref()).await?;
     let snap = database.snapshot(&args.topics).await?;
     let keys = snap.keys;
     let source = snap.source;

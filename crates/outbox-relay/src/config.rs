@@ -75,6 +75,10 @@ pub struct RelayConfig {
     pub cleanup_interval: Duration,
     /// How long kept published rows stay. Defaults to 7 days.
     pub published_retention: Duration,
+    /// A name for the database this relay drains. When set, every metric carries the label
+    /// `database="<name>"` and the relay's log lines the field `database`, so one process can run
+    /// relays for several databases. Defaults to none.
+    pub name: Option<String>,
 }
 
 impl RelayConfig {
@@ -123,6 +127,7 @@ impl Default for RelayConfig {
             claim_ahead: Self::DEFAULT_CLAIM_AHEAD,
             cleanup_interval: Self::DEFAULT_CLEANUP_INTERVAL,
             published_retention: Self::DEFAULT_PUBLISHED_RETENTION,
+            name: None,
         }
     }
 }
@@ -168,6 +173,8 @@ setters! {
     cleanup_interval: Duration,
     /// Sets [`RelayConfig::published_retention`].
     published_retention: Duration,
+    /// Sets [`RelayConfig::name`].
+    name: Option<String>,
 }
 
 impl RelayConfig {

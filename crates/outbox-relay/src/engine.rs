@@ -42,6 +42,7 @@ pub struct Relay<S, P> {
     publisher: P,
     cfg: RelayConfig,
     local: Option<Arc<Notify>>,
+    health: crate::RelayHealth,
 }
 
 struct Running {
@@ -58,6 +59,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             publisher,
             cfg: RelayConfig::default(),
             local: None,
+            health: crate::RelayHealth::default(),
         }
     }
 
@@ -72,6 +74,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     pub fn wake_on(mut self, local: Arc<Notify>) -> Self {
         self.local = Some(local);
         self
+    }
+
+    /// A view of this relay's state while it runs (lanes held, published count, broker
+    /// outage), for readiness probes and consoles.
+    pub fn health(&self) -> crate::RelayHealth {
+        self.health.clone()
     }
 
     /// Runs until `shutdown` completes, then stops claiming, lets in-flight batches finish (up to
@@ -93,10 +101,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 .and_then(std::num::NonZeroU32::new)
                 .map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r))),
             backoff,
+            meters: m::Meters::new(self.cfg.name.as_deref()),
+            health: self.health,
             cfg: self.cfg,
         });
         let owner = shared.cfg.owner.clone();
-        tracing::info!(%owner, "relay starting");
+        tracing::info!(%owner, database = shared.cfg.name.as_deref(), "relay starting");
         let wakers = spawn_wakers(shared.clone(), self.local);
         let stats = tokio::spawn(stats_loop(shared.clone()));
         let cleanup = tokio::spawn(cleanup_loop(shared.clone()));
@@ -118,7 +128,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             match maintain(&shared, &owner, &mut running).await {
                 Ok(()) => last_renewed = Instant::now(),
                 Err(e) => {
-                    metrics::counter!(m::STORE_ERRORS).increment(1);
+                    shared.meters.store_errors.increment(1);
                     tracing::warn!(error = %e, "lease maintenance failed");
                     if last_renewed.elapsed() > shared.cfg.lease_ttl {
                         // Our leases have expired by now: others may own the lanes.
@@ -128,7 +138,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     }
                 }
             }
-            metrics::gauge!(m::LANES_HELD).set(running.len() as f64);
+            shared.meters.lanes_held.set(running.len() as f64);
+            shared.health.set_lanes_held(running.len());
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(tick) => {}
@@ -174,7 +185,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         wakers.abort();
         stats.abort();
         cleanup.abort();
-        metrics::gauge!(m::LANES_HELD).set(0.0);
+        shared.meters.lanes_held.set(0.0);
+        shared.health.set_lanes_held(0);
         tracing::info!("relay stopped");
         Ok(())
     }
@@ -291,11 +303,14 @@ async fn stats_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     loop {
         match shared.store.status().await {
             Ok(s) => {
-                metrics::gauge!(m::PENDING).set(s.pending as f64);
-                metrics::gauge!(m::OLDEST_PENDING_AGE).set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
-                metrics::gauge!(m::DEAD_LETTERS).set(s.dead_letters as f64);
+                shared.meters.pending.set(s.pending as f64);
+                shared
+                    .meters
+                    .oldest_pending_age
+                    .set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+                shared.meters.dead_letters.set(s.dead_letters as f64);
                 let unowned = s.unowned_lanes();
-                metrics::gauge!(m::LANES_UNOWNED).set(unowned as f64);
+                shared.meters.lanes_unowned.set(unowned as f64);
                 if unowned == 0 {
                     unowned_since = None;
                 } else {

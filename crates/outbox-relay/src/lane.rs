@@ -25,6 +25,8 @@ pub(crate) struct Shared<S, P> {
     pub(crate) rate: Option<governor::DefaultDirectRateLimiter>,
     /// Retry delays ([`RelayConfig::backoff_base`] to [`RelayConfig::backoff_max`]).
     pub(crate) backoff: Backoff,
+    pub(crate) meters: m::Meters,
+    pub(crate) health: crate::RelayHealth,
 }
 
 /// Why a lane loop ended.
@@ -41,7 +43,12 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
     lease: Lease,
     stop: CancellationToken,
 ) -> LaneExit {
-    let span = tracing::info_span!("lane", lane = lease.lane, epoch = lease.epoch);
+    let span = tracing::info_span!(
+        "lane",
+        database = shared.cfg.name.as_deref(),
+        lane = lease.lane,
+        epoch = lease.epoch
+    );
     async move {
         tracing::debug!("lane started");
         let mut store_errors = 0;
@@ -75,7 +82,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                     (Err(e), _) => {
                         drop(turn);
                         store_errors += 1;
-                        metrics::counter!(m::STORE_ERRORS).increment(1);
+                        shared.meters.store_errors.increment(1);
                         tracing::warn!(error = %e, "claim failed; retrying");
                         if pause(&stop, shared.backoff.delay(store_errors)).await {
                             return LaneExit::Stopped;
@@ -234,7 +241,7 @@ async fn publish_batch<S: Store, P: Publisher>(
     let span = tracing::debug_span!("publish_batch", lane = lease.lane, size = rows.len());
     crate::failpoint::hit(crate::failpoint::Point::DuringPublish);
     let (results, publish_took) = timed(publish_decodable(shared, rows).instrument(span)).await;
-    metrics::histogram!(m::BATCH_DURATION).record(publish_took.as_secs_f64());
+    shared.meters.batch_duration.record(publish_took.as_secs_f64());
     assert_eq!(results.len(), rows.len(), "publisher must answer once per message");
     crate::failpoint::hit(crate::failpoint::Point::BeforeMark);
 
@@ -243,24 +250,22 @@ async fn publish_batch<S: Store, P: Publisher>(
     // Confirmed rows first: a crash after this point re-sends only the failed ones.
     if !plan.delivered.is_empty() {
         crate::failpoint::hit(crate::failpoint::Point::DuringMark);
-        retry_store(stop, &shared.backoff, || {
-            shared.store.mark_published(lease, &plan.delivered)
-        })
-        .await?;
+        retry_store(stop, shared, || shared.store.mark_published(lease, &plan.delivered)).await?;
         crate::failpoint::hit(crate::failpoint::Point::AfterMark);
-        metrics::counter!(m::PUBLISHED).increment(plan.delivered.len() as u64);
+        shared.meters.published.increment(plan.delivered.len() as u64);
+        shared.health.add_published(plan.delivered.len());
         for created in &plan.delivered_created {
             let age = (now - *created).to_std().unwrap_or_default();
-            metrics::histogram!(m::PUBLISH_LATENCY).record(age.as_secs_f64());
+            shared.meters.publish_latency.record(age.as_secs_f64());
         }
     }
     for (row, err) in &plan.retry {
         let attempt = row.attempts + 1;
         let delay = shared.backoff.delay(attempt.max(1) as u32);
         tracing::warn!(outbox.id = %row.id, attempt, error = %err, retry_in = ?delay, "publish failed; will retry");
-        metrics::counter!(m::FAILED, "kind" => "retryable").increment(1);
-        metrics::counter!(m::RETRIED).increment(1);
-        retry_store(stop, &shared.backoff, || {
+        shared.meters.failed_retryable.increment(1);
+        shared.meters.retried.increment(1);
+        retry_store(stop, shared, || {
             shared.store.mark_failed(lease, row.pos, &err.message, delay)
         })
         .await?;
@@ -270,16 +275,19 @@ async fn publish_batch<S: Store, P: Publisher>(
         tracing::error!(outbox.id = %row.id, topic = %row.topic, key = ?row.key, attempts = row.attempts + 1,
             error = %err, park, "message dead-lettered");
         if err.kind == FailureKind::Permanent {
-            metrics::counter!(m::FAILED, "kind" => "permanent").increment(1);
+            shared.meters.failed_permanent.increment(1);
         }
-        metrics::counter!(m::DEAD_LETTERED).increment(1);
-        retry_store(stop, &shared.backoff, || {
+        shared.meters.dead_lettered.increment(1);
+        retry_store(stop, shared, || {
             shared.store.dead_letter(lease, row.pos, &err.message, park)
         })
         .await?;
     }
+    shared
+        .health
+        .broker(plan.unavailable.is_none() || !plan.delivered.is_empty());
     if let Some(why) = &plan.unavailable {
-        metrics::counter!(m::FAILED, "kind" => "unavailable").increment(1);
+        shared.meters.failed_unavailable.increment(1);
         tracing::error!(error = %why, "broker unavailable; the lane backs off, no attempt counted");
     }
     Ok(BatchDone {
@@ -399,7 +407,7 @@ pub(crate) fn settle<'a>(
 
 /// Retries a store write on database trouble until it succeeds, the lease is gone, or the lane is
 /// told to stop and a few more tries failed (the rows then stay pending and are re-sent later).
-async fn retry_store<F, Fut>(stop: &CancellationToken, backoff: &Backoff, mut op: F) -> Result<(), LaneExit>
+async fn retry_store<S, P, F, Fut>(stop: &CancellationToken, shared: &Shared<S, P>, mut op: F) -> Result<(), LaneExit>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = outbox::Result<()>>,
@@ -414,12 +422,12 @@ where
             }
             Err(e) => {
                 attempt += 1;
-                metrics::counter!(m::STORE_ERRORS).increment(1);
+                shared.meters.store_errors.increment(1);
                 tracing::warn!(error = %e, attempt, "store write failed; retrying");
                 if stop.is_cancelled() && attempt >= 3 {
                     return Err(LaneExit::Stopped);
                 }
-                tokio::time::sleep(backoff.delay(attempt.min(6))).await;
+                tokio::time::sleep(shared.backoff.delay(attempt.min(6))).await;
             }
         }
     }

@@ -7,8 +7,10 @@
 mod config;
 mod engine;
 mod failpoint;
+mod health;
 mod lane;
 pub mod metrics;
 
 pub use config::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 pub use engine::{Relay, RelayError};
+pub use health::RelayHealth;

@@ -2,7 +2,7 @@
 
 /// Messages confirmed by the broker and marked.
 pub const PUBLISHED: &str = "outbox_published_total";
-/// Publish attempts that failed (any reason), label `kind` = retryable | permanent.
+/// Publish attempts that failed, label `kind` = retryable | permanent | unavailable.
 pub const FAILED: &str = "outbox_failed_total";
 /// Messages scheduled for another attempt after a retryable failure.
 pub const RETRIED: &str = "outbox_retried_total";
@@ -25,3 +25,52 @@ pub const LANES_HELD: &str = "outbox_lanes_held";
 pub const LANES_UNOWNED: &str = "outbox_lanes_unowned";
 /// Store (database) operations that failed and will be retried.
 pub const STORE_ERRORS: &str = "outbox_store_errors_total";
+
+/// The relay's meters, registered once with its labels: `database` = [`crate::RelayConfig::name`]
+/// when set, so relays of one process draining several databases keep their figures apart.
+pub(crate) struct Meters {
+    pub(crate) published: metrics::Counter,
+    pub(crate) failed_retryable: metrics::Counter,
+    pub(crate) failed_permanent: metrics::Counter,
+    pub(crate) failed_unavailable: metrics::Counter,
+    pub(crate) retried: metrics::Counter,
+    pub(crate) dead_lettered: metrics::Counter,
+    pub(crate) store_errors: metrics::Counter,
+    pub(crate) pending: metrics::Gauge,
+    pub(crate) oldest_pending_age: metrics::Gauge,
+    pub(crate) dead_letters: metrics::Gauge,
+    pub(crate) lanes_held: metrics::Gauge,
+    pub(crate) lanes_unowned: metrics::Gauge,
+    pub(crate) publish_latency: metrics::Histogram,
+    pub(crate) batch_duration: metrics::Histogram,
+}
+
+impl Meters {
+    pub(crate) fn new(name: Option<&str>) -> Self {
+        let base: Vec<metrics::Label> = name
+            .map(|n| metrics::Label::new("database", n.to_owned()))
+            .into_iter()
+            .collect();
+        let with_kind = |kind: &'static str| {
+            let mut l = base.clone();
+            l.push(metrics::Label::new("kind", kind));
+            l
+        };
+        Meters {
+            published: metrics::counter!(PUBLISHED, base.clone()),
+            failed_retryable: metrics::counter!(FAILED, with_kind("retryable")),
+            failed_permanent: metrics::counter!(FAILED, with_kind("permanent")),
+            failed_unavailable: metrics::counter!(FAILED, with_kind("unavailable")),
+            retried: metrics::counter!(RETRIED, base.clone()),
+            dead_lettered: metrics::counter!(DEAD_LETTERED, base.clone()),
+            store_errors: metrics::counter!(STORE_ERRORS, base.clone()),
+            pending: metrics::gauge!(PENDING, base.clone()),
+            oldest_pending_age: metrics::gauge!(OLDEST_PENDING_AGE, base.clone()),
+            dead_letters: metrics::gauge!(DEAD_LETTERS, base.clone()),
+            lanes_held: metrics::gauge!(LANES_HELD, base.clone()),
+            lanes_unowned: metrics::gauge!(LANES_UNOWNED, base.clone()),
+            publish_latency: metrics::histogram!(PUBLISH_LATENCY, base.clone()),
+            batch_duration: metrics::histogram!(BATCH_DURATION, base),
+        }
+    }
+}

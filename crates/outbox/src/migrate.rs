@@ -34,7 +34,10 @@ macro_rules! apply_migrations {
             sqlx::query($sql::MIGRATIONS_TABLE).execute(&mut *conn).await?;
             let applied: Vec<(i64, Vec<u8>)> = sqlx::query_as($sql::MIGRATIONS_APPLIED).fetch_all(&mut *conn).await?;
             for m in $crate::migrate::pending(&$migrator, &applied)? {
-                sqlx::raw_sql(&m.sql).execute(&mut *conn).await?;
+                // A string without arguments runs as a simple (multi-statement) query on every
+                // driver. Not `sqlx::raw_sql`: its future is not `Send` for every lifetime, which
+                // kept `migrate` out of spawned tasks (test below).
+                sqlx::Executor::execute(&mut *conn, &*m.sql).await?;
                 sqlx::query($sql::MIGRATIONS_RECORD)
                     .bind(m.version)
                     .bind(&*m.description)
@@ -50,3 +53,27 @@ macro_rules! apply_migrations {
 
 #[allow(unused_imports)] // used by the backends compiled in
 pub(crate) use apply_migrations;
+
+#[cfg(test)]
+mod tests {
+    /// A service migrates in a spawned task: the migration futures must be `Send` for any lifetime.
+    #[allow(dead_code)]
+    fn migrations_can_be_spawned() {
+        fn spawned<F: std::future::Future + Send + 'static>(_: F) {}
+        #[cfg(feature = "postgres")]
+        spawned(async {
+            let pool = sqlx::PgPool::connect_lazy("postgres://unused").expect("lazy pool");
+            crate::postgres::migrate(&pool).await
+        });
+        #[cfg(feature = "mysql")]
+        spawned(async {
+            let pool = sqlx::MySqlPool::connect_lazy("mysql://unused").expect("lazy pool");
+            crate::mysql::migrate(&pool).await
+        });
+        #[cfg(feature = "sqlite")]
+        spawned(async {
+            let pool = sqlx::SqlitePool::connect_lazy("sqlite::memory:").expect("lazy pool");
+            crate::sqlite::migrate(&pool).await
+        });
+    }
+}
