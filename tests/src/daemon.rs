@@ -24,7 +24,7 @@ pub fn db_url(pool: &sqlx::PgPool) -> String {
 pub struct RelayArgs {
     /// Path of the `outbox-relay` binary.
     pub bin: String,
-    /// `--database-url`.
+    /// `--database-url` (not passed when empty: the databases then come from a config file).
     pub database_url: String,
     /// `bootstrap.servers`.
     pub bootstrap: String,
@@ -88,8 +88,11 @@ impl RelayArgs {
             .unwrap()
             .local_addr()
             .unwrap();
-        let mut child = Command::new(&self.bin)
-            .args(["--database-url", &self.database_url])
+        let mut cmd = Command::new(&self.bin);
+        if !self.database_url.is_empty() {
+            cmd.args(["--database-url", &self.database_url]);
+        }
+        let mut child = cmd
             .args(["--kafka", &format!("bootstrap.servers={}", self.bootstrap)])
             .args(["--batch-size", &self.batch_size.to_string()])
             .args(["--lease-ttl-ms", &self.lease_ttl_ms.to_string()])
@@ -113,7 +116,11 @@ impl RelayArgs {
                 sink.lock().unwrap().push(line);
             }
         });
-        RelayProcess { child, log }
+        RelayProcess {
+            child,
+            log,
+            admin: admin.to_string(),
+        }
     }
 }
 
@@ -122,6 +129,8 @@ pub struct RelayProcess {
     /// The process.
     pub child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Its admin endpoint (`127.0.0.1:PORT`).
+    pub admin: String,
 }
 
 impl RelayProcess {
@@ -181,6 +190,39 @@ impl RelayProcess {
     /// How many stderr lines so far contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
         self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// `GET path` on the admin endpoint: status code and body (`None` while nothing answers).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.admin).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin).ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let code = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        Some((code, body))
+    }
+
+    /// Polls `GET path` until `done(code, body)` holds, failing the test after `within`; returns the
+    /// last answer.
+    pub fn wait_get(&self, path: &str, within: Duration, done: impl Fn(u16, &str) -> bool) -> (u16, String) {
+        let start = Instant::now();
+        loop {
+            let got = self.get(path);
+            if let Some((code, body)) = &got {
+                if done(*code, body) {
+                    return (*code, body.clone());
+                }
+            }
+            assert!(
+                start.elapsed() < within,
+                "GET {path}: last answer {got:?} after {within:?}; log tail:\n{}",
+                self.tail(20)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The last `n` stderr lines, for failure messages.

@@ -1,0 +1,193 @@
+//! One daemon, many databases (`[[database]]`): each gets a relay of its own, metrics carry the
+//! database's name, one database down stalls only itself; `/readyz` says what is wrong.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use outbox::{Message, StoreAdmin};
+use outbox_tests::daemon::{enqueue_all, wait_pending_below, RelayArgs, RelayProcess};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::proxy::DbProxy;
+
+const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+/// A config file listing `dbs` (name, url) as `[[database]]`, plus `extra` TOML.
+fn config(dbs: &[(&str, String)], extra: &str) -> std::path::PathBuf {
+    let mut text = String::new();
+    for (name, url) in dbs {
+        text += &format!("[[database]]\nname = \"{name}\"\nurl = \"{url}\"\n\n");
+    }
+    text += extra;
+    let path = std::env::temp_dir().join(format!("outbox-dbs-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn(cfg: &std::path::Path, bootstrap: &str) -> RelayProcess {
+    RelayArgs::new(BIN, "", bootstrap, 100)
+        .args(["--config", cfg.to_str().unwrap()])
+        .spawn()
+}
+
+fn pg_url(pool: &sqlx::PgPool, port: u16) -> String {
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    format!("postgres://postgres@127.0.0.1:{port}/{db}")
+}
+
+/// The value of `metric{database="name"...}` in a Prometheus text page.
+fn metric(page: &str, metric: &str, name: &str) -> Option<f64> {
+    let label = format!("database=\"{name}\"");
+    page.lines()
+        .find(|l| l.starts_with(&format!("{metric}{{")) && l.contains(&label))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemon_drains_two_postgres_databases_and_a_mariadb_at_once() {
+    let bootstrap = broker();
+    let (pg_a, pg_b) = (outbox_tests::db::fresh_pg().await, outbox_tests::db::fresh_pg().await);
+    let maria = outbox_tests::db::fresh_mysql().await;
+    let maria_url = format!(
+        "{}/{}",
+        outbox_tests::db::mysql_url(),
+        maria.connect_options().get_database().unwrap()
+    );
+    let topics: Vec<String> = ["dbs-a", "dbs-b", "dbs-m"].iter().map(|p| topic(p)).collect();
+    for t in &topics {
+        create_topic(&bootstrap, t, 3).await;
+    }
+    let ids_a = enqueue_all(&pg_a, &topics[0], 400, 13).await;
+    let ids_b = enqueue_all(&pg_b, &topics[1], 300, 13).await;
+    let mut tx = maria.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..200)
+        .map(|i| Message::new(topics[2].as_str(), format!("{i}")).key(format!("k{}", i % 13)))
+        .collect();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    let ids_m: HashSet<uuid::Uuid> = msgs.iter().map(|m| m.id()).collect();
+
+    let cfg = config(
+        &[
+            ("orders", pg_url(&pg_a, 5432)),
+            ("billing", pg_url(&pg_b, 5432)),
+            ("shipping", maria_url),
+        ],
+        "",
+    );
+    let mut relay = spawn(&cfg, &bootstrap);
+    let stores: [Box<dyn outbox::Store>; 3] = [
+        Box::new(outbox::postgres::PgStore::new(pg_a.clone())),
+        Box::new(outbox::postgres::PgStore::new(pg_b.clone())),
+        Box::new(outbox::mysql::MySqlStore::new(maria.clone())),
+    ];
+    for s in &stores {
+        wait_pending_below(s.as_ref(), 1, Duration::from_secs(60)).await;
+    }
+    for (t, ids) in topics.iter().zip([&ids_a, &ids_b, &ids_m]) {
+        let seen = read_until(&bootstrap, t, ids, Duration::from_secs(30), Duration::from_millis(200)).await;
+        assert_eq!(check_delivery(&seen, ids), 0, "{t}: every message once, per-key order");
+    }
+    // Each database's figures apart, and each relay holds every lane of its own database.
+    let (_, page) = relay.wait_get("/metrics", Duration::from_secs(10), |code, page| {
+        code == 200 && metric(page, "outbox_published_total", "shipping") == Some(200.0)
+    });
+    assert_eq!(metric(&page, "outbox_published_total", "orders"), Some(400.0), "{page}");
+    assert_eq!(metric(&page, "outbox_published_total", "billing"), Some(300.0), "{page}");
+    for name in ["orders", "billing", "shipping"] {
+        assert_eq!(metric(&page, "outbox_lanes_held", name), Some(32.0), "{name}: {page}");
+    }
+    relay.wait_get("/readyz", Duration::from_secs(10), |code, _| code == 200);
+    // Operator commands pick one database by name; several without a name is a clear error.
+    let status = std::process::Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--database", "billing", "status"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && out.contains("billing") && out.contains("pending:       0"), "{out}");
+    let list = std::process::Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "dead-letters", "list"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&list.stderr);
+    assert!(!list.status.success() && err.contains("--database NAME"), "{err}");
+    relay.terminate();
+    std::fs::remove_file(cfg).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_goes_down_stalls_only_itself_and_readyz_names_it() {
+    let bootstrap = broker();
+    let (up, flaky) = (outbox_tests::db::fresh_pg().await, outbox_tests::db::fresh_pg().await);
+    let proxy = DbProxy::start().await;
+    let (t_up, t_flaky) = (topic("dbs-up"), topic("dbs-flaky"));
+    create_topic(&bootstrap, &t_up, 2).await;
+    create_topic(&bootstrap, &t_flaky, 2).await;
+    let cfg = config(
+        &[("up", pg_url(&up, 5432)), ("flaky", pg_url(&flaky, proxy.port))],
+        "[admin]\nbroker_unavailable_ms = 60000\n",
+    );
+    let relay = spawn(&cfg, &bootstrap);
+    relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 200);
+
+    proxy.cut();
+    let (code, body) = relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 503);
+    assert!(body.contains("database flaky") && !body.contains("database up"), "{code} {body}");
+    // The other database keeps flowing while this one is down.
+    let ids_up = enqueue_all(&up, &t_up, 500, 10).await;
+    let ids_flaky = enqueue_all(&flaky, &t_flaky, 300, 10).await;
+    let store_up = outbox::postgres::PgStore::new(up.clone());
+    wait_pending_below(&store_up, 1, Duration::from_secs(30)).await;
+    let seen = read_until(&bootstrap, &t_up, &ids_up, Duration::from_secs(30), Duration::from_millis(200)).await;
+    assert_eq!(check_delivery(&seen, &ids_up), 0);
+    let store_flaky = outbox::postgres::PgStore::new(flaky.clone());
+    assert_eq!(store_flaky.status().await.unwrap().pending, 300, "nothing left while cut off");
+
+    proxy.restore().await;
+    wait_pending_below(&store_flaky, 1, Duration::from_secs(60)).await;
+    let seen = read_until(&bootstrap, &t_flaky, &ids_flaky, Duration::from_secs(30), Duration::from_millis(200)).await;
+    assert_eq!(check_delivery(&seen, &ids_flaky), 0);
+    relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 200);
+    drop(relay);
+    std::fs::remove_file(cfg).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_on_a_broker_outage_past_its_threshold_and_on_lanes_nobody_owns() {
+    // The broker: nothing listens on the bootstrap address, so every publish is `Unavailable`.
+    let pool = outbox_tests::db::fresh_pg().await;
+    let t = topic("dbs-nobroker");
+    let cfg = config(
+        &[("orders", pg_url(&pool, 5432))],
+        "[admin]\nbroker_unavailable_ms = 1500\n",
+    );
+    let relay = RelayArgs::new(BIN, "", "127.0.0.1:1", 100)
+        .args(["--config", cfg.to_str().unwrap(), "--kafka", "message.timeout.ms=1000"])
+        .spawn();
+    relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 200);
+    enqueue_all(&pool, &t, 5, 5).await;
+    let (_, body) = relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 503);
+    assert!(body.contains("database orders: broker unavailable for"), "{body}");
+    assert_eq!(relay.get("/healthz").map(|(c, _)| c), Some(200), "liveness stays up");
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let st = store.status().await.unwrap();
+    assert_eq!((st.pending, st.dead_letters), (5, 0), "an outage dead-letters nothing");
+    drop(relay);
+
+    // Lanes: a relay that may hold 4 of the 32 leaves 28 without an owner; after one lease (3 s)
+    // readiness says so.
+    let lanes_cfg = config(&[("orders", pg_url(&pool, 5432))], "[relay]\nmax_lanes = 4\n");
+    let relay = spawn(&lanes_cfg, &broker());
+    let (_, body) = relay.wait_get("/readyz", Duration::from_secs(30), |code, body| {
+        code == 503 && body.contains("without an owner")
+    });
+    let lanes = body
+        .split("lanes ")
+        .nth(1)
+        .and_then(|rest| rest.split(" without").next())
+        .unwrap_or_default();
+    assert_eq!(lanes.split(", ").count(), 28, "{body}");
+    drop(relay);
+    std::fs::remove_file(cfg).ok();
+    std::fs::remove_file(lanes_cfg).ok();
+}
