@@ -412,6 +412,15 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let relay_bin = args.relay_bin.clone().map(PathBuf::from).unwrap_or_else(relay_binary);
+    // An absolute path, checked now: a missing binary must stop the run, not leave it writing
+    // into an outbox nobody drains.
+    let relay_bin = match relay_bin.canonicalize() {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("relay binary {}: {e}", relay_bin.display());
+            return ExitCode::from(2);
+        }
+    };
     let topic = outbox_tests::kafka::topic("soak");
     let mut _mock = None;
     let mut cluster: Option<Arc<Cluster>> = None;
@@ -594,12 +603,25 @@ async fn main() -> ExitCode {
             }
         })
     };
-    let mut written = Written::default();
-    for w in writers {
-        let part = w.await.expect("writer");
-        written.committed.extend(part.committed);
-        written.rolled_back.extend(part.rolled_back);
-    }
+    let mut supervisor = supervisor;
+    let all_written = async {
+        let mut written = Written::default();
+        for w in writers {
+            let part = w.await.expect("writer");
+            written.committed.extend(part.committed);
+            written.rolled_back.extend(part.rolled_back);
+        }
+        written
+    };
+    // The supervisor ends only once everything is drained: earlier means the relay could not be
+    // started or exited by itself, and the run stops here.
+    let written = tokio::select! {
+        written = all_written => written,
+        early = &mut supervisor => {
+            eprintln!("the relay supervisor stopped before the writers were done: {:?}", early.err());
+            return ExitCode::FAILURE;
+        }
+    };
     writers_done.store(true, Relaxed);
     let committed: HashSet<uuid::Uuid> = written.committed.iter().copied().collect();
     let rolled_back: HashSet<uuid::Uuid> = written.rolled_back.iter().copied().collect();

@@ -1,5 +1,6 @@
 //! The daemon picks its broker from configuration: a `[nats]` section publishes to JetStream (the
-//! shared nats-server of `.ci/nats`), two broker sections are refused at startup.
+//! shared nats-server of `.ci/nats`), a `[rabbitmq]` section to RabbitMQ (the shared node of
+//! `.ci/rabbitmq`), two broker sections are refused at startup.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -86,6 +87,89 @@ async fn a_nats_section_publishes_to_jetstream() {
     assert!(relay.wait().unwrap().success(), "SIGTERM ends the relay with 0");
     std::fs::remove_file(cfg).ok();
     assert_eq!(stored, 60, "every row once on the stream (Nats-Msg-Id drops re-sends)");
+    assert!(store.dead_letters(10).await.unwrap().is_empty());
+}
+
+fn rabbitmq_url() -> String {
+    std::env::var("OUTBOX_TEST_RABBITMQ").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
+    let props = lapin::ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    let conn = lapin::Connection::connect(&rabbitmq_url(), props)
+        .await
+        .expect("the shared RabbitMQ node (.ci/rabbitmq up)");
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_section_publishes_with_confirms() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    // The default exchange routes by queue name: the topic is the queue.
+    let topic = format!("daemon-{}", uuid::Uuid::new_v4().simple());
+    let (conn, ch) = amqp_channel().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(&topic, durable, FieldTable::default()).await.unwrap();
+
+    let pool = outbox_tests::db::fresh_pg().await;
+    let mut tx = pool.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..60)
+        .map(|i| Message::new(topic.clone(), format!("m{i}")).key(format!("k{}", i % 6)))
+        .collect();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let cfg = config_file("[rabbitmq]\nconfirm_timeout_ms = 5000\n");
+    let mut relay = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--database-url", &db_url(&pool)])
+        .args(["--poll-interval-ms", "100", "--admin-listen", &free_addr(), "run"])
+        .env("OUTBOX_RABBITMQ_URL", rabbitmq_url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let queued = loop {
+        let pending = store.status().await.unwrap().pending;
+        let queued = ch
+            .queue_declare(&topic, passive, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count();
+        if pending == 0 && queued >= 60 {
+            break queued;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pending {pending}, queued {queued} after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(relay.wait().unwrap().success(), "SIGTERM ends the relay with 0");
+    std::fs::remove_file(cfg).ok();
+    let _ = ch.queue_delete(&topic, Default::default()).await;
+    let _ = conn.close(200, "done").await;
+    assert_eq!(
+        queued, 60,
+        "every row once in the queue, each confirmed before it was marked"
+    );
     assert!(store.dead_letters(10).await.unwrap().is_empty());
 }
 

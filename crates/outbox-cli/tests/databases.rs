@@ -93,7 +93,11 @@ async fn one_daemon_drains_two_postgres_databases_and_a_mariadb_at_once() {
         code == 200 && metric(page, "outbox_published_total", "shipping") == Some(200.0)
     });
     assert_eq!(metric(&page, "outbox_published_total", "orders"), Some(400.0), "{page}");
-    assert_eq!(metric(&page, "outbox_published_total", "billing"), Some(300.0), "{page}");
+    assert_eq!(
+        metric(&page, "outbox_published_total", "billing"),
+        Some(300.0),
+        "{page}"
+    );
     for name in ["orders", "billing", "shipping"] {
         assert_eq!(metric(&page, "outbox_lanes_held", name), Some(32.0), "{name}: {page}");
     }
@@ -104,7 +108,10 @@ async fn one_daemon_drains_two_postgres_databases_and_a_mariadb_at_once() {
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success() && out.contains("billing") && out.contains("pending:       0"), "{out}");
+    assert!(
+        status.status.success() && out.contains("billing") && out.contains("pending:       0"),
+        "{out}"
+    );
     let list = std::process::Command::new(BIN)
         .args(["--config", cfg.to_str().unwrap(), "dead-letters", "list"])
         .output()
@@ -132,20 +139,41 @@ async fn a_database_that_goes_down_stalls_only_itself_and_readyz_names_it() {
 
     proxy.cut();
     let (code, body) = relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 503);
-    assert!(body.contains("database flaky") && !body.contains("database up"), "{code} {body}");
+    assert!(
+        body.contains("database flaky") && !body.contains("database up"),
+        "{code} {body}"
+    );
     // The other database keeps flowing while this one is down.
     let ids_up = enqueue_all(&up, &t_up, 500, 10).await;
     let ids_flaky = enqueue_all(&flaky, &t_flaky, 300, 10).await;
     let store_up = outbox::postgres::PgStore::new(up.clone());
     wait_pending_below(&store_up, 1, Duration::from_secs(30)).await;
-    let seen = read_until(&bootstrap, &t_up, &ids_up, Duration::from_secs(30), Duration::from_millis(200)).await;
+    let seen = read_until(
+        &bootstrap,
+        &t_up,
+        &ids_up,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    )
+    .await;
     assert_eq!(check_delivery(&seen, &ids_up), 0);
     let store_flaky = outbox::postgres::PgStore::new(flaky.clone());
-    assert_eq!(store_flaky.status().await.unwrap().pending, 300, "nothing left while cut off");
+    assert_eq!(
+        store_flaky.status().await.unwrap().pending,
+        300,
+        "nothing left while cut off"
+    );
 
     proxy.restore().await;
     wait_pending_below(&store_flaky, 1, Duration::from_secs(60)).await;
-    let seen = read_until(&bootstrap, &t_flaky, &ids_flaky, Duration::from_secs(30), Duration::from_millis(200)).await;
+    let seen = read_until(
+        &bootstrap,
+        &t_flaky,
+        &ids_flaky,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    )
+    .await;
     assert_eq!(check_delivery(&seen, &ids_flaky), 0);
     relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 200);
     drop(relay);
