@@ -219,6 +219,7 @@ async fn lost_duplicated_and_swapped_records_fail_with_the_right_counts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let summary = String::from_utf8_lossy(&out.stdout);
+    println!("{summary}");
     for line in [
         "missing:    1",
         "reordered:  1",
