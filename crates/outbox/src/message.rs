@@ -198,6 +198,7 @@ pub fn lane_of(key: Option<&str>, id: Uuid, lanes: i32) -> i32 {
 
 /// What `enqueue` assigned to a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Enqueued {
     /// The message id.
     pub id: Uuid,

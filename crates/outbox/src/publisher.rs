@@ -27,6 +27,7 @@ pub enum FailureKind {
 /// A failed publish of one message.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
+#[non_exhaustive]
 pub struct PublishError {
     /// Retry or dead-letter.
     pub kind: FailureKind,

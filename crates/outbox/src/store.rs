@@ -16,6 +16,7 @@ pub const LANES: i32 = 32;
 
 /// A relay's hold on one lane. Valid while `epoch` is the lane's current epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Lease {
     /// The lane.
     pub lane: i32,

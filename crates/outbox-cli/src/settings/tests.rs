@@ -1,0 +1,214 @@
+//! Settings: file, environment and flags; brokers; databases; defaults README states.
+use super::databases::databases;
+use super::*;
+
+#[test]
+fn exactly_one_broker() {
+    let none = Overrides::default();
+    let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    assert!(broker(&none, None, None, None, env(&[]).into_iter()).unwrap().is_none());
+    let nats: FileConfig = toml::from_str("[nats]\nurl = \"nats://127.0.0.1:4333\"").unwrap();
+    match broker(&none, nats.kafka, nats.rabbitmq, nats.nats, env(&[]).into_iter()).unwrap() {
+        Some(Broker::Nats(c)) => assert_eq!(c.url, "nats://127.0.0.1:4333"),
+        other => panic!("{other:?}"),
+    }
+    let both: FileConfig = toml::from_str("[nats]\n[kafka]\n\"bootstrap.servers\" = \"127.0.0.1:9092\"").unwrap();
+    let err = broker(&none, both.kafka, both.rabbitmq, both.nats, env(&[]).into_iter()).unwrap_err();
+    assert!(err.to_string().contains("kafka, nats"), "{err}");
+    // A Kafka flag beside a [rabbitmq] section is two brokers too.
+    let flags = Overrides {
+        kafka: vec!["bootstrap.servers=127.0.0.1:9092".into()],
+        ..Overrides::default()
+    };
+    let err = broker(
+        &flags,
+        None,
+        None,
+        None,
+        env(&[("OUTBOX_RABBITMQ_URL", "amqp://h")]).into_iter(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("kafka, rabbitmq"), "{err}");
+    let bad: Result<FileConfig, _> = toml::from_str("[rabbitmq]\nexchnage = \"x\"");
+    assert!(bad.is_err(), "a typo in [rabbitmq] is an error");
+}
+
+/// README's configuration table states each engine default; this pins it to the constants.
+#[test]
+fn readme_states_the_engine_defaults() {
+    let readme = include_str!("../../../../README.md");
+    let default_of = |key: &str| -> String {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `[relay] {key}")))
+            .unwrap_or_else(|| panic!("README has no row for [relay] {key}"));
+        row.split('|').nth(3).expect("a default column").trim().to_owned()
+    };
+    let ms = |d: Duration| d.as_millis().to_string();
+    type C = RelayConfig;
+    assert_eq!(default_of("batch_size"), C::DEFAULT_BATCH_SIZE.to_string());
+    assert_eq!(default_of("poll_interval_ms"), ms(C::DEFAULT_POLL_INTERVAL));
+    assert_eq!(default_of("lease_ttl_ms"), ms(C::DEFAULT_LEASE_TTL));
+    assert_eq!(default_of("max_attempts"), C::DEFAULT_MAX_ATTEMPTS.to_string());
+    assert_eq!(
+        default_of("backoff_base_ms"),
+        format!("{}, {}", ms(C::DEFAULT_BACKOFF_BASE), ms(C::DEFAULT_BACKOFF_MAX))
+    );
+    assert_eq!(
+        default_of("dead_letter_policy"),
+        format!("`{}`", name(C::DEFAULT_DEAD_LETTER_POLICY))
+    );
+    assert_eq!(default_of("shutdown_grace_ms"), ms(C::DEFAULT_SHUTDOWN_GRACE));
+    assert_eq!(default_of("claim_ahead"), format!("`{}`", name(C::DEFAULT_CLAIM_AHEAD)));
+    let cleanup = default_of("cleanup_interval_ms");
+    assert!(
+        cleanup.starts_with(&format!(
+            "{} (5 min), {} (7 days)",
+            ms(C::DEFAULT_CLEANUP_INTERVAL),
+            ms(C::DEFAULT_PUBLISHED_RETENTION)
+        )),
+        "{cleanup}"
+    );
+    let built = RelayConfig::default();
+    assert_eq!(built.batch_size, C::DEFAULT_BATCH_SIZE);
+    assert_eq!(built.lease_ttl, C::DEFAULT_LEASE_TTL);
+    assert_eq!(built.claim_ahead, C::DEFAULT_CLAIM_AHEAD);
+    assert_eq!(built.published_retention, C::DEFAULT_PUBLISHED_RETENTION);
+}
+
+/// The name the configuration file uses for an enum value (its serde name).
+fn name<T: std::fmt::Debug>(v: T) -> String {
+    format!("{v:?}").to_lowercase()
+}
+
+#[test]
+fn schema_must_be_a_plain_identifier() {
+    let pg = "postgres://localhost/app";
+    for ok in ["outbox", "_private", "orders_outbox_2"] {
+        check_schema(ok, pg).unwrap();
+    }
+    let long = "a".repeat(64);
+    for bad in [
+        "",
+        "Outbox",
+        "2outbox",
+        "out-box",
+        "a;drop table x",
+        "\"q\"",
+        "schéma",
+        long.as_str(),
+    ] {
+        let err = check_schema(bad, pg).unwrap_err().to_string();
+        assert!(err.contains("plain identifier"), "{bad:?}: {err}");
+    }
+    assert!(check_schema("outbox", "mysql://localhost/app").is_err());
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let err = toml::from_str::<FileConfig>("databse_url = 'x'").unwrap_err();
+    assert!(err.to_string().contains("databse_url"));
+    let err = toml::from_str::<FileConfig>("[relay]\nbatchsize = 1").unwrap_err();
+    assert!(err.to_string().contains("batchsize"));
+}
+
+#[test]
+fn flags_win_over_file() {
+    let dir = std::env::temp_dir().join(format!("relay-cfg-{}", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &dir,
+        "database_url = 'postgres://file'\n[relay]\nbatch_size = 10\n[kafka]\n'bootstrap.servers' = 'a:1'\n",
+    )
+    .unwrap();
+    let o = Overrides {
+        config: Some(dir.clone()),
+        batch_size: Some(20),
+        kafka: vec!["bootstrap.servers=b:2".into(), "linger.ms=1".into()],
+        ..Default::default()
+    };
+    let s = resolve(&o).unwrap();
+    assert_eq!(s.one_database().unwrap().url, "postgres://file");
+    assert_eq!(s.relay.batch_size, 20);
+    let Some(Broker::Kafka(kafka)) = &s.broker else {
+        panic!("kafka expected: {:?}", s.broker)
+    };
+    assert_eq!(kafka["bootstrap.servers"], "b:2");
+    assert_eq!(kafka["linger.ms"], "1");
+    std::fs::remove_file(dir).ok();
+}
+
+#[test]
+fn many_databases() {
+    let file: FileConfig = toml::from_str(
+        "[[database]]\nname = 'orders'\nurl = 'postgres://h/orders'\nschema = 'outbox'\n\
+         [[database]]\nname = 'billing'\nurl = 'mysql://h/billing'\n",
+    )
+    .unwrap();
+    let none = Overrides::default();
+    let dbs = databases(&none, None, None, file.database).unwrap();
+    assert_eq!(
+        dbs.iter().map(|d| (d.label(), d.schema.as_deref())).collect::<Vec<_>>(),
+        [("orders", Some("outbox")), ("billing", None)]
+    );
+    let list = |text: &str| toml::from_str::<FileConfig>(text).unwrap().database;
+    let two = "[[database]]\nname = 'a'\nurl = 'postgres://h/a'\n[[database]]\nname = 'b'\nurl = 'postgres://h/b'\n";
+    let pick = Overrides {
+        database: Some("b".into()),
+        ..Overrides::default()
+    };
+    let picked = databases(&pick, None, None, list(two)).unwrap();
+    assert_eq!(picked.len(), 1);
+    assert_eq!(picked[0].url, "postgres://h/b");
+    let wrong = Overrides {
+        database: Some("c".into()),
+        ..Overrides::default()
+    };
+    let err = databases(&wrong, None, None, list(two)).unwrap_err().to_string();
+    assert!(err.contains("configured: a, b"), "{err}");
+    let err = databases(&none, Some("postgres://h/x".into()), None, list(two)).unwrap_err();
+    assert!(err.to_string().contains("both set"), "{err}");
+    let dup = "[[database]]\nname = 'a'\nurl = 'postgres://h/a'\n[[database]]\nname = 'a'\nurl = 'postgres://h/b'\n";
+    assert!(databases(&none, None, None, list(dup))
+        .unwrap_err()
+        .to_string()
+        .contains("twice"));
+    let bad = "[[database]]\nname = 'a b'\nurl = 'postgres://h/a'\n";
+    assert!(databases(&none, None, None, list(bad))
+        .unwrap_err()
+        .to_string()
+        .contains("invalid"));
+    let schema_on_mysql = "[[database]]\nname = 'a'\nurl = 'mysql://h/a'\nschema = 'x'\n";
+    assert!(databases(&none, None, None, list(schema_on_mysql)).is_err());
+    // A URL flag names one database and replaces the file's list.
+    let flag = Overrides {
+        database_url: Some("postgres://flag".into()),
+        ..Overrides::default()
+    };
+    let one = databases(&flag, None, None, list(two)).unwrap();
+    assert_eq!((one.len(), one[0].name.as_deref()), (1, None));
+    let s = Settings {
+        databases: databases(&none, None, None, list(two)).unwrap(),
+        relay: RelayConfig::default(),
+        broker: None,
+        admin_listen: String::new(),
+        broker_unavailable: DEFAULT_BROKER_UNAVAILABLE,
+        admin_token: Some(Secret("t0ken".into())),
+        keep_published: false,
+    };
+    assert!(s.one_database().unwrap_err().to_string().contains("--database NAME"));
+    assert!(!format!("{s:?}").contains("t0ken"), "the token is never printed");
+}
+
+#[test]
+fn passwords_are_redacted() {
+    assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+    assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    assert_eq!(redact_url("sqlite:x.db"), "sqlite:x.db");
+    assert_eq!(
+        redact_url("postgres://u@h/db?sslmode=disable&password=s&sslpassword=t"),
+        "postgres://u@h/db?sslmode=disable&password=***&sslpassword=***"
+    );
+    assert_eq!(redact_url("mysql://u:p@h/db?x=a@b"), "mysql://u:***@h/db?x=a@b");
+}
