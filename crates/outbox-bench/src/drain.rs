@@ -48,10 +48,12 @@ pub(crate) fn drain_config() -> RelayConfig {
 
 /// Where a drain publishes: a broker, or [`NullPublisher`] confirming after a delay (zero: the
 /// SQL-only drain).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) enum Sink<'a> {
     Broker(&'a str),
     Null(Duration),
+    /// Any publisher (the RabbitMQ and NATS drains).
+    Publisher(Arc<dyn Publisher>),
 }
 
 /// Runs an embedded relay on `db` until `n` rows are marked.
@@ -75,6 +77,14 @@ pub(crate) async fn relay_drain(
         Sink::Broker(b) => {
             let publisher = TimedPublisher {
                 inner: KafkaPublisher::new([("bootstrap.servers", b)])?,
+                phases: phases.clone(),
+                reports: None,
+            };
+            tokio::spawn(run_relay(store, publisher, cfg, stop_rx))
+        }
+        Sink::Publisher(inner) => {
+            let publisher = TimedPublisher {
+                inner,
                 phases: phases.clone(),
                 reports: None,
             };

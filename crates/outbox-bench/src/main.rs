@@ -11,6 +11,7 @@
 //! with medians reported: the machine is shared and noisy. Results print as Markdown tables and
 //! are written as JSON (`--json`, default `target/outbox-bench/results.json`). See BENCHMARKS.md.
 
+mod brokers;
 mod common;
 mod consumer;
 mod drain;
@@ -76,6 +77,8 @@ enum Command {
     Consumer,
     /// 6. Relay daemon peak memory, small vs large backlog.
     Memory,
+    /// 7. Relay drain per broker (Kafka, RabbitMQ, NATS) vs SQL-only and each broker's own client.
+    Brokers,
     /// Everything, in priority order: write, drain, memory, latency, interference, consumer.
     All,
 }
@@ -142,6 +145,7 @@ async fn run(cli: &Cli, env: &Env) -> anyhow::Result<()> {
             Command::Interference => interference::run(env).await?,
             Command::Consumer => consumer::run(env).await?,
             Command::Memory => memory::run(env).await?,
+            Command::Brokers => brokers::run(env).await?,
             Command::All => unreachable!("expanded above"),
         };
         figures.push(fig);
