@@ -227,6 +227,48 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
     other.rollback().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_pool_with_jit_off_claims_in_one_statement_with_the_same_rows() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let mut tx = pool.begin().await.unwrap();
+    for i in 0..6 {
+        outbox::enqueue(&mut tx, &Message::new("t", format!("{i}")).key("k"))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // The same database through a pool whose connections start with JIT off, as the daemon's do.
+    let opts = pool.connect_options().as_ref().clone().options([("jit", "off")]);
+    let jit_off = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await
+        .unwrap();
+    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(&jit_off).await.unwrap();
+    assert_eq!(jit, "off");
+    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    for (name, p) in [("jit off in the pool", jit_off), ("default pool", pool.clone())] {
+        let store = outbox::postgres::PgStore::new(p.clone());
+        let leases = store.acquire(name, 64, Duration::from_secs(60)).await.unwrap();
+        let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+        let seqs: Vec<i64> = store
+            .claim(lease, 10, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq.unwrap())
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{name}");
+        store.leave(name).await.unwrap();
+        for l in &leases {
+            store.release(l).await.unwrap();
+        }
+        // Outside a transaction of its own, the claim leaves no setting behind on the connection.
+        let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(&p).await.unwrap();
+        assert_eq!(jit == "off", name == "jit off in the pool", "{name}: {jit}");
+    }
+}
+
 /// Writes rows of key `k` as (seq, created_at, available_at), both as milliseconds from the
 /// server's now(), then returns the seqs one claim of their lane takes.
 async fn claimed_seqs(rows: &[(i64, i64, i64)]) -> Vec<i64> {

@@ -21,12 +21,19 @@ pub struct PgStore {
     mark_sql: String,
     failed_sql: String,
     dead_sql: String,
+    /// The pool's connections start with JIT off: a claim is one statement, not four.
+    jit_off_in_pool: bool,
 }
 
 impl PgStore {
     /// A store on `pool`. Published rows are deleted.
+    ///
+    /// Give the relay's pool `PgConnectOptions::options([("jit", "off")])` (the `outbox-relay`
+    /// daemon does): each claim is then one statement. Otherwise a claim turns JIT off for itself
+    /// in a transaction of its own (BEGIN, SET LOCAL, the claim, COMMIT).
     pub fn new(pool: PgPool) -> Self {
         PgStore {
+            jit_off_in_pool: jit_off(pool.connect_options().get_options()),
             pool,
             keep_published: false,
             claim_sql: sql::claim(),
@@ -86,21 +93,44 @@ async fn renew(store: &PgStore, owner: &str, ttl: Duration) -> Result<Vec<Lease>
     Ok(leases(owner, rows))
 }
 
+/// Whether PostgreSQL startup options (`-c name=value` or `--name=value`, as
+/// `PgConnectOptions::options` writes them) turn JIT off.
+fn jit_off(options: Option<&str>) -> bool {
+    let mut words = options.unwrap_or_default().split_whitespace();
+    let mut off = false;
+    while let Some(w) = words.next() {
+        let setting = match w {
+            "-c" => words.next().unwrap_or_default(),
+            w => w
+                .strip_prefix("--")
+                .or_else(|| w.strip_prefix("-c"))
+                .unwrap_or_default(),
+        };
+        if let Some(("jit", v)) = setting.split_once('=') {
+            off = matches!(v.to_ascii_lowercase().as_str(), "off" | "false" | "0" | "no");
+        }
+    }
+    off
+}
+
 async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
-    // JIT off for this statement only, whatever the pool's settings: on a large backlog the
-    // claim's cost estimate passes `jit_above_cost` and every claim would pay 60-140 ms of LLVM
-    // compilation (BENCHMARKS.md, figure 2).
-    let mut tx = store.pool.begin().await?;
-    sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
-    let rows: Vec<ClaimRow<sql::Text, sql::Time>> = sqlx::query_as(&store.claim_sql)
+    // JIT must be off for the claim: on a large backlog its cost estimate passes `jit_above_cost`
+    // and every claim would pay 60-140 ms of LLVM compilation (BENCHMARKS.md, figure 2).
+    let query = sqlx::query_as(&store.claim_sql)
         .bind(lease.lane)
         .bind(&lease.owner)
         .bind(lease.epoch)
         .bind(limit as i64)
-        .bind(in_flight)
-        .fetch_all(&mut *tx)
-        .await?;
-    tx.commit().await?;
+        .bind(in_flight);
+    let rows: Vec<ClaimRow<sql::Text, sql::Time>> = if store.jit_off_in_pool {
+        query.fetch_all(&store.pool).await?
+    } else {
+        let mut tx = store.pool.begin().await?;
+        sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
+        let rows = query.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        rows
+    };
     Ok(rows.into_iter().map(|r| r.decode(sql::text, sql::time)).collect())
 }
 
@@ -178,5 +208,24 @@ impl Wakeups for PgStore {
             }
         });
         Ok(lanes.boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jit_off;
+
+    #[test]
+    fn jit_off_is_read_from_the_startup_options() {
+        let opts = sqlx::postgres::PgConnectOptions::new().options([("statement_timeout", "30s"), ("jit", "off")]);
+        assert!(jit_off(opts.get_options()));
+        assert!(jit_off(Some("--jit=false")));
+        assert!(jit_off(Some("-cjit=off")));
+        assert!(!jit_off(None));
+        assert!(!jit_off(Some("-c jit=on")));
+        assert!(!jit_off(Some("-c jit=off -c jit=on")), "the last one wins");
+        assert!(!jit_off(Some("-c jit_above_cost=off")));
+        let url: sqlx::postgres::PgConnectOptions = "postgres://u@h/db?options=-c%20jit%3Doff".parse().unwrap();
+        assert!(jit_off(url.get_options()), "{:?}", url.get_options());
     }
 }
