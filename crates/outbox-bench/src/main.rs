@@ -12,6 +12,7 @@
 //! are written as JSON (`--json`, default `target/outbox-bench/results.json`). See BENCHMARKS.md.
 
 mod brokers;
+mod claim;
 mod common;
 mod consumer;
 mod drain;
@@ -79,6 +80,8 @@ enum Command {
     Memory,
     /// 7. Relay drain per broker (Kafka, RabbitMQ, NATS) vs SQL-only and each broker's own client.
     Brokers,
+    /// 8. The claim as one statement (pool with JIT off) vs in a transaction of its own.
+    Claim,
     /// Everything, in priority order: write, drain, memory, latency, interference, consumer.
     All,
 }
@@ -146,6 +149,7 @@ async fn run(cli: &Cli, env: &Env) -> anyhow::Result<()> {
             Command::Consumer => consumer::run(env).await?,
             Command::Memory => memory::run(env).await?,
             Command::Brokers => brokers::run(env).await?,
+            Command::Claim => claim::run(env).await?,
             Command::All => unreachable!("expanded above"),
         };
         figures.push(fig);
