@@ -21,4 +21,4 @@ pub use handler::Handler;
 pub use inbox::{GapPolicy, Inbox, Outcome, DEFAULT_RETENTION};
 pub use incoming::{Incoming, MAX_SOURCE_LEN};
 pub use parked::Parked;
-pub use runner::{Disposition, RunnerStats};
+pub use runner::{Disposition, RetryInPlace, RunnerCore, RunnerStats, Step, Tried};

@@ -1,13 +1,20 @@
 //! The policy every consumer runner follows after one try of the inbox (Kafka, RabbitMQ and NATS
 //! alike): what is done, what waits for the database, what is retried, what is dead-lettered; and the
-//! counters the runners share. Each adapter keeps only what its broker does about it (commit an
-//! offset, ack, nak with a delay, seek, publish a dead letter).
+//! counters the runners share. [`RunnerCore`] makes the try itself the same way for every broker:
+//! the delivery's headers parsed into an [`Incoming`], the inbox run inside the broker's span, the
+//! outcome decided. Each adapter keeps only what its broker does about it (commit an offset, ack,
+//! nak with a delay, seek, publish a dead letter).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
 
+use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::{InboxError, Outcome};
+use crate::{Backend, Handler, Inbox, InboxError, Incoming, Outcome};
 
 /// Running counts of what a consumer runner did, readable while it runs.
 #[derive(Debug, Default)]
@@ -99,6 +106,203 @@ impl Disposition {
     }
 }
 
+/// What one try of a delivery came to ([`RunnerCore::try_once`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tried {
+    /// The outbox headers are missing or unusable: no handler ran and no retry can help. Dead-letter
+    /// it at once; `error` says why.
+    Unreadable {
+        /// Why the headers were refused.
+        error: String,
+    },
+    /// The inbox was tried: do as `disposition` says.
+    Decided {
+        /// The message id.
+        id: Uuid,
+        /// What to do with the message.
+        disposition: Disposition,
+        /// What failed, for a dead letter; empty when the try succeeded.
+        error: String,
+    },
+}
+
+/// What a runner that retries a message in place does next (Kafka pauses the message's partition,
+/// RabbitMQ holds its queue): see [`RunnerCore::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Applied, a duplicate, parked or dead-lettered: acknowledge it (store its offset).
+    Done,
+    /// Try again after `delay`.
+    Again {
+        /// Handler failures so far.
+        attempts: u32,
+        /// How long the message waits.
+        delay: Duration,
+    },
+}
+
+/// How a runner that retries a message in place spaces its tries.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RetryInPlace<B> {
+    /// The delay after `n` failures in a row: of the handler, or of the database (the runner's
+    /// outage streak).
+    pub backoff: B,
+    /// The wait before a dead letter that could not be written is tried again.
+    pub dead_letter_wait: Duration,
+    /// What waits meanwhile, as the log names it (`"the partition"`, `"the queue"`).
+    pub waiting: &'static str,
+}
+
+impl<B: Fn(u32) -> Duration> RetryInPlace<B> {
+    /// Delays from `backoff`, `dead_letter_wait` after a dead letter was refused; `waiting` names
+    /// what waits in the log.
+    pub fn new(backoff: B, dead_letter_wait: Duration, waiting: &'static str) -> Self {
+        RetryInPlace {
+            backoff,
+            dead_letter_wait,
+            waiting,
+        }
+    }
+}
+
+/// What every consumer runner holds and does alike, whatever its broker: the database pool, the
+/// inbox, the handler and the counters; one try of a delivery; the database's outage streak; the
+/// counting of dead letters.
+pub struct RunnerCore<DB: Backend, H> {
+    pool: sqlx::Pool<DB>,
+    inbox: Inbox,
+    handler: H,
+    stats: Arc<RunnerStats>,
+    /// Database failures in a row (any message): the backoff while the database is away.
+    outage_streak: AtomicU32,
+}
+
+impl<DB: Backend, H: Handler<DB>> RunnerCore<DB, H> {
+    /// Messages go through `inbox` on `pool`, applied by `handler`.
+    pub fn new(pool: sqlx::Pool<DB>, inbox: Inbox, handler: H) -> Self {
+        RunnerCore {
+            pool,
+            inbox,
+            handler,
+            stats: Arc::default(),
+            outage_streak: AtomicU32::new(0),
+        }
+    }
+
+    /// The database pool.
+    pub fn pool(&self) -> &sqlx::Pool<DB> {
+        &self.pool
+    }
+
+    /// The inbox.
+    pub fn inbox(&self) -> &Inbox {
+        &self.inbox
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> &Arc<RunnerStats> {
+        &self.stats
+    }
+
+    /// One try of a delivery: parses `topic`, `payload` and `headers` (as
+    /// [`Incoming::from_headers`]), runs the message through the inbox inside the span `span`
+    /// makes (given the message and its `traceparent` header, if any), and decides with
+    /// [`Disposition::of`], the handler having failed `failed_before` times already.
+    pub async fn try_once<'a>(
+        &self,
+        topic: &'a str,
+        payload: &'a [u8],
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        failed_before: u32,
+        max_attempts: u32,
+        span: impl FnOnce(&Incoming<'a>, Option<&str>) -> tracing::Span,
+    ) -> Tried {
+        let incoming = match Incoming::from_headers(topic, payload, headers) {
+            Ok(i) => i,
+            Err(e) => return Tried::Unreadable { error: e.to_string() },
+        };
+        let traceparent = incoming
+            .header_value(outbox::HEADER_TRACEPARENT)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let span = span(&incoming, traceparent.as_deref());
+        let res = self
+            .inbox
+            .process(&self.pool, &incoming, &self.handler)
+            .instrument(span)
+            .await;
+        Tried::Decided {
+            id: incoming.id,
+            disposition: Disposition::of(&res, failed_before, max_attempts, &self.stats, incoming.id),
+            error: res.err().map(|e| e.to_string()).unwrap_or_default(),
+        }
+    }
+
+    /// For a runner that retries a message in place: the step after `tried`, the handler having
+    /// failed `failed_before` times before it. The database waits by the outage streak, however
+    /// long it lasts; the handler's failures by their own count. A message to dead-letter is
+    /// handed to `dead_letter` (the error, the handler failures); if that fails, the message waits
+    /// `dead_letter_wait` and is tried again rather than skipped.
+    pub async fn step<B, F, Fut, E>(
+        &self,
+        tried: Tried,
+        failed_before: u32,
+        retry: &RetryInPlace<B>,
+        dead_letter: F,
+    ) -> Step
+    where
+        B: Fn(u32) -> Duration,
+        F: FnOnce(String, u32) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: Display,
+    {
+        let (error, attempts) = match tried {
+            Tried::Unreadable { error } => (error, 0),
+            Tried::Decided { disposition, error, .. } => match disposition {
+                Disposition::Done => {
+                    self.outage_streak.store(0, Relaxed);
+                    return Step::Done;
+                }
+                Disposition::WaitForDatabase => {
+                    // The database, not the message: it waits for as long as it takes.
+                    let streak = self.outage_streak.fetch_add(1, Relaxed) + 1;
+                    return Step::Again {
+                        attempts: failed_before,
+                        delay: (retry.backoff)(streak),
+                    };
+                }
+                Disposition::Retry { attempt } => {
+                    return Step::Again {
+                        attempts: attempt,
+                        delay: (retry.backoff)(attempt),
+                    }
+                }
+                Disposition::DeadLetter { attempts } => (error, attempts),
+            },
+        };
+        match dead_letter(error, attempts).await {
+            Ok(()) => {
+                self.dead_lettered();
+                Step::Done
+            }
+            Err(e) => {
+                self.stats.infrastructure_retries.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, "dead letter not written; {} waits and retries", retry.waiting);
+                Step::Again {
+                    attempts: attempts.saturating_sub(1),
+                    delay: retry.dead_letter_wait,
+                }
+            }
+        }
+    }
+
+    /// Counts a dead letter written.
+    pub fn dead_lettered(&self) {
+        metrics::counter!("outbox_consumer_dead_lettered_total").increment(1);
+        self.stats.dead_lettered.fetch_add(1, Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,5 +363,128 @@ mod tests {
             Disposition::DeadLetter { attempts: 1 },
             "nothing can fix a message without its id"
         );
+    }
+    #[cfg(feature = "postgres")]
+    mod in_place {
+        use super::*;
+
+        struct Never;
+
+        #[async_trait::async_trait]
+        impl Handler<sqlx::Postgres> for Never {
+            type Error = std::io::Error;
+
+            async fn handle(
+                &self,
+                _: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+                _: &Incoming<'_>,
+            ) -> Result<(), std::io::Error> {
+                unreachable!("no message is processed here")
+            }
+        }
+
+        fn core() -> RunnerCore<sqlx::Postgres, Never> {
+            let pool = sqlx::PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+            RunnerCore::new(pool, Inbox::new("test"), Never)
+        }
+
+        fn decided(disposition: Disposition) -> Tried {
+            Tried::Decided {
+                id: Uuid::nil(),
+                disposition,
+                error: "boom".into(),
+            }
+        }
+
+        const RETRY: RetryInPlace<fn(u32) -> Duration> = RetryInPlace {
+            backoff: |n| Duration::from_millis(u64::from(n) * 10),
+            dead_letter_wait: Duration::from_secs(5),
+            waiting: "the queue",
+        };
+
+        async fn written(_: String, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+
+        #[tokio::test]
+        async fn database_waits_by_the_streak_and_done_ends_it() {
+            let core = core();
+            let wait = || core.step(decided(Disposition::WaitForDatabase), 2, &RETRY, written);
+            assert_eq!(
+                wait().await,
+                Step::Again {
+                    attempts: 2,
+                    delay: Duration::from_millis(10)
+                }
+            );
+            assert_eq!(
+                wait().await,
+                Step::Again {
+                    attempts: 2,
+                    delay: Duration::from_millis(20)
+                }
+            );
+            assert_eq!(
+                core.step(decided(Disposition::Done), 2, &RETRY, written).await,
+                Step::Done
+            );
+            assert_eq!(
+                wait().await,
+                Step::Again {
+                    attempts: 2,
+                    delay: Duration::from_millis(10)
+                },
+                "a success ends the streak"
+            );
+        }
+
+        #[tokio::test]
+        async fn retries_wait_by_their_own_count() {
+            let step = core()
+                .step(decided(Disposition::Retry { attempt: 3 }), 2, &RETRY, written)
+                .await;
+            assert_eq!(
+                step,
+                Step::Again {
+                    attempts: 3,
+                    delay: Duration::from_millis(30)
+                }
+            );
+        }
+
+        #[tokio::test]
+        async fn dead_letters_are_counted_or_wait_when_refused() {
+            let core = core();
+            let seen = std::sync::Mutex::new(Vec::new());
+            let step = core
+                .step(decided(Disposition::DeadLetter { attempts: 5 }), 4, &RETRY, |e, n| {
+                    seen.lock().unwrap().push((e, n));
+                    async { Ok::<(), String>(()) }
+                })
+                .await;
+            assert_eq!(step, Step::Done);
+            let unreadable = Tried::Unreadable {
+                error: "missing header outbox-id".into(),
+            };
+            let step = core
+                .step(unreadable, 0, &RETRY, |e, n| {
+                    seen.lock().unwrap().push((e, n));
+                    async { Err::<(), _>("refused") }
+                })
+                .await;
+            assert_eq!(
+                step,
+                Step::Again {
+                    attempts: 0,
+                    delay: Duration::from_secs(5)
+                }
+            );
+            assert_eq!(
+                seen.into_inner().unwrap(),
+                [("boom".to_owned(), 5), ("missing header outbox-id".to_owned(), 0)]
+            );
+            assert_eq!(core.stats().dead_lettered.load(Relaxed), 1);
+            assert_eq!(core.stats().infrastructure_retries.load(Relaxed), 1);
+        }
     }
 }

@@ -11,12 +11,11 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::{Backoff, InvalidBackoff};
-use outbox_inbox::{Backend, Disposition, Handler, Inbox, Incoming};
+use outbox_inbox::{Backend, Handler, Inbox, RetryInPlace, RunnerCore, Step};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -24,7 +23,6 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 /// Header naming why a message was dead-lettered.
 pub const HEADER_ERROR: &str = "outbox-error";
@@ -142,13 +140,9 @@ pub struct ConsumerRunner<DB: Backend, H> {
     /// Whether a group without committed offsets starts at the beginning of its topics.
     reset_earliest: bool,
     producer: FutureProducer,
-    pool: sqlx::Pool<DB>,
-    inbox: Inbox,
-    handler: H,
+    /// The pool, inbox, handler and counters, and the try of a message every runner shares.
+    core: RunnerCore<DB, H>,
     cfg: ConsumerConfig,
-    stats: Arc<ConsumerStats>,
-    /// Database failures in a row (any message): the backoff while the database is away.
-    outage_streak: std::sync::atomic::AtomicU32,
 }
 
 impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
@@ -189,12 +183,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             admin,
             reset_earliest,
             producer: pcfg.create()?,
-            pool,
-            inbox,
-            handler,
+            core: RunnerCore::new(pool, inbox, handler),
             cfg: ConsumerConfig::default(),
-            stats: Arc::default(),
-            outage_streak: Default::default(),
         })
     }
 
@@ -206,7 +196,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
 
     /// Live counters of this runner.
     pub fn stats(&self) -> Arc<ConsumerStats> {
-        self.stats.clone()
+        self.core.stats().clone()
     }
 
     /// Compares each topic's `retention.ms` with the inbox's retention. With
@@ -222,7 +212,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         }
         let admin: AdminClient<rdkafka::client::DefaultClientContext> = self.admin.create()?;
         let specs: Vec<ResourceSpecifier<'_>> = self.topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-        let inbox_ms = i64::try_from(self.inbox.retention_window().as_millis()).unwrap_or(i64::MAX);
+        let inbox_ms = i64::try_from(self.core.inbox().retention_window().as_millis()).unwrap_or(i64::MAX);
         let mut risks = Vec::new();
         for (topic, res) in self
             .topics
@@ -270,7 +260,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             let msg = tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(next_cleanup.unwrap_or_else(Instant::now)), if next_cleanup.is_some() => {
-                    match self.inbox.cleanup(&self.pool, 1000).await {
+                    match self.core.inbox().cleanup(self.core.pool(), 1000).await {
                         Ok(n) => tracing::debug!(deleted = n, "inbox cleanup"),
                         Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
                     }
@@ -313,71 +303,44 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     }
 
     /// One try at a message: applied (or a duplicate, or dead-lettered) means done; anything else
-    /// means try again after a delay. `attempts` counts the handler's earlier failures only.
+    /// means try again after a delay. `attempts` counts the handler's earlier failures only. A
+    /// message that cannot be dead-lettered waits (its partition is retried later) rather than
+    /// being skipped.
     async fn attempt(&self, msg: &OwnedMessage, attempts: u32) -> Step {
         let headers: Vec<(&str, &[u8])> = msg
             .headers()
             .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
             .unwrap_or_default();
         let payload = msg.payload().unwrap_or_default();
-        let incoming = match Incoming::from_headers(msg.topic(), payload, headers.iter().copied()) {
-            Ok(i) => i,
-            Err(e) => return self.dead_letter_or_wait(msg, &e.to_string(), 0).await,
-        };
-        let traceparent = incoming
-            .header_value(outbox::HEADER_TRACEPARENT)
-            .map(|v| String::from_utf8_lossy(v).into_owned());
-        let span = tracing::info_span!("inbox.process", outbox.id = %incoming.id, topic = msg.topic(),
-            partition = msg.partition(), offset = msg.offset(), traceparent = traceparent.as_deref());
-        #[cfg(feature = "opentelemetry")]
-        if let Some(parent) = traceparent.as_deref().and_then(outbox::trace::parent_context) {
-            use tracing_opentelemetry::OpenTelemetrySpanExt;
-            // Fails only when no OpenTelemetry layer is installed: nothing to continue then.
-            let _ = span.set_parent(parent);
-        }
-        let res = self
-            .inbox
-            .process(&self.pool, &incoming, &self.handler)
-            .instrument(span)
+        let tried = self
+            .core
+            .try_once(
+                msg.topic(),
+                payload,
+                headers.iter().copied(),
+                attempts,
+                self.cfg.max_attempts,
+                |incoming, traceparent| {
+                    let span = tracing::info_span!("inbox.process", outbox.id = %incoming.id, topic = msg.topic(),
+                    partition = msg.partition(), offset = msg.offset(), traceparent);
+                    #[cfg(feature = "opentelemetry")]
+                    if let Some(parent) = traceparent.and_then(outbox::trace::parent_context) {
+                        use tracing_opentelemetry::OpenTelemetrySpanExt;
+                        // Fails only when no OpenTelemetry layer is installed: nothing to continue then.
+                        let _ = span.set_parent(parent);
+                    }
+                    span
+                },
+            )
             .await;
-        match Disposition::of(&res, attempts, self.cfg.max_attempts, &self.stats, incoming.id) {
-            Disposition::Done => {
-                self.outage_streak.store(0, Relaxed);
-                Step::Done
-            }
-            Disposition::WaitForDatabase => {
-                // The database, not the message: its partition waits for as long as it takes.
-                let streak = self.outage_streak.fetch_add(1, Relaxed) + 1;
-                Step::Again {
-                    attempts,
-                    delay: self.cfg.backoff(streak),
-                }
-            }
-            Disposition::Retry { attempt } => Step::Again {
-                attempts: attempt,
-                delay: self.cfg.backoff(attempt),
-            },
-            Disposition::DeadLetter { attempts } => {
-                let error = res.err().map(|e| e.to_string()).unwrap_or_default();
-                self.dead_letter_or_wait(msg, &error, attempts).await
-            }
-        }
-    }
-
-    /// Sends `msg` to the dead-letter topic; if that topic cannot be written, the message waits
-    /// (its partition is retried later) rather than being skipped.
-    async fn dead_letter_or_wait(&self, msg: &OwnedMessage, error: &str, attempts: u32) -> Step {
-        match self.dead_letter(msg, error, attempts).await {
-            Ok(()) => Step::Done,
-            Err(e) => {
-                self.stats.infrastructure_retries.fetch_add(1, Relaxed);
-                tracing::error!(error = %e, "dead letter not written; the partition waits and retries");
-                Step::Again {
-                    attempts: attempts.saturating_sub(1),
-                    delay: self.cfg.backoff_max,
-                }
-            }
-        }
+        // Database trouble holds the partition for as long as it lasts; so does a dead letter that
+        // cannot be written.
+        let retry = RetryInPlace::new(|n| self.cfg.backoff(n), self.cfg.backoff_max, "the partition");
+        self.core
+            .step(tried, attempts, &retry, |error, attempts| async move {
+                self.dead_letter(msg, &error, attempts).await
+            })
+            .await
     }
 
     /// Stores the offset after `msg` for the next commit. A partition revoked meanwhile refuses it:
@@ -430,18 +393,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             .send(record, Duration::from_secs(30))
             .await
             .map_err(|(source, _)| ConsumerError::DeadLetter { topic, source })?;
-        metrics::counter!("outbox_consumer_dead_lettered_total").increment(1);
-        self.stats.dead_lettered.fetch_add(1, Relaxed);
         Ok(())
     }
-}
-
-/// What to do after one try at a message.
-enum Step {
-    /// Applied, a duplicate, or dead-lettered: store its offset.
-    Done,
-    /// Try again after `delay`; `attempts` handler failures so far.
-    Again { attempts: u32, delay: Duration },
 }
 
 /// Partitions paused at a message that waits for a retry, and the handler failures of the message

@@ -20,10 +20,9 @@ use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use outbox_inbox::{Backend, Disposition, Handler, Inbox, Incoming};
+use outbox_inbox::{Backend, Disposition, Handler, Inbox, RunnerCore, Tried};
 use serde::Deserialize;
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::config::{connect, redact_url};
 use crate::subject::topic_of;
@@ -194,12 +193,10 @@ pub struct NatsConsumerRunner<DB: Backend, H> {
     client: async_nats::Client,
     js: jetstream::Context,
     consumer: PullConsumer,
-    pool: sqlx::Pool<DB>,
-    inbox: Inbox,
-    handler: H,
+    /// The pool, inbox, handler and counters, and the try of a message every runner shares.
+    core: RunnerCore<DB, H>,
     cfg: NatsConsumerConfig,
     backoff: outbox::Backoff,
-    stats: Arc<NatsConsumerStats>,
 }
 
 impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
@@ -271,18 +268,15 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
             client,
             js,
             consumer,
-            pool,
-            inbox,
-            handler,
+            core: RunnerCore::new(pool, inbox, handler),
             cfg,
             backoff,
-            stats: Arc::default(),
         })
     }
 
     /// Live counters of this runner.
     pub fn stats(&self) -> Arc<NatsConsumerStats> {
-        self.stats.clone()
+        self.core.stats().clone()
     }
 
     /// The NATS client.
@@ -323,7 +317,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
             let next = tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep_until(next_cleanup.unwrap_or_else(Instant::now)), if next_cleanup.is_some() => {
-                    match self.inbox.cleanup(&self.pool, 1000).await {
+                    match self.core.inbox().cleanup(self.core.pool(), 1000).await {
                         Ok(n) => tracing::debug!(deleted = n, "inbox cleanup"),
                         Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
                     }
@@ -375,30 +369,30 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
             .flat_map(|(k, vs)| vs.iter().map(move |v| (AsRef::<str>::as_ref(k), v.as_str().as_bytes())))
             .collect();
         let subject = msg.subject.as_str();
-        let incoming = match Incoming::from_headers(topic_of(subject), &msg.payload, headers.iter().copied()) {
-            Ok(i) => i,
-            Err(e) => {
-                return self
-                    .dead_letter_until_done(msg, &e.to_string(), delivered, stream_seq, shutdown)
-                    .await
-            }
-        };
+        let failed_before = u32::try_from(delivered.max(1) - 1).unwrap_or(u32::MAX);
+        let max = u32::try_from(self.cfg.max_deliver).unwrap_or(u32::MAX);
         let mut outage = 0u32;
         loop {
-            let span = tracing::info_span!("inbox.process", outbox.id = %incoming.id, subject, stream_seq, delivered);
-            let res = self
-                .inbox
-                .process(&self.pool, &incoming, &self.handler)
-                .instrument(span)
+            let tried = self
+                .core
+                .try_once(topic_of(subject), &msg.payload, headers.iter().copied(), failed_before, max, |incoming, _| {
+                    tracing::info_span!("inbox.process", outbox.id = %incoming.id, subject, stream_seq, delivered)
+                })
                 .await;
-            let failed_before = u32::try_from(delivered.max(1) - 1).unwrap_or(u32::MAX);
-            let max = u32::try_from(self.cfg.max_deliver).unwrap_or(u32::MAX);
-            match Disposition::of(&res, failed_before, max, &self.stats, incoming.id) {
+            let (id, disposition, error) = match tried {
+                Tried::Unreadable { error } => {
+                    return self
+                        .dead_letter_until_done(msg, &error, delivered, stream_seq, shutdown)
+                        .await
+                }
+                Tried::Decided { id, disposition, error } => (id, disposition, error),
+            };
+            match disposition {
                 Disposition::Done => {
                     // Committed: now the ack. A lost ack means one more delivery, which the inbox
                     // recognises.
                     if let Err(e) = msg.ack().await {
-                        tracing::warn!(outbox.id = %incoming.id, error = %e, "ack not sent; the message will be delivered again");
+                        tracing::warn!(outbox.id = %id, error = %e, "ack not sent; the message will be delivered again");
                     }
                     return false;
                 }
@@ -412,14 +406,13 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                 }
                 Disposition::Retry { attempt } => {
                     let delay = self.backoff.delay(attempt);
-                    tracing::debug!(outbox.id = %incoming.id, delivered, ?delay, "delivered again after the delay");
+                    tracing::debug!(outbox.id = %id, delivered, ?delay, "delivered again after the delay");
                     if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                         tracing::warn!(error = %e, "nak not sent; the message comes back after ack_wait");
                     }
                     return false;
                 }
                 Disposition::DeadLetter { .. } => {
-                    let error = res.err().map(|e| e.to_string()).unwrap_or_default();
                     return self
                         .dead_letter_until_done(msg, &error, delivered, stream_seq, shutdown)
                         .await;
@@ -473,7 +466,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                     return false;
                 }
                 Err(e) => {
-                    self.stats.infrastructure_retries.fetch_add(1, Relaxed);
+                    self.core.stats().infrastructure_retries.fetch_add(1, Relaxed);
                     tries += 1;
                     tracing::error!(error = %e, "dead letter not written; the message waits and is retried");
                     if self.wait_holding(msg, self.backoff.delay(tries), shutdown).await {
@@ -513,8 +506,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
             .await
             .map_err(|e| format!("{subject}: {e}"))?;
         ack.await.map_err(|e| format!("{subject}: {e}"))?;
-        metrics::counter!("outbox_consumer_dead_lettered_total").increment(1);
-        self.stats.dead_lettered.fetch_add(1, Relaxed);
+        self.core.dead_lettered();
         Ok(())
     }
 }

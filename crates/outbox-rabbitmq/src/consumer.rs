@@ -9,7 +9,7 @@
 //! recognises what was already applied).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +22,8 @@ use lapin::options::{
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
-use outbox_inbox::{Backend, Disposition, Handler, Inbox, Incoming};
+use outbox_inbox::{Backend, Handler, Inbox, RetryInPlace, RunnerCore, Step};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::config::{connect, redact_url, DEFAULT_URL};
 
@@ -208,20 +207,8 @@ pub enum ConsumerError {
 /// Consumes one queue, processing each delivery through the inbox and acking it after the commit.
 pub struct RabbitConsumerRunner<DB: Backend, H> {
     cfg: RabbitConsumerConfig,
-    pool: sqlx::Pool<DB>,
-    inbox: Inbox,
-    handler: H,
-    stats: Arc<ConsumerStats>,
-    /// Database failures in a row (any message): the backoff while the database is away.
-    outage_streak: AtomicU32,
-}
-
-/// What to do after one try at a delivery.
-enum Step {
-    /// Applied, a duplicate, parked, or dead-lettered: ack it.
-    Done,
-    /// Try again after `delay`; `attempts` handler failures so far.
-    Again { attempts: u32, delay: Duration },
+    /// The pool, inbox, handler and counters, and the try of a delivery every runner shares.
+    core: RunnerCore<DB, H>,
 }
 
 /// Why a connection's consuming ended.
@@ -260,17 +247,13 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
         }
         Ok(RabbitConsumerRunner {
             cfg,
-            pool,
-            inbox,
-            handler,
-            stats: Arc::default(),
-            outage_streak: AtomicU32::new(0),
+            core: RunnerCore::new(pool, inbox, handler),
         })
     }
 
     /// Live counters of this runner.
     pub fn stats(&self) -> Arc<ConsumerStats> {
-        self.stats.clone()
+        self.core.stats().clone()
     }
 
     /// Connects once and declares what [`RabbitConsumerConfig::declare`] asks for (the queue, its
@@ -314,7 +297,7 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
                 }
             };
             if !first {
-                self.stats.reconnects.fetch_add(1, Relaxed);
+                self.core.stats().reconnects.fetch_add(1, Relaxed);
             }
             first = false;
             let end = self.consume(&session, &mut shutdown, &mut next_cleanup).await;
@@ -418,7 +401,7 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
             let delivery = tokio::select! {
                 _ = &mut *shutdown => return End::Shutdown,
                 _ = tokio::time::sleep_until(next_cleanup.unwrap_or_else(Instant::now)), if next_cleanup.is_some() => {
-                    match self.inbox.cleanup(&self.pool, 1000).await {
+                    match self.core.inbox().cleanup(self.core.pool(), 1000).await {
                         Ok(n) => tracing::debug!(deleted = n, "inbox cleanup"),
                         Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
                     }
@@ -454,62 +437,34 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
 
     /// One try at a delivery: applied (or a duplicate, parked, or dead-lettered) means done;
     /// anything else means try again after a delay. `attempts` counts the handler's earlier
-    /// failures only.
+    /// failures only. A delivery that cannot be dead-lettered waits (and is tried again) rather
+    /// than being dropped.
     async fn attempt(&self, dead: &Channel, d: &Delivery, attempts: u32) -> Step {
         let headers = header_bytes(&d.properties);
         let topic = d.routing_key.as_str();
-        let incoming = match Incoming::from_headers(topic, &d.data, headers.iter().map(|(k, v)| (k.as_str(), &v[..]))) {
-            Ok(i) => i,
-            Err(e) => return self.dead_letter_or_wait(dead, d, &e.to_string(), 0).await,
-        };
-        let traceparent = incoming
-            .header_value(outbox::HEADER_TRACEPARENT)
-            .map(|v| String::from_utf8_lossy(v).into_owned());
-        let span = tracing::info_span!("inbox.process", outbox.id = %incoming.id, queue = %self.cfg.queue,
-            topic, redelivered = d.redelivered, traceparent = traceparent.as_deref());
-        let res = self
-            .inbox
-            .process(&self.pool, &incoming, &self.handler)
-            .instrument(span)
+        let headers = headers.iter().map(|(k, v)| (k.as_str(), &v[..]));
+        let tried = self
+            .core
+            .try_once(
+                topic,
+                &d.data,
+                headers,
+                attempts,
+                self.cfg.max_attempts,
+                |incoming, traceparent| {
+                    tracing::info_span!("inbox.process", outbox.id = %incoming.id, queue = %self.cfg.queue,
+                    topic, redelivered = d.redelivered, traceparent)
+                },
+            )
             .await;
-        match Disposition::of(&res, attempts, self.cfg.max_attempts, &self.stats, incoming.id) {
-            Disposition::Done => {
-                self.outage_streak.store(0, Relaxed);
-                Step::Done
-            }
-            Disposition::WaitForDatabase => {
-                // The database, not the message: the queue waits for as long as it takes.
-                let streak = self.outage_streak.fetch_add(1, Relaxed) + 1;
-                Step::Again {
-                    attempts,
-                    delay: self.cfg.backoff(streak),
-                }
-            }
-            Disposition::Retry { attempt } => Step::Again {
-                attempts: attempt,
-                delay: self.cfg.backoff(attempt),
-            },
-            Disposition::DeadLetter { attempts } => {
-                let error = res.err().map(|e| e.to_string()).unwrap_or_default();
-                self.dead_letter_or_wait(dead, d, &error, attempts).await
-            }
-        }
-    }
-
-    /// Publishes a copy of `d` to the dead-letter exchange; if that fails, the delivery waits (and
-    /// is tried again) rather than being dropped.
-    async fn dead_letter_or_wait(&self, dead: &Channel, d: &Delivery, error: &str, attempts: u32) -> Step {
-        match self.dead_letter(dead, d, error, attempts).await {
-            Ok(()) => Step::Done,
-            Err(e) => {
-                self.stats.infrastructure_retries.fetch_add(1, Relaxed);
-                tracing::error!(error = %e, "dead letter not written; the queue waits and retries");
-                Step::Again {
-                    attempts: attempts.saturating_sub(1),
-                    delay: self.cfg.backoff_max,
-                }
-            }
-        }
+        // Database trouble holds the queue for as long as it lasts; so does a dead letter that
+        // cannot be written.
+        let retry = RetryInPlace::new(|n| self.cfg.backoff(n), self.cfg.backoff_max, "the queue");
+        self.core
+            .step(tried, attempts, &retry, |error, attempts| async move {
+                self.dead_letter(dead, d, &error, attempts).await
+            })
+            .await
     }
 
     async fn dead_letter(&self, dead: &Channel, d: &Delivery, error: &str, attempts: u32) -> Result<(), String> {
@@ -544,8 +499,6 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("dead letter not confirmed within 30 s".into()),
         }
-        metrics::counter!("outbox_consumer_dead_lettered_total").increment(1);
-        self.stats.dead_lettered.fetch_add(1, Relaxed);
         Ok(())
     }
 }
