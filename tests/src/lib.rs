@@ -3,6 +3,7 @@
 #![allow(missing_docs)]
 
 pub mod conformance;
+pub mod consuming;
 pub mod daemon;
 pub mod db;
 pub mod effects;

@@ -5,49 +5,15 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use common::{check_effects, declare_queue, name, queue_depth, Node, Reader};
+use common::{check_effects, consumer_config, declare_queue, name, queue_depth, run_consumer, Node, Reader};
 use outbox::{Message, StoreAdmin};
-use outbox_inbox::{Handler, Inbox, Incoming};
-use outbox_rabbitmq::{ConsumerStats, RabbitConfig, RabbitConsumerConfig, RabbitConsumerRunner, RabbitPublisher};
+use outbox_rabbitmq::{RabbitConfig, RabbitPublisher};
 use outbox_relay::DeadLetterPolicy;
+use outbox_tests::consuming::{applied_ids, effect_counts, wait_effects, RefuseIf};
 use outbox_tests::effects::{effects_db, EffectRows};
-use outbox_tests::embedded::{drained, start, test_config, wait_for, Running};
-
-async fn effects(pool: &sqlx::PgPool) -> (i64, i64) {
-    sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM effects")
-        .fetch_one(pool)
-        .await
-        .unwrap()
-}
-
-fn consumer_config(url: &str, queue: &str) -> RabbitConsumerConfig {
-    RabbitConsumerConfig::new(url, queue)
-        .backoff_base(Duration::from_millis(20))
-        .backoff_max(Duration::from_millis(500))
-}
-
-/// Runs a consumer runner until stopped.
-fn run_consumer<H: Handler<sqlx::Postgres> + 'static>(
-    cfg: RabbitConsumerConfig,
-    pool: sqlx::PgPool,
-    handler: H,
-) -> (Running, Arc<ConsumerStats>) {
-    let runner = RabbitConsumerRunner::new(cfg, pool, Inbox::new("effects"), handler).unwrap();
-    let stats = runner.stats();
-    let running = Running::spawn(|stopped| async move {
-        runner
-            .run_until(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    (running, stats)
-}
+use outbox_tests::embedded::{drained, start, test_config, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
@@ -90,22 +56,13 @@ async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
     }
     assert_eq!(committed.len(), 800);
     drained(&store, Duration::from_secs(120)).await;
-    wait_for("every committed message applied", Duration::from_secs(120), || {
-        let pool = consumer_db.clone();
-        async move { effects(&pool).await.1 >= 800 }
-    })
-    .await;
+    wait_effects(&consumer_db, 800, Duration::from_secs(120)).await;
     relay.stop().await;
     consumer.stop().await;
 
-    let applied: HashSet<uuid::Uuid> = sqlx::query_scalar("SELECT message_id FROM effects")
-        .fetch_all(&consumer_db)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let applied = applied_ids(&consumer_db).await;
     assert_eq!(applied, committed, "exactly the committed messages were applied");
-    assert_eq!(effects(&consumer_db).await, (800, 800), "each once");
+    assert_eq!(effect_counts(&consumer_db).await, (800, 800), "each once");
     check_effects(&consumer_db, 20, 40).await;
     assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(queue_depth(&node.url(), &queue).await, 0, "everything acked");
@@ -166,25 +123,6 @@ async fn unroutable_messages_are_dead_lettered_while_other_keys_flow() {
     assert_eq!(mixed, [1, 3], "key order kept around the dead letter");
 }
 
-/// Fails every message whose payload is `poison`.
-#[derive(Clone, Copy)]
-struct PoisonAware;
-
-#[derive(Debug, thiserror::Error)]
-#[error("cannot apply a poison message")]
-struct Poison;
-
-#[async_trait]
-impl Handler<sqlx::Postgres> for PoisonAware {
-    type Error = Poison;
-    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, msg: &Incoming<'_>) -> Result<(), Poison> {
-        if msg.payload == b"poison" {
-            return Err(Poison);
-        }
-        EffectRows.handle(tx, msg).await.map_err(|_| Poison)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_message_goes_to_the_dead_letter_queue_after_max_attempts() {
     let node = Node::shared();
@@ -208,10 +146,12 @@ async fn a_poison_message_goes_to_the_dead_letter_queue_after_max_attempts() {
 
     let cfg = consumer_config(&node.url(), &queue).max_attempts(3);
     let dlq = cfg.dead_letter_key();
-    let (consumer, stats) = run_consumer(cfg, consumer_db.clone(), PoisonAware);
+    // Fails every message whose payload is `poison`.
+    let poison_aware = RefuseIf::new("cannot apply a poison message", |msg| msg.payload == b"poison");
+    let (consumer, stats) = run_consumer(cfg, consumer_db.clone(), poison_aware);
     wait_for("nine effects", Duration::from_secs(60), || {
         let pool = consumer_db.clone();
-        async move { effects(&pool).await.0 >= 9 }
+        async move { effect_counts(&pool).await.0 >= 9 }
     })
     .await;
     wait_for("the dead letter", Duration::from_secs(30), || {
@@ -220,7 +160,7 @@ async fn a_poison_message_goes_to_the_dead_letter_queue_after_max_attempts() {
     })
     .await;
     consumer.stop().await;
-    assert_eq!(effects(&consumer_db).await, (9, 9));
+    assert_eq!(effect_counts(&consumer_db).await, (9, 9));
     assert_eq!(
         stats.retries.load(std::sync::atomic::Ordering::Relaxed),
         2,

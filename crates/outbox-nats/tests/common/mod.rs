@@ -2,36 +2,27 @@
 //! and restart on their store, one stream per destination, and an independent reader.
 #![allow(dead_code, unreachable_pub)]
 
+use std::collections::HashSet;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use outbox::StoredMessage;
 use outbox_nats::{async_nats, NatsConfig, NatsPublisher};
+pub use outbox_tests::consuming::wait_effects;
+use outbox_tests::consuming::{ci_script, run_ci_script, run_until_stopped};
+use outbox_tests::embedded::Running;
 use outbox_tests::proxy::TcpProxy;
-use outbox_tests::publisher_suite::{BrokerFixture, Received};
+use outbox_tests::publisher_suite::{stored, BrokerFixture, Received};
 
 /// The shared server (`.ci/nats up`): `OUTBOX_TEST_NATS` or 127.0.0.1:4222.
 pub fn shared_url() -> String {
     std::env::var("OUTBOX_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
-fn script() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/nats").to_owned()
-}
-
 fn run_script(args: &[&str], env: &[(String, String)]) {
-    let out = std::process::Command::new("bash")
-        .arg(script())
-        .args(args)
-        .envs(env.iter().cloned())
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        ".ci/nats {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ci_script("nats", args, env);
 }
 
 /// A nats-server of one test's own (own port, own store), started with `.ci/nats start`.
@@ -95,7 +86,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = std::process::Command::new("bash")
-            .arg(script())
+            .arg(ci_script("nats"))
             .args(["kill", &self.dir, "KILL"])
             .output();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -173,17 +164,7 @@ pub async fn read_stream(
             .iter()
             .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_owned())))
             .collect();
-        let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        out.push(Received {
-            id: get(outbox::HEADER_ID)
-                .and_then(|v| v.parse().ok())
-                .expect("outbox-id header"),
-            key: get(outbox::HEADER_KEY),
-            seq: get(outbox::HEADER_SEQ).and_then(|v| v.parse().ok()),
-            source: get(outbox::HEADER_SOURCE),
-            headers,
-            payload: m.payload.to_vec(),
-        });
+        out.push(outbox_tests::consuming::received(headers, m.payload.to_vec()));
     }
     out
 }
@@ -223,10 +204,7 @@ impl NatsFixture {
     }
 
     pub fn publisher_config(&self) -> NatsConfig {
-        NatsConfig::default()
-            .url(self.url.clone())
-            .ack_timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(2))
+        publisher_config(&self.url)
     }
 }
 
@@ -290,14 +268,15 @@ impl BrokerFixture for NatsFixture {
 
 /// A publisher on `url` with test timeouts.
 pub async fn publisher(url: &str) -> NatsPublisher {
-    NatsPublisher::connect(
-        NatsConfig::default()
-            .url(url)
-            .ack_timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(2)),
-    )
-    .await
-    .unwrap()
+    NatsPublisher::connect(publisher_config(url)).await.unwrap()
+}
+
+/// Publisher settings for `url` with test timeouts.
+pub fn publisher_config(url: &str) -> NatsConfig {
+    NatsConfig::default()
+        .url(url)
+        .ack_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(2))
 }
 
 /// Consumer settings for tests: quick retries, short ack wait.
@@ -314,47 +293,100 @@ pub async fn run_consumer<H>(
     cfg: outbox_nats::NatsConsumerConfig,
     pool: sqlx::PgPool,
     handler: H,
-) -> (outbox_tests::embedded::Running, Arc<outbox_nats::NatsConsumerStats>)
+) -> (Running, Arc<outbox_nats::NatsConsumerStats>)
 where
     H: outbox_inbox::Handler<sqlx::Postgres> + 'static,
 {
-    let runner = outbox_nats::NatsConsumerRunner::connect(cfg, pool, outbox_inbox::Inbox::new("effects"), handler)
+    run_consumer_with(cfg, pool, outbox_inbox::Inbox::new("effects"), handler).await
+}
+
+/// [`run_consumer`] with an inbox of the test's own.
+pub async fn run_consumer_with<H>(
+    cfg: outbox_nats::NatsConsumerConfig,
+    pool: sqlx::PgPool,
+    inbox: outbox_inbox::Inbox,
+    handler: H,
+) -> (Running, Arc<outbox_nats::NatsConsumerStats>)
+where
+    H: outbox_inbox::Handler<sqlx::Postgres> + 'static,
+{
+    let runner = outbox_nats::NatsConsumerRunner::connect(cfg, pool, inbox, handler)
         .await
         .unwrap();
     let stats = runner.stats();
-    let running = outbox_tests::embedded::Running::spawn(|stopped| async move {
-        runner
-            .run_until(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    (running, stats)
+    (run_until_stopped(|stop| runner.run_until(stop)), stats)
 }
 
-/// Effects applied so far: (rows, distinct messages).
-pub async fn effect_counts(pool: &sqlx::PgPool) -> (i64, i64) {
-    sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT message_id) FROM effects")
-        .fetch_one(pool)
-        .await
-        .unwrap()
+/// One test's destination on the shared server: a topic with a stream of its own, a reader, a
+/// publisher, and a fresh `effects` database for the consumer.
+pub struct Setup {
+    pub url: String,
+    pub reader: async_nats::Client,
+    pub topic: String,
+    pub stream: String,
+    pub publisher: NatsPublisher,
+    pub effects: sqlx::PgPool,
 }
 
-/// Waits until `n` distinct messages have their effect.
-pub async fn wait_effects(pool: &sqlx::PgPool, n: i64, within: Duration) {
-    let start = Instant::now();
-    loop {
-        let (rows, distinct) = effect_counts(pool).await;
-        if distinct >= n {
-            return;
+impl Setup {
+    /// A destination called `what-<uuid>` on the shared server.
+    pub async fn shared(what: &str) -> Setup {
+        let url = shared_url();
+        let reader = client(&url).await;
+        let (topic, stream) = new_destination(&reader, what).await;
+        let effects = outbox_tests::effects::effects_db().await;
+        let publisher = publisher(&url).await;
+        Setup {
+            url,
+            reader,
+            topic,
+            stream,
+            publisher,
+            effects,
         }
-        assert!(
-            start.elapsed() < within,
-            "only {distinct} of {n} messages applied ({rows} effect rows) within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    /// Publishes `rows`; every one must be acknowledged.
+    pub async fn publish(&self, rows: &[StoredMessage]) {
+        use outbox::Publisher;
+        assert!(self.publisher.publish(rows).await.iter().all(Result::is_ok));
+    }
+
+    /// Publishes rows `range` of a run spread over `keys` keys (row `i` at position `i + 1`, key
+    /// `k<i % keys>`, seq `i / keys + 1`) and returns them.
+    pub async fn publish_keyed(&self, range: Range<i64>, keys: i64) -> Vec<StoredMessage> {
+        let rows: Vec<_> = range
+            .map(|i| {
+                stored(
+                    i + 1,
+                    &self.topic,
+                    Some(&format!("k{}", i % keys)),
+                    Some(i / keys + 1),
+                    vec![],
+                )
+            })
+            .collect();
+        self.publish(&rows).await;
+        rows
+    }
+
+    /// Settings for the durable consumer `effects` of this stream ([`consumer_config`]).
+    pub fn consumer_config(&self) -> outbox_nats::NatsConsumerConfig {
+        consumer_config(&self.url, &self.stream, "effects")
+    }
+
+    /// Waits (up to 60 s) until every message of `expect` is applied, stops `consumer`, then checks
+    /// the effects ([`check_effects`]).
+    pub async fn stop_when_applied(&self, consumer: Running, expect: &HashSet<uuid::Uuid>) {
+        wait_effects(&self.effects, expect.len() as i64, Duration::from_secs(60)).await;
+        consumer.stop().await;
+        check_effects(&self.effects, expect).await;
+    }
+}
+
+/// The ids of `rows`.
+pub fn ids<'a>(rows: impl IntoIterator<Item = &'a StoredMessage>) -> HashSet<uuid::Uuid> {
+    rows.into_iter().map(|r| r.id).collect()
 }
 
 /// Checks the effects: each of `expect` applied exactly once, nothing else, and per key the

@@ -11,24 +11,14 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
+use outbox_inbox::{Handler, Inbox};
+use outbox_rabbitmq::{ConsumerStats, RabbitConsumerConfig, RabbitConsumerRunner};
+use outbox_tests::consuming::{ci_script, run_ci_script, run_until_stopped};
+use outbox_tests::embedded::Running;
 use outbox_tests::publisher_suite::Received;
 
-fn script() -> &'static str {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../.ci/rabbitmq")
-}
-
 fn run_script(args: &[&str]) {
-    let out = Command::new("bash")
-        .arg(script())
-        .args(args)
-        .output()
-        .expect("run .ci/rabbitmq");
-    assert!(
-        out.status.success(),
-        ".ci/rabbitmq {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ci_script("rabbitmq", args, &[]);
 }
 
 fn port_open(port: u16) -> bool {
@@ -87,7 +77,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         let Some(dir) = &self.dir else { return };
         let _ = Command::new("bash")
-            .arg(script())
+            .arg(ci_script("rabbitmq"))
             .args(["down", dir.to_str().unwrap()])
             .output();
         if std::thread::panicking() {
@@ -114,6 +104,24 @@ fn free_port() -> u16 {
             return p;
         }
     }
+}
+
+/// Consumer settings for tests: quick retries.
+pub fn consumer_config(url: &str, queue: &str) -> RabbitConsumerConfig {
+    RabbitConsumerConfig::new(url, queue)
+        .backoff_base(Duration::from_millis(20))
+        .backoff_max(Duration::from_millis(500))
+}
+
+/// Runs a consumer runner with `handler` into `pool` until stopped; returns it and its counters.
+pub fn run_consumer<H: Handler<sqlx::Postgres> + 'static>(
+    cfg: RabbitConsumerConfig,
+    pool: sqlx::PgPool,
+    handler: H,
+) -> (Running, Arc<ConsumerStats>) {
+    let runner = RabbitConsumerRunner::new(cfg, pool, Inbox::new("effects"), handler).unwrap();
+    let stats = runner.stats();
+    (run_until_stopped(|stop| runner.run_until(stop)), stats)
 }
 
 /// A unique name.
@@ -224,17 +232,7 @@ pub fn received(d: &lapin::message::Delivery) -> Received {
             headers.push((k.as_str().to_owned(), v));
         }
     }
-    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    Received {
-        id: get(outbox::HEADER_ID)
-            .and_then(|v| v.parse().ok())
-            .expect("outbox-id header"),
-        key: get(outbox::HEADER_KEY),
-        seq: get(outbox::HEADER_SEQ).and_then(|v| v.parse().ok()),
-        source: get(outbox::HEADER_SOURCE),
-        headers,
-        payload: d.data.clone(),
-    }
+    outbox_tests::consuming::received(headers, d.data.clone())
 }
 
 /// Effects per key in the order they were applied: each key's seqs must be 1, 2, 3... once each.

@@ -1,0 +1,188 @@
+//! What the RabbitMQ and NATS adapters' own test suites share: their `.ci` scripts, a message as an
+//! independent reader received it, a consumer runner running until stopped, the effects it applied,
+//! and handlers built on [`EffectRows`].
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use outbox::Message;
+use outbox_inbox::{Handler, Incoming};
+use uuid::Uuid;
+
+use crate::effects::EffectRows;
+use crate::embedded::Running;
+use crate::publisher_suite::Received;
+
+/// The path of the script `.ci/<name>`.
+pub fn ci_script(name: &str) -> String {
+    format!("{}/../.ci/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `.ci/<name> <args>` with `env` added to the environment; panics with its output when it
+/// fails.
+pub fn run_ci_script(name: &str, args: &[&str], env: &[(String, String)]) {
+    let out = std::process::Command::new("bash")
+        .arg(ci_script(name))
+        .args(args)
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap_or_else(|e| panic!("run .ci/{name}: {e}"));
+    assert!(
+        out.status.success(),
+        ".ci/{name} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A message as a reader received it: its headers as text, the framework ones parsed.
+pub fn received(headers: Vec<(String, String)>, payload: Vec<u8>) -> Received {
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    Received {
+        id: get(outbox::HEADER_ID)
+            .and_then(|v| v.parse().ok())
+            .expect("outbox-id header"),
+        key: get(outbox::HEADER_KEY),
+        seq: get(outbox::HEADER_SEQ).and_then(|v| v.parse().ok()),
+        source: get(outbox::HEADER_SOURCE),
+        headers,
+        payload,
+    }
+}
+
+/// Spawns a consumer runner: `run_until` is its `run_until`, given a future that completes when
+/// the returned [`Running`] is stopped. Stopping panics if the runner failed.
+pub fn run_until_stopped<Fut, E>(run_until: impl FnOnce(BoxFuture<'static, ()>) -> Fut) -> Running
+where
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Debug,
+{
+    Running::spawn(|stopped| {
+        let run = run_until(Box::pin(async {
+            let _ = stopped.await;
+        }));
+        async move {
+            run.await.unwrap();
+        }
+    })
+}
+
+/// Spawns a writer that commits a round of messages to `topic` every 40 ms, `rounds` times: one
+/// message for each of the keys `key-0` to `key-<keys - 1>` in one transaction. It returns the ids
+/// it committed.
+pub fn write_rounds(
+    pool: sqlx::PgPool,
+    topic: String,
+    rounds: usize,
+    keys: usize,
+) -> tokio::task::JoinHandle<HashSet<Uuid>> {
+    tokio::spawn(async move {
+        let mut ids = HashSet::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(40));
+        for round in 0..rounds {
+            tick.tick().await;
+            let msgs: Vec<Message> = (0..keys)
+                .map(|k| Message::new(&topic, format!("r{round}k{k}")).key(format!("key-{k}")))
+                .collect();
+            let mut tx = pool.begin().await.unwrap();
+            outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+            tx.commit().await.unwrap();
+            ids.extend(msgs.iter().map(|m| m.id()));
+        }
+        ids
+    })
+}
+
+/// The ids of the messages applied so far.
+pub async fn applied_ids(pool: &sqlx::PgPool) -> HashSet<Uuid> {
+    sqlx::query_scalar("SELECT message_id FROM effects")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// Effects applied so far: (rows, distinct messages).
+pub async fn effect_counts(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT message_id) FROM effects")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until `n` distinct messages have their effect, failing the test after `within`.
+pub async fn wait_effects(pool: &sqlx::PgPool, n: i64, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let (rows, distinct) = effect_counts(pool).await;
+        if distinct >= n {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "only {distinct} of {n} messages applied ({rows} effect rows) within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A handler's refusal, which the inbox rolls back and the runner retries, then dead-letters.
+#[derive(Debug)]
+pub struct Refused(pub &'static str);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Refuses the messages `refuse` picks with [`Refused`]`(why)`; writes the effect row of the others
+/// (a failed write is refused too).
+pub struct RefuseIf<F> {
+    why: &'static str,
+    refuse: F,
+}
+
+impl<F: Fn(&Incoming<'_>) -> bool + Send + Sync> RefuseIf<F> {
+    /// Refuses what `refuse` picks, saying `why`.
+    pub fn new(why: &'static str, refuse: F) -> Self {
+        RefuseIf { why, refuse }
+    }
+}
+
+#[async_trait]
+impl<F: Fn(&Incoming<'_>) -> bool + Send + Sync> Handler<sqlx::Postgres> for RefuseIf<F> {
+    type Error = Refused;
+    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, msg: &Incoming<'_>) -> Result<(), Refused> {
+        if (self.refuse)(msg) {
+            return Err(Refused(self.why));
+        }
+        EffectRows.handle(tx, msg).await.map_err(|_| Refused(self.why))
+    }
+}
+
+/// Runs the future `before` makes for each message, then writes its effect row, in the inbox's
+/// transaction: a test can cut a connection or hold a message there.
+pub struct EffectRowsAfter<F>(pub F);
+
+#[async_trait]
+impl<F> Handler<sqlx::Postgres> for EffectRowsAfter<F>
+where
+    F: Fn(&Incoming<'_>) -> BoxFuture<'static, ()> + Send + Sync,
+{
+    type Error = sqlx::Error;
+    async fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        msg: &Incoming<'_>,
+    ) -> Result<(), sqlx::Error> {
+        (self.0)(msg).await;
+        EffectRows.handle(tx, msg).await
+    }
+}
