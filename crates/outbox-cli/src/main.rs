@@ -43,7 +43,8 @@ enum Command {
     /// Inspect and handle dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
-    /// Audit Kafka topics against the outbox: lost, reordered, duplicated messages per key.
+    /// Audit Kafka topics or NATS JetStream streams against the outbox: lost, reordered, duplicated
+    /// messages per key.
     /// Exit 0 clean, 1 lost or reordered, 2 usage or connection error.
     Verify(verify::VerifyArgs),
 }

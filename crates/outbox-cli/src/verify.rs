@@ -19,6 +19,7 @@ use crate::settings::{resolve, Broker, Overrides};
 
 mod audit;
 mod db;
+mod nats;
 
 use audit::{Audit, Counts, Findings};
 
@@ -90,10 +91,14 @@ pub(crate) async fn main(overrides: &Overrides, args: VerifyArgs) -> i32 {
 async fn verify(overrides: &Overrides, args: VerifyArgs) -> anyhow::Result<i32> {
     let s = resolve(overrides)?;
     let target = s.one_database()?.clone();
-    let kafka = match s.broker {
-        Some(Broker::Kafka(k)) => k,
-        Some(other) => anyhow::bail!("verify reads Kafka topics; the configured broker is [{}]", other.name()),
-        None => anyhow::bail!("no Kafka configured: add a [kafka] section or --kafka bootstrap.servers=..."),
+    let broker = match s.broker {
+        Some(Broker::Rabbitmq(_)) => anyhow::bail!(
+            "verify reads Kafka topics and NATS JetStream streams; a RabbitMQ queue cannot be read without consuming it"
+        ),
+        Some(b) => b,
+        None => anyhow::bail!(
+            "no broker configured: add a [kafka] section (or --kafka bootstrap.servers=...) or a [nats] section"
+        ),
     };
     let database = db::Db::connect(&target.url, target.schema.as_deref()).await?;
     let snap = database.snapshot(&args.topics).await?;
@@ -101,11 +106,16 @@ async fn verify(overrides: &Overrides, args: VerifyArgs) -> anyhow::Result<i32> 
     let source = snap.source;
     let topics = args.topics.clone();
     let kept = snap.kept;
-    let reader_source = source.clone();
-    let (audit, reads, windows) =
-        tokio::task::spawn_blocking(move || read_topics(&kafka, &topics, &reader_source, kept))
-            .await
-            .context("the topic reader panicked")??;
+    let (audit, reads, windows) = match broker {
+        Broker::Kafka(kafka) => {
+            let reader_source = source.clone();
+            tokio::task::spawn_blocking(move || read_topics(&kafka, &topics, &reader_source, kept))
+                .await
+                .context("the topic reader panicked")??
+        }
+        Broker::Nats(cfg) => nats::read_topics(&cfg, &topics, &source, kept).await?,
+        Broker::Rabbitmq(_) => unreachable!("refused above"),
+    };
     let counts = audit.counts.clone();
     let findings = audit.finish(&keys, |t, p, o| {
         windows.get(&(t, p)).is_some_and(|&(low, high)| o >= low && o < high)
@@ -225,7 +235,13 @@ fn read_topics(
             }
             audit.counts.records += 1;
             bar.inc(1);
-            record(&mut audit, t, source, m.headers());
+            let headers = m.headers().into_iter().flat_map(|h| h.iter());
+            record(
+                &mut audit,
+                t,
+                source,
+                headers.map(|h| (h.key, h.value.unwrap_or_default())),
+            );
         }
         reads.push(TopicRead {
             topic: topic.clone(),
@@ -254,12 +270,11 @@ fn consumer(kafka: &BTreeMap<String, String>) -> anyhow::Result<BaseConsumer> {
     cfg.create().context("creating the Kafka consumer")
 }
 
-/// Classifies one record by its outbox headers and feeds the audit.
-fn record(audit: &mut Audit, topic: usize, source: &str, headers: Option<&rdkafka::message::BorrowedHeaders>) {
+/// Classifies one record by its outbox headers (name, value) and feeds the audit.
+fn record<'a>(audit: &mut Audit, topic: usize, source: &str, headers: impl Iterator<Item = (&'a str, &'a [u8])>) {
     let (mut id, mut key, mut seq, mut src) = (None, None, None, None);
-    for h in headers.into_iter().flat_map(|h| h.iter()) {
-        let v = h.value.unwrap_or_default();
-        match h.key {
+    for (name, v) in headers {
+        match name {
             outbox::HEADER_ID => id = std::str::from_utf8(v).ok().and_then(|s| s.parse::<uuid::Uuid>().ok()),
             outbox::HEADER_KEY => key = Some(v),
             outbox::HEADER_SEQ => seq = std::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()),

@@ -88,6 +88,15 @@ async fn a_nats_section_publishes_to_jetstream() {
     std::fs::remove_file(cfg).ok();
     assert_eq!(stored, 60, "every row once on the stream (Nats-Msg-Id drops re-sends)");
     assert!(store.dead_letters(10).await.unwrap().is_empty());
+    // The stream the relay filled passes `verify`.
+    let out = Command::new(BIN)
+        .args(["--database-url", &db_url(&pool), "verify", "--topic", &topic, "--json"])
+        .env("OUTBOX_NATS_URL", nats_url())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("\"records\": 60") && report.contains("\"missing\": 0"), "{report}");
 }
 
 fn rabbitmq_url() -> String {

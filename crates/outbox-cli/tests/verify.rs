@@ -1,11 +1,12 @@
 //! `outbox-relay verify` against the real broker and PostgreSQL: a topic the relay filled passes; a
 //! topic written by hand with a record left out, one doubled and a pair swapped fails with exactly
-//! those counts; a seq still pending is not lost.
+//! those counts; a seq still pending is not lost; a NATS JetStream stream is audited the same way.
 
 use std::process::Command;
 use std::time::Duration;
 
 use outbox::Message;
+use outbox_nats::async_nats;
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
 use outbox_tests::kafka::{broker, client, create_topic, topic};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -277,7 +278,7 @@ fn usage_and_connection_errors_exit_2() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "no broker configured");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no Kafka configured"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no broker configured"));
     let out = Command::new(BIN)
         .args(["--database-url", "postgres://postgres@127.0.0.1:1/none"])
         .args(["--kafka", "bootstrap.servers=127.0.0.1:19092"])
@@ -287,4 +288,124 @@ fn usage_and_connection_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2), "database unreachable");
     let out = Command::new(BIN).args(["verify"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "--topic is required");
+}
+
+/// Runs `verify --json` against NATS JetStream on `topic`.
+fn verify_nats(url: &str, topic: &str) -> (i32, Value) {
+    let out = Command::new(BIN)
+        .args(["--database-url", url])
+        .args(["verify", "--topic", topic, "--json"])
+        .env("OUTBOX_NATS_URL", nats_url())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run outbox-relay verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify printed no JSON ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().expect("exit code"), report)
+}
+
+fn nats_url() -> String {
+    std::env::var("OUTBOX_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// Publishes `rows` in this order to JetStream as the relay would (subject `<topic>.<key token>`,
+/// the outbox headers), each acked before the next.
+async fn produce_nats(js: &async_nats::jetstream::Context, t: &str, source: &str, rows: &[Row]) {
+    for r in rows {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(outbox::HEADER_ID, r.id.to_string().as_str());
+        headers.insert(outbox::HEADER_KEY, r.key.as_str());
+        headers.insert(outbox::HEADER_SEQ, r.seq.to_string().as_str());
+        headers.insert(outbox::HEADER_SOURCE, source);
+        let subject = format!("{t}.{}", outbox_nats::key_token(&r.key));
+        let ack = js.publish_with_headers(subject, headers, "p".into()).await.unwrap();
+        ack.await.expect("JetStream ack");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_stream_is_audited_like_a_topic() {
+    let client = async_nats::connect(nats_url())
+        .await
+        .expect("the shared nats-server (.ci/nats up)");
+    let js = async_nats::jetstream::new(client.clone());
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    let (clean, broken) = (format!("verify-clean-{u}"), format!("verify-broken-{u}"));
+    for t in [&clean, &broken] {
+        let stream = t.replace('-', "_").to_uppercase();
+        outbox_nats::ensure_stream(&client, &stream, &[format!("{t}.>").as_str()])
+            .await
+            .unwrap();
+    }
+
+    // Clean: every row once, in order.
+    let pool = outbox_tests::db::fresh_pg().await;
+    enqueue(&pool, &clean, 3, 4, 0).await;
+    let rows = take_rows(&pool, |_, _| true).await;
+    produce_nats(&js, &clean, &source(&pool).await, &rows).await;
+    let (code, report) = verify_nats(&db_url(&pool), &clean);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(
+        (report["records"].clone(), report["missing"].clone()),
+        (12.into(), 0.into()),
+        "{report:#}"
+    );
+
+    // Broken: k0's seq 3 lost, k1's seq 2 twice, k2's seqs 3 and 4 swapped.
+    let pool = outbox_tests::db::fresh_pg().await;
+    enqueue(&pool, &broken, 4, 5, 0).await;
+    let rows = take_rows(&pool, |_, _| true).await;
+    let mut written = Vec::new();
+    for r in &rows {
+        match (r.key.as_str(), r.seq) {
+            ("k0", 3) => {}
+            ("k1", 2) => {
+                written.push(r.clone());
+                written.push(r.clone());
+            }
+            ("k2", 4) => {
+                let three = written.pop().expect("k2 seq 3");
+                written.push(r.clone());
+                written.push(three);
+            }
+            _ => written.push(r.clone()),
+        }
+    }
+    produce_nats(&js, &broken, &source(&pool).await, &written).await;
+    let (code, report) = verify_nats(&db_url(&pool), &broken);
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["records"], 20, "{report:#}");
+    assert_eq!(report["missing"], 1, "{report:#}");
+    assert_eq!(report["duplicates"], 1, "{report:#}");
+    assert_eq!(report["reordered"], 1, "{report:#}");
+    assert_eq!(problem(&report, "k0")["missing_seqs"], serde_json::json!([[3, 3]]));
+    for t in [&clean, &broken] {
+        let _ = js.delete_stream(t.replace('-', "_").to_uppercase()).await;
+    }
+}
+
+#[test]
+fn verify_refuses_a_rabbitmq_broker_with_a_reason() {
+    let out = Command::new(BIN)
+        .args([
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/none",
+            "verify",
+            "--topic",
+            "t",
+        ])
+        .env("OUTBOX_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("RabbitMQ queue cannot be read without consuming it"),
+        "{err}"
+    );
 }
