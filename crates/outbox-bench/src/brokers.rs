@@ -217,11 +217,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         format!("async-nats JetStream publish with Nats-Msg-Id; {WINDOW} acks outstanding at most"),
     ];
     for (b, name) in names.iter().enumerate() {
-        let raw_row = Row::new(
-            format!("raw client on {name} ({})", clients[b]),
-            "msg/s",
-            rate(&raw[b]),
-        );
+        let raw_row = Row::new(format!("raw client on {name} ({})", clients[b]), "msg/s", rate(&raw[b]));
         let relay_row = Row::new(format!("relay drain on {name}"), "msg/s", rate(&relay[b]));
         rows.push(relay_row.clone().vs(&sql_row).note("relay / SQL-only, same round"));
         rows.push(relay_row.vs(&raw_row).note("relay / raw client, same round"));
