@@ -31,7 +31,15 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let topic = new_topic(env, &bootstrap, "bench-interference").await?;
     let db = BenchDb::create(env, 40).await?;
     fill_backlog(&db.pool, &topic, backlog).await?;
-    throughput(&db.pool, &topic, variant, writers, Duration::from_millis(500)).await?;
+    throughput(
+        &db.pool,
+        &topic,
+        crate::write::Shape::Minimal,
+        variant,
+        writers,
+        Duration::from_millis(500),
+    )
+    .await?;
     // Relay variants: None = no relay; then the drain defaults, paced by lanes, paced by rate.
     let variants: [Option<outbox_relay::RelayConfig>; 4] = [
         None,
@@ -53,7 +61,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             }
             sqlx::query("CHECKPOINT").execute(&db.pool).await?;
             let Some(cfg) = variants[v].clone() else {
-                tps[v].push(throughput(&db.pool, &topic, variant, writers, dur).await?);
+                tps[v].push(throughput(&db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?);
                 continue;
             };
             let before = pending(&db.pool).await?;
@@ -77,7 +85,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             });
             // The relay reaches its drain rate first.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let b = throughput(&db.pool, &topic, variant, writers, dur).await?;
+            let b = throughput(&db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?;
             let _ = stop_tx.send(());
             relay.await??;
             let after = pending(&db.pool).await?;
