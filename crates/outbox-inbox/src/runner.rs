@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use outbox::Backoff;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -142,27 +143,21 @@ pub enum Step {
 }
 
 /// How a runner that retries a message in place spaces its tries.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
-pub struct RetryInPlace<B> {
-    /// The delay after `n` failures in a row: of the handler, or of the database (the runner's
-    /// outage streak).
-    pub backoff: B,
-    /// The wait before a dead letter that could not be written is tried again.
-    pub dead_letter_wait: Duration,
+pub struct RetryInPlace {
+    /// The delay after `n` failures in a row, of the handler or of the database (the runner's
+    /// outage streak); its cap is the wait before a dead letter that could not be written is tried
+    /// again.
+    pub backoff: Backoff,
     /// What waits meanwhile, as the log names it (`"the partition"`, `"the queue"`).
     pub waiting: &'static str,
 }
 
-impl<B: Fn(u32) -> Duration> RetryInPlace<B> {
-    /// Delays from `backoff`, `dead_letter_wait` after a dead letter was refused; `waiting` names
-    /// what waits in the log.
-    pub fn new(backoff: B, dead_letter_wait: Duration, waiting: &'static str) -> Self {
-        RetryInPlace {
-            backoff,
-            dead_letter_wait,
-            waiting,
-        }
+impl RetryInPlace {
+    /// Delays from `backoff`; `waiting` names what waits, in the log.
+    pub fn new(backoff: Backoff, waiting: &'static str) -> Self {
+        RetryInPlace { backoff, waiting }
     }
 }
 
@@ -242,16 +237,9 @@ impl<DB: Backend, H: Handler<DB>> RunnerCore<DB, H> {
     /// failed `failed_before` times before it. The database waits by the outage streak, however
     /// long it lasts; the handler's failures by their own count. A message to dead-letter is
     /// handed to `dead_letter` (the error, the handler failures); if that fails, the message waits
-    /// `dead_letter_wait` and is tried again rather than skipped.
-    pub async fn step<B, F, Fut, E>(
-        &self,
-        tried: Tried,
-        failed_before: u32,
-        retry: &RetryInPlace<B>,
-        dead_letter: F,
-    ) -> Step
+    /// the backoff's cap and is tried again rather than skipped.
+    pub async fn step<F, Fut, E>(&self, tried: Tried, failed_before: u32, retry: &RetryInPlace, dead_letter: F) -> Step
     where
-        B: Fn(u32) -> Duration,
         F: FnOnce(String, u32) -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: Display,
@@ -268,13 +256,13 @@ impl<DB: Backend, H: Handler<DB>> RunnerCore<DB, H> {
                     let streak = self.outage_streak.fetch_add(1, Relaxed) + 1;
                     return Step::Again {
                         attempts: failed_before,
-                        delay: (retry.backoff)(streak),
+                        delay: retry.backoff.delay(streak),
                     };
                 }
                 Disposition::Retry { attempt } => {
                     return Step::Again {
                         attempts: attempt,
-                        delay: (retry.backoff)(attempt),
+                        delay: retry.backoff.delay(attempt),
                     }
                 }
                 Disposition::DeadLetter { attempts } => (error, attempts),
@@ -290,7 +278,7 @@ impl<DB: Backend, H: Handler<DB>> RunnerCore<DB, H> {
                 tracing::error!(error = %e, "dead letter not written; {} waits and retries", retry.waiting);
                 Step::Again {
                     attempts: attempts.saturating_sub(1),
-                    delay: retry.dead_letter_wait,
+                    delay: retry.backoff.max(),
                 }
             }
         }
@@ -396,11 +384,31 @@ mod tests {
             }
         }
 
-        const RETRY: RetryInPlace<fn(u32) -> Duration> = RetryInPlace {
-            backoff: |n| Duration::from_millis(u64::from(n) * 10),
-            dead_letter_wait: Duration::from_secs(5),
+        const RETRY: RetryInPlace = RetryInPlace {
+            backoff: match Backoff::new(Duration::from_millis(10), Duration::from_secs(5)) {
+                Ok(b) => b,
+                Err(_) => panic!("a valid backoff"),
+            },
             waiting: "the queue",
         };
+
+        /// Waits after `failures` in a row, as far as the jitter lets the test tell.
+        fn waits_after(failures: u32) -> impl Fn(Step) -> bool {
+            move |step| match step {
+                Step::Again { delay, .. } => {
+                    let cap = RETRY.backoff.ceiling(failures);
+                    delay >= cap / 2 && delay <= cap
+                }
+                Step::Done => false,
+            }
+        }
+
+        fn attempts(step: Step) -> Option<u32> {
+            match step {
+                Step::Again { attempts, .. } => Some(attempts),
+                Step::Done => None,
+            }
+        }
 
         async fn written(_: String, _: u32) -> Result<(), String> {
             Ok(())
@@ -410,46 +418,28 @@ mod tests {
         async fn database_waits_by_the_streak_and_done_ends_it() {
             let core = core();
             let wait = || core.step(decided(Disposition::WaitForDatabase), 2, &RETRY, written);
-            assert_eq!(
-                wait().await,
-                Step::Again {
-                    attempts: 2,
-                    delay: Duration::from_millis(10)
-                }
-            );
-            assert_eq!(
-                wait().await,
-                Step::Again {
-                    attempts: 2,
-                    delay: Duration::from_millis(20)
-                }
-            );
+            let first = wait().await;
+            assert!(waits_after(1)(first), "{first:?}");
+            assert_eq!(attempts(first), Some(2), "the handler's failures stay as they were");
+            for streak in 2..=6 {
+                let step = wait().await;
+                assert!(waits_after(streak)(step), "{streak}: {step:?}");
+            }
             assert_eq!(
                 core.step(decided(Disposition::Done), 2, &RETRY, written).await,
                 Step::Done
             );
-            assert_eq!(
-                wait().await,
-                Step::Again {
-                    attempts: 2,
-                    delay: Duration::from_millis(10)
-                },
-                "a success ends the streak"
-            );
+            let step = wait().await;
+            assert!(waits_after(1)(step), "a success ends the streak: {step:?}");
         }
 
         #[tokio::test]
         async fn retries_wait_by_their_own_count() {
             let step = core()
-                .step(decided(Disposition::Retry { attempt: 3 }), 2, &RETRY, written)
+                .step(decided(Disposition::Retry { attempt: 6 }), 5, &RETRY, written)
                 .await;
-            assert_eq!(
-                step,
-                Step::Again {
-                    attempts: 3,
-                    delay: Duration::from_millis(30)
-                }
-            );
+            assert!(waits_after(6)(step), "{step:?}");
+            assert_eq!(attempts(step), Some(6));
         }
 
         #[tokio::test]

@@ -96,11 +96,6 @@ impl ConsumerConfig {
     pub fn retry_backoff(&self) -> Result<Backoff, InvalidBackoff> {
         Backoff::new(self.backoff_base, self.backoff_max)
     }
-
-    // `run_until` refuses an invalid backoff before the first message, so the fallback is unused.
-    fn backoff(&self, attempt: u32) -> Duration {
-        self.retry_backoff().map_or(self.backoff_max, |b| b.delay(attempt))
-    }
 }
 
 /// Running counts of what the runner did, readable while it runs (the one set every runner keeps).
@@ -243,7 +238,9 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     /// are committed, then the runner returns. Shutdown is never held up by a message waiting for
     /// a retry: its partition's offset simply stays before it.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ConsumerError> {
-        self.cfg.retry_backoff()?;
+        // Database trouble holds a partition for as long as it lasts; so does a dead letter that
+        // cannot be written.
+        let retry = RetryInPlace::new(self.cfg.retry_backoff()?, "the partition");
         match self.check_retention().await {
             Ok(risks) => {
                 for risk in risks {
@@ -286,7 +283,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
                 continue;
             }
             let attempts = waiting.attempts(&tp, msg.offset());
-            match self.attempt(&msg, attempts).await {
+            match self.attempt(&msg, attempts, &retry).await {
                 Step::Done => {
                     waiting.done(&tp);
                     self.store(&msg);
@@ -306,7 +303,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     /// means try again after a delay. `attempts` counts the handler's earlier failures only. A
     /// message that cannot be dead-lettered waits (its partition is retried later) rather than
     /// being skipped.
-    async fn attempt(&self, msg: &OwnedMessage, attempts: u32) -> Step {
+    async fn attempt(&self, msg: &OwnedMessage, attempts: u32, retry: &RetryInPlace) -> Step {
         let headers: Vec<(&str, &[u8])> = msg
             .headers()
             .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
@@ -333,11 +330,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
                 },
             )
             .await;
-        // Database trouble holds the partition for as long as it lasts; so does a dead letter that
-        // cannot be written.
-        let retry = RetryInPlace::new(|n| self.cfg.backoff(n), self.cfg.backoff_max, "the partition");
         self.core
-            .step(tried, attempts, &retry, |error, attempts| async move {
+            .step(tried, attempts, retry, |error, attempts| async move {
                 self.dead_letter(msg, &error, attempts).await
             })
             .await

@@ -171,11 +171,6 @@ impl RabbitConsumerConfig {
     pub fn retry_backoff(&self) -> Result<outbox::Backoff, outbox::InvalidBackoff> {
         outbox::Backoff::new(self.backoff_base, self.backoff_max)
     }
-
-    // `run_until` refuses an invalid backoff before the first delivery, so the fallback is unused.
-    fn backoff(&self, attempt: u32) -> Duration {
-        self.retry_backoff().map_or(self.backoff_max, |b| b.delay(attempt))
-    }
 }
 
 /// Running counts of what the runner did, readable while it runs (the one set every runner keeps;
@@ -274,9 +269,13 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
     /// then the channel is closed (the server requeues what was prefetched and not acked, in
     /// order) and the runner returns. A delivery waiting for a retry does not hold shutdown up.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ConsumerError> {
-        self.cfg
+        let backoff = self
+            .cfg
             .retry_backoff()
             .map_err(|e| ConsumerError::Config(e.to_string()))?;
+        // Database trouble holds the queue for as long as it lasts; so does a dead letter that
+        // cannot be written.
+        let retry = RetryInPlace::new(backoff, "the queue");
         tokio::pin!(shutdown);
         let mut next_cleanup = self.cfg.cleanup_interval.map(|every| Instant::now() + every);
         let mut first = true;
@@ -300,7 +299,7 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
                 self.core.stats().reconnects.fetch_add(1, Relaxed);
             }
             first = false;
-            let end = self.consume(&session, &mut shutdown, &mut next_cleanup).await;
+            let end = self.consume(&session, &retry, &mut shutdown, &mut next_cleanup).await;
             let _ = session.consume.close(200, "bye").await;
             let _ = session.conn.close(200, "bye").await;
             match end {
@@ -391,6 +390,7 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
     async fn consume(
         &self,
         session: &Session,
+        retry: &RetryInPlace,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
         next_cleanup: &mut Option<Instant>,
     ) -> End {
@@ -417,7 +417,7 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
             };
             let mut attempts = 0;
             loop {
-                match self.attempt(&session.dead, &delivery, attempts).await {
+                match self.attempt(&session.dead, &delivery, attempts, retry).await {
                     Step::Done => break,
                     Step::Again { attempts: a, delay } => {
                         attempts = a;
@@ -439,7 +439,7 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
     /// anything else means try again after a delay. `attempts` counts the handler's earlier
     /// failures only. A delivery that cannot be dead-lettered waits (and is tried again) rather
     /// than being dropped.
-    async fn attempt(&self, dead: &Channel, d: &Delivery, attempts: u32) -> Step {
+    async fn attempt(&self, dead: &Channel, d: &Delivery, attempts: u32, retry: &RetryInPlace) -> Step {
         let headers = header_bytes(&d.properties);
         let topic = d.routing_key.as_str();
         let headers = headers.iter().map(|(k, v)| (k.as_str(), &v[..]));
@@ -457,11 +457,8 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
                 },
             )
             .await;
-        // Database trouble holds the queue for as long as it lasts; so does a dead letter that
-        // cannot be written.
-        let retry = RetryInPlace::new(|n| self.cfg.backoff(n), self.cfg.backoff_max, "the queue");
         self.core
-            .step(tried, attempts, &retry, |error, attempts| async move {
+            .step(tried, attempts, retry, |error, attempts| async move {
                 self.dead_letter(dead, d, &error, attempts).await
             })
             .await
@@ -554,7 +551,7 @@ mod tests {
         assert_eq!(b.ceiling(1), Duration::from_millis(100));
         assert_eq!(b.ceiling(3), Duration::from_millis(400));
         assert_eq!(b.ceiling(30), Duration::from_secs(5));
-        let d = c.backoff(3);
+        let d = b.delay(3);
         assert!(
             d >= Duration::from_millis(200) && d <= Duration::from_millis(400),
             "{d:?}"
