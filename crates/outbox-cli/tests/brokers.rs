@@ -95,8 +95,16 @@ async fn a_nats_section_publishes_to_jetstream() {
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(report.contains("\"records\": 60") && report.contains("\"missing\": 0"), "{report}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("\"records\": 60") && report.contains("\"missing\": 0"),
+        "{report}"
+    );
 }
 
 fn rabbitmq_url() -> String {
