@@ -162,7 +162,9 @@ pub(crate) enum KeyStep {
 ///   itself and tells what they found, `record_keyed(conn, consumer, source, key, seq) ->
 ///   Result<KeyStep, _>`, `record_unkeyed(conn, consumer, id) -> Result<bool, _>` and
 ///   `park(conn, consumer, source, key, seq, msg, headers) -> Result<bool, _>` (true: new); for a
-///   database whose statements answer otherwise (MySQL: in the OK packet).
+///   database whose statements answer otherwise (MySQL: in the OK packet). They can build their
+///   statements with what the macro defines in the module: `keyed(statement, consumer, source,
+///   key)` (a query bound that far) and `park_statement(consumer, source, key, seq, msg, headers)`.
 macro_rules! sql_backend {
     ($db:ty, $sql:ident) => {
         async fn record_keyed(
@@ -172,10 +174,7 @@ macro_rules! sql_backend {
             key: &str,
             seq: i64,
         ) -> Result<$crate::backend::KeyStep, sqlx::Error> {
-            let row: Option<(Option<i64>, i64)> = sqlx::query_as($sql::RECORD_KEYED)
-                .bind(consumer)
-                .bind(source)
-                .bind(key)
+            let row: Option<(Option<i64>, i64)> = keyed_as($sql::RECORD_KEYED, consumer, source, key)
                 .bind(seq)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -209,15 +208,7 @@ macro_rules! sql_backend {
             msg: &$crate::Incoming<'_>,
             headers: &[u8],
         ) -> Result<bool, sqlx::Error> {
-            let done = sqlx::query($sql::PARK)
-                .bind(consumer)
-                .bind(source)
-                .bind(key)
-                .bind(seq)
-                .bind(msg.id)
-                .bind(msg.topic)
-                .bind(msg.payload)
-                .bind(headers)
+            let done = park_statement(consumer, source, key, seq, msg, headers)
                 .execute(&mut *conn)
                 .await?;
             Ok(done.rows_affected() == 1)
@@ -226,40 +217,81 @@ macro_rules! sql_backend {
         $crate::backend::sql_backend!($db, $sql, record_keyed, record_unkeyed, park);
     };
     ($db:ty, $sql:ident, $record_keyed:ident, $record_unkeyed:ident, $park:ident) => {
-        /// Runs `statements` in order, each bound (consumer, source, key).
-        async fn run_keyed(
+        /// `statement` bound (consumer, source, key), as every keyed statement starts.
+        fn keyed<'q>(
+            statement: &'q str,
+            consumer: &'q str,
+            source: &'q str,
+            key: &'q str,
+        ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
+            sqlx::query(statement).bind(consumer).bind(source).bind(key)
+        }
+
+        /// [`keyed`] for a statement that answers rows of `O`.
+        fn keyed_as<'q, O>(
+            statement: &'q str,
+            consumer: &'q str,
+            source: &'q str,
+            key: &'q str,
+        ) -> sqlx::query::QueryAs<'q, $db, O, <$db as sqlx::Database>::Arguments<'q>>
+        where
+            O: for<'r> sqlx::FromRow<'r, <$db as sqlx::Database>::Row>,
+        {
+            sqlx::query_as(statement).bind(consumer).bind(source).bind(key)
+        }
+
+        /// `PARK` bound (consumer, source, key, seq, id, topic, payload, headers).
+        fn park_statement<'q>(
+            consumer: &'q str,
+            source: &'q str,
+            key: &'q str,
+            seq: i64,
+            msg: &$crate::Incoming<'q>,
+            headers: &'q [u8],
+        ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
+            keyed($sql::PARK, consumer, source, key)
+                .bind(seq)
+                .bind(msg.id)
+                .bind(msg.topic)
+                .bind(msg.payload)
+                .bind(headers)
+        }
+
+        /// Runs `statements` in order, each bound (consumer, source, key) and then `n`, if any.
+        async fn run_each(
             conn: &mut <$db as sqlx::Database>::Connection,
             statements: &[&str],
             consumer: &str,
             source: &str,
             key: &str,
+            n: Option<i64>,
         ) -> Result<(), sqlx::Error> {
             for statement in statements {
-                sqlx::query(statement)
-                    .bind(consumer)
-                    .bind(source)
-                    .bind(key)
-                    .execute(&mut *conn)
-                    .await?;
+                let query = keyed(statement, consumer, source, key);
+                match n {
+                    Some(n) => query.bind(n),
+                    None => query,
+                }
+                .execute(&mut *conn)
+                .await?;
             }
             Ok(())
         }
 
-        /// Runs `statements` in order, each bound (consumer, source, key, n).
-        async fn run_seq(
+        /// Records the open gap `from..=to` of (consumer, source, key), where `RECORD_KEYED` does
+        /// not record it itself.
+        async fn record_gap(
             conn: &mut <$db as sqlx::Database>::Connection,
-            statements: &[&str],
             consumer: &str,
             source: &str,
             key: &str,
-            n: i64,
+            from: i64,
+            to: i64,
         ) -> Result<(), sqlx::Error> {
-            for statement in statements {
-                sqlx::query(statement)
-                    .bind(consumer)
-                    .bind(source)
-                    .bind(key)
-                    .bind(n)
+            if let Some(record_gap) = $sql::RECORD_GAP {
+                keyed(record_gap, consumer, source, key)
+                    .bind(from)
+                    .bind(to)
                     .execute(&mut *conn)
                     .await?;
             }
@@ -282,7 +314,7 @@ macro_rules! sql_backend {
             if legacy.is_none() {
                 return Ok(false);
             }
-            run_keyed(&mut *conn, $sql::ADOPT, consumer, source, key).await?;
+            run_each(&mut *conn, $sql::ADOPT, consumer, source, key, None).await?;
             Ok(true)
         }
 
@@ -316,7 +348,15 @@ macro_rules! sql_backend {
                     $crate::backend::KeyStep::New { previous } => {
                         let from = previous.unwrap_or(0) + 1;
                         if hold && from < seq {
-                            run_seq(&mut *conn, $sql::UNDO_ADVANCE, consumer, source, key, from - 1).await?;
+                            run_each(
+                                &mut *conn,
+                                $sql::UNDO_ADVANCE,
+                                consumer,
+                                source,
+                                key,
+                                Some(from - 1),
+                            )
+                            .await?;
                             let headers = $crate::parked::encode_headers(&msg.headers);
                             let parked = $park(&mut *conn, consumer, source, key, seq, msg, &headers).await?;
                             return Ok(if parked {
@@ -325,28 +365,18 @@ macro_rules! sql_backend {
                                 $crate::Recorded::Duplicate
                             });
                         }
-                        if let (Some(record_gap), true) = ($sql::RECORD_GAP, from < seq) {
-                            sqlx::query(record_gap)
-                                .bind(consumer)
-                                .bind(source)
-                                .bind(key)
-                                .bind(from)
-                                .bind(seq - 1)
-                                .execute(&mut *conn)
-                                .await?;
+                        if from < seq {
+                            record_gap(&mut *conn, consumer, source, key, from, seq - 1).await?;
                         }
                         Ok($crate::Recorded::New { previous })
                     }
                     $crate::backend::KeyStep::BelowTop => {
                         let (first, rest) = $sql::FILL_GAP.split_first().expect("FILL_GAP has a statement");
-                        let gap: Option<(i64, i64)> = sqlx::query_as(first)
-                            .bind(consumer)
-                            .bind(source)
-                            .bind(key)
+                        let gap: Option<(i64, i64)> = keyed_as(first, consumer, source, key)
                             .bind(seq)
                             .fetch_optional(&mut *conn)
                             .await?;
-                        run_seq(&mut *conn, rest, consumer, source, key, seq).await?;
+                        run_each(&mut *conn, rest, consumer, source, key, Some(seq)).await?;
                         Ok(match gap {
                             Some((from, to)) => $crate::Recorded::FilledGap { from, to },
                             None => $crate::Recorded::Duplicate,
@@ -366,33 +396,21 @@ macro_rules! sql_backend {
                 let (first, rest) = $sql::TAKE_PARKED
                     .split_first()
                     .expect("TAKE_PARKED has a statement");
-                let row: Option<(::uuid::Uuid, String, Vec<u8>, Vec<u8>)> = sqlx::query_as(first)
-                    .bind(consumer)
-                    .bind(source)
-                    .bind(key)
+                let row: Option<(::uuid::Uuid, String, Vec<u8>, Vec<u8>)> = keyed_as(first, consumer, source, key)
                     .bind(seq)
                     .fetch_optional(&mut *conn)
                     .await?;
                 let Some((id, topic, payload, headers)) = row else {
                     return Ok(None);
                 };
-                run_seq(&mut *conn, rest, consumer, source, key, seq).await?;
+                run_each(&mut *conn, rest, consumer, source, key, Some(seq)).await?;
                 // Parked messages are above the key's highest seq (this transaction holds the key
                 // row): the message becomes the highest. Unless skipping, it is the next one.
                 let previous = match $record_keyed(&mut *conn, consumer, source, key, seq).await? {
                     $crate::backend::KeyStep::New { previous } if previous.unwrap_or(0) == seq - 1 => seq - 1,
                     $crate::backend::KeyStep::New { previous } if skipping && previous.unwrap_or(0) < seq => {
                         let previous = previous.unwrap_or(0);
-                        if let Some(record_gap) = $sql::RECORD_GAP {
-                            sqlx::query(record_gap)
-                                .bind(consumer)
-                                .bind(source)
-                                .bind(key)
-                                .bind(previous + 1)
-                                .bind(seq - 1)
-                                .execute(&mut *conn)
-                                .await?;
-                        }
+                        record_gap(&mut *conn, consumer, source, key, previous + 1, seq - 1).await?;
                         previous
                     }
                     other => {

@@ -27,10 +27,7 @@ async fn record_keyed(
     key: &str,
     seq: i64,
 ) -> Result<KeyStep, sqlx::Error> {
-    let done = sqlx::query(sql::RECORD_KEYED)
-        .bind(consumer)
-        .bind(source)
-        .bind(key)
+    let done = keyed(sql::RECORD_KEYED, consumer, source, key)
         .bind(seq)
         .execute(&mut *conn)
         .await?;
@@ -74,15 +71,7 @@ async fn park(
     msg: &Incoming<'_>,
     headers: &[u8],
 ) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(sql::PARK)
-        .bind(consumer)
-        .bind(source)
-        .bind(key)
-        .bind(seq)
-        .bind(msg.id)
-        .bind(msg.topic)
-        .bind(msg.payload)
-        .bind(headers)
+    let done = park_statement(consumer, source, key, seq, msg, headers)
         .execute(&mut *conn)
         .await?;
     Ok(done.last_insert_id() != sql::ANSWER_PARKED_BEFORE)
