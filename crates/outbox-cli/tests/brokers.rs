@@ -26,6 +26,42 @@ fn free_addr() -> String {
     l.local_addr().unwrap().to_string()
 }
 
+/// A fresh database with 60 keyed messages (6 keys) for `topic`.
+async fn sixty_messages(topic: &str) -> sqlx::PgPool {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let mut tx = pool.begin().await.unwrap();
+    let msgs: Vec<Message> = (0..60)
+        .map(|i| Message::new(topic, format!("m{i}")).key(format!("k{}", i % 6)))
+        .collect();
+    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    pool
+}
+
+/// `outbox-relay run` on `pool` with the config `text` and one environment variable.
+fn run_daemon(pool: &sqlx::PgPool, text: &str, env: (&str, &str)) -> (std::process::Child, std::path::PathBuf) {
+    let cfg = config_file(text);
+    let relay = Command::new(BIN)
+        .args(["--config", cfg.to_str().unwrap(), "--database-url", &db_url(pool)])
+        .args(["--poll-interval-ms", "100", "--admin-listen", &free_addr(), "run"])
+        .env(env.0, env.1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (relay, cfg)
+}
+
+/// SIGTERM, then a clean exit.
+fn terminate(mut relay: std::process::Child, cfg: std::path::PathBuf) {
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(relay.wait().unwrap().success(), "SIGTERM ends the relay with 0");
+    std::fs::remove_file(cfg).ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_section_publishes_to_jetstream() {
     let client = async_nats::connect(nats_url())
@@ -39,23 +75,12 @@ async fn a_nats_section_publishes_to_jetstream() {
         .await
         .unwrap();
 
-    let pool = outbox_tests::db::fresh_pg().await;
-    let mut tx = pool.begin().await.unwrap();
-    let msgs: Vec<Message> = (0..60)
-        .map(|i| Message::new(topic.clone(), format!("m{i}")).key(format!("k{}", i % 6)))
-        .collect();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
-
-    let cfg = config_file("[nats]\nack_timeout_ms = 5000\n");
-    let mut relay = Command::new(BIN)
-        .args(["--config", cfg.to_str().unwrap(), "--database-url", &db_url(&pool)])
-        .args(["--poll-interval-ms", "100", "--admin-listen", &free_addr(), "run"])
-        .env("OUTBOX_NATS_URL", nats_url())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let pool = sixty_messages(&topic).await;
+    let (relay, cfg) = run_daemon(
+        &pool,
+        "[nats]\nack_timeout_ms = 5000\n",
+        ("OUTBOX_NATS_URL", &nats_url()),
+    );
 
     let store = outbox::postgres::PgStore::new(pool.clone());
     let js = async_nats::jetstream::new(client);
@@ -80,12 +105,7 @@ async fn a_nats_section_publishes_to_jetstream() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(relay.wait().unwrap().success(), "SIGTERM ends the relay with 0");
-    std::fs::remove_file(cfg).ok();
+    terminate(relay, cfg);
     assert_eq!(stored, 60, "every row once on the stream (Nats-Msg-Id drops re-sends)");
     assert!(store.dead_letters(10).await.unwrap().is_empty());
     // The stream the relay filled passes `verify`.
@@ -135,23 +155,12 @@ async fn a_rabbitmq_section_publishes_with_confirms() {
     };
     ch.queue_declare(&topic, durable, FieldTable::default()).await.unwrap();
 
-    let pool = outbox_tests::db::fresh_pg().await;
-    let mut tx = pool.begin().await.unwrap();
-    let msgs: Vec<Message> = (0..60)
-        .map(|i| Message::new(topic.clone(), format!("m{i}")).key(format!("k{}", i % 6)))
-        .collect();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
-
-    let cfg = config_file("[rabbitmq]\nconfirm_timeout_ms = 5000\n");
-    let mut relay = Command::new(BIN)
-        .args(["--config", cfg.to_str().unwrap(), "--database-url", &db_url(&pool)])
-        .args(["--poll-interval-ms", "100", "--admin-listen", &free_addr(), "run"])
-        .env("OUTBOX_RABBITMQ_URL", rabbitmq_url())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let pool = sixty_messages(&topic).await;
+    let (relay, cfg) = run_daemon(
+        &pool,
+        "[rabbitmq]\nconfirm_timeout_ms = 5000\n",
+        ("OUTBOX_RABBITMQ_URL", &rabbitmq_url()),
+    );
 
     let store = outbox::postgres::PgStore::new(pool.clone());
     let passive = QueueDeclareOptions {
@@ -175,12 +184,7 @@ async fn a_rabbitmq_section_publishes_with_confirms() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(relay.wait().unwrap().success(), "SIGTERM ends the relay with 0");
-    std::fs::remove_file(cfg).ok();
+    terminate(relay, cfg);
     let _ = ch.queue_delete(&topic, Default::default()).await;
     let _ = conn.close(200, "done").await;
     assert_eq!(

@@ -15,12 +15,18 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
-/// Runs `verify --json` on `topic`; returns the exit code and the report.
+/// Runs `verify --json` on `topic` against the Kafka broker; returns the exit code and the report.
 fn verify(url: &str, bootstrap: &str, topic: &str) -> (i32, Value) {
+    let kafka = format!("bootstrap.servers={bootstrap}");
+    verify_with(&["--database-url", url, "--kafka", &kafka], &[], topic)
+}
+
+/// Runs `verify --json` on `topic` with these flags before it and this environment.
+fn verify_with(flags: &[&str], env: &[(&str, &str)], topic: &str) -> (i32, Value) {
     let out = Command::new(BIN)
-        .args(["--database-url", url])
-        .args(["--kafka", &format!("bootstrap.servers={bootstrap}")])
+        .args(flags)
         .args(["verify", "--topic", topic, "--json"])
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .output()
         .expect("run outbox-relay verify");
@@ -32,6 +38,28 @@ fn verify(url: &str, bootstrap: &str, topic: &str) -> (i32, Value) {
         )
     });
     (out.status.code().expect("exit code"), report)
+}
+
+/// `rows` as a broken relay would have written them: k0's seq 3 lost, k1's seq 2 twice, k2's seq 4
+/// before its seq 3.
+fn broken(rows: &[Row]) -> Vec<Row> {
+    let mut written = Vec::new();
+    for r in rows {
+        match (r.key.as_str(), r.seq) {
+            ("k0", 3) => {}
+            ("k1", 2) => {
+                written.push(r.clone());
+                written.push(r.clone());
+            }
+            ("k2", 4) => {
+                let three = written.pop().expect("k2 seq 3");
+                written.push(r.clone());
+                written.push(three);
+            }
+            _ => written.push(r.clone()),
+        }
+    }
+    written
 }
 
 /// Enqueues `n` messages per key on `keys` (`k0`, `k1`...) plus `unkeyed` unkeyed ones.
@@ -168,26 +196,7 @@ async fn lost_duplicated_and_swapped_records_fail_with_the_right_counts() {
     let pool = outbox_tests::db::fresh_pg().await;
     enqueue(&pool, &t, 4, 5, 0).await;
     let rows = take_rows(&pool, |_, _| true).await;
-    let mut written = Vec::new();
-    for r in &rows {
-        match (r.key.as_str(), r.seq) {
-            // Lost: k0's seq 3 never reaches the topic.
-            ("k0", 3) => {}
-            // Duplicated: k1's seq 2 twice.
-            ("k1", 2) => {
-                written.push(r.clone());
-                written.push(r.clone());
-            }
-            // Swapped: k2's seq 4 before its seq 3.
-            ("k2", 4) => {
-                let three = written.pop().expect("k2 seq 3");
-                written.push(r.clone());
-                written.push(three);
-            }
-            _ => written.push(r.clone()),
-        }
-    }
-    produce(&bootstrap, &t, &source(&pool).await, &written).await;
+    produce(&bootstrap, &t, &source(&pool).await, &broken(&rows)).await;
 
     let (code, report) = verify(&db_url(&pool), &bootstrap, &t);
     assert_eq!(code, 1, "{report:#}");
@@ -292,21 +301,7 @@ fn usage_and_connection_errors_exit_2() {
 
 /// Runs `verify --json` against NATS JetStream on `topic`.
 fn verify_nats(url: &str, topic: &str) -> (i32, Value) {
-    let out = Command::new(BIN)
-        .args(["--database-url", url])
-        .args(["verify", "--topic", topic, "--json"])
-        .env("OUTBOX_NATS_URL", nats_url())
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run outbox-relay verify");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "verify printed no JSON ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().expect("exit code"), report)
+    verify_with(&["--database-url", url], &[("OUTBOX_NATS_URL", &nats_url())], topic)
 }
 
 fn nats_url() -> String {
@@ -335,8 +330,8 @@ async fn a_nats_stream_is_audited_like_a_topic() {
         .expect("the shared nats-server (.ci/nats up)");
     let js = async_nats::jetstream::new(client.clone());
     let u = uuid::Uuid::new_v4().simple().to_string();
-    let (clean, broken) = (format!("verify-clean-{u}"), format!("verify-broken-{u}"));
-    for t in [&clean, &broken] {
+    let (clean, broken_topic) = (format!("verify-clean-{u}"), format!("verify-broken-{u}"));
+    for t in [&clean, &broken_topic] {
         let stream = t.replace('-', "_").to_uppercase();
         outbox_nats::ensure_stream(&client, &stream, &[format!("{t}.>").as_str()])
             .await
@@ -356,35 +351,18 @@ async fn a_nats_stream_is_audited_like_a_topic() {
         "{report:#}"
     );
 
-    // Broken: k0's seq 3 lost, k1's seq 2 twice, k2's seqs 3 and 4 swapped.
     let pool = outbox_tests::db::fresh_pg().await;
-    enqueue(&pool, &broken, 4, 5, 0).await;
+    enqueue(&pool, &broken_topic, 4, 5, 0).await;
     let rows = take_rows(&pool, |_, _| true).await;
-    let mut written = Vec::new();
-    for r in &rows {
-        match (r.key.as_str(), r.seq) {
-            ("k0", 3) => {}
-            ("k1", 2) => {
-                written.push(r.clone());
-                written.push(r.clone());
-            }
-            ("k2", 4) => {
-                let three = written.pop().expect("k2 seq 3");
-                written.push(r.clone());
-                written.push(three);
-            }
-            _ => written.push(r.clone()),
-        }
-    }
-    produce_nats(&js, &broken, &source(&pool).await, &written).await;
-    let (code, report) = verify_nats(&db_url(&pool), &broken);
+    produce_nats(&js, &broken_topic, &source(&pool).await, &broken(&rows)).await;
+    let (code, report) = verify_nats(&db_url(&pool), &broken_topic);
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(report["records"], 20, "{report:#}");
     assert_eq!(report["missing"], 1, "{report:#}");
     assert_eq!(report["duplicates"], 1, "{report:#}");
     assert_eq!(report["reordered"], 1, "{report:#}");
     assert_eq!(problem(&report, "k0")["missing_seqs"], serde_json::json!([[3, 3]]));
-    for t in [&clean, &broken] {
+    for t in [&clean, &broken_topic] {
         let _ = js.delete_stream(t.replace('-', "_").to_uppercase()).await;
     }
 }
