@@ -280,7 +280,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             );
         }
     }
-    rows.extend(order_rows(&db, rounds, dur).await?);
+    rows.extend(order_rows(&db, rounds, dur, false).await?);
+    rows.extend(order_rows(&db, rounds, dur, true).await?);
     db.drop_db().await;
     let fig = Figure {
         id: "write".into(),
@@ -307,10 +308,33 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     Ok(fig)
 }
 
-/// The flash-sale order transaction at 16 writers: without the outbox, with an unkeyed and with a
-/// keyed message (the library's defaults), interleaved with a rotating start.
-async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration) -> anyhow::Result<Vec<Row>> {
-    create_order_tables(&db.pool).await?;
+/// The flash-sale order transaction at 16 writers: without the outbox, with an unkeyed and a keyed
+/// message (NOTIFY on, the library's default) and a keyed one with NOTIFY off, interleaved with a
+/// rotating start. With `relay`, an embedded relay (publisher answering after 2 ms) drains the
+/// messages as they commit, so lanes are idle only while their relay waits for work.
+async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration, relay: bool) -> anyhow::Result<Vec<Row>> {
+    if relay {
+        sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
+            .execute(&db.pool)
+            .await?;
+    } else {
+        create_order_tables(&db.pool).await?;
+    }
+    let running = relay.then(|| {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay = outbox_relay::Relay::new(
+            outbox::postgres::PgStore::new(db.pool.clone()),
+            crate::probe::NullPublisher {
+                delay: Duration::from_millis(2),
+            },
+        )
+        .config(crate::drain::drain_config());
+        let task = tokio::spawn(relay.run_until(async {
+            let _ = stopped.await;
+        }));
+        (stop, task)
+    });
+    let with = if relay { ", relay draining" } else { "" };
     let writers = 16;
     let variants = [
         Variant::NoOutbox,
@@ -321,6 +345,10 @@ async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration) -> anyhow::Resul
         Variant::Outbox {
             keyed: true,
             notify: true,
+        },
+        Variant::Outbox {
+            keyed: true,
+            notify: false,
         },
     ];
     let topic = "bench.order.placed";
@@ -335,15 +363,17 @@ async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration) -> anyhow::Resul
     .await?;
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for round in 0..rounds {
-        sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
-            .execute(&db.pool)
-            .await?;
+        if !relay {
+            sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
+                .execute(&db.pool)
+                .await?;
+        }
         for j in 0..variants.len() {
             let k = (j + round) % variants.len();
             tps[k].push(throughput(&db.pool, topic, Shape::Order, variants[k], writers, dur).await?);
         }
         eprintln!(
-            "write: order transaction, {writers} writers, round {}/{rounds}: {}",
+            "write: order transaction, {writers} writers{with}, round {}/{rounds}: {}",
             round + 1,
             tps.iter()
                 .map(|v| format!("{:.0}", v.last().unwrap_or(&0.0)))
@@ -351,8 +381,12 @@ async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration) -> anyhow::Resul
                 .join(" / ")
         );
     }
+    if let Some((stop, task)) = running {
+        let _ = stop.send(());
+        task.await??;
+    }
     let base = Row::new(
-        format!("order transaction, {writers} writers: no outbox"),
+        format!("order transaction, {writers} writers{with}: no outbox"),
         "tx/s",
         tps[0].clone(),
     );
@@ -360,7 +394,7 @@ async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration) -> anyhow::Resul
     for (k, v) in variants.iter().enumerate().skip(1) {
         rows.push(
             Row::new(
-                format!("order transaction, {writers} writers: {}", v.name()),
+                format!("order transaction, {writers} writers{with}: {}", v.name()),
                 "tx/s",
                 tps[k].clone(),
             )
