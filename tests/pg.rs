@@ -321,3 +321,58 @@ async fn a_row_skipped_for_its_delivery_time_always_holds_back_its_key() {
         "seq 2 went ahead of a seq 1 that was not due"
     );
 }
+
+/// A publisher that holds every batch until released, then confirms it.
+struct Gate(std::sync::Arc<tokio::sync::Semaphore>);
+
+#[async_trait::async_trait]
+impl outbox::Publisher for Gate {
+    async fn publish(&self, batch: &[outbox::StoredMessage]) -> Vec<Result<outbox::Delivered, outbox::PublishError>> {
+        self.0.acquire().await.expect("gate").forget();
+        batch.iter().map(|m| Ok(outbox::Delivered::new(m.pos))).collect()
+    }
+}
+
+async fn lane_idle(pool: &sqlx::PgPool, lane: i32) -> bool {
+    sqlx::query_scalar("SELECT idle FROM outbox_leases WHERE lane = $1")
+        .bind(lane)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Waits until the lane's idle flag is `want`, failing after 10 s.
+async fn wait_idle(pool: &sqlx::PgPool, lane: i32, want: bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lane_idle(pool, lane).await != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lane {lane} idle never became {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_at_work_asks_writers_for_no_wake_up_and_an_idle_one_does() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let relay = outbox_tests::embedded::start(store, Gate(gate.clone()), outbox_tests::embedded::test_config());
+    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    // A relay with nothing to do asks for a wake-up.
+    wait_idle(&pool, lane, true).await;
+    // One message (far from a full batch): while the relay publishes it, writers need not notify.
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &Message::new("t", "1").key("k"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    wait_idle(&pool, lane, false).await;
+    // Once its batch is confirmed and the lane is empty again, it asks for a wake-up again.
+    gate.add_permits(1);
+    wait_idle(&pool, lane, true).await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    assert_eq!(store.status().await.unwrap().pending, 0);
+    relay.stop().await;
+}
