@@ -235,8 +235,17 @@ pub async fn create_topic_with(cfg: &ClientConfig, name: &str, partitions: i32) 
                 &[NewTopic::new(name, partitions, TopicReplication::Fixed(-1))],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
             )
-            .await
-            .expect("create_topics request");
+            .await;
+        // The request itself can time out while a broker of the test's own is still starting.
+        let res = match res {
+            Ok(res) => res,
+            Err(e) if start.elapsed() < Duration::from_secs(60) => {
+                tracing::debug!("create topic {name}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => panic!("create_topics request for {name}: {e}"),
+        };
         match res.into_iter().next().expect("one result") {
             Ok(_) => break,
             Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => break,

@@ -196,6 +196,9 @@ async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
             stop.cancel();
         }
     });
+    for d in &s.databases {
+        tracing::info!(database = d.label(), url = %redact_url(&d.url), "configuration");
+    }
     let publisher = connect_broker(&s).await?;
     let views: Vec<Arc<admin::DatabaseView>> = s
         .databases
@@ -261,7 +264,7 @@ async fn serve_database(
         tracing::info!(database = %label, "stopped before the database was reached");
         return Ok(());
     };
-    tracing::info!(database = %label, url = %redact_url(&d.url), driver = db.kind, "configuration");
+    tracing::info!(database = %label, driver = db.kind, "database reached");
     let relay = Relay::new(Arc::clone(&db.store), publisher).config(s.relay.clone().name(d.name.clone()));
     view.connected(db.store, relay.health());
     relay
