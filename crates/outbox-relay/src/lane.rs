@@ -109,15 +109,11 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 }
                 continue;
             }
-            // The lane has work: writers need not wake it until it runs dry again (NOTIFY makes
-            // their commits take turns, BENCHMARKS.md figure 1). Recorded while the batch is
-            // published, so it costs no latency.
-            let woke = std::mem::take(&mut idle);
-            let busy = async {
-                if woke {
-                    set_idle(&shared.store, &lease, false).await;
-                }
-            };
+            if idle && full {
+                // Under load the lane is busy: writers stop paying for NOTIFY.
+                set_idle(&shared.store, &lease, false).await;
+                idle = false;
+            }
             let claim_ahead = match shared.cfg.claim_ahead {
                 ClaimAhead::Always => true,
                 ClaimAhead::Never => false,
@@ -135,11 +131,10 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             let (done, next) = if claim_ahead {
                 let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
                 let claim = timed(shared.store.claim(&lease, shared.cfg.batch_size, &in_flight));
-                let (done, next, ()) = tokio::join!(publish, claim, busy);
+                let (done, next) = tokio::join!(publish, claim);
                 (done, Some(next))
             } else {
-                let (done, ()) = tokio::join!(publish, busy);
-                (done, None)
+                (publish.await, None)
             };
             let done = match done {
                 Ok(done) => done,
