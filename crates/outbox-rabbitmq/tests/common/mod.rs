@@ -93,12 +93,14 @@ pub fn url(port: u16) -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
 }
 
-/// A port with the distribution port (+20000) free too.
+/// A port with the distribution port (+20000) free too. Both lie below Linux's ephemeral range
+/// (32768-60999 by default): a port there can be taken by any outgoing connection between this check
+/// and the node's start (a node failed with `dist_port_already_used` that way).
 fn free_port() -> u16 {
     use rand::Rng;
     let mut rng = rand::thread_rng();
     loop {
-        let p: u16 = rng.gen_range(30_000..40_000);
+        let p: u16 = rng.gen_range(10_000..12_700);
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         if free(p) && free(p + 20_000) {
             return p;
