@@ -1,4 +1,5 @@
-//! Metric names, in one place so dashboards and code agree.
+//! Metric names, in one place so dashboards and code agree. The relay registers its meters when it
+//! starts ([`crate::Relay::run_until`]): install the metrics recorder before that.
 
 /// Messages confirmed by the broker and marked.
 pub const PUBLISHED: &str = "outbox_published_total";
