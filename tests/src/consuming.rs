@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
-use outbox::Message;
 use outbox_inbox::{Handler, Incoming};
 use uuid::Uuid;
 
@@ -80,19 +79,8 @@ pub fn write_rounds(
     keys: usize,
 ) -> tokio::task::JoinHandle<HashSet<Uuid>> {
     tokio::spawn(async move {
-        let mut ids = HashSet::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(40));
-        for round in 0..rounds {
-            tick.tick().await;
-            let msgs: Vec<Message> = (0..keys)
-                .map(|k| Message::new(&topic, format!("r{round}k{k}")).key(format!("key-{k}")))
-                .collect();
-            let mut tx = pool.begin().await.unwrap();
-            outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-            tx.commit().await.unwrap();
-            ids.extend(msgs.iter().map(|m| m.id()));
-        }
-        ids
+        let ids = crate::publisher_suite::commit_rounds(&pool, &topic, keys, rounds, Duration::from_millis(40)).await;
+        ids.into_iter().collect()
     })
 }
 

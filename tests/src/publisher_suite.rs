@@ -386,7 +386,7 @@ async fn outbox_db() -> (sqlx::PgPool, outbox::postgres::PgStore) {
 
 /// Commits `per_key` messages for each of `keys` keys, one transaction per round (one message per
 /// key), one round every `every`; returns the ids in commit order.
-async fn commit_rounds(
+pub(crate) async fn commit_rounds(
     pool: &sqlx::PgPool,
     destination: &str,
     keys: usize,
