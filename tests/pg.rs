@@ -321,3 +321,73 @@ async fn a_row_skipped_for_its_delivery_time_always_holds_back_its_key() {
         "seq 2 went ahead of a seq 1 that was not due"
     );
 }
+
+/// After its lane found work, a relay keeps the lane's flag busy for `linger` (writers send no
+/// NOTIFY, whose commits take turns) and still publishes new rows within milliseconds, found by one
+/// query over the lingering lanes; when the linger ends the flag says idle and writers notify again.
+#[tokio::test]
+async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let mut notified = store.wakeups().unwrap().listen().await.unwrap();
+    let kafka = outbox_tests::kafka::Cluster::shared();
+    let topic = outbox_tests::kafka::topic("linger");
+    outbox_tests::kafka::create_topic(&kafka.bootstrap(), &topic, 1).await;
+    // No poll could explain a delivery within the test: only NOTIFY and the linger's watch.
+    let cfg = outbox_tests::embedded::test_config()
+        .poll_interval(Duration::from_secs(60))
+        .linger(Duration::from_secs(2));
+    let relay = outbox_tests::embedded::start(
+        store.clone(),
+        outbox_tests::embedded::kafka(&kafka.bootstrap(), &[]),
+        cfg,
+    );
+    let idle = |lane: i32| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT idle FROM outbox_leases WHERE lane = $1 AND owner IS NOT NULL")
+                .bind(lane)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+                .unwrap_or(false)
+        }
+    };
+    let send = |key: &'static str| {
+        let pool = pool.clone();
+        let topic = topic.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let e = outbox::enqueue(&mut tx, &Message::new(topic, "x").key(key))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            e.lane
+        }
+    };
+    let published = || async { store.status().await.unwrap().pending == 0 };
+    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    outbox_tests::embedded::wait_for("the lane idle before any work", Duration::from_secs(10), || idle(lane)).await;
+
+    assert_eq!(send("k").await, lane);
+    let first = tokio::time::timeout(Duration::from_secs(5), notified.next()).await;
+    assert_eq!(first.unwrap(), Some(lane), "an idle lane is notified");
+    outbox_tests::embedded::wait_for("the first row published", Duration::from_secs(10), published).await;
+    assert!(!idle(lane).await, "a lane that found work says busy while it lingers");
+
+    send("k").await;
+    outbox_tests::embedded::wait_for("the second row published", Duration::from_millis(1500), published).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), notified.next())
+            .await
+            .is_err(),
+        "no NOTIFY from a commit into a lingering lane"
+    );
+
+    outbox_tests::embedded::wait_for("the linger to end", Duration::from_secs(10), || idle(lane)).await;
+    send("k").await;
+    let third = tokio::time::timeout(Duration::from_secs(5), notified.next()).await;
+    assert_eq!(third.unwrap(), Some(lane), "after the linger writers notify again");
+    outbox_tests::embedded::wait_for("the third row published", Duration::from_secs(10), published).await;
+    relay.stop().await;
+}

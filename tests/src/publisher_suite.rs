@@ -255,19 +255,10 @@ pub const BATCH: usize = 50;
 /// A row as the relay would claim it, for direct `Publisher::publish` calls.
 pub fn stored(pos: i64, destination: &str, key: Option<&str>, seq: Option<i64>, payload: Vec<u8>) -> StoredMessage {
     let id = Uuid::now_v7();
-    StoredMessage {
-        pos,
-        id,
-        lane: outbox::lane_of(key, id, outbox::LANES),
-        topic: destination.to_owned(),
-        key: key.map(str::to_owned),
-        seq,
-        payload,
-        headers: Vec::new(),
-        attempts: 0,
-        created_at: Default::default(),
-        corrupt: None,
-        source: None,
+    let row = StoredMessage::new(pos, id, outbox::lane_of(key, id, outbox::LANES), destination, payload);
+    match (key, seq) {
+        (Some(key), Some(seq)) => row.key(key, seq),
+        _ => row,
     }
 }
 

@@ -44,6 +44,14 @@ pub struct RelayConfig {
     pub batch_size: usize,
     /// How often an idle lane looks for work without a wake-up. Defaults to 1 s.
     pub poll_interval: Duration,
+    /// How long a lane that found work keeps watching for more before it asks writers for a
+    /// NOTIFY again (PostgreSQL). Meanwhile its flag says busy, so committing transactions send no
+    /// NOTIFY (which makes commits take turns), and one query every
+    /// [`RelayConfig::linger_poll_interval`] finds the watched lanes that got rows. Zero: a lane
+    /// asks for NOTIFY as soon as it finds no row. Defaults to 1 s.
+    pub linger: Duration,
+    /// How often the lanes that linger are looked at, all with one query. Defaults to 5 ms.
+    pub linger_poll_interval: Duration,
     /// Lease duration; leases are renewed every third of it. Defaults to 30 s.
     pub lease_ttl: Duration,
     /// At most this many lanes per relay; by default a fair share of the lanes among live relays.
@@ -86,6 +94,10 @@ impl RelayConfig {
     pub const DEFAULT_BATCH_SIZE: usize = 500;
     /// Default [`RelayConfig::poll_interval`].
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+    /// Default [`RelayConfig::linger`].
+    pub const DEFAULT_LINGER: Duration = Duration::from_secs(1);
+    /// Default [`RelayConfig::linger_poll_interval`].
+    pub const DEFAULT_LINGER_POLL_INTERVAL: Duration = Duration::from_millis(5);
     /// Default [`RelayConfig::lease_ttl`].
     pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
     /// Default [`RelayConfig::max_attempts`].
@@ -114,6 +126,8 @@ impl Default for RelayConfig {
             owner: default_owner(),
             batch_size: Self::DEFAULT_BATCH_SIZE,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
+            linger: Self::DEFAULT_LINGER,
+            linger_poll_interval: Self::DEFAULT_LINGER_POLL_INTERVAL,
             lease_ttl: Self::DEFAULT_LEASE_TTL,
             max_lanes: None,
             max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
@@ -147,6 +161,10 @@ setters! {
     batch_size: usize,
     /// Sets [`RelayConfig::poll_interval`].
     poll_interval: Duration,
+    /// Sets [`RelayConfig::linger`].
+    linger: Duration,
+    /// Sets [`RelayConfig::linger_poll_interval`].
+    linger_poll_interval: Duration,
     /// Sets [`RelayConfig::lease_ttl`].
     lease_ttl: Duration,
     /// Sets [`RelayConfig::max_lanes`].
@@ -207,6 +225,9 @@ impl RelayConfig {
         }
         if let Err(e) = self.retry_backoff() {
             return Err(e.to_string());
+        }
+        if !self.linger.is_zero() && self.linger_poll_interval < Duration::from_millis(1) {
+            return Err("linger_poll_interval must be at least 1ms".into());
         }
         if self.cleanup_interval < Duration::from_millis(100) {
             return Err("cleanup_interval must be at least 100ms".into());

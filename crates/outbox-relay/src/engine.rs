@@ -103,6 +103,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             backoff,
             meters: m::Meters::new(self.cfg.name.as_deref()),
             health: self.health,
+            watched: Default::default(),
             cfg: self.cfg,
         });
         let owner = shared.cfg.owner.clone();
@@ -110,6 +111,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let wakers = spawn_wakers(shared.clone(), self.local);
         let stats = tokio::spawn(stats_loop(shared.clone()));
         let cleanup = tokio::spawn(cleanup_loop(shared.clone()));
+        let watch = tokio::spawn(crate::linger::watch(shared.clone()));
 
         let mut running: HashMap<i32, Running> = HashMap::new();
         let tick = (shared.cfg.lease_ttl / 3).max(Duration::from_millis(200));
@@ -185,6 +187,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         wakers.abort();
         stats.abort();
         cleanup.abort();
+        watch.abort();
         shared.meters.lanes_held.set(0.0);
         shared.health.set_lanes_held(0);
         tracing::info!("relay stopped");
@@ -316,7 +319,7 @@ async fn stats_loop<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
                 } else {
                     // A lane changes hands within a lease; one unowned for longer is served by nobody.
                     let since = *unowned_since.get_or_insert_with(Instant::now);
-                    let due = warned.map_or(true, |w| w.elapsed() >= Duration::from_secs(60));
+                    let due = warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(60));
                     if since.elapsed() >= shared.cfg.lease_ttl && due {
                         tracing::warn!(
                             unowned,

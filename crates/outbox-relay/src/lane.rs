@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outbox::{Backoff, Delivered, Error, FailureKind, Lease, PublishError, Publisher, Store, StoredMessage};
 use tokio::sync::{Notify, Semaphore};
@@ -27,6 +27,8 @@ pub(crate) struct Shared<S, P> {
     pub(crate) backoff: Backoff,
     pub(crate) meters: m::Meters,
     pub(crate) health: crate::RelayHealth,
+    /// Lanes that linger after running dry (see [`crate::linger`]).
+    pub(crate) watched: crate::linger::Watched,
 }
 
 /// Why a lane loop ended.
@@ -53,6 +55,9 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
         tracing::debug!("lane started");
         let mut store_errors = 0;
         let mut idle = false;
+        let lingers = crate::linger::enabled(&shared);
+        // Until when the lane keeps watching for rows after it ran dry, flag still busy.
+        let mut linger_until: Option<Instant> = None;
         // The batch claimed while the previous one was being published, if any.
         let mut ahead: Option<Vec<StoredMessage>> = None;
         // How long the lane's last claim and last publish took (for `ClaimAhead::Auto`).
@@ -94,6 +99,23 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             let full = rows.len() == shared.cfg.batch_size;
             if rows.is_empty() {
                 drop(turn);
+                if let Some(until) = linger_until.filter(|u| *u > Instant::now()) {
+                    // Not extended by this empty claim: rows held back behind a waiting row of
+                    // their key make the watch wake the lane for nothing, but only until then.
+                    shared.watched.add(lease.lane);
+                    let woken = shared.wake[lease.lane as usize].notified();
+                    let stopped = tokio::select! {
+                        _ = woken => false,
+                        _ = tokio::time::sleep_until(until.into()) => false,
+                        _ = stop.cancelled() => true,
+                    };
+                    shared.watched.remove(lease.lane);
+                    if stopped {
+                        return LaneExit::Stopped;
+                    }
+                    continue;
+                }
+                linger_until = None;
                 if !idle {
                     // Ask writers for a wake-up, then look once more: a row committed before the
                     // flag was visible would otherwise wait for the next poll.
@@ -109,7 +131,10 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 }
                 continue;
             }
-            if idle && full {
+            if lingers {
+                linger_until = Some(Instant::now() + shared.cfg.linger);
+            }
+            if idle && (full || lingers) {
                 // Under load the lane is busy: writers stop paying for NOTIFY.
                 set_idle(&shared.store, &lease, false).await;
                 idle = false;
@@ -438,19 +463,12 @@ mod tests {
     use super::*;
 
     fn row(pos: i64, key: Option<&str>, attempts: i32) -> StoredMessage {
-        StoredMessage {
-            pos,
-            id: uuid::Uuid::now_v7(),
-            lane: 0,
-            topic: "t".into(),
-            key: key.map(str::to_owned),
-            seq: Some(pos),
-            payload: vec![],
-            headers: vec![],
-            attempts,
-            created_at: chrono::Utc::now(),
-            corrupt: None,
-            source: None,
+        let row = StoredMessage::new(pos, uuid::Uuid::now_v7(), 0, "t", vec![])
+            .attempts(attempts)
+            .created_at(chrono::Utc::now());
+        match key {
+            Some(k) => row.key(k, pos),
+            None => row,
         }
     }
 

@@ -9,6 +9,7 @@ mod engine;
 mod failpoint;
 mod health;
 mod lane;
+mod linger;
 pub mod metrics;
 
 pub use config::{ClaimAhead, DeadLetterPolicy, RelayConfig};

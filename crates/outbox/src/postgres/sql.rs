@@ -136,6 +136,13 @@ WHERE lane = $1 AND owner = $2 AND epoch = $3";
 pub(super) const SET_IDLE: &str = "\
 UPDATE outbox_leases SET idle = $4 WHERE lane = $1 AND owner = $2 AND epoch = $3";
 
+// Which of these lanes have a row that is ready (never delayed nor failed, or due): one index probe
+// per lane on (lane, pos). Rows held back behind their key's waiting or parked row count too; the
+// claim that follows leaves them out.
+pub(super) const READY_LANES: &str = "\
+SELECT l FROM unnest($1::int[]) AS l WHERE EXISTS ( \
+  SELECT 1 FROM outbox_messages m WHERE m.lane = l AND (m.available_at = m.created_at OR m.available_at <= now()))";
+
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
 
 pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";

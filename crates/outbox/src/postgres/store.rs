@@ -192,6 +192,13 @@ impl Wakeups for PgStore {
         Ok(())
     }
 
+    async fn ready_lanes(&self, lanes: &[i32]) -> Result<Vec<i32>> {
+        Ok(sqlx::query_scalar(sql::READY_LANES)
+            .bind(lanes)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     async fn listen(&self) -> Result<BoxStream<'static, i32>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(sql::NOTIFY_CHANNEL).await?;

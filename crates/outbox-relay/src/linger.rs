@@ -1,0 +1,95 @@
+//! Lanes that linger. A lane that found work keeps its flag saying busy for
+//! [`RelayConfig::linger`](crate::RelayConfig::linger) after it runs dry, so committing
+//! transactions send no NOTIFY (PostgreSQL makes the commits of notifying transactions take turns);
+//! meanwhile one query per [`RelayConfig::linger_poll_interval`](crate::RelayConfig::linger_poll_interval)
+//! finds which of those lanes got rows and wakes them. A lane whose linger ends sets its flag to
+//! idle and waits for NOTIFY as before.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use outbox::{Publisher, Store, LANES};
+use tokio::sync::Notify;
+
+use crate::lane::Shared;
+
+const _: () = assert!(LANES <= 64, "the watched lanes are one bit each in a u64");
+
+/// The lanes of this relay that linger, waiting for rows.
+#[derive(Debug, Default)]
+pub(crate) struct Watched {
+    bits: AtomicU64,
+    added: Notify,
+}
+
+impl Watched {
+    pub(crate) fn add(&self, lane: i32) {
+        self.bits.fetch_or(1 << lane, Ordering::AcqRel);
+        self.added.notify_one();
+    }
+
+    pub(crate) fn remove(&self, lane: i32) {
+        self.bits.fetch_and(!(1 << lane), Ordering::AcqRel);
+    }
+
+    fn lanes(&self) -> Vec<i32> {
+        let bits = self.bits.load(Ordering::Acquire);
+        (0..LANES).filter(|l| bits & (1 << l) != 0).collect()
+    }
+}
+
+/// Whether lanes of this relay linger: the store has a wake-up on commit (without one, writers
+/// never notify and there is nothing to spare them) and the linger is not zero.
+pub(crate) fn enabled<S: Store, P: Publisher>(shared: &Shared<S, P>) -> bool {
+    !shared.cfg.linger.is_zero() && shared.store.wakeups().is_some()
+}
+
+/// Looks at the lingering lanes every `linger_poll_interval` and wakes those with a ready row. A
+/// failed look only costs latency: each lane's linger ends anyway, and then NOTIFY and the poll
+/// take over.
+pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
+    let Some(wakeups) = shared.store.wakeups().filter(|_| enabled(&shared)) else {
+        return;
+    };
+    loop {
+        let mut lanes = shared.watched.lanes();
+        if lanes.is_empty() {
+            shared.watched.added.notified().await;
+        }
+        tokio::time::sleep(shared.cfg.linger_poll_interval).await;
+        lanes = shared.watched.lanes();
+        if lanes.is_empty() {
+            continue;
+        }
+        match wakeups.ready_lanes(&lanes).await {
+            Ok(ready) => {
+                for lane in ready {
+                    if let Some(w) = shared.wake.get(lane as usize) {
+                        w.notify_one();
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not look at the lingering lanes");
+                tokio::time::sleep(shared.cfg.poll_interval).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Watched;
+
+    #[test]
+    fn lanes_are_added_and_removed_one_bit_each() {
+        let w = Watched::default();
+        w.add(0);
+        w.add(31);
+        w.add(5);
+        assert_eq!(w.lanes(), vec![0, 5, 31]);
+        w.remove(5);
+        w.remove(7);
+        assert_eq!(w.lanes(), vec![0, 31]);
+    }
+}
