@@ -280,8 +280,10 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             );
         }
     }
-    rows.extend(order_rows(&db, rounds, dur, false).await?);
-    rows.extend(order_rows(&db, rounds, dur, true).await?);
+    rows.extend(order_rows(&db, rounds, dur, &[None]).await?);
+    // The lanes' linger (writers skip NOTIFY while it lasts) against none, in the same rounds.
+    let lingers = [Duration::ZERO, outbox_relay::RelayConfig::DEFAULT_LINGER];
+    rows.extend(order_rows(&db, rounds, dur, &lingers.map(Some)).await?);
     db.drop_db().await;
     let fig = Figure {
         id: "write".into(),
@@ -310,17 +312,23 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
 
 /// The flash-sale order transaction at 16 writers: without the outbox, with an unkeyed and a keyed
 /// message (NOTIFY on, the library's default) and a keyed one with NOTIFY off, interleaved with a
-/// rotating start. With `relay`, an embedded relay (publisher answering after 2 ms) drains the
-/// messages as they commit, so lanes are idle only while their relay waits for work.
-async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration, relay: bool) -> anyhow::Result<Vec<Row>> {
-    if relay {
+/// rotating start. Each entry of `relays` is one setting measured in every round (in turn, rotating
+/// start): `None` without a relay, `Some(linger)` with an embedded relay (publisher answering after
+/// 2 ms) draining the messages as they commit, its lanes lingering that long after running dry.
+async fn order_rows(
+    db: &BenchDb,
+    rounds: usize,
+    dur: Duration,
+    relays: &[Option<Duration>],
+) -> anyhow::Result<Vec<Row>> {
+    if relays.iter().any(Option::is_some) {
         sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
             .execute(&db.pool)
             .await?;
     } else {
         create_order_tables(&db.pool).await?;
     }
-    let running = relay.then(|| {
+    let start_relay = |linger: Duration| {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let relay = outbox_relay::Relay::new(
             outbox::postgres::PgStore::new(db.pool.clone()),
@@ -328,13 +336,16 @@ async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration, relay: bool) -> 
                 delay: Duration::from_millis(2),
             },
         )
-        .config(crate::drain::drain_config());
+        .config(crate::drain::drain_config().linger(linger));
         let task = tokio::spawn(relay.run_until(async {
             let _ = stopped.await;
         }));
         (stop, task)
-    });
-    let with = if relay { ", relay draining" } else { "" };
+    };
+    let label = |relay: Option<Duration>| match relay {
+        None => String::new(),
+        Some(l) => format!(", relay draining, linger {} ms", l.as_millis()),
+    };
     let writers = 16;
     let variants = [
         Variant::NoOutbox,
@@ -361,47 +372,58 @@ async fn order_rows(db: &BenchDb, rounds: usize, dur: Duration, relay: bool) -> 
         Duration::from_millis(500),
     )
     .await?;
-    let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    // tps[setting][variant]: one list of rounds each.
+    let mut tps: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); variants.len()]; relays.len()];
     for round in 0..rounds {
-        if !relay {
-            sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
-                .execute(&db.pool)
-                .await?;
+        for i in 0..relays.len() {
+            let r = (i + round) % relays.len();
+            if relays[r].is_none() {
+                sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
+                    .execute(&db.pool)
+                    .await?;
+            }
+            let running = relays[r].map(start_relay);
+            for j in 0..variants.len() {
+                let k = (j + round) % variants.len();
+                tps[r][k].push(throughput(&db.pool, topic, Shape::Order, variants[k], writers, dur).await?);
+            }
+            if let Some((stop, task)) = running {
+                let _ = stop.send(());
+                task.await??;
+            }
+            eprintln!(
+                "write: order transaction, {writers} writers{}, round {}/{rounds}: {}",
+                label(relays[r]),
+                round + 1,
+                tps[r]
+                    .iter()
+                    .map(|v| format!("{:.0}", v.last().unwrap_or(&0.0)))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            );
         }
-        for j in 0..variants.len() {
-            let k = (j + round) % variants.len();
-            tps[k].push(throughput(&db.pool, topic, Shape::Order, variants[k], writers, dur).await?);
+    }
+    let mut rows = Vec::new();
+    for (r, relay) in relays.iter().enumerate() {
+        let with = label(*relay);
+        let base = Row::new(
+            format!("order transaction, {writers} writers{with}: no outbox"),
+            "tx/s",
+            tps[r][0].clone(),
+        );
+        rows.push(base.clone());
+        for (k, v) in variants.iter().enumerate().skip(1) {
+            rows.push(
+                Row::new(
+                    format!("order transaction, {writers} writers{with}: {}", v.name()),
+                    "tx/s",
+                    tps[r][k].clone(),
+                )
+                .vs(&base)
+                .target(Target::AtLeast(0.90))
+                .note("8 statements without the outbox, 9 with it (round-trip bound 8/9)"),
+            );
         }
-        eprintln!(
-            "write: order transaction, {writers} writers{with}, round {}/{rounds}: {}",
-            round + 1,
-            tps.iter()
-                .map(|v| format!("{:.0}", v.last().unwrap_or(&0.0)))
-                .collect::<Vec<_>>()
-                .join(" / ")
-        );
-    }
-    if let Some((stop, task)) = running {
-        let _ = stop.send(());
-        task.await??;
-    }
-    let base = Row::new(
-        format!("order transaction, {writers} writers{with}: no outbox"),
-        "tx/s",
-        tps[0].clone(),
-    );
-    let mut rows = vec![base.clone()];
-    for (k, v) in variants.iter().enumerate().skip(1) {
-        rows.push(
-            Row::new(
-                format!("order transaction, {writers} writers{with}: {}", v.name()),
-                "tx/s",
-                tps[k].clone(),
-            )
-            .vs(&base)
-            .target(Target::AtLeast(0.90))
-            .note("8 statements without the outbox, 9 with it (round-trip bound 8/9)"),
-        );
     }
     Ok(rows)
 }
