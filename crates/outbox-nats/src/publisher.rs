@@ -298,20 +298,10 @@ mod tests {
     #[test]
     fn headers_carry_the_outbox_names_and_the_msg_id() {
         let id = uuid::Uuid::now_v7();
-        let row = StoredMessage {
-            pos: 1,
-            id,
-            lane: 0,
-            topic: "t".into(),
-            key: Some("k".into()),
-            seq: Some(3),
-            payload: b"x".to_vec(),
-            headers: vec![("traceparent".into(), "00-abc".into())],
-            attempts: 0,
-            created_at: Default::default(),
-            corrupt: None,
-            source: Some("src".into()),
-        };
+        let row = StoredMessage::new(1, id, 0, "t", b"x".to_vec())
+            .key("k", 3)
+            .headers(vec![("traceparent".into(), "00-abc".into())])
+            .source("src");
         let h = headers(&row).unwrap();
         let get = |n: &str| h.get(HeaderName::from_str(n).unwrap()).map(|v| v.as_str().to_owned());
         assert_eq!(get("Nats-Msg-Id"), Some(id.to_string()));

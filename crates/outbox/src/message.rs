@@ -209,7 +209,20 @@ pub struct Enqueued {
 }
 
 /// A committed message as the relay claims it.
+///
+/// The stores build it from the claimed row; a publisher's tests build one with
+/// [`StoredMessage::new`] and the setters:
+///
+/// ```
+/// use outbox::StoredMessage;
+/// let id = uuid::Uuid::now_v7();
+/// let row = StoredMessage::new(1, id, outbox::lane_of(Some("order-42"), id, outbox::LANES), "orders", "x")
+///     .key("order-42", 3)
+///     .headers(vec![("content-type".into(), "text/plain".into())]);
+/// assert_eq!((row.key.as_deref(), row.seq), (Some("order-42"), Some(3)));
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct StoredMessage {
     /// Insertion position: orders rows of a lane; per key it follows seq. Not a cursor.
     pub pos: i64,
@@ -237,6 +250,60 @@ pub struct StoredMessage {
     /// The id of the outbox database the row was claimed from (its `outbox_source` table, read by
     /// the claim), sent as the `outbox-source` header. `None` when the table is empty.
     pub source: Option<String>,
+}
+
+impl StoredMessage {
+    /// The row at `pos` of `lane`: message `id` for `topic` with `payload`. Unkeyed, no headers, no
+    /// failed attempts, not corrupt, no source, and `created_at` the Unix epoch until the setters
+    /// below say otherwise.
+    pub fn new(pos: i64, id: Uuid, lane: i32, topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        StoredMessage {
+            pos,
+            id,
+            lane,
+            topic: topic.into(),
+            key: None,
+            seq: None,
+            payload: payload.into(),
+            headers: Vec::new(),
+            attempts: 0,
+            created_at: DateTime::<Utc>::UNIX_EPOCH,
+            corrupt: None,
+            source: None,
+        }
+    }
+
+    /// Sets the ordering key and the message's sequence number within it (a keyed row always has
+    /// both).
+    pub fn key(mut self, key: impl Into<String>, seq: i64) -> Self {
+        self.key = Some(key.into());
+        self.seq = Some(seq);
+        self
+    }
+
+    /// Sets the message's own headers (the `outbox-*` ones are added on the wire, not here).
+    pub fn headers(mut self, headers: Vec<(String, String)>) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Sets the number of failed publish attempts so far.
+    pub fn attempts(mut self, attempts: i32) -> Self {
+        self.attempts = attempts;
+        self
+    }
+
+    /// Sets when the message was enqueued.
+    pub fn created_at(mut self, created_at: DateTime<Utc>) -> Self {
+        self.created_at = created_at;
+        self
+    }
+
+    /// Sets the id of the outbox database the row comes from (sent as the `outbox-source` header).
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
 }
 
 /// How many of `msgs` each key has, in key order: the seqs each key takes in one batch (counters

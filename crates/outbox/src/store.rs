@@ -59,6 +59,7 @@ impl Delivered {
 
 /// One lane's lease as `status` shows it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LaneInfo {
     /// Lane.
     pub lane: i32,
@@ -70,8 +71,22 @@ pub struct LaneInfo {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+impl LaneInfo {
+    /// Lane `lane` at `epoch`, held by `owner` (none when released or never taken) until
+    /// `expires_at`.
+    pub fn new(lane: i32, owner: Option<String>, epoch: i64, expires_at: Option<DateTime<Utc>>) -> Self {
+        LaneInfo {
+            lane,
+            owner,
+            epoch,
+            expires_at,
+        }
+    }
+}
+
 /// Backlog summary.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct Status {
     /// Rows waiting to be published.
     pub pending: i64,
@@ -84,6 +99,17 @@ pub struct Status {
 }
 
 impl Status {
+    /// `pending` rows waiting (the oldest for `oldest_pending_age`), `dead_letters` rows in the
+    /// dead-letter table, and the lanes' leases.
+    pub fn new(pending: i64, oldest_pending_age: Option<Duration>, dead_letters: i64, lanes: Vec<LaneInfo>) -> Self {
+        Status {
+            pending,
+            oldest_pending_age,
+            dead_letters,
+            lanes,
+        }
+    }
+
     /// Lanes that no relay holds now (no owner, or its lease has expired): nothing publishes their
     /// messages until a relay takes them.
     pub fn unowned_lanes(&self) -> usize {
@@ -97,6 +123,7 @@ impl Status {
 
 /// A message that could not be published, with why.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DeadLetter {
     /// The message id.
     pub id: Uuid,
@@ -114,6 +141,42 @@ pub struct DeadLetter {
     pub parked: bool,
     /// When it was dead-lettered.
     pub dead_at: DateTime<Utc>,
+}
+
+impl DeadLetter {
+    /// Message `id` for `topic`, dead-lettered at `dead_at` because of `error`. Unkeyed, no
+    /// attempts, not parked until the setters below say otherwise.
+    pub fn new(id: Uuid, topic: impl Into<String>, error: impl Into<String>, dead_at: DateTime<Utc>) -> Self {
+        DeadLetter {
+            id,
+            topic: topic.into(),
+            key: None,
+            seq: None,
+            attempts: 0,
+            error: error.into(),
+            parked: false,
+            dead_at,
+        }
+    }
+
+    /// Sets the message's ordering key and its sequence number within it.
+    pub fn key(mut self, key: impl Into<String>, seq: i64) -> Self {
+        self.key = Some(key.into());
+        self.seq = Some(seq);
+        self
+    }
+
+    /// Sets the number of publish attempts made.
+    pub fn attempts(mut self, attempts: i32) -> Self {
+        self.attempts = attempts;
+        self
+    }
+
+    /// Sets whether it blocks its key (policy `park`).
+    pub fn parked(mut self, parked: bool) -> Self {
+        self.parked = parked;
+        self
+    }
 }
 
 /// The relay's hot path: leases, claims and the outcome of each publish. One implementation per

@@ -4,15 +4,12 @@ use super::*;
 use outbox::LaneInfo;
 
 fn dead(topic: &str, key: Option<&str>, error: &str) -> DeadLetter {
-    DeadLetter {
-        id: uuid::Uuid::nil(),
-        topic: topic.into(),
-        key: key.map(Into::into),
-        seq: Some(7),
-        attempts: 3,
-        error: error.into(),
-        parked: true,
-        dead_at: Utc::now(),
+    let d = DeadLetter::new(uuid::Uuid::nil(), topic, error, Utc::now())
+        .attempts(3)
+        .parked(true);
+    match key {
+        Some(k) => d.key(k, 7),
+        None => d,
     }
 }
 
@@ -31,25 +28,15 @@ fn ready(dead: Vec<DeadLetter>) -> DbPage {
     let now = Utc::now();
     DbPage::Ready(Box::new(Ready {
         name: "orders".into(),
-        status: Status {
-            pending: 12,
-            oldest_pending_age: Some(Duration::from_millis(2500)),
-            dead_letters: dead.len() as i64,
-            lanes: vec![
-                LaneInfo {
-                    lane: 0,
-                    owner: Some("relay-a".into()),
-                    epoch: 4,
-                    expires_at: Some(now + chrono::Duration::seconds(5)),
-                },
-                LaneInfo {
-                    lane: 1,
-                    owner: None,
-                    epoch: 2,
-                    expires_at: None,
-                },
+        status: Status::new(
+            12,
+            Some(Duration::from_millis(2500)),
+            dead.len() as i64,
+            vec![
+                LaneInfo::new(0, Some("relay-a".into()), 4, Some(now + chrono::Duration::seconds(5))),
+                LaneInfo::new(1, None, 2, None),
             ],
-        },
+        ),
         dead,
         rate: Some(41.25),
         published: 1000,
