@@ -119,7 +119,7 @@ async fn problems(s: &AdminState, db: &DatabaseView) -> Vec<String> {
         let stale: Vec<String> = status
             .lanes
             .iter()
-            .filter(|l| l.owner.is_none() || l.expires_at.map_or(true, |e| now - e > ttl))
+            .filter(|l| l.owner.is_none() || l.expires_at.is_none_or(|e| now - e > ttl))
             .map(|l| l.lane.to_string())
             .collect();
         if !stale.is_empty() {

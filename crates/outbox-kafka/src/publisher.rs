@@ -216,7 +216,7 @@ fn check_delivery_invariants(settings: &BTreeMap<String, String>) -> Result<(), 
     let idempotent = get(&["enable.idempotence"]).is_some_and(|(_, v)| v == "true");
     if !idempotent {
         let in_flight = get(&["max.in.flight.requests.per.connection", "max.in.flight"]);
-        if in_flight.as_ref().map_or(true, |(_, v)| v != "1") {
+        if in_flight.as_ref().is_none_or(|(_, v)| v != "1") {
             let (k, v) = in_flight.unwrap_or((
                 "max.in.flight.requests.per.connection".into(),
                 "(default 1000000)".into(),

@@ -116,7 +116,7 @@ impl Status {
         let now = Utc::now();
         self.lanes
             .iter()
-            .filter(|l| l.owner.is_none() || l.expires_at.map_or(true, |e| e <= now))
+            .filter(|l| l.owner.is_none() || l.expires_at.is_none_or(|e| e <= now))
             .count()
     }
 }
