@@ -1,5 +1,6 @@
 //! Figure 4: business-transaction throughput while the relay drains a backlog, against the same
-//! writers without a relay running.
+//! writers without a relay running; and the relay's drain alone, unpaced and with the adaptive
+//! pace, against the SQL-only drain.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use outbox_kafka::KafkaPublisher;
 use outbox_relay::Relay;
 
 use crate::common::{fill_backlog, new_topic, pending, print_figure, BenchDb, Env, Figure, Row, Target};
-use crate::drain::drain_config;
+use crate::drain::{drain_config, relay_drain, Sink};
 use crate::write::{throughput, Variant};
 
 /// `max_busy_lanes` of the relay variant paced by lanes.
@@ -16,12 +17,64 @@ const LIMITED: usize = 1;
 /// `max_rate` (msg/s) of the relay variant paced by rate.
 const RATE: u32 = 2_000;
 
+/// How long the relay drains before the writers start.
+const WARM_UP: Duration = Duration::from_secs(2);
+
+/// Drains of `backlog` rows without business load: SQL-only, the relay unpaced and adaptive.
+async fn drain_alone(env: &Env, rounds: usize, bootstrap: &str) -> anyhow::Result<Vec<Row>> {
+    let n = env.pick(1_000_000usize, 20_000);
+    let limit = Duration::from_secs(env.pick(600, 120));
+    let pid = crate::common::broker_pid();
+    let topic = new_topic(env, bootstrap, "bench-pace").await?;
+    let kinds = ["sql-only", "unpaced", "adaptive"];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    for round in 0..rounds {
+        for i in 0..kinds.len() {
+            let k = (i + round) % kinds.len();
+            let db = BenchDb::create(env, 20).await?;
+            fill_backlog(&db.pool, &topic, n).await?;
+            let (cfg, sink) = match k {
+                0 => (drain_config(), Sink::Null(Duration::ZERO)),
+                1 => (drain_config().adaptive_pace(false), Sink::Broker(bootstrap)),
+                _ => (drain_config().adaptive_pace(true), Sink::Broker(bootstrap)),
+            };
+            let d = relay_drain(&db, cfg, sink, pid, n as u64, limit).await?;
+            eprintln!(
+                "pace: round {}/{rounds}, {}: {:.0} msg/s",
+                round + 1,
+                kinds[k],
+                d.rate()
+            );
+            rates[k].push(d.rate());
+            db.drop_db().await;
+        }
+    }
+    crate::common::delete_topic(env, bootstrap, &topic).await;
+    let sql = Row::new(format!("SQL-only drain, {n}-row backlog"), "msg/s", rates[0].clone());
+    Ok(vec![
+        sql.clone(),
+        Row::new(
+            format!("relay drain to Kafka, unpaced, {n}-row backlog"),
+            "msg/s",
+            rates[1].clone(),
+        )
+        .vs(&sql),
+        Row::new(
+            format!("relay drain to Kafka, adaptive pace, {n}-row backlog"),
+            "msg/s",
+            rates[2].clone(),
+        )
+        .vs(&sql)
+        .target(Target::AtLeast(0.45)),
+    ])
+}
+
 /// Runs figure 4.
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
     let rounds = env.rounds(5, 2);
     let dur = Duration::from_millis(env.pick(3000, 1000));
-    let backlog = env.pick(200_000usize, 50_000);
+    let backlog = env.pick(1_000_000usize, 50_000);
     let writers = 16;
     let variant = Variant::Outbox {
         keyed: true,
@@ -40,12 +93,14 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         Duration::from_millis(500),
     )
     .await?;
-    // Relay variants: None = no relay; then the drain defaults, paced by lanes, paced by rate.
-    let variants: [Option<outbox_relay::RelayConfig>; 4] = [
+    // Relay variants: None = no relay; then the drain defaults, paced by lanes, paced by rate,
+    // paced by the database's answers.
+    let variants: [Option<outbox_relay::RelayConfig>; 5] = [
         None,
-        Some(drain_config()),
-        Some(drain_config().max_busy_lanes(Some(LIMITED))),
-        Some(drain_config().max_rate(Some(RATE))),
+        Some(drain_config().adaptive_pace(false)),
+        Some(drain_config().adaptive_pace(false).max_busy_lanes(Some(LIMITED))),
+        Some(drain_config().adaptive_pace(false).max_rate(Some(RATE))),
+        Some(drain_config().adaptive_pace(true)),
     ];
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut drained_during: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
@@ -83,32 +138,33 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                     })
                     .await
             });
-            // The relay reaches its drain rate first.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // The relay reaches its drain rate (and the adaptive pace its level) first.
+            tokio::time::sleep(WARM_UP).await;
             let b = throughput(&db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?;
             let _ = stop_tx.send(());
             relay.await??;
             let after = pending(&db.pool).await?;
             let written = (b * dur.as_secs_f64()) as i64;
-            drained_during[v].push((before + written - after) as f64 / (dur.as_secs_f64() + 0.5));
+            drained_during[v].push((before + written - after) as f64 / (dur + WARM_UP).as_secs_f64());
             left.push(after as f64);
             tps[v].push(b);
         }
         eprintln!(
             "interference: round {}/{rounds}: alone {:.0} tx/s, relay draining {:.0} tx/s, max_busy_lanes={LIMITED} {:.0} \
-             tx/s, max_rate={RATE} {:.0} tx/s",
+             tx/s, max_rate={RATE} {:.0} tx/s, adaptive pace {:.0} tx/s",
             round + 1,
             tps[0][round],
             tps[1][round],
             tps[2][round],
-            tps[3][round]
+            tps[3][round],
+            tps[4][round]
         );
     }
     db.drop_db().await;
     crate::common::delete_topic(env, &bootstrap, &topic).await;
     let med = crate::common::median;
     let base = Row::new(format!("{writers} writers, no relay running"), "tx/s", tps[0].clone());
-    let rows = vec![
+    let mut rows = vec![
         base.clone(),
         Row::new(
             format!("{writers} writers while the relay drains the backlog (defaults: every lane busy)"),
@@ -133,18 +189,30 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         )
         .vs(&base)
         .target(Target::AtLeast(0.9))
-        .extra("relay_drain_msg_per_s", med(&drained_during[3]))
+        .extra("relay_drain_msg_per_s", med(&drained_during[3])),
+        Row::new(
+            format!("{writers} writers while the relay drains, adaptive pace"),
+            "tx/s",
+            tps[4].clone(),
+        )
+        .vs(&base)
+        .target(Target::AtLeast(0.85))
+        .extra("relay_drain_msg_per_s", med(&drained_during[4]))
         .extra("min_backlog_left", left.iter().copied().fold(f64::INFINITY, f64::min)),
     ];
+    rows.extend(drain_alone(env, rounds.min(3), &bootstrap).await?);
     let fig = Figure {
         id: "interference".into(),
         title: "4. Interference of the relay with business transactions".into(),
         setup: format!(
             "Apache Kafka ({bootstrap}). Business transaction = one bench_orders row + one keyed outbox message, NOTIFY off \
              (figure 1 shows NOTIFY's own cost); {writers} writers, {:.1} s windows, alone, with an embedded relay \
-             (drain defaults), with one paced by max_busy_lanes = {LIMITED} and one by max_rate = {RATE} msg/s, draining a backlog kept at >= {backlog} \
-             rows; variants interleaved, rotating which goes first.",
-            dur.as_secs_f64()
+             (drain defaults), with one paced by max_busy_lanes = {LIMITED}, one by max_rate = {RATE} msg/s and one by the adaptive pace, \
+             draining a backlog kept at >= {backlog} rows ({:.1} s of draining before the writers start); variants interleaved, \
+             rotating which goes first. Then, without writers, drains of a {backlog}-row backlog: SQL-only (a publisher that \
+             confirms at once), the relay to Kafka unpaced and with the adaptive pace, rotating which goes first.",
+            dur.as_secs_f64(),
+            WARM_UP.as_secs_f64()
         ),
         rounds,
         rows,

@@ -282,7 +282,12 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     }
     rows.extend(order_rows(&db, rounds, dur, &[None]).await?);
     // The lanes' linger (writers skip NOTIFY while it lasts) against none, in the same rounds.
-    let lingers = [Duration::ZERO, outbox_relay::RelayConfig::DEFAULT_LINGER];
+    let linger = outbox_relay::RelayConfig::DEFAULT_LINGER;
+    let lingers = [
+        (Duration::ZERO, Duration::ZERO),
+        (linger, Duration::from_millis(5)),
+        (linger, Duration::from_millis(20)),
+    ];
     rows.extend(order_rows(&db, rounds, dur, &lingers.map(Some)).await?);
     db.drop_db().await;
     let fig = Figure {
@@ -313,13 +318,14 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
 /// The flash-sale order transaction at 16 writers: without the outbox, with an unkeyed and a keyed
 /// message (NOTIFY on, the library's default) and a keyed one with NOTIFY off, interleaved with a
 /// rotating start. Each entry of `relays` is one setting measured in every round (in turn, rotating
-/// start): `None` without a relay, `Some(linger)` with an embedded relay (publisher answering after
-/// 2 ms) draining the messages as they commit, its lanes lingering that long after running dry.
+/// start): `None` without a relay, `Some((linger, every))` with an embedded relay (publisher
+/// answering after 2 ms) draining the messages as they commit, its lanes lingering that long after
+/// running dry, looked at every `every`.
 async fn order_rows(
     db: &BenchDb,
     rounds: usize,
     dur: Duration,
-    relays: &[Option<Duration>],
+    relays: &[Option<(Duration, Duration)>],
 ) -> anyhow::Result<Vec<Row>> {
     if relays.iter().any(Option::is_some) {
         sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
@@ -328,7 +334,7 @@ async fn order_rows(
     } else {
         create_order_tables(&db.pool).await?;
     }
-    let start_relay = |linger: Duration| {
+    let start_relay = |(linger, every): (Duration, Duration)| {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let relay = outbox_relay::Relay::new(
             outbox::postgres::PgStore::new(db.pool.clone()),
@@ -336,15 +342,20 @@ async fn order_rows(
                 delay: Duration::from_millis(2),
             },
         )
-        .config(crate::drain::drain_config().linger(linger));
+        .config(crate::drain::drain_config().linger(linger).linger_poll_interval(every));
         let task = tokio::spawn(relay.run_until(async {
             let _ = stopped.await;
         }));
         (stop, task)
     };
-    let label = |relay: Option<Duration>| match relay {
+    let label = |relay: Option<(Duration, Duration)>| match relay {
         None => String::new(),
-        Some(l) => format!(", relay draining, linger {} ms", l.as_millis()),
+        Some((l, _)) if l.is_zero() => ", relay draining, linger 0".into(),
+        Some((l, e)) => format!(
+            ", relay draining, linger {} ms looked at every {} ms",
+            l.as_millis(),
+            e.as_millis()
+        ),
     };
     let writers = 16;
     let variants = [

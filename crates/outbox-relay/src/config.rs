@@ -75,6 +75,12 @@ pub struct RelayConfig {
     /// At most this many messages per second, all lanes of this relay together (a pace while a
     /// backlog drains, like `max_busy_lanes` but by rate). Defaults to none.
     pub max_rate: Option<u32>,
+    /// Whether the relay paces itself by the database's answers: it times a tiny query every
+    /// 100 ms and, when the answer waits well above the fastest of the last 30 s (the database is
+    /// contended, by the service or by the relay itself), lets fewer lanes work at once, down to
+    /// one lane working 5% of the time; when answers are quick again it speeds up.
+    /// `max_busy_lanes` and `max_rate` stay hard caps. Defaults to off.
+    pub adaptive_pace: bool,
     /// Whether a lane claims its next batch while the current one is being published. Defaults
     /// to [`ClaimAhead::Never`].
     pub claim_ahead: ClaimAhead,
@@ -112,6 +118,8 @@ impl RelayConfig {
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// Default [`RelayConfig::stats_interval`].
     pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(10);
+    /// Default [`RelayConfig::adaptive_pace`].
+    pub const DEFAULT_ADAPTIVE_PACE: bool = false;
     /// Default [`RelayConfig::claim_ahead`].
     pub const DEFAULT_CLAIM_AHEAD: ClaimAhead = ClaimAhead::Never;
     /// Default [`RelayConfig::cleanup_interval`].
@@ -138,6 +146,7 @@ impl Default for RelayConfig {
             stats_interval: Self::DEFAULT_STATS_INTERVAL,
             max_busy_lanes: None,
             max_rate: None,
+            adaptive_pace: Self::DEFAULT_ADAPTIVE_PACE,
             claim_ahead: Self::DEFAULT_CLAIM_AHEAD,
             cleanup_interval: Self::DEFAULT_CLEANUP_INTERVAL,
             published_retention: Self::DEFAULT_PUBLISHED_RETENTION,
@@ -185,6 +194,8 @@ setters! {
     max_busy_lanes: Option<usize>,
     /// Sets [`RelayConfig::max_rate`].
     max_rate: Option<u32>,
+    /// Sets [`RelayConfig::adaptive_pace`].
+    adaptive_pace: bool,
     /// Sets [`RelayConfig::claim_ahead`].
     claim_ahead: ClaimAhead,
     /// Sets [`RelayConfig::cleanup_interval`].

@@ -95,6 +95,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             publisher: self.publisher,
             wake: (0..LANES).map(|_| Notify::new()).collect(),
             busy: self.cfg.max_busy_lanes.map(tokio::sync::Semaphore::new),
+            adaptive: self.cfg.adaptive_pace.then(Default::default),
             rate: self
                 .cfg
                 .max_rate
@@ -112,6 +113,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let stats = tokio::spawn(stats_loop(shared.clone()));
         let cleanup = tokio::spawn(cleanup_loop(shared.clone()));
         let watch = tokio::spawn(crate::linger::watch(shared.clone()));
+        let pace = tokio::spawn(crate::pace::control(shared.clone()));
 
         let mut running: HashMap<i32, Running> = HashMap::new();
         let tick = (shared.cfg.lease_ttl / 3).max(Duration::from_millis(200));
@@ -188,6 +190,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         stats.abort();
         cleanup.abort();
         watch.abort();
+        pace.abort();
         shared.meters.lanes_held.set(0.0);
         shared.health.set_lanes_held(0);
         tracing::info!("relay stopped");

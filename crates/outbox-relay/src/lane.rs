@@ -21,6 +21,8 @@ pub(crate) struct Shared<S, P> {
     pub(crate) wake: Vec<Notify>,
     /// Turns to work, when [`RelayConfig::max_busy_lanes`] is set.
     pub(crate) busy: Option<Semaphore>,
+    /// The adaptive pace, when [`RelayConfig::adaptive_pace`] is on.
+    pub(crate) adaptive: Option<crate::pace::Adaptive>,
     /// The pace, when [`RelayConfig::max_rate`] is set.
     pub(crate) rate: Option<governor::DefaultDirectRateLimiter>,
     /// Retry delays ([`RelayConfig::backoff_base`] to [`RelayConfig::backoff_max`]).
@@ -69,13 +71,22 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 return LaneExit::Stopped;
             }
             // Held for this round's claim and publish; given back before waiting for work.
-            let turn = match &shared.busy {
+            let capped = match &shared.busy {
                 Some(busy) => tokio::select! {
                     permit = busy.acquire() => Some(permit.expect("the semaphore is never closed")),
                     _ = stop.cancelled() => return LaneExit::Stopped,
                 },
                 None => None,
             };
+            let paced = match &shared.adaptive {
+                Some(pace) => tokio::select! {
+                    permit = pace.turn() => Some(permit),
+                    _ = stop.cancelled() => return LaneExit::Stopped,
+                },
+                None => None,
+            };
+            let turn = (capped, paced);
+            let round_started = Instant::now();
             let rows = match ahead.take().filter(|r| !r.is_empty()) {
                 Some(rows) => rows,
                 None => match timed(shared.store.claim(&lease, shared.cfg.batch_size, &[])).await {
@@ -165,6 +176,13 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 Ok(done) => done,
                 Err(exit) => return exit,
             };
+            if let Some(pace) = &shared.adaptive {
+                // Below one lane's worth, the working lane rests in proportion before its next turn.
+                let rest = pace.pause_after(round_started.elapsed());
+                if !rest.is_zero() && pause(&stop, rest).await {
+                    return LaneExit::Stopped;
+                }
+            }
             drop(turn);
             publish_took = done.publish_took;
             if back_off(&shared.backoff, &stop, done.unavailable, &mut outages).await {

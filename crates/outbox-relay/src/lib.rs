@@ -11,6 +11,7 @@ mod health;
 mod lane;
 mod linger;
 pub mod metrics;
+mod pace;
 
 pub use config::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 pub use engine::{Relay, RelayError};

@@ -24,6 +24,9 @@ pub const LANES_HELD: &str = "outbox_lanes_held";
 /// Lanes no live relay holds (their messages wait): nonzero for long when the relays' `max_lanes`
 /// add up to fewer than the 32 lanes.
 pub const LANES_UNOWNED: &str = "outbox_lanes_unowned";
+/// The adaptive pace: how many lanes may work at once (below 1: the share of the time one lane
+/// works). 32 when the database answers quickly; absent when the pace is not adaptive.
+pub const PACE: &str = "outbox_pace_lanes";
 /// Store (database) operations that failed and will be retried.
 pub const STORE_ERRORS: &str = "outbox_store_errors_total";
 
@@ -42,6 +45,7 @@ pub(crate) struct Meters {
     pub(crate) dead_letters: metrics::Gauge,
     pub(crate) lanes_held: metrics::Gauge,
     pub(crate) lanes_unowned: metrics::Gauge,
+    pub(crate) pace: metrics::Gauge,
     pub(crate) publish_latency: metrics::Histogram,
     pub(crate) batch_duration: metrics::Histogram,
 }
@@ -70,6 +74,7 @@ impl Meters {
             dead_letters: metrics::gauge!(DEAD_LETTERS, base.clone()),
             lanes_held: metrics::gauge!(LANES_HELD, base.clone()),
             lanes_unowned: metrics::gauge!(LANES_UNOWNED, base.clone()),
+            pace: metrics::gauge!(PACE, base.clone()),
             publish_latency: metrics::histogram!(PUBLISH_LATENCY, base.clone()),
             batch_duration: metrics::histogram!(BATCH_DURATION, base),
         }
