@@ -1,0 +1,179 @@
+//! Duplicates: every redelivery is recognised, by id (unkeyed) or by seq (keyed), keys and
+//! consumers compared byte for byte, on one connection as on many.
+
+/// The duplicate scenarios of [`inbox_suite!`](crate::inbox_suite!) (not for direct use).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __inbox_suite_dedup {
+    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+        #[tokio::test]
+        async fn every_message_delivered_twice_has_its_effect_once() {
+            metrics_on();
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            let mut msgs: Vec<Incoming<'static>> = Vec::new();
+            for seq in 1..=5 {
+                for key in ["k1", "k2", "k3"] {
+                    msgs.push(keyed(key, seq));
+                }
+                msgs.push(unkeyed());
+            }
+            // Deliver each message, then its duplicate right away, then the whole stream again.
+            for m in &msgs {
+                assert_eq!(
+                    inbox.process(&pool, m, &handler).await.unwrap(),
+                    Outcome::Processed
+                );
+                assert_eq!(
+                    inbox.process(&pool, m, &handler).await.unwrap(),
+                    Outcome::Duplicate
+                );
+            }
+            for m in &msgs {
+                assert_eq!(
+                    inbox.process(&pool, m, &handler).await.unwrap(),
+                    Outcome::Duplicate
+                );
+            }
+            assert_eq!(effects(&pool).await, msgs.len() as i64);
+            for m in &msgs {
+                assert_eq!(effects_of(&pool, m.id).await, 1);
+            }
+            assert_eq!(handler.calls.load(Ordering::SeqCst), msgs.len());
+            // Keyed messages leave one row per key, unkeyed ones one row per message.
+            assert_eq!(key_rows(&pool, &c).await, 3);
+            assert_eq!(key_seq(&pool, &c, "k2").await, Some(5));
+            assert_eq!(id_rows(&pool, &c).await, 5);
+            assert_eq!(counter("outbox_inbox_processed_total", &c), msgs.len() as u64);
+            assert_eq!(
+                counter("outbox_inbox_duplicates_total", &c),
+                2 * msgs.len() as u64
+            );
+            assert_eq!(counter("outbox_inbox_gaps_total", &c), 0);
+        }
+
+        #[tokio::test]
+        async fn one_connection_serves_every_kind_of_delivery_in_a_row() {
+            // A backend that answers through session state (MySQL: LAST_INSERT_ID) must not read a
+            // previous delivery's answer: on one connection, every kind follows every other kind.
+            let pool = pool().await;
+            let one: Pool = sqlx::pool::PoolOptions::new()
+                .max_connections(1)
+                .connect_with((*pool.connect_options()).clone())
+                .await
+                .unwrap();
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            let first = unkeyed();
+            let steps: Vec<(Incoming<'static>, Outcome)> = vec![
+                (first.clone(), Outcome::Processed),
+                (first.clone(), Outcome::Duplicate),
+                (unkeyed(), Outcome::Processed),
+                (keyed("k", 1), Outcome::Processed),
+                (keyed("k", 1), Outcome::Duplicate),
+                (keyed("j", 1), Outcome::Processed),
+                (keyed("k", 2), Outcome::Processed),
+                (keyed("k", 5), Outcome::Processed),
+                (keyed("k", 2), Outcome::Duplicate),
+                (keyed("k", 3), Outcome::Processed),
+                (keyed("m", 1), Outcome::Processed),
+                (keyed("k", 3), Outcome::Duplicate),
+                (unkeyed(), Outcome::Processed),
+                (keyed("k", 4), Outcome::Processed),
+                (first.clone(), Outcome::Duplicate),
+                (keyed("n", 2), Outcome::Processed),
+                (keyed("k", 6), Outcome::Processed),
+            ];
+            for (i, (msg, expected)) in steps.iter().enumerate() {
+                assert_eq!(
+                    inbox.process(&one, msg, &handler).await.unwrap(),
+                    *expected,
+                    "step {i}: {msg:?}"
+                );
+            }
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(6));
+            assert_eq!(gaps(&pool, &c, "k").await, []);
+            assert_eq!(gaps(&pool, &c, "n").await, [(1, 1)]);
+            assert_eq!(effects(&pool).await, 12);
+        }
+
+        #[tokio::test]
+        async fn keyed_duplicates_are_told_by_seq_including_older_ones_with_new_ids() {
+            let pool = pool().await;
+            let inbox = Inbox::new(consumer());
+            let handler = Effect::default();
+            for seq in 1..=3 {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Processed
+                );
+            }
+            // Redelivered with the same seq, or an older seq arriving out of order: even under a new id.
+            for seq in [3, 2, 1] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Duplicate
+                );
+            }
+            assert_eq!(effects(&pool).await, 3);
+            // Another key, and the same key for another consumer, are independent.
+            assert_eq!(
+                deliver(&inbox, &pool, &handler, "other", 1).await,
+                Outcome::Processed
+            );
+            let other = Inbox::new(consumer());
+            assert_eq!(deliver(&other, &pool, &handler, "k", 1).await, Outcome::Processed);
+            assert_eq!(effects(&pool).await, 5);
+        }
+
+        #[tokio::test]
+        async fn keys_and_consumers_are_compared_byte_for_byte() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            // Case, trailing spaces and accents make different keys (no collation), and a key of any
+            // length is a key.
+            let long: &'static str = Box::leak("k".repeat(10_000).into_boxed_str());
+            let keys = ["k", "K", "k ", "é", "e", long, "ключ"];
+            for key in keys {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, key, 1).await,
+                    Outcome::Processed,
+                    "{key:?}"
+                );
+            }
+            for key in keys {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, key, 1).await,
+                    Outcome::Duplicate,
+                    "{key:?}"
+                );
+            }
+            assert_eq!(key_rows(&pool, &c).await, keys.len() as i64);
+            // Their gaps are found again.
+            for key in [long, "ключ"] {
+                assert_eq!(deliver(&inbox, &pool, &handler, key, 3).await, Outcome::Processed);
+                assert_eq!(deliver(&inbox, &pool, &handler, key, 2).await, Outcome::Processed);
+                assert_eq!(deliver(&inbox, &pool, &handler, key, 2).await, Outcome::Duplicate);
+            }
+            // Consumer names too.
+            let upper = Inbox::new(c.to_uppercase());
+            let spaced = Inbox::new(format!("{c} "));
+            for other in [&upper, &spaced] {
+                assert_eq!(deliver(other, &pool, &handler, "k", 1).await, Outcome::Processed);
+            }
+            let msg = unkeyed();
+            for other in [&inbox, &upper, &spaced] {
+                assert_eq!(
+                    other.process(&pool, &msg, &handler).await.unwrap(),
+                    Outcome::Processed
+                );
+            }
+            assert_eq!(effects(&pool).await, keys.len() as i64 + 2 * 2 + 2 + 3);
+        }
+    };
+}

@@ -1,0 +1,256 @@
+//! Gaps under `Accept`: a skipped seq is recorded as an open gap, and the skipped message arriving
+//! late is processed once.
+
+/// The gap scenarios of [`inbox_suite!`](crate::inbox_suite!) (not for direct use).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __inbox_suite_gaps {
+    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+        #[tokio::test]
+        async fn a_gap_under_accept_is_processed_counted_and_moves_the_key_on() {
+            metrics_on();
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            assert_eq!(inbox.clone().gap_policy(GapPolicy::Accept).consumer(), c);
+            let handler = Effect::default();
+            assert_eq!(deliver(&inbox, &pool, &handler, "k", 1).await, Outcome::Processed);
+            assert_eq!(deliver(&inbox, &pool, &handler, "k", 4).await, Outcome::Processed);
+            assert_eq!(counter("outbox_inbox_gaps_total", &c), 1);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(4));
+            // The skipped seqs are recorded as an open gap.
+            assert_eq!(gaps(&pool, &c, "k").await, [(2, 3)]);
+            assert_eq!(gap_from(&pool, &c, "k").await, Some(2));
+            assert_eq!(deliver(&inbox, &pool, &handler, "k", 5).await, Outcome::Processed);
+            // A key first seen above seq 1 has skipped its beginning.
+            assert_eq!(
+                deliver(&inbox, &pool, &handler, "late", 7).await,
+                Outcome::Processed
+            );
+            assert_eq!(counter("outbox_inbox_gaps_total", &c), 2);
+            assert_eq!(gaps(&pool, &c, "late").await, [(1, 6)]);
+            assert_eq!(effects(&pool).await, 4);
+        }
+
+        #[tokio::test]
+        async fn a_skipped_message_arriving_late_is_processed_once_and_only_it() {
+            metrics_on();
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            for seq in [1, 2] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Processed
+                );
+            }
+            // 3 timed out at the producer ("possibly persisted") while 4 went through; 5 follows.
+            for seq in [4, 5] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Processed
+                );
+            }
+            assert_eq!(gaps(&pool, &c, "k").await, [(3, 3)]);
+            assert_eq!(gap_from(&pool, &c, "k").await, Some(3));
+            assert_eq!(counter("outbox_inbox_gaps_total", &c), 1);
+
+            // The relay sends 3 again: it is new, its effect applies.
+            let late = keyed("k", 3);
+            assert_eq!(
+                inbox.process(&pool, &late, &handler).await.unwrap(),
+                Outcome::Processed
+            );
+            assert_eq!(effects_of(&pool, late.id).await, 1);
+            assert_eq!(gaps(&pool, &c, "k").await, []);
+            assert_eq!(gap_from(&pool, &c, "k").await, None);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(5));
+            assert_eq!(counter("outbox_inbox_gap_fills_total", &c), 1);
+            assert_eq!(counter("outbox_inbox_gaps_total", &c), 1);
+
+            // Delivered again (same id, or a new one): a duplicate. So is anything below or at the top.
+            assert_eq!(
+                inbox.process(&pool, &late, &handler).await.unwrap(),
+                Outcome::Duplicate
+            );
+            for seq in [3, 1, 2, 4, 5] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Duplicate,
+                    "seq {seq}"
+                );
+            }
+            assert_eq!(effects_of(&pool, late.id).await, 1);
+            assert_eq!(effects(&pool).await, 5);
+            assert_eq!(counter("outbox_inbox_processed_total", &c), 5);
+            assert_eq!(counter("outbox_inbox_duplicates_total", &c), 6);
+        }
+
+        #[tokio::test]
+        async fn only_seqs_inside_a_gap_are_new_below_the_highest() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            // Two gaps: 4..=5 and 8..=9.
+            for seq in [1, 2, 3, 6, 7, 10] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Processed
+                );
+            }
+            assert_eq!(gaps(&pool, &c, "k").await, [(4, 5), (8, 9)]);
+            assert_eq!(gap_from(&pool, &c, "k").await, Some(4));
+            // Below the lowest gap, between the gaps, at the top: duplicates, and the gaps are untouched.
+            for seq in [1, 3, 6, 7, 10] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Duplicate,
+                    "seq {seq}"
+                );
+            }
+            assert_eq!(gaps(&pool, &c, "k").await, [(4, 5), (8, 9)]);
+            // Filling the lower gap leaves the upper one, and gap_from follows.
+            for seq in [5, 4] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Processed
+                );
+            }
+            assert_eq!(gaps(&pool, &c, "k").await, [(8, 9)]);
+            assert_eq!(gap_from(&pool, &c, "k").await, Some(8));
+            for seq in [4, 5, 7] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Duplicate,
+                    "seq {seq}"
+                );
+            }
+            // Above the highest is still the plain path; another key is not concerned.
+            assert_eq!(
+                deliver(&inbox, &pool, &handler, "k", 11).await,
+                Outcome::Processed
+            );
+            assert_eq!(
+                deliver(&inbox, &pool, &handler, "other", 1).await,
+                Outcome::Processed
+            );
+            assert_eq!(
+                deliver(&inbox, &pool, &handler, "other", 1).await,
+                Outcome::Duplicate
+            );
+            assert_eq!(gap_from(&pool, &c, "other").await, None);
+            assert_eq!(effects(&pool).await, 10);
+        }
+
+        #[tokio::test]
+        async fn a_gap_of_several_seqs_is_filled_in_any_order() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            let orders: [(&'static str, [i64; 5]); 5] = [
+                ("ascending", [2, 3, 4, 5, 6]),
+                ("descending", [6, 5, 4, 3, 2]),
+                ("middle-first", [4, 2, 6, 3, 5]),
+                ("edges-last", [3, 5, 4, 6, 2]),
+                ("shuffled", [5, 2, 3, 6, 4]),
+            ];
+            for (key, order) in orders {
+                assert_eq!(deliver(&inbox, &pool, &handler, key, 1).await, Outcome::Processed);
+                assert_eq!(deliver(&inbox, &pool, &handler, key, 7).await, Outcome::Processed);
+                assert_eq!(gaps(&pool, &c, key).await, [(2, 6)]);
+                let mut missing: Vec<i64> = (2..=6).collect();
+                for seq in order {
+                    assert_eq!(
+                        deliver(&inbox, &pool, &handler, key, seq).await,
+                        Outcome::Processed,
+                        "{key} {seq}"
+                    );
+                    assert_eq!(
+                        deliver(&inbox, &pool, &handler, key, seq).await,
+                        Outcome::Duplicate,
+                        "{key} {seq}"
+                    );
+                    missing.retain(|s| *s != seq);
+                    // The open ranges are exactly the runs of seqs still missing.
+                    let runs = runs(&missing);
+                    assert_eq!(gaps(&pool, &c, key).await, runs, "{key} after {seq}");
+                    assert_eq!(
+                        gap_from(&pool, &c, key).await,
+                        runs.first().map(|r| r.0),
+                        "{key} after {seq}"
+                    );
+                }
+                assert_eq!(key_seq(&pool, &c, key).await, Some(7));
+                for seq in 1..=7 {
+                    assert_eq!(
+                        deliver(&inbox, &pool, &handler, key, seq).await,
+                        Outcome::Duplicate,
+                        "{key} {seq}"
+                    );
+                }
+            }
+            assert_eq!(effects(&pool).await, 5 * 7);
+            assert_eq!(handler.calls.load(Ordering::SeqCst), 5 * 7);
+        }
+
+        #[tokio::test]
+        async fn a_key_first_seen_above_1_can_still_get_its_beginning() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            assert_eq!(deliver(&inbox, &pool, &handler, "k", 3).await, Outcome::Processed);
+            assert_eq!(gaps(&pool, &c, "k").await, [(1, 2)]);
+            assert_eq!(gap_from(&pool, &c, "k").await, Some(1));
+            for seq in [1, 2] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Processed
+                );
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Duplicate
+                );
+            }
+            assert_eq!(gaps(&pool, &c, "k").await, []);
+            assert_eq!(effects(&pool).await, 3);
+        }
+
+        #[tokio::test]
+        async fn a_failing_handler_on_a_late_message_keeps_the_gap_open() {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            let handler = Effect::default();
+            for seq in [1, 5] {
+                assert_eq!(
+                    deliver(&inbox, &pool, &handler, "k", seq).await,
+                    Outcome::Processed
+                );
+            }
+            let failing = Effect {
+                failures: AtomicUsize::new(1),
+                ..Effect::default()
+            };
+            let late = keyed("k", 3);
+            let err = inbox.process(&pool, &late, &failing).await.unwrap_err();
+            assert!(matches!(err, InboxError::Handler(Boom)), "{err:?}");
+            // Rolled back with the handler's writes: the gap is whole, the retry applies it once.
+            assert_eq!(gaps(&pool, &c, "k").await, [(2, 4)]);
+            assert_eq!(effects_of(&pool, late.id).await, 0);
+            assert_eq!(
+                inbox.process(&pool, &late, &failing).await.unwrap(),
+                Outcome::Processed
+            );
+            assert_eq!(
+                inbox.process(&pool, &late, &failing).await.unwrap(),
+                Outcome::Duplicate
+            );
+            assert_eq!(effects_of(&pool, late.id).await, 1);
+            assert_eq!(gaps(&pool, &c, "k").await, [(2, 2), (4, 4)]);
+        }
+    };
+}
