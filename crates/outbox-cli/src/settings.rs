@@ -51,6 +51,12 @@ pub(crate) struct RelaySection {
     pub(crate) poll_interval_ms: Option<u64>,
     /// Lease TTL in milliseconds.
     pub(crate) lease_ttl_ms: Option<u64>,
+    /// How long a lane that found work keeps watching for more (writers skip NOTIFY meanwhile).
+    pub(crate) linger_ms: Option<u64>,
+    /// How often the lingering lanes are looked at, in milliseconds.
+    pub(crate) linger_poll_interval_ms: Option<u64>,
+    /// Pace the relay by the database's answers.
+    pub(crate) adaptive_pace: Option<bool>,
     /// Maximum lanes held.
     pub(crate) max_lanes: Option<usize>,
     /// Maximum lanes claiming and publishing at the same time.
@@ -228,6 +234,15 @@ pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     }
     if let Some(v) = o.lease_ttl_ms.or(r.lease_ttl_ms) {
         relay = relay.lease_ttl(ms(v));
+    }
+    if let Some(v) = r.linger_ms {
+        relay = relay.linger(ms(v));
+    }
+    if let Some(v) = r.linger_poll_interval_ms {
+        relay = relay.linger_poll_interval(ms(v));
+    }
+    if let Some(v) = r.adaptive_pace {
+        relay = relay.adaptive_pace(v);
     }
     if r.max_lanes.is_some() {
         relay = relay.max_lanes(r.max_lanes);

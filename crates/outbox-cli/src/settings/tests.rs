@@ -51,6 +51,11 @@ fn readme_states_the_engine_defaults() {
     assert_eq!(default_of("batch_size"), C::DEFAULT_BATCH_SIZE.to_string());
     assert_eq!(default_of("poll_interval_ms"), ms(C::DEFAULT_POLL_INTERVAL));
     assert_eq!(default_of("lease_ttl_ms"), ms(C::DEFAULT_LEASE_TTL));
+    assert_eq!(
+        default_of("linger_ms"),
+        format!("{}, {}", ms(C::DEFAULT_LINGER), ms(C::DEFAULT_LINGER_POLL_INTERVAL))
+    );
+    assert_eq!(default_of("adaptive_pace"), C::DEFAULT_ADAPTIVE_PACE.to_string());
     assert_eq!(default_of("max_attempts"), C::DEFAULT_MAX_ATTEMPTS.to_string());
     assert_eq!(
         default_of("backoff_base_ms"),
