@@ -113,15 +113,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 if let Some(until) = linger_until.filter(|u| *u > Instant::now()) {
                     // Not extended by this empty claim: rows held back behind a waiting row of
                     // their key make the watch wake the lane for nothing, but only until then.
-                    shared.watched.add(lease.lane);
-                    let woken = shared.wake[lease.lane as usize].notified();
-                    let stopped = tokio::select! {
-                        _ = woken => false,
-                        _ = tokio::time::sleep_until(until.into()) => false,
-                        _ = stop.cancelled() => true,
-                    };
-                    shared.watched.remove(lease.lane);
-                    if stopped {
+                    if linger_wait(&shared, &lease, until, &stop).await {
                         return LaneExit::Stopped;
                     }
                     continue;
@@ -196,14 +188,41 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 }
                 // The next round claims again, with the usual error handling.
                 Some((Err(e), _)) => tracing::debug!(error = %e, "claim ahead failed"),
-                // A short batch means the lane was drained a moment ago; yield instead of spinning.
-                None if !full => tokio::task::yield_now().await,
+                // A short batch means the lane was drained a moment ago: a lingering lane waits
+                // for the watch (it finds rows committed meanwhile) instead of claiming nothing
+                // once more; otherwise yield instead of spinning.
+                None if !full => match linger_until {
+                    Some(until) => {
+                        if linger_wait(&shared, &lease, until, &stop).await {
+                            return LaneExit::Stopped;
+                        }
+                    }
+                    None => tokio::task::yield_now().await,
+                },
                 None => {}
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// Waits, watched (see [`crate::linger`]), until the lane is woken or `until`; true when stopped.
+async fn linger_wait<S: Store, P: Publisher>(
+    shared: &Shared<S, P>,
+    lease: &Lease,
+    until: Instant,
+    stop: &CancellationToken,
+) -> bool {
+    shared.watched.add(lease.lane);
+    let woken = shared.wake[lease.lane as usize].notified();
+    let stopped = tokio::select! {
+        _ = woken => false,
+        _ = tokio::time::sleep_until(until.into()) => false,
+        _ = stop.cancelled() => true,
+    };
+    shared.watched.remove(lease.lane);
+    stopped
 }
 
 /// Records the lane's idle flag. A failure only costs wake-up latency (the poll still runs), so it

@@ -21,8 +21,9 @@ use crate::lane::Shared;
 
 /// How often the database's answer is timed.
 pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(100);
-/// How far back the baseline (the fastest answer) looks.
-const BASELINE: Duration = Duration::from_secs(30);
+/// How far back the baseline (the fastest answer) looks: long enough to remember a quiet database
+/// through minutes of load, short enough to learn a slower path to a new one.
+const BASELINE: Duration = Duration::from_secs(300);
 /// Answers taken for the current wait (their median).
 const RECENT: usize = 5;
 /// At least this long between two cuts.
@@ -49,8 +50,8 @@ pub(crate) struct Adaptive {
 impl Default for Adaptive {
     fn default() -> Self {
         Adaptive {
-            gate: Semaphore::new(LANES as usize),
-            milli: AtomicU32::new(LANES as u32 * 1000),
+            gate: Semaphore::new(1),
+            milli: AtomicU32::new(1000),
         }
     }
 }
@@ -84,6 +85,9 @@ struct Control {
     level: f64,
     permits: usize,
     last_cut: Option<Instant>,
+    /// Until the first sign of contention the pace doubles per quick answer (it starts at one lane,
+    /// so the first answers, the baseline, come from a database the relay does not load yet).
+    slow_start: bool,
 }
 
 impl Control {
@@ -91,9 +95,10 @@ impl Control {
         Control {
             recent: VecDeque::with_capacity(RECENT),
             fastest: VecDeque::new(),
-            level: f64::from(LANES),
-            permits: LANES as usize,
+            level: 1.0,
+            permits: 1,
             last_cut: None,
+            slow_start: true,
         }
     }
 
@@ -119,10 +124,13 @@ impl Control {
         sorted.sort();
         let current = sorted[sorted.len() / 2];
         if congested(current, baseline) {
+            self.slow_start = false;
             if self.last_cut.is_none_or(|at| now.duration_since(at) >= CUT_EVERY) {
                 self.level = (self.level / 2.0).max(FLOOR);
                 self.last_cut = Some(now);
             }
+        } else if self.slow_start {
+            self.level = (self.level * 2.0).min(f64::from(LANES));
         } else {
             self.level = (self.level + STEP).min(f64::from(LANES));
         }
@@ -179,7 +187,11 @@ mod tests {
             c.observe(Duration::from_micros(200), now);
             now += PROBE_EVERY;
         }
-        assert_eq!(c.level, f64::from(LANES), "a quick database: full pace");
+        assert_eq!(
+            c.level,
+            f64::from(LANES),
+            "a quick database: full pace (doubling from one lane)"
+        );
         let mut cuts = 0;
         for _ in 0..200 {
             let before = c.level;
@@ -203,8 +215,8 @@ mod tests {
         let mut c = Control::new();
         let mut now = Instant::now();
         c.observe(Duration::from_micros(100), now);
-        // 40 s of 5 ms answers: congested against 0.1 ms at first, the new normal once it is old.
-        for _ in 0..400 {
+        // 5 ms answers: congested against 0.1 ms at first, the new normal once that one is old.
+        for _ in 0..(BASELINE.as_millis() / PROBE_EVERY.as_millis() + 100) {
             now += PROBE_EVERY;
             c.observe(ms(5), now);
         }
