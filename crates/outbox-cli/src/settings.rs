@@ -9,10 +9,16 @@ use serde::Deserialize;
 
 use outbox_nats::NatsConfig;
 use outbox_rabbitmq::RabbitConfig;
-use outbox_relay::{ClaimAhead, DeadLetterPolicy, RelayConfig};
+use outbox_relay::RelayConfig;
 
 mod databases;
+mod millis;
+mod sections;
 use databases::databases;
+pub(crate) use millis::Millis;
+pub(crate) use sections::{
+    AdminSection, RelaySection, DEFAULT_ADMIN_LISTEN, DEFAULT_BROKER_UNAVAILABLE, DEFAULT_KEEP_PUBLISHED,
+};
 
 /// The TOML file. Every key is optional; see README "Configuration".
 #[derive(Debug, Default, Deserialize)]
@@ -39,50 +45,6 @@ pub(crate) struct FileConfig {
     pub(crate) admin: AdminSection,
 }
 
-/// `[relay]` section.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RelaySection {
-    /// Lease owner name.
-    pub(crate) owner: Option<String>,
-    /// Rows per batch.
-    pub(crate) batch_size: Option<usize>,
-    /// Poll interval in milliseconds.
-    pub(crate) poll_interval_ms: Option<u64>,
-    /// Lease TTL in milliseconds.
-    pub(crate) lease_ttl_ms: Option<u64>,
-    /// How long a lane that found work keeps watching for more (writers skip NOTIFY meanwhile).
-    pub(crate) linger_ms: Option<u64>,
-    /// How often the lingering lanes are looked at, in milliseconds.
-    pub(crate) linger_poll_interval_ms: Option<u64>,
-    /// Pace the relay by the database's answers.
-    pub(crate) adaptive_pace: Option<bool>,
-    /// Maximum lanes held.
-    pub(crate) max_lanes: Option<usize>,
-    /// Maximum lanes claiming and publishing at the same time.
-    pub(crate) max_busy_lanes: Option<usize>,
-    /// Maximum messages per second (all lanes).
-    pub(crate) max_rate: Option<u32>,
-    /// Attempts before dead-lettering.
-    pub(crate) max_attempts: Option<i32>,
-    /// First backoff in milliseconds.
-    pub(crate) backoff_base_ms: Option<u64>,
-    /// Backoff cap in milliseconds.
-    pub(crate) backoff_max_ms: Option<u64>,
-    /// `skip` or `park`.
-    pub(crate) dead_letter_policy: Option<DeadLetterPolicy>,
-    /// Shutdown grace in milliseconds.
-    pub(crate) shutdown_grace_ms: Option<u64>,
-    /// `auto`, `always` or `never` (default): claim the next batch while the current one is published.
-    pub(crate) claim_ahead: Option<ClaimAhead>,
-    /// Keep published rows in `outbox_published`.
-    pub(crate) keep_published: Option<bool>,
-    /// How often kept published rows past their retention are deleted, in milliseconds.
-    pub(crate) cleanup_interval_ms: Option<u64>,
-    /// How long kept published rows stay, in milliseconds.
-    pub(crate) published_retention_ms: Option<u64>,
-}
-
 /// A `[[database]]` entry.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,18 +55,6 @@ pub(crate) struct DatabaseSection {
     pub(crate) url: String,
     /// PostgreSQL schema holding the outbox tables.
     pub(crate) schema: Option<String>,
-}
-
-/// `[admin]` section.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct AdminSection {
-    /// Address for `/metrics`, `/healthz`, `/readyz` and the console. Defaults to 127.0.0.1:9464.
-    pub(crate) listen: Option<String>,
-    /// `/readyz` fails once the broker has been unavailable this long, in milliseconds.
-    pub(crate) broker_unavailable_ms: Option<u64>,
-    /// Token the console's write actions (retry, discard) need; without one they are off.
-    pub(crate) token: Option<String>,
 }
 
 /// Flags and environment variables (clap resolves flag > env).
@@ -126,24 +76,12 @@ pub(crate) struct Overrides {
     /// librdkafka setting KEY=VALUE (repeatable). Environment: OUTBOX_KAFKA_<KEY> with `_` for `.`.
     #[arg(long = "kafka", value_name = "KEY=VALUE", global = true)]
     pub(crate) kafka: Vec<String>,
-    /// Rows per batch.
-    #[arg(long, env = "OUTBOX_BATCH_SIZE", global = true)]
-    pub(crate) batch_size: Option<usize>,
-    /// Poll interval in milliseconds.
-    #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", global = true)]
-    pub(crate) poll_interval_ms: Option<u64>,
-    /// Lease TTL in milliseconds.
-    #[arg(long, env = "OUTBOX_LEASE_TTL_MS", global = true)]
-    pub(crate) lease_ttl_ms: Option<u64>,
-    /// Dead-letter policy.
-    #[arg(long, env = "OUTBOX_DEAD_LETTER_POLICY", global = true)]
-    pub(crate) dead_letter_policy: Option<DeadLetterPolicy>,
-    /// Attempts before dead-lettering.
-    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS", global = true)]
-    pub(crate) max_attempts: Option<i32>,
-    /// Admin endpoint address.
-    #[arg(long, env = "OUTBOX_ADMIN_LISTEN", global = true)]
-    pub(crate) admin_listen: Option<String>,
+    /// The `[relay]` keys that have a flag.
+    #[command(flatten)]
+    pub(crate) relay: RelaySection,
+    /// The `[admin]` keys that have a flag.
+    #[command(flatten)]
+    pub(crate) admin: AdminSection,
 }
 
 /// The broker the relay publishes to: exactly one of `[kafka]`, `[rabbitmq]`, `[nats]`.
@@ -185,10 +123,6 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Default `[admin] broker_unavailable_ms`: how long the broker may be unreachable before `/readyz`
-/// fails.
-pub(crate) const DEFAULT_BROKER_UNAVAILABLE: Duration = Duration::from_secs(60);
-
 /// Everything the daemon needs, resolved.
 #[derive(Debug)]
 pub(crate) struct Settings {
@@ -219,85 +153,23 @@ pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
         None => FileConfig::default(),
     };
     let databases = databases(o, file.database_url, file.database_schema, file.database)?;
-
-    let r = file.relay;
-    let ms = Duration::from_millis;
-    let mut relay = RelayConfig::default();
-    if let Some(v) = r.owner {
-        relay = relay.owner(v);
+    let relay = o.relay.clone().over(file.relay);
+    let keep_published = relay.keep_published.unwrap_or(DEFAULT_KEEP_PUBLISHED);
+    let admin = AdminSection {
+        token: std::env::var("OUTBOX_ADMIN_TOKEN").ok(),
+        ..o.admin.clone()
     }
-    if let Some(v) = o.batch_size.or(r.batch_size) {
-        relay = relay.batch_size(v);
-    }
-    if let Some(v) = o.poll_interval_ms.or(r.poll_interval_ms) {
-        relay = relay.poll_interval(ms(v));
-    }
-    if let Some(v) = o.lease_ttl_ms.or(r.lease_ttl_ms) {
-        relay = relay.lease_ttl(ms(v));
-    }
-    if let Some(v) = r.linger_ms {
-        relay = relay.linger(ms(v));
-    }
-    if let Some(v) = r.linger_poll_interval_ms {
-        relay = relay.linger_poll_interval(ms(v));
-    }
-    if let Some(v) = r.adaptive_pace {
-        relay = relay.adaptive_pace(v);
-    }
-    if r.max_lanes.is_some() {
-        relay = relay.max_lanes(r.max_lanes);
-    }
-    if r.max_busy_lanes.is_some() {
-        relay = relay.max_busy_lanes(r.max_busy_lanes);
-    }
-    if r.max_rate.is_some() {
-        relay = relay.max_rate(r.max_rate);
-    }
-    if let Some(v) = o.max_attempts.or(r.max_attempts) {
-        relay = relay.max_attempts(v);
-    }
-    if let Some(v) = r.backoff_base_ms {
-        relay = relay.backoff_base(ms(v));
-    }
-    if let Some(v) = r.backoff_max_ms {
-        relay = relay.backoff_max(ms(v));
-    }
-    if let Some(v) = o.dead_letter_policy.or(r.dead_letter_policy) {
-        relay = relay.dead_letter_policy(v);
-    }
-    if let Some(v) = r.shutdown_grace_ms {
-        relay = relay.shutdown_grace(ms(v));
-    }
-    if let Some(v) = r.claim_ahead {
-        relay = relay.claim_ahead(v);
-    }
-    if let Some(v) = r.cleanup_interval_ms {
-        relay = relay.cleanup_interval(ms(v));
-    }
-    if let Some(v) = r.published_retention_ms {
-        relay = relay.published_retention(ms(v));
-    }
-    relay
-        .validate()
-        .map_err(|e| anyhow::anyhow!("invalid relay settings: {e}"))?;
-
-    let broker = broker(o, file.kafka, file.rabbitmq, file.nats, std::env::vars())?;
+    .over(file.admin);
     Ok(Settings {
         databases,
-        relay,
-        broker,
-        admin_listen: o
-            .admin_listen
-            .clone()
-            .or(file.admin.listen)
-            .unwrap_or_else(|| "127.0.0.1:9464".into()),
-        broker_unavailable: file.admin.broker_unavailable_ms.map_or(DEFAULT_BROKER_UNAVAILABLE, ms),
-        admin_token: std::env::var("OUTBOX_ADMIN_TOKEN")
-            .ok()
-            .or(file.admin.token)
-            .filter(|t| !t.is_empty())
-            .map(Secret),
-        keep_published: r.keep_published.unwrap_or(false),
+        relay: relay.engine()?,
+        broker: broker(o, file.kafka, file.rabbitmq, file.nats, std::env::vars())?,
+        admin_listen: admin.listen.unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.into()),
+        broker_unavailable: admin
+            .broker_unavailable_ms
+            .map_or(DEFAULT_BROKER_UNAVAILABLE, Duration::from),
+        admin_token: admin.token.filter(|t| !t.is_empty()).map(Secret),
+        keep_published,
     })
 }
 

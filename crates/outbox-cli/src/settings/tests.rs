@@ -76,6 +76,23 @@ fn readme_states_the_engine_defaults() {
         )),
         "{cleanup}"
     );
+    // The daemon's own defaults.
+    let admin_row = |key: &str| -> String {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `[admin] {key}`")))
+            .unwrap_or_else(|| panic!("README has no row for [admin] {key}"));
+        row.split('|').nth(3).expect("a default column").trim().to_owned()
+    };
+    assert_eq!(admin_row("listen"), DEFAULT_ADMIN_LISTEN);
+    assert_eq!(admin_row("broker_unavailable_ms"), ms(DEFAULT_BROKER_UNAVAILABLE));
+    assert_eq!(default_of("keep_published"), DEFAULT_KEEP_PUBLISHED.to_string());
+    // Nothing configured: the engine's defaults, and the daemon's.
+    let resolved = RelaySection::default().engine().unwrap();
+    assert_eq!(resolved.poll_interval, C::DEFAULT_POLL_INTERVAL);
+    assert_eq!(resolved.linger_poll_interval, C::DEFAULT_LINGER_POLL_INTERVAL);
+    assert_eq!(resolved.shutdown_grace, C::DEFAULT_SHUTDOWN_GRACE);
+    assert_eq!(resolved.cleanup_interval, C::DEFAULT_CLEANUP_INTERVAL);
     let built = RelayConfig::default();
     assert_eq!(built.batch_size, C::DEFAULT_BATCH_SIZE);
     assert_eq!(built.lease_ttl, C::DEFAULT_LEASE_TTL);
@@ -124,24 +141,84 @@ fn flags_win_over_file() {
     let dir = std::env::temp_dir().join(format!("relay-cfg-{}", uuid::Uuid::new_v4()));
     std::fs::write(
         &dir,
-        "database_url = 'postgres://file'\n[relay]\nbatch_size = 10\n[kafka]\n'bootstrap.servers' = 'a:1'\n",
+        "database_url = 'postgres://file'\n[relay]\nbatch_size = 10\npoll_interval_ms = 1000\nlease_ttl_ms = 4000\n\
+         [admin]\nlisten = '127.0.0.1:1'\nbroker_unavailable_ms = 1500\n[kafka]\n'bootstrap.servers' = 'a:1'\n",
     )
     .unwrap();
     let o = Overrides {
         config: Some(dir.clone()),
-        batch_size: Some(20),
+        relay: RelaySection {
+            batch_size: Some(20),
+            poll_interval_ms: Some(Millis(Duration::from_millis(250))),
+            ..Default::default()
+        },
         kafka: vec!["bootstrap.servers=b:2".into(), "linger.ms=1".into()],
         ..Default::default()
     };
     let s = resolve(&o).unwrap();
     assert_eq!(s.one_database().unwrap().url, "postgres://file");
     assert_eq!(s.relay.batch_size, 20);
+    assert_eq!(s.relay.poll_interval, Duration::from_millis(250));
+    assert_eq!(s.relay.lease_ttl, Duration::from_millis(4000), "the file's, no flag");
+    assert_eq!(s.broker_unavailable, Duration::from_millis(1500));
+    assert_eq!(s.admin_listen, "127.0.0.1:1", "the file's, no flag");
     let Some(Broker::Kafka(kafka)) = &s.broker else {
         panic!("kafka expected: {:?}", s.broker)
     };
     assert_eq!(kafka["bootstrap.servers"], "b:2");
     assert_eq!(kafka["linger.ms"], "1");
     std::fs::remove_file(dir).ok();
+}
+
+/// Every `*_ms` key of the daemon's sections is a `Millis`: a bad value is an error naming the key.
+#[test]
+fn durations_are_whole_milliseconds() {
+    for key in [
+        "[relay]\npoll_interval_ms",
+        "[relay]\nlease_ttl_ms",
+        "[relay]\nlinger_ms",
+        "[relay]\nlinger_poll_interval_ms",
+        "[relay]\nbackoff_base_ms",
+        "[relay]\nbackoff_max_ms",
+        "[relay]\nshutdown_grace_ms",
+        "[relay]\ncleanup_interval_ms",
+        "[relay]\npublished_retention_ms",
+        "[admin]\nbroker_unavailable_ms",
+    ] {
+        let name = key.split('\n').nth(1).unwrap();
+        toml::from_str::<FileConfig>(&format!("{key} = 1000")).unwrap();
+        for bad in ["-1", "'1s'", "2.5"] {
+            let err = toml::from_str::<FileConfig>(&format!("{key} = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{key} = {bad}: {err}");
+            assert!(err.contains("whole number of milliseconds"), "{key} = {bad}: {err}");
+        }
+    }
+    let file: FileConfig = toml::from_str("[relay]\nlinger_ms = 0\nbackoff_max_ms = 90000").unwrap();
+    let relay = file.relay.engine().unwrap();
+    assert_eq!(relay.linger, Duration::ZERO);
+    assert_eq!(relay.backoff_max, Duration::from_secs(90));
+}
+
+/// The flags and environment variables go through the same type (clap's value parser).
+#[test]
+fn duration_flags() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        o: Overrides,
+    }
+    let cli = Cli::try_parse_from(["outbox-relay", "--poll-interval-ms", "250", "--lease-ttl-ms=5000"]).unwrap();
+    assert_eq!(cli.o.relay.poll_interval_ms, Some(Millis(Duration::from_millis(250))));
+    assert_eq!(cli.o.relay.lease_ttl_ms, Some(Millis(Duration::from_secs(5))));
+    for bad in ["--poll-interval-ms=-5", "--poll-interval-ms=1s", "--lease-ttl-ms=1.5"] {
+        let err = Cli::try_parse_from(["outbox-relay", bad]).err().expect(bad).to_string();
+        let flag = bad.split('=').next().unwrap();
+        assert!(err.contains(flag), "{bad}: {err}");
+        assert!(err.contains("whole number of milliseconds"), "{bad}: {err}");
+    }
 }
 
 #[test]
