@@ -97,6 +97,9 @@ impl<S: Store> Store for TimedStore<S> {
     async fn live_owners(&self) -> outbox::Result<usize> {
         self.inner.live_owners().await
     }
+    async fn probe(&self) -> outbox::Result<()> {
+        self.inner.probe().await
+    }
     async fn leave(&self, owner: &str) -> outbox::Result<()> {
         self.inner.leave(owner).await
     }

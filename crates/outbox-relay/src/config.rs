@@ -75,8 +75,8 @@ pub struct RelayConfig {
     /// At most this many messages per second, all lanes of this relay together (a pace while a
     /// backlog drains, like `max_busy_lanes` but by rate). Defaults to none.
     pub max_rate: Option<u32>,
-    /// Whether the relay paces itself by the database's answers: it times a tiny query every
-    /// 100 ms and, when the answer waits well above the fastest of the last 30 s (the database is
+    /// Whether the relay paces itself by the database's answers: it times a tiny committing transaction every
+    /// 100 ms and, when the answer waits well above the fastest of the last 5 minutes (the database is
     /// contended, by the service or by the relay itself), lets fewer lanes work at once, down to
     /// one lane working 5% of the time; when answers are quick again it speeds up.
     /// `max_busy_lanes` and `max_rate` stay hard caps. Defaults to off.

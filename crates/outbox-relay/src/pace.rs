@@ -1,6 +1,7 @@
 //! The adaptive pace: the relay gives the database back to the service when the service needs it.
 //!
-//! Every [`PROBE_EVERY`] a controller times one tiny query (the live-relay count). The median of the
+//! Every [`PROBE_EVERY`] a controller times the store's probe, the smallest transaction that
+//! commits like a service's (see [`outbox::Store::probe`]). The median of the
 //! last few against the fastest of the last [`BASELINE`] says how long the database makes a query
 //! wait now. Waiting well above that baseline means something is competing for the database (the
 //! relay's own lanes or the service's transactions): the pace is halved (at most every
@@ -160,7 +161,7 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let start = Instant::now();
-        if let Err(e) = shared.store.live_owners().await {
+        if let Err(e) = shared.store.probe().await {
             tracing::debug!(error = %e, "pace probe failed");
             continue;
         }

@@ -54,7 +54,8 @@ pub(crate) fn leases(owner: &str, rows: Vec<(i32, i64)>) -> Vec<Lease> {
 /// - `Time`, the type times come back as, with `time(Time) -> Result<DateTime<Utc>, String>`.
 /// - `Age`, the type of the backlog's age, with `age(Age) -> Duration`.
 /// - `span(Duration) -> i64`: a duration as its statements bind it.
-/// - `RELEASE`, bound (lane, owner, epoch); `LEAVE`, bound (owner); `LIVE_OWNERS`, a count.
+/// - `RELEASE`, bound (lane, owner, epoch); `LEAVE`, bound (owner); `LIVE_OWNERS`, a count;
+///   `PROBE`, the pace's smallest committing transaction.
 /// - `STATUS_BACKLOG`, answering (count, `Option<Age>`); `STATUS_DEAD`, a count; `STATUS_LANES`,
 ///   answering (lane, `Option<Text>` owner, epoch, `Option<Time>` expiry) per lane.
 /// - `DEAD_LETTERS`, bound (limit), answering (id, topic, `Option<Text>` key, seq, attempts, error,
@@ -101,6 +102,11 @@ macro_rules! store {
                     .fetch_one(&self.pool)
                     .await?;
                 Ok(n as usize)
+            }
+
+            async fn probe(&self) -> $crate::Result<()> {
+                sqlx::query($sql::PROBE).execute(&self.pool).await?;
+                Ok(())
             }
 
             async fn leave(&self, owner: &str) -> $crate::Result<()> {

@@ -198,6 +198,10 @@ pub trait Store: StoreAdmin {
     async fn release(&self, lease: &Lease) -> Result<()>;
     /// Number of live relays (heartbeat not expired), holding lanes or not.
     async fn live_owners(&self) -> Result<usize>;
+    /// The smallest transaction that commits the way a service's does (on PostgreSQL it takes a
+    /// transaction id, so its commit waits for the WAL flush like any write): how long it takes
+    /// is the adaptive pace's signal of a contended database.
+    async fn probe(&self) -> Result<()>;
     /// Removes `owner` from the live relays (graceful shutdown), so the others rebalance at once.
     async fn leave(&self, owner: &str) -> Result<()>;
     /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
@@ -263,6 +267,9 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     }
     async fn live_owners(&self) -> Result<usize> {
         (**self).live_owners().await
+    }
+    async fn probe(&self) -> Result<()> {
+        (**self).probe().await
     }
     async fn leave(&self, owner: &str) -> Result<()> {
         (**self).leave(owner).await

@@ -124,6 +124,8 @@ DELETE FROM outbox_relays WHERE expires_at < UTC_TIMESTAMP(6) - INTERVAL 1 DAY";
 
 pub(super) const LEAVE: &str = "DELETE FROM outbox_relays WHERE owner = ?";
 
+pub(super) const PROBE: &str = "SELECT 1";
+
 pub(super) const LIVE_OWNERS: &str = "SELECT COUNT(*) FROM outbox_relays WHERE expires_at > UTC_TIMESTAMP(6)";
 
 /// A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;

@@ -143,6 +143,10 @@ pub(super) const READY_LANES: &str = "\
 SELECT l FROM unnest($1::int[]) AS l WHERE EXISTS ( \
   SELECT 1 FROM outbox_messages m WHERE m.lane = l AND (m.available_at = m.created_at OR m.available_at <= now()))";
 
+// Taking a transaction id makes the commit write a record and wait for the WAL flush: the probe
+// feels what a service's commits feel (CPU, locks on the WAL, the disk), not only the CPU.
+pub(super) const PROBE: &str = "SELECT txid_current()";
+
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
 
 pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";

@@ -104,6 +104,8 @@ pub(super) const FORGET_RELAYS: &str = concat!(
 
 pub(super) const LEAVE: &str = "DELETE FROM outbox_relays WHERE owner = ?1";
 
+pub(super) const PROBE: &str = "SELECT 1";
+
 pub(super) const LIVE_OWNERS: &str = concat!("SELECT COUNT(*) FROM outbox_relays WHERE expires_at > ", now!());
 
 /// A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
