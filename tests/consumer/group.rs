@@ -1,0 +1,118 @@
+//! Consumer groups: a rebalance mid-stream, and members in their own processes that join, leave
+//! and get SIGKILLed under load; every effect applied once.
+
+use std::time::Duration;
+
+use outbox_tests::effects::effects_db;
+use outbox_tests::kafka::{broker, create_topic, topic};
+
+use crate::{effect_counts, fast, produce, produce_keys, start, wait_effects, Effects};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_consumers_and_a_rebalance_mid_stream_apply_every_effect_exactly_once() {
+    let b = broker();
+    let t = topic("consume-rebalance");
+    create_topic(&b, &t, 4).await;
+    let pool = effects_db().await;
+    let group = topic("g");
+    let (stop_a, a) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    let mut ids = produce(&b, &t, 300, 40, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop_b, bb) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    ids.extend(produce_keys(&b, &t, "second-", 300, 40, 1).await);
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(90)).await;
+    stop_a.send(()).unwrap();
+    a.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_b.send(()).unwrap();
+    bb.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (600, 600), "every effect exactly once");
+}
+
+/// A consumer-group member in its own process (`consumer-member`), to SIGKILL.
+struct Member(std::process::Child);
+
+impl Member {
+    fn start(b: &str, t: &str, group: &str, pool: &sqlx::PgPool) -> Member {
+        let db = pool.connect_options().get_database().unwrap().to_owned();
+        let url = format!("{}/{db}", outbox_tests::db::pg_url().rsplit_once('/').unwrap().0);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_consumer-member"))
+            .args([b, t, group, &url])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start consumer-member");
+        Member(child)
+    }
+
+    fn signal(&mut self, sig: &str) {
+        let st = std::process::Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// SIGTERM: leaves the group after committing; must exit 0.
+    fn stop(mut self) {
+        self.signal("-TERM");
+        let st = self.0.wait().unwrap();
+        assert!(st.success(), "member exited with {st}");
+    }
+
+    /// SIGKILL: gone without a word, whatever it was doing.
+    fn kill(mut self) {
+        self.signal("-KILL");
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_whose_members_join_leave_and_get_killed_under_load_applies_every_effect_once() {
+    let b = broker();
+    let t = topic("consume-group");
+    create_topic(&b, &t, 6).await;
+    let pool = effects_db().await;
+    let group = topic("g");
+    let mut members = vec![
+        Member::start(&b, &t, &group, &pool),
+        Member::start(&b, &t, &group, &pool),
+        Member::start(&b, &t, &group, &pool),
+    ];
+    // Load: 3,000 keyed messages in 10 bursts over about 5 s, while the group changes.
+    let (b2, t2) = (b.clone(), t.clone());
+    let producing = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for burst in 0..10 {
+            ids.extend(produce_keys(&b2, &t2, &format!("b{burst}-"), 300, 30, 1).await);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        ids
+    });
+    wait_effects(&pool, 300, Duration::from_secs(60)).await;
+    members.remove(1).kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    members.push(Member::start(&b, &t, &group, &pool));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    members.remove(0).stop();
+    let ids = producing.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    members.remove(0).kill();
+    members.push(Member::start(&b, &t, &group, &pool));
+
+    wait_effects(&pool, ids.len() as i64, Duration::from_secs(120)).await;
+    for m in members {
+        m.stop();
+    }
+    assert_eq!(
+        effect_counts(&pool).await,
+        (ids.len() as i64, ids.len() as i64),
+        "every effect exactly once"
+    );
+}
