@@ -1,151 +1,20 @@
 //! MySQL/MariaDB- and SQLite-specific behaviour: migrations beside the application's own sqlx
 //! migrator, concurrent migrations, the audit trail of published rows, batches larger than one
-//! statement, and keys compared byte for byte.
+//! statement, and keys compared byte for byte. The scenarios both databases share are written once
+//! (`other_db_suite!`, and the helpers in `other_dbs/scenarios.rs`); each database's module adds its
+//! own. Below them: which of their errors are worth trying again.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::{Delivered, Lease, Message, Store, StoreAdmin};
+use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::conformance::{claim_all, take_all, OWNER};
 use sqlx::migrate::Migrator;
 
-/// A directory with the application's own sqlx migrations: an `orders` table.
-fn app_migrations() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("app-migrations-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("20240101000000_orders.sql"),
-        "CREATE TABLE orders (id BIGINT PRIMARY KEY);",
-    )
-    .unwrap();
-    dir
-}
+#[path = "other_dbs/scenarios.rs"]
+mod scenarios;
 
-/// Adds a second application migration.
-fn more_app_migrations(dir: &std::path::Path) {
-    std::fs::write(
-        dir.join("20240102000000_more.sql"),
-        "ALTER TABLE orders ADD COLUMN note TEXT;",
-    )
-    .unwrap();
-}
-
-/// Publishes `rows` under `leases` (each row with its lane's lease), partition 0, offset = seq.
-async fn publish(store: &dyn Store, leases: &[Lease], rows: &[outbox::StoredMessage]) {
-    for l in leases {
-        let done: Vec<Delivered> = rows
-            .iter()
-            .filter(|r| r.lane == l.lane)
-            .map(|r| Delivered::new(r.pos).at(3, r.seq.unwrap_or(0)))
-            .collect();
-        store.mark_published(l, &done).await.unwrap();
-    }
-}
-
-/// 2,500 messages in one batch (more than one statement's worth of rows) over 7 keys and unkeyed
-/// ones: every key gets a dense run of seqs in slice order, and claims return them in that order.
-async fn big_batch<DB: outbox::Backend>(pool: &sqlx::Pool<DB>, store: &dyn Store) {
-    let msgs: Vec<Message> = (0..2500)
-        .map(|i| {
-            let m = Message::new("t", format!("{i}"));
-            if i % 10 == 9 {
-                m
-            } else {
-                m.key(format!("key-{}", i % 7))
-            }
-        })
-        .collect();
-    let mut tx = pool.begin().await.unwrap();
-    // One message first, so the batch continues an existing counter.
-    outbox::enqueue(&mut tx, &Message::new("t", "first").key("key-0"))
-        .await
-        .unwrap();
-    let out = outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
-    let mut next: HashMap<&str, i64> = HashMap::new();
-    next.insert("key-0", 2);
-    for (m, e) in msgs.iter().zip(&out) {
-        assert_eq!(m.id(), e.id);
-        match m.key_str() {
-            None => assert_eq!(e.seq, None),
-            Some(k) => {
-                let want = next.entry(k).or_insert(1);
-                assert_eq!(e.seq, Some(*want), "key {k}");
-                *want += 1;
-            }
-        }
-    }
-    let leases = take_all(store, OWNER).await;
-    let rows = claim_all(store, &leases).await;
-    assert_eq!(rows.len(), 2501);
-    let mut last: HashMap<String, i64> = HashMap::new();
-    for r in &rows {
-        if let (Some(k), Some(s)) = (&r.key, r.seq) {
-            let prev = last.insert(k.clone(), s).unwrap_or(0);
-            assert_eq!(s, prev + 1, "key {k} claimed in seq order");
-        }
-    }
-}
-
-/// Writers enqueue into a few hot keys concurrently while a relay claims and publishes: every claim
-/// continues each key exactly where the previous one stopped (no gap, no reordering), and in the
-/// end every message was claimed once.
-async fn writers_and_a_relay<DB: outbox::Backend>(pool: sqlx::Pool<DB>, store: Arc<dyn Store>) {
-    let leases = take_all(&*store, OWNER).await;
-    let writers: Vec<_> = (0..8u64)
-        .map(|w| {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                for i in 0..25u64 {
-                    let mut tx = pool.begin().await.unwrap();
-                    // Keys in a fixed order within a transaction, as any two writers of the same
-                    // keys must (else they can deadlock on the counters, on every database).
-                    let mut keys: Vec<u64> = (0..1 + (w + i) % 3).map(|j| (w * 7 + i * 3 + j) % 5).collect();
-                    keys.sort();
-                    let msgs: Vec<Message> = keys
-                        .iter()
-                        .map(|k| Message::new("t", format!("{w}-{i}-{k}")).key(format!("hot-{k}")))
-                        .collect();
-                    if i % 2 == 0 {
-                        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-                    } else {
-                        for m in &msgs {
-                            outbox::enqueue(&mut tx, m).await.unwrap();
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis((w + i) % 3)).await;
-                    tx.commit().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    let expected: usize = (0..8u64)
-        .map(|w| (0..25u64).map(|i| (1 + (w + i) % 3) as usize).sum::<usize>())
-        .sum();
-    let mut last: HashMap<String, i64> = HashMap::new();
-    let mut seen = 0;
-    let started = std::time::Instant::now();
-    while seen < expected {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "only {seen} of {expected} claimed"
-        );
-        let rows = claim_all(&*store, &leases).await;
-        for r in &rows {
-            let (k, s) = (r.key.clone().unwrap(), r.seq.unwrap());
-            let prev = last.insert(k.clone(), s).unwrap_or(0);
-            assert_eq!(s, prev + 1, "key {k}: claimed seq {s} after {prev}");
-        }
-        seen += rows.len();
-        publish(&*store, &leases, &rows).await;
-    }
-    for w in writers {
-        w.await.unwrap();
-    }
-    assert!(claim_all(&*store, &leases).await.is_empty());
-    assert_eq!(last.values().sum::<i64>() as usize, expected);
-}
+use scenarios::{app_migrations, big_batch, more_app_migrations, publish, writers_and_a_relay};
 
 /// The scenarios MySQL/MariaDB and SQLite share: `other_db_suite!(module, Store, fresh,
 /// fresh_unmigrated, kept-rows query, key type of that query, how the key "k" reads back)`.
@@ -270,95 +139,10 @@ macro_rules! other_db_suite {
     };
 }
 
-mod mysql {
-    use super::*;
-
-    other_db_suite!(
-        mysql,
-        MySqlStore,
-        fresh_mysql,
-        fresh_mysql_unmigrated,
-        "SELECT `key`, kafka_partition, kafka_offset FROM outbox_published ORDER BY seq",
-        Vec<u8>,
-        b"k".to_vec()
-    );
-
-    #[tokio::test]
-    async fn batch_seqs_are_current_even_when_the_transaction_snapshot_is_older() {
-        let pool = outbox_tests::db::fresh_mysql().await;
-        let mut old = pool.begin().await.unwrap();
-        // REPEATABLE READ: this read fixes the transaction's snapshot.
-        let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_keys")
-            .fetch_one(&mut *old)
-            .await
-            .unwrap();
-        let mut tx = pool.begin().await.unwrap();
-        let msgs = [Message::new("t", "a").key("a"), Message::new("t", "b").key("b")];
-        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-        tx.commit().await.unwrap();
-        let out = outbox::enqueue_batch(&mut old, &msgs).await.unwrap();
-        assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![Some(3), Some(3)]);
-        let one = outbox::enqueue(&mut old, &Message::new("t", "a").key("a"))
-            .await
-            .unwrap();
-        assert_eq!(one.seq, Some(4));
-        old.commit().await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn keys_are_compared_byte_for_byte_and_may_be_long() {
-        let pool = outbox_tests::db::fresh_mysql().await;
-        let long = "x".repeat(5000);
-        let keys = ["k", "k ", "K", long.as_str()];
-        let mut tx = pool.begin().await.unwrap();
-        for k in keys {
-            let e = outbox::enqueue(&mut tx, &Message::new("t", "1").key(k)).await.unwrap();
-            assert_eq!(e.seq, Some(1), "{k:?} has a counter of its own");
-        }
-        let e = outbox::enqueue(&mut tx, &Message::new("t", "2").key(long.as_str()))
-            .await
-            .unwrap();
-        assert_eq!(e.seq, Some(2));
-        tx.commit().await.unwrap();
-        let store = MySqlStore::new(pool);
-        let leases = take_all(&store, OWNER).await;
-        let rows = claim_all(&store, &leases).await;
-        assert_eq!(rows.len(), 5);
-        assert_eq!(
-            rows.iter().filter(|r| r.key.as_deref() == Some(long.as_str())).count(),
-            2
-        );
-    }
-}
-
-mod sqlite {
-    use super::*;
-
-    other_db_suite!(
-        sqlite,
-        SqliteStore,
-        fresh_sqlite,
-        fresh_sqlite_unmigrated,
-        "SELECT key, kafka_partition, kafka_offset FROM outbox_published ORDER BY seq",
-        String,
-        "k".to_owned()
-    );
-
-    #[tokio::test]
-    async fn in_memory_database_works_through_a_one_connection_pool() {
-        let pool = outbox_tests::db::fresh_sqlite_memory().await;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::new(pool.clone()));
-        let mut tx = pool.begin().await.unwrap();
-        let e = outbox::enqueue(&mut tx, &Message::new("t", "x").key("k"))
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        let leases = take_all(&*store, OWNER).await;
-        let rows = claim_all(&*store, &leases).await;
-        assert_eq!((rows.len(), rows[0].id, rows[0].seq), (1, e.id, Some(1)));
-    }
-}
+#[path = "other_dbs/mysql.rs"]
+mod mysql;
+#[path = "other_dbs/sqlite.rs"]
+mod sqlite;
 
 /// Whether the write path and the inbox both call `e` worth trying again.
 fn retryable(e: sqlx::Error) -> (bool, bool) {
