@@ -73,7 +73,8 @@ async fn drain_alone(env: &Env, rounds: usize, bootstrap: &str) -> anyhow::Resul
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
     let rounds = env.rounds(5, 2);
-    let dur = Duration::from_millis(env.pick(3000, 1000));
+    // Long enough for the adaptive pace to settle (it decides once a second) and to be measured.
+    let dur = Duration::from_millis(env.pick(6000, 1000));
     let backlog = env.pick(1_000_000usize, 50_000);
     let writers = 16;
     let variant = Variant::Outbox {

@@ -168,8 +168,11 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 Ok(done) => done,
                 Err(exit) => return exit,
             };
-            if let Some(pace) = &shared.adaptive {
-                // Below one lane's worth, the working lane rests in proportion before its next turn.
+            let mut turn = turn;
+            if let (Some(pace), Some(paced)) = (&shared.adaptive, turn.1.as_mut()) {
+                // Below one lane's worth, the working lane rests in proportion before its next
+                // turn, holding it (but no longer counted as a round under way).
+                paced.resting();
                 let rest = pace.pause_after(round_started.elapsed());
                 if !rest.is_zero() && pause(&stop, rest).await {
                     return LaneExit::Stopped;

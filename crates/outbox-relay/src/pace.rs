@@ -1,43 +1,52 @@
 //! The adaptive pace: the relay gives the database back to the service when the service needs it.
 //!
-//! Every [`PROBE_EVERY`] a controller times the store's probe, the smallest transaction that
-//! commits like a service's (see [`outbox::Store::probe`]). The median of the
-//! last few against the fastest of the last [`BASELINE`] says how long the database makes a query
-//! wait now. Waiting well above that baseline means something is competing for the database (the
-//! relay's own lanes or the service's transactions): the pace is halved (at most every
-//! [`CUT_EVERY`], so a cut shows its effect first); otherwise it grows by a step. The pace is a
-//! number of lanes allowed to work at once; below one, the one lane that works pauses after each
-//! round in proportion (at 0.25 it works a quarter of the time). `max_busy_lanes` and `max_rate`
-//! stay hard caps on top.
+//! The signal is the store's probe (see [`outbox::Store::probe`]), the smallest transaction that
+//! commits like a service's. Every [`CYCLE`] the controller times it [`WORKING_PROBES`] times
+//! while the relay works, then holds every lane back for a moment (a quiet window: no round
+//! starts, those under way finish) and times it again. Three figures come out:
+//!
+//! - *quiet*: how long a commit takes without the relay; its fastest of the last [`BASELINE`] is
+//!   the *baseline*, the database at rest;
+//! - the service is *busy* when quiet is well above the baseline (something else is committing);
+//! - *working*: how long a commit takes while the relay works.
+//!
+//! A service's transactions wait for their commits, so its throughput falls as commits slow down.
+//! With no busy service the pace doubles (up to every lane). With a busy one it keeps working
+//! within [`INFLATION`] of quiet: above, it is cut in proportion; below, it grows by a quarter. The
+//! pace is a number of lanes allowed to work at once; below one, the one lane that works rests
+//! after each round in proportion (at 0.25 it works a quarter of the time), down to [`FLOOR`]. It
+//! starts at one lane. `max_busy_lanes` and `max_rate` stay hard caps on top.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::{Publisher, Store, LANES};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{watch, Semaphore, SemaphorePermit};
 
 use crate::lane::Shared;
 
-/// How often the database's answer is timed.
-pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(100);
-/// How far back the baseline (the fastest answer) looks: long enough to remember a quiet database
-/// through minutes of load, short enough to learn a slower path to a new one.
+/// One control cycle: working probes, then the quiet window.
+pub(crate) const CYCLE: Duration = Duration::from_secs(1);
+/// Probes taken while the relay works, spread over the cycle.
+const WORKING_PROBES: u32 = 8;
+/// Probes taken in the quiet window.
+const QUIET_PROBES: usize = 3;
+/// The longest the quiet window waits for the rounds under way to finish.
+const QUIET_WAIT: Duration = Duration::from_millis(300);
+/// How far back the baseline looks: long enough to remember a database at rest through minutes of
+/// load, short enough to learn a slower path to a new one.
 const BASELINE: Duration = Duration::from_secs(300);
-/// Answers taken for the current wait (their median).
-const RECENT: usize = 5;
-/// At least this long between two cuts.
-const CUT_EVERY: Duration = Duration::from_millis(300);
+/// How much slower a commit may get while the relay works, against quiet, when a service is busy.
+const INFLATION: f64 = 1.15;
 /// The lowest pace: one lane working 5% of the time.
 const FLOOR: f64 = 0.05;
-/// Growth per probe without congestion.
-const STEP: f64 = 0.25;
 
-/// Whether the current wait says the database is contended: more than twice the baseline and a
-/// millisecond above it (a local database answers a trivial query in well under one).
-pub(crate) fn congested(current: Duration, baseline: Duration) -> bool {
-    current > baseline * 2 && current > baseline + Duration::from_millis(1)
+/// Whether a service is committing: quiet commits take well over the baseline (half as long again
+/// and half a millisecond more).
+pub(crate) fn busy(quiet: Duration, baseline: Duration) -> bool {
+    quiet > baseline.mul_f64(1.5) + Duration::from_micros(500)
 }
 
 /// The pace the lanes follow.
@@ -46,6 +55,10 @@ pub(crate) struct Adaptive {
     gate: Semaphore,
     /// The pace in thousandths of a lane.
     milli: AtomicU32,
+    /// True during the quiet window: no round starts.
+    quiet: watch::Sender<bool>,
+    /// Rounds under way.
+    active: AtomicUsize,
 }
 
 impl Default for Adaptive {
@@ -53,17 +66,54 @@ impl Default for Adaptive {
         Adaptive {
             gate: Semaphore::new(1),
             milli: AtomicU32::new(1000),
+            quiet: watch::Sender::new(false),
+            active: AtomicUsize::new(0),
         }
     }
 }
 
+/// A lane's turn to work: a permit of the gate, counted as a round under way until
+/// [`Turn::resting`] or its drop.
+pub(crate) struct Turn<'a> {
+    _permit: SemaphorePermit<'a>,
+    active: Option<&'a AtomicUsize>,
+}
+
+impl Turn<'_> {
+    /// The round's work is done (the lane may still hold the turn while it rests).
+    pub(crate) fn resting(&mut self) {
+        if let Some(a) = self.active.take() {
+            a.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.resting();
+    }
+}
+
 impl Adaptive {
-    /// Waits for a turn to work.
-    pub(crate) async fn turn(&self) -> SemaphorePermit<'_> {
-        self.gate.acquire().await.expect("the semaphore is never closed")
+    /// Waits for a turn to work (never during the quiet window).
+    pub(crate) async fn turn(&self) -> Turn<'_> {
+        let mut quiet = self.quiet.subscribe();
+        loop {
+            let _ = quiet.wait_for(|q| !q).await;
+            let permit = self.gate.acquire().await.expect("the semaphore is never closed");
+            self.active.fetch_add(1, Ordering::AcqRel);
+            if !*quiet.borrow() {
+                return Turn {
+                    _permit: permit,
+                    active: Some(&self.active),
+                };
+            }
+            // The window began while this lane waited for the gate: give way.
+            self.active.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
-    /// How long a lane pauses after a round that took `took`, at the current pace.
+    /// How long a lane rests after a round that took `took`, at the current pace.
     pub(crate) fn pause_after(&self, took: Duration) -> Duration {
         let level = self.level();
         if level >= 1.0 {
@@ -78,63 +128,46 @@ impl Adaptive {
     }
 }
 
-/// The controller's state: recent answers, the baseline, the pace and the gate's permits.
+/// The controller's state: the baseline, the pace and the gate's permits.
 struct Control {
-    recent: VecDeque<Duration>,
-    /// The fastest answer of each second, for the last [`BASELINE`].
-    fastest: VecDeque<(Instant, Duration)>,
+    /// The fastest quiet commit of each cycle, for the last [`BASELINE`].
+    quiet: VecDeque<(Instant, Duration)>,
     level: f64,
     permits: usize,
-    last_cut: Option<Instant>,
-    /// Until the first sign of contention the pace doubles per quick answer (it starts at one lane,
-    /// so the first answers, the baseline, come from a database the relay does not load yet).
-    slow_start: bool,
 }
 
 impl Control {
     fn new() -> Self {
         Control {
-            recent: VecDeque::with_capacity(RECENT),
-            fastest: VecDeque::new(),
+            quiet: VecDeque::new(),
             level: 1.0,
             permits: 1,
-            last_cut: None,
-            slow_start: true,
         }
     }
 
-    /// Takes one timed answer and returns the new pace.
-    fn observe(&mut self, took: Duration, now: Instant) -> f64 {
-        if self.recent.len() == RECENT {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(took);
-        match self.fastest.back_mut() {
-            Some((at, best)) if now.duration_since(*at) < Duration::from_secs(1) => *best = (*best).min(took),
-            _ => self.fastest.push_back((now, took)),
-        }
+    /// Takes one cycle's figures and returns the new pace.
+    fn cycle(&mut self, quiet: Duration, working: Duration, now: Instant) -> f64 {
+        self.quiet.push_back((now, quiet));
         while self
-            .fastest
+            .quiet
             .front()
             .is_some_and(|(at, _)| now.duration_since(*at) > BASELINE)
         {
-            self.fastest.pop_front();
+            self.quiet.pop_front();
         }
-        let baseline = self.fastest.iter().map(|(_, d)| *d).min().unwrap_or(took);
-        let mut sorted: Vec<Duration> = self.recent.iter().copied().collect();
-        sorted.sort();
-        let current = sorted[sorted.len() / 2];
-        if congested(current, baseline) {
-            self.slow_start = false;
-            if self.last_cut.is_none_or(|at| now.duration_since(at) >= CUT_EVERY) {
-                self.level = (self.level / 2.0).max(FLOOR);
-                self.last_cut = Some(now);
-            }
-        } else if self.slow_start {
-            self.level = (self.level * 2.0).min(f64::from(LANES));
+        let baseline = self.quiet.iter().map(|(_, d)| *d).min().unwrap_or(quiet);
+        let most = f64::from(LANES);
+        self.level = if !busy(quiet, baseline) {
+            (self.level * 2.0).min(most)
         } else {
-            self.level = (self.level + STEP).min(f64::from(LANES));
-        }
+            let allowed = quiet.mul_f64(INFLATION);
+            if working > allowed {
+                let cut = (allowed.as_secs_f64() / working.as_secs_f64()).clamp(0.1, 0.7);
+                (self.level * cut).max(FLOOR)
+            } else {
+                (self.level * 1.25).max(self.level + FLOOR).min(most)
+            }
+        };
         self.level
     }
 
@@ -146,8 +179,25 @@ impl Control {
             pace.gate.add_permits(want - self.permits);
             self.permits = want;
         } else if want < self.permits {
-            // Only free permits can go; the rest go on a later probe, once their lanes finish.
+            // Only free permits can go; the rest go on a later cycle, once their lanes finish.
             self.permits -= pace.gate.forget_permits(self.permits - want);
+        }
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Option<Duration> {
+    v.sort();
+    v.get(v.len() / 2).copied()
+}
+
+/// Times the store's probe; `None` when it failed.
+async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<Duration> {
+    let start = Instant::now();
+    match shared.store.probe().await {
+        Ok(()) => Some(start.elapsed()),
+        Err(e) => {
+            tracing::debug!(error = %e, "pace probe failed");
+            None
         }
     }
 }
@@ -159,15 +209,33 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     };
     let mut c = Control::new();
     loop {
-        tokio::time::sleep(PROBE_EVERY).await;
-        let start = Instant::now();
-        if let Err(e) = shared.store.probe().await {
-            tracing::debug!(error = %e, "pace probe failed");
-            continue;
+        let mut working = Vec::new();
+        for _ in 0..WORKING_PROBES {
+            tokio::time::sleep(CYCLE / WORKING_PROBES).await;
+            working.extend(probe(&shared).await);
         }
-        let level = c.observe(start.elapsed(), Instant::now());
+        pace.quiet.send_replace(true);
+        let waited = Instant::now();
+        while pace.active.load(Ordering::Acquire) > 0 && waited.elapsed() < QUIET_WAIT {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut quiet = Vec::new();
+        for _ in 0..QUIET_PROBES {
+            quiet.extend(probe(&shared).await);
+        }
+        pace.quiet.send_replace(false);
+        let (Some(quiet), Some(working)) = (median(quiet), median(working)) else {
+            continue;
+        };
+        let level = c.cycle(quiet, working, Instant::now());
         c.apply(pace);
         shared.meters.pace.set(level);
+        tracing::debug!(
+            level,
+            quiet_us = quiet.as_micros() as u64,
+            working_us = working.as_micros() as u64,
+            "pace"
+        );
     }
 }
 
@@ -175,87 +243,99 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
 mod tests {
     use super::*;
 
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
     }
 
     #[test]
-    fn a_slow_database_cuts_the_pace_to_the_floor_and_a_quick_one_restores_it() {
-        let mut c = Control::new();
-        let t0 = Instant::now();
-        let mut now = t0;
-        for _ in 0..10 {
-            c.observe(Duration::from_micros(200), now);
-            now += PROBE_EVERY;
-        }
-        assert_eq!(
-            c.level,
-            f64::from(LANES),
-            "a quick database: full pace (doubling from one lane)"
-        );
-        let mut cuts = 0;
-        for _ in 0..200 {
-            let before = c.level;
-            c.observe(ms(8), now);
-            if c.level < before {
-                cuts += 1;
-            }
-            now += PROBE_EVERY;
-        }
-        assert_eq!(c.level, FLOOR, "a slow database: the floor");
-        assert!(cuts <= 200 * PROBE_EVERY.as_millis() as usize / CUT_EVERY.as_millis() as usize + 1);
-        for _ in 0..10 {
-            c.observe(Duration::from_micros(250), now);
-            now += PROBE_EVERY;
-        }
-        assert!(c.level > 1.0, "quick answers again: the pace grows ({})", c.level);
-    }
-
-    #[test]
-    fn the_baseline_forgets_answers_older_than_its_window() {
+    fn without_a_busy_service_the_pace_doubles_to_every_lane() {
         let mut c = Control::new();
         let mut now = Instant::now();
-        c.observe(Duration::from_micros(100), now);
-        // 5 ms answers: congested against 0.1 ms at first, the new normal once that one is old.
-        for _ in 0..(BASELINE.as_millis() / PROBE_EVERY.as_millis() + 100) {
-            now += PROBE_EVERY;
-            c.observe(ms(5), now);
+        // The relay alone slows commits down tenfold: nobody else needs them.
+        for _ in 0..6 {
+            c.cycle(us(400), us(4000), now);
+            now += CYCLE;
         }
-        let low = c.level;
-        for _ in 0..20 {
-            now += PROBE_EVERY;
-            c.observe(ms(5), now);
-        }
-        assert!(
-            c.level > low,
-            "5 ms is the baseline after {BASELINE:?}: the pace grows again"
-        );
+        assert_eq!(c.level, f64::from(LANES));
     }
 
     #[test]
-    fn below_one_lane_the_lane_pauses_in_proportion() {
+    fn a_busy_service_cuts_the_pace_in_proportion_down_to_the_floor() {
+        let mut c = Control::new();
+        let mut now = Instant::now();
+        for _ in 0..6 {
+            c.cycle(us(400), us(4000), now);
+            now += CYCLE;
+        }
+        // The service commits (quiet 3 ms against a 0.4 ms baseline) and the relay doubles that.
+        c.cycle(us(3000), us(6000), now);
+        let cut = f64::from(LANES) * (3000.0 * INFLATION / 6000.0);
+        assert!((c.level - cut).abs() < 1e-9, "{} vs {cut}", c.level);
+        for _ in 0..10 {
+            now += CYCLE;
+            c.cycle(us(3000), us(9000), now);
+        }
+        assert_eq!(c.level, FLOOR);
+        // Within the allowed inflation the pace grows again, by a quarter per cycle.
+        now += CYCLE;
+        c.cycle(us(3000), us(3100), now);
+        assert!((c.level - FLOOR * 1.25).abs() < 1e-9 || (c.level - 2.0 * FLOOR).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_baseline_forgets_quiet_figures_older_than_its_window() {
+        let mut c = Control::new();
+        let mut now = Instant::now();
+        c.cycle(us(100), us(100), now);
+        // From now on every quiet commit takes 5 ms: a busy service against 0.1 ms, until that
+        // figure is older than the window and 5 ms is the database at rest.
+        now += CYCLE;
+        c.cycle(us(5000), us(50_000), now);
+        assert!(c.level < 1.0);
+        now += BASELINE + CYCLE;
+        c.cycle(us(5000), us(50_000), now);
+        now += CYCLE;
+        let before = c.level;
+        c.cycle(us(5000), us(50_000), now);
+        assert_eq!(c.level, (before * 2.0).min(f64::from(LANES)));
+    }
+
+    #[test]
+    fn below_one_lane_the_lane_rests_in_proportion() {
         let pace = Adaptive::default();
-        assert_eq!(pace.pause_after(ms(10)), Duration::ZERO);
+        assert_eq!(pace.pause_after(Duration::from_millis(10)), Duration::ZERO);
         pace.milli.store(250, Ordering::Relaxed);
-        assert_eq!(pace.pause_after(ms(10)), ms(30));
+        assert_eq!(pace.pause_after(Duration::from_millis(10)), Duration::from_millis(30));
     }
 
     #[tokio::test]
-    async fn the_gate_lets_as_many_lanes_work_as_the_pace_allows() {
+    async fn the_gate_lets_as_many_lanes_work_as_the_pace_allows_and_none_in_the_quiet() {
         let pace = Adaptive::default();
         let mut c = Control::new();
         c.level = 2.5;
         c.apply(&pace);
         let a = pace.turn().await;
-        let b = pace.turn().await;
+        let mut b = pace.turn().await;
         let _c = pace.turn().await;
+        assert_eq!(pace.active.load(Ordering::Acquire), 3);
         assert!(pace.gate.try_acquire().is_err(), "3 permits at 2.5 lanes");
+        b.resting();
+        assert_eq!(
+            pace.active.load(Ordering::Acquire),
+            2,
+            "a resting lane is no round under way"
+        );
         c.level = 1.0;
         c.apply(&pace);
         assert_eq!(c.permits, 3, "every permit in use: none taken back yet");
         drop((a, b));
         c.apply(&pace);
         assert_eq!(c.permits, 1, "taken back once their lanes finished");
-        assert!(pace.gate.try_acquire().is_err());
+        drop(_c);
+        pace.quiet.send_replace(true);
+        let waiting = tokio::time::timeout(Duration::from_millis(100), pace.turn()).await;
+        assert!(waiting.is_err(), "no turn during the quiet window");
+        pace.quiet.send_replace(false);
+        let _d = tokio::time::timeout(Duration::from_secs(1), pace.turn()).await.unwrap();
     }
 }
