@@ -132,6 +132,8 @@ struct Case {
     poll: Duration,
     /// librdkafka `linger.ms` (None: the default, 5 ms).
     linger_ms: Option<u32>,
+    /// How long the relay's lanes linger after running dry ([`RelayConfig::linger`]).
+    lanes_linger: Duration,
 }
 
 /// The relay in `case`, measured from commit to delivery report.
@@ -161,7 +163,11 @@ async fn relay_latency(
     };
     let relay = tokio::spawn(async move {
         Relay::new(store, publisher)
-            .config(RelayConfig::default().poll_interval(case.poll))
+            .config(
+                RelayConfig::default()
+                    .poll_interval(case.poll)
+                    .linger(case.lanes_linger),
+            )
             .run_until(async {
                 let _ = stop_rx.await;
             })
@@ -282,22 +288,32 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let db = BenchDb::create(env, 24).await?;
     let rates = [1000u64, 5000];
     // [rate][variant] -> runs; variants: raw, notify, poll.
+    let lanes_linger = RelayConfig::DEFAULT_LINGER;
     let cases = [
         None,
         Some(Case {
             notify: true,
             poll: RelayConfig::default().poll_interval,
             linger_ms: None,
+            lanes_linger,
         }),
         Some(Case {
             notify: false,
             poll,
             linger_ms: None,
+            lanes_linger,
         }),
         Some(Case {
             notify: true,
             poll: RelayConfig::default().poll_interval,
             linger_ms: Some(0),
+            lanes_linger,
+        }),
+        Some(Case {
+            notify: true,
+            poll: RelayConfig::default().poll_interval,
+            linger_ms: None,
+            lanes_linger: Duration::ZERO,
         }),
     ];
     let names = [
@@ -305,6 +321,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         "relay NOTIFY",
         "relay polling",
         "relay NOTIFY, linger.ms=0",
+        "relay NOTIFY, lanes linger 0",
     ];
     let mut res: Vec<Vec<Vec<Lat>>> = vec![vec![Vec::new(); cases.len()]; rates.len()];
     for round in 0..rounds {
@@ -343,6 +360,10 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 format!("{rate} msg/s, relay polling every {} ms (NOTIFY off)", poll.as_millis()),
             ),
             (3, format!("{rate} msg/s, relay woken by NOTIFY, linger.ms=0")),
+            (
+                4,
+                format!("{rate} msg/s, relay woken by NOTIFY, lanes linger 0 (idle as soon as dry)"),
+            ),
             (0, format!("{rate} msg/s, raw producer send -> report (broker floor)")),
         ] {
             let runs = &res[ri][variant];
@@ -377,7 +398,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
              with rate/{TX_PER_SEC} keyed messages (enqueue_batch), so 1,000 msg/s = 5 msgs/tx and 5,000 msg/s = 25 msgs/tx \
              (NOTIFY serializes commits: see figure 1). Latency per message = time the relay's publish() returned with its \
              delivery report - time commit() returned, over {} s after 1 s of warm-up; embedded relay with defaults \
-             (batch 500, KafkaPublisher linger.ms=5 default). Variants interleaved (rotating start).",
+             (batch 500, lanes linger 1 s, KafkaPublisher linger.ms=5 default). Variants interleaved (rotating start).",
             dur.as_secs()
         ),
         rounds,
