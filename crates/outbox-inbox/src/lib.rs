@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod backend;
+pub mod dead_letter;
 mod error;
 mod handler;
 mod inbox;
@@ -21,4 +22,4 @@ pub use handler::Handler;
 pub use inbox::{GapPolicy, Inbox, Outcome, DEFAULT_RETENTION};
 pub use incoming::{Incoming, MAX_SOURCE_LEN};
 pub use parked::Parked;
-pub use runner::{Disposition, RetryInPlace, RunnerCore, RunnerStats, Step, Tried};
+pub use runner::{CleanupSchedule, Disposition, RetryInPlace, RunnerCore, RunnerStats, Step, Tried};
