@@ -9,94 +9,31 @@
 //! with backoff; after `max_attempts` the message goes to a dead-letter topic and the partition
 //! moves on. A message without usable outbox headers is dead-lettered at once.
 
-use std::collections::HashMap;
+mod config;
+mod waiting;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::{Backoff, InvalidBackoff};
-use outbox_inbox::{Backend, Handler, Inbox, RetryInPlace, RunnerCore, Step};
+use outbox::InvalidBackoff;
+use outbox_inbox::{Backend, CleanupSchedule, Handler, Inbox, RetryInPlace, RunnerCore, Step};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-/// Header naming why a message was dead-lettered.
-pub const HEADER_ERROR: &str = "outbox-error";
-/// Header with the topic a dead-lettered message came from.
-pub const HEADER_ORIGINAL_TOPIC: &str = "outbox-original-topic";
+pub use config::ConsumerConfig;
+use waiting::Waiting;
+
+pub use outbox_inbox::dead_letter::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_TOPIC};
+
 /// Header with the partition a dead-lettered message came from.
 pub const HEADER_ORIGINAL_PARTITION: &str = "outbox-original-partition";
 /// Header with the offset a dead-lettered message came from.
 pub const HEADER_ORIGINAL_OFFSET: &str = "outbox-original-offset";
-/// Header with how many attempts were made.
-pub const HEADER_ATTEMPTS: &str = "outbox-attempts";
-
-/// Consumer runner settings.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub struct ConsumerConfig {
-    /// Handler attempts before the message is dead-lettered. Defaults to 5.
-    pub max_attempts: u32,
-    /// First retry delay; doubles per attempt, with jitter. Defaults to 100 ms.
-    pub backoff_base: Duration,
-    /// Retry delay cap. Defaults to 5 s.
-    pub backoff_max: Duration,
-    /// Dead-letter topic; by default `<topic>.dlq`.
-    pub dead_letter_topic: Option<String>,
-    /// How often the runner deletes the inbox's expired records ([`Inbox::cleanup`]); `None`
-    /// leaves it to the application. Defaults to every 10 minutes.
-    pub cleanup_interval: Option<Duration>,
-}
-
-impl Default for ConsumerConfig {
-    fn default() -> Self {
-        ConsumerConfig {
-            max_attempts: 5,
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
-            dead_letter_topic: None,
-            cleanup_interval: Some(Duration::from_secs(10 * 60)),
-        }
-    }
-}
-
-impl ConsumerConfig {
-    /// Sets [`ConsumerConfig::max_attempts`].
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n.max(1);
-        self
-    }
-    /// Sets [`ConsumerConfig::backoff_base`].
-    pub fn backoff_base(mut self, d: Duration) -> Self {
-        self.backoff_base = d;
-        self
-    }
-    /// Sets [`ConsumerConfig::backoff_max`].
-    pub fn backoff_max(mut self, d: Duration) -> Self {
-        self.backoff_max = d;
-        self
-    }
-    /// Sets [`ConsumerConfig::cleanup_interval`].
-    pub fn cleanup_interval(mut self, every: Option<Duration>) -> Self {
-        self.cleanup_interval = every;
-        self
-    }
-    /// Sets [`ConsumerConfig::dead_letter_topic`].
-    pub fn dead_letter_topic(mut self, t: impl Into<String>) -> Self {
-        self.dead_letter_topic = Some(t.into());
-        self
-    }
-
-    /// The retry delays, from [`ConsumerConfig::backoff_base`] doubling up to
-    /// [`ConsumerConfig::backoff_max`], jittered.
-    pub fn retry_backoff(&self) -> Result<Backoff, InvalidBackoff> {
-        Backoff::new(self.backoff_base, self.backoff_max)
-    }
-}
 
 /// Running counts of what the runner did, readable while it runs (the one set every runner keeps).
 pub use outbox_inbox::RunnerStats as ConsumerStats;
@@ -251,17 +188,13 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         }
         tokio::pin!(shutdown);
         let mut waiting = Waiting::default();
-        let mut next_cleanup = self.cfg.cleanup_interval.map(|every| Instant::now() + every);
+        let mut cleanup = CleanupSchedule::new(self.cfg.cleanup_interval);
         loop {
             let next_resume = waiting.next_resume();
             let msg = tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tokio::time::sleep_until(next_cleanup.unwrap_or_else(Instant::now)), if next_cleanup.is_some() => {
-                    match self.core.inbox().cleanup(self.core.pool(), 1000).await {
-                        Ok(n) => tracing::debug!(deleted = n, "inbox cleanup"),
-                        Err(e) => tracing::warn!(error = %e, "inbox cleanup failed; will try again"),
-                    }
-                    next_cleanup = self.cfg.cleanup_interval.map(|every| Instant::now() + every);
+                _ = cleanup.due() => {
+                    self.core.clean_up(&mut cleanup).await;
                     continue;
                 }
                 _ = tokio::time::sleep_until(next_resume.unwrap_or_else(Instant::now)), if next_resume.is_some() => {
@@ -388,73 +321,5 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             .await
             .map_err(|(source, _)| ConsumerError::DeadLetter { topic, source })?;
         Ok(())
-    }
-}
-
-/// Partitions paused at a message that waits for a retry, and the handler failures of the message
-/// each partition is at.
-#[derive(Default)]
-struct Waiting {
-    /// (topic, partition) -> (offset of the waiting message, handler failures so far, resume at);
-    /// resume at is `None` once the partition is resumed and the message is being read again.
-    at: HashMap<(String, i32), (i64, u32, Option<Instant>)>,
-}
-
-impl Waiting {
-    fn next_resume(&self) -> Option<Instant> {
-        self.at.values().filter_map(|(_, _, r)| *r).min()
-    }
-
-    fn is_paused(&self, tp: &(String, i32)) -> bool {
-        self.at.get(tp).is_some_and(|(_, _, r)| r.is_some())
-    }
-
-    /// Handler failures so far of the message at `offset` (0 for any other message).
-    fn attempts(&self, tp: &(String, i32), offset: i64) -> u32 {
-        match self.at.get(tp) {
-            Some((o, n, _)) if *o == offset => *n,
-            _ => 0,
-        }
-    }
-
-    fn done(&mut self, tp: &(String, i32)) {
-        self.at.remove(tp);
-    }
-
-    /// Pauses the partition and rewinds it to the waiting message.
-    fn pause(&mut self, consumer: &StreamConsumer, tp: (String, i32), offset: i64, attempts: u32, delay: Duration) {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&tp.0, tp.1);
-        if let Err(e) = consumer.pause(&tpl) {
-            tracing::warn!(error = %e, topic = tp.0, partition = tp.1, "pause failed");
-        }
-        seek(consumer, &tp, offset);
-        self.at.insert(tp, (offset, attempts, Some(Instant::now() + delay)));
-    }
-
-    /// Resumes the partitions whose delay is over, rewound to their waiting message again (the
-    /// partition may have been revoked and assigned back meanwhile).
-    fn resume_due(&mut self, consumer: &StreamConsumer) {
-        let now = Instant::now();
-        let mut tpl = TopicPartitionList::new();
-        for (tp, (offset, _, resume_at)) in self.at.iter_mut() {
-            if resume_at.is_some_and(|r| r <= now) {
-                *resume_at = None;
-                seek(consumer, tp, *offset);
-                tpl.add_partition(&tp.0, tp.1);
-            }
-        }
-        if tpl.count() > 0 {
-            if let Err(e) = consumer.resume(&tpl) {
-                tracing::warn!(error = %e, "resume failed");
-            }
-        }
-    }
-}
-
-fn seek(consumer: &StreamConsumer, tp: &(String, i32), offset: i64) {
-    if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(5)) {
-        // Not assigned any more: its next owner starts from the committed offset, before it.
-        tracing::debug!(error = %e, topic = tp.0, partition = tp.1, "seek failed");
     }
 }
