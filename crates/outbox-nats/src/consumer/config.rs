@@ -1,0 +1,155 @@
+//! The consumer runner's settings.
+
+use std::time::Duration;
+
+#[cfg(doc)]
+use outbox_inbox::Inbox;
+use serde::Deserialize;
+
+use crate::config::redact_url;
+
+/// Consumer runner settings. Parsed from a file with serde (`deny_unknown_fields`); every field but
+/// `stream` and `durable` has a default.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct NatsConsumerConfig {
+    /// Server URLs, as [`NatsConfig::url`](crate::NatsConfig::url) (credentials never logged).
+    /// Defaults to `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// The stream to consume. Required.
+    pub stream: String,
+    /// The durable consumer's name: members that share it share the work. Required.
+    pub durable: String,
+    /// Only subjects matching this filter (e.g. `chat.room-1.*`); empty for the whole stream.
+    /// Defaults to empty.
+    pub filter_subject: String,
+    /// The delivery whose handler fails for the `max_deliver`-th time is dead-lettered. Counted
+    /// by the server: deliveries after a runner stopped or died before its ack count too. The
+    /// consumer itself is created with an unlimited `max_deliver`, so the server never drops a
+    /// message without a dead letter. Defaults to 5.
+    pub max_deliver: i64,
+    /// How long the server waits for an ack before it delivers the message again (to this or
+    /// another member). Defaults to 30 000 ms.
+    pub ack_wait_ms: u64,
+    /// Messages delivered and not yet acknowledged, per consumer (all members together). 1 keeps
+    /// every subject, so every key, in stream order even when a message is retried: nothing is
+    /// delivered until it is acknowledged or dead-lettered. More lets a later message pass one
+    /// that waits for its retry; then keep per-key order with the inbox's `GapPolicy::Hold`
+    /// (a successor is parked until its predecessor is applied) or with one consumer per key
+    /// subject (`filter_subject`). Defaults to 1.
+    pub max_ack_pending: i64,
+    /// First retry delay of a failed handler; doubles per delivery, jittered ([`outbox::Backoff`]).
+    /// Defaults to 100 ms.
+    pub backoff_base_ms: u64,
+    /// Retry delay cap (also of the wait for the database). Defaults to 5 000 ms.
+    pub backoff_max_ms: u64,
+    /// A dead-lettered message from subject `S` is published to `<dead_letter_prefix>.S`.
+    /// Defaults to `"dlq"`.
+    pub dead_letter_prefix: String,
+    /// Create the stream `<stream>_DLQ` taking `<dead_letter_prefix>.<subject>` for each of the
+    /// consumed stream's subjects, if it does not exist. Without any stream for the dead-letter
+    /// subject, a message to dead-letter waits (and is retried) instead of being dropped.
+    /// Defaults to true.
+    pub create_dead_letter_stream: bool,
+    /// How often the runner deletes the inbox's expired records ([`Inbox::cleanup`]); 0 leaves it
+    /// to the application. Defaults to 600 000 ms (10 minutes).
+    pub cleanup_interval_ms: u64,
+    /// The connection name the server shows. Defaults to `"outbox-consumer"`.
+    pub connection_name: String,
+}
+
+impl Default for NatsConsumerConfig {
+    fn default() -> Self {
+        NatsConsumerConfig {
+            url: crate::config::DEFAULT_URL.to_owned(),
+            stream: String::new(),
+            durable: String::new(),
+            filter_subject: String::new(),
+            max_deliver: 5,
+            ack_wait_ms: 30_000,
+            max_ack_pending: 1,
+            backoff_base_ms: 100,
+            backoff_max_ms: 5_000,
+            dead_letter_prefix: "dlq".to_owned(),
+            create_dead_letter_stream: true,
+            cleanup_interval_ms: 600_000,
+            connection_name: "outbox-consumer".to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NatsConsumerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConsumerConfig")
+            .field("url", &redact_url(&self.url))
+            .field("stream", &self.stream)
+            .field("durable", &self.durable)
+            .field("filter_subject", &self.filter_subject)
+            .field("max_deliver", &self.max_deliver)
+            .field("ack_wait_ms", &self.ack_wait_ms)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("backoff_base_ms", &self.backoff_base_ms)
+            .field("backoff_max_ms", &self.backoff_max_ms)
+            .field("dead_letter_prefix", &self.dead_letter_prefix)
+            .field("create_dead_letter_stream", &self.create_dead_letter_stream)
+            .field("cleanup_interval_ms", &self.cleanup_interval_ms)
+            .finish()
+    }
+}
+
+impl NatsConsumerConfig {
+    /// Settings for durable consumer `durable` of `stream`, the rest defaults.
+    pub fn new(stream: impl Into<String>, durable: impl Into<String>) -> Self {
+        NatsConsumerConfig {
+            stream: stream.into(),
+            durable: durable.into(),
+            ..Default::default()
+        }
+    }
+    /// Sets [`NatsConsumerConfig::url`].
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = url.into();
+        self
+    }
+    /// Sets [`NatsConsumerConfig::filter_subject`].
+    pub fn filter_subject(mut self, filter: impl Into<String>) -> Self {
+        self.filter_subject = filter.into();
+        self
+    }
+    /// Sets [`NatsConsumerConfig::max_deliver`].
+    pub fn max_deliver(mut self, n: i64) -> Self {
+        self.max_deliver = n.max(1);
+        self
+    }
+    /// Sets [`NatsConsumerConfig::ack_wait_ms`].
+    pub fn ack_wait(mut self, d: Duration) -> Self {
+        self.ack_wait_ms = d.as_millis() as u64;
+        self
+    }
+    /// Sets [`NatsConsumerConfig::max_ack_pending`].
+    pub fn max_ack_pending(mut self, n: i64) -> Self {
+        self.max_ack_pending = n;
+        self
+    }
+    /// Sets [`NatsConsumerConfig::backoff_base_ms`].
+    pub fn backoff_base(mut self, d: Duration) -> Self {
+        self.backoff_base_ms = d.as_millis() as u64;
+        self
+    }
+    /// Sets [`NatsConsumerConfig::backoff_max_ms`].
+    pub fn backoff_max(mut self, d: Duration) -> Self {
+        self.backoff_max_ms = d.as_millis() as u64;
+        self
+    }
+    /// Sets [`NatsConsumerConfig::dead_letter_prefix`].
+    pub fn dead_letter_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.dead_letter_prefix = prefix.into();
+        self
+    }
+    /// Sets [`NatsConsumerConfig::cleanup_interval_ms`] (`None`: never).
+    pub fn cleanup_interval(mut self, every: Option<Duration>) -> Self {
+        self.cleanup_interval_ms = every.map_or(0, |d| d.as_millis() as u64);
+        self
+    }
+}
