@@ -107,13 +107,16 @@ impl RabbitConfig {
         if self.connect_timeout_ms == 0 {
             return Err("connect_timeout_ms must be positive".into());
         }
-        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
-            return Err(format!(
-                "url {} is not an amqp:// or amqps:// URI",
-                redact_url(&self.url)
-            ));
-        }
+        check_url(&self.url)
+    }
+}
+
+/// Refuses a URL that is not `amqp://` or `amqps://`; the error shows it without its password.
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
         Ok(())
+    } else {
+        Err(format!("url {} is not an amqp:// or amqps:// URI", redact_url(url)))
     }
 }
 

@@ -1,26 +1,29 @@
 //! `RabbitPublisher`: the relay's [`Publisher`] on lapin. One confirm channel per lane, persistent
 //! `mandatory` messages; a row counts as delivered only when the broker confirmed it.
 
+mod classify;
+mod properties;
+#[cfg(test)]
+mod tests;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ExchangeKind};
 use outbox::{Delivered, FailureKind, PublishError, Publisher, StoredMessage};
-use outbox::{HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE};
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::config::{connect, redact_url, RabbitConfig};
 use crate::RabbitError;
-
-/// AMQP delivery mode of a message written to disk by durable queues.
-const PERSISTENT: u8 = 2;
+use classify::channel_closed;
+pub use classify::classify;
+use properties::properties;
 
 /// Publishes outbox rows to RabbitMQ. Shared by all lanes of a relay; reconnects by itself.
 ///
@@ -40,78 +43,6 @@ impl std::fmt::Debug for RabbitPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitPublisher").field("cfg", &self.cfg).finish()
     }
-}
-
-/// Decides what the relay does with a row the broker failed, from lapin's error.
-///
-/// The connection (refused, closed, reset, heartbeat missed, closed by the server) or an exchange
-/// that is gone: [`FailureKind::Unavailable`], whatever the message. The server closing the channel
-/// for the message itself, when it was the only one in flight: `PRECONDITION_FAILED` (too large,
-/// invalid headers), `ACCESS_REFUSED` (no write permission for the routing key), `CONTENT_TOO_LARGE`,
-/// `NO_ROUTE`: [`FailureKind::Permanent`]. Anything else is [`FailureKind::Retryable`].
-pub fn classify(e: &lapin::Error) -> PublishError {
-    use lapin::Error as E;
-    match e {
-        E::IOError(_)
-        | E::InvalidConnectionState(_)
-        | E::MissingHeartbeatError
-        | E::ChannelsLimitReached
-        | E::InvalidProtocolVersion(_) => PublishError::unavailable(format!("connection: {e}")),
-        E::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Hard(_) => PublishError::unavailable(format!("connection closed by the server: {e}")),
-            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => PublishError::unavailable(format!("exchange missing: {e}")),
-            AMQPErrorKind::Soft(
-                AMQPSoftError::PRECONDITIONFAILED
-                | AMQPSoftError::ACCESSREFUSED
-                | AMQPSoftError::CONTENTTOOLARGE
-                | AMQPSoftError::NOROUTE,
-            ) => PublishError::permanent(e.to_string()),
-            AMQPErrorKind::Soft(_) => PublishError::retryable(e.to_string()),
-        },
-        _ => PublishError::retryable(e.to_string()),
-    }
-}
-
-/// True when `e` means the server closed the channel (or it is closing), not the connection: the
-/// message that caused it is one of those in flight on the channel, not necessarily this one.
-fn channel_closed(e: &lapin::Error) -> bool {
-    match e {
-        lapin::Error::ProtocolError(amqp) => matches!(amqp.kind(), AMQPErrorKind::Soft(_)),
-        lapin::Error::InvalidChannelState(_) => true,
-        _ => false,
-    }
-}
-
-/// The AMQP headers of a row: the `outbox-*` ones, then the row's own.
-fn headers(row: &StoredMessage) -> FieldTable {
-    let mut t = FieldTable::default();
-    let mut put = |k: &str, v: String| t.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));
-    put(HEADER_ID, row.id.to_string());
-    if let Some(k) = &row.key {
-        put(HEADER_KEY, k.clone());
-    }
-    if let Some(s) = row.seq {
-        put(HEADER_SEQ, s.to_string());
-    }
-    if let Some(s) = &row.source {
-        put(HEADER_SOURCE, s.clone());
-    }
-    for (k, v) in &row.headers {
-        put(k, v.clone());
-    }
-    t
-}
-
-fn properties(row: &StoredMessage) -> BasicProperties {
-    let mut p = BasicProperties::default()
-        .with_delivery_mode(PERSISTENT)
-        .with_message_id(ShortString::from(row.id.to_string()))
-        .with_timestamp(u64::try_from(row.created_at.timestamp()).unwrap_or(0))
-        .with_headers(headers(row));
-    if let Some((_, ct)) = row.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
-        p = p.with_content_type(ShortString::from(ct.clone()));
-    }
-    p
 }
 
 /// What became of one row of a pipelined batch.
@@ -144,6 +75,14 @@ impl RabbitPublisher {
 
     fn confirm_timeout(&self) -> Duration {
         Duration::from_millis(self.cfg.confirm_timeout_ms)
+    }
+
+    /// A row whose confirm did not come within the confirm timeout.
+    fn unconfirmed(&self) -> PublishError {
+        PublishError::unavailable(format!(
+            "no confirm within {:?} (possibly persisted; will resend, consumers deduplicate)",
+            self.confirm_timeout()
+        ))
     }
 
     /// The open connection, or a new one.
@@ -192,11 +131,7 @@ impl RabbitPublisher {
         if let Some(ch) = kept.filter(|ch| ch.status().connected()) {
             return Ok(ch);
         }
-        let ch = conn.create_channel().await.map_err(|e| classify(&e))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| classify(&e))?;
-        Ok(ch)
+        confirm_channel(conn).await
     }
 
     fn keep_channel(&self, lane: i32, ch: Channel) {
@@ -292,10 +227,7 @@ impl RabbitPublisher {
                     Ok(Ok(c)) => Sent::Done(self.outcome(row, c)),
                     Ok(Err(e)) if channel_closed(&e) => Sent::Again,
                     Ok(Err(e)) => Sent::Done(Err(classify(&e))),
-                    Err(_) => Sent::Done(Err(PublishError::unavailable(format!(
-                        "no confirm within {:?} (possibly persisted; will resend, consumers deduplicate)",
-                        self.confirm_timeout()
-                    )))),
+                    Err(_) => Sent::Done(Err(self.unconfirmed())),
                 },
             });
         }
@@ -305,10 +237,7 @@ impl RabbitPublisher {
     /// Sends one row alone on a fresh channel and awaits its confirm: when the server closes the
     /// channel now, this row is the cause.
     async fn alone(&self, conn: &Connection, row: &StoredMessage) -> Result<Delivered, PublishError> {
-        let ch = conn.create_channel().await.map_err(|e| classify(&e))?;
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| classify(&e))?;
+        let ch = confirm_channel(conn).await?;
         let res = match tokio::time::timeout(self.confirm_timeout(), async {
             let confirm = self.send(&ch, row).await?;
             confirm.await
@@ -317,16 +246,22 @@ impl RabbitPublisher {
         {
             Ok(Ok(c)) => self.outcome(row, c),
             Ok(Err(e)) => Err(classify(&e)),
-            Err(_) => Err(PublishError::unavailable(format!(
-                "no confirm within {:?} (possibly persisted; will resend, consumers deduplicate)",
-                self.confirm_timeout()
-            ))),
+            Err(_) => Err(self.unconfirmed()),
         };
         if ch.status().connected() {
             let _ = ch.close(200, "done").await;
         }
         res
     }
+}
+
+/// A new channel on `conn`, in confirm mode.
+async fn confirm_channel(conn: &Connection) -> Result<Channel, PublishError> {
+    let ch = conn.create_channel().await.map_err(|e| classify(&e))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| classify(&e))?;
+    Ok(ch)
 }
 
 #[async_trait]
@@ -401,37 +336,5 @@ impl Publisher for RabbitPublisher {
             self.drop_connection(&conn).await;
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use lapin::protocol::{AMQPError, AMQPHardError};
-
-    fn amqp(kind: AMQPErrorKind) -> lapin::Error {
-        lapin::Error::ProtocolError(AMQPError::new(kind, "test".into()))
-    }
-
-    #[test]
-    fn classification() {
-        let refused = lapin::Error::IOError(Arc::new(std::io::ErrorKind::ConnectionRefused.into()));
-        assert_eq!(classify(&refused).kind, FailureKind::Unavailable);
-        assert_eq!(
-            classify(&lapin::Error::MissingHeartbeatError).kind,
-            FailureKind::Unavailable
-        );
-        let forced = amqp(AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED));
-        assert_eq!(classify(&forced).kind, FailureKind::Unavailable);
-        let too_large = amqp(AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED));
-        assert_eq!(classify(&too_large).kind, FailureKind::Permanent);
-        assert!(channel_closed(&too_large));
-        let denied = amqp(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED));
-        assert_eq!(classify(&denied).kind, FailureKind::Permanent);
-        let no_exchange = amqp(AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND));
-        assert_eq!(classify(&no_exchange).kind, FailureKind::Unavailable);
-        let locked = amqp(AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED));
-        assert_eq!(classify(&locked).kind, FailureKind::Retryable);
-        assert!(!channel_closed(&refused));
     }
 }
