@@ -391,3 +391,19 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
     outbox_tests::embedded::wait_for("the third row published", Duration::from_secs(10), published).await;
     relay.stop().await;
 }
+
+/// The pace's probe commits and answers PostgreSQL's count of finished transactions, which grows
+/// with every client's transactions (each connection reports them about once a second).
+#[tokio::test]
+async fn the_probe_answers_the_databases_transaction_count() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let before = store.probe().await.unwrap().expect("PostgreSQL counts transactions");
+    for _ in 0..50 {
+        sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+    }
+    outbox_tests::embedded::wait_for("the count to include them", Duration::from_secs(15), || async {
+        store.probe().await.unwrap().unwrap() >= before + 50
+    })
+    .await;
+}

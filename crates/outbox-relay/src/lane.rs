@@ -42,6 +42,17 @@ pub(crate) enum LaneExit {
     Lost,
 }
 
+impl<S, P> Shared<S, P> {
+    /// Runs one of the relay's own database transactions, counted for the adaptive pace (which
+    /// tells them from the service's).
+    pub(crate) async fn counted<T>(&self, tx: impl std::future::Future<Output = T>) -> T {
+        if let Some(pace) = &self.adaptive {
+            pace.count_own();
+        }
+        tx.await
+    }
+}
+
 pub(crate) async fn run_lane<S: Store, P: Publisher>(
     shared: Arc<Shared<S, P>>,
     lease: Lease,
@@ -89,7 +100,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             let round_started = Instant::now();
             let rows = match ahead.take().filter(|r| !r.is_empty()) {
                 Some(rows) => rows,
-                None => match timed(shared.store.claim(&lease, shared.cfg.batch_size, &[])).await {
+                None => match timed(shared.counted(shared.store.claim(&lease, shared.cfg.batch_size, &[]))).await {
                     (Ok(rows), took) => {
                         store_errors = 0;
                         claim_took = took;
@@ -122,7 +133,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 if !idle {
                     // Ask writers for a wake-up, then look once more: a row committed before the
                     // flag was visible would otherwise wait for the next poll.
-                    set_idle(&shared.store, &lease, true).await;
+                    set_idle(&shared, &lease, true).await;
                     idle = true;
                     continue;
                 }
@@ -139,7 +150,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             }
             if idle && (full || lingers) {
                 // Under load the lane is busy: writers stop paying for NOTIFY.
-                set_idle(&shared.store, &lease, false).await;
+                set_idle(&shared, &lease, false).await;
                 idle = false;
             }
             let claim_ahead = match shared.cfg.claim_ahead {
@@ -158,7 +169,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             let publish = publish_batch(&shared, &lease, &rows, &stop);
             let (done, next) = if claim_ahead {
                 let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
-                let claim = timed(shared.store.claim(&lease, shared.cfg.batch_size, &in_flight));
+                let claim = timed(shared.counted(shared.store.claim(&lease, shared.cfg.batch_size, &in_flight)));
                 let (done, next) = tokio::join!(publish, claim);
                 (done, Some(next))
             } else {
@@ -230,11 +241,11 @@ async fn linger_wait<S: Store, P: Publisher>(
 
 /// Records the lane's idle flag. A failure only costs wake-up latency (the poll still runs), so it
 /// is logged, not fatal.
-async fn set_idle<S: Store>(store: &S, lease: &Lease, idle: bool) {
-    let Some(wakeups) = store.wakeups() else {
+async fn set_idle<S: Store, P>(shared: &Shared<S, P>, lease: &Lease, idle: bool) {
+    let Some(wakeups) = shared.store.wakeups() else {
         return;
     };
-    if let Err(e) = wakeups.set_idle(lease, idle).await {
+    if let Err(e) = shared.counted(wakeups.set_idle(lease, idle)).await {
         tracing::debug!(error = %e, idle, "could not record the lane's idle flag");
     }
 }
@@ -479,7 +490,7 @@ where
 {
     let mut attempt: u32 = 0;
     loop {
-        match op().await {
+        match shared.counted(op()).await {
             Ok(()) => return Ok(()),
             Err(Error::StaleLease { lane, epoch }) => {
                 tracing::warn!(lane, epoch, "lease lost: another relay owns the lane now");

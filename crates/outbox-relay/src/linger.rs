@@ -61,7 +61,7 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         if lanes.is_empty() {
             continue;
         }
-        match wakeups.ready_lanes(&lanes).await {
+        match shared.counted(wakeups.ready_lanes(&lanes)).await {
             Ok(ready) => {
                 for lane in ready {
                     if let Some(w) = shared.wake.get(lane as usize) {

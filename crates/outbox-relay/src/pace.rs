@@ -7,8 +7,11 @@
 //!
 //! - *quiet*: how long a commit takes without the relay; its fastest of the last [`BASELINE`] is
 //!   the *baseline*, the database at rest;
-//! - the service is *busy* when quiet is well above the baseline (something else is committing);
-//! - *working*: how long a commit takes while the relay works.
+//! - *working*: how long a commit takes while the relay works;
+//! - whether a service is *busy*: where the database counts its finished transactions
+//!   (PostgreSQL), when over the last few cycles it finished more than [`BUSY_RATE`] per second
+//!   beyond the relay's own (which the relay counts) and beyond as many again (another relay as
+//!   busy as this one is no service); elsewhere, when quiet is well above the baseline.
 //!
 //! A service's transactions wait for their commits, so its throughput falls as commits slow down.
 //! With no busy service the pace doubles (up to every lane). With a busy one it keeps working
@@ -18,7 +21,7 @@
 //! starts at one lane. `max_busy_lanes` and `max_rate` stay hard caps on top.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +45,11 @@ const BASELINE: Duration = Duration::from_secs(300);
 const INFLATION: f64 = 1.15;
 /// The lowest pace: one lane working 5% of the time.
 const FLOOR: f64 = 0.05;
+/// Transactions per second of others, beyond the relay's own rate, that make a service busy.
+const BUSY_RATE: f64 = 100.0;
+/// Cycles over which the transaction rates are taken (the database updates its count about once a
+/// second per connection).
+const RATE_CYCLES: usize = 3;
 
 /// Whether a service is committing: quiet commits take well over the baseline (half as long again
 /// and half a millisecond more).
@@ -59,6 +67,8 @@ pub(crate) struct Adaptive {
     quiet: watch::Sender<bool>,
     /// Rounds under way.
     active: AtomicUsize,
+    /// The relay's own database transactions so far.
+    own: AtomicU64,
 }
 
 impl Default for Adaptive {
@@ -68,6 +78,7 @@ impl Default for Adaptive {
             milli: AtomicU32::new(1000),
             quiet: watch::Sender::new(false),
             active: AtomicUsize::new(0),
+            own: AtomicU64::new(0),
         }
     }
 }
@@ -95,6 +106,11 @@ impl Drop for Turn<'_> {
 }
 
 impl Adaptive {
+    /// Counts one of the relay's own database transactions.
+    pub(crate) fn count_own(&self) {
+        self.own.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Waits for a turn to work (never during the quiet window).
     pub(crate) async fn turn(&self) -> Turn<'_> {
         let mut quiet = self.quiet.subscribe();
@@ -132,6 +148,9 @@ impl Adaptive {
 struct Control {
     /// The fastest quiet commit of each cycle, for the last [`BASELINE`].
     quiet: VecDeque<(Instant, Duration)>,
+    /// The database's count of finished transactions and the relay's own count, at the end of
+    /// each of the last cycles.
+    counts: VecDeque<(Instant, i64, u64)>,
     level: f64,
     permits: usize,
 }
@@ -140,13 +159,36 @@ impl Control {
     fn new() -> Self {
         Control {
             quiet: VecDeque::new(),
+            counts: VecDeque::new(),
             level: 1.0,
             permits: 1,
         }
     }
 
-    /// Takes one cycle's figures and returns the new pace.
-    fn cycle(&mut self, quiet: Duration, working: Duration, now: Instant) -> f64 {
+    /// Takes the counts at the end of a cycle and says whether a service is busy, when they tell
+    /// (`None`: no count from the database, or too few cycles yet).
+    fn service_busy(&mut self, database: Option<i64>, own: u64, now: Instant) -> Option<bool> {
+        let Some(database) = database else {
+            self.counts.clear();
+            return None;
+        };
+        self.counts.push_back((now, database, own));
+        if self.counts.len() > RATE_CYCLES + 1 {
+            self.counts.pop_front();
+        }
+        let (&(t0, d0, o0), &(t1, d1, o1)) = (self.counts.front()?, self.counts.back()?);
+        let secs = t1.duration_since(t0).as_secs_f64();
+        if secs <= 0.0 {
+            return None;
+        }
+        let others = (d1 - d0) as f64 / secs - (o1 - o0) as f64 / secs;
+        let own = (o1 - o0) as f64 / secs;
+        Some(others > BUSY_RATE + own)
+    }
+
+    /// Takes one cycle's figures and returns the new pace. `service` says whether a service is
+    /// busy when the transaction counts tell; otherwise quiet against the baseline does.
+    fn cycle(&mut self, quiet: Duration, working: Duration, service: Option<bool>, now: Instant) -> f64 {
         self.quiet.push_back((now, quiet));
         while self
             .quiet
@@ -157,7 +199,7 @@ impl Control {
         }
         let baseline = self.quiet.iter().map(|(_, d)| *d).min().unwrap_or(quiet);
         let most = f64::from(LANES);
-        self.level = if !busy(quiet, baseline) {
+        self.level = if !service.unwrap_or_else(|| busy(quiet, baseline)) {
             (self.level * 2.0).min(most)
         } else {
             let allowed = quiet.mul_f64(INFLATION);
@@ -190,11 +232,12 @@ fn median(mut v: Vec<Duration>) -> Option<Duration> {
     v.get(v.len() / 2).copied()
 }
 
-/// Times the store's probe; `None` when it failed.
-async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<Duration> {
+/// Times the store's probe: how long it took and the database's transaction count (see
+/// [`outbox::Store::probe`]); `None` when it failed.
+async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<(Duration, Option<i64>)> {
     let start = Instant::now();
-    match shared.store.probe().await {
-        Ok(()) => Some(start.elapsed()),
+    match shared.counted(shared.store.probe()).await {
+        Ok(count) => Some((start.elapsed(), count)),
         Err(e) => {
             tracing::debug!(error = %e, "pace probe failed");
             None
@@ -210,9 +253,13 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     let mut c = Control::new();
     loop {
         let mut working = Vec::new();
+        let mut count = None;
         for _ in 0..WORKING_PROBES {
             tokio::time::sleep(CYCLE / WORKING_PROBES).await;
-            working.extend(probe(&shared).await);
+            if let Some((took, c)) = probe(&shared).await {
+                working.push(took);
+                count = c;
+            }
         }
         pace.quiet.send_replace(true);
         let waited = Instant::now();
@@ -221,19 +268,22 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         }
         let mut quiet = Vec::new();
         for _ in 0..QUIET_PROBES {
-            quiet.extend(probe(&shared).await);
+            quiet.extend(probe(&shared).await.map(|(took, _)| took));
         }
         pace.quiet.send_replace(false);
         let (Some(quiet), Some(working)) = (median(quiet), median(working)) else {
             continue;
         };
-        let level = c.cycle(quiet, working, Instant::now());
+        let now = Instant::now();
+        let service = c.service_busy(count, pace.own.load(Ordering::Relaxed), now);
+        let level = c.cycle(quiet, working, service, now);
         c.apply(pace);
         shared.meters.pace.set(level);
         tracing::debug!(
             level,
             quiet_us = quiet.as_micros() as u64,
             working_us = working.as_micros() as u64,
+            ?service,
             "pace"
         );
     }
@@ -253,7 +303,7 @@ mod tests {
         let mut now = Instant::now();
         // The relay alone slows commits down tenfold: nobody else needs them.
         for _ in 0..6 {
-            c.cycle(us(400), us(4000), now);
+            c.cycle(us(400), us(4000), None, now);
             now += CYCLE;
         }
         assert_eq!(c.level, f64::from(LANES));
@@ -264,21 +314,21 @@ mod tests {
         let mut c = Control::new();
         let mut now = Instant::now();
         for _ in 0..6 {
-            c.cycle(us(400), us(4000), now);
+            c.cycle(us(400), us(4000), None, now);
             now += CYCLE;
         }
         // The service commits (quiet 3 ms against a 0.4 ms baseline) and the relay doubles that.
-        c.cycle(us(3000), us(6000), now);
+        c.cycle(us(3000), us(6000), None, now);
         let cut = f64::from(LANES) * (3000.0 * INFLATION / 6000.0);
         assert!((c.level - cut).abs() < 1e-9, "{} vs {cut}", c.level);
         for _ in 0..10 {
             now += CYCLE;
-            c.cycle(us(3000), us(9000), now);
+            c.cycle(us(3000), us(9000), None, now);
         }
         assert_eq!(c.level, FLOOR);
         // Within the allowed inflation the pace grows again, by a quarter per cycle.
         now += CYCLE;
-        c.cycle(us(3000), us(3100), now);
+        c.cycle(us(3000), us(3100), None, now);
         assert!((c.level - FLOOR * 1.25).abs() < 1e-9 || (c.level - 2.0 * FLOOR).abs() < 1e-9);
     }
 
@@ -286,18 +336,53 @@ mod tests {
     fn the_baseline_forgets_quiet_figures_older_than_its_window() {
         let mut c = Control::new();
         let mut now = Instant::now();
-        c.cycle(us(100), us(100), now);
+        c.cycle(us(100), us(100), None, now);
         // From now on every quiet commit takes 5 ms: a busy service against 0.1 ms, until that
         // figure is older than the window and 5 ms is the database at rest.
         now += CYCLE;
-        c.cycle(us(5000), us(50_000), now);
+        c.cycle(us(5000), us(50_000), None, now);
         assert!(c.level < 1.0);
         now += BASELINE + CYCLE;
-        c.cycle(us(5000), us(50_000), now);
+        c.cycle(us(5000), us(50_000), None, now);
         now += CYCLE;
         let before = c.level;
-        c.cycle(us(5000), us(50_000), now);
+        c.cycle(us(5000), us(50_000), None, now);
         assert_eq!(c.level, (before * 2.0).min(f64::from(LANES)));
+    }
+
+    #[test]
+    fn the_transaction_counts_tell_a_busy_service_from_the_relay_and_its_peers() {
+        let mut c = Control::new();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(c.service_busy(Some(0), 0, at(0)), None, "one sample: no rate yet");
+        // The relay alone: 200 of its own transactions a second, the database counts them.
+        assert_eq!(c.service_busy(Some(200), 200, at(1)), Some(false));
+        // Another relay as busy: 400 a second counted, 200 of them ours.
+        assert_eq!(c.service_busy(Some(600), 400, at(2)), Some(false));
+        assert_eq!(c.service_busy(Some(1000), 600, at(3)), Some(false));
+        // A service committing 3,000 a second.
+        for s in 4..8 {
+            let database = 1000 + (s as i64 - 3) * 3200;
+            c.service_busy(Some(database), 600 + (s - 3) * 200, at(s));
+        }
+        assert_eq!(c.service_busy(Some(1000 + 5 * 3200), 600 + 5 * 200, at(8)), Some(true));
+        assert_eq!(c.service_busy(None, 0, at(9)), None, "no count: the latency decides");
+    }
+
+    #[test]
+    fn a_busy_service_by_the_counts_holds_the_pace_even_when_quiet_commits_are_quick() {
+        let mut c = Control::new();
+        let mut now = Instant::now();
+        for _ in 0..6 {
+            c.cycle(us(110), us(4000), Some(false), now);
+            now += CYCLE;
+        }
+        assert_eq!(c.level, f64::from(LANES));
+        // Quiet commits barely slower than the baseline (the service is bound by CPU, not by the
+        // database), yet the counts say it is busy: the relay's slowdown of commits is cut.
+        c.cycle(us(140), us(350), Some(true), now);
+        assert!(c.level < f64::from(LANES) * 0.5, "{}", c.level);
     }
 
     #[test]

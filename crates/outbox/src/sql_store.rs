@@ -55,7 +55,8 @@ pub(crate) fn leases(owner: &str, rows: Vec<(i32, i64)>) -> Vec<Lease> {
 /// - `Age`, the type of the backlog's age, with `age(Age) -> Duration`.
 /// - `span(Duration) -> i64`: a duration as its statements bind it.
 /// - `RELEASE`, bound (lane, owner, epoch); `LEAVE`, bound (owner); `LIVE_OWNERS`, a count;
-///   `PROBE`, the pace's smallest committing transaction.
+///   `PROBE`, the pace's smallest committing transaction, answering the database's count of
+///   finished transactions (NULL where there is none).
 /// - `STATUS_BACKLOG`, answering (count, `Option<Age>`); `STATUS_DEAD`, a count; `STATUS_LANES`,
 ///   answering (lane, `Option<Text>` owner, epoch, `Option<Time>` expiry) per lane.
 /// - `DEAD_LETTERS`, bound (limit), answering (id, topic, `Option<Text>` key, seq, attempts, error,
@@ -104,9 +105,8 @@ macro_rules! store {
                 Ok(n as usize)
             }
 
-            async fn probe(&self) -> $crate::Result<()> {
-                sqlx::query($sql::PROBE).execute(&self.pool).await?;
-                Ok(())
+            async fn probe(&self) -> $crate::Result<Option<i64>> {
+                Ok(sqlx::query_scalar($sql::PROBE).fetch_one(&self.pool).await?)
             }
 
             async fn leave(&self, owner: &str) -> $crate::Result<()> {

@@ -200,8 +200,10 @@ pub trait Store: StoreAdmin {
     async fn live_owners(&self) -> Result<usize>;
     /// The smallest transaction that commits the way a service's does (on PostgreSQL it takes a
     /// transaction id, so its commit waits for the WAL flush like any write): how long it takes
-    /// is the adaptive pace's signal of a contended database.
-    async fn probe(&self) -> Result<()>;
+    /// is the adaptive pace's signal of a contended database. Returns the database's count of
+    /// finished transactions (committed and rolled back, every client's) when it keeps one
+    /// (PostgreSQL's `pg_stat_database`, updated by each connection about once a second).
+    async fn probe(&self) -> Result<Option<i64>>;
     /// Removes `owner` from the live relays (graceful shutdown), so the others rebalance at once.
     async fn leave(&self, owner: &str) -> Result<()>;
     /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
@@ -268,7 +270,7 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     async fn live_owners(&self) -> Result<usize> {
         (**self).live_owners().await
     }
-    async fn probe(&self) -> Result<()> {
+    async fn probe(&self) -> Result<Option<i64>> {
         (**self).probe().await
     }
     async fn leave(&self, owner: &str) -> Result<()> {

@@ -145,7 +145,9 @@ SELECT l FROM unnest($1::int[]) AS l WHERE EXISTS ( \
 
 // Taking a transaction id makes the commit write a record and wait for the WAL flush: the probe
 // feels what a service's commits feel (CPU, locks on the WAL, the disk), not only the CPU.
-pub(super) const PROBE: &str = "SELECT txid_current()";
+pub(super) const PROBE: &str = "\
+SELECT d.xact_commit + d.xact_rollback FROM pg_stat_database d, txid_current() \
+WHERE d.datname = current_database()";
 
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
 
