@@ -75,12 +75,13 @@ pub struct RelayConfig {
     /// At most this many messages per second, all lanes of this relay together (a pace while a
     /// backlog drains, like `max_busy_lanes` but by rate). Defaults to none.
     pub max_rate: Option<u32>,
-    /// Whether the relay paces itself by how long the database takes to commit: every second it
-    /// times a tiny committing transaction while it works and again in a short quiet window (no
-    /// round starts), and when quiet commits are well above their fastest of the last 5 minutes (a
-    /// service is committing) it keeps its own slowdown of commits within 15%, down to one lane
-    /// working 5% of the time; with no service busy it doubles up to every lane. Starts at one
-    /// lane. `max_busy_lanes` and `max_rate` stay hard caps. Defaults to off.
+    /// Whether the relay paces itself for the service: every second it times a tiny committing
+    /// transaction while it works and again in a short quiet window (no round starts). While a
+    /// service is busy (PostgreSQL: the database finished over 100 transactions a second beyond the
+    /// relay's own, from `pg_stat_database`; elsewhere: quiet commits well above their fastest of the
+    /// last 5 minutes) it keeps its own slowdown of commits within 15%, down to one lane working 5%
+    /// of the time; otherwise it doubles up to every lane. Starts at one lane. `max_busy_lanes` and
+    /// `max_rate` stay hard caps. Defaults to off.
     pub adaptive_pace: bool,
     /// Whether a lane claims its next batch while the current one is being published. Defaults
     /// to [`ClaimAhead::Never`].

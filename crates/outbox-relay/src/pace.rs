@@ -15,7 +15,7 @@
 //!
 //! A service's transactions wait for their commits, so its throughput falls as commits slow down.
 //! With no busy service the pace doubles (up to every lane). With a busy one it keeps working
-//! within [`INFLATION`] of quiet: above, it is cut in proportion; below, it grows by a quarter. The
+//! within [`INFLATION`] of quiet: above, it is cut in proportion; below, it grows by [`FLOOR`]. The
 //! pace is a number of lanes allowed to work at once; below one, the one lane that works rests
 //! after each round in proportion (at 0.25 it works a quarter of the time), down to [`FLOOR`]. It
 //! starts at one lane. `max_busy_lanes` and `max_rate` stay hard caps on top.
@@ -207,7 +207,8 @@ impl Control {
                 let cut = (allowed.as_secs_f64() / working.as_secs_f64()).clamp(0.1, 0.7);
                 (self.level * cut).max(FLOOR)
             } else {
-                (self.level * 1.25).max(self.level + FLOOR).min(most)
+                // Slowly: one cycle's quick answers may be luck, and the service comes first.
+                (self.level + FLOOR).min(most)
             }
         };
         self.level
@@ -326,10 +327,10 @@ mod tests {
             c.cycle(us(3000), us(9000), None, now);
         }
         assert_eq!(c.level, FLOOR);
-        // Within the allowed inflation the pace grows again, by a quarter per cycle.
+        // Within the allowed inflation the pace grows again, slowly.
         now += CYCLE;
         c.cycle(us(3000), us(3100), None, now);
-        assert!((c.level - FLOOR * 1.25).abs() < 1e-9 || (c.level - 2.0 * FLOOR).abs() < 1e-9);
+        assert!((c.level - 2.0 * FLOOR).abs() < 1e-9, "{}", c.level);
     }
 
     #[test]
