@@ -96,7 +96,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 },
                 None => None,
             };
-            let turn = (capped, paced);
+            let mut turn = (capped, paced);
             let round_started = Instant::now();
             let rows = match ahead.take().filter(|r| !r.is_empty()) {
                 Some(rows) => rows,
@@ -179,7 +179,6 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
                 Ok(done) => done,
                 Err(exit) => return exit,
             };
-            let mut turn = turn;
             if let (Some(pace), Some(paced)) = (&shared.adaptive, turn.1.as_mut()) {
                 // Below one lane's worth, the working lane rests in proportion before its next
                 // turn, holding it (but no longer counted as a round under way).
