@@ -14,8 +14,9 @@
 //!   busy as this one is no service); elsewhere, when quiet is well above the baseline.
 //!
 //! A service's transactions wait for their commits, so its throughput falls as commits slow down.
-//! With no busy service the pace doubles (up to every lane). With a busy one it keeps working
-//! within [`INFLATION`] of quiet: above, it is cut in proportion; below, it grows by [`FLOOR`]. The
+//! With no busy service the pace doubles (up to every lane). When a service becomes busy the pace
+//! drops at once to [`BUSY_START`]; while it stays busy the relay keeps working within
+//! [`INFLATION`] of quiet: above, the pace is cut in proportion; below, it grows by [`FLOOR`]. The
 //! pace is a number of lanes allowed to work at once; below one, the one lane that works rests
 //! after each round in proportion (at 0.25 it works a quarter of the time), down to [`FLOOR`]. It
 //! starts at one lane. `max_busy_lanes` and `max_rate` stay hard caps on top.
@@ -49,7 +50,10 @@ const FLOOR: f64 = 0.05;
 const BUSY_RATE: f64 = 100.0;
 /// Cycles over which the transaction rates are taken (the database updates its count about once a
 /// second per connection).
-const RATE_CYCLES: usize = 3;
+const RATE_CYCLES: usize = 2;
+/// Where the pace drops at once when a service becomes busy (the proportional cuts take over from
+/// there): a service should not wait cycles for a relay that was running every lane.
+const BUSY_START: f64 = 0.25;
 
 /// Whether a service is committing: quiet commits take well over the baseline (half as long again
 /// and half a millisecond more).
@@ -153,6 +157,8 @@ struct Control {
     counts: VecDeque<(Instant, i64, u64)>,
     level: f64,
     permits: usize,
+    /// Whether the last cycle found a busy service.
+    was_busy: bool,
 }
 
 impl Control {
@@ -162,6 +168,7 @@ impl Control {
             counts: VecDeque::new(),
             level: 1.0,
             permits: 1,
+            was_busy: false,
         }
     }
 
@@ -199,8 +206,13 @@ impl Control {
         }
         let baseline = self.quiet.iter().map(|(_, d)| *d).min().unwrap_or(quiet);
         let most = f64::from(LANES);
-        self.level = if !service.unwrap_or_else(|| busy(quiet, baseline)) {
+        let service = service.unwrap_or_else(|| busy(quiet, baseline));
+        let became_busy = service && !self.was_busy;
+        self.was_busy = service;
+        self.level = if !service {
             (self.level * 2.0).min(most)
+        } else if became_busy {
+            self.level.min(BUSY_START)
         } else {
             let allowed = quiet.mul_f64(INFLATION);
             if working > allowed {
@@ -318,9 +330,13 @@ mod tests {
             c.cycle(us(400), us(4000), None, now);
             now += CYCLE;
         }
-        // The service commits (quiet 3 ms against a 0.4 ms baseline) and the relay doubles that.
+        // The service commits (quiet 3 ms against a 0.4 ms baseline): the pace drops at once, then
+        // is cut in proportion while the relay doubles the service's commit time.
         c.cycle(us(3000), us(6000), None, now);
-        let cut = f64::from(LANES) * (3000.0 * INFLATION / 6000.0);
+        assert_eq!(c.level, BUSY_START);
+        now += CYCLE;
+        c.cycle(us(3000), us(6000), None, now);
+        let cut = BUSY_START * (3000.0 * INFLATION / 6000.0);
         assert!((c.level - cut).abs() < 1e-9, "{} vs {cut}", c.level);
         for _ in 0..10 {
             now += CYCLE;
@@ -383,7 +399,10 @@ mod tests {
         // Quiet commits barely slower than the baseline (the service is bound by CPU, not by the
         // database), yet the counts say it is busy: the relay's slowdown of commits is cut.
         c.cycle(us(140), us(350), Some(true), now);
-        assert!(c.level < f64::from(LANES) * 0.5, "{}", c.level);
+        assert_eq!(c.level, BUSY_START, "dropped at once");
+        now += CYCLE;
+        c.cycle(us(140), us(350), Some(true), now);
+        assert!(c.level < BUSY_START * 0.5, "{}", c.level);
     }
 
     #[test]
