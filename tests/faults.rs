@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use outbox::{Message, StoreAdmin};
 use outbox_tests::embedded::{self, drained, test_config, wait_for, Running};
-use outbox_tests::kafka::{check_delivery, read_until};
+use outbox_tests::kafka::{check_delivery, read_all, read_until};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::types::RDKafkaRespErr;
@@ -66,14 +66,7 @@ async fn broker_down_longer_than_message_timeout_loses_nothing_and_keeps_order()
         "an outage must not dead-letter"
     );
 
-    let seen = read_until(
-        &bootstrap,
-        &h.topic,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &h.topic, &expect).await;
     let dups = check_delivery(&seen, &expect);
     eprintln!("broker down 10 s: {} messages, {dups} duplicates", expect.len());
 }
@@ -97,14 +90,7 @@ async fn produce_request_errors_and_latency_are_absorbed_in_order() {
     let expect = enqueue(&h, 1000, 20, "e").await;
     drained(&h.store, Duration::from_secs(60)).await;
     relay.stop().await;
-    let seen = read_until(
-        &bootstrap,
-        &h.topic,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &h.topic, &expect).await;
     check_delivery(&seen, &expect);
 }
 
@@ -124,14 +110,7 @@ async fn partition_leader_moves_mid_stream() {
     }
     drained(&h.store, Duration::from_secs(60)).await;
     relay.stop().await;
-    let seen = read_until(
-        &bootstrap,
-        &h.topic,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &h.topic, &expect).await;
     check_delivery(&seen, &expect);
 }
 

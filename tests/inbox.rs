@@ -163,14 +163,7 @@ async fn the_same_key_from_two_outbox_databases_reaches_one_consumer_in_full() {
     for (relay, _) in relays {
         relay.stop().await;
     }
-    let seen = outbox_tests::kafka::read_until(
-        &bootstrap,
-        &topic,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = outbox_tests::kafka::read_all(&bootstrap, &topic, &expect).await;
     assert_eq!(seen.len(), 4, "{seen:?}");
 
     let pool = outbox_tests::db::fresh_pg().await;

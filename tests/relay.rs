@@ -8,7 +8,7 @@ use outbox::{Message, StoreAdmin};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::DeadLetterPolicy;
 use outbox_tests::embedded::{drained, start, test_config};
-use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_until, topic};
+use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_all, read_until, topic};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
@@ -64,14 +64,7 @@ async fn ten_thousand_over_a_hundred_keys(cfg: outbox_relay::RelayConfig) {
     drained(&store, Duration::from_secs(120)).await;
     relay.stop().await;
 
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     let dups = check_delivery(&seen, &expect);
     assert_eq!(dups, 0, "no faults, so no duplicates");
     // The wire format: Kafka key = outbox key, headers carry id/key/seq.

@@ -9,7 +9,7 @@ use outbox::{Message, StoreAdmin};
 use outbox_inbox::Inbox;
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
 use outbox_tests::embedded::{drained, wait_for, Running};
-use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_all, read_until, topic};
 use rdkafka::mocking::MockCluster;
 
 use crate::{commit, config, keyed, mock_topic, small_store, start};
@@ -139,14 +139,7 @@ async fn cleanup_loops_beside_relays_never_touch_pending_rows() {
         .unwrap();
     assert_eq!(fresh, unkeyed, "records inside the retention window stay");
     assert!(store.dead_letters(5).await.unwrap().is_empty());
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     let dups = check_delivery(&seen, &expect);
     assert!(
         dups <= 100 * outbox::LANES as usize,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use outbox::{Message, StoreAdmin};
 use outbox_relay::DeadLetterPolicy;
 use outbox_tests::embedded::{drained, wait_for};
-use outbox_tests::kafka::{check_delivery, check_delivery_skipping, read_until};
+use outbox_tests::kafka::{check_delivery, check_delivery_skipping, read_all};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::RDKafkaRespErr;
 
@@ -78,14 +78,7 @@ async fn corrupted_row_is_dead_lettered_and_everything_else_flows() {
     assert!(!dl[0].parked);
     let mut expect: HashSet<uuid::Uuid> = others.into_iter().collect();
     expect.extend(bad_ids.iter().filter(|id| **id != corrupt));
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     let dups = check_delivery_skipping(&seen, &expect, &HashSet::from([("bad".to_owned(), 2)]));
     assert_eq!(dups, 0);
 }
@@ -114,14 +107,7 @@ async fn corrupted_row_parks_its_key_under_park_while_other_keys_flow() {
     })
     .await;
     let before: HashSet<uuid::Uuid> = others.iter().copied().chain([bad_ids[0]]).collect();
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &before,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &before).await;
     let ids: HashSet<uuid::Uuid> = seen.iter().map(|s| s.id).collect();
     assert_eq!(ids, before, "the parked key's later rows must wait");
     let waiting: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM outbox_messages ORDER BY seq")
@@ -137,14 +123,7 @@ async fn corrupted_row_parks_its_key_under_park_while_other_keys_flow() {
     relay.stop().await;
     let mut expect = before;
     expect.extend(&bad_ids[2..]);
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     let dups = check_delivery_skipping(&seen, &expect, &HashSet::from([("bad".to_owned(), 2)]));
     assert_eq!(dups, 0);
 }
@@ -181,14 +160,7 @@ async fn topic_authorization_failure_is_dead_lettered_while_other_topics_flow() 
         assert!(d.error.contains("TopicAuthorizationFailed"), "{}", d.error);
         assert!(d.attempts <= 2, "{d:?}");
     }
-    let seen = read_until(
-        &bootstrap,
-        &allowed,
-        &yes,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &allowed, &yes).await;
     assert_eq!(check_delivery(&seen, &yes), 0);
     eprintln!("authorization: {} dead letters, e.g. {:?}", dl.len(), dl[0].error);
 }

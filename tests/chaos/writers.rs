@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use outbox::{Message, StoreAdmin};
 use outbox_tests::embedded::drained;
-use outbox_tests::kafka::{check_delivery, read_until};
+use outbox_tests::kafka::{check_delivery, read_all, read_until};
 use rdkafka::mocking::MockCluster;
 use tokio::sync::oneshot;
 
@@ -204,14 +204,7 @@ async fn producer_queue_full_is_back_pressure_only() {
         .await
         .unwrap();
     assert_eq!(failed, 0);
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     let dups = check_delivery(&seen, &expect);
     assert_eq!(dups, 0, "back-pressure is not a failure: nothing is re-sent");
 }

@@ -133,6 +133,18 @@ pub async fn read_until(
     read_until_with(&client(bootstrap), topic, expect, deadline, linger).await
 }
 
+/// [`read_until`] with the usual bounds: up to 60 s for every id, then 500 ms for late duplicates.
+pub async fn read_all(bootstrap: &str, topic: &str, expect: &HashSet<uuid::Uuid>) -> Vec<Seen> {
+    read_until(
+        bootstrap,
+        topic,
+        expect,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    )
+    .await
+}
+
 /// [`read_until`] with the given client settings.
 pub async fn read_until_with(
     cfg: &ClientConfig,

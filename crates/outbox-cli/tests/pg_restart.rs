@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, StoreAdmin, LANES};
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
-use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_all, topic};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
@@ -108,14 +108,7 @@ async fn postgres_restarted_under_load_loses_nothing() {
         .into_iter()
         .collect();
     assert!(committed.len() > 500, "the writers got work done ({})", committed.len());
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &committed,
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &committed).await;
     let dups = check_delivery(&seen, &committed);
     let bound = batch * LANES as usize;
     assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
