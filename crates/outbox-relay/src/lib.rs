@@ -4,6 +4,7 @@
 //! [`outbox::Publisher`]; the `outbox-relay` daemon (crate `outbox-cli`) wraps it with a
 //! configuration file, a broker and an admin endpoint.
 
+mod batch;
 mod config;
 mod engine;
 mod failpoint;
