@@ -1,6 +1,8 @@
 //! Figure 3: latency from commit to delivery report at a steady message rate, with NOTIFY wake-up
 //! and with polling only, against a raw producer's send-to-report latency at the same rate.
 
+mod raw;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,14 +10,12 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use outbox::postgres::PgStore;
-use outbox::{Message, Outbox, HEADER_ID, HEADER_KEY};
-use outbox_kafka::{KafkaPublisher, PRODUCER_DEFAULTS};
+use outbox::{Message, Outbox};
+use outbox_kafka::KafkaPublisher;
 use outbox_relay::{Relay, RelayConfig};
-use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
+use self::raw::raw_latency;
 use crate::common::{key, new_topic, payload, print_figure, sleep_until, BenchDb, Env, Figure, Row, Target, KEYS};
 use crate::probe::{Phases, Reports, TimedPublisher, TimedStore};
 
@@ -209,71 +209,6 @@ async fn relay_latency(
     lat.mark_ms = per_call(&phases.mark_us, &phases.marks);
     lat.batch = phases.claimed.load(Ordering::Relaxed) as f64 / phases.publishes.load(Ordering::Relaxed).max(1) as f64;
     Ok(lat)
-}
-
-/// The broker alone: a producer with the relay's settings sends the same batches at the same
-/// pace; latency from send to delivery report.
-async fn raw_latency(bootstrap: &str, topic: &str, rate: u64, warm: Duration, dur: Duration) -> anyhow::Result<Lat> {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", bootstrap);
-    for (k, v) in PRODUCER_DEFAULTS {
-        cfg.set(*k, *v);
-    }
-    let producer: FutureProducer = cfg.create()?;
-    let per_tx = (rate / TX_PER_SEC) as usize;
-    let body = payload();
-    let start = Instant::now() + Duration::from_millis(50);
-    let measure_from = start + warm;
-    let end = measure_from + dur;
-    let h = Arc::new(Mutex::new(histogram()));
-    let sent = Arc::new(AtomicU64::new(0));
-    let mut waiters = Vec::new();
-    for i in 0u64.. {
-        let at = start + Duration::from_nanos(i * 1_000_000_000 / TX_PER_SEC);
-        if at >= end {
-            break;
-        }
-        sleep_until(at).await;
-        let t = Instant::now();
-        let mut futs = Vec::with_capacity(per_tx);
-        for j in 0..per_tx {
-            let id = Uuid::now_v7().to_string();
-            let k = key((i as usize * 7919 + j * 104_729) % KEYS);
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: HEADER_ID,
-                    value: Some(id.as_bytes()),
-                })
-                .insert(Header {
-                    key: HEADER_KEY,
-                    value: Some(k.as_bytes()),
-                });
-            let rec = FutureRecord::to(topic).key(k.as_str()).payload(&body).headers(headers);
-            match producer.send_result(rec) {
-                Ok(f) => futs.push(f),
-                Err((e, _)) => anyhow::bail!("raw producer: {e}"),
-            }
-        }
-        let (h, sent) = (h.clone(), sent.clone());
-        let measured = at >= measure_from;
-        waiters.push(tokio::spawn(async move {
-            for f in futs {
-                if let Ok(Ok(_)) = f.await {
-                    if measured {
-                        let us = (t.elapsed().as_micros() as u64).max(1);
-                        h.lock().expect("histogram lock").record(us).ok();
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
-    }
-    for w in waiters {
-        w.await?;
-    }
-    let h = h.lock().expect("histogram lock");
-    let n = sent.load(Ordering::Relaxed);
-    Ok(lat_of(&h, n as f64 / dur.as_secs_f64(), 0))
 }
 
 /// Runs figure 3.
