@@ -1,0 +1,237 @@
+//! The database misbehaving under the relay: connections killed mid-drain, the outbox table locked
+//! for longer than the lock timeout, an unreachable database, and an outage longer than the lease.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use outbox::{StoreAdmin, LANES};
+use outbox_tests::daemon::{enqueue_all, pending, wait_pending_below, RelayArgs};
+use outbox_tests::proxy::DbProxy;
+use rand::Rng;
+
+use super::{relays, setup, BIN, TTL_MS};
+
+/// A pool on the same database whose connections the connection killer spares.
+async fn observer(pool: &sqlx::PgPool) -> sqlx::PgPool {
+    let opts = (*pool.connect_options())
+        .clone()
+        .application_name("outbox-test-observer");
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(opts)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_connections_killed_while_draining_lose_nothing() {
+    let _permit = relays(1).await;
+    let s = setup("pgkill", 4).await;
+    let batch = 100;
+    let ids = enqueue_all(&s.pool, &s.topic, 10_000, 100).await;
+    let obs = observer(&s.pool).await;
+    let store = outbox::postgres::PgStore::new(obs.clone());
+    let db = s.pool.connect_options().get_database().unwrap().to_owned();
+    let mut relay = s.relay(batch).spawn();
+    let mut rng = rand::thread_rng();
+    let (mut killed, mut rounds) = (0i64, 0);
+    // Every connection of the relay (claims, marks, lease upkeep, LISTEN), every 100-300 ms, for
+    // 40 rounds or until the backlog is gone; then it must drain on its own.
+    while rounds < 40 && pending(&store).await > 0 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid() AND application_name <> 'outbox-test-observer') t",
+        )
+        .bind(&db)
+        .fetch_one(&obs)
+        .await
+        .unwrap();
+        killed += n;
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(100..300))).await;
+    }
+    wait_pending_below(&store, 1, Duration::from_secs(90)).await;
+    relay.terminate();
+    assert!(store.dead_letters(5).await.unwrap().is_empty());
+    let (claims, writes, upkeep) = (
+        relay.count("claim failed"),
+        relay.count("store write failed"),
+        relay.count("lease maintenance failed"),
+    );
+    assert!(
+        killed > 0 && claims + writes + upkeep > 0,
+        "the kills never hit the relay ({killed} killed)"
+    );
+    let dups = s.check(&ids).await;
+    // Only a lost lease (lease upkeep failing for longer than the TTL) re-sends a batch per lane.
+    let bound = batch * LANES as usize * (1 + upkeep);
+    assert!(
+        dups <= bound,
+        "{dups} duplicates exceed one batch per lane per failed lease round ({bound})"
+    );
+    eprintln!(
+        "killed connections: {killed} backends in {rounds} rounds; relay saw {claims} failed claims, {writes} failed \
+         marks, {upkeep} failed lease rounds; {dups} duplicates"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
+    let _permit = relays(1).await;
+    let s = setup("lock", 4).await;
+    let batch = 100;
+    let ids = enqueue_all(&s.pool, &s.topic, 8000, 100).await;
+    let mut relay = s.relay(batch).spawn();
+    wait_pending_below(&s.store, 7800, Duration::from_secs(60)).await;
+    // Longer than the daemon's lock_timeout (10 s): claims and marks in flight time out and retry.
+    let mut tx = s.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE outbox_messages IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let locked = Instant::now();
+    while locked.elapsed() < Duration::from_secs(12) {
+        assert!(relay.running(), "the relay died under the lock:\n{}", relay.tail(20));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let during_lock = relay.count("lock timeout");
+    tx.rollback().await.unwrap();
+    wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
+    relay.terminate();
+    assert!(
+        during_lock > 0,
+        "no statement hit the lock timeout:\n{}",
+        relay.tail(30)
+    );
+    s.assert_no_dead_letters().await;
+    let dups = s.check(&ids).await;
+    let bound = batch * LANES as usize;
+    assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
+    eprintln!(
+        "table lock 12 s: {during_lock} lock timeouts ({} failed claims, {} failed marks), {dups} duplicates",
+        relay.count("claim failed"),
+        relay.count("store write failed")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_database_status_fails_run_retries_and_sigterm_exits_zero() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("postgres://postgres@127.0.0.1:{closed}/nowhere");
+    let mut relay = RelayArgs::new(BIN, &url, "127.0.0.1:1", 100).spawn();
+    let start = Instant::now();
+    let out = Command::new(BIN)
+        .args(["--database-url", &url, "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "status on an unreachable database must fail");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "status took {:?}",
+        start.elapsed()
+    );
+    // Meanwhile `run` waits for the database, retrying (each attempt ends at the 10 s connect timeout).
+    while relay.count("database not reachable; retrying") < 2 {
+        assert!(relay.running(), "run gave up instead of retrying:\n{}", relay.tail(20));
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no retry logged:\n{}",
+            relay.tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let term = Instant::now();
+    relay.signal("-TERM");
+    assert_eq!(
+        relay.wait_exit(Duration::from_secs(15)).code(),
+        Some(0),
+        "{}",
+        relay.tail(20)
+    );
+    eprintln!(
+        "unreachable database: status failed, run retried, SIGTERM exit after {:.1?}",
+        term.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_longer_than_the_lease_then_back_loses_nothing() {
+    let _permit = relays(1).await;
+    let s = setup("outage", 4).await;
+    let proxy = DbProxy::start().await;
+    let db = s.pool.connect_options().get_database().unwrap().to_owned();
+    let url = format!("postgres://postgres@127.0.0.1:{}/{db}", proxy.port);
+    let batch = 100;
+    let ids = enqueue_all(&s.pool, &s.topic, 5000, 100).await;
+    let mut relay = RelayArgs::new(BIN, &url, &s.bootstrap, batch)
+        .lease_ttl_ms(TTL_MS)
+        .spawn();
+    wait_pending_below(&s.store, 4800, Duration::from_secs(60)).await;
+    // Refused connections for longer than the lease and the 10 s connect timeout: the relay drops
+    // its lanes, keeps retrying, and takes them back (new epochs) once the database answers again.
+    proxy.cut();
+    let cut = Instant::now();
+    while cut.elapsed() < Duration::from_secs(12) {
+        assert!(relay.running(), "the relay died during the outage:\n{}", relay.tail(20));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.restore().await;
+    wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
+    relay.terminate();
+    s.assert_no_dead_letters().await;
+    let dups = s.check(&ids).await;
+    let bound = batch * LANES as usize;
+    assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
+    eprintln!(
+        "database outage 12 s: {} failed lease rounds, {dups} duplicates",
+        relay.count("lease maintenance failed")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_database_outage_exits_within_the_grace_period() {
+    let _permit = relays(1).await;
+    let s = setup("outage-term", 4).await;
+    let proxy = DbProxy::start().await;
+    let db = s.pool.connect_options().get_database().unwrap().to_owned();
+    let url = format!("postgres://postgres@127.0.0.1:{}/{db}", proxy.port);
+    let batch = 100;
+    let mut ids = enqueue_all(&s.pool, &s.topic, 2000, 100).await;
+    // Leases long enough that the relay still holds its 32 lanes when SIGTERM comes; 15 s grace.
+    let cfg = std::env::temp_dir().join(format!("relay-term-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&cfg, "[relay]\nshutdown_grace_ms = 15000\n").unwrap();
+    let args = RelayArgs::new(BIN, &url, &s.bootstrap, batch)
+        .lease_ttl_ms(15_000)
+        .args(["--config".to_owned(), cfg.display().to_string()]);
+    let mut relay = args.spawn();
+    wait_pending_below(&s.store, 1, Duration::from_secs(60)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let term = Instant::now();
+    relay.signal("-TERM");
+    // At most one connect timeout (10 s) for the lease round in progress, then the lanes stop and
+    // the leases are given back within the grace period, or left to expire.
+    let st = relay.wait_exit(Duration::from_secs(120));
+    let took = term.elapsed();
+    assert_eq!(st.code(), Some(0), "{}", relay.tail(20));
+    assert!(
+        took < Duration::from_secs(40),
+        "SIGTERM took {took:?} during the outage:\n{}",
+        relay.tail(20)
+    );
+    // The database is back: a new relay takes the lanes once the leases expired, nothing lost.
+    proxy.restore().await;
+    ids.extend(enqueue_all(&s.pool, &s.topic, 1000, 100).await);
+    let mut relay = args.spawn();
+    wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
+    relay.terminate();
+    std::fs::remove_file(cfg).ok();
+    s.assert_no_dead_letters().await;
+    let dups = s.check(&ids).await;
+    let bound = batch * LANES as usize;
+    assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
+    eprintln!("SIGTERM during a database outage: exit 0 after {took:.1?}; {dups} duplicates");
+}
