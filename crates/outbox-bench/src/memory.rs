@@ -138,6 +138,20 @@ async fn daemon_drain(env: &Env, bin: &PathBuf, n: usize, bootstrap: &str) -> an
     })
 }
 
+/// The figure's row for one backlog size: peak RSS per round, with the medians of the sampled
+/// RSS, the throughput and the relay's CPU time per message.
+fn backlog_row(backlog: usize, runs: &[DaemonRun]) -> Row {
+    let med = |f: fn(&DaemonRun) -> f64| crate::common::median(&runs.iter().map(f).collect::<Vec<_>>());
+    Row::new(
+        format!("daemon peak RSS (VmHWM), {backlog}-row backlog"),
+        "MiB",
+        runs.iter().map(|r| r.hwm_mib).collect(),
+    )
+    .extra("max_sampled_rss_mib", med(|r| r.max_rss_mib))
+    .extra("msg_per_s", med(|r| r.msgs as f64 / r.secs))
+    .extra("relay_cpu_us_per_msg", med(|r| r.cpu_secs * 1e6 / r.msgs.max(1) as f64))
+}
+
 /// Runs figure 6.
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
@@ -150,48 +164,21 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let mut l_runs = Vec::new();
     for round in 0..rounds {
         eprintln!("memory: round {}/{rounds}", round + 1);
-        let s = daemon_drain(env, &bin, small, &bootstrap).await?;
-        eprintln!(
-            "  {small}: peak RSS {:.1} MiB, {:.0} msg/s",
-            s.hwm_mib,
-            s.msgs as f64 / s.secs
-        );
-        s_runs.push(s);
-        let l = daemon_drain(env, &bin, large, &bootstrap).await?;
-        eprintln!(
-            "  {large}: peak RSS {:.1} MiB, {:.0} msg/s",
-            l.hwm_mib,
-            l.msgs as f64 / l.secs
-        );
-        l_runs.push(l);
+        for (backlog, runs) in [(small, &mut s_runs), (large, &mut l_runs)] {
+            let r = daemon_drain(env, &bin, backlog, &bootstrap).await?;
+            eprintln!(
+                "  {backlog}: peak RSS {:.1} MiB, {:.0} msg/s",
+                r.hwm_mib,
+                r.msgs as f64 / r.secs
+            );
+            runs.push(r);
+        }
     }
-    let hwm = |v: &[DaemonRun]| v.iter().map(|r| r.hwm_mib).collect::<Vec<_>>();
-    let med = |v: &[DaemonRun], f: fn(&DaemonRun) -> f64| crate::common::median(&v.iter().map(f).collect::<Vec<_>>());
-    let small_row = Row::new(
-        format!("daemon peak RSS (VmHWM), {small}-row backlog"),
-        "MiB",
-        hwm(&s_runs),
-    )
-    .extra("max_sampled_rss_mib", med(&s_runs, |r| r.max_rss_mib))
-    .extra("msg_per_s", med(&s_runs, |r| r.msgs as f64 / r.secs))
-    .extra(
-        "relay_cpu_us_per_msg",
-        med(&s_runs, |r| r.cpu_secs * 1e6 / r.msgs.max(1) as f64),
-    );
-    let large_row = Row::new(
-        format!("daemon peak RSS (VmHWM), {large}-row backlog"),
-        "MiB",
-        hwm(&l_runs),
-    )
-    .extra("max_sampled_rss_mib", med(&l_runs, |r| r.max_rss_mib))
-    .extra("msg_per_s", med(&l_runs, |r| r.msgs as f64 / r.secs))
-    .extra(
-        "relay_cpu_us_per_msg",
-        med(&l_runs, |r| r.cpu_secs * 1e6 / r.msgs.max(1) as f64),
-    )
-    .vs(&small_row)
-    .target(Target::AtMost(1.25))
-    .note("ratio = large/small peak RSS: ~1 means memory does not grow with the backlog");
+    let small_row = backlog_row(small, &s_runs);
+    let large_row = backlog_row(large, &l_runs)
+        .vs(&small_row)
+        .target(Target::AtMost(1.25))
+        .note("ratio = large/small peak RSS: ~1 means memory does not grow with the backlog");
     let fig = Figure {
         id: "memory".into(),
         title: "6. Relay daemon memory".into(),
