@@ -181,7 +181,6 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
 /// Writes `n` messages with the framework headers to `topic`.
 async fn produce(bootstrap: &str, topic: &str, n: usize, keyed: bool) -> anyhow::Result<()> {
     use outbox::{HEADER_ID, HEADER_KEY, HEADER_SEQ};
-    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
     let body = crate::common::payload();
@@ -190,21 +189,13 @@ async fn produce(bootstrap: &str, topic: &str, n: usize, keyed: bool) -> anyhow:
         let id = uuid::Uuid::now_v7().to_string();
         let k = crate::common::key(i);
         let seq = (i / crate::common::KEYS + 1).to_string();
-        let mut h = OwnedHeaders::new().insert(Header {
-            key: HEADER_ID,
-            value: Some(id.as_bytes()),
-        });
+        let h = outbox_kafka::wire_headers([
+            (HEADER_ID, Some(id.as_str())),
+            (HEADER_KEY, keyed.then_some(k.as_str())),
+            (HEADER_SEQ, keyed.then_some(seq.as_str())),
+        ]);
         let mut rec = FutureRecord::to(topic).payload(&body);
         if keyed {
-            h = h
-                .insert(Header {
-                    key: HEADER_KEY,
-                    value: Some(k.as_bytes()),
-                })
-                .insert(Header {
-                    key: HEADER_SEQ,
-                    value: Some(seq.as_bytes()),
-                });
             rec = rec.key(k.as_str());
         }
         match producer.send_result(rec.headers(h)) {

@@ -134,19 +134,24 @@ fn headers(row: &StoredMessage) -> OwnedHeaders {
         (HEADER_SOURCE, row.source.as_deref()),
     ];
     let own = row.headers.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())));
-    outbox
-        .into_iter()
-        .chain(own)
-        .filter_map(|(key, value)| Some((key, value?)))
-        .fold(
-            OwnedHeaders::new_with_capacity(4 + row.headers.len()),
-            |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(value.as_bytes()),
-                })
-            },
-        )
+    wire_headers(outbox.into_iter().chain(own))
+}
+
+/// Kafka headers from `(name, value)` pairs in their order, leaving out the pairs without a value:
+/// how [`KafkaPublisher`] writes a row's headers (`outbox-id`, `outbox-key`, `outbox-seq`, ...), for
+/// producers that send messages shaped like the relay's.
+pub fn wire_headers<'a>(pairs: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> OwnedHeaders {
+    let pairs = pairs.into_iter();
+    let capacity = pairs.size_hint().0;
+    pairs.filter_map(|(key, value)| Some((key, value?))).fold(
+        OwnedHeaders::new_with_capacity(capacity),
+        |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        },
+    )
 }
 
 #[async_trait]

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use outbox::postgres::PgStore;
 use outbox::{Delivered, Publisher, Store, HEADER_ID, HEADER_KEY, HEADER_SEQ};
-use outbox_kafka::{KafkaPublisher, PRODUCER_DEFAULTS};
+use outbox_kafka::{wire_headers, KafkaPublisher, PRODUCER_DEFAULTS};
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{DeliveryResult, Header, OwnedHeaders};
+use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
@@ -68,19 +68,11 @@ pub(crate) async fn raw_produce(
         let cpu = CpuProbe::start(broker_pid);
         let started = Instant::now();
         for (k, id, seq) in &msgs {
-            let headers = OwnedHeaders::new_with_capacity(3)
-                .insert(Header {
-                    key: HEADER_ID,
-                    value: Some(id.as_bytes()),
-                })
-                .insert(Header {
-                    key: HEADER_KEY,
-                    value: Some(k.as_bytes()),
-                })
-                .insert(Header {
-                    key: HEADER_SEQ,
-                    value: Some(seq.as_bytes()),
-                });
+            let headers = wire_headers([
+                (HEADER_ID, Some(id.as_str())),
+                (HEADER_KEY, Some(k.as_str())),
+                (HEADER_SEQ, Some(seq.as_str())),
+            ]);
             let mut rec = BaseRecord::to(&topic).key(k.as_str()).payload(&body).headers(headers);
             loop {
                 match producer.send(rec) {

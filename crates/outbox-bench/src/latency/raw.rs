@@ -6,9 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::{HEADER_ID, HEADER_KEY};
-use outbox_kafka::PRODUCER_DEFAULTS;
+use outbox_kafka::{wire_headers, PRODUCER_DEFAULTS};
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
@@ -49,15 +48,7 @@ pub(super) async fn raw_latency(
         for j in 0..per_tx {
             let id = Uuid::now_v7().to_string();
             let k = key((i as usize * 7919 + j * 104_729) % KEYS);
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: HEADER_ID,
-                    value: Some(id.as_bytes()),
-                })
-                .insert(Header {
-                    key: HEADER_KEY,
-                    value: Some(k.as_bytes()),
-                });
+            let headers = wire_headers([(HEADER_ID, Some(id.as_str())), (HEADER_KEY, Some(k.as_str()))]);
             let rec = FutureRecord::to(topic).key(k.as_str()).payload(&body).headers(headers);
             match producer.send_result(rec) {
                 Ok(f) => futs.push(f),
