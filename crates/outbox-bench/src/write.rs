@@ -13,6 +13,30 @@ use sqlx::PgPool;
 use self::order::order_rows;
 use crate::common::{key, payload, print_figure, BenchDb, Env, Figure, Row, Target, KEYS};
 
+/// The figure's variants: no outbox, then an unkeyed and a keyed message, each with NOTIFY on and off.
+const VARIANTS: [Variant; 5] = [
+    Variant::NoOutbox,
+    Variant::Outbox {
+        keyed: false,
+        notify: true,
+    },
+    Variant::Outbox {
+        keyed: false,
+        notify: false,
+    },
+    Variant::Outbox {
+        keyed: true,
+        notify: true,
+    },
+    Variant::Outbox {
+        keyed: true,
+        notify: false,
+    },
+];
+
+/// The business transactions' outbox topic.
+const TOPIC: &str = "bench.order.placed";
+
 /// What a business transaction does besides its own row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Variant {
@@ -163,30 +187,67 @@ pub(crate) async fn throughput(
     Ok(n as f64 / secs)
 }
 
+/// `writers` concurrent business transactions of shape `shape` on `pool`, each variant measured
+/// for `dur`.
+struct Load<'a> {
+    pool: &'a PgPool,
+    shape: Shape,
+    writers: usize,
+    dur: Duration,
+}
+
+impl Load<'_> {
+    /// One round: every variant for `dur` in turn, starting with number `round` (rotating start),
+    /// each one's transactions per second pushed onto its list in `tps`; then logs the round under
+    /// `what`.
+    async fn round(
+        &self,
+        variants: &[Variant],
+        (round, rounds): (usize, usize),
+        what: &str,
+        tps: &mut [Vec<f64>],
+    ) -> anyhow::Result<()> {
+        for j in 0..variants.len() {
+            let k = (j + round) % variants.len();
+            tps[k].push(throughput(self.pool, TOPIC, self.shape, variants[k], self.writers, self.dur).await?);
+        }
+        eprintln!(
+            "write: {what}, round {}/{rounds}: {}",
+            round + 1,
+            tps.iter()
+                .map(|v| format!("{:.0}", v.last().unwrap_or(&0.0)))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+        Ok(())
+    }
+}
+
+/// The rows of one setting `what`: the first variant's transactions per second, then every other
+/// variant's as a ratio to it, held to `target`.
+fn variant_rows(
+    what: &str,
+    variants: &[Variant],
+    tps: &[Vec<f64>],
+    target: impl Fn(Variant) -> Target,
+    note: &str,
+) -> Vec<Row> {
+    let base = Row::new(format!("{what}: {}", variants[0].name()), "tx/s", tps[0].clone());
+    let mut rows = vec![base.clone()];
+    rows.extend(variants.iter().zip(tps).skip(1).map(|(v, t)| {
+        Row::new(format!("{what}: {}", v.name()), "tx/s", t.clone())
+            .vs(&base)
+            .target(target(*v))
+            .note(note)
+    }));
+    rows
+}
+
 /// Runs figure 1.
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
     let rounds = env.rounds(7, 2);
     let dur = Duration::from_millis(env.pick(1500, 700));
-    let variants = [
-        Variant::NoOutbox,
-        Variant::Outbox {
-            keyed: false,
-            notify: true,
-        },
-        Variant::Outbox {
-            keyed: false,
-            notify: false,
-        },
-        Variant::Outbox {
-            keyed: true,
-            notify: true,
-        },
-        Variant::Outbox {
-            keyed: true,
-            notify: false,
-        },
-    ];
     let db = BenchDb::create(env, 20).await?;
     // Every key already has its counter row, as in a service that has been running.
     sqlx::query("INSERT INTO outbox_keys (key, seq) SELECT 'key-' || lpad(k::text, 5, '0'), 0 FROM generate_series(0, $1 - 1) k")
@@ -212,7 +273,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         // Warm-up: connections, plans, caches.
         throughput(
             &db.pool,
-            "bench.order.placed",
+            TOPIC,
             Shape::Minimal,
             Variant::Outbox {
                 keyed: true,
@@ -222,50 +283,35 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             Duration::from_millis(500),
         )
         .await?;
-        let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let load = Load {
+            pool: &db.pool,
+            shape: Shape::Minimal,
+            writers,
+            dur,
+        };
+        let what = format!("{writers} writer(s)");
+        let mut tps: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
         for round in 0..rounds {
             sqlx::query("TRUNCATE bench_orders, outbox_messages")
                 .execute(&db.pool)
                 .await?;
             sqlx::query("VACUUM ANALYZE outbox_keys").execute(&db.pool).await?;
             // Interleaved, starting with a different variant each round.
-            for j in 0..variants.len() {
-                let k = (j + round) % variants.len();
-                let v = throughput(
-                    &db.pool,
-                    "bench.order.placed",
-                    Shape::Minimal,
-                    variants[k],
-                    writers,
-                    dur,
-                )
-                .await?;
-                tps[k].push(v);
-            }
-            eprintln!(
-                "write: {writers} writer(s), round {}/{rounds}: {}",
-                round + 1,
-                tps.iter()
-                    .map(|v| format!("{:.0}", v.last().unwrap_or(&0.0)))
-                    .collect::<Vec<_>>()
-                    .join(" / ")
-            );
+            load.round(&VARIANTS, (round, rounds), &what, &mut tps).await?;
         }
-        let base = Row::new(
-            format!("{writers} writer(s): {}", variants[0].name()),
-            "tx/s",
-            tps[0].clone(),
-        );
-        rows.push(base.clone());
-        for (k, v) in variants.iter().enumerate().skip(1) {
-            let Variant::Outbox { keyed, .. } = v else { continue };
-            rows.push(
-                Row::new(format!("{writers} writer(s): {}", v.name()), "tx/s", tps[k].clone())
-                    .vs(&base)
-                    .target(Target::AtLeast(if *keyed { 0.75 } else { 0.85 }))
-                    .note("minimal transaction: BEGIN, INSERT, COMMIT; the enqueue adds one statement (round-trip bound 3/4)"),
-            );
-        }
+        rows.extend(variant_rows(
+            &what,
+            &VARIANTS,
+            &tps,
+            |v| {
+                Target::AtLeast(if matches!(v, Variant::Outbox { keyed: true, .. }) {
+                    0.75
+                } else {
+                    0.85
+                })
+            },
+            "minimal transaction: BEGIN, INSERT, COMMIT; the enqueue adds one statement (round-trip bound 3/4)",
+        ));
     }
     rows.extend(order_rows(&db, rounds, dur, &[None]).await?);
     // The lanes' linger (writers skip NOTIFY while it lasts) against none, in the same rounds.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use super::{throughput, Shape, Variant, PRODUCTS};
+use super::{throughput, variant_rows, Load, Shape, Variant, PRODUCTS, TOPIC, VARIANTS};
 use crate::common::{BenchDb, Row, Target};
 
 /// Creates the `Order` shape's tables, every product with a large stock.
@@ -67,31 +67,28 @@ pub(super) async fn order_rows(
         ),
     };
     let writers = 16;
-    let variants = [
-        Variant::NoOutbox,
-        Variant::Outbox {
-            keyed: false,
-            notify: true,
-        },
-        Variant::Outbox {
-            keyed: true,
-            notify: true,
-        },
-        Variant::Outbox {
-            keyed: true,
-            notify: false,
-        },
-    ];
-    let topic = "bench.order.placed";
+    // All but the unkeyed message with NOTIFY off: without the outbox, an unkeyed and a keyed message
+    // with NOTIFY on (the library's default), a keyed one with NOTIFY off.
+    let unkeyed_without_notify = Variant::Outbox {
+        keyed: false,
+        notify: false,
+    };
+    let variants: Vec<Variant> = VARIANTS.into_iter().filter(|v| *v != unkeyed_without_notify).collect();
     throughput(
         &db.pool,
-        topic,
+        TOPIC,
         Shape::Order,
         variants[2],
         writers,
         Duration::from_millis(500),
     )
     .await?;
+    let load = Load {
+        pool: &db.pool,
+        shape: Shape::Order,
+        writers,
+        dur,
+    };
     // tps[setting][variant]: one list of rounds each.
     let mut tps: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); variants.len()]; relays.len()];
     for round in 0..rounds {
@@ -103,47 +100,23 @@ pub(super) async fn order_rows(
                     .await?;
             }
             let running = relays[r].map(start_relay);
-            for j in 0..variants.len() {
-                let k = (j + round) % variants.len();
-                tps[r][k].push(throughput(&db.pool, topic, Shape::Order, variants[k], writers, dur).await?);
-            }
+            let what = format!("order transaction, {writers} writers{}", label(relays[r]));
+            load.round(&variants, (round, rounds), &what, &mut tps[r]).await?;
             if let Some((stop, task)) = running {
                 let _ = stop.send(());
                 task.await??;
             }
-            eprintln!(
-                "write: order transaction, {writers} writers{}, round {}/{rounds}: {}",
-                label(relays[r]),
-                round + 1,
-                tps[r]
-                    .iter()
-                    .map(|v| format!("{:.0}", v.last().unwrap_or(&0.0)))
-                    .collect::<Vec<_>>()
-                    .join(" / ")
-            );
         }
     }
     let mut rows = Vec::new();
     for (r, relay) in relays.iter().enumerate() {
-        let with = label(*relay);
-        let base = Row::new(
-            format!("order transaction, {writers} writers{with}: no outbox"),
-            "tx/s",
-            tps[r][0].clone(),
-        );
-        rows.push(base.clone());
-        for (k, v) in variants.iter().enumerate().skip(1) {
-            rows.push(
-                Row::new(
-                    format!("order transaction, {writers} writers{with}: {}", v.name()),
-                    "tx/s",
-                    tps[r][k].clone(),
-                )
-                .vs(&base)
-                .target(Target::AtLeast(0.90))
-                .note("8 statements without the outbox, 9 with it (round-trip bound 8/9)"),
-            );
-        }
+        rows.extend(variant_rows(
+            &format!("order transaction, {writers} writers{}", label(*relay)),
+            &variants,
+            &tps[r],
+            |_| Target::AtLeast(0.90),
+            "8 statements without the outbox, 9 with it (round-trip bound 8/9)",
+        ));
     }
     Ok(rows)
 }
