@@ -5,6 +5,9 @@
 //! key whose row failed must send nothing after it until the retry succeeded, and every row is
 //! delivered. The publisher fails the chosen rows on their first attempts and records every call.
 //!
+//! Pipelined lanes: a lane publishes its next batch while earlier ones are in flight; a key is in
+//! one of them at the most, checked against when each call answered.
+//!
 //! Busy lanes: with `max_busy_lanes = n`, never more than n batches are being published at once.
 
 use std::collections::{HashMap, HashSet};
@@ -19,88 +22,151 @@ use outbox_tests::embedded::{drained, start, test_config};
 
 /// Fails a row `failures` times when its (key, seq) is in `flaky`, and then every later row of that
 /// key in the same call (as an idempotent producer fails the rest of a partition's queue); delivers
-/// everything else. Records what it was handed, call by call.
+/// everything else after `latency`. Records what it was handed and when each call ended, and the
+/// most calls in flight at once for one lane.
 struct Scripted {
     flaky: HashMap<(String, i64), u32>,
+    latency: Duration,
     failed: Mutex<HashMap<(String, i64), u32>>,
-    calls: Mutex<Vec<Vec<(String, i64, bool)>>>,
+    events: Mutex<Vec<Event>>,
+    lanes: Mutex<HashMap<i32, usize>>,
+    most_per_lane: AtomicUsize,
+}
+
+/// A call handed its rows over (key, seq, delivered), or the call with that number answered.
+#[derive(Debug, Clone)]
+enum Event {
+    Start(usize, Vec<(String, i64, bool)>),
+    End(usize),
 }
 
 impl Scripted {
     fn new(flaky: impl IntoIterator<Item = (&'static str, i64, u32)>) -> Arc<Self> {
+        Self::slow(flaky, Duration::from_millis(5))
+    }
+
+    fn slow(flaky: impl IntoIterator<Item = (&'static str, i64, u32)>, latency: Duration) -> Arc<Self> {
         Arc::new(Scripted {
             flaky: flaky.into_iter().map(|(k, s, n)| ((k.to_owned(), s), n)).collect(),
+            latency,
             failed: Mutex::default(),
-            calls: Mutex::default(),
+            events: Mutex::default(),
+            lanes: Mutex::default(),
+            most_per_lane: AtomicUsize::new(0),
         })
+    }
+
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
     }
 }
 
 #[async_trait]
 impl Publisher for Scripted {
     async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
-        // A little broker latency, so the claim ahead really runs beside the publish.
-        tokio::time::sleep(Duration::from_millis(5)).await;
         let mut failing: HashSet<String> = HashSet::new();
         let mut call = Vec::new();
         let mut out = Vec::new();
-        let mut failed = self.failed.lock().unwrap();
-        for row in batch {
-            let key = row.key.clone().unwrap_or_default();
-            let seq = row.seq.unwrap_or_default();
-            let id = (key.clone(), seq);
-            let mut fail = failing.contains(&key);
-            if !fail {
-                if let Some(&n) = self.flaky.get(&id) {
-                    let done = failed.entry(id).or_default();
-                    if *done < n {
-                        *done += 1;
-                        fail = true;
-                        failing.insert(key.clone());
+        {
+            let mut failed = self.failed.lock().unwrap();
+            for row in batch {
+                let key = row.key.clone().unwrap_or_default();
+                let seq = row.seq.unwrap_or_default();
+                let id = (key.clone(), seq);
+                let mut fail = failing.contains(&key);
+                if !fail {
+                    if let Some(&n) = self.flaky.get(&id) {
+                        let done = failed.entry(id).or_default();
+                        if *done < n {
+                            *done += 1;
+                            fail = true;
+                            failing.insert(key.clone());
+                        }
                     }
                 }
+                call.push((key, seq, !fail));
+                out.push(if fail {
+                    Err(PublishError::retryable("scripted: broker timed out"))
+                } else {
+                    Ok(Delivered::new(row.pos).at(0, seq))
+                });
             }
-            call.push((key, seq, !fail));
-            out.push(if fail {
-                Err(PublishError::retryable("scripted: broker timed out"))
-            } else {
-                Ok(Delivered::new(row.pos).at(0, seq))
-            });
         }
-        self.calls.lock().unwrap().push(call);
+        let lane = batch.first().map(|r| r.lane).unwrap_or_default();
+        let n = {
+            let mut events = self.events.lock().unwrap();
+            let n = events.len();
+            events.push(Event::Start(n, call));
+            let mut lanes = self.lanes.lock().unwrap();
+            let now = lanes.entry(lane).or_default();
+            *now += 1;
+            self.most_per_lane.fetch_max(*now, Ordering::SeqCst);
+            n
+        };
+        // Broker latency, so that claims run beside the publish.
+        tokio::time::sleep(self.latency).await;
+        let mut events = self.events.lock().unwrap();
+        *self.lanes.lock().unwrap().get_mut(&lane).unwrap() -= 1;
+        events.push(Event::End(n));
         out
     }
 }
 
-/// Replays the calls: a row may be handed over only when every earlier row of its key was already
-/// delivered, or is handed over before it in the same call. Returns the delivered (key, seq) set.
-fn check_order(calls: &[Vec<(String, i64, bool)>]) -> HashSet<(String, i64)> {
+/// Replays the calls: a row may be handed over only when every earlier row of its key was
+/// delivered by a call that had answered before, or is handed over before it in the same call.
+/// Returns the delivered (key, seq) set.
+fn check_order(events: &[Event]) -> HashSet<(String, i64)> {
     let mut delivered: HashMap<String, i64> = HashMap::new(); // key -> highest seq delivered in order
+    let mut calls: HashMap<usize, &[(String, i64, bool)]> = HashMap::new();
     let mut all = HashSet::new();
-    for (n, call) in calls.iter().enumerate() {
-        let mut expected: HashMap<&str, i64> = HashMap::new();
-        for (key, seq, ok) in call {
-            let next = expected
-                .entry(key.as_str())
-                .or_insert_with(|| delivered.get(key).copied().unwrap_or(0) + 1);
-            assert!(
-                *seq <= *next,
-                "call {n}: key {key} seq {seq} handed over before seq {next} was delivered"
-            );
-            if *seq == *next {
-                *next += 1;
+    for event in events {
+        match event {
+            Event::Start(n, call) => {
+                let mut expected: HashMap<&str, i64> = HashMap::new();
+                for (key, seq, ok) in call {
+                    let next = expected
+                        .entry(key.as_str())
+                        .or_insert_with(|| delivered.get(key).copied().unwrap_or(0) + 1);
+                    assert!(
+                        *seq <= *next,
+                        "call {n}: key {key} seq {seq} handed over before seq {next} was delivered"
+                    );
+                    if *seq == *next {
+                        *next += 1;
+                    }
+                    if *ok {
+                        all.insert((key.clone(), *seq));
+                    }
+                }
+                calls.insert(*n, call);
             }
-            if *ok {
-                all.insert((key.clone(), *seq));
-            }
-        }
-        for (key, seq, ok) in call {
-            if *ok && delivered.get(key).copied().unwrap_or(0) + 1 == *seq {
-                delivered.insert(key.clone(), *seq);
+            Event::End(n) => {
+                for (key, seq, ok) in calls[n] {
+                    if *ok && delivered.get(key).copied().unwrap_or(0) + 1 == *seq {
+                        delivered.insert(key.clone(), *seq);
+                    }
+                }
             }
         }
     }
     all
+}
+
+/// How many rows the publisher failed, all calls together.
+fn failures(events: &[Event]) -> usize {
+    events
+        .iter()
+        .map(|e| match e {
+            Event::Start(_, call) => call.iter().filter(|(_, _, ok)| !ok).count(),
+            Event::End(_) => 0,
+        })
+        .sum()
+}
+
+fn every(keys: &[String], rows_per_key: i64) -> HashSet<(String, i64)> {
+    keys.iter()
+        .flat_map(|k| (1..=rows_per_key).map(move |s| (k.clone(), s)))
+        .collect()
 }
 
 async fn run(claim_ahead: ClaimAhead) {
@@ -137,14 +203,11 @@ async fn run_on(claim_ahead: ClaimAhead, topics: &[&str]) {
     drained(&store, Duration::from_secs(60)).await;
     relay.stop().await;
 
-    let calls = publisher.calls.lock().unwrap().clone();
-    let delivered = check_order(&calls);
-    let expect: HashSet<(String, i64)> = keys
-        .iter()
-        .flat_map(|k| (1..=40).map(move |s| (k.to_string(), s)))
-        .collect();
-    assert_eq!(delivered, expect, "every row delivered");
-    let failures: usize = calls.iter().flatten().filter(|(_, _, ok)| !ok).count();
+    let events = publisher.events();
+    let delivered = check_order(&events);
+    let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    assert_eq!(delivered, every(&keys, 40), "every row delivered");
+    let failures = failures(&events);
     assert!(failures >= 9, "the scripted failures happened ({failures})");
     assert!(store.dead_letters(10).await.unwrap().is_empty());
 }
@@ -170,14 +233,58 @@ async fn claiming_after_the_marks_keeps_the_same_order() {
     run(ClaimAhead::Never).await;
 }
 
+/// Rows trickle in one per transaction while the relay runs: lanes get short batches and publish
+/// the next while the last is in flight. Every hand-over keeps key order through the scripted
+/// failures, and batches of one lane did overlap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_batches_never_hand_over_a_row_before_its_predecessor() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let keys: Vec<String> = (0..40).map(|k| format!("k{k}")).collect();
+    let publisher = Scripted::slow(
+        [("k1", 2, 1), ("k7", 5, 2), ("k20", 1, 1), ("k33", 9, 3), ("k38", 4, 1)],
+        Duration::from_millis(40),
+    );
+    let cfg = test_config()
+        .batch_size(8)
+        .pipeline(4)
+        .backoff_base(Duration::from_millis(20))
+        .backoff_max(Duration::from_millis(100));
+    let relay = start(store.clone(), publisher.clone(), cfg);
+    for i in 0..400 {
+        let mut tx = pool.begin().await.unwrap();
+        let msg = Message::new("t", format!("{i}")).key(keys[i % keys.len()].as_str());
+        outbox::enqueue(&mut tx, &msg).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
+
+    let events = publisher.events();
+    assert_eq!(check_order(&events), every(&keys, 10), "every row delivered");
+    assert!(failures(&events) >= 8, "the scripted failures happened");
+    let most = publisher.most_per_lane.load(Ordering::SeqCst);
+    assert!(most >= 2, "batches of one lane never overlapped ({most} at once)");
+    assert!(store.dead_letters(10).await.unwrap().is_empty());
+}
+
 #[test]
 fn the_order_check_catches_a_row_sent_past_its_failed_predecessor() {
-    let call = |rows: &[(&str, i64, bool)]| rows.iter().map(|(k, s, ok)| (k.to_string(), *s, *ok)).collect();
+    let rows = |r: &[(&str, i64, bool)]| r.iter().map(|(k, s, ok)| (k.to_string(), *s, *ok)).collect();
+    let call = |n: usize, r: &[(&str, i64, bool)]| [Event::Start(n, rows(r)), Event::End(n)];
     // k1 failed, then k2 was sent in the next call: caught.
-    let bad = vec![call(&[("k", 1, false)]), call(&[("k", 2, true)])];
+    let bad = [call(0, &[("k", 1, false)]), call(1, &[("k", 2, true)])].concat();
     assert!(std::panic::catch_unwind(|| check_order(&bad)).is_err());
+    // k2 handed over while the call with k1 had not answered yet: caught.
+    let early = [
+        Event::Start(0, rows(&[("k", 1, true)])),
+        Event::Start(1, rows(&[("k", 2, true)])),
+        Event::End(0),
+        Event::End(1),
+    ];
+    assert!(std::panic::catch_unwind(|| check_order(&early)).is_err());
     // Resending k1 before k2 is fine.
-    let good = vec![call(&[("k", 1, false)]), call(&[("k", 1, true), ("k", 2, true)])];
+    let good = [call(0, &[("k", 1, false)]), call(1, &[("k", 1, true), ("k", 2, true)])].concat();
     assert_eq!(check_order(&good).len(), 2);
 }
 

@@ -21,20 +21,44 @@ pub(crate) struct BatchDone {
     pub(crate) unavailable: bool,
 }
 
-pub(crate) async fn publish_batch<S: Store, P: Publisher>(
-    shared: &Shared<S, P>,
-    lease: &Lease,
-    rows: &[StoredMessage],
-    stop: &CancellationToken,
-) -> Result<BatchDone, LaneExit> {
+/// A batch the broker has answered, waiting for its marks.
+pub(crate) struct Sent {
+    pub(crate) rows: Vec<StoredMessage>,
+    pub(crate) results: Vec<Result<Delivered, PublishError>>,
+    /// How long the broker took.
+    pub(crate) publish_took: Duration,
+}
+
+/// Publishes a claimed batch and waits for the broker's answer to every row.
+pub(crate) async fn send<S: Store, P: Publisher>(shared: &Shared<S, P>, lane: i32, rows: Vec<StoredMessage>) -> Sent {
     crate::failpoint::hit(crate::failpoint::Point::AfterClaim);
-    let span = tracing::debug_span!("publish_batch", lane = lease.lane, size = rows.len());
+    let span = tracing::debug_span!("publish_batch", lane, size = rows.len());
     crate::failpoint::hit(crate::failpoint::Point::DuringPublish);
-    let (results, publish_took) = timed(publish_decodable(shared, rows).instrument(span)).await;
+    let (results, publish_took) = timed(publish_decodable(shared, &rows).instrument(span)).await;
     shared.meters.batch_duration.record(publish_took.as_secs_f64());
     assert_eq!(results.len(), rows.len(), "publisher must answer once per message");
-    crate::failpoint::hit(crate::failpoint::Point::BeforeMark);
+    Sent {
+        rows,
+        results,
+        publish_took,
+    }
+}
 
+/// Settles every row of a sent batch by the broker's answer: marks the delivered ones, backs off
+/// the failed ones, dead-letters the hopeless ones.
+pub(crate) async fn settle_sent<S: Store, P: Publisher>(
+    shared: &Shared<S, P>,
+    lease: &Lease,
+    sent: Sent,
+    stop: &CancellationToken,
+) -> Result<BatchDone, LaneExit> {
+    crate::failpoint::hit(crate::failpoint::Point::BeforeMark);
+    let Sent {
+        rows,
+        results,
+        publish_took,
+    } = sent;
+    let rows = &rows[..];
     let plan = settle(&shared.cfg, rows, results);
     let now = chrono::Utc::now();
     // Confirmed rows first: a crash after this point re-sends only the failed ones.

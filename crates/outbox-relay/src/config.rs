@@ -42,6 +42,12 @@ pub struct RelayConfig {
     pub owner: String,
     /// Rows claimed and published per lane per round. Defaults to 500.
     pub batch_size: usize,
+    /// Batches a lane may have in flight at once (published, waiting for the broker's answer or
+    /// their marks), as long as they hold fewer than [`RelayConfig::batch_size`] rows together: a
+    /// row committed while its lane's batch is in flight is claimed and published at once instead
+    /// of waiting for that batch. A key is in one batch in flight at the most; batches are marked
+    /// in the order they were claimed. 1: one batch at a time. Defaults to 4.
+    pub pipeline: usize,
     /// How often an idle lane looks for work without a wake-up. Defaults to 1 s.
     pub poll_interval: Duration,
     /// How long a lane that found work keeps watching for more before it asks writers for a
@@ -100,6 +106,8 @@ pub struct RelayConfig {
 impl RelayConfig {
     /// Default [`RelayConfig::batch_size`].
     pub const DEFAULT_BATCH_SIZE: usize = 500;
+    /// Default [`RelayConfig::pipeline`].
+    pub const DEFAULT_PIPELINE: usize = 4;
     /// Default [`RelayConfig::poll_interval`].
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
     /// Default [`RelayConfig::linger`].
@@ -135,6 +143,7 @@ impl Default for RelayConfig {
         RelayConfig {
             owner: default_owner(),
             batch_size: Self::DEFAULT_BATCH_SIZE,
+            pipeline: Self::DEFAULT_PIPELINE,
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
             linger: Self::DEFAULT_LINGER,
             linger_poll_interval: Self::DEFAULT_LINGER_POLL_INTERVAL,
@@ -170,6 +179,8 @@ setters! {
     owner: String,
     /// Sets [`RelayConfig::batch_size`].
     batch_size: usize,
+    /// Sets [`RelayConfig::pipeline`].
+    pipeline: usize,
     /// Sets [`RelayConfig::poll_interval`].
     poll_interval: Duration,
     /// Sets [`RelayConfig::linger`].
@@ -220,6 +231,9 @@ impl RelayConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.batch_size == 0 {
             return Err("batch_size must be at least 1".into());
+        }
+        if self.pipeline == 0 {
+            return Err("pipeline must be at least 1".into());
         }
         if self.max_attempts < 1 {
             return Err("max_attempts must be at least 1".into());

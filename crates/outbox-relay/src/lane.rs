@@ -1,5 +1,6 @@
 //! One lane's loop: claim a batch, publish it, settle every row (mark published, back off, or
-//! dead-letter), in per-key order. One batch in flight per lane.
+//! dead-letter), in per-key order. Up to [`RelayConfig::pipeline`] batches in flight per lane, each
+//! key in one of them at the most (see [`crate::flight`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,9 +10,12 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::batch::publish_batch;
 use crate::config::{ClaimAhead, RelayConfig};
+use crate::flight::{take_turns, Flight, InFlight, Turns};
+use crate::linger::linger_wait;
 use crate::metrics as m;
+pub(crate) use crate::waits::timed;
+use crate::waits::{back_off, pace, pause};
 
 pub(crate) struct Shared<S, P> {
     pub(crate) store: S,
@@ -66,176 +70,292 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
     );
     async move {
         tracing::debug!("lane started");
-        let mut store_errors = 0;
-        let mut idle = false;
-        let lingers = crate::linger::enabled(&shared);
-        // Until when the lane keeps watching for rows after it ran dry, flag still busy.
-        let mut linger_until: Option<Instant> = None;
-        // The batch claimed while the previous one was being published, if any.
-        let mut ahead: Option<Vec<StoredMessage>> = None;
-        // How long the lane's last claim and last publish took (for `ClaimAhead::Auto`).
-        let (mut claim_took, mut publish_took) = (Duration::ZERO, Duration::ZERO);
-        // Rounds in a row in which the broker was unavailable (for the lane's backoff).
-        let mut outages = 0;
-        loop {
-            if stop.is_cancelled() {
-                return LaneExit::Stopped;
-            }
-            // Held for this round's claim and publish; given back before waiting for work.
-            let capped = match &shared.busy {
-                Some(busy) => tokio::select! {
-                    permit = busy.acquire() => Some(permit.expect("the semaphore is never closed")),
-                    _ = stop.cancelled() => return LaneExit::Stopped,
-                },
-                None => None,
-            };
-            let paced = match &shared.adaptive {
-                Some(pace) => tokio::select! {
-                    permit = pace.turn() => Some(permit),
-                    _ = stop.cancelled() => return LaneExit::Stopped,
-                },
-                None => None,
-            };
-            let mut turn = (capped, paced);
-            let round_started = Instant::now();
-            let rows = match ahead.take().filter(|r| !r.is_empty()) {
-                Some(rows) => rows,
-                None => match timed(shared.counted(shared.store.claim(&lease, shared.cfg.batch_size, &[]))).await {
-                    (Ok(rows), took) => {
-                        store_errors = 0;
-                        claim_took = took;
-                        rows
-                    }
-                    (Err(e), _) => {
-                        drop(turn);
-                        store_errors += 1;
-                        shared.meters.store_errors.increment(1);
-                        tracing::warn!(error = %e, "claim failed; retrying");
-                        if pause(&stop, shared.backoff.delay(store_errors)).await {
-                            return LaneExit::Stopped;
-                        }
-                        continue;
-                    }
-                },
-            };
-            let full = rows.len() == shared.cfg.batch_size;
-            if rows.is_empty() {
-                drop(turn);
-                if let Some(until) = linger_until.filter(|u| *u > Instant::now()) {
-                    // Not extended by this empty claim: rows held back behind a waiting row of
-                    // their key make the watch wake the lane for nothing, but only until then.
-                    if linger_wait(&shared, &lease, until, &stop).await {
-                        return LaneExit::Stopped;
-                    }
-                    continue;
-                }
-                linger_until = None;
-                if !idle {
-                    // Ask writers for a wake-up, then look once more: a row committed before the
-                    // flag was visible would otherwise wait for the next poll.
-                    set_idle(&shared, &lease, true).await;
-                    idle = true;
-                    continue;
-                }
-                let woken = shared.wake[lease.lane as usize].notified();
-                tokio::select! {
-                    _ = woken => {}
-                    _ = tokio::time::sleep(shared.cfg.poll_interval) => {}
-                    _ = stop.cancelled() => return LaneExit::Stopped,
-                }
-                continue;
-            }
-            if lingers {
-                linger_until = Some(Instant::now() + shared.cfg.linger);
-            }
-            if idle && (full || lingers) {
-                // Under load the lane is busy: writers stop paying for NOTIFY.
-                set_idle(&shared, &lease, false).await;
-                idle = false;
-            }
-            let claim_ahead = match shared.cfg.claim_ahead {
-                ClaimAhead::Always => true,
-                ClaimAhead::Never => false,
-                ClaimAhead::Auto => publish_took > claim_took,
-            };
-            // With claim ahead, the next batch is claimed while this one is published. Rows of a
-            // key that this batch leaves unsettled (retry, park) are dropped from it: they stay
-            // pending and are claimed again, in order, after the row that holds them back.
-            if let Some(rate) = &shared.rate {
-                if pace(rate, rows.len(), &stop).await {
-                    return LaneExit::Stopped;
-                }
-            }
-            let publish = publish_batch(&shared, &lease, &rows, &stop);
-            let (done, next) = if claim_ahead {
-                let in_flight: Vec<i64> = rows.iter().map(|r| r.pos).collect();
-                let claim = timed(shared.counted(shared.store.claim(&lease, shared.cfg.batch_size, &in_flight)));
-                let (done, next) = tokio::join!(publish, claim);
-                (done, Some(next))
-            } else {
-                (publish.await, None)
-            };
-            let done = match done {
-                Ok(done) => done,
-                Err(exit) => return exit,
-            };
-            if let (Some(pace), Some(paced)) = (&shared.adaptive, turn.1.as_mut()) {
-                // Below one lane's worth, the working lane rests in proportion before its next
-                // turn, holding it (but no longer counted as a round under way).
-                paced.resting();
-                let rest = pace.pause_after(round_started.elapsed());
-                if !rest.is_zero() && pause(&stop, rest).await {
-                    return LaneExit::Stopped;
-                }
-            }
-            drop(turn);
-            publish_took = done.publish_took;
-            if back_off(&shared.backoff, &stop, done.unavailable, &mut outages).await {
-                return LaneExit::Stopped;
-            }
-            match next {
-                Some((Ok(mut next), took)) => {
-                    claim_took = took;
-                    next.retain(|r| !r.key.as_deref().is_some_and(|k| done.blocked.contains(k)));
-                    ahead = Some(next);
-                }
-                // The next round claims again, with the usual error handling.
-                Some((Err(e), _)) => tracing::debug!(error = %e, "claim ahead failed"),
-                // A short batch means the lane was drained a moment ago: a lingering lane waits
-                // for the watch (it finds rows committed meanwhile) instead of claiming nothing
-                // once more; otherwise yield instead of spinning.
-                None if !full => match linger_until {
-                    Some(until) => {
-                        if linger_wait(&shared, &lease, until, &stop).await {
-                            return LaneExit::Stopped;
-                        }
-                    }
-                    None => tokio::task::yield_now().await,
-                },
-                None => {}
-            }
+        Lane {
+            lingers: crate::linger::enabled(&shared),
+            shared: &shared,
+            lease: &lease,
+            stop: &stop,
+            flight: Flight::default(),
+            ahead: None,
+            more: true,
+            held: false,
+            claimed_to: 0,
+            idle: false,
+            linger_until: None,
+            store_errors: 0,
+            outages: 0,
+            claim_took: Duration::ZERO,
+            publish_took: Duration::ZERO,
         }
+        .run()
+        .await
     }
     .instrument(span)
     .await
 }
 
-/// Waits, watched (see [`crate::linger`]), until the lane is woken or `until`; true when stopped.
-async fn linger_wait<S: Store, P: Publisher>(
-    shared: &Shared<S, P>,
-    lease: &Lease,
-    until: Instant,
-    stop: &CancellationToken,
-) -> bool {
-    shared.watched.add(lease.lane);
-    let woken = shared.wake[lease.lane as usize].notified();
-    let stopped = tokio::select! {
-        _ = woken => false,
-        _ = tokio::time::sleep_until(until.into()) => false,
-        _ = stop.cancelled() => true,
-    };
-    shared.watched.remove(lease.lane);
-    stopped
+/// One lane's state between rounds.
+struct Lane<'a, S, P> {
+    shared: &'a Arc<Shared<S, P>>,
+    lease: &'a Lease,
+    stop: &'a CancellationToken,
+    /// Batches being published or waiting for their marks, oldest first.
+    flight: Flight<'a>,
+    /// A batch claimed while the previous one was being published (`claim_ahead`), if any.
+    ahead: Option<Vec<StoredMessage>>,
+    /// Whether to claim again without waiting for a wake-up.
+    more: bool,
+    /// Rows were left out of a claim because their key is in flight: claim again once a batch is
+    /// settled.
+    held: bool,
+    /// The last position the last claim returned (the watch looks beyond it while batches are in
+    /// flight).
+    claimed_to: i64,
+    /// What the lane's flag says (true: writers notify it).
+    idle: bool,
+    /// Whether the lane lingers after running dry (see [`crate::linger`]).
+    lingers: bool,
+    /// Until when the lane keeps watching for rows after it ran dry, flag still busy.
+    linger_until: Option<Instant>,
+    /// Failed claims in a row (for the claim's backoff).
+    store_errors: u32,
+    /// Rounds in a row in which the broker was unavailable (for the lane's backoff).
+    outages: u32,
+    /// How long the lane's last claim and last publish took (for `ClaimAhead::Auto`).
+    claim_took: Duration,
+    publish_took: Duration,
+}
+
+impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
+    async fn run(&mut self) -> LaneExit {
+        loop {
+            if self.stop.is_cancelled() {
+                return self.finish().await;
+            }
+            let step = if self.more && self.has_room() {
+                self.start_batch().await
+            } else if self.flight.is_empty() {
+                self.wait_dry().await
+            } else {
+                self.wait_in_flight().await
+            };
+            if let Err(exit) = step {
+                return exit;
+            }
+        }
+    }
+
+    /// Whether another batch may start: fewer than [`RelayConfig::pipeline`] batches in flight,
+    /// holding fewer than [`RelayConfig::batch_size`] rows together.
+    fn has_room(&self) -> bool {
+        self.flight.is_empty()
+            || (self.flight.len() < self.shared.cfg.pipeline && self.flight.rows() < self.shared.cfg.batch_size)
+    }
+
+    /// Takes a turn, claims a batch and starts publishing it.
+    async fn start_batch(&mut self) -> Result<(), LaneExit> {
+        let shared = self.shared;
+        let turns = tokio::select! {
+            turns = take_turns(shared) => turns,
+            _ = self.stop.cancelled() => return Ok(()),
+            // The lane's own batches may hold the turns it waits for.
+            _ = self.flight.oldest_answered() => return self.settle_oldest(true).await,
+        };
+        let started = Instant::now();
+        let limit = shared.cfg.batch_size - self.flight.rows();
+        let mut rows = match self.ahead.take().filter(|r| !r.is_empty()) {
+            Some(rows) => rows,
+            None => match self.claim(limit).await {
+                Some(rows) => rows,
+                None => return self.claim_failed(turns).await,
+            },
+        };
+        let claimed = rows.len();
+        let full = claimed >= limit;
+        self.claimed_to = rows.iter().map(|r| r.pos).max().unwrap_or(self.claimed_to);
+        // Rows of a key in flight wait for that batch: claimed again after it is settled.
+        rows.retain(|r| !self.flight.holds(r.key.as_deref()));
+        self.held |= rows.len() < claimed;
+        if rows.is_empty() {
+            // Dry (or only rows behind a batch in flight): wait for a wake-up or a settled batch.
+            self.more = false;
+            return Ok(());
+        }
+        if self.lingers {
+            self.linger_until = Some(Instant::now() + shared.cfg.linger);
+        }
+        if self.idle && (full || self.lingers) {
+            // Under load the lane is busy: writers stop paying for NOTIFY.
+            set_idle(shared, self.lease, false).await;
+            self.idle = false;
+        }
+        if let Some(rate) = &shared.rate {
+            if pace(rate, rows.len(), self.stop).await {
+                return Ok(());
+            }
+        }
+        let task = {
+            let (shared, lane, rows) = (Arc::clone(shared), self.lease.lane, rows.clone());
+            tokio::spawn(async move { crate::batch::send(&shared, lane, rows).await }.in_current_span())
+        };
+        self.flight.push(InFlight::new(task, turns, &rows, started, full));
+        // A full batch: claim again at once (another batch in flight, if there is room). A short
+        // one: the lane is drained; a lingering lane waits for the watch (it finds rows committed
+        // meanwhile), another one looks once more.
+        self.more = full || !self.lingers;
+        if self.claims_ahead() {
+            // Rows of a key that a batch in flight leaves unsettled (retry, park) are dropped from
+            // it when that batch is settled: they stay pending and are claimed again, in order.
+            self.ahead = self.claim(shared.cfg.batch_size).await;
+        }
+        Ok(())
+    }
+
+    /// Whether to claim the next batch now, while this one is published, and hold it until a batch
+    /// in flight is settled ([`RelayConfig::claim_ahead`]). Only when no other batch may start.
+    fn claims_ahead(&self) -> bool {
+        if self.has_room() && self.more {
+            return false;
+        }
+        match self.shared.cfg.claim_ahead {
+            ClaimAhead::Always => true,
+            ClaimAhead::Never => false,
+            ClaimAhead::Auto => self.publish_took > self.claim_took,
+        }
+    }
+
+    /// Claims up to `limit` rows beside those in flight; `None` when the database failed.
+    async fn claim(&mut self, limit: usize) -> Option<Vec<StoredMessage>> {
+        let shared = self.shared;
+        let in_flight = self.flight.positions();
+        match timed(shared.counted(shared.store.claim(self.lease, limit, &in_flight))).await {
+            (Ok(rows), took) => {
+                self.store_errors = 0;
+                self.claim_took = took;
+                Some(rows)
+            }
+            (Err(e), _) => {
+                self.store_errors += 1;
+                shared.meters.store_errors.increment(1);
+                tracing::warn!(error = %e, "claim failed; retrying");
+                None
+            }
+        }
+    }
+
+    async fn claim_failed(&mut self, turns: Turns<'a>) -> Result<(), LaneExit> {
+        drop(turns);
+        if pause(self.stop, self.shared.backoff.delay(self.store_errors)).await {
+            return Err(LaneExit::Stopped);
+        }
+        Ok(())
+    }
+
+    /// Nothing in flight and nothing claimed: linger, ask writers for a wake-up, or wait for one.
+    async fn wait_dry(&mut self) -> Result<(), LaneExit> {
+        let shared = self.shared;
+        self.more = true;
+        if let Some(until) = self.linger_until.filter(|u| *u > Instant::now()) {
+            // Not extended by an empty claim: rows held back behind a waiting row of their key
+            // make the watch wake the lane for nothing, but only until then.
+            return match linger_wait(shared, self.lease, 0, until, self.stop).await {
+                true => Err(LaneExit::Stopped),
+                false => Ok(()),
+            };
+        }
+        self.linger_until = None;
+        if !self.idle {
+            // Ask writers for a wake-up, then look once more: a row committed before the flag was
+            // visible would otherwise wait for the next poll.
+            set_idle(shared, self.lease, true).await;
+            self.idle = true;
+            return Ok(());
+        }
+        let woken = shared.wake[self.lease.lane as usize].notified();
+        tokio::select! {
+            _ = woken => Ok(()),
+            _ = tokio::time::sleep(shared.cfg.poll_interval) => Ok(()),
+            _ = self.stop.cancelled() => Err(LaneExit::Stopped),
+        }
+    }
+
+    /// Batches in flight: settle the oldest once answered, or (room for another batch, lane
+    /// lingering) claim again when the watch finds a row beyond those in flight.
+    async fn wait_in_flight(&mut self) -> Result<(), LaneExit> {
+        let shared = self.shared;
+        let lane = self.lease.lane;
+        let watch = self.lingers && self.has_room();
+        if watch {
+            shared
+                .watched
+                .add(lane, self.flight.last_position().max(self.claimed_to));
+        }
+        let woken = shared.wake[lane as usize].notified();
+        let woken = async {
+            if watch {
+                woken.await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let settle = tokio::select! {
+            _ = self.flight.oldest_answered() => true,
+            _ = woken => false,
+        };
+        if watch {
+            shared.watched.remove(lane);
+        }
+        if settle {
+            self.settle_oldest(true).await
+        } else {
+            self.more = true;
+            Ok(())
+        }
+    }
+
+    /// Settles the oldest batch in flight (marks, retries, dead letters), then (`rest`) rests under
+    /// the adaptive pace and backs off after an unavailable broker.
+    async fn settle_oldest(&mut self, rest: bool) -> Result<(), LaneExit> {
+        let shared = self.shared;
+        let Some((mut batch, sent)) = self.flight.pop().await else {
+            return Ok(());
+        };
+        let done = crate::batch::settle_sent(shared, self.lease, sent, self.stop).await?;
+        self.publish_took = done.publish_took;
+        if let Some(ahead) = &mut self.ahead {
+            ahead.retain(|r| !r.key.as_deref().is_some_and(|k| done.blocked.contains(k)));
+        }
+        // A full batch leaves more behind; so do keys that waited for a batch in flight.
+        self.more |= batch.full || std::mem::take(&mut self.held) || !self.lingers;
+        if !rest {
+            return Ok(());
+        }
+        if let (Some(pace), Some(paced)) = (&shared.adaptive, batch.turns.1.as_mut()) {
+            // Below one lane's worth, the working lane rests in proportion before its next turn,
+            // holding it (but no longer counted as a round under way).
+            paced.resting();
+            let rest = pace.pause_after(batch.started.elapsed());
+            if !rest.is_zero() && pause(self.stop, rest).await {
+                return Err(LaneExit::Stopped);
+            }
+        }
+        drop(batch);
+        if back_off(&shared.backoff, self.stop, done.unavailable, &mut self.outages).await {
+            return Err(LaneExit::Stopped);
+        }
+        Ok(())
+    }
+
+    /// Asked to stop: settles every batch in flight (so nothing published is sent again by the
+    /// next owner), then gives the lane up.
+    async fn finish(&mut self) -> LaneExit {
+        while !self.flight.is_empty() {
+            if let Err(exit) = self.settle_oldest(false).await {
+                return exit;
+            }
+        }
+        LaneExit::Stopped
+    }
 }
 
 /// Records the lane's idle flag. A failure only costs wake-up latency (the poll still runs), so it
@@ -246,51 +366,5 @@ async fn set_idle<S: Store, P>(shared: &Shared<S, P>, lease: &Lease, idle: bool)
     };
     if let Err(e) = shared.counted(wakeups.set_idle(lease, idle)).await {
         tracing::debug!(error = %e, idle, "could not record the lane's idle flag");
-    }
-}
-
-/// After a round in which the broker was unavailable, waits (growing with each such round in a
-/// row) before the lane tries again; true when stopped meanwhile.
-async fn back_off(backoff: &Backoff, stop: &CancellationToken, unavailable: bool, outages: &mut u32) -> bool {
-    if !unavailable {
-        *outages = 0;
-        return false;
-    }
-    *outages += 1;
-    pause(stop, backoff.delay(*outages)).await
-}
-
-/// Waits until the relay's pace allows the `n` messages of a batch, all at once, so that lanes take
-/// turns batch by batch (asked piecemeal, 32 lanes would share the rate and every batch would wait
-/// for the slowest share). A batch larger than the limiter's burst (one second's worth) goes message
-/// by message. True when stopped meanwhile.
-async fn pace(rate: &governor::DefaultDirectRateLimiter, n: usize, stop: &CancellationToken) -> bool {
-    let Some(want) = std::num::NonZeroU32::new(u32::try_from(n).unwrap_or(u32::MAX)) else {
-        return false;
-    };
-    let ready = async {
-        if rate.until_n_ready(want).await.is_err() {
-            for _ in 0..want.get() {
-                rate.until_ready().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = ready => false,
-        _ = stop.cancelled() => true,
-    }
-}
-
-/// Runs `f` and says how long it took.
-pub(crate) async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, Duration) {
-    let start = std::time::Instant::now();
-    let out = f.await;
-    (out, start.elapsed())
-}
-/// Sleeps `d` unless stopped first; true when stopped.
-async fn pause(stop: &CancellationToken, d: Duration) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => false,
-        _ = stop.cancelled() => true,
     }
 }

@@ -8,11 +8,13 @@ mod batch;
 mod config;
 mod engine;
 mod failpoint;
+mod flight;
 mod health;
 mod lane;
 mod linger;
 pub mod metrics;
 mod pace;
+mod waits;
 
 pub use config::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 pub use engine::{Relay, RelayError};

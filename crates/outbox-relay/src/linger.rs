@@ -5,25 +5,33 @@
 //! finds which of those lanes got rows and wakes them. A lane whose linger ends sets its flag to
 //! idle and waits for NOTIFY as before.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use outbox::{Publisher, Store, LANES};
+use std::time::Instant;
+
+use outbox::{Lease, Publisher, Store, LANES};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::lane::Shared;
 
 const _: () = assert!(LANES <= 64, "the watched lanes are one bit each in a u64");
 
-/// The lanes of this relay that linger, waiting for rows.
+/// The lanes of this relay that linger, waiting for rows: those that ran dry, and those whose
+/// batches in flight hold all they claimed (they look only beyond the last row in flight).
 #[derive(Debug, Default)]
 pub(crate) struct Watched {
     bits: AtomicU64,
+    /// Per lane, the position beyond which a ready row wakes it.
+    after: [AtomicI64; LANES as usize],
     added: Notify,
 }
 
 impl Watched {
-    pub(crate) fn add(&self, lane: i32) {
+    /// Watches `lane` for a ready row beyond position `after` (0: any row).
+    pub(crate) fn add(&self, lane: i32, after: i64) {
+        self.after[lane as usize].store(after, Ordering::Release);
         self.bits.fetch_or(1 << lane, Ordering::AcqRel);
         self.added.notify_one();
     }
@@ -32,9 +40,12 @@ impl Watched {
         self.bits.fetch_and(!(1 << lane), Ordering::AcqRel);
     }
 
-    fn lanes(&self) -> Vec<i32> {
+    fn lanes(&self) -> Vec<(i32, i64)> {
         let bits = self.bits.load(Ordering::Acquire);
-        (0..LANES).filter(|l| bits & (1 << l) != 0).collect()
+        (0..LANES)
+            .filter(|l| bits & (1 << l) != 0)
+            .map(|l| (l, self.after[l as usize].load(Ordering::Acquire)))
+            .collect()
     }
 }
 
@@ -77,6 +88,26 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     }
 }
 
+/// Waits, watched (see [`crate::linger`]) for a ready row beyond position `after`, until the lane
+/// is woken or `until`; true when stopped.
+pub(crate) async fn linger_wait<S: Store, P: Publisher>(
+    shared: &Shared<S, P>,
+    lease: &Lease,
+    after: i64,
+    until: Instant,
+    stop: &CancellationToken,
+) -> bool {
+    shared.watched.add(lease.lane, after);
+    let woken = shared.wake[lease.lane as usize].notified();
+    let stopped = tokio::select! {
+        _ = woken => false,
+        _ = tokio::time::sleep_until(until.into()) => false,
+        _ = stop.cancelled() => true,
+    };
+    shared.watched.remove(lease.lane);
+    stopped
+}
+
 #[cfg(test)]
 mod tests {
     use super::Watched;
@@ -84,12 +115,13 @@ mod tests {
     #[test]
     fn lanes_are_added_and_removed_one_bit_each() {
         let w = Watched::default();
-        w.add(0);
-        w.add(31);
-        w.add(5);
-        assert_eq!(w.lanes(), vec![0, 5, 31]);
+        w.add(0, 0);
+        w.add(31, 7);
+        w.add(5, 0);
+        assert_eq!(w.lanes(), vec![(0, 0), (5, 0), (31, 7)]);
         w.remove(5);
         w.remove(7);
-        assert_eq!(w.lanes(), vec![0, 31]);
+        w.add(0, 12);
+        assert_eq!(w.lanes(), vec![(0, 12), (31, 7)]);
     }
 }

@@ -231,9 +231,10 @@ pub trait Wakeups: Send + Sync {
     /// Tells writers whether the lane's relay is idle, waiting for a wake-up (true), or busy
     /// draining (false): writers notify only idle lanes.
     async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()>;
-    /// Which of `lanes` hold a row that is ready now: one cheap query for all the lanes a relay
-    /// keeps watching while their flag says busy (and writers send no NOTIFY).
-    async fn ready_lanes(&self, lanes: &[i32]) -> Result<Vec<i32>>;
+    /// Which of `lanes` hold a row that is ready now at a position beyond the lane's `after`
+    /// (the lane's batches in flight end there; 0 looks at every row): one cheap query for all the
+    /// lanes a relay keeps watching while their flag says busy (and writers send no NOTIFY).
+    async fn ready_lanes(&self, lanes: &[(i32, i64)]) -> Result<Vec<i32>>;
 }
 
 /// What an operator (and the engine's metrics and cleanup loops) asks of the outbox database:

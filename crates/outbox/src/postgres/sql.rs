@@ -136,12 +136,13 @@ WHERE lane = $1 AND owner = $2 AND epoch = $3";
 pub(super) const SET_IDLE: &str = "\
 UPDATE outbox_leases SET idle = $4 WHERE lane = $1 AND owner = $2 AND epoch = $3";
 
-// Which of these lanes have a row that is ready (never delayed nor failed, or due): one index probe
-// per lane on (lane, pos). Rows held back behind their key's waiting or parked row count too; the
-// claim that follows leaves them out.
+// Which of these lanes have a row beyond their position $2 that is ready (never delayed nor failed,
+// or due): one index probe per lane on (lane, pos). Rows held back behind their key's waiting or
+// parked row count too; the claim that follows leaves them out.
 pub(super) const READY_LANES: &str = "\
-SELECT l FROM unnest($1::int[]) AS l WHERE EXISTS ( \
-  SELECT 1 FROM outbox_messages m WHERE m.lane = l AND (m.available_at = m.created_at OR m.available_at <= now()))";
+SELECT w.l FROM unnest($1::int[], $2::bigint[]) AS w(l, after) WHERE EXISTS ( \
+  SELECT 1 FROM outbox_messages m WHERE m.lane = w.l AND m.pos > w.after \
+    AND (m.available_at = m.created_at OR m.available_at <= now()))";
 
 // Taking a transaction id makes the commit write a record and wait for the WAL flush: the probe
 // feels what a service's commits feel (CPU, locks on the WAL, the disk), not only the CPU.

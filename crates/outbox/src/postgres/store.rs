@@ -192,9 +192,11 @@ impl Wakeups for PgStore {
         Ok(())
     }
 
-    async fn ready_lanes(&self, lanes: &[i32]) -> Result<Vec<i32>> {
+    async fn ready_lanes(&self, lanes: &[(i32, i64)]) -> Result<Vec<i32>> {
+        let (lanes, after): (Vec<i32>, Vec<i64>) = lanes.iter().copied().unzip();
         Ok(sqlx::query_scalar(sql::READY_LANES)
             .bind(lanes)
+            .bind(after)
             .fetch_all(&self.pool)
             .await?)
     }
