@@ -1,7 +1,9 @@
 //! Figure 2: draining a backlog to the broker, against a SQL-only drain, a raw producer sending the
-//! same messages from memory, and a naive one-row-at-a-time relay.
+//! same messages from memory, and a naive one-row-at-a-time relay; keyed and unkeyed backlogs, each
+//! against the SQL-only drain of its own shape.
 
 mod raw;
+mod unkeyed;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -155,15 +157,23 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let mut raw: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut naive: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut fill_secs = Vec::new();
+    // The unkeyed backlog: SQL-only, and the relay (defaults) per broker.
+    let mut sql_unkeyed = Vec::new();
+    let mut relay_unkeyed: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    let mut unkeyed_fill_secs = Vec::new();
     for round in 0..rounds {
         eprintln!("drain: round {}/{rounds}, backlog {n}", round + 1);
         // SQL-only: the relay engine with a publisher that confirms at once.
         let db = BenchDb::create(env, 20).await?;
         fill_secs.push(fill_backlog(&db.pool, "bench-sql", n).await?);
         let d = relay_drain(&db, drain_config(), Sink::Null(Duration::ZERO), None, n as u64, limit).await?;
-        eprintln!("  sql-only: {:.0} msg/s", d.rate());
+        eprintln!("  sql-only, keyed: {:.0} msg/s", d.rate());
         sql.push(d);
         db.drop_db().await;
+        let (d, fill) = unkeyed::sql_only(env, n, limit).await?;
+        eprintln!("  sql-only, unkeyed: {:.0} msg/s", d.rate());
+        unkeyed_fill_secs.push(fill);
+        sql_unkeyed.push(d);
 
         for i in 0..2 {
             let auto = (i + round) % 2 == 0;
@@ -207,6 +217,10 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 .push(d);
                 db.drop_db().await;
             }
+            let (d, fill) = unkeyed::relay(env, name, bootstrap, pid, &topic, n, limit).await?;
+            eprintln!("  relay on {name}, unkeyed: {:.0} msg/s", d.rate());
+            unkeyed_fill_secs.push(fill);
+            relay_unkeyed[b].push(d);
 
             let d = raw_produce(bootstrap, pid, &topic, n).await?;
             eprintln!("  raw producer on {name}: {:.0} msg/s", d.rate());
@@ -224,7 +238,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
 
     let rate = |v: &[Drained]| v.iter().map(Drained::rate).collect::<Vec<f64>>();
     let sql_row = Row::new(
-        "SQL-only drain (claim + delete via PgStore, no broker)",
+        format!("SQL-only drain, keyed ({n}-row backlog, claim + delete via PgStore, no broker)"),
         "msg/s",
         rate(&sql),
     )
@@ -261,7 +275,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             "relay_cpu_us_per_msg"
         };
         let relay_row = Row::new(
-            format!("relay drain on {name}, claim_ahead = auto ({n}-row backlog)"),
+            format!("relay drain on {name}, keyed, claim_ahead = auto ({n}-row backlog)"),
             "msg/s",
             rate(&relay[b]),
         )
@@ -284,7 +298,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 .clone()
                 .vs(&sql_row)
                 .target(Target::AtLeast(0.5))
-                .note("vs SQL-only"),
+                .note("vs SQL-only, keyed, same round"),
         );
         rows.push(
             Row::new(
@@ -296,10 +310,14 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             .target(Target::AtLeast(20.0)),
         );
         let mode_row = |mode: &str, v: &[Drained]| {
-            Row::new(format!("relay drain on {name}, claim_ahead = {mode}"), "msg/s", rate(v))
-                .extra("claim_us_per_msg", med(v, |d| d.phases_us.0))
-                .extra("publish_us_per_msg", med(v, |d| d.phases_us.1))
-                .extra("mark_us_per_msg", med(v, |d| d.phases_us.2))
+            Row::new(
+                format!("relay drain on {name}, keyed, claim_ahead = {mode}"),
+                "msg/s",
+                rate(v),
+            )
+            .extra("claim_us_per_msg", med(v, |d| d.phases_us.0))
+            .extra("publish_us_per_msg", med(v, |d| d.phases_us.1))
+            .extra("mark_us_per_msg", med(v, |d| d.phases_us.2))
         };
         let never_row = mode_row("never", &relay_never[b]);
         let always_row = mode_row("always", &relay_always[b]);
@@ -310,6 +328,13 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 .note("auto / never (the default), same rounds"),
         );
         rows.push(always_row.vs(&never_row).note("always / never, same rounds"));
+        rows.push(
+            never_row
+                .clone()
+                .vs(&sql_row)
+                .target(Target::AtLeast(0.5))
+                .note("the default vs SQL-only, keyed, same round"),
+        );
         rows.push(never_row);
         rows.push(relay_row.vs(&raw_row).note("relay / raw producer"));
         rows.push(raw_row);
@@ -336,17 +361,20 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         .note("auto / never, same rounds"),
     );
     rows.push(never);
+    rows.extend(unkeyed::rows(&sql_unkeyed, &relay_unkeyed, &brokers, n));
     let fig = Figure {
         id: "drain".into(),
         title: "2. Relay drain".into(),
         setup: format!(
-            "Backlog of {n} keyed rows ({} keys, {}-byte payloads) filled with INSERT ... SELECT generate_series \
-             (median fill {:.1} s); topic with {} partitions; relay embedded in this process with defaults \
+            "Backlogs of {n} rows, {}-byte payloads: keyed ({} keys, filled with INSERT ... SELECT generate_series, \
+             median fill {:.1} s) and unkeyed (UUIDv7 ids, lanes by id, filled with INSERT ... SELECT unnest in \
+             50,000-row statements, median fill {:.1} s), each ratio against the SQL-only drain of the same shape in the same round; topic with {} partitions; relay embedded in this process with defaults \
              (batch 500, 32 lanes, pool of 20 connections), KafkaPublisher defaults (acks=all, idempotence, linger 5 ms). \
-             Order per round: SQL-only, a simulated remote broker (NullPublisher answering after a fixed round trip) with claim_ahead auto and never, then per broker the relay with claim_ahead auto, never (the default) and always (rotating which goes first), raw producer, naive. Brokers: {}.",
-            crate::common::KEYS,
+             Order per round: SQL-only keyed, SQL-only unkeyed, a simulated remote broker (NullPublisher answering after a fixed round trip, keyed) with claim_ahead auto and never, then per broker the keyed relay with claim_ahead auto, never (the default) and always (rotating which goes first), the unkeyed relay (defaults), raw producer, naive. Brokers: {}.",
             crate::common::PAYLOAD_BYTES,
+            crate::common::KEYS,
             crate::common::median(&fill_secs),
+            crate::common::median(&unkeyed_fill_secs),
             crate::common::PARTITIONS,
             brokers.iter().map(|(n, b)| format!("{n} ({b})")).collect::<Vec<_>>().join(", ")
         ),
