@@ -30,6 +30,9 @@ pub(crate) struct RelaySection {
     /// Rows per batch.
     #[arg(long, env = "OUTBOX_BATCH_SIZE", global = true)]
     pub(crate) batch_size: Option<usize>,
+    /// Batches a lane may have in flight at once.
+    #[arg(skip)]
+    pub(crate) pipeline: Option<usize>,
     /// Poll interval in milliseconds.
     #[arg(long, env = "OUTBOX_POLL_INTERVAL_MS", global = true)]
     pub(crate) poll_interval_ms: Option<Millis>,
@@ -90,6 +93,7 @@ impl RelaySection {
         RelaySection {
             owner: self.owner.or(file.owner),
             batch_size: self.batch_size.or(file.batch_size),
+            pipeline: self.pipeline.or(file.pipeline),
             poll_interval_ms: self.poll_interval_ms.or(file.poll_interval_ms),
             lease_ttl_ms: self.lease_ttl_ms.or(file.lease_ttl_ms),
             linger_ms: self.linger_ms.or(file.linger_ms),
@@ -117,6 +121,7 @@ impl RelaySection {
         type C = RelayConfig;
         let mut relay = C::default()
             .batch_size(self.batch_size.unwrap_or(C::DEFAULT_BATCH_SIZE))
+            .pipeline(self.pipeline.unwrap_or(C::DEFAULT_PIPELINE))
             .poll_interval(self.poll_interval_ms.map_or(C::DEFAULT_POLL_INTERVAL, Duration::from))
             .lease_ttl(self.lease_ttl_ms.map_or(C::DEFAULT_LEASE_TTL, Duration::from))
             .linger(self.linger_ms.map_or(C::DEFAULT_LINGER, Duration::from))

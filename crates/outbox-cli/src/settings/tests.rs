@@ -49,6 +49,7 @@ fn readme_states_the_engine_defaults() {
     let ms = |d: Duration| d.as_millis().to_string();
     type C = RelayConfig;
     assert_eq!(default_of("batch_size"), C::DEFAULT_BATCH_SIZE.to_string());
+    assert_eq!(default_of("pipeline"), C::DEFAULT_PIPELINE.to_string());
     assert_eq!(default_of("poll_interval_ms"), ms(C::DEFAULT_POLL_INTERVAL));
     assert_eq!(default_of("lease_ttl_ms"), ms(C::DEFAULT_LEASE_TTL));
     assert_eq!(
@@ -95,6 +96,7 @@ fn readme_states_the_engine_defaults() {
     assert_eq!(resolved.cleanup_interval, C::DEFAULT_CLEANUP_INTERVAL);
     let built = RelayConfig::default();
     assert_eq!(built.batch_size, C::DEFAULT_BATCH_SIZE);
+    assert_eq!(resolved.pipeline, C::DEFAULT_PIPELINE);
     assert_eq!(built.lease_ttl, C::DEFAULT_LEASE_TTL);
     assert_eq!(built.claim_ahead, C::DEFAULT_CLAIM_AHEAD);
     assert_eq!(built.published_retention, C::DEFAULT_PUBLISHED_RETENTION);
