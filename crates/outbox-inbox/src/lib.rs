@@ -7,6 +7,7 @@ mod handler;
 mod inbox;
 mod incoming;
 mod parked;
+mod retry_settings;
 mod runner;
 
 #[cfg(feature = "mysql")]

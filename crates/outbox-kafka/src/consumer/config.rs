@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use outbox::{Backoff, InvalidBackoff};
 #[cfg(doc)]
 use outbox_inbox::Inbox;
 
@@ -35,36 +34,12 @@ impl Default for ConsumerConfig {
     }
 }
 
+outbox_inbox::impl_retry_settings!(ConsumerConfig);
+
 impl ConsumerConfig {
-    /// Sets [`ConsumerConfig::max_attempts`].
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n.max(1);
-        self
-    }
-    /// Sets [`ConsumerConfig::backoff_base`].
-    pub fn backoff_base(mut self, d: Duration) -> Self {
-        self.backoff_base = d;
-        self
-    }
-    /// Sets [`ConsumerConfig::backoff_max`].
-    pub fn backoff_max(mut self, d: Duration) -> Self {
-        self.backoff_max = d;
-        self
-    }
-    /// Sets [`ConsumerConfig::cleanup_interval`].
-    pub fn cleanup_interval(mut self, every: Option<Duration>) -> Self {
-        self.cleanup_interval = every;
-        self
-    }
     /// Sets [`ConsumerConfig::dead_letter_topic`].
     pub fn dead_letter_topic(mut self, t: impl Into<String>) -> Self {
         self.dead_letter_topic = Some(t.into());
         self
-    }
-
-    /// The retry delays, from [`ConsumerConfig::backoff_base`] doubling up to
-    /// [`ConsumerConfig::backoff_max`], jittered.
-    pub fn retry_backoff(&self) -> Result<Backoff, InvalidBackoff> {
-        Backoff::new(self.backoff_base, self.backoff_max)
     }
 }

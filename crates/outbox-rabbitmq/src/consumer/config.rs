@@ -62,6 +62,8 @@ impl std::fmt::Debug for RabbitConsumerConfig {
     }
 }
 
+outbox_inbox::impl_retry_settings!(RabbitConsumerConfig);
+
 impl RabbitConsumerConfig {
     /// The defaults for consuming `queue` at `url`.
     pub fn new(url: impl Into<String>, queue: impl Into<String>) -> Self {
@@ -101,31 +103,11 @@ impl RabbitConsumerConfig {
         self.prefetch = n.max(1);
         self
     }
-    /// Sets [`RabbitConsumerConfig::max_attempts`].
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n.max(1);
-        self
-    }
-    /// Sets [`RabbitConsumerConfig::backoff_base`].
-    pub fn backoff_base(mut self, d: Duration) -> Self {
-        self.backoff_base = d;
-        self
-    }
-    /// Sets [`RabbitConsumerConfig::backoff_max`].
-    pub fn backoff_max(mut self, d: Duration) -> Self {
-        self.backoff_max = d;
-        self
-    }
     /// Sets [`RabbitConsumerConfig::dead_letter_exchange`] and
     /// [`RabbitConsumerConfig::dead_letter_routing_key`].
     pub fn dead_letter(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
         self.dead_letter_exchange = exchange.into();
         self.dead_letter_routing_key = Some(routing_key.into());
-        self
-    }
-    /// Sets [`RabbitConsumerConfig::cleanup_interval`].
-    pub fn cleanup_interval(mut self, every: Option<Duration>) -> Self {
-        self.cleanup_interval = every;
         self
     }
 
@@ -134,10 +116,5 @@ impl RabbitConsumerConfig {
         self.dead_letter_routing_key
             .clone()
             .unwrap_or_else(|| format!("{}.dlq", self.queue))
-    }
-
-    /// The retry delays, from `backoff_base` doubling up to `backoff_max`, jittered.
-    pub fn retry_backoff(&self) -> Result<outbox::Backoff, outbox::InvalidBackoff> {
-        outbox::Backoff::new(self.backoff_base, self.backoff_max)
     }
 }
