@@ -305,6 +305,21 @@ macro_rules! guarded_writes {
             Ok(tx)
         }
 
+        /// Runs `statements` in order in a transaction in which the lease holds ([`guarded`]), then
+        /// commits.
+        async fn run_guarded<'q>(
+            store: &$store,
+            lease: &$crate::Lease,
+            statements: Vec<sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>>,
+        ) -> $crate::Result<()> {
+            let mut tx = guarded(store, lease).await?;
+            for statement in statements {
+                statement.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+
         async fn mark_failed(
             store: &$store,
             lease: &$crate::Lease,
@@ -312,16 +327,12 @@ macro_rules! guarded_writes {
             error: &str,
             retry_in: std::time::Duration,
         ) -> $crate::Result<()> {
-            let mut tx = guarded(store, lease).await?;
-            sqlx::query($sql::MARK_FAILED)
+            let mark = sqlx::query($sql::MARK_FAILED)
                 .bind(error)
                 .bind($sql::span(retry_in))
                 .bind(lease.lane)
-                .bind(pos)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(())
+                .bind(pos);
+            run_guarded(store, lease, vec![mark]).await
         }
 
         async fn dead_letter(
@@ -331,24 +342,39 @@ macro_rules! guarded_writes {
             error: &str,
             park: bool,
         ) -> $crate::Result<()> {
-            let mut tx = guarded(store, lease).await?;
-            sqlx::query($sql::DEAD_LETTER_COPY)
+            let copy = sqlx::query($sql::DEAD_LETTER_COPY)
                 .bind(error)
                 .bind(park)
                 .bind(lease.lane)
-                .bind(pos)
-                .execute(&mut *tx)
+                .bind(pos);
+            let delete = sqlx::query($sql::DEAD_LETTER_DELETE).bind(lease.lane).bind(pos);
+            run_guarded(store, lease, vec![copy, delete]).await
+        }
+    };
+}
+
+/// Defines `acquire` for `$store` (a struct with a `pool` field) on a database whose
+/// `$sql::ACQUIRE`, bound (owner, max, `span(ttl)`), takes the free lanes and answers their
+/// (lane, epoch) rows in one statement; `$leases(owner, rows)` makes the leases of them.
+#[allow(unused_macros)] // used by the backends compiled in
+macro_rules! acquire_in_one_statement {
+    ($store:ty, $sql:ident, $leases:path) => {
+        async fn acquire(
+            store: &$store,
+            owner: &str,
+            max: usize,
+            ttl: std::time::Duration,
+        ) -> $crate::Result<Vec<$crate::Lease>> {
+            let rows: Vec<(i32, i64)> = sqlx::query_as($sql::ACQUIRE)
+                .bind(owner)
+                .bind(max as i64)
+                .bind($sql::span(ttl))
+                .fetch_all(&store.pool)
                 .await?;
-            sqlx::query($sql::DEAD_LETTER_DELETE)
-                .bind(lease.lane)
-                .bind(pos)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(())
+            Ok($leases(owner, rows))
         }
     };
 }
 
 #[allow(unused_imports)] // used by the backends compiled in
-pub(crate) use {guarded_writes, store};
+pub(crate) use {acquire_in_one_statement, guarded_writes, store};

@@ -73,16 +73,7 @@ fn held(lease: &Lease, (held, _): (bool, i64)) -> Result<()> {
 }
 
 crate::sql_store::store!(PgStore, sqlx::Postgres, sql);
-
-async fn acquire(store: &PgStore, owner: &str, max: usize, ttl: Duration) -> Result<Vec<Lease>> {
-    let rows: Vec<(i32, i64)> = sqlx::query_as(sql::ACQUIRE)
-        .bind(owner)
-        .bind(max as i64)
-        .bind(sql::span(ttl))
-        .fetch_all(&store.pool)
-        .await?;
-    Ok(leases(owner, rows))
-}
+crate::sql_store::acquire_in_one_statement!(PgStore, sql, leases);
 
 async fn renew(store: &PgStore, owner: &str, ttl: Duration) -> Result<Vec<Lease>> {
     let rows: Vec<(i32, i64)> = sqlx::query_as(sql::RENEW)

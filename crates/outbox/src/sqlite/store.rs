@@ -42,16 +42,7 @@ impl SqliteStore {
 
 crate::sql_store::store!(SqliteStore, Sqlite, sql);
 crate::sql_store::guarded_writes!(SqliteStore, Sqlite, sql);
-
-async fn acquire(store: &SqliteStore, owner: &str, max: usize, ttl: Duration) -> Result<Vec<Lease>> {
-    let rows: Vec<(i32, i64)> = sqlx::query_as(sql::ACQUIRE)
-        .bind(owner)
-        .bind(max as i64)
-        .bind(sql::span(ttl))
-        .fetch_all(&store.pool)
-        .await?;
-    Ok(sorted_leases(owner, rows))
-}
+crate::sql_store::acquire_in_one_statement!(SqliteStore, sql, sorted_leases);
 
 async fn renew(store: &SqliteStore, owner: &str, ttl: Duration) -> Result<Vec<Lease>> {
     let mut tx = store.pool.begin_with(sql::BEGIN_IMMEDIATE).await?;
@@ -89,23 +80,22 @@ async fn claim(store: &SqliteStore, lease: &Lease, limit: usize, in_flight: &[i6
 }
 
 async fn mark_published(store: &SqliteStore, lease: &Lease, done: &[Delivered]) -> Result<()> {
-    let mut tx = guarded(store, lease).await?;
+    let mut statements = Vec::with_capacity(2);
     if store.keep_published {
         let rows: Vec<(i64, i32, i64)> = done.iter().map(|d| (d.pos, d.partition, d.offset)).collect();
-        sqlx::query(sql::KEEP_PUBLISHED)
-            .bind(lease.lane)
-            .bind(serde_json::to_string(&rows)?)
-            .execute(&mut *tx)
-            .await?;
+        statements.push(
+            sqlx::query(sql::KEEP_PUBLISHED)
+                .bind(lease.lane)
+                .bind(serde_json::to_string(&rows)?),
+        );
     }
     let pos: Vec<i64> = done.iter().map(|d| d.pos).collect();
-    sqlx::query(sql::DELETE_PUBLISHED)
-        .bind(lease.lane)
-        .bind(serde_json::to_string(&pos)?)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(())
+    statements.push(
+        sqlx::query(sql::DELETE_PUBLISHED)
+            .bind(lease.lane)
+            .bind(serde_json::to_string(&pos)?),
+    );
+    run_guarded(store, lease, statements).await
 }
 
 fn wakeups(_: &SqliteStore) -> Option<&dyn Wakeups> {
