@@ -89,6 +89,10 @@ pub struct RelayConfig {
     /// of the time; otherwise it doubles up to every lane. Starts at one lane. `max_busy_lanes` and
     /// `max_rate` stay hard caps. Defaults to off.
     pub adaptive_pace: bool,
+    /// With the adaptive pace: while the oldest row a lane claims has waited longer than this, the
+    /// pace stays at one lane or more (working without rest), whatever the service's load.
+    /// Defaults to 5 minutes.
+    pub pace_max_lag: Duration,
     /// Whether a lane claims its next batch while the current one is being published. Defaults
     /// to [`ClaimAhead::Never`].
     pub claim_ahead: ClaimAhead,
@@ -130,6 +134,8 @@ impl RelayConfig {
     pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(10);
     /// Default [`RelayConfig::adaptive_pace`].
     pub const DEFAULT_ADAPTIVE_PACE: bool = false;
+    /// Default [`RelayConfig::pace_max_lag`].
+    pub const DEFAULT_PACE_MAX_LAG: Duration = Duration::from_secs(5 * 60);
     /// Default [`RelayConfig::claim_ahead`].
     pub const DEFAULT_CLAIM_AHEAD: ClaimAhead = ClaimAhead::Never;
     /// Default [`RelayConfig::cleanup_interval`].
@@ -158,6 +164,7 @@ impl Default for RelayConfig {
             max_busy_lanes: None,
             max_rate: None,
             adaptive_pace: Self::DEFAULT_ADAPTIVE_PACE,
+            pace_max_lag: Self::DEFAULT_PACE_MAX_LAG,
             claim_ahead: Self::DEFAULT_CLAIM_AHEAD,
             cleanup_interval: Self::DEFAULT_CLEANUP_INTERVAL,
             published_retention: Self::DEFAULT_PUBLISHED_RETENTION,
@@ -209,6 +216,8 @@ setters! {
     max_rate: Option<u32>,
     /// Sets [`RelayConfig::adaptive_pace`].
     adaptive_pace: bool,
+    /// Sets [`RelayConfig::pace_max_lag`].
+    pace_max_lag: Duration,
     /// Sets [`RelayConfig::claim_ahead`].
     claim_ahead: ClaimAhead,
     /// Sets [`RelayConfig::cleanup_interval`].

@@ -126,15 +126,15 @@ fn joined(r: Result<Sent, tokio::task::JoinError>) -> Sent {
     }
 }
 
-/// Waits for the turns a batch needs under `max_busy_lanes` and the adaptive pace.
-pub(crate) async fn take_turns<S, P>(shared: &Shared<S, P>) -> Turns<'_> {
+/// Waits for the turns a batch needs under `max_busy_lanes` and (`catching_up`) the adaptive pace.
+pub(crate) async fn take_turns<S, P>(shared: &Shared<S, P>, catching_up: bool) -> Turns<'_> {
     let capped = match &shared.busy {
         Some(busy) => Some(busy.acquire().await.expect("the semaphore is never closed")),
         None => None,
     };
     let paced = match &shared.adaptive {
-        Some(pace) => Some(pace.turn().await),
-        None => None,
+        Some(pace) if catching_up => Some(pace.turn().await),
+        _ => None,
     };
     (capped, paced)
 }

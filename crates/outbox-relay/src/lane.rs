@@ -78,6 +78,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             flight: Flight::default(),
             ahead: None,
             more: true,
+            catching_up: false,
             held: false,
             claimed_to: 0,
             idle: false,
@@ -105,6 +106,8 @@ struct Lane<'a, S, P> {
     ahead: Option<Vec<StoredMessage>>,
     /// Whether to claim again without waiting for a wake-up.
     more: bool,
+    /// The lane's last claim was full: it takes turns under the adaptive pace.
+    catching_up: bool,
     /// Rows were left out of a claim because their key is in flight: claim again once a batch is
     /// settled.
     held: bool,
@@ -156,7 +159,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     async fn start_batch(&mut self) -> Result<(), LaneExit> {
         let shared = self.shared;
         let turns = tokio::select! {
-            turns = take_turns(shared) => turns,
+            turns = take_turns(shared, self.catching_up) => turns,
             _ = self.stop.cancelled() => return Ok(()),
             // The lane's own batches may hold the turns it waits for.
             _ = self.flight.oldest_answered() => return self.settle_oldest(true).await,
@@ -172,6 +175,10 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         };
         let claimed = rows.len();
         let full = claimed >= limit;
+        self.catching_up = full;
+        if let (Some(pace), Some(oldest)) = (&shared.adaptive, rows.iter().map(|r| r.created_at).min()) {
+            pace.saw_lag((chrono::Utc::now() - oldest).to_std().unwrap_or_default());
+        }
         self.claimed_to = rows.iter().map(|r| r.pos).max().unwrap_or(self.claimed_to);
         // Rows of a key in flight wait for that batch: claimed again after it is settled.
         rows.retain(|r| !self.flight.holds(r.key.as_deref()));

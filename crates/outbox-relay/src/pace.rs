@@ -20,6 +20,12 @@
 //! pace is a number of lanes allowed to work at once; below one, the one lane that works rests
 //! after each round in proportion (at 0.25 it works a quarter of the time), down to [`FLOOR`]. It
 //! starts at one lane. `max_busy_lanes` and `max_rate` stay hard caps on top.
+//!
+//! Only lanes that catch up are paced (their last claim was full): a lane that keeps up publishes
+//! what the service writes as it writes it, and holding it back would only add latency. And while
+//! the oldest row claimed has waited longer than
+//! [`RelayConfig::pace_max_lag`](crate::RelayConfig::pace_max_lag), the pace stays at one lane or
+//! more: a peak that lasts makes the backlog wait, but not for ever.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -73,6 +79,8 @@ pub(crate) struct Adaptive {
     active: AtomicUsize,
     /// The relay's own database transactions so far.
     own: AtomicU64,
+    /// How long the oldest row claimed since the last cycle had waited, in milliseconds.
+    lag_ms: AtomicU64,
 }
 
 impl Default for Adaptive {
@@ -83,6 +91,7 @@ impl Default for Adaptive {
             quiet: watch::Sender::new(false),
             active: AtomicUsize::new(0),
             own: AtomicU64::new(0),
+            lag_ms: AtomicU64::new(0),
         }
     }
 }
@@ -113,6 +122,12 @@ impl Adaptive {
     /// Counts one of the relay's own database transactions.
     pub(crate) fn count_own(&self) {
         self.own.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Notes how long the oldest row of a claim had waited.
+    pub(crate) fn saw_lag(&self, lag: Duration) {
+        self.lag_ms
+            .fetch_max(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// Waits for a turn to work (never during the quiet window).
@@ -226,6 +241,15 @@ impl Control {
         self.level
     }
 
+    /// While the oldest row claimed has waited longer than `max`, at least one lane works without
+    /// rest. Returns the pace.
+    fn bound_lag(&mut self, lag: Duration, max: Duration) -> f64 {
+        if lag > max {
+            self.level = self.level.max(1.0);
+        }
+        self.level
+    }
+
     /// Sets the gate to the pace: whole lanes as permits (at least one).
     fn apply(&mut self, pace: &Adaptive) {
         pace.milli.store((self.level * 1000.0) as u32, Ordering::Relaxed);
@@ -289,7 +313,9 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         };
         let now = Instant::now();
         let service = c.service_busy(count, pace.own.load(Ordering::Relaxed), now);
-        let level = c.cycle(quiet, working, service, now);
+        c.cycle(quiet, working, service, now);
+        let lag = Duration::from_millis(pace.lag_ms.swap(0, Ordering::Relaxed));
+        let level = c.bound_lag(lag, shared.cfg.pace_max_lag);
         c.apply(pace);
         shared.meters.pace.set(level);
         tracing::debug!(
@@ -297,6 +323,7 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
             quiet_us = quiet.as_micros() as u64,
             working_us = working.as_micros() as u64,
             ?service,
+            lag_ms = lag.as_millis() as u64,
             "pace"
         );
     }

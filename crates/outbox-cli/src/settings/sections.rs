@@ -48,6 +48,9 @@ pub(crate) struct RelaySection {
     /// Pace the relay by the database's answers.
     #[arg(skip)]
     pub(crate) adaptive_pace: Option<bool>,
+    /// With the adaptive pace, the oldest message's wait beyond which one lane works without rest.
+    #[arg(skip)]
+    pub(crate) pace_max_lag_ms: Option<Millis>,
     /// Maximum lanes held.
     #[arg(skip)]
     pub(crate) max_lanes: Option<usize>,
@@ -99,6 +102,7 @@ impl RelaySection {
             linger_ms: self.linger_ms.or(file.linger_ms),
             linger_poll_interval_ms: self.linger_poll_interval_ms.or(file.linger_poll_interval_ms),
             adaptive_pace: self.adaptive_pace.or(file.adaptive_pace),
+            pace_max_lag_ms: self.pace_max_lag_ms.or(file.pace_max_lag_ms),
             max_lanes: self.max_lanes.or(file.max_lanes),
             max_busy_lanes: self.max_busy_lanes.or(file.max_busy_lanes),
             max_rate: self.max_rate.or(file.max_rate),
@@ -130,6 +134,7 @@ impl RelaySection {
                     .map_or(C::DEFAULT_LINGER_POLL_INTERVAL, Duration::from),
             )
             .adaptive_pace(self.adaptive_pace.unwrap_or(C::DEFAULT_ADAPTIVE_PACE))
+            .pace_max_lag(self.pace_max_lag_ms.map_or(C::DEFAULT_PACE_MAX_LAG, Duration::from))
             .max_lanes(self.max_lanes)
             .max_busy_lanes(self.max_busy_lanes)
             .max_rate(self.max_rate)

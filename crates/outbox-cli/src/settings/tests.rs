@@ -57,6 +57,7 @@ fn readme_states_the_engine_defaults() {
         format!("{}, {}", ms(C::DEFAULT_LINGER), ms(C::DEFAULT_LINGER_POLL_INTERVAL))
     );
     assert_eq!(default_of("adaptive_pace"), C::DEFAULT_ADAPTIVE_PACE.to_string());
+    assert!(default_of("pace_max_lag_ms").starts_with(&ms(C::DEFAULT_PACE_MAX_LAG)));
     assert_eq!(default_of("max_attempts"), C::DEFAULT_MAX_ATTEMPTS.to_string());
     assert_eq!(
         default_of("backoff_base_ms"),
@@ -97,6 +98,7 @@ fn readme_states_the_engine_defaults() {
     let built = RelayConfig::default();
     assert_eq!(built.batch_size, C::DEFAULT_BATCH_SIZE);
     assert_eq!(resolved.pipeline, C::DEFAULT_PIPELINE);
+    assert_eq!(resolved.pace_max_lag, C::DEFAULT_PACE_MAX_LAG);
     assert_eq!(built.lease_ttl, C::DEFAULT_LEASE_TTL);
     assert_eq!(built.claim_ahead, C::DEFAULT_CLAIM_AHEAD);
     assert_eq!(built.published_retention, C::DEFAULT_PUBLISHED_RETENTION);

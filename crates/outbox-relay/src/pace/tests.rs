@@ -44,6 +44,27 @@ fn a_busy_service_cuts_the_pace_in_proportion_down_to_the_floor() {
 }
 
 #[test]
+fn a_backlog_that_waited_too_long_keeps_one_lane_working_whatever_the_service() {
+    let mut c = Control::new();
+    let mut now = Instant::now();
+    for _ in 0..12 {
+        c.cycle(us(3000), us(9000), Some(true), now);
+        now += CYCLE;
+    }
+    let max = Duration::from_secs(300);
+    assert_eq!(
+        c.bound_lag(Duration::from_secs(299), max),
+        FLOOR,
+        "within the bound the service wins"
+    );
+    assert_eq!(c.bound_lag(Duration::from_secs(301), max), 1.0);
+    // The service still busy: cut again from there, and raised again while the lag lasts.
+    c.cycle(us(3000), us(9000), Some(true), now);
+    assert!(c.level < 1.0);
+    assert_eq!(c.bound_lag(Duration::from_secs(302), max), 1.0);
+}
+
+#[test]
 fn the_baseline_forgets_quiet_figures_older_than_its_window() {
     let mut c = Control::new();
     let mut now = Instant::now();
