@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use outbox::{Delivered, FailureKind, PublishError, Publisher, StoreAdmin, StoredMessage};
 use uuid::Uuid;
 
-use crate::embedded::{drained, start, test_config, wait_for};
+use crate::embedded::{drained, start, test_config, wait_for, Running};
 use crate::publisher_suite::delivery::{commit_rounds, outbox_db, publish_until_ok};
 use crate::publisher_suite::{check_delivery, read_ids, stored, BrokerFixture, Received, BATCH};
 
@@ -144,86 +144,111 @@ pub async fn confirm_before_mark(fixture: Arc<dyn BrokerFixture>) {
     );
 }
 
+/// Keys the writers of the mid-stream cases commit.
+const KEYS: usize = 8;
+
+/// The relay publishing while writers commit 150 paced rounds of [`KEYS`] keys, some of the
+/// messages already on the broker.
+struct Flowing {
+    dest: String,
+    pool: sqlx::PgPool,
+    store: outbox::postgres::PgStore,
+    relay: Running,
+    writing: tokio::task::JoinHandle<Vec<Uuid>>,
+}
+
+impl Flowing {
+    /// Starts the relay and the writers, and waits until 40 messages are on the broker (`outage`:
+    /// what comes next).
+    async fn start(fixture: &dyn BrokerFixture, outage: &str) -> Flowing {
+        let name = fixture.name();
+        let dest = fixture.destination().await;
+        let publisher = fixture.publisher().await;
+        let (pool, store) = outbox_db().await;
+        let relay = start(store.clone(), publisher, test_config().batch_size(BATCH));
+        let writing = {
+            let (pool, dest) = (pool.clone(), dest.clone());
+            tokio::spawn(async move { commit_rounds(&pool, &dest, KEYS, 150, Duration::from_millis(40)).await })
+        };
+        let before = fixture.read(&dest, 40, Duration::from_secs(60)).await;
+        assert!(
+            before.len() >= 40,
+            "{name}: the relay did not publish before the {outage}"
+        );
+        Flowing {
+            dest,
+            pool,
+            store,
+            relay,
+            writing,
+        }
+    }
+
+    /// Waits for the writers, drains (within `drain`) and stops the relay; then every message the
+    /// writers and `more` committed arrives (read within `read`), each key's seqs in order,
+    /// duplicates within one batch per lane, nothing dead-lettered. Logs the counts as `case`.
+    async fn check(
+        self,
+        fixture: &dyn BrokerFixture,
+        more: Vec<Uuid>,
+        (drain, read): (Duration, Duration),
+        case: &str,
+    ) {
+        let name = fixture.name();
+        let mut ids = self.writing.await.unwrap();
+        ids.extend(more);
+        drained(&self.store, drain).await;
+        self.relay.stop().await;
+        assert!(
+            self.store.dead_letters(10).await.unwrap().is_empty(),
+            "{name}: dead letters"
+        );
+        let expect: HashSet<Uuid> = ids.into_iter().collect();
+        let seen = read_ids(fixture, &self.dest, &expect, read).await;
+        let dups = check_delivery(name, &seen, &expect);
+        let bound = BATCH * KEYS;
+        assert!(dups <= bound, "{name}: {dups} duplicates (bound {bound})");
+        eprintln!("{name}: {case}: {} delivered, {dups} duplicates", expect.len());
+    }
+}
+
 /// Writers commit 8 keys while the relay runs; the server is cut mid-stream and restored. Every
 /// committed message arrives, each key's seqs in order, duplicates within one batch per lane.
 pub async fn key_order_through_a_cut(fixture: Arc<dyn BrokerFixture>) {
-    let name = fixture.name();
-    let dest = fixture.destination().await;
-    let publisher = fixture.publisher().await;
-    let (pool, store) = outbox_db().await;
-    let relay = start(store.clone(), publisher, test_config().batch_size(BATCH));
-    let keys = 8;
-    let writing = {
-        let (pool, dest) = (pool.clone(), dest.clone());
-        tokio::spawn(async move { commit_rounds(&pool, &dest, keys, 150, Duration::from_millis(40)).await })
-    };
-    // Flowing first: some messages are on the broker.
-    let before = fixture.read(&dest, 40, Duration::from_secs(60)).await;
-    assert!(before.len() >= 40, "{name}: the relay did not publish before the cut");
+    let flowing = Flowing::start(&*fixture, "cut").await;
     fixture.cut().await;
-    let cut_at = store.status().await.unwrap().pending;
+    let cut_at = flowing.store.status().await.unwrap().pending;
     // Writers keep committing while cut: the backlog grows.
     wait_for("the backlog to grow while cut", Duration::from_secs(60), || {
-        let store = store.clone();
+        let store = flowing.store.clone();
         async move { store.status().await.unwrap().pending >= cut_at + 40 }
     })
     .await;
     fixture.restore().await;
-    let ids = writing.await.unwrap();
-    drained(&store, Duration::from_secs(120)).await;
-    relay.stop().await;
-    assert!(store.dead_letters(10).await.unwrap().is_empty(), "{name}: dead letters");
-    let expect: HashSet<Uuid> = ids.into_iter().collect();
-    let seen = read_ids(&*fixture, &dest, &expect, Duration::from_secs(60)).await;
-    let dups = check_delivery(name, &seen, &expect);
-    let bound = BATCH * keys;
-    assert!(dups <= bound, "{name}: {dups} duplicates (bound {bound})");
-    eprintln!(
-        "{name}: key order through a cut: {} delivered, {dups} duplicates",
-        expect.len()
-    );
+    let within = (Duration::from_secs(120), Duration::from_secs(60));
+    flowing
+        .check(&*fixture, Vec::new(), within, "key order through a cut")
+        .await;
 }
 
 /// Writers commit while the server is SIGKILLed and started again on its storage: 0 lost, each
 /// key's seqs in order, duplicates within one batch per lane, nothing dead-lettered.
 pub async fn restart_mid_stream(fixture: Arc<dyn BrokerFixture>) {
     let name = fixture.name();
-    let dest = fixture.destination().await;
-    let publisher = fixture.publisher().await;
-    let (pool, store) = outbox_db().await;
-    let relay = start(store.clone(), publisher, test_config().batch_size(BATCH));
-    let keys = 8;
-    let writing = {
-        let (pool, dest) = (pool.clone(), dest.clone());
-        tokio::spawn(async move { commit_rounds(&pool, &dest, keys, 150, Duration::from_millis(40)).await })
-    };
-    let before = fixture.read(&dest, 40, Duration::from_secs(60)).await;
-    assert!(before.len() >= 40, "{name}: the relay did not publish before the kill");
+    let flowing = Flowing::start(&*fixture, "kill").await;
     fixture.kill().await;
     // Commits while the server is down, whether or not the paced writer is still going (on a
     // slow machine it can finish before the kill): none of them can be marked before the restart.
-    let during = commit_rounds(&pool, &dest, keys, 10, Duration::from_millis(40)).await;
-    let pending = store.status().await.unwrap().pending;
+    let during = commit_rounds(&flowing.pool, &flowing.dest, KEYS, 10, Duration::from_millis(40)).await;
+    let pending = flowing.store.status().await.unwrap().pending;
     assert!(
         pending >= during.len() as i64,
         "{name}: {pending} pending, but {} were committed while the server is down",
         during.len()
     );
     fixture.start().await;
-    let mut ids = writing.await.unwrap();
-    ids.extend(during);
-    drained(&store, Duration::from_secs(180)).await;
-    relay.stop().await;
-    assert!(store.dead_letters(10).await.unwrap().is_empty(), "{name}: dead letters");
-    let expect: HashSet<Uuid> = ids.into_iter().collect();
-    let seen = read_ids(&*fixture, &dest, &expect, Duration::from_secs(90)).await;
-    let dups = check_delivery(name, &seen, &expect);
-    let bound = BATCH * keys;
-    assert!(dups <= bound, "{name}: {dups} duplicates (bound {bound})");
-    eprintln!(
-        "{name}: restart mid-stream: {} delivered, {dups} duplicates",
-        expect.len()
-    );
+    let within = (Duration::from_secs(180), Duration::from_secs(90));
+    flowing.check(&*fixture, during, within, "restart mid-stream").await;
 }
 
 /// A connected publisher whose server is SIGKILLed reports every message `Unavailable` within
