@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use outbox::{Message, StoreAdmin};
 use outbox_relay::DeadLetterPolicy;
-use outbox_tests::embedded::{drained, wait_for};
+use outbox_tests::embedded::{drained, wait_for, Running};
 use outbox_tests::kafka::{check_delivery, check_delivery_skipping, read_all};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::RDKafkaRespErr;
@@ -14,6 +14,7 @@ use rdkafka::types::RDKafkaRespErr;
 use crate::{commit, config, keyed, mock_topic, small_store, start, Mock};
 
 struct Corrupt {
+    bootstrap: String,
     topic: String,
     pool: sqlx::PgPool,
     store: outbox::postgres::PgStore,
@@ -24,8 +25,9 @@ struct Corrupt {
     others: Vec<uuid::Uuid>,
 }
 
-/// Rows of key `bad` (seq 1..=4) with seq 2 corrupted, then rows of other keys in the same lanes.
-async fn corrupt_setup(mock: &Mock) -> Corrupt {
+/// Rows of key `bad` (seq 1..=4) with seq 2 corrupted, then rows of other keys in the same lanes;
+/// and the relay started on them under `policy`.
+async fn corrupt_setup(mock: &Mock, policy: DeadLetterPolicy) -> (Corrupt, Running) {
     let t = mock_topic(mock, "corrupt", 2);
     let pool = outbox_tests::db::fresh_pg().await;
     let store = small_store(&pool).await;
@@ -41,91 +43,74 @@ async fn corrupt_setup(mock: &Mock) -> Corrupt {
         .await
         .unwrap();
     assert_eq!(hit.rows_affected(), 1);
-    Corrupt {
+    let bootstrap = mock.bootstrap_servers();
+    let relay = start(store.clone(), &bootstrap, &[], config().dead_letter_policy(policy));
+    let corrupt = Corrupt {
+        bootstrap,
         topic: t,
         pool,
         store,
         corrupt: bad_ids[1],
         bad: bad_ids,
         others,
+    };
+    (corrupt, relay)
+}
+
+impl Corrupt {
+    /// Reads the topic until `expect` is there: every one arrived once, each key's seqs in order
+    /// but for the corrupt row's (key `bad`, seq 2).
+    async fn check_delivered(&self, expect: &HashSet<uuid::Uuid>) {
+        let seen = read_all(&self.bootstrap, &self.topic, expect).await;
+        let dups = check_delivery_skipping(&seen, expect, &HashSet::from([("bad".to_owned(), 2)]));
+        assert_eq!(dups, 0);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corrupted_row_is_dead_lettered_and_everything_else_flows() {
     let mock = MockCluster::new(1).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let Corrupt {
-        topic: t,
-        store,
-        bad: bad_ids,
-        corrupt,
-        others,
-        ..
-    } = corrupt_setup(&mock).await;
-    let relay = start(
-        store.clone(),
-        &bootstrap,
-        &[],
-        config().dead_letter_policy(DeadLetterPolicy::Skip),
-    );
-    drained(&store, Duration::from_secs(60)).await;
+    let (c, relay) = corrupt_setup(&mock, DeadLetterPolicy::Skip).await;
+    drained(&c.store, Duration::from_secs(60)).await;
     relay.stop().await;
-    let dl = store.dead_letters(10).await.unwrap();
+    let dl = c.store.dead_letters(10).await.unwrap();
     assert_eq!(dl.len(), 1, "{dl:?}");
-    assert_eq!(dl[0].id, corrupt);
+    assert_eq!(dl[0].id, c.corrupt);
     assert!(dl[0].error.contains("corrupt"), "{}", dl[0].error);
     assert!(!dl[0].parked);
-    let mut expect: HashSet<uuid::Uuid> = others.into_iter().collect();
-    expect.extend(bad_ids.iter().filter(|id| **id != corrupt));
-    let seen = read_all(&bootstrap, &t, &expect).await;
-    let dups = check_delivery_skipping(&seen, &expect, &HashSet::from([("bad".to_owned(), 2)]));
-    assert_eq!(dups, 0);
+    let mut expect: HashSet<uuid::Uuid> = c.others.iter().copied().collect();
+    expect.extend(c.bad.iter().filter(|id| **id != c.corrupt));
+    c.check_delivered(&expect).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn corrupted_row_parks_its_key_under_park_while_other_keys_flow() {
     let mock = MockCluster::new(1).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let Corrupt {
-        topic: t,
-        pool,
-        store,
-        bad: bad_ids,
-        corrupt,
-        others,
-    } = corrupt_setup(&mock).await;
-    let relay = start(
-        store.clone(),
-        &bootstrap,
-        &[],
-        config().dead_letter_policy(DeadLetterPolicy::Park),
-    );
+    let (c, relay) = corrupt_setup(&mock, DeadLetterPolicy::Park).await;
+    let store = &c.store;
     // Everything but the parked key's rows after the corrupt one (seq 3, 4) goes out.
     wait_for("all but the parked key published", Duration::from_secs(60), || async {
         store.status().await.unwrap().pending == 2 && store.status().await.unwrap().dead_letters == 1
     })
     .await;
-    let before: HashSet<uuid::Uuid> = others.iter().copied().chain([bad_ids[0]]).collect();
-    let seen = read_all(&bootstrap, &t, &before).await;
+    let before: HashSet<uuid::Uuid> = c.others.iter().copied().chain([c.bad[0]]).collect();
+    let seen = read_all(&c.bootstrap, &c.topic, &before).await;
     let ids: HashSet<uuid::Uuid> = seen.iter().map(|s| s.id).collect();
     assert_eq!(ids, before, "the parked key's later rows must wait");
     let waiting: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM outbox_messages ORDER BY seq")
-        .fetch_all(&pool)
+        .fetch_all(&c.pool)
         .await
         .unwrap();
-    assert_eq!(waiting, bad_ids[2..].to_vec());
+    assert_eq!(waiting, c.bad[2..].to_vec());
     let dl = store.dead_letters(10).await.unwrap();
-    assert_eq!((dl[0].id, dl[0].parked), (corrupt, true));
+    assert_eq!((dl[0].id, dl[0].parked), (c.corrupt, true));
     // The operator discards the corrupt row: the key moves on, in order.
-    assert!(store.discard_dead_letter(corrupt).await.unwrap());
-    drained(&store, Duration::from_secs(60)).await;
+    assert!(store.discard_dead_letter(c.corrupt).await.unwrap());
+    drained(store, Duration::from_secs(60)).await;
     relay.stop().await;
     let mut expect = before;
-    expect.extend(&bad_ids[2..]);
-    let seen = read_all(&bootstrap, &t, &expect).await;
-    let dups = check_delivery_skipping(&seen, &expect, &HashSet::from([("bad".to_owned(), 2)]));
-    assert_eq!(dups, 0);
+    expect.extend(&c.bad[2..]);
+    c.check_delivered(&expect).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
