@@ -119,39 +119,20 @@ macro_rules! __conformance_writes {
         async fn late_commit_with_lower_id_is_still_claimed() {
             let (pool, store) = fresh().await;
             let leases = take_all(&*store, OWNER).await;
-            if SINGLE_WRITER {
-                // SQLite runs one write transaction at a time: `early` would hold the write lock
-                // from its insert until its commit, so the later writers could not commit in
-                // between (they wait, then fail with SQLITE_BUSY). A row never commits after a row
-                // inserted after it there. What still happens is a message created early (lower
-                // id) and committed late: that is checked instead.
-                let low = Message::new("t", "late");
-                for i in 0..5 {
-                    let mut tx = pool.begin().await.unwrap();
-                    outbox::enqueue(&mut tx, &Message::new("t", format!("m{i}")))
-                        .await
-                        .unwrap();
-                    tx.commit().await.unwrap();
-                }
-                let rows = claim_all(&*store, &leases).await;
-                assert_eq!(rows.len(), 5);
-                assert!(rows.iter().all(|r| r.id > low.id()));
-                for l in &leases {
-                    let mine: Vec<_> = rows.iter().filter(|r| r.lane == l.lane).cloned().collect();
-                    store.mark_published(l, &delivered(&mine)).await.unwrap();
-                }
-                let mut late = pool.begin().await.unwrap();
-                outbox::enqueue(&mut late, &low).await.unwrap();
-                late.commit().await.unwrap();
-                let rows = claim_all(&*store, &leases).await;
-                assert_eq!(rows.len(), 1, "the late-committed row must be claimed");
-                assert_eq!(rows[0].id, low.id());
-                return;
-            }
-            let mut early = pool.begin().await.unwrap();
-            let low = outbox::enqueue(&mut early, &Message::new("t", "late"))
-                .await
-                .unwrap();
+            // A message enqueued early (lower id) in a transaction that commits after later ones.
+            // SQLite runs one write transaction at a time: `early` would hold the write lock from
+            // its insert until its commit, so the later writers could not commit in between (they
+            // wait, then fail with SQLITE_BUSY). A row never commits after a row inserted after it
+            // there. What still happens is a message created early (lower id) and committed late:
+            // that is checked instead.
+            let low = Message::new("t", "late");
+            let early = if SINGLE_WRITER {
+                None
+            } else {
+                let mut early = pool.begin().await.unwrap();
+                outbox::enqueue(&mut early, &low).await.unwrap();
+                Some(early)
+            };
             for i in 0..5 {
                 let mut tx = pool.begin().await.unwrap();
                 outbox::enqueue(&mut tx, &Message::new("t", format!("m{i}")))
@@ -161,15 +142,22 @@ macro_rules! __conformance_writes {
             }
             let rows = claim_all(&*store, &leases).await;
             assert_eq!(rows.len(), 5);
-            assert!(rows.iter().all(|r| r.id > low.id));
+            assert!(rows.iter().all(|r| r.id > low.id()));
             for l in &leases {
                 let mine: Vec<_> = rows.iter().filter(|r| r.lane == l.lane).cloned().collect();
                 store.mark_published(l, &delivered(&mine)).await.unwrap();
             }
-            early.commit().await.unwrap();
+            match early {
+                Some(early) => early.commit().await.unwrap(),
+                None => {
+                    let mut late = pool.begin().await.unwrap();
+                    outbox::enqueue(&mut late, &low).await.unwrap();
+                    late.commit().await.unwrap();
+                }
+            }
             let rows = claim_all(&*store, &leases).await;
             assert_eq!(rows.len(), 1, "the late-committed row must be claimed");
-            assert_eq!(rows[0].id, low.id);
+            assert_eq!(rows[0].id, low.id());
         }
 
         #[tokio::test]
