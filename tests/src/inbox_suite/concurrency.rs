@@ -45,12 +45,9 @@ macro_rules! __inbox_suite_concurrency {
         async fn concurrent_deliveries_of_one_message_apply_it_once() {
             let pool = pool().await;
             let inbox = Inbox::new(consumer());
-            // Sleeping inside the transaction keeps the first delivery uncommitted while the others
-            // arrive: they wait for it and then see its record.
-            let handler = Arc::new(Effect {
-                sleep: Duration::from_millis(100),
-                ..Effect::default()
-            });
+            // The first delivery stays uncommitted while the others arrive: they wait for it and then
+            // see its record.
+            let handler = Effect::slow();
             // Unkeyed, a new key, a key that exists already.
             assert_eq!(
                 deliver(&inbox, &pool, &handler, "old", 1).await,
@@ -69,10 +66,7 @@ macro_rules! __inbox_suite_concurrency {
             let pool = pool().await;
             let c = consumer();
             let inbox = Inbox::new(&c);
-            let handler = Arc::new(Effect {
-                sleep: Duration::from_millis(100),
-                ..Effect::default()
-            });
+            let handler = Effect::slow();
             // Gaps 2..=2 (filled whole), 4..=8 (split in the middle), 10..=11 (cut at its start).
             for seq in [1, 3, 9, 12] {
                 assert_eq!(
@@ -97,10 +91,7 @@ macro_rules! __inbox_suite_concurrency {
             let pool = pool().await;
             let c = consumer();
             let inbox = Inbox::new(&c);
-            let handler = Arc::new(Effect {
-                sleep: Duration::from_millis(100),
-                ..Effect::default()
-            });
+            let handler = Effect::slow();
             // 5 and 3 race on the key row: whichever goes first, both apply, and 2 and 4 stay missing.
             // Each seq is delivered twice; the deliveries start 5 ms apart in the order given, or all
             // at once.

@@ -112,6 +112,17 @@ macro_rules! __inbox_suite_harness {
             sleep: Duration,
         }
 
+        impl Effect {
+            /// An effect that sleeps 100 ms inside the transaction: a delivery stays uncommitted
+            /// while the concurrent ones arrive. Shared by the racing tasks.
+            fn slow() -> Arc<Effect> {
+                Arc::new(Effect {
+                    sleep: Duration::from_millis(100),
+                    ..Effect::default()
+                })
+            }
+        }
+
         #[async_trait]
         impl Handler<$db> for Effect {
             type Error = Boom;
