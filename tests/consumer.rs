@@ -119,21 +119,9 @@ async fn produce_keys(bootstrap: &str, t: &str, prefix: &str, n: usize, keys: us
     ids
 }
 
+/// Starts a consumer runner of `group` on topic `t` (librdkafka settings `extra` on top of the
+/// defaults); returns the stop signal, the task and the runner's live counters.
 fn start(
-    bootstrap: &str,
-    group: &str,
-    t: &str,
-    pool: sqlx::PgPool,
-    handler: Effects,
-    cfg: ConsumerConfig,
-    extra: &[(&str, &str)],
-) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (stop, task, _) = start_with_stats(bootstrap, group, t, pool, handler, cfg, extra);
-    (stop, task)
-}
-
-/// [`start`], also returning the runner's live counters.
-fn start_with_stats(
     bootstrap: &str,
     group: &str,
     t: &str,

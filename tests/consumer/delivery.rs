@@ -13,7 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
-use crate::{effect_counts, fast, produce, send_keyed, start, start_with_stats, wait_effects, Effects};
+use crate::{effect_counts, fast, produce, send_keyed, start, wait_effects, Effects};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_delivered_twice_has_its_effect_once() {
@@ -23,7 +23,7 @@ async fn every_message_delivered_twice_has_its_effect_once() {
     let pool = effects_db().await;
     let ids = produce(&b, &t, 200, 10, 2).await;
     let group = topic("g");
-    let (stop, task) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    let (stop, task, _) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
     wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.send(()).unwrap();
@@ -41,7 +41,7 @@ async fn restart_before_offset_commit_redelivers_and_the_effect_stays_single() {
     let group = topic("g");
     // No auto-commit: the first consumer dies with its DB work committed and no offset committed.
     let handler = Effects::default();
-    let (_stop, task) = start(
+    let (_stop, task, _) = start(
         &b,
         &group,
         &t,
@@ -57,7 +57,7 @@ async fn restart_before_offset_commit_redelivers_and_the_effect_stays_single() {
     assert_eq!(first, 100);
 
     let handler2 = Effects::default();
-    let (stop, task, stats) = start_with_stats(&b, &group, &t, pool.clone(), handler2.clone(), fast(), &[]);
+    let (stop, task, stats) = start(&b, &group, &t, pool.clone(), handler2.clone(), fast(), &[]);
     outbox_tests::embedded::wait_for("all 100 redelivered", Duration::from_secs(60), || {
         let n = stats.duplicates.load(std::sync::atomic::Ordering::Relaxed);
         async move { n == 100 }
@@ -111,7 +111,7 @@ async fn handler_failing_twice_then_succeeding_has_its_effect_once() {
         ..Default::default()
     };
     let group = topic("g");
-    let (stop, task) = start(&b, &group, &t, pool.clone(), handler.clone(), fast(), &[]);
+    let (stop, task, _) = start(&b, &group, &t, pool.clone(), handler.clone(), fast(), &[]);
     wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
     stop.send(()).unwrap();
     task.await.unwrap();
@@ -154,7 +154,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() 
         ..Default::default()
     };
     let group = topic("g");
-    let (stop, task) = start(&b, &group, &t, pool.clone(), handler, fast().max_attempts(3), &[]);
+    let (stop, task, _) = start(&b, &group, &t, pool.clone(), handler, fast().max_attempts(3), &[]);
     wait_effects(&pool, ids.len() as i64, Duration::from_secs(60)).await;
     stop.send(()).unwrap();
     task.await.unwrap();

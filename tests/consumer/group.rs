@@ -15,10 +15,10 @@ async fn two_consumers_and_a_rebalance_mid_stream_apply_every_effect_exactly_onc
     create_topic(&b, &t, 4).await;
     let pool = effects_db().await;
     let group = topic("g");
-    let (stop_a, a) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    let (stop_a, a, _) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
     let mut ids = produce(&b, &t, 300, 40, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (stop_b, bb) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    let (stop_b, bb, _) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
     ids.extend(produce_keys(&b, &t, "second-", 300, 40, 1).await);
     wait_effects(&pool, ids.len() as i64, Duration::from_secs(90)).await;
     stop_a.send(()).unwrap();

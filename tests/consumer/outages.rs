@@ -7,7 +7,7 @@ use std::time::Duration;
 use outbox_tests::effects::effects_db;
 use outbox_tests::kafka::{broker, create_topic, read_until, topic};
 
-use crate::{effect_counts, fast, produce, start_with_stats, wait_effects, Effects};
+use crate::{effect_counts, fast, produce, start, wait_effects, Effects};
 
 /// Waits until the dead-letter topic `dlq` has stayed empty for 3 s; returns what it held.
 async fn dead_letter_topic(bootstrap: &str, dlq: &str) -> usize {
@@ -41,7 +41,7 @@ where
     create_topic(&b, &t, 2).await;
     create_topic(&b, &dlq, 1).await;
     let ids = produce(&b, &t, 400, 20, 1).await;
-    let (stop, task, stats) = start_with_stats(&b, &topic("g"), &t, runner_pool, Effects::default(), fast(), &[]);
+    let (stop, task, stats) = start(&b, &topic("g"), &t, runner_pool, Effects::default(), fast(), &[]);
     wait_effects(pool, 50, Duration::from_secs(60)).await;
     outage().await;
     wait_effects(pool, ids.len() as i64, Duration::from_secs(90)).await;
