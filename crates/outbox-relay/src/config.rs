@@ -86,8 +86,9 @@ pub struct RelayConfig {
     /// service is busy (PostgreSQL: the database finished over 100 transactions a second beyond the
     /// relay's own, from `pg_stat_database`; elsewhere: quiet commits well above their fastest of the
     /// last 5 minutes) it keeps its own slowdown of commits within 15%, down to one lane working 5%
-    /// of the time; otherwise it doubles up to every lane. Starts at one lane. `max_busy_lanes` and
-    /// `max_rate` stay hard caps. Defaults to off.
+    /// of the time; otherwise it doubles up to every lane. Starts at one lane. Only lanes catching
+    /// up (their last claim was full) are paced. `max_busy_lanes` and `max_rate` stay hard caps.
+    /// Defaults to on.
     pub adaptive_pace: bool,
     /// With the adaptive pace: while the oldest row a lane claims has waited longer than this, the
     /// pace stays at one lane or more (working without rest), whatever the service's load.
@@ -133,7 +134,7 @@ impl RelayConfig {
     /// Default [`RelayConfig::stats_interval`].
     pub const DEFAULT_STATS_INTERVAL: Duration = Duration::from_secs(10);
     /// Default [`RelayConfig::adaptive_pace`].
-    pub const DEFAULT_ADAPTIVE_PACE: bool = false;
+    pub const DEFAULT_ADAPTIVE_PACE: bool = true;
     /// Default [`RelayConfig::pace_max_lag`].
     pub const DEFAULT_PACE_MAX_LAG: Duration = Duration::from_secs(5 * 60);
     /// Default [`RelayConfig::claim_ahead`].
