@@ -197,6 +197,20 @@ struct Load<'a> {
 }
 
 impl Load<'_> {
+    /// Half a second of variant `v`, not measured: connections, plans, caches.
+    async fn warm_up(&self, v: Variant) -> anyhow::Result<()> {
+        throughput(
+            self.pool,
+            TOPIC,
+            self.shape,
+            v,
+            self.writers,
+            Duration::from_millis(500),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// One round: every variant for `dur` in turn, starting with number `round` (rotating start),
     /// each one's transactions per second pushed onto its list in `tps`; then logs the round under
     /// `what`.
@@ -270,25 +284,17 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     }
     let mut rows = Vec::new();
     for writers in [1usize, 16] {
-        // Warm-up: connections, plans, caches.
-        throughput(
-            &db.pool,
-            TOPIC,
-            Shape::Minimal,
-            Variant::Outbox {
-                keyed: true,
-                notify: false,
-            },
-            writers,
-            Duration::from_millis(500),
-        )
-        .await?;
         let load = Load {
             pool: &db.pool,
             shape: Shape::Minimal,
             writers,
             dur,
         };
+        load.warm_up(Variant::Outbox {
+            keyed: true,
+            notify: false,
+        })
+        .await?;
         let what = format!("{writers} writer(s)");
         let mut tps: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
         for round in 0..rounds {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use super::{throughput, variant_rows, Load, Shape, Variant, PRODUCTS, TOPIC, VARIANTS};
+use super::{variant_rows, Load, Shape, Variant, PRODUCTS, VARIANTS};
 use crate::common::{BenchDb, Row, Target};
 
 /// Creates the `Order` shape's tables, every product with a large stock.
@@ -74,21 +74,13 @@ pub(super) async fn order_rows(
         notify: false,
     };
     let variants: Vec<Variant> = VARIANTS.into_iter().filter(|v| *v != unkeyed_without_notify).collect();
-    throughput(
-        &db.pool,
-        TOPIC,
-        Shape::Order,
-        variants[2],
-        writers,
-        Duration::from_millis(500),
-    )
-    .await?;
     let load = Load {
         pool: &db.pool,
         shape: Shape::Order,
         writers,
         dur,
     };
+    load.warm_up(variants[2]).await?;
     // tps[setting][variant]: one list of rounds each.
     let mut tps: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); variants.len()]; relays.len()];
     for round in 0..rounds {
