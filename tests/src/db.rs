@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::mysql::MySqlConnectOptions;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Connection, MySqlPool, PgPool, SqlitePool};
 
@@ -12,21 +12,38 @@ pub fn pg_url() -> String {
     std::env::var("OUTBOX_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// A new empty PostgreSQL database (not migrated) and a pool on it.
-pub async fn fresh_pg_unmigrated() -> PgPool {
-    let admin: PgConnectOptions = pg_url().parse().expect("OUTBOX_TEST_PG is a valid URL");
+/// A new empty database on the server `admin` reaches (`server` names it), and a pool of 40 on it
+/// (`on(admin, name)`: the options for the new database).
+async fn fresh_database<DB: sqlx::Database>(
+    admin: <DB::Connection as Connection>::Options,
+    server: &str,
+    on: impl FnOnce(<DB::Connection as Connection>::Options, &str) -> <DB::Connection as Connection>::Options,
+) -> sqlx::Pool<DB>
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
     let name = format!("outbox_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = admin.connect().await.expect("PostgreSQL reachable (is it running?)");
+    let mut conn = admin
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{server} reachable (is it running?): {e:?}"));
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
         .await
         .expect("create test database");
     conn.close().await.ok();
-    PgPoolOptions::new()
+    sqlx::pool::PoolOptions::<DB>::new()
         .max_connections(40)
-        .connect_with(admin.database(&name))
+        .connect_with(on(admin, &name))
         .await
         .expect("connect to test database")
+}
+
+/// A new empty PostgreSQL database (not migrated) and a pool on it.
+pub async fn fresh_pg_unmigrated() -> PgPool {
+    let admin: PgConnectOptions = pg_url().parse().expect("OUTBOX_TEST_PG is a valid URL");
+    fresh_database(admin, "PostgreSQL", PgConnectOptions::database).await
 }
 
 /// A new PostgreSQL database with the outbox schema.
@@ -44,18 +61,7 @@ pub fn mysql_url() -> String {
 /// A new empty MySQL/MariaDB database (not migrated) and a pool on it.
 pub async fn fresh_mysql_unmigrated() -> MySqlPool {
     let admin: MySqlConnectOptions = mysql_url().parse().expect("OUTBOX_TEST_MYSQL is a valid URL");
-    let name = format!("outbox_test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = admin.connect().await.expect("MySQL/MariaDB reachable (is it running?)");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .expect("create test database");
-    conn.close().await.ok();
-    MySqlPoolOptions::new()
-        .max_connections(40)
-        .connect_with(admin.database(&name))
-        .await
-        .expect("connect to test database")
+    fresh_database(admin, "MySQL/MariaDB", MySqlConnectOptions::database).await
 }
 
 /// A new MySQL/MariaDB database with the outbox schema.
