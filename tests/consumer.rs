@@ -119,6 +119,15 @@ async fn produce_keys(bootstrap: &str, t: &str, prefix: &str, n: usize, keys: us
     ids
 }
 
+/// The broker, a new topic named after `name` with `partitions` partitions, and a fresh database
+/// with the effects table.
+async fn topic_and_db(name: &str, partitions: i32) -> (String, String, sqlx::PgPool) {
+    let b = outbox_tests::kafka::broker();
+    let t = outbox_tests::kafka::topic(name);
+    outbox_tests::kafka::create_topic(&b, &t, partitions).await;
+    (b, t, outbox_tests::effects::effects_db().await)
+}
+
 /// Starts a consumer runner of `group` on topic `t` (librdkafka settings `extra` on top of the
 /// defaults); returns the stop signal, the task and the runner's live counters.
 fn start(

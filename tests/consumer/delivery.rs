@@ -13,14 +13,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
-use crate::{effect_counts, fast, produce, send_keyed, start, wait_effects, Effects};
+use crate::{effect_counts, fast, produce, send_keyed, start, topic_and_db, wait_effects, Effects};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_delivered_twice_has_its_effect_once() {
-    let b = broker();
-    let t = topic("consume-twice");
-    create_topic(&b, &t, 2).await;
-    let pool = effects_db().await;
+    let (b, t, pool) = topic_and_db("consume-twice", 2).await;
     let ids = produce(&b, &t, 200, 10, 2).await;
     let group = topic("g");
     let (stop, task, _) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
@@ -33,10 +30,7 @@ async fn every_message_delivered_twice_has_its_effect_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_before_offset_commit_redelivers_and_the_effect_stays_single() {
-    let b = broker();
-    let t = topic("consume-restart");
-    create_topic(&b, &t, 1).await;
-    let pool = effects_db().await;
+    let (b, t, pool) = topic_and_db("consume-restart", 1).await;
     let ids = produce(&b, &t, 100, 5, 1).await;
     let group = topic("g");
     // No auto-commit: the first consumer dies with its DB work committed and no offset committed.
@@ -101,10 +95,7 @@ async fn committed(bootstrap: &str, group: &str, t: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn handler_failing_twice_then_succeeding_has_its_effect_once() {
-    let b = broker();
-    let t = topic("consume-retry");
-    create_topic(&b, &t, 1).await;
-    let pool = effects_db().await;
+    let (b, t, pool) = topic_and_db("consume-retry", 1).await;
     let ids = produce(&b, &t, 30, 3, 1).await;
     let handler = Effects {
         fail_first: 2,
@@ -179,10 +170,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn under_hold_a_successor_ahead_of_its_predecessor_never_stalls_the_runner() {
-    let b = broker();
-    let t = topic("consume-hold");
-    create_topic(&b, &t, 1).await;
-    let pool = effects_db().await;
+    let (b, t, pool) = topic_and_db("consume-hold", 1).await;
     // One partition: K:2, then other keys, then K:1 (as after a relay's re-send), then more others.
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
     let send = |key: String, seq: i64| {

@@ -3,17 +3,13 @@
 
 use std::time::Duration;
 
-use outbox_tests::effects::effects_db;
-use outbox_tests::kafka::{broker, create_topic, topic};
+use outbox_tests::kafka::topic;
 
-use crate::{effect_counts, fast, produce, produce_keys, start, wait_effects, Effects};
+use crate::{effect_counts, fast, produce, produce_keys, start, topic_and_db, wait_effects, Effects};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_consumers_and_a_rebalance_mid_stream_apply_every_effect_exactly_once() {
-    let b = broker();
-    let t = topic("consume-rebalance");
-    create_topic(&b, &t, 4).await;
-    let pool = effects_db().await;
+    let (b, t, pool) = topic_and_db("consume-rebalance", 4).await;
     let group = topic("g");
     let (stop_a, a, _) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
     let mut ids = produce(&b, &t, 300, 40, 1).await;
@@ -75,10 +71,7 @@ impl Drop for Member {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_group_whose_members_join_leave_and_get_killed_under_load_applies_every_effect_once() {
-    let b = broker();
-    let t = topic("consume-group");
-    create_topic(&b, &t, 6).await;
-    let pool = effects_db().await;
+    let (b, t, pool) = topic_and_db("consume-group", 6).await;
     let group = topic("g");
     let mut members = vec![
         Member::start(&b, &t, &group, &pool),

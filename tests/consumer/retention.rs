@@ -5,21 +5,17 @@ use std::time::Duration;
 
 use outbox_inbox::Inbox;
 use outbox_kafka::ConsumerRunner;
-use outbox_tests::effects::effects_db;
-use outbox_tests::kafka::{broker, create_topic, topic};
+use outbox_tests::kafka::topic;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
-use crate::{fast, wait_effects, Effects};
+use crate::{fast, topic_and_db, wait_effects, Effects};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_runner_deletes_expired_inbox_records_on_a_schedule() {
-    let b = broker();
-    let t = topic("consume-cleanup");
-    create_topic(&b, &t, 1).await;
-    let pool = effects_db().await;
+    let (b, t, pool) = topic_and_db("consume-cleanup", 1).await;
     // Unkeyed messages: the inbox keeps one record each, for its retention.
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
     for _ in 0..50 {
@@ -65,10 +61,7 @@ async fn the_runner_deletes_expired_inbox_records_on_a_schedule() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_inbox_that_forgets_unkeyed_messages_before_the_topic_does_is_reported() {
-    let b = broker();
-    let t = topic("consume-retention");
-    create_topic(&b, &t, 1).await; // the broker's default retention: 7 days
-    let pool = effects_db().await;
+    let (b, t, pool) = topic_and_db("consume-retention", 1).await; // the broker's default retention: 7 days
     let group = topic("g");
     let runner = |inbox: Inbox, extra: Option<(&'static str, &'static str)>| {
         let mut settings = vec![("bootstrap.servers", b.as_str()), ("group.id", group.as_str())];
