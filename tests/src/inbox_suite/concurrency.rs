@@ -8,9 +8,7 @@ macro_rules! __inbox_suite_concurrency {
     ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
         #[tokio::test]
         async fn a_failing_handler_leaves_no_record_and_the_retry_applies_once() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             for msg in [unkeyed(), keyed("k", 1)] {
                 let handler = Effect {
                     failures: AtomicUsize::new(2),
@@ -63,9 +61,7 @@ macro_rules! __inbox_suite_concurrency {
 
         #[tokio::test]
         async fn concurrent_deliveries_of_a_skipped_message_apply_it_once() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::slow();
             // Gaps 2..=2 (filled whole), 4..=8 (split in the middle), 10..=11 (cut at its start).
             for seq in [1, 3, 9, 12] {
@@ -88,9 +84,7 @@ macro_rules! __inbox_suite_concurrency {
 
         #[tokio::test]
         async fn a_gap_and_its_skipped_message_delivered_concurrently_both_apply() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::slow();
             // 5 and 3 race on the key row: whichever goes first, both apply, and 2 and 4 stay missing.
             // Each seq is delivered twice; the deliveries start 5 ms apart in the order given, or all

@@ -9,9 +9,7 @@ macro_rules! __inbox_suite_dedup {
         #[tokio::test]
         async fn every_message_delivered_twice_has_its_effect_once() {
             metrics_on();
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             let mut msgs: Vec<Incoming<'static>> = Vec::new();
             for seq in 1..=5 {
@@ -131,9 +129,7 @@ macro_rules! __inbox_suite_dedup {
 
         #[tokio::test]
         async fn keys_and_consumers_are_compared_byte_for_byte() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             // Case, trailing spaces and accents make different keys (no collation), and a key of any
             // length is a key.

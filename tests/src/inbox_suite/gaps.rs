@@ -9,9 +9,7 @@ macro_rules! __inbox_suite_gaps {
         #[tokio::test]
         async fn a_gap_under_accept_is_processed_counted_and_moves_the_key_on() {
             metrics_on();
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             assert_eq!(inbox.clone().gap_policy(GapPolicy::Accept).consumer(), c);
             let handler = Effect::default();
             assert_eq!(deliver(&inbox, &pool, &handler, "k", 1).await, Outcome::Processed);
@@ -35,9 +33,7 @@ macro_rules! __inbox_suite_gaps {
         #[tokio::test]
         async fn a_skipped_message_arriving_late_is_processed_once_and_only_it() {
             metrics_on();
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             for seq in [1, 2] {
                 assert_eq!(
@@ -89,9 +85,7 @@ macro_rules! __inbox_suite_gaps {
 
         #[tokio::test]
         async fn only_seqs_inside_a_gap_are_new_below_the_highest() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             // Two gaps: 4..=5 and 8..=9.
             for seq in [1, 2, 3, 6, 7, 10] {
@@ -146,9 +140,7 @@ macro_rules! __inbox_suite_gaps {
 
         #[tokio::test]
         async fn a_gap_of_several_seqs_is_filled_in_any_order() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             let orders: [(&'static str, [i64; 5]); 5] = [
                 ("ascending", [2, 3, 4, 5, 6]),
@@ -198,9 +190,7 @@ macro_rules! __inbox_suite_gaps {
 
         #[tokio::test]
         async fn a_key_first_seen_above_1_can_still_get_its_beginning() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             assert_eq!(deliver(&inbox, &pool, &handler, "k", 3).await, Outcome::Processed);
             assert_eq!(gaps(&pool, &c, "k").await, [(1, 2)]);
@@ -221,9 +211,7 @@ macro_rules! __inbox_suite_gaps {
 
         #[tokio::test]
         async fn a_failing_handler_on_a_late_message_keeps_the_gap_open() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             for seq in [1, 5] {
                 assert_eq!(

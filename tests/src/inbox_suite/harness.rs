@@ -28,6 +28,14 @@ macro_rules! __inbox_suite_harness {
             pool
         }
 
+        /// [`pool`], a consumer name no other test uses, and that consumer's inbox.
+        async fn inbox_on_fresh_pool() -> (Pool, String, Inbox) {
+            let pool = pool().await;
+            let c = consumer();
+            let inbox = Inbox::new(&c);
+            (pool, c, inbox)
+        }
+
         async fn count(pool: &Pool, sql: String) -> i64 {
             sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap()
         }

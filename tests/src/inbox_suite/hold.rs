@@ -9,9 +9,8 @@ macro_rules! __inbox_suite_hold {
         #[tokio::test]
         async fn under_hold_a_successor_delivered_first_is_parked_and_applied_right_after_its_predecessor() {
             metrics_on();
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let inbox = inbox.gap_policy(GapPolicy::Hold);
             let handler = Recorder::default();
             // The relay re-sent K:1 and K:2 after a timeout: the partition holds K:2, then K:1.
             let id2 = Uuid::now_v7().to_string();
@@ -116,9 +115,8 @@ macro_rules! __inbox_suite_hold {
 
         #[tokio::test]
         async fn under_hold_a_key_first_seen_above_1_waits_for_its_beginning_without_stalling() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let inbox = inbox.gap_policy(GapPolicy::Hold);
             let handler = Recorder::default();
             // 4 and 2 wait for 1; 3 is missing when 1 comes: 1 and 2 apply, 4 keeps waiting.
             for seq in [4, 2] {
@@ -153,9 +151,8 @@ macro_rules! __inbox_suite_hold {
 
         #[tokio::test]
         async fn under_hold_a_failing_parked_successor_rolls_back_its_predecessor_too() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let inbox = inbox.gap_policy(GapPolicy::Hold);
             let handler = Recorder {
                 fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 2))),
                 ..Recorder::default()
@@ -188,9 +185,8 @@ macro_rules! __inbox_suite_hold {
 
         #[tokio::test]
         async fn under_hold_a_predecessor_and_its_successor_delivered_concurrently_apply_once_in_order() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let inbox = inbox.gap_policy(GapPolicy::Hold);
             // Sleeping inside the transaction keeps the first delivery uncommitted while the others
             // arrive.
             let handler = Arc::new(Recorder {
@@ -241,9 +237,8 @@ macro_rules! __inbox_suite_hold {
         #[tokio::test]
         async fn parked_messages_whose_predecessor_is_gone_for_good_can_be_released_in_order() {
             metrics_on();
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let inbox = inbox.gap_policy(GapPolicy::Hold);
             let handler = Recorder::default();
             let source = Uuid::new_v4().to_string();
             let sourced = |seq: i64| keyed("k", seq).source(source.as_str());

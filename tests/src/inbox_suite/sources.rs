@@ -9,9 +9,7 @@ macro_rules! __inbox_suite_sources {
         #[tokio::test]
         async fn the_same_key_from_two_outboxes_is_applied_once_per_outbox() {
             metrics_on();
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c);
+            let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             // Two services, each with its own outbox database, both enqueue key "order-42".
             let (a, b) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
