@@ -134,6 +134,25 @@ struct Case {
     linger_ms: Option<u32>,
     /// How long the relay's lanes linger after running dry ([`RelayConfig::linger`]).
     lanes_linger: Duration,
+    /// How often lingering lanes are looked at ([`RelayConfig::linger_poll_interval`]).
+    watch: Duration,
+    /// Batches in flight per lane ([`RelayConfig::pipeline`]).
+    pipeline: usize,
+}
+
+impl Case {
+    /// The defaults: NOTIFY, lanes linger, pipelined lanes.
+    fn defaults() -> Case {
+        let d = RelayConfig::default();
+        Case {
+            notify: true,
+            poll: d.poll_interval,
+            linger_ms: None,
+            lanes_linger: d.linger,
+            watch: d.linger_poll_interval,
+            pipeline: d.pipeline,
+        }
+    }
 }
 
 /// The relay in `case`, measured from commit to delivery report.
@@ -166,7 +185,9 @@ async fn relay_latency(
             .config(
                 RelayConfig::default()
                     .poll_interval(case.poll)
-                    .linger(case.lanes_linger),
+                    .linger(case.lanes_linger)
+                    .linger_poll_interval(case.watch)
+                    .pipeline(case.pipeline),
             )
             .run_until(async {
                 let _ = stop_rx.await;
@@ -222,33 +243,28 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let topic = new_topic(env, &bootstrap, "bench-latency").await?;
     let db = BenchDb::create(env, 24).await?;
     let rates = [1000u64, 5000];
-    // [rate][variant] -> runs; variants: raw, notify, poll.
-    let lanes_linger = RelayConfig::DEFAULT_LINGER;
+    // [rate][variant] -> runs.
+    let d = Case::defaults();
     let cases = [
         None,
-        Some(Case {
-            notify: true,
-            poll: RelayConfig::default().poll_interval,
-            linger_ms: None,
-            lanes_linger,
-        }),
+        Some(d),
         Some(Case {
             notify: false,
             poll,
-            linger_ms: None,
-            lanes_linger,
+            ..d
         }),
         Some(Case {
-            notify: true,
-            poll: RelayConfig::default().poll_interval,
             linger_ms: Some(0),
-            lanes_linger,
+            ..d
         }),
         Some(Case {
-            notify: true,
-            poll: RelayConfig::default().poll_interval,
-            linger_ms: None,
             lanes_linger: Duration::ZERO,
+            ..d
+        }),
+        Some(Case { pipeline: 1, ..d }),
+        Some(Case {
+            watch: Duration::from_millis(2),
+            ..d
         }),
     ];
     let names = [
@@ -257,6 +273,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         "relay polling",
         "relay NOTIFY, linger.ms=0",
         "relay NOTIFY, lanes linger 0",
+        "relay NOTIFY, pipeline 1",
+        "relay NOTIFY, watch every 2 ms",
     ];
     let mut res: Vec<Vec<Vec<Lat>>> = vec![vec![Vec::new(); cases.len()]; rates.len()];
     for round in 0..rounds {
@@ -299,6 +317,14 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 4,
                 format!("{rate} msg/s, relay woken by NOTIFY, lanes linger 0 (idle as soon as dry)"),
             ),
+            (
+                5,
+                format!("{rate} msg/s, relay woken by NOTIFY, pipeline 1 (one batch in flight per lane)"),
+            ),
+            (
+                6,
+                format!("{rate} msg/s, relay woken by NOTIFY, lingering lanes watched every 2 ms"),
+            ),
             (0, format!("{rate} msg/s, raw producer send -> report (broker floor)")),
         ] {
             let runs = &res[ri][variant];
@@ -333,7 +359,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
              with rate/{TX_PER_SEC} keyed messages (enqueue_batch), so 1,000 msg/s = 5 msgs/tx and 5,000 msg/s = 25 msgs/tx \
              (NOTIFY serializes commits: see figure 1). Latency per message = time the relay's publish() returned with its \
              delivery report - time commit() returned, over {} s after 1 s of warm-up; embedded relay with defaults \
-             (batch 500, lanes linger 1 s, KafkaPublisher linger.ms=5 default). Variants interleaved (rotating start).",
+             (batch 500, pipeline 4, lanes linger 1 s watched every 5 ms, KafkaPublisher linger.ms=5 default). Variants interleaved (rotating start).",
             dur.as_secs()
         ),
         rounds,
