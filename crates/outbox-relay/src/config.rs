@@ -43,10 +43,12 @@ pub struct RelayConfig {
     /// Rows claimed and published per lane per round. Defaults to 500.
     pub batch_size: usize,
     /// Batches a lane may have in flight at once (published, waiting for the broker's answer or
-    /// their marks), as long as they hold fewer than [`RelayConfig::batch_size`] rows together: a
-    /// row committed while its lane's batch is in flight is claimed and published at once instead
-    /// of waiting for that batch. A key is in one batch in flight at the most; batches are marked
-    /// in the order they were claimed. 1: one batch at a time. Defaults to 4.
+    /// their marks), as long as they hold fewer than [`RelayConfig::batch_size`] rows together and
+    /// the lane's claims take less than half as long as its publishes (otherwise the database is
+    /// the bottleneck and rows wait to go out together): a row committed while its lane's batch is
+    /// in flight is claimed and published at once instead of waiting for that batch. A key is in
+    /// one batch in flight at the most; batches are marked in the order they were claimed. 1: one
+    /// batch at a time. Defaults to 4.
     pub pipeline: usize,
     /// How often an idle lane looks for work without a wake-up. Defaults to 1 s.
     pub poll_interval: Duration,

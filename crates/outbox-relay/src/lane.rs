@@ -124,7 +124,8 @@ struct Lane<'a, S, P> {
     store_errors: u32,
     /// Rounds in a row in which the broker was unavailable (for the lane's backoff).
     outages: u32,
-    /// How long the lane's last claim and last publish took (for `ClaimAhead::Auto`).
+    /// How long the lane's last claim and last publish took (for pipelining and
+    /// `ClaimAhead::Auto`).
     claim_took: Duration,
     publish_took: Duration,
 }
@@ -148,11 +149,17 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         }
     }
 
-    /// Whether another batch may start: fewer than [`RelayConfig::pipeline`] batches in flight,
-    /// holding fewer than [`RelayConfig::batch_size`] rows together.
+    /// Whether another batch may start: nothing in flight, or fewer than [`RelayConfig::pipeline`]
+    /// batches holding fewer than [`RelayConfig::batch_size`] rows together, while the lane's
+    /// claims take less than half as long as its publishes. A claim that takes longer means the
+    /// database is the bottleneck: more, smaller batches would only add to its load, and the rows
+    /// wait for the batch in flight and go out together.
     fn has_room(&self) -> bool {
+        let cfg = &self.shared.cfg;
         self.flight.is_empty()
-            || (self.flight.len() < self.shared.cfg.pipeline && self.flight.rows() < self.shared.cfg.batch_size)
+            || (self.flight.len() < cfg.pipeline
+                && self.flight.rows() < cfg.batch_size
+                && self.claim_took * 2 < self.publish_took)
     }
 
     /// Takes a turn, claims a batch and starts publishing it.
