@@ -2,6 +2,7 @@
 //! this machine (override with `OUTBOX_TEST_PG`), and the broker helpers.
 #![allow(missing_docs)]
 
+pub mod arrivals;
 pub mod conformance;
 pub mod consuming;
 pub mod daemon;

@@ -1,7 +1,7 @@
 //! Rows for direct publishes, the outbox database of a case, the writers committing rounds of
 //! keyed messages, and the reading back and checking of what reached the broker.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use outbox::{Message, Publisher, StoredMessage};
@@ -45,36 +45,8 @@ pub async fn read_ids(
 /// arrival of each seq is 1, 2, 3... in broker order (duplicates may repeat earlier seqs).
 /// Returns the number of duplicates.
 pub fn check_delivery(name: &str, seen: &[Received], expect: &HashSet<Uuid>) -> usize {
-    let ids: HashSet<Uuid> = seen.iter().map(|s| s.id).collect();
-    let missing: Vec<_> = expect.difference(&ids).collect();
-    assert!(
-        missing.is_empty(),
-        "{name}: {} committed messages never arrived, e.g. {:?}",
-        missing.len(),
-        missing.first()
-    );
-    let unexpected: Vec<_> = ids.difference(expect).collect();
-    assert!(
-        unexpected.is_empty(),
-        "{name}: messages that were never committed arrived: {unexpected:?}"
-    );
-    let mut high: HashMap<&str, i64> = HashMap::new();
-    let mut first: HashSet<Uuid> = HashSet::new();
-    for s in seen {
-        if !first.insert(s.id) {
-            continue;
-        }
-        if let (Some(k), Some(q)) = (s.key.as_deref(), s.seq) {
-            let h = high.entry(k).or_insert(0);
-            assert_eq!(
-                q,
-                *h + 1,
-                "{name}: key {k}: seq {q} arrived first after seq {h} (gap or reordering)"
-            );
-            *h = q;
-        }
-    }
-    seen.len() - first.len()
+    let arrivals = seen.iter().map(|s| (s.id, s.key.as_deref(), s.seq));
+    crate::arrivals::check_arrivals(&format!("{name}: "), arrivals, expect, &HashSet::new())
 }
 
 /// A fresh outbox database for one test.
