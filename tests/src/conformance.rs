@@ -41,6 +41,25 @@ pub async fn claim_all(store: &dyn Store, leases: &[Lease]) -> Vec<outbox::Store
     out
 }
 
+/// Claims every lane every 50 ms until `ready` holds of the rows, and returns them; fails with
+/// `never` after 10 s.
+pub async fn claim_until(
+    store: &dyn Store,
+    leases: &[Lease],
+    ready: impl Fn(&[outbox::StoredMessage]) -> bool,
+    never: &str,
+) -> Vec<outbox::StoredMessage> {
+    let start = std::time::Instant::now();
+    loop {
+        let rows = claim_all(store, leases).await;
+        if ready(&rows) {
+            return rows;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{never}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[macro_export]
 macro_rules! conformance_suite {
     (@suite $db:ty, $fresh:expr, $single_writer:expr) => {
@@ -51,7 +70,7 @@ macro_rules! conformance_suite {
         use std::time::{Duration, Instant};
 
         use outbox::{Delivered, Error, Message, Store};
-        use $crate::conformance::{claim_all, lease_of, take_all, OWNER};
+        use $crate::conformance::{claim_all, claim_until, lease_of, take_all, OWNER};
 
         async fn fresh() -> (sqlx::Pool<$db>, Arc<dyn Store>) {
             let (pool, store) = $fresh.await;

@@ -139,18 +139,8 @@ macro_rules! __conformance_claims {
                 "delayed row and the key's later row wait"
             );
             // Due after 2 s: claimed as soon as it is, never before (checked above).
-            let start = std::time::Instant::now();
-            let rows = loop {
-                let rows = claim_all(&*store, &leases).await;
-                if rows.iter().any(|r| r.key.as_deref() == Some("k")) {
-                    break rows;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(10),
-                    "the delayed row never became due"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
+            let due = |rows: &[outbox::StoredMessage]| rows.iter().any(|r| r.key.as_deref() == Some("k"));
+            let rows = claim_until(&*store, &leases, due, "the delayed row never became due").await;
             let got: Vec<&[u8]> = rows
                 .iter()
                 .filter(|r| r.key.as_deref() == Some("k"))
@@ -183,18 +173,13 @@ macro_rules! __conformance_claims {
                 "k2 must wait behind k1"
             );
             // Both come back once the backoff (1.5 s) is over.
-            let start = std::time::Instant::now();
-            let rows = loop {
-                let rows = store.claim(lease, 10, &[]).await.unwrap();
-                if !rows.is_empty() {
-                    break rows;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(10),
-                    "the backoff never ended"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            };
+            let rows = claim_until(
+                &*store,
+                std::slice::from_ref(lease),
+                |rows| !rows.is_empty(),
+                "the backoff never ended",
+            )
+            .await;
             assert_eq!(rows.len(), 2);
             assert_eq!(rows[0].attempts, 1);
             assert_eq!(rows[0].seq, Some(1));
