@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use outbox_inbox::{Handler, Inbox, Incoming};
 use outbox_kafka::{ConsumerConfig, ConsumerRunner, ConsumerStats};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
@@ -73,19 +72,11 @@ async fn produce(bootstrap: &str, t: &str, n: usize, keys: usize, times: usize) 
 /// Sends one keyed message with the outbox headers a relay would set.
 async fn send_keyed(producer: &FutureProducer, t: &str, id: uuid::Uuid, key: &str, seq: i64) {
     let (id, seq) = (id.to_string(), seq.to_string());
-    let h = OwnedHeaders::new()
-        .insert(Header {
-            key: outbox::HEADER_ID,
-            value: Some(id.as_bytes()),
-        })
-        .insert(Header {
-            key: outbox::HEADER_KEY,
-            value: Some(key.as_bytes()),
-        })
-        .insert(Header {
-            key: outbox::HEADER_SEQ,
-            value: Some(seq.as_bytes()),
-        });
+    let h = outbox_kafka::wire_headers([
+        (outbox::HEADER_ID, Some(id.as_str())),
+        (outbox::HEADER_KEY, Some(key)),
+        (outbox::HEADER_SEQ, Some(seq.as_str())),
+    ]);
     producer
         .send(
             FutureRecord::to(t).key(key).payload("effect").headers(h),
@@ -93,6 +84,21 @@ async fn send_keyed(producer: &FutureProducer, t: &str, id: uuid::Uuid, key: &st
         )
         .await
         .unwrap();
+}
+
+/// Sends one unkeyed message with payload `payload` and a new `outbox-id`; returns the id.
+async fn send_unkeyed(producer: &FutureProducer, t: &str, payload: &str) -> uuid::Uuid {
+    let id = uuid::Uuid::now_v7();
+    let text = id.to_string();
+    let h = outbox_kafka::wire_headers([(outbox::HEADER_ID, Some(text.as_str()))]);
+    producer
+        .send(
+            FutureRecord::<(), _>::to(t).payload(payload).headers(h),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    id
 }
 
 async fn produce_keys(bootstrap: &str, t: &str, prefix: &str, n: usize, keys: usize, times: usize) -> Vec<uuid::Uuid> {

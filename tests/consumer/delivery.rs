@@ -8,12 +8,11 @@ use outbox_inbox::Inbox;
 use outbox_kafka::ConsumerRunner;
 use outbox_tests::effects::effects_db;
 use outbox_tests::kafka::{broker, create_topic, read_until, topic};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
-use crate::{effect_counts, fast, produce, send_keyed, start, topic_and_db, wait_effects, Effects};
+use crate::{effect_counts, fast, produce, send_keyed, send_unkeyed, start, topic_and_db, wait_effects, Effects};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_delivered_twice_has_its_effect_once() {
@@ -127,18 +126,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() 
         )
         .await
         .unwrap();
-    let pid = uuid::Uuid::now_v7().to_string();
-    let h = OwnedHeaders::new().insert(Header {
-        key: outbox::HEADER_ID,
-        value: Some(pid.as_bytes()),
-    });
-    producer
-        .send(
-            FutureRecord::<(), _>::to(&t).payload("poison").headers(h),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    let pid = send_unkeyed(&producer, &t, "poison").await;
     let ids = produce(&b, &t, 20, 2, 1).await;
     let handler = Effects {
         poison: Some("poison".into()),
@@ -150,7 +138,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_and_later_messages_go_on() 
     stop.send(()).unwrap();
     task.await.unwrap();
     assert_eq!(effect_counts(&pool).await, (20, 20));
-    let expect: HashSet<uuid::Uuid> = HashSet::from([pid.parse().unwrap()]);
+    let expect: HashSet<uuid::Uuid> = HashSet::from([pid]);
     let dead = read_until(&b, &dlq, &expect, Duration::from_secs(30), Duration::from_secs(1)).await;
     assert_eq!(dead.len(), 2, "both poison messages are on the dead-letter topic");
     let errs: Vec<String> = dead

@@ -6,12 +6,11 @@ use std::time::Duration;
 use outbox_inbox::Inbox;
 use outbox_kafka::ConsumerRunner;
 use outbox_tests::kafka::topic;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
-use crate::{fast, topic_and_db, wait_effects, Effects};
+use crate::{fast, send_unkeyed, topic_and_db, wait_effects, Effects};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_runner_deletes_expired_inbox_records_on_a_schedule() {
@@ -19,18 +18,7 @@ async fn the_runner_deletes_expired_inbox_records_on_a_schedule() {
     // Unkeyed messages: the inbox keeps one record each, for its retention.
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
     for _ in 0..50 {
-        let id = uuid::Uuid::now_v7().to_string();
-        let h = OwnedHeaders::new().insert(Header {
-            key: outbox::HEADER_ID,
-            value: Some(id.as_bytes()),
-        });
-        producer
-            .send(
-                FutureRecord::<str, str>::to(&t).payload("effect").headers(h),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
+        send_unkeyed(&producer, &t, "effect").await;
     }
     let group = topic("g");
     let settings = [("bootstrap.servers", b.as_str()), ("group.id", group.as_str())];
