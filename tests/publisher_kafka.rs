@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use outbox::Publisher;
 use outbox_kafka::KafkaPublisher;
-use outbox_tests::kafka::{broker, client, create_topic, topic, Cluster};
+use outbox_tests::kafka::{broker, client, create_topic, has_leaders, topic, Cluster};
 use outbox_tests::publisher_suite::{BrokerFixture, Received};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
@@ -88,13 +88,7 @@ impl KafkaFixture {
                 topics.iter().all(|t| {
                     consumer
                         .fetch_metadata(Some(t), Duration::from_secs(5))
-                        .is_ok_and(|md| {
-                            md.topics().first().is_some_and(|t| {
-                                t.error().is_none()
-                                    && t.partitions().len() == PARTITIONS as usize
-                                    && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
-                            })
-                        })
+                        .is_ok_and(|md| has_leaders(&md, PARTITIONS))
                 })
             });
             if ready {

@@ -12,6 +12,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
+use rdkafka::metadata::Metadata;
 
 pub use cluster::Cluster;
 
@@ -82,14 +83,7 @@ pub async fn create_topic_with(cfg: &ClientConfig, name: &str, partitions: i32) 
     let consumer: BaseConsumer = cfg.create().expect("metadata client");
     loop {
         let md = consumer.fetch_metadata(Some(name), Duration::from_secs(5));
-        let ready = md.as_ref().is_ok_and(|md| {
-            md.topics().first().is_some_and(|t| {
-                t.error().is_none()
-                    && t.partitions().len() == partitions as usize
-                    && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
-            })
-        });
-        if ready {
+        if md.as_ref().is_ok_and(|md| has_leaders(md, partitions)) {
             return;
         }
         assert!(
@@ -98,6 +92,16 @@ pub async fn create_topic_with(cfg: &ClientConfig, name: &str, partitions: i32) 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Whether `md`, the metadata of one topic, shows it without error, with `partitions` partitions,
+/// each with a leader.
+pub fn has_leaders(md: &Metadata, partitions: i32) -> bool {
+    md.topics().first().is_some_and(|t| {
+        t.error().is_none()
+            && t.partitions().len() == partitions as usize
+            && t.partitions().iter().all(|p| p.leader() >= 0 && p.error().is_none())
+    })
 }
 
 /// One record as an independent consumer saw it.
