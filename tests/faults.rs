@@ -25,6 +25,17 @@ async fn harness(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerC
     Harness { pool, store, topic }
 }
 
+impl Harness {
+    /// Drains the outbox (within 60 s), stops `relay`, and checks what reached the topic: every
+    /// message of `expect`, nothing else, each key's seqs in order.
+    async fn drain_and_check(&self, relay: Running, bootstrap: &str, expect: &HashSet<uuid::Uuid>) {
+        drained(&self.store, Duration::from_secs(60)).await;
+        relay.stop().await;
+        let seen = read_all(bootstrap, &self.topic, expect).await;
+        check_delivery(&seen, expect);
+    }
+}
+
 fn relay(store: outbox::postgres::PgStore, bootstrap: &str, extra: &[(&str, &str)]) -> Running {
     let cfg = test_config().backoff_base(Duration::from_millis(100)).batch_size(100);
     embedded::start(store, embedded::kafka(bootstrap, extra), cfg)
@@ -88,10 +99,7 @@ async fn produce_request_errors_and_latency_are_absorbed_in_order() {
     mock.broker_round_trip_time(1, Duration::from_millis(200)).unwrap();
     let relay = relay(h.store.clone(), &bootstrap, &[]);
     let expect = enqueue(&h, 1000, 20, "e").await;
-    drained(&h.store, Duration::from_secs(60)).await;
-    relay.stop().await;
-    let seen = read_all(&bootstrap, &h.topic, &expect).await;
-    check_delivery(&seen, &expect);
+    h.drain_and_check(relay, &bootstrap, &expect).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -108,10 +116,7 @@ async fn partition_leader_moves_mid_stream() {
         expect.extend(enqueue(&h, 300, 30, &format!("m{i}-")).await);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    drained(&h.store, Duration::from_secs(60)).await;
-    relay.stop().await;
-    let seen = read_all(&bootstrap, &h.topic, &expect).await;
-    check_delivery(&seen, &expect);
+    h.drain_and_check(relay, &bootstrap, &expect).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
