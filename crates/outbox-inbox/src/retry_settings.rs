@@ -30,10 +30,8 @@ macro_rules! impl_retry_settings {
                 self.cleanup_interval = every;
                 self
             }
-            #[doc = concat!(
-                        "The retry delays, from [`", stringify!($config), "::backoff_base`] doubling up to [`",
-                        stringify!($config), "::backoff_max`], jittered."
-                    )]
+            #[doc = concat!("The retry delays, from [`", stringify!($config), "::backoff_base`] doubling up")]
+            #[doc = concat!("to [`", stringify!($config), "::backoff_max`], jittered.")]
             pub fn retry_backoff(&self) -> Result<::outbox::Backoff, ::outbox::InvalidBackoff> {
                 ::outbox::Backoff::new(self.backoff_base, self.backoff_max)
             }
