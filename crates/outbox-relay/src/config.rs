@@ -48,7 +48,8 @@ pub struct RelayConfig {
     /// the bottleneck and rows wait to go out together): a row committed while its lane's batch is
     /// in flight is claimed and published at once instead of waiting for that batch. A key is in
     /// one batch in flight at the most; batches are marked in the order they were claimed. 1: one
-    /// batch at a time. Defaults to 4.
+    /// batch at a time. Defaults to 1: on a database that is busy anyway, the extra claims and marks
+    /// of several small batches cost more than the wait they save (BENCHMARKS.md, figure 3).
     pub pipeline: usize,
     /// How often an idle lane looks for work without a wake-up. Defaults to 1 s.
     pub poll_interval: Duration,
@@ -114,7 +115,7 @@ impl RelayConfig {
     /// Default [`RelayConfig::batch_size`].
     pub const DEFAULT_BATCH_SIZE: usize = 500;
     /// Default [`RelayConfig::pipeline`].
-    pub const DEFAULT_PIPELINE: usize = 4;
+    pub const DEFAULT_PIPELINE: usize = 1;
     /// Default [`RelayConfig::poll_interval`].
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
     /// Default [`RelayConfig::linger`].
