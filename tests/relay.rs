@@ -12,24 +12,37 @@ use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, creat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
-    ten_thousand_over_a_hundred_keys(test_config()).await;
+    ten_thousand_messages(100, test_config().adaptive_pace(false), &[]).await;
+}
+
+/// Lanes publish their next batch while earlier ones are in flight (the writers commit while the
+/// relay runs, so batches are short; 5,000 keys, so a lane's next rows are mostly of keys not in
+/// flight; the producer lingers 50 ms, so publishes outlast claims): per-key order and exactly one
+/// copy on a real broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_pipelined_lanes_ten_thousand_messages_arrive_in_order() {
+    let cfg = test_config().adaptive_pace(false).pipeline(4);
+    ten_thousand_messages(5_000, cfg, &[("linger.ms", "50")]).await;
 }
 
 /// The adaptive pace lets fewer lanes work (and a lane rest between rounds) but hands over nothing
 /// out of order and leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_adaptive_pace_ten_thousand_messages_arrive_in_order() {
-    ten_thousand_over_a_hundred_keys(test_config().adaptive_pace(true)).await;
+    ten_thousand_messages(100, test_config().adaptive_pace(true), &[]).await;
 }
 
-async fn ten_thousand_over_a_hundred_keys(cfg: outbox_relay::RelayConfig) {
+/// Ten thousand messages over `keys` keys, committed by four writers while the relay runs.
+/// `producer`: librdkafka settings beside `bootstrap.servers`.
+async fn ten_thousand_messages(keys: usize, cfg: outbox_relay::RelayConfig, producer: &[(&str, &str)]) {
     let bootstrap = broker();
     let t = topic("relay-10k");
     create_topic(&bootstrap, &t, 8).await;
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
 
-    let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
+    let settings = std::iter::once(("bootstrap.servers", bootstrap.as_str())).chain(producer.iter().copied());
+    let publisher = KafkaPublisher::new(settings).unwrap();
     let relay = start(store.clone(), publisher, cfg);
 
     // Four writers enqueue while the relay runs; some transactions roll back.
@@ -41,7 +54,10 @@ async fn ten_thousand_over_a_hundred_keys(cfg: outbox_relay::RelayConfig) {
             for b in 0..25 {
                 let mut tx = pool.begin().await.unwrap();
                 let msgs: Vec<Message> = (0..100)
-                    .map(|i| Message::new(t.clone(), format!("w{w}b{b}i{i}")).key(format!("key-{}", (w * 7 + i) % 100)))
+                    .map(|i| {
+                        Message::new(t.clone(), format!("w{w}b{b}i{i}"))
+                            .key(format!("key-{}", (w * 7 + b * 100 + i) % keys))
+                    })
                     .collect();
                 outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
                 tx.commit().await.unwrap();
@@ -83,25 +99,14 @@ async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
     let bootstrap = broker();
     let t = topic("relay-dlq");
     create_topic(&bootstrap, &t, 2).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
-    let mut tx = pool.begin().await.unwrap();
-    let big = Message::new(t.clone(), vec![b'x'; 50_000]).key("poison");
     let after_big = Message::new(t.clone(), "after").key("poison");
     let others: Vec<Message> = (0..50)
         .map(|i| Message::new(t.clone(), format!("{i}")).key(format!("k{i}")))
         .collect();
-    outbox::enqueue(&mut tx, &big).await.unwrap();
-    outbox::enqueue(&mut tx, &after_big).await.unwrap();
-    outbox::enqueue_batch(&mut tx, &others).await.unwrap();
-    tx.commit().await.unwrap();
-
-    // The producer refuses messages above 20 kB: a permanent failure.
-    let publisher = KafkaPublisher::new([
-        ("bootstrap.servers", bootstrap.as_str()),
-        ("message.max.bytes", "20000"),
-    ])
-    .unwrap();
+    let rest: Vec<Message> = std::iter::once(after_big.clone())
+        .chain(others.iter().cloned())
+        .collect();
+    let (store, big, publisher) = poisoned(&bootstrap, &t, &rest).await;
     let relay = start(
         store.clone(),
         publisher,
@@ -293,25 +298,13 @@ async fn a_row_held_back_behind_a_failed_one_of_its_key_counts_no_attempt() {
     let bootstrap = broker();
     let t = topic("relay-held");
     create_topic(&bootstrap, &t, 2).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
-    let mut tx = pool.begin().await.unwrap();
-    let big = Message::new(t.clone(), vec![b'x'; 50_000]).key("poison");
     let after: Vec<Message> = (0..3)
         .map(|i| Message::new(t.clone(), format!("after {i}")).key("poison"))
         .collect();
-    outbox::enqueue(&mut tx, &big).await.unwrap();
-    outbox::enqueue_batch(&mut tx, &after).await.unwrap();
-    tx.commit().await.unwrap();
-
-    // The producer refuses the first message (too large); the rows after it in the same batch are
-    // held back without being sent. With a single attempt allowed, a held-back row that counted an
-    // attempt would be dead-lettered without ever having been sent.
-    let publisher = KafkaPublisher::new([
-        ("bootstrap.servers", bootstrap.as_str()),
-        ("message.max.bytes", "20000"),
-    ])
-    .unwrap();
+    // The rows after the refused one in the same batch are held back without being sent. With a
+    // single attempt allowed, a held-back row that counted an attempt would be dead-lettered
+    // without ever having been sent.
+    let (store, big, publisher) = poisoned(&bootstrap, &t, &after).await;
     let cfg = test_config().dead_letter_policy(DeadLetterPolicy::Skip).max_attempts(1);
     let relay = start(store.clone(), publisher, cfg);
     drained(&store, Duration::from_secs(60)).await;
@@ -332,4 +325,18 @@ async fn a_row_held_back_behind_a_failed_one_of_its_key_counts_no_attempt() {
         check_delivery_skipping(&seen, &expect, &HashSet::from([("poison".to_owned(), 1)])),
         0
     );
+}
+
+/// A fresh database holding, committed in one transaction, a 50 kB message of key "poison" and
+/// then `rest`; and a Kafka publisher that refuses messages above 20 kB (a permanent failure).
+async fn poisoned(bootstrap: &str, t: &str, rest: &[Message]) -> (outbox::postgres::PgStore, Message, KafkaPublisher) {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let big = Message::new(t, vec![b'x'; 50_000]).key("poison");
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &big).await.unwrap();
+    outbox::enqueue_batch(&mut tx, rest).await.unwrap();
+    tx.commit().await.unwrap();
+    let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap), ("message.max.bytes", "20000")]).unwrap();
+    (store, big, publisher)
 }
