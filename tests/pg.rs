@@ -75,16 +75,8 @@ async fn lease_rows_match_the_lane_count() {
 async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let mut wake = store
-        .wakeups()
-        .expect("PostgreSQL supports LISTEN")
-        .listen()
-        .await
-        .unwrap();
     // A relay holding every lane, idle: writers notify.
-    for lease in store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap() {
-        store.wakeups().unwrap().set_idle(&lease, true).await.unwrap();
-    }
+    let mut wake = listening_with_every_lane_idle(&store).await;
 
     let mut tx = pool.begin().await.unwrap();
     outbox::enqueue(&mut tx, &Message::new("t", "x").key("k"))
@@ -177,10 +169,7 @@ async fn notify_goes_only_to_idle_lanes() {
 async fn notify_can_be_turned_off() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let mut wake = store.wakeups().unwrap().listen().await.unwrap();
-    for lease in store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap() {
-        store.wakeups().unwrap().set_idle(&lease, true).await.unwrap();
-    }
+    let mut wake = listening_with_every_lane_idle(&store).await;
     let quiet = outbox::Outbox::new().notify(false);
     let mut tx = pool.begin().await.unwrap();
     quiet.enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
@@ -406,4 +395,14 @@ async fn the_probe_answers_the_databases_transaction_count() {
         store.probe().await.unwrap().unwrap() >= before + 50
     })
     .await;
+}
+
+/// Listens for NOTIFY, holding every lane with its flag idle (writers notify).
+async fn listening_with_every_lane_idle(store: &outbox::postgres::PgStore) -> futures::stream::BoxStream<'static, i32> {
+    let wakeups = store.wakeups().expect("PostgreSQL supports LISTEN");
+    let wake = wakeups.listen().await.unwrap();
+    for lease in store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap() {
+        wakeups.set_idle(&lease, true).await.unwrap();
+    }
+    wake
 }

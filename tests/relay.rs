@@ -121,14 +121,7 @@ async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
     assert!(dead[0].error.to_lowercase().contains("too large"), "{}", dead[0].error);
     let mut expect: HashSet<_> = others.iter().map(|m| m.id()).collect();
     expect.insert(after_big.id());
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(30),
-        Duration::from_millis(300),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     // The dead letter is seq 1 of its key; the rest arrive in order.
     check_delivery_skipping(&seen, &expect, &HashSet::from([("poison".to_owned(), 1)]));
 }
@@ -158,14 +151,7 @@ async fn late_committed_row_is_published() {
     late.commit().await.unwrap();
     drained(&store, Duration::from_secs(30)).await;
     relay.stop().await;
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(30),
-        Duration::from_millis(300),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     check_delivery(&seen, &expect);
     assert!(
         low.id() < seen.iter().map(|s| s.id).max().unwrap(),
@@ -214,14 +200,7 @@ async fn two_relays_share_lanes_without_reordering() {
     }
     drained(&store, Duration::from_secs(60)).await;
     tokio::join!(a.stop(), b.stop());
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(60),
-        Duration::from_millis(300),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     check_delivery(&seen, &expect);
     // Both relays released their lanes on shutdown.
     assert!(store.status().await.unwrap().lanes.iter().all(|l| l.owner.is_none()));
@@ -313,14 +292,7 @@ async fn a_row_held_back_behind_a_failed_one_of_its_key_counts_no_attempt() {
     let dead: Vec<uuid::Uuid> = store.dead_letters(10).await.unwrap().iter().map(|d| d.id).collect();
     assert_eq!(dead, vec![big.id()], "only the refused message is a dead letter");
     let expect: HashSet<_> = after.iter().map(|m| m.id()).collect();
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &expect,
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &expect).await;
     assert_eq!(
         check_delivery_skipping(&seen, &expect, &HashSet::from([("poison".to_owned(), 1)])),
         0
