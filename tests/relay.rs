@@ -8,7 +8,7 @@ use outbox::{Message, StoreAdmin};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::DeadLetterPolicy;
 use outbox_tests::embedded::{drained, start, test_config};
-use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_all, read_until, topic};
+use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_all, topic};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
