@@ -183,8 +183,10 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         let claimed = rows.len();
         let full = claimed >= limit;
         self.catching_up = full;
-        if let (Some(pace), Some(oldest)) = (&shared.adaptive, rows.iter().map(|r| r.created_at).min()) {
-            pace.saw_lag((chrono::Utc::now() - oldest).to_std().unwrap_or_default());
+        if let Some(pace) = &shared.adaptive {
+            if let Some(oldest) = rows.iter().map(|r| r.created_at).min() {
+                pace.saw_lag((chrono::Utc::now() - oldest).to_std().unwrap_or_default());
+            }
         }
         self.claimed_to = rows.iter().map(|r| r.pos).max().unwrap_or(self.claimed_to);
         // Rows of a key in flight wait for that batch: claimed again after it is settled.
@@ -272,7 +274,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         if let Some(until) = self.linger_until.filter(|u| *u > Instant::now()) {
             // Not extended by an empty claim: rows held back behind a waiting row of their key
             // make the watch wake the lane for nothing, but only until then.
-            return match linger_wait(shared, self.lease, 0, until, self.stop).await {
+            return match linger_wait(shared, self.lease, until, self.stop).await {
                 true => Err(LaneExit::Stopped),
                 false => Ok(()),
             };

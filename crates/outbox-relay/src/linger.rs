@@ -88,16 +88,15 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     }
 }
 
-/// Waits, watched (see [`crate::linger`]) for a ready row beyond position `after`, until the lane
-/// is woken or `until`; true when stopped.
+/// Waits, watched (see [`crate::linger`]) for any ready row of the lane, until the lane is woken or
+/// `until`; true when stopped.
 pub(crate) async fn linger_wait<S: Store, P: Publisher>(
     shared: &Shared<S, P>,
     lease: &Lease,
-    after: i64,
     until: Instant,
     stop: &CancellationToken,
 ) -> bool {
-    shared.watched.add(lease.lane, after);
+    shared.watched.add(lease.lane, 0);
     let woken = shared.wake[lease.lane as usize].notified();
     let stopped = tokio::select! {
         _ = woken => false,
