@@ -14,7 +14,8 @@ use sqlx::migrate::Migrator;
 #[path = "other_dbs/scenarios.rs"]
 mod scenarios;
 
-use scenarios::{app_migrations, big_batch, more_app_migrations, publish, writers_and_a_relay};
+use outbox_tests::db::{app_migrations, more_app_migrations};
+use scenarios::{big_batch, publish, writers_and_a_relay};
 
 /// The scenarios MySQL/MariaDB and SQLite share: `other_db_suite!(module, Store, fresh,
 /// fresh_unmigrated, kept-rows query, key type of that query, how the key "k" reads back)`.

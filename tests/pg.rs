@@ -9,13 +9,7 @@ use sqlx::migrate::Migrator;
 #[tokio::test]
 async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
     let pool = outbox_tests::db::fresh_pg_unmigrated().await;
-    let dir = std::env::temp_dir().join(format!("app-migrations-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("20240101000000_orders.sql"),
-        "CREATE TABLE orders (id BIGINT PRIMARY KEY);",
-    )
-    .unwrap();
+    let dir = outbox_tests::db::app_migrations();
     let app = Migrator::new(dir.as_path()).await.unwrap();
 
     app.run(&pool).await.unwrap();
@@ -23,11 +17,7 @@ async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
     // Each side runs again, in both orders, without seeing the other's rows.
     app.run(&pool).await.unwrap();
     outbox::postgres::migrate(&pool).await.unwrap();
-    std::fs::write(
-        dir.join("20240102000000_more.sql"),
-        "ALTER TABLE orders ADD COLUMN note TEXT;",
-    )
-    .unwrap();
+    outbox_tests::db::more_app_migrations(&dir);
     let app = Migrator::new(dir.as_path()).await.unwrap();
     app.run(&pool).await.unwrap();
 

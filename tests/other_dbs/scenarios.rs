@@ -9,27 +9,6 @@ use std::time::Duration;
 use outbox::{Delivered, Lease, Message, Store};
 use outbox_tests::conformance::{claim_all, take_all, OWNER};
 
-/// A directory with the application's own sqlx migrations: an `orders` table.
-pub(crate) fn app_migrations() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("app-migrations-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("20240101000000_orders.sql"),
-        "CREATE TABLE orders (id BIGINT PRIMARY KEY);",
-    )
-    .unwrap();
-    dir
-}
-
-/// Adds a second application migration.
-pub(crate) fn more_app_migrations(dir: &std::path::Path) {
-    std::fs::write(
-        dir.join("20240102000000_more.sql"),
-        "ALTER TABLE orders ADD COLUMN note TEXT;",
-    )
-    .unwrap();
-}
-
 /// Publishes `rows` under `leases` (each row with its lane's lease), partition 0, offset = seq.
 pub(crate) async fn publish(store: &dyn Store, leases: &[Lease], rows: &[outbox::StoredMessage]) {
     for l in leases {

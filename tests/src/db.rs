@@ -110,3 +110,24 @@ pub async fn fresh_sqlite_memory() -> SqlitePool {
     outbox::sqlite::migrate(&pool).await.expect("migrate");
     pool
 }
+
+/// A directory with the application's own sqlx migrations: an `orders` table.
+pub fn app_migrations() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("app-migrations-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("20240101000000_orders.sql"),
+        "CREATE TABLE orders (id BIGINT PRIMARY KEY);",
+    )
+    .unwrap();
+    dir
+}
+
+/// Adds a second application migration.
+pub fn more_app_migrations(dir: &std::path::Path) {
+    std::fs::write(
+        dir.join("20240102000000_more.sql"),
+        "ALTER TABLE orders ADD COLUMN note TEXT;",
+    )
+    .unwrap();
+}
