@@ -37,7 +37,7 @@ impl Drained {
     pub(crate) fn rate(&self) -> f64 {
         self.msgs as f64 / self.secs
     }
-    fn cpu_us_per_msg(&self) -> f64 {
+    pub(crate) fn cpu_us_per_msg(&self) -> f64 {
         self.cpu.bench * 1e6 / self.msgs.max(1) as f64
     }
 }

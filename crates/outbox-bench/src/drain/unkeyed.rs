@@ -81,10 +81,7 @@ pub(crate) fn rows(sql: &[Drained], relay: &[Vec<Drained>], brokers: &[(&str, St
         "msg/s",
         rate(sql),
     )
-    .extra(
-        "bench_cpu_us_per_msg",
-        med(sql, |d| d.cpu.bench * 1e6 / d.msgs.max(1) as f64),
-    )
+    .extra("bench_cpu_us_per_msg", med(sql, Drained::cpu_us_per_msg))
     .extra("pg_cpu_us_per_msg", med(sql, |d| d.cpu.postgres * 1e6 / d.msgs as f64))
     .extra("claim_us_per_msg", med(sql, |d| d.phases_us.0))
     .extra("mark_us_per_msg", med(sql, |d| d.phases_us.2))
@@ -98,10 +95,7 @@ pub(crate) fn rows(sql: &[Drained], relay: &[Vec<Drained>], brokers: &[(&str, St
                 "msg/s",
                 rate(v),
             )
-            .extra(
-                "relay_cpu_us_per_msg",
-                med(v, |d| d.cpu.bench * 1e6 / d.msgs.max(1) as f64),
-            )
+            .extra("relay_cpu_us_per_msg", med(v, Drained::cpu_us_per_msg))
             .extra("broker_cpu_us_per_msg", med(v, |d| d.cpu.broker * 1e6 / d.msgs as f64))
             .extra("pg_cpu_us_per_msg", med(v, |d| d.cpu.postgres * 1e6 / d.msgs as f64))
             .extra("claim_us_per_msg", med(v, |d| d.phases_us.0))
