@@ -1,7 +1,6 @@
 //! The relay end to end: real PostgreSQL, real Apache Kafka, an independent reader.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::{Message, StoreAdmin};
@@ -227,7 +226,75 @@ async fn notify_wakes_the_relay_without_polling() {
     tx.commit().await.unwrap();
     drained(&store, Duration::from_secs(10)).await;
     relay.stop().await;
-    let _ = Arc::new(());
+}
+
+/// `Outbox::commit` wakes an embedded relay's lanes that the committing task wrote to, with no
+/// NOTIFY, no linger watch and a poll once a minute: only the in-process wake-up can publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_commit_wakes_the_embedded_relays_lane_it_wrote_to() {
+    let bootstrap = broker();
+    let t = topic("relay-local");
+    create_topic(&bootstrap, &t, 1).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let outbox = outbox::Outbox::new().notify(false);
+    let cfg = test_config()
+        .poll_interval(Duration::from_secs(60))
+        .linger(Duration::ZERO);
+    let relay = outbox_relay::Relay::new(store.clone(), outbox_tests::embedded::kafka(&bootstrap, &[]))
+        .config(cfg)
+        .wake_on(outbox.local_wakeup());
+    let relay = outbox_tests::embedded::start_relay(relay);
+    let pending = || async { store.status().await.unwrap().pending };
+    outbox_tests::embedded::wait_for("the relay's first claims", Duration::from_secs(10), || async {
+        store.status().await.unwrap().lanes.iter().all(|l| l.owner.is_some())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (a, b) = (
+        Message::new(t.clone(), "a").key("a"),
+        Message::new(t.clone(), "b").key("b"),
+    );
+    assert_ne!(
+        outbox::lane_of(Some("a"), a.id(), outbox::LANES),
+        outbox::lane_of(Some("b"), b.id(), outbox::LANES)
+    );
+
+    // A plain commit wakes nobody.
+    let mut tx = pool.begin().await.unwrap();
+    outbox.enqueue(&mut tx, &a).await.unwrap();
+    tx.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        pending().await,
+        1,
+        "nothing but the poll could publish a row committed without Outbox::commit"
+    );
+
+    // Outbox::commit from the task that enqueued wakes that lane only.
+    let (p, o, b2) = (pool.clone(), outbox.clone(), b.clone());
+    tokio::spawn(async move {
+        let mut tx = p.begin().await.unwrap();
+        o.enqueue(&mut tx, &b2).await.unwrap();
+        o.commit(tx).await.unwrap();
+    })
+    .await
+    .unwrap();
+    outbox_tests::embedded::wait_for("b published", Duration::from_secs(10), || async {
+        pending().await <= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pending().await, 1, "a's lane was not woken by b's commit");
+
+    // A commit whose enqueues the Outbox cannot tie to it (here, outside any task) wakes every lane.
+    let tx = pool.begin().await.unwrap();
+    outbox.commit(tx).await.unwrap();
+    drained(&store, Duration::from_secs(10)).await;
+    relay.stop().await;
+    let sent: HashSet<uuid::Uuid> = [a.id(), b.id()].into();
+    let got: HashSet<uuid::Uuid> = read_all(&bootstrap, &t, &sent).await.iter().map(|s| s.id).collect();
+    assert_eq!(got, sent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

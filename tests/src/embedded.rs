@@ -47,9 +47,13 @@ impl Running {
 
 /// Starts an embedded relay.
 pub fn start<S: Store, P: Publisher>(store: S, publisher: P, cfg: RelayConfig) -> Running {
+    start_relay(Relay::new(store, publisher).config(cfg))
+}
+
+/// Starts `relay`, built by the caller.
+pub fn start_relay<S: Store, P: Publisher>(relay: Relay<S, P>) -> Running {
     Running::spawn(|stopped| async move {
-        Relay::new(store, publisher)
-            .config(cfg)
+        relay
             .run_until(async {
                 let _ = stopped.await;
             })

@@ -64,16 +64,15 @@ async fn paced_writes(
     pool: &sqlx::PgPool,
     topic: &str,
     per_tx: usize,
-    notify: bool,
-    warm: Duration,
-    dur: Duration,
+    outbox: &Outbox,
+    local: bool,
+    (warm, dur): (Duration, Duration),
 ) -> anyhow::Result<(Vec<(Uuid, Instant)>, f64)> {
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + warm;
     let end = measure_from + dur;
     let ticket = Arc::new(AtomicU64::new(0));
     let body = Arc::new(payload());
-    let outbox = Outbox::new().notify(notify);
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
         let (pool, ticket, body, outbox, topic) = (
@@ -105,7 +104,11 @@ async fn paced_writes(
                     .execute(&mut *tx)
                     .await?;
                 outbox.enqueue_batch(&mut tx, &msgs).await?;
-                tx.commit().await?;
+                if local {
+                    outbox.commit(tx).await?;
+                } else {
+                    tx.commit().await?;
+                }
                 let committed = Instant::now();
                 if at >= measure_from {
                     out.extend(msgs.iter().map(|m| (m.id(), committed)));
@@ -138,6 +141,8 @@ struct Case {
     watch: Duration,
     /// Batches in flight per lane ([`RelayConfig::pipeline`]).
     pipeline: usize,
+    /// Writers commit with [`Outbox::commit`], which wakes the embedded relay's lanes at once.
+    local: bool,
 }
 
 impl Case {
@@ -151,6 +156,46 @@ impl Case {
             lanes_linger: d.linger,
             watch: d.linger_poll_interval,
             pipeline: d.pipeline,
+            local: false,
+        }
+    }
+
+    fn label(&self) -> String {
+        let mut parts = vec![match (self.local, self.notify) {
+            (true, _) => "relay woken in-process by Outbox::commit".to_owned(),
+            (false, true) => "relay woken by NOTIFY".to_owned(),
+            (false, false) => format!("relay polling every {} ms (NOTIFY off)", self.poll.as_millis()),
+        }];
+        let d = Case::defaults();
+        if let Some(l) = self.linger_ms {
+            parts.push(format!("linger.ms={l}"));
+        }
+        if self.lanes_linger != d.lanes_linger {
+            parts.push(format!("lanes linger {} ms", self.lanes_linger.as_millis()));
+        }
+        if self.watch != d.watch {
+            parts.push(format!("lingering lanes watched every {} ms", self.watch.as_millis()));
+        }
+        if self.pipeline != d.pipeline {
+            parts.push(format!("pipeline {}", self.pipeline));
+        }
+        parts.join(", ")
+    }
+}
+
+/// One measured variant: the raw producer at a `linger.ms`, or the relay.
+#[derive(Debug, Clone, Copy)]
+enum Variant {
+    Raw(Option<u32>),
+    Relay(Case),
+}
+
+impl Variant {
+    fn label(&self) -> String {
+        match self {
+            Variant::Raw(None) => "raw producer send -> report (broker floor)".into(),
+            Variant::Raw(Some(l)) => format!("raw producer send -> report, linger.ms={l}"),
+            Variant::Relay(c) => c.label(),
         }
     }
 }
@@ -176,19 +221,26 @@ async fn relay_latency(
         reports: Some(reports.clone()),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let store = TimedStore {
-        inner: PgStore::new(db.pool.clone()),
-        phases: phases.clone(),
-    };
+    let outbox = Outbox::new().notify(case.notify);
+    let mut embedded = Relay::new(
+        TimedStore {
+            inner: PgStore::new(db.pool.clone()),
+            phases: phases.clone(),
+        },
+        publisher,
+    )
+    .config(
+        RelayConfig::default()
+            .poll_interval(case.poll)
+            .linger(case.lanes_linger)
+            .linger_poll_interval(case.watch)
+            .pipeline(case.pipeline),
+    );
+    if case.local {
+        embedded = embedded.wake_on(outbox.local_wakeup());
+    }
     let relay = tokio::spawn(async move {
-        Relay::new(store, publisher)
-            .config(
-                RelayConfig::default()
-                    .poll_interval(case.poll)
-                    .linger(case.lanes_linger)
-                    .linger_poll_interval(case.watch)
-                    .pipeline(case.pipeline),
-            )
+        embedded
             .run_until(async {
                 let _ = stop_rx.await;
             })
@@ -197,7 +249,7 @@ async fn relay_latency(
     // Let the relay take its lanes and start listening.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let per_tx = (rate / TX_PER_SEC) as usize;
-    let (committed, achieved) = paced_writes(&db.pool, topic, per_tx, case.notify, warm, dur).await?;
+    let (committed, achieved) = paced_writes(&db.pool, topic, per_tx, &outbox, case.local, (warm, dur)).await?;
     // Wait for the stragglers.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -243,38 +295,28 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let topic = new_topic(env, &bootstrap, "bench-latency").await?;
     let db = BenchDb::create(env, 24).await?;
     let rates = [1000u64, 5000];
-    // [rate][variant] -> runs.
+    // [rate][variant] -> runs. The first is the raw producer every ratio is taken against.
     let d = Case::defaults();
+    let local = Case { local: true, ..d };
     let cases = [
-        None,
-        Some(d),
-        Some(Case {
+        Variant::Raw(None),
+        Variant::Relay(d),
+        Variant::Relay(local),
+        Variant::Raw(Some(0)),
+        Variant::Relay(Case {
+            linger_ms: Some(0),
+            ..d
+        }),
+        Variant::Relay(Case {
+            linger_ms: Some(0),
+            ..local
+        }),
+        Variant::Relay(Case { pipeline: 4, ..local }),
+        Variant::Relay(Case {
             notify: false,
             poll,
             ..d
         }),
-        Some(Case {
-            linger_ms: Some(0),
-            ..d
-        }),
-        Some(Case {
-            lanes_linger: Duration::ZERO,
-            ..d
-        }),
-        Some(Case { pipeline: 4, ..d }),
-        Some(Case {
-            watch: Duration::from_millis(2),
-            ..d
-        }),
-    ];
-    let names = [
-        "raw producer",
-        "relay NOTIFY",
-        "relay polling",
-        "relay NOTIFY, linger.ms=0",
-        "relay NOTIFY, lanes linger 0",
-        "relay NOTIFY, pipeline 4",
-        "relay NOTIFY, watch every 2 ms",
     ];
     let mut res: Vec<Vec<Vec<Lat>>> = vec![vec![Vec::new(); cases.len()]; rates.len()];
     for round in 0..rounds {
@@ -282,13 +324,13 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             for k in 0..cases.len() {
                 let variant = (k + round) % cases.len();
                 let l = match cases[variant] {
-                    None => raw_latency(&bootstrap, &topic, rate, warm, dur).await?,
-                    Some(case) => relay_latency(&db, &bootstrap, &topic, rate, case, (warm, dur)).await?,
+                    Variant::Raw(linger) => raw_latency(&bootstrap, &topic, rate, linger, (warm, dur)).await?,
+                    Variant::Relay(case) => relay_latency(&db, &bootstrap, &topic, rate, case, (warm, dur)).await?,
                 };
                 eprintln!(
                     "latency: round {}/{rounds}, {rate} msg/s, {}: p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms (achieved {:.0} msg/s, missing {})",
                     round + 1,
-                    names[variant],
+                    cases[variant].label(),
                     l.p50,
                     l.p99,
                     l.p999,
@@ -306,37 +348,28 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let mut rows = Vec::new();
     for (ri, &rate) in rates.iter().enumerate() {
         let per_tx = rate / TX_PER_SEC;
-        for (variant, label) in [
-            (1, format!("{rate} msg/s, relay woken by NOTIFY (poll fallback 1 s)")),
-            (
-                2,
-                format!("{rate} msg/s, relay polling every {} ms (NOTIFY off)", poll.as_millis()),
-            ),
-            (3, format!("{rate} msg/s, relay woken by NOTIFY, linger.ms=0")),
-            (
-                4,
-                format!("{rate} msg/s, relay woken by NOTIFY, lanes linger 0 (idle as soon as dry)"),
-            ),
-            (
-                5,
-                format!("{rate} msg/s, relay woken by NOTIFY, pipeline 4 (up to 4 batches in flight per lane)"),
-            ),
-            (
-                6,
-                format!("{rate} msg/s, relay woken by NOTIFY, lingering lanes watched every 2 ms"),
-            ),
-            (0, format!("{rate} msg/s, raw producer send -> report (broker floor)")),
-        ] {
+        // The raw producer last, as the floor under the relay's rows.
+        for variant in (1..cases.len()).chain([0]) {
+            let label = format!("{rate} msg/s, {}", cases[variant].label());
             let runs = &res[ri][variant];
             let col = |f: fn(&Lat) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
             let med = |f: fn(&Lat) -> f64| crate::common::median(&col(f));
-            let raw_p99 = crate::common::median(&res[ri][0].iter().map(|l| l.p99).collect::<Vec<_>>());
+            // Against the raw producer with the same linger.ms (the relay's rows name theirs).
+            let linger = match cases[variant] {
+                Variant::Raw(l) => l,
+                Variant::Relay(c) => c.linger_ms,
+            };
+            let raw = cases
+                .iter()
+                .position(|v| matches!(v, Variant::Raw(l) if *l == linger))
+                .unwrap_or(0);
+            let raw_p99 = crate::common::median(&res[ri][raw].iter().map(|l| l.p99).collect::<Vec<_>>());
             let mut p99 = Row::new(format!("{label}: p99"), "ms", col(|l| l.p99))
                 .extra("achieved_msg_per_s", med(|l| l.achieved))
                 .extra("p99_over_raw_p99", med(|l| l.p99) / raw_p99)
                 .extra("max_ms", med(|l| l.max))
                 .extra("missing", med(|l| l.missing as f64));
-            if variant != 0 {
+            if let Variant::Relay(_) = cases[variant] {
                 p99 = p99
                     .extra("claim_ms_per_call", med(|l| l.claim_ms))
                     .extra("publish_ms_per_batch", med(|l| l.publish_ms))

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use outbox::{Lease, Publisher, Store, LANES};
-use tokio::sync::Notify;
+use outbox::{Lease, LocalWakeup, Publisher, Store, LANES};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -41,7 +40,7 @@ pub struct Relay<S, P> {
     store: S,
     publisher: P,
     cfg: RelayConfig,
-    local: Option<Arc<Notify>>,
+    local: Option<LocalWakeup>,
     health: crate::RelayHealth,
 }
 
@@ -69,9 +68,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         self
     }
 
-    /// Also wakes on this in-process signal (from [`outbox::Outbox::local_wakeup`]), so an
-    /// embedded relay reacts to commits at once on databases without LISTEN.
-    pub fn wake_on(mut self, local: Arc<Notify>) -> Self {
+    /// Also wakes on commits in this process (from [`outbox::Outbox::local_wakeup`]): a lane
+    /// claims as soon as [`outbox::Outbox::commit`] returns for a transaction that wrote to it,
+    /// without waiting for NOTIFY, the linger watch or the poll.
+    pub fn wake_on(mut self, local: LocalWakeup) -> Self {
         self.local = Some(local);
         self
     }
@@ -93,7 +93,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let shared = Arc::new(Shared {
             store: self.store,
             publisher: self.publisher,
-            wake: (0..LANES).map(|_| Notify::new()).collect(),
+            wake: self.local.unwrap_or_default(),
             busy: self.cfg.max_busy_lanes.map(tokio::sync::Semaphore::new),
             adaptive: self.cfg.adaptive_pace.then(Default::default),
             rate: self
@@ -109,7 +109,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         });
         let owner = shared.cfg.owner.clone();
         tracing::info!(%owner, database = shared.cfg.name.as_deref(), "relay starting");
-        let wakers = spawn_wakers(shared.clone(), self.local);
+        let wakers = spawn_wakers(shared.clone());
         let stats = tokio::spawn(stats_loop(shared.clone()));
         let cleanup = tokio::spawn(cleanup_loop(shared.clone()));
         let watch = tokio::spawn(crate::linger::watch(shared.clone()));
@@ -254,35 +254,20 @@ async fn maintain<S: Store, P: Publisher>(
     Ok(())
 }
 
-fn spawn_wakers<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>, local: Option<Arc<Notify>>) -> JoinHandle<()> {
+fn spawn_wakers<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let local_loop = async {
-            if let Some(local) = local {
-                loop {
-                    local.notified().await;
-                    for w in &shared.wake {
-                        w.notify_one();
-                    }
+        let Some(wakeups) = shared.store.wakeups() else {
+            tracing::info!("database has no commit notifications; polling");
+            return;
+        };
+        match wakeups.listen().await {
+            Ok(mut lanes) => {
+                while let Some(lane) = lanes.next().await {
+                    shared.wake.wake(lane);
                 }
             }
-        };
-        let db_loop = async {
-            let Some(wakeups) = shared.store.wakeups() else {
-                tracing::info!("database has no commit notifications; polling");
-                return;
-            };
-            match wakeups.listen().await {
-                Ok(mut lanes) => {
-                    while let Some(lane) = lanes.next().await {
-                        if let Some(w) = shared.wake.get(lane as usize) {
-                            w.notify_one();
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not LISTEN; polling"),
-            }
-        };
-        tokio::join!(local_loop, db_loop);
+            Err(e) => tracing::warn!(error = %e, "could not LISTEN; polling"),
+        }
     })
 }
 

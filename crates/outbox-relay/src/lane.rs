@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::{Backoff, Lease, Publisher, Store, StoredMessage};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -22,7 +22,7 @@ pub(crate) struct Shared<S, P> {
     pub(crate) publisher: P,
     pub(crate) cfg: RelayConfig,
     /// One wake-up per lane (NOTIFY payload or in-process commit).
-    pub(crate) wake: Vec<Notify>,
+    pub(crate) wake: outbox::LocalWakeup,
     /// Turns to work, when [`RelayConfig::max_busy_lanes`] is set.
     pub(crate) busy: Option<Semaphore>,
     /// The adaptive pace, when [`RelayConfig::adaptive_pace`] is on.
@@ -287,7 +287,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             self.idle = true;
             return Ok(());
         }
-        let woken = shared.wake[self.lease.lane as usize].notified();
+        let woken = shared.wake.notified(self.lease.lane);
         tokio::select! {
             _ = woken => Ok(()),
             _ = tokio::time::sleep(shared.cfg.poll_interval) => Ok(()),
@@ -306,7 +306,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
                 .watched
                 .add(lane, self.flight.last_position().max(self.claimed_to));
         }
-        let woken = shared.wake[lane as usize].notified();
+        let woken = shared.wake.notified(lane);
         let woken = async {
             if watch {
                 woken.await

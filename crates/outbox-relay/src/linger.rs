@@ -75,9 +75,7 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         match shared.counted(wakeups.ready_lanes(&lanes)).await {
             Ok(ready) => {
                 for lane in ready {
-                    if let Some(w) = shared.wake.get(lane as usize) {
-                        w.notify_one();
-                    }
+                    shared.wake.wake(lane);
                 }
             }
             Err(e) => {
@@ -97,7 +95,7 @@ pub(crate) async fn linger_wait<S: Store, P: Publisher>(
     stop: &CancellationToken,
 ) -> bool {
     shared.watched.add(lease.lane, 0);
-    let woken = shared.wake[lease.lane as usize].notified();
+    let woken = shared.wake.notified(lease.lane);
     let stopped = tokio::select! {
         _ = woken => false,
         _ = tokio::time::sleep_until(until.into()) => false,

@@ -8,6 +8,7 @@
 mod backoff;
 pub mod db_error;
 mod error;
+mod local;
 mod message;
 mod migrate;
 mod publisher;
@@ -22,14 +23,12 @@ pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use sqlx::Transaction;
-use tokio::sync::Notify;
 
 pub use backoff::{Backoff, InvalidBackoff};
 pub use error::{Error, Result};
+pub use local::LocalWakeup;
 pub use message::{
     lane_of, validate_topic, Enqueued, Message, StoredMessage, DEFAULT_MAX_PAYLOAD, HEADER_ID, HEADER_KEY, HEADER_SEQ,
     HEADER_SOURCE, HEADER_TRACEPARENT, RESERVED_HEADER_PREFIX,
@@ -72,11 +71,12 @@ impl Default for Options {
 /// The write path with settings, and the in-process wake-up of an embedded relay.
 ///
 /// `outbox::enqueue` uses the defaults; keep an `Outbox` when you change them or embed the relay
-/// (then [`Outbox::commit`] wakes it right after the commit, on every database).
+/// (then [`Outbox::commit`] wakes the lanes the transaction wrote to right after the commit, on
+/// every database).
 #[derive(Debug, Clone, Default)]
 pub struct Outbox {
     opts: Options,
-    local: Arc<Notify>,
+    local: LocalWakeup,
 }
 
 impl Outbox {
@@ -111,26 +111,34 @@ impl Outbox {
         tx: &mut Transaction<'_, DB>,
         msgs: &[Message],
     ) -> Result<Vec<Enqueued>> {
-        for m in msgs {
-            m.validate(self.opts.max_payload)?;
-        }
-        if msgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        DB::insert(&mut **tx, msgs, &self.opts).await
+        let out = insert(tx, msgs, &self.opts).await?;
+        self.local.enqueued(out.iter().map(|e| e.lane));
+        Ok(out)
     }
 
-    /// Commits `tx`, then wakes a relay embedded in this process.
+    /// Commits `tx`, then wakes a relay embedded in this process: the lanes this task enqueued
+    /// into since its last `commit`, or every lane when it enqueued in another task.
     pub async fn commit<DB: sqlx::Database>(&self, tx: Transaction<'_, DB>) -> Result<()> {
         tx.commit().await?;
-        self.local.notify_one();
+        self.local.committed();
         Ok(())
     }
 
-    /// The in-process wake-up signal [`Outbox::commit`] fires; give it to an embedded relay.
-    pub fn local_wakeup(&self) -> Arc<Notify> {
-        self.local.clone()
+    /// The in-process wake-up [`Outbox::commit`] fires; give it to an embedded relay
+    /// (`Relay::wake_on`). Until this is called, enqueues record nothing for it.
+    pub fn local_wakeup(&self) -> LocalWakeup {
+        self.local.listen()
     }
+}
+
+async fn insert<DB: Backend>(tx: &mut Transaction<'_, DB>, msgs: &[Message], opts: &Options) -> Result<Vec<Enqueued>> {
+    for m in msgs {
+        m.validate(opts.max_payload)?;
+    }
+    if msgs.is_empty() {
+        return Ok(Vec::new());
+    }
+    DB::insert(&mut **tx, msgs, opts).await
 }
 
 /// Enqueues `msg` in the caller's open transaction with default settings.
@@ -144,10 +152,11 @@ impl Outbox {
 /// # Ok(()) }
 /// ```
 pub async fn enqueue<DB: Backend>(tx: &mut Transaction<'_, DB>, msg: &Message) -> Result<Enqueued> {
-    Outbox::default().enqueue(tx, msg).await
+    let mut out = insert(tx, std::slice::from_ref(msg), &Options::default()).await?;
+    Ok(out.remove(0))
 }
 
 /// Enqueues many messages in one round trip with default settings.
 pub async fn enqueue_batch<DB: Backend>(tx: &mut Transaction<'_, DB>, msgs: &[Message]) -> Result<Vec<Enqueued>> {
-    Outbox::default().enqueue_batch(tx, msgs).await
+    insert(tx, msgs, &Options::default()).await
 }

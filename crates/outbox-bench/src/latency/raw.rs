@@ -20,13 +20,16 @@ pub(super) async fn raw_latency(
     bootstrap: &str,
     topic: &str,
     rate: u64,
-    warm: Duration,
-    dur: Duration,
+    linger_ms: Option<u32>,
+    (warm, dur): (Duration, Duration),
 ) -> anyhow::Result<Lat> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", bootstrap);
     for (k, v) in PRODUCER_DEFAULTS {
         cfg.set(*k, *v);
+    }
+    if let Some(l) = linger_ms {
+        cfg.set("linger.ms", l.to_string());
     }
     let producer: FutureProducer = cfg.create()?;
     let per_tx = (rate / TX_PER_SEC) as usize;
