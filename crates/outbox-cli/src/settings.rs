@@ -12,10 +12,9 @@ use outbox_rabbitmq::RabbitConfig;
 use outbox_relay::RelayConfig;
 
 mod databases;
-mod millis;
 mod sections;
 use databases::databases;
-pub(crate) use millis::Millis;
+pub(crate) use outbox::millis::Millis;
 pub(crate) use sections::{
     AdminSection, RelaySection, DEFAULT_ADMIN_LISTEN, DEFAULT_BROKER_UNAVAILABLE, DEFAULT_KEEP_PUBLISHED,
 };

@@ -23,7 +23,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 ///     subject_prefix = "outbox."
 ///     ack_timeout_ms = 5000
 /// "#).unwrap();
-/// assert_eq!(cfg.ack_timeout_ms, 5000);
+/// assert_eq!(cfg.ack_timeout, std::time::Duration::from_secs(5));
 /// assert!(!format!("{cfg:?}").contains("secret"));
 /// ```
 #[derive(Clone, Deserialize)]
@@ -41,11 +41,13 @@ pub struct NatsConfig {
     pub subject_prefix: String,
     /// How long a publish waits for its JetStream ack before the message is reported
     /// [`Unavailable`](outbox::FailureKind::Unavailable) (possibly persisted: it is sent again with
-    /// the same `Nats-Msg-Id`). Defaults to 10 000 ms ([`DEFAULT_ACK_TIMEOUT`]).
-    pub ack_timeout_ms: u64,
-    /// How long one connection attempt may take. Defaults to 5 000 ms
+    /// the same `Nats-Msg-Id`); `ack_timeout_ms` in a file. Defaults to 10 s ([`DEFAULT_ACK_TIMEOUT`]).
+    #[serde(rename = "ack_timeout_ms", deserialize_with = "outbox::millis::deserialize")]
+    pub ack_timeout: Duration,
+    /// How long one connection attempt may take (`connect_timeout_ms` in a file). Defaults to 5 s
     /// ([`DEFAULT_CONNECT_TIMEOUT`]).
-    pub connect_timeout_ms: u64,
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "outbox::millis::deserialize")]
+    pub connect_timeout: Duration,
     /// The connection name the server shows (`nats server report connections`). Defaults to
     /// `"outbox-relay"`.
     pub connection_name: String,
@@ -56,8 +58,8 @@ impl Default for NatsConfig {
         NatsConfig {
             url: DEFAULT_URL.to_owned(),
             subject_prefix: String::new(),
-            ack_timeout_ms: DEFAULT_ACK_TIMEOUT.as_millis() as u64,
-            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT.as_millis() as u64,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             connection_name: "outbox-relay".to_owned(),
         }
     }
@@ -68,8 +70,8 @@ impl std::fmt::Debug for NatsConfig {
         f.debug_struct("NatsConfig")
             .field("url", &redact_url(&self.url))
             .field("subject_prefix", &self.subject_prefix)
-            .field("ack_timeout_ms", &self.ack_timeout_ms)
-            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("connection_name", &self.connection_name)
             .finish()
     }
@@ -86,14 +88,14 @@ impl NatsConfig {
         self.subject_prefix = prefix.into();
         self
     }
-    /// Sets [`NatsConfig::ack_timeout_ms`].
+    /// Sets [`NatsConfig::ack_timeout`].
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout_ms = timeout.as_millis() as u64;
+        self.ack_timeout = timeout;
         self
     }
-    /// Sets [`NatsConfig::connect_timeout_ms`].
+    /// Sets [`NatsConfig::connect_timeout`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout_ms = timeout.as_millis() as u64;
+        self.connect_timeout = timeout;
         self
     }
     /// Sets [`NatsConfig::connection_name`].
@@ -289,8 +291,8 @@ mod tests {
     #[test]
     fn config_files_refuse_unknown_keys_and_fill_in_defaults() {
         let cfg: NatsConfig = toml::from_str("url = 'nats://h:1'").unwrap();
-        assert_eq!(cfg.ack_timeout_ms, 10_000);
-        assert_eq!(cfg.connect_timeout_ms, 5_000);
+        assert_eq!(cfg.ack_timeout, DEFAULT_ACK_TIMEOUT);
+        assert_eq!(cfg.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
         assert_eq!(cfg.subject_prefix, "");
         let err = toml::from_str::<NatsConfig>("ack_timeout = 5").err().unwrap();
         assert!(err.to_string().contains("ack_timeout"), "{err}");

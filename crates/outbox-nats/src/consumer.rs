@@ -68,11 +68,8 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                 "the consumer needs a stream and a durable name".into(),
             ));
         }
-        let backoff = outbox::Backoff::new(
-            Duration::from_millis(cfg.backoff_base_ms),
-            Duration::from_millis(cfg.backoff_max_ms),
-        )
-        .map_err(|e| NatsError::Config(e.to_string()))?;
+        let backoff =
+            outbox::Backoff::new(cfg.backoff_base, cfg.backoff_max).map_err(|e| NatsError::Config(e.to_string()))?;
         let client = connect(
             &cfg.url,
             &cfg.connection_name,
@@ -92,7 +89,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                     durable_name: Some(cfg.durable.clone()),
                     deliver_policy: DeliverPolicy::All,
                     ack_policy: AckPolicy::Explicit,
-                    ack_wait: Duration::from_millis(cfg.ack_wait_ms.max(1)),
+                    ack_wait: cfg.ack_wait.max(Duration::from_millis(1)),
                     // Unlimited: the runner dead-letters, the server never drops silently.
                     max_deliver: -1,
                     max_ack_pending: cfg.max_ack_pending,
@@ -145,9 +142,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
     /// `ack_wait`. Returns an error only when the durable consumer is deleted under it.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), NatsError> {
         tokio::pin!(shutdown);
-        let mut cleanup = CleanupSchedule::new(
-            (self.cfg.cleanup_interval_ms > 0).then(|| Duration::from_millis(self.cfg.cleanup_interval_ms)),
-        );
+        let mut cleanup = CleanupSchedule::new(self.cfg.cleanup_interval);
         let mut messages = None;
         loop {
             if messages.is_none() {
@@ -163,7 +158,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                         tracing::warn!(error = %e, "cannot pull from the consumer; trying again");
                         tokio::select! {
                             _ = &mut shutdown => break,
-                            _ = tokio::time::sleep(Duration::from_millis(self.cfg.backoff_max_ms.min(1000))) => continue,
+                            _ = tokio::time::sleep(self.cfg.backoff_max.min(Duration::from_secs(1))) => continue,
                         }
                     }
                 }

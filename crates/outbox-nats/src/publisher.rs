@@ -51,11 +51,11 @@ impl NatsPublisher {
     /// [`Unavailable`](outbox::FailureKind::Unavailable) until it is connected. A URL that cannot
     /// be parsed is.
     pub async fn connect(cfg: NatsConfig) -> Result<Self, NatsError> {
-        let ack_timeout = Duration::from_millis(cfg.ack_timeout_ms.max(1));
+        let ack_timeout = cfg.ack_timeout.max(Duration::from_millis(1));
         let client = connect(
             &cfg.url,
             &cfg.connection_name,
-            Duration::from_millis(cfg.connect_timeout_ms.max(1)),
+            cfg.connect_timeout.max(Duration::from_millis(1)),
             ack_timeout,
         )
         .await?;

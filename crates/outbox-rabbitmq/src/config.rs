@@ -9,6 +9,11 @@ use serde::Deserialize;
 /// The URL used when none is given: the local server's default virtual host as `guest`.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// Default time a batch waits for its confirms: 30 s.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time opening the connection may take: 10 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The largest message RabbitMQ accepts by default (`max_message_size`, 128 MiB).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
 
@@ -35,12 +40,15 @@ pub struct RabbitConfig {
     /// exchange must exist (checked on connect). Defaults to `""`, the default exchange: the topic
     /// is then the name of the queue the message goes to.
     pub exchange: String,
-    /// How long a batch waits for the broker's confirms, in milliseconds; what is unconfirmed then
-    /// is reported unavailable (possibly persisted: it is sent again and consumers deduplicate).
-    /// Defaults to 30000.
-    pub confirm_timeout_ms: u64,
-    /// How long opening the connection may take, in milliseconds. Defaults to 10000.
-    pub connect_timeout_ms: u64,
+    /// How long a batch waits for the broker's confirms (`confirm_timeout_ms` in a file); what is
+    /// unconfirmed then is reported unavailable (possibly persisted: it is sent again and consumers
+    /// deduplicate). Defaults to 30 s ([`DEFAULT_CONFIRM_TIMEOUT`]).
+    #[serde(rename = "confirm_timeout_ms", deserialize_with = "outbox::millis::deserialize")]
+    pub confirm_timeout: Duration,
+    /// How long opening the connection may take (`connect_timeout_ms` in a file). Defaults to 10 s
+    /// ([`DEFAULT_CONNECT_TIMEOUT`]).
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "outbox::millis::deserialize")]
+    pub connect_timeout: Duration,
     /// Largest message (payload plus headers) sent; a larger one fails permanently without being
     /// sent. Set it to the server's `max_message_size`. Defaults to 128 MiB
     /// ([`DEFAULT_MAX_MESSAGE_SIZE`], RabbitMQ's default).
@@ -52,8 +60,8 @@ impl Default for RabbitConfig {
         RabbitConfig {
             url: DEFAULT_URL.to_owned(),
             exchange: String::new(),
-            confirm_timeout_ms: 30_000,
-            connect_timeout_ms: 10_000,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
@@ -64,8 +72,8 @@ impl std::fmt::Debug for RabbitConfig {
         f.debug_struct("RabbitConfig")
             .field("url", &redact_url(&self.url))
             .field("exchange", &self.exchange)
-            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
-            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("max_message_size", &self.max_message_size)
             .finish()
     }
@@ -84,14 +92,14 @@ impl RabbitConfig {
         self.exchange = exchange.into();
         self
     }
-    /// Sets [`RabbitConfig::confirm_timeout_ms`].
+    /// Sets [`RabbitConfig::confirm_timeout`].
     pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
-        self.confirm_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.confirm_timeout = timeout;
         self
     }
-    /// Sets [`RabbitConfig::connect_timeout_ms`].
+    /// Sets [`RabbitConfig::connect_timeout`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.connect_timeout = timeout;
         self
     }
     /// Sets [`RabbitConfig::max_message_size`].
@@ -101,10 +109,10 @@ impl RabbitConfig {
     }
     /// Refuses settings under which a batch could wait for ever or nothing could be sent.
     pub fn validate(&self) -> Result<(), String> {
-        if self.confirm_timeout_ms == 0 {
+        if self.confirm_timeout.is_zero() {
             return Err("confirm_timeout_ms must be positive: a batch must get its confirms in bounded time".into());
         }
-        if self.connect_timeout_ms == 0 {
+        if self.connect_timeout.is_zero() {
             return Err("connect_timeout_ms must be positive".into());
         }
         check_url(&self.url)
@@ -166,10 +174,19 @@ mod tests {
         let d = RabbitConfig::default();
         assert_eq!(d.url, DEFAULT_URL);
         assert_eq!(d.exchange, "");
-        assert_eq!(d.confirm_timeout_ms, 30_000);
-        assert_eq!(d.connect_timeout_ms, 10_000);
+        assert_eq!(d.confirm_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(d.connect_timeout, std::time::Duration::from_secs(10));
         assert_eq!(d.max_message_size, 128 * 1024 * 1024);
         d.validate().unwrap();
+    }
+
+    #[test]
+    fn timeouts_are_read_as_milliseconds() {
+        let cfg: RabbitConfig = toml::from_str("confirm_timeout_ms = 1500\nconnect_timeout_ms = 0").unwrap();
+        assert_eq!(cfg.confirm_timeout, std::time::Duration::from_millis(1500));
+        assert!(cfg.validate().unwrap_err().contains("connect_timeout_ms"));
+        let err = toml::from_str::<RabbitConfig>("confirm_timeout_ms = \"30s\"").unwrap_err();
+        assert!(err.to_string().contains("whole number of milliseconds"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,9 @@ mod config;
 mod consumer;
 mod publisher;
 
-pub use config::{redact_url, RabbitConfig, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL};
+pub use config::{
+    redact_url, RabbitConfig, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL,
+};
 pub use consumer::{
     ConsumerError, ConsumerStats, RabbitConsumerConfig, RabbitConsumerRunner, HEADER_ATTEMPTS, HEADER_ERROR,
     HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE, HEADER_ORIGINAL_TOPIC,

@@ -74,7 +74,7 @@ impl RabbitPublisher {
     }
 
     fn confirm_timeout(&self) -> Duration {
-        Duration::from_millis(self.cfg.confirm_timeout_ms)
+        self.cfg.confirm_timeout
     }
 
     /// A row whose confirm did not come within the confirm timeout.
@@ -96,7 +96,7 @@ impl RabbitPublisher {
         *slot = None;
         self.channels.lock().expect("channels lock").clear();
         let url = redact_url(&self.cfg.url);
-        let conn = connect(&self.cfg.url, Duration::from_millis(self.cfg.connect_timeout_ms))
+        let conn = connect(&self.cfg.url, self.cfg.connect_timeout)
             .await
             .map_err(|e| PublishError::unavailable(format!("cannot connect to {url}: {e}")))?;
         if !self.cfg.exchange.is_empty() {

@@ -11,6 +11,7 @@ mod error;
 mod local;
 mod message;
 mod migrate;
+pub mod millis;
 mod publisher;
 mod sql_store;
 mod store;

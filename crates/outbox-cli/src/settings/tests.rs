@@ -182,12 +182,17 @@ fn durations_are_whole_milliseconds() {
         "[relay]\nlease_ttl_ms",
         "[relay]\nlinger_ms",
         "[relay]\nlinger_poll_interval_ms",
+        "[relay]\npace_max_lag_ms",
         "[relay]\nbackoff_base_ms",
         "[relay]\nbackoff_max_ms",
         "[relay]\nshutdown_grace_ms",
         "[relay]\ncleanup_interval_ms",
         "[relay]\npublished_retention_ms",
         "[admin]\nbroker_unavailable_ms",
+        "[rabbitmq]\nconfirm_timeout_ms",
+        "[rabbitmq]\nconnect_timeout_ms",
+        "[nats]\nack_timeout_ms",
+        "[nats]\nconnect_timeout_ms",
     ] {
         let name = key.split('\n').nth(1).unwrap();
         toml::from_str::<FileConfig>(&format!("{key} = 1000")).unwrap();

@@ -3,7 +3,6 @@
 //! left behind on the server but an ephemeral consumer that expires).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use anyhow::Context;
 use futures::StreamExt;
@@ -22,7 +21,7 @@ pub(super) async fn read_topics(
     kept: HashMap<uuid::Uuid, audit::Kept>,
 ) -> anyhow::Result<(Audit, Vec<TopicRead>, Windows)> {
     let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+        .connection_timeout(cfg.connect_timeout)
         .name("outbox-relay verify")
         .connect(cfg.url.as_str())
         .await

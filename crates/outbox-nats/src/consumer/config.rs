@@ -30,8 +30,9 @@ pub struct NatsConsumerConfig {
     /// message without a dead letter. Defaults to 5.
     pub max_deliver: i64,
     /// How long the server waits for an ack before it delivers the message again (to this or
-    /// another member). Defaults to 30 000 ms.
-    pub ack_wait_ms: u64,
+    /// another member); `ack_wait_ms` in a file. Defaults to 30 s.
+    #[serde(rename = "ack_wait_ms", deserialize_with = "outbox::millis::deserialize")]
+    pub ack_wait: Duration,
     /// Messages delivered and not yet acknowledged, per consumer (all members together). 1 keeps
     /// every subject, so every key, in stream order even when a message is retried: nothing is
     /// delivered until it is acknowledged or dead-lettered. More lets a later message pass one
@@ -40,10 +41,13 @@ pub struct NatsConsumerConfig {
     /// subject (`filter_subject`). Defaults to 1.
     pub max_ack_pending: i64,
     /// First retry delay of a failed handler; doubles per delivery, jittered ([`outbox::Backoff`]).
-    /// Defaults to 100 ms.
-    pub backoff_base_ms: u64,
-    /// Retry delay cap (also of the wait for the database). Defaults to 5 000 ms.
-    pub backoff_max_ms: u64,
+    /// `backoff_base_ms` in a file. Defaults to 100 ms.
+    #[serde(rename = "backoff_base_ms", deserialize_with = "outbox::millis::deserialize")]
+    pub backoff_base: Duration,
+    /// Retry delay cap (also of the wait for the database); `backoff_max_ms` in a file. Defaults to
+    /// 5 s.
+    #[serde(rename = "backoff_max_ms", deserialize_with = "outbox::millis::deserialize")]
+    pub backoff_max: Duration,
     /// A dead-lettered message from subject `S` is published to `<dead_letter_prefix>.S`.
     /// Defaults to `"dlq"`.
     pub dead_letter_prefix: String,
@@ -52,9 +56,13 @@ pub struct NatsConsumerConfig {
     /// subject, a message to dead-letter waits (and is retried) instead of being dropped.
     /// Defaults to true.
     pub create_dead_letter_stream: bool,
-    /// How often the runner deletes the inbox's expired records ([`Inbox::cleanup`]); 0 leaves it
-    /// to the application. Defaults to 600 000 ms (10 minutes).
-    pub cleanup_interval_ms: u64,
+    /// How often the runner deletes the inbox's expired records ([`Inbox::cleanup`]); `None` leaves
+    /// it to the application (`cleanup_interval_ms` in a file, 0 for never). Defaults to 10 minutes.
+    #[serde(
+        rename = "cleanup_interval_ms",
+        deserialize_with = "outbox::millis::deserialize_zero_never"
+    )]
+    pub cleanup_interval: Option<Duration>,
     /// The connection name the server shows. Defaults to `"outbox-consumer"`.
     pub connection_name: String,
 }
@@ -67,13 +75,13 @@ impl Default for NatsConsumerConfig {
             durable: String::new(),
             filter_subject: String::new(),
             max_deliver: 5,
-            ack_wait_ms: 30_000,
+            ack_wait: Duration::from_secs(30),
             max_ack_pending: 1,
-            backoff_base_ms: 100,
-            backoff_max_ms: 5_000,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
             dead_letter_prefix: "dlq".to_owned(),
             create_dead_letter_stream: true,
-            cleanup_interval_ms: 600_000,
+            cleanup_interval: Some(Duration::from_secs(600)),
             connection_name: "outbox-consumer".to_owned(),
         }
     }
@@ -87,13 +95,13 @@ impl std::fmt::Debug for NatsConsumerConfig {
             .field("durable", &self.durable)
             .field("filter_subject", &self.filter_subject)
             .field("max_deliver", &self.max_deliver)
-            .field("ack_wait_ms", &self.ack_wait_ms)
+            .field("ack_wait", &self.ack_wait)
             .field("max_ack_pending", &self.max_ack_pending)
-            .field("backoff_base_ms", &self.backoff_base_ms)
-            .field("backoff_max_ms", &self.backoff_max_ms)
+            .field("backoff_base", &self.backoff_base)
+            .field("backoff_max", &self.backoff_max)
             .field("dead_letter_prefix", &self.dead_letter_prefix)
             .field("create_dead_letter_stream", &self.create_dead_letter_stream)
-            .field("cleanup_interval_ms", &self.cleanup_interval_ms)
+            .field("cleanup_interval", &self.cleanup_interval)
             .finish()
     }
 }
@@ -122,9 +130,9 @@ impl NatsConsumerConfig {
         self.max_deliver = n.max(1);
         self
     }
-    /// Sets [`NatsConsumerConfig::ack_wait_ms`].
+    /// Sets [`NatsConsumerConfig::ack_wait`].
     pub fn ack_wait(mut self, d: Duration) -> Self {
-        self.ack_wait_ms = d.as_millis() as u64;
+        self.ack_wait = d;
         self
     }
     /// Sets [`NatsConsumerConfig::max_ack_pending`].
@@ -132,14 +140,14 @@ impl NatsConsumerConfig {
         self.max_ack_pending = n;
         self
     }
-    /// Sets [`NatsConsumerConfig::backoff_base_ms`].
+    /// Sets [`NatsConsumerConfig::backoff_base`].
     pub fn backoff_base(mut self, d: Duration) -> Self {
-        self.backoff_base_ms = d.as_millis() as u64;
+        self.backoff_base = d;
         self
     }
-    /// Sets [`NatsConsumerConfig::backoff_max_ms`].
+    /// Sets [`NatsConsumerConfig::backoff_max`].
     pub fn backoff_max(mut self, d: Duration) -> Self {
-        self.backoff_max_ms = d.as_millis() as u64;
+        self.backoff_max = d;
         self
     }
     /// Sets [`NatsConsumerConfig::dead_letter_prefix`].
@@ -147,9 +155,9 @@ impl NatsConsumerConfig {
         self.dead_letter_prefix = prefix.into();
         self
     }
-    /// Sets [`NatsConsumerConfig::cleanup_interval_ms`] (`None`: never).
+    /// Sets [`NatsConsumerConfig::cleanup_interval`] (`None`: never).
     pub fn cleanup_interval(mut self, every: Option<Duration>) -> Self {
-        self.cleanup_interval_ms = every.map_or(0, |d| d.as_millis() as u64);
+        self.cleanup_interval = every;
         self
     }
 }

@@ -104,7 +104,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
         let until = Instant::now() + delay;
-        let beat = Duration::from_millis((self.cfg.ack_wait_ms / 3).max(1));
+        let beat = (self.cfg.ack_wait / 3).max(Duration::from_millis(1));
         loop {
             if let Err(e) = msg.ack_with(AckKind::Progress).await {
                 tracing::debug!(error = %e, "progress not sent");

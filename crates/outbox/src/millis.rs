@@ -1,5 +1,5 @@
-//! `Millis`: a duration written as a whole number of milliseconds, the unit of every `*_ms` key and
-//! flag.
+//! `Millis`: a duration written as a whole number of milliseconds, the unit of every `*_ms` key of
+//! the relay's and the brokers' settings files and of the daemon's flags.
 
 use std::fmt;
 use std::str::FromStr;
@@ -11,7 +11,7 @@ use serde::de::{self, Deserialize, Deserializer, Unexpected, Visitor};
 /// `--poll-interval-ms 1000` or `OUTBOX_POLL_INTERVAL_MS=1000`. A negative number, a fraction or a
 /// string is an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Millis(pub(crate) Duration);
+pub struct Millis(pub Duration);
 
 /// What a `*_ms` value must be, for error messages.
 const EXPECTED: &str = "a whole number of milliseconds (0 or more)";
@@ -41,6 +41,17 @@ impl<'de> Deserialize<'de> for Millis {
         }
         d.deserialize_u64(MillisVisitor)
     }
+}
+
+/// Reads a `Duration` field from a `*_ms` key: `#[serde(rename = "ack_timeout_ms", deserialize_with =
+/// "outbox::millis::deserialize")]`.
+pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    Millis::deserialize(d).map(Duration::from)
+}
+
+/// Reads an `Option<Duration>` field from a `*_ms` key where 0 means never (`None`).
+pub fn deserialize_zero_never<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize(d).map(|every| Some(every).filter(|d| !d.is_zero()))
 }
 
 /// The flags' and environment variables' parser (clap picks it up as the value parser).
