@@ -9,12 +9,10 @@ use std::time::Duration;
 
 use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::conformance::{claim_all, take_all, OWNER};
-use sqlx::migrate::Migrator;
 
 #[path = "other_dbs/scenarios.rs"]
 mod scenarios;
 
-use outbox_tests::db::{app_migrations, more_app_migrations};
 use scenarios::{big_batch, publish, writers_and_a_relay};
 
 /// The scenarios MySQL/MariaDB and SQLite share: `other_db_suite!(module, Store, fresh,
@@ -29,64 +27,8 @@ macro_rules! other_db_suite {
             writers_and_a_relay(pool.clone(), Arc::new($store::new(pool))).await;
         }
 
-        #[tokio::test]
-        async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
-            let pool = outbox_tests::db::$fresh_unmigrated().await;
-            let dir = app_migrations();
-            let app = Migrator::new(dir.as_path()).await.unwrap();
-
-            app.run(&pool).await.unwrap();
-            outbox::$module::migrate(&pool).await.unwrap();
-            // Each side runs again, in both orders, without seeing the other's rows.
-            app.run(&pool).await.unwrap();
-            outbox::$module::migrate(&pool).await.unwrap();
-            more_app_migrations(&dir);
-            let app = Migrator::new(dir.as_path()).await.unwrap();
-            app.run(&pool).await.unwrap();
-            outbox::$module::migrate(&pool).await.unwrap();
-
-            let app_versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-            assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
-            let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations ORDER BY version")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-            assert_eq!(
-                ours,
-                outbox::$module::MIGRATOR
-                    .iter()
-                    .map(|m| m.version)
-                    .collect::<Vec<_>>()
-            );
-            // The outbox schema, the inbox's (0002_inbox.sql), the source id (0003_outbox_source.sql).
-            assert_eq!(ours, vec![1, 2, 3]);
-            // Both schemas are usable in one transaction.
-            let mut tx = pool.begin().await.unwrap();
-            sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            outbox::enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
-            tx.commit().await.unwrap();
-            std::fs::remove_dir_all(dir).ok();
-        }
-
-        #[tokio::test]
-        async fn concurrent_migrations_do_not_conflict() {
-            let pool = outbox_tests::db::$fresh_unmigrated().await;
-            let runs = (0..4).map(|_| outbox::$module::migrate(&pool));
-            for r in futures::future::join_all(runs).await {
-                r.unwrap();
-            }
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_schema_migrations")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            assert_eq!(n, outbox::$module::MIGRATOR.iter().count() as i64);
-        }
+        // The outbox schema, the inbox's (0002_inbox.sql), the source id (0003_outbox_source.sql).
+        outbox_tests::migration_tests!($module, $fresh_unmigrated, vec![1, 2, 3]);
 
         #[tokio::test]
         async fn lease_rows_match_the_lane_count_and_there_is_no_listen() {

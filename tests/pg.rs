@@ -4,52 +4,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use outbox::{Message, Store, StoreAdmin};
-use sqlx::migrate::Migrator;
 
-#[tokio::test]
-async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
-    let pool = outbox_tests::db::fresh_pg_unmigrated().await;
-    let dir = outbox_tests::db::app_migrations();
-    let app = Migrator::new(dir.as_path()).await.unwrap();
-
-    app.run(&pool).await.unwrap();
-    outbox::postgres::migrate(&pool).await.unwrap();
-    // Each side runs again, in both orders, without seeing the other's rows.
-    app.run(&pool).await.unwrap();
-    outbox::postgres::migrate(&pool).await.unwrap();
-    outbox_tests::db::more_app_migrations(&dir);
-    let app = Migrator::new(dir.as_path()).await.unwrap();
-    app.run(&pool).await.unwrap();
-
-    let app_versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
-    let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-    assert_eq!(ours, vec![1, 2, 3, 4]);
-    // Both schemas are usable in one transaction.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    outbox::enqueue(&mut tx, &Message::new("t", "x")).await.unwrap();
-    tx.commit().await.unwrap();
-    std::fs::remove_dir_all(dir).ok();
-}
-
-#[tokio::test]
-async fn concurrent_migrations_do_not_conflict() {
-    let pool = outbox_tests::db::fresh_pg_unmigrated().await;
-    let runs = (0..4).map(|_| outbox::postgres::migrate(&pool));
-    for r in futures::future::join_all(runs).await {
-        r.unwrap();
-    }
-}
+// The outbox schema, the inbox's, the source id, the index of waiting rows (0004_waiting_index.sql).
+outbox_tests::migration_tests!(postgres, fresh_pg_unmigrated, vec![1, 2, 3, 4]);
 
 #[tokio::test]
 async fn lease_rows_match_the_lane_count() {
@@ -121,33 +78,16 @@ async fn notify_goes_only_to_idle_lanes() {
     let lane = outbox::lane_of(Some("k"), m.id(), outbox::LANES);
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
     // Busy (not idle): no NOTIFY, the relay will claim the row anyway.
-    let mut tx = pool.begin().await.unwrap();
-    outbox::enqueue(&mut tx, &m).await.unwrap();
-    tx.commit().await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(500), wake.next())
-        .await
-        .is_err());
+    commit_one(&pool, m).await;
+    assert_eq!(woken_within(&mut wake, Duration::from_millis(500)).await, None);
     // Idle: NOTIFY at commit.
     store.wakeups().unwrap().set_idle(lease, true).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    outbox::enqueue(&mut tx, &Message::new("t", "y").key("k"))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(Duration::from_secs(5), wake.next()).await.unwrap(),
-        Some(lane)
-    );
+    commit_one(&pool, Message::new("t", "y").key("k")).await;
+    assert_eq!(woken_within(&mut wake, Duration::from_secs(5)).await, Some(lane));
     // Released lanes are not idle: nobody is listening for them.
     store.release(lease).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    outbox::enqueue(&mut tx, &Message::new("t", "z").key("k"))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(500), wake.next())
-        .await
-        .is_err());
+    commit_one(&pool, Message::new("t", "z").key("k")).await;
+    assert_eq!(woken_within(&mut wake, Duration::from_millis(500)).await, None);
     assert_eq!(
         store.status().await.unwrap().pending,
         3,
@@ -168,9 +108,7 @@ async fn notify_can_be_turned_off() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(500), wake.next())
-        .await
-        .is_err());
+    assert_eq!(woken_within(&mut wake, Duration::from_millis(500)).await, None);
     assert_eq!(store.status().await.unwrap().pending, 3);
 }
 
@@ -385,6 +323,18 @@ async fn the_probe_answers_the_databases_transaction_count() {
         store.probe().await.unwrap().unwrap() >= before + 50
     })
     .await;
+}
+
+/// Commits `m` alone with the default settings.
+async fn commit_one(pool: &sqlx::PgPool, m: Message) {
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &m).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+/// The lane of the next NOTIFY if one arrives within `within`.
+async fn woken_within(wake: &mut (impl futures::Stream<Item = i32> + Unpin), within: Duration) -> Option<i32> {
+    tokio::time::timeout(within, wake.next()).await.ok().flatten()
 }
 
 /// Listens for NOTIFY, holding every lane with its flag idle (writers notify).

@@ -131,3 +131,67 @@ pub fn more_app_migrations(dir: &std::path::Path) {
     )
     .unwrap();
 }
+
+/// The migration tests every database runs: `migration_tests!(module, fresh_unmigrated, [versions])`
+/// with the `outbox::module` whose `migrate` and `MIGRATOR` are tested, the `outbox_tests::db`
+/// function that opens an empty database, and the versions the outbox's migrations leave.
+#[macro_export]
+macro_rules! migration_tests {
+    ($module:ident, $fresh_unmigrated:ident, $versions:expr) => {
+        #[tokio::test]
+        async fn migrations_coexist_with_the_applications_own_sqlx_migrator() {
+            use sqlx::migrate::Migrator;
+            let pool = outbox_tests::db::$fresh_unmigrated().await;
+            let dir = outbox_tests::db::app_migrations();
+            let app = Migrator::new(dir.as_path()).await.unwrap();
+
+            app.run(&pool).await.unwrap();
+            outbox::$module::migrate(&pool).await.unwrap();
+            // Each side runs again, in both orders, without seeing the other's rows.
+            app.run(&pool).await.unwrap();
+            outbox::$module::migrate(&pool).await.unwrap();
+            outbox_tests::db::more_app_migrations(&dir);
+            let app = Migrator::new(dir.as_path()).await.unwrap();
+            app.run(&pool).await.unwrap();
+            outbox::$module::migrate(&pool).await.unwrap();
+
+            let app_versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            assert_eq!(app_versions, vec![20240101000000, 20240102000000]);
+            let ours: Vec<i64> = sqlx::query_scalar("SELECT version FROM outbox_schema_migrations ORDER BY version")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            let embedded: Vec<i64> = outbox::$module::MIGRATOR.iter().map(|m| m.version).collect();
+            assert_eq!(ours, embedded);
+            assert_eq!(ours, $versions);
+            // Both schemas are usable in one transaction.
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            outbox::enqueue(&mut tx, &outbox::Message::new("t", "x"))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            std::fs::remove_dir_all(dir).ok();
+        }
+
+        #[tokio::test]
+        async fn concurrent_migrations_do_not_conflict() {
+            let pool = outbox_tests::db::$fresh_unmigrated().await;
+            let runs = (0..4).map(|_| outbox::$module::migrate(&pool));
+            for r in futures::future::join_all(runs).await {
+                r.unwrap();
+            }
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_schema_migrations")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert_eq!(n, outbox::$module::MIGRATOR.iter().count() as i64);
+        }
+    };
+}
