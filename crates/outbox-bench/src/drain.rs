@@ -152,6 +152,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     // claim_ahead = never (the default) / always, beside auto in `relay`.
     let mut relay_never: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     let mut relay_always: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
+    // Kafka only: the keyed relay (defaults) with the producer's linger.ms at 0 instead of 5.
+    let mut relay_linger0: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
     // A remote broker simulated by a fixed round trip: claim_ahead auto / never.
     let mut remote: [Vec<Drained>; 2] = [Vec::new(), Vec::new()];
     let mut raw: Vec<Vec<Drained>> = vec![Vec::new(); brokers.len()];
@@ -215,6 +217,16 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                     ClaimAhead::Always => &mut relay_always[b],
                 }
                 .push(d);
+                db.drop_db().await;
+            }
+            if *name == "kafka" {
+                let db = BenchDb::create(env, 20).await?;
+                fill_backlog(&db.pool, &topic, n).await?;
+                let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str()), ("linger.ms", "0")])?;
+                let sink = Sink::Publisher(Arc::new(publisher));
+                let d = relay_drain(&db, drain_config(), sink, pid, n as u64, limit).await?;
+                eprintln!("  relay on {name}, keyed, linger.ms=0: {:.0} msg/s", d.rate());
+                relay_linger0[b].push(d);
                 db.drop_db().await;
             }
             let (d, fill) = unkeyed::relay(env, name, bootstrap, pid, &topic, n, limit).await?;
@@ -336,6 +348,17 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 .note("the default vs SQL-only, keyed, same round"),
         );
         rows.push(never_row);
+        if !relay_linger0[b].is_empty() {
+            let linger0 = Row::new(
+                format!("relay drain on {name}, keyed, defaults but linger.ms=0"),
+                "msg/s",
+                rate(&relay_linger0[b]),
+            )
+            .extra("publish_us_per_msg", med(&relay_linger0[b], |d| d.phases_us.1))
+            .extra("avg_batch", med(&relay_linger0[b], |d| d.avg_batch));
+            rows.push(linger0.clone().vs(&relay_row).note("linger.ms 0 / 5, same rounds"));
+            rows.push(linger0.vs(&sql_row).note("vs SQL-only, keyed, same round"));
+        }
         rows.push(relay_row.vs(&raw_row).note("relay / raw producer"));
         rows.push(raw_row);
         rows.push(naive_row);
@@ -370,7 +393,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
              median fill {:.1} s) and unkeyed (UUIDv7 ids, lanes by id, filled with INSERT ... SELECT unnest in \
              50,000-row statements, median fill {:.1} s), each ratio against the SQL-only drain of the same shape in the same round; topic with {} partitions; relay embedded in this process with defaults \
              (batch 500, 32 lanes, pool of 20 connections), KafkaPublisher defaults (acks=all, idempotence, linger 5 ms). \
-             Order per round: SQL-only keyed, SQL-only unkeyed, a simulated remote broker (NullPublisher answering after a fixed round trip, keyed) with claim_ahead auto and never, then per broker the keyed relay with claim_ahead auto, never (the default) and always (rotating which goes first), the unkeyed relay (defaults), raw producer, naive. Brokers: {}.",
+             Order per round: SQL-only keyed, SQL-only unkeyed, a simulated remote broker (NullPublisher answering after a fixed round trip, keyed) with claim_ahead auto and never, then per broker the keyed relay with claim_ahead auto, never (the default) and always (rotating which goes first), on Kafka the keyed relay with linger.ms=0, the unkeyed relay (defaults), raw producer, naive. Brokers: {}.",
             crate::common::PAYLOAD_BYTES,
             crate::common::KEYS,
             crate::common::median(&fill_secs),
