@@ -15,6 +15,9 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     // A batch waits at most this long for its reports; then the rows are retried (possibly
     // persisted: the consumer deduplicates).
     ("message.timeout.ms", "30000"),
+    // The relay hands over a claimed batch at once and waits for all of it: librdkafka's own
+    // 5 ms of batching would be added to every batch's latency (BENCHMARKS.md, figures 2 and 3).
+    ("linger.ms", "1"),
 ];
 
 /// librdkafka's other names for settings the publisher cares about: (main name, alias).
@@ -22,6 +25,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("acks", "request.required.acks"),
     ("message.timeout.ms", "delivery.timeout.ms"),
     ("max.in.flight.requests.per.connection", "max.in.flight"),
+    ("linger.ms", "queue.buffering.max.ms"),
 ];
 
 /// Configuration keys whose values are never printed.

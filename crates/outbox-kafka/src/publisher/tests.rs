@@ -31,6 +31,13 @@ fn defaults_fill_in_but_never_override() {
     assert_eq!(s["partitioner"], "consistent");
     assert_eq!(s["acks"], "all");
     assert_eq!(s["enable.idempotence"], "true");
+    assert_eq!(s["linger.ms"], "1");
+    let p = KafkaPublisher::new([("bootstrap.servers", "127.0.0.1:1"), ("queue.buffering.max.ms", "20")]).unwrap();
+    assert_eq!(
+        p.settings().get("linger.ms"),
+        None,
+        "the alias given is kept, not overridden"
+    );
     // An unknown topic fails (permanent) before the delivery timeout (unavailable).
     assert_eq!(s["topic.metadata.propagation.max.ms"], "10000");
     let p = KafkaPublisher::new([("bootstrap.servers", "127.0.0.1:1"), ("message.timeout.ms", "6000")]).unwrap();
