@@ -219,7 +219,7 @@ async fn notify_wakes_the_relay_without_polling() {
         publisher,
         test_config().poll_interval(Duration::from_secs(60)),
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    outbox_tests::embedded::every_lane_idle(&pool).await;
     let m = Message::new(t.clone(), "wake").key("k");
     let mut tx = pool.begin().await.unwrap();
     outbox::enqueue(&mut tx, &m).await.unwrap();
@@ -246,11 +246,7 @@ async fn outbox_commit_wakes_the_embedded_relays_lane_it_wrote_to() {
         .wake_on(outbox.local_wakeup());
     let relay = outbox_tests::embedded::start_relay(relay);
     let pending = || async { store.status().await.unwrap().pending };
-    outbox_tests::embedded::wait_for("the relay's first claims", Duration::from_secs(10), || async {
-        store.status().await.unwrap().lanes.iter().all(|l| l.owner.is_some())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    outbox_tests::embedded::every_lane_idle(&pool).await;
     let (a, b) = (
         Message::new(t.clone(), "a").key("a"),
         Message::new(t.clone(), "b").key("b"),

@@ -97,3 +97,16 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Waits until a relay holds every lane of the PostgreSQL outbox at `pool` and every lane has
+/// claimed once and found nothing (its flag says idle: it waits for a wake-up).
+pub async fn every_lane_idle(pool: &sqlx::PgPool) {
+    wait_for("every lane held and idle", Duration::from_secs(15), || async {
+        let idle: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        idle == i64::from(outbox::LANES)
+    })
+    .await;
+}
