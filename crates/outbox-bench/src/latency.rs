@@ -143,6 +143,8 @@ struct Case {
     pipeline: usize,
     /// Writers commit with [`Outbox::commit`], which wakes the embedded relay's lanes at once.
     local: bool,
+    /// [`RelayConfig::adaptive_pace`].
+    pace: bool,
 }
 
 impl Case {
@@ -157,6 +159,7 @@ impl Case {
             watch: d.linger_poll_interval,
             pipeline: d.pipeline,
             local: false,
+            pace: d.adaptive_pace,
         }
     }
 
@@ -178,6 +181,9 @@ impl Case {
         }
         if self.pipeline != d.pipeline {
             parts.push(format!("pipeline {}", self.pipeline));
+        }
+        if self.pace != d.pace {
+            parts.push(format!("adaptive pace {}", if self.pace { "on" } else { "off" }));
         }
         parts.join(", ")
     }
@@ -234,7 +240,8 @@ async fn relay_latency(
             .poll_interval(case.poll)
             .linger(case.lanes_linger)
             .linger_poll_interval(case.watch)
-            .pipeline(case.pipeline),
+            .pipeline(case.pipeline)
+            .adaptive_pace(case.pace),
     );
     if case.local {
         embedded = embedded.wake_on(outbox.local_wakeup());
@@ -317,6 +324,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             poll,
             ..d
         }),
+        Variant::Relay(Case { pace: false, ..d }),
     ];
     let mut res: Vec<Vec<Vec<Lat>>> = vec![vec![Vec::new(); cases.len()]; rates.len()];
     for round in 0..rounds {
