@@ -93,7 +93,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let shared = Arc::new(Shared {
             store: self.store,
             publisher: self.publisher,
-            wake: self.local.unwrap_or_default(),
+            wake: LocalWakeup::default(),
+            local: self.local,
             busy: self.cfg.max_busy_lanes.map(tokio::sync::Semaphore::new),
             adaptive: self.cfg.adaptive_pace.then(Default::default),
             rate: self

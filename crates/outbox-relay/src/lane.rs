@@ -21,8 +21,10 @@ pub(crate) struct Shared<S, P> {
     pub(crate) store: S,
     pub(crate) publisher: P,
     pub(crate) cfg: RelayConfig,
-    /// One wake-up per lane (NOTIFY payload or in-process commit).
+    /// One wake-up per lane, this relay's own: NOTIFY payloads and the linger's watch.
     pub(crate) wake: outbox::LocalWakeup,
+    /// The writers' in-process wake-up ([`crate::Relay::wake_on`]), when embedded beside them.
+    pub(crate) local: Option<outbox::LocalWakeup>,
     /// Turns to work, when [`RelayConfig::max_busy_lanes`] is set.
     pub(crate) busy: Option<Semaphore>,
     /// The adaptive pace, when [`RelayConfig::adaptive_pace`] is on.
@@ -47,6 +49,17 @@ pub(crate) enum LaneExit {
 }
 
 impl<S, P> Shared<S, P> {
+    /// Completes when `lane` is woken: by NOTIFY, the linger's watch or a commit in this process.
+    pub(crate) async fn woken(&self, lane: i32) {
+        match &self.local {
+            Some(local) => tokio::select! {
+                _ = self.wake.notified(lane) => {}
+                _ = local.notified(lane) => {}
+            },
+            None => self.wake.notified(lane).await,
+        }
+    }
+
     /// Runs one of the relay's own database transactions, counted for the adaptive pace (which
     /// tells them from the service's).
     pub(crate) async fn counted<T>(&self, tx: impl std::future::Future<Output = T>) -> T {
@@ -287,7 +300,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             self.idle = true;
             return Ok(());
         }
-        let woken = shared.wake.notified(self.lease.lane);
+        let woken = shared.woken(self.lease.lane);
         tokio::select! {
             _ = woken => Ok(()),
             _ = tokio::time::sleep(shared.cfg.poll_interval) => Ok(()),
@@ -306,7 +319,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
                 .watched
                 .add(lane, self.flight.last_position().max(self.claimed_to));
         }
-        let woken = shared.wake.notified(lane);
+        let woken = shared.woken(lane);
         let woken = async {
             if watch {
                 woken.await

@@ -95,7 +95,7 @@ pub(crate) async fn linger_wait<S: Store, P: Publisher>(
     stop: &CancellationToken,
 ) -> bool {
     shared.watched.add(lease.lane, 0);
-    let woken = shared.wake.notified(lease.lane);
+    let woken = shared.woken(lease.lane);
     let stopped = tokio::select! {
         _ = woken => false,
         _ = tokio::time::sleep_until(until.into()) => false,
