@@ -1,6 +1,7 @@
 //! Figure 3: latency from commit to delivery report at a steady message rate, with NOTIFY wake-up
 //! and with polling only, against a raw producer's send-to-report latency at the same rate.
 
+mod case;
 mod raw;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use outbox_kafka::KafkaPublisher;
 use outbox_relay::{Relay, RelayConfig};
 use uuid::Uuid;
 
+use self::case::{Case, Variant};
 use self::raw::raw_latency;
 use crate::common::{key, new_topic, payload, print_figure, sleep_until, BenchDb, Env, Figure, Row, Target, KEYS};
 use crate::probe::{Phases, Reports, TimedPublisher, TimedStore};
@@ -124,86 +126,6 @@ async fn paced_writes(
     let last = all.iter().map(|(_, t)| *t).max().unwrap_or(end);
     let achieved = all.len() as f64 / last.saturating_duration_since(measure_from).as_secs_f64().max(1e-3);
     Ok((all, achieved))
-}
-
-/// How the relay is woken and configured for one latency run.
-#[derive(Debug, Clone, Copy)]
-struct Case {
-    /// NOTIFY in the writers' transactions.
-    notify: bool,
-    /// The relay's poll interval.
-    poll: Duration,
-    /// librdkafka `linger.ms` (None: the default, 5 ms).
-    linger_ms: Option<u32>,
-    /// How long the relay's lanes linger after running dry ([`RelayConfig::linger`]).
-    lanes_linger: Duration,
-    /// How often lingering lanes are looked at ([`RelayConfig::linger_poll_interval`]).
-    watch: Duration,
-    /// Batches in flight per lane ([`RelayConfig::pipeline`]).
-    pipeline: usize,
-    /// Writers commit with [`Outbox::commit`], which wakes the embedded relay's lanes at once.
-    local: bool,
-    /// [`RelayConfig::adaptive_pace`].
-    pace: bool,
-}
-
-impl Case {
-    /// The defaults: NOTIFY, lanes linger, one batch in flight per lane, adaptive pace.
-    fn defaults() -> Case {
-        let d = RelayConfig::default();
-        Case {
-            notify: true,
-            poll: d.poll_interval,
-            linger_ms: None,
-            lanes_linger: d.linger,
-            watch: d.linger_poll_interval,
-            pipeline: d.pipeline,
-            local: false,
-            pace: d.adaptive_pace,
-        }
-    }
-
-    fn label(&self) -> String {
-        let mut parts = vec![match (self.local, self.notify) {
-            (true, _) => "relay woken in-process by Outbox::commit".to_owned(),
-            (false, true) => "relay woken by NOTIFY".to_owned(),
-            (false, false) => format!("relay polling every {} ms (NOTIFY off)", self.poll.as_millis()),
-        }];
-        let d = Case::defaults();
-        if let Some(l) = self.linger_ms {
-            parts.push(format!("linger.ms={l}"));
-        }
-        if self.lanes_linger != d.lanes_linger {
-            parts.push(format!("lanes linger {} ms", self.lanes_linger.as_millis()));
-        }
-        if self.watch != d.watch {
-            parts.push(format!("lingering lanes watched every {} ms", self.watch.as_millis()));
-        }
-        if self.pipeline != d.pipeline {
-            parts.push(format!("pipeline {}", self.pipeline));
-        }
-        if self.pace != d.pace {
-            parts.push(format!("adaptive pace {}", if self.pace { "on" } else { "off" }));
-        }
-        parts.join(", ")
-    }
-}
-
-/// One measured variant: the raw producer at a `linger.ms`, or the relay.
-#[derive(Debug, Clone, Copy)]
-enum Variant {
-    Raw(Option<u32>),
-    Relay(Case),
-}
-
-impl Variant {
-    fn label(&self) -> String {
-        match self {
-            Variant::Raw(None) => "raw producer send -> report, the relay's producer settings (broker floor)".into(),
-            Variant::Raw(Some(l)) => format!("raw producer send -> report, linger.ms={l}"),
-            Variant::Relay(c) => c.label(),
-        }
-    }
 }
 
 /// The relay in `case`, measured from commit to delivery report.
