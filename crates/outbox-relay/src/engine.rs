@@ -93,7 +93,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let shared = Arc::new(Shared {
             store: self.store,
             publisher: self.publisher,
-            wake: LocalWakeup::default(),
+            wake: (0..LANES).map(|_| tokio::sync::Notify::new()).collect(),
             local: self.local,
             busy: self.cfg.max_busy_lanes.map(tokio::sync::Semaphore::new),
             adaptive: self.cfg.adaptive_pace.then(Default::default),
@@ -264,7 +264,7 @@ fn spawn_wakers<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) -> JoinHandle
         match wakeups.listen().await {
             Ok(mut lanes) => {
                 while let Some(lane) = lanes.next().await {
-                    shared.wake.wake(lane);
+                    shared.wake_lane(lane);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not LISTEN; polling"),

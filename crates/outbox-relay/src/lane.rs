@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::{Backoff, Lease, Publisher, Store, StoredMessage};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -22,7 +22,7 @@ pub(crate) struct Shared<S, P> {
     pub(crate) publisher: P,
     pub(crate) cfg: RelayConfig,
     /// One wake-up per lane, this relay's own: NOTIFY payloads and the linger's watch.
-    pub(crate) wake: outbox::LocalWakeup,
+    pub(crate) wake: Vec<Notify>,
     /// The writers' in-process wake-up ([`crate::Relay::wake_on`]), when embedded beside them.
     pub(crate) local: Option<outbox::LocalWakeup>,
     /// Turns to work, when [`RelayConfig::max_busy_lanes`] is set.
@@ -49,14 +49,23 @@ pub(crate) enum LaneExit {
 }
 
 impl<S, P> Shared<S, P> {
+    /// Wakes `lane` (NOTIFY, the linger's watch), or its next wait when it is busy; a lane out of
+    /// range (a stray NOTIFY payload): nothing.
+    pub(crate) fn wake_lane(&self, lane: i32) {
+        if let Some(w) = usize::try_from(lane).ok().and_then(|l| self.wake.get(l)) {
+            w.notify_one();
+        }
+    }
+
     /// Completes when `lane` is woken: by NOTIFY, the linger's watch or a commit in this process.
     pub(crate) async fn woken(&self, lane: i32) {
+        let own = self.wake[lane as usize].notified();
         match &self.local {
             Some(local) => tokio::select! {
-                _ = self.wake.notified(lane) => {}
+                _ = own => {}
                 _ = local.notified(lane) => {}
             },
-            None => self.wake.notified(lane).await,
+            None => own.await,
         }
     }
 

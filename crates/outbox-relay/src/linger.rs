@@ -75,7 +75,7 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         match shared.counted(wakeups.ready_lanes(&lanes)).await {
             Ok(ready) => {
                 for lane in ready {
-                    shared.wake.wake(lane);
+                    shared.wake_lane(lane);
                 }
             }
             Err(e) => {

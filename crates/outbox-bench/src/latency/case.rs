@@ -20,7 +20,8 @@ pub(super) struct Case {
     pub(super) watch: Duration,
     /// Batches in flight per lane ([`RelayConfig::pipeline`]).
     pub(super) pipeline: usize,
-    /// Writers commit with [`Outbox::commit`], which wakes the embedded relay's lanes at once.
+    /// The relay listens for the writers' in-process wake-up (`Relay::wake_on`), so their
+    /// `Outbox::commit` wakes its lanes at once.
     pub(super) local: bool,
     /// [`RelayConfig::adaptive_pace`].
     pub(super) pace: bool,
