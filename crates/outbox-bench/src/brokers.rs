@@ -236,7 +236,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             crate::common::KEYS,
             crate::common::PAYLOAD_BYTES,
             crate::common::PARTITIONS,
-            outbox_rabbitmq::redact_url(&rabbitmq_url()),
+            outbox::redact::redact_url(&rabbitmq_url()),
             nats_url(),
         ),
         rounds,

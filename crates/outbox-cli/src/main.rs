@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use outbox::redact::redact_url;
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::Relay;
-use settings::{redact_url, resolve, Overrides};
+use settings::{resolve, Overrides};
 use tokio_util::sync::CancellationToken;
 
 mod admin;
@@ -285,11 +286,11 @@ async fn connect_broker(s: &settings::Settings) -> anyhow::Result<Arc<dyn outbox
             Arc::new(KafkaPublisher::new(kafka.clone()).context("creating the Kafka producer")?)
         }
         Broker::Rabbitmq(cfg) => {
-            tracing::info!(url = %outbox_rabbitmq::redact_url(&cfg.url), exchange = %cfg.exchange, "broker: RabbitMQ");
+            tracing::info!(url = %outbox::redact::redact_url(&cfg.url), exchange = %cfg.exchange, "broker: RabbitMQ");
             Arc::new(outbox_rabbitmq::RabbitPublisher::connect(cfg.clone()).await?)
         }
         Broker::Nats(cfg) => {
-            tracing::info!(url = %outbox_nats::redact_url(&cfg.url), subject_prefix = %cfg.subject_prefix, "broker: NATS JetStream");
+            tracing::info!(url = %outbox::redact::redact_url(&cfg.url), subject_prefix = %cfg.subject_prefix, "broker: NATS JetStream");
             Arc::new(outbox_nats::NatsPublisher::connect(cfg.clone()).await?)
         }
     })

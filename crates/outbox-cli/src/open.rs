@@ -140,6 +140,6 @@ pub(crate) async fn open(
                 keep_published
             )
         }
-        _ => Err(OpenError::Unsupported(crate::settings::redact_url(url), compiled())),
+        _ => Err(OpenError::Unsupported(outbox::redact::redact_url(url), compiled())),
     }
 }

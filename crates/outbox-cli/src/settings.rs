@@ -246,39 +246,5 @@ fn check_schema(schema: &str, url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The URL with its password replaced by `***`, for logs.
-pub(crate) fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let mut out = match base.find("://") {
-        Some(s) => {
-            let rest = &base[s + 3..];
-            let end = rest.find('/').unwrap_or(rest.len());
-            match rest[..end]
-                .rsplit_once('@')
-                .and_then(|(creds, host)| Some((creds.split_once(':')?.0, host)))
-            {
-                Some((user, host)) => format!("{}{user}:***@{host}{}", &base[..s + 3], &rest[end..]),
-                None => base.to_owned(),
-            }
-        }
-        None => base.to_owned(),
-    };
-    if let Some(q) = query {
-        let params: Vec<String> = q
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if outbox_kafka::is_secret(k) || k.eq_ignore_ascii_case("pass") => format!("{k}=***"),
-                _ => kv.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests;

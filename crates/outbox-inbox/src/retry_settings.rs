@@ -1,8 +1,8 @@
-//! The retry and cleanup settings every consumer runner's configuration has, and their setters.
+//! The retry settings every consumer runner's configuration has.
 
 /// Implements, on a consumer runner's settings struct with the fields `max_attempts: u32`,
-/// `backoff_base: Duration`, `backoff_max: Duration` and `cleanup_interval: Option<Duration>`, the
-/// setters of those fields (`max_attempts` at least 1) and `retry_backoff`, the retry delays.
+/// `backoff_base: Duration` and `backoff_max: Duration`, the setter of `max_attempts` (at least 1;
+/// skip it in the struct's derived setters) and `retry_backoff`, the retry delays.
 ///
 /// The crate using it depends on `outbox` (for `outbox::Backoff`).
 #[doc(hidden)]
@@ -13,21 +13,6 @@ macro_rules! impl_retry_settings {
             #[doc = concat!("Sets [`", stringify!($config), "::max_attempts`] (at least 1).")]
             pub fn max_attempts(mut self, n: u32) -> Self {
                 self.max_attempts = n.max(1);
-                self
-            }
-            #[doc = concat!("Sets [`", stringify!($config), "::backoff_base`].")]
-            pub fn backoff_base(mut self, d: ::std::time::Duration) -> Self {
-                self.backoff_base = d;
-                self
-            }
-            #[doc = concat!("Sets [`", stringify!($config), "::backoff_max`].")]
-            pub fn backoff_max(mut self, d: ::std::time::Duration) -> Self {
-                self.backoff_max = d;
-                self
-            }
-            #[doc = concat!("Sets [`", stringify!($config), "::cleanup_interval`].")]
-            pub fn cleanup_interval(mut self, every: Option<::std::time::Duration>) -> Self {
-                self.cleanup_interval = every;
                 self
             }
             #[doc = concat!("The retry delays, from [`", stringify!($config), "::backoff_base`] doubling up")]

@@ -11,4 +11,4 @@ pub use consumer::{
     ConsumerConfig, ConsumerError, ConsumerRunner, ConsumerStats, HEADER_ATTEMPTS, HEADER_ERROR,
     HEADER_ORIGINAL_OFFSET, HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_TOPIC,
 };
-pub use publisher::{classify, is_secret, redacted, wire_headers, KafkaPublisher, PRODUCER_DEFAULTS};
+pub use publisher::{classify, redacted, wire_headers, KafkaPublisher, PRODUCER_DEFAULTS};

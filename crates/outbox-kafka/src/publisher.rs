@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureRecord, Producer};
 
 use context::{auth_failed, build, BrokerState, OutboxProducer};
 use settings::{effective, redact_error};
-pub use settings::{is_secret, redacted, PRODUCER_DEFAULTS};
+pub use settings::{redacted, PRODUCER_DEFAULTS};
 
 /// Publishes outbox rows to Kafka. Clone-free and shared by all lanes of a relay.
 pub struct KafkaPublisher {

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use derive_setters::Setters;
+use educe::Educe;
+use outbox::redact::redact_url;
 use serde::Deserialize;
 
 use crate::NatsError;
@@ -26,7 +29,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// assert_eq!(cfg.ack_timeout, std::time::Duration::from_secs(5));
 /// assert!(!format!("{cfg:?}").contains("secret"));
 /// ```
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Educe, Setters)]
+#[educe(Debug)]
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct NatsConfig {
@@ -34,10 +38,13 @@ pub struct NatsConfig {
     /// user and password (`nats://user:pass@host`) or a token (`nats://token@host`) in the URL are
     /// handed to the client as credentials and are never logged. Defaults to
     /// `nats://127.0.0.1:4222` ([`DEFAULT_URL`]).
+    #[educe(Debug(method(outbox::redact::debug_url)))]
+    #[setters(into)]
     pub url: String,
     /// Prepended to every topic to make its subject: with `"outbox."`, topic `orders` and key
     /// `order-42` go to `outbox.orders.order-42`. Defaults to `""` (the subject starts with the
     /// topic). See [`subject_for`](crate::subject_for) for the whole mapping.
+    #[setters(into)]
     pub subject_prefix: String,
     /// How long a publish waits for its JetStream ack before the message is reported
     /// [`Unavailable`](outbox::FailureKind::Unavailable) (possibly persisted: it is sent again with
@@ -50,6 +57,7 @@ pub struct NatsConfig {
     pub connect_timeout: Duration,
     /// The connection name the server shows (`nats server report connections`). Defaults to
     /// `"outbox-relay"`.
+    #[setters(into)]
     pub connection_name: String,
 }
 
@@ -62,46 +70,6 @@ impl Default for NatsConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             connection_name: "outbox-relay".to_owned(),
         }
-    }
-}
-
-impl std::fmt::Debug for NatsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsConfig")
-            .field("url", &redact_url(&self.url))
-            .field("subject_prefix", &self.subject_prefix)
-            .field("ack_timeout", &self.ack_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("connection_name", &self.connection_name)
-            .finish()
-    }
-}
-
-impl NatsConfig {
-    /// Sets [`NatsConfig::url`].
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.url = url.into();
-        self
-    }
-    /// Sets [`NatsConfig::subject_prefix`].
-    pub fn subject_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.subject_prefix = prefix.into();
-        self
-    }
-    /// Sets [`NatsConfig::ack_timeout`].
-    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout = timeout;
-        self
-    }
-    /// Sets [`NatsConfig::connect_timeout`].
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-    /// Sets [`NatsConfig::connection_name`].
-    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
-        self.connection_name = name.into();
-        self
     }
 }
 
@@ -163,31 +131,6 @@ pub(crate) fn split_servers(url: &str) -> Result<Servers, NatsError> {
         return Err(NatsError::Config("no server URL".into()));
     }
     Ok(servers)
-}
-
-/// The URL(s) with any password or token replaced by `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|one| {
-            let (prefix, rest) = match one.find("://") {
-                Some(i) => one.split_at(i + 3),
-                None => ("", one),
-            };
-            let end = rest.find('/').unwrap_or(rest.len());
-            match rest[..end].rfind('@') {
-                Some(at) => {
-                    let userinfo = &rest[..at];
-                    let shown = match userinfo.split_once(':') {
-                        Some((user, _)) => format!("{user}:***"),
-                        None => "***".to_owned(),
-                    };
-                    format!("{prefix}{shown}{}", &rest[at..])
-                }
-                None => one.to_owned(),
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn percent_decode(s: &str) -> String {
@@ -279,11 +222,6 @@ mod tests {
 
     #[test]
     fn redaction_hides_passwords_and_tokens() {
-        assert_eq!(
-            redact_url("nats://relay:hunter2@h:4222,nats://tok@h2"),
-            "nats://relay:***@h:4222,nats://***@h2"
-        );
-        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
         let cfg = NatsConfig::default().url("nats://u:hunter2@h");
         assert!(!format!("{cfg:?}").contains("hunter2"));
     }

@@ -7,7 +7,7 @@ mod publisher;
 mod stream;
 mod subject;
 
-pub use config::{redact_url, NatsConfig, DEFAULT_ACK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_URL};
+pub use config::{NatsConfig, DEFAULT_ACK_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_URL};
 pub use consumer::{
     NatsConsumerConfig, NatsConsumerRunner, NatsConsumerStats, HEADER_DELIVERIES, HEADER_ERROR,
     HEADER_ORIGINAL_SEQUENCE, HEADER_ORIGINAL_STREAM, HEADER_ORIGINAL_SUBJECT,

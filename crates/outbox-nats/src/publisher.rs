@@ -17,8 +17,9 @@ use outbox::{
 };
 use tracing::Instrument;
 
-use crate::config::{connect, redact_url};
+use crate::config::connect;
 use crate::{subject_for, NatsConfig, NatsError};
+use outbox::redact::redact_url;
 
 /// Room taken by the protocol around a message's headers (`NATS/1.0\r\n`, separators).
 const HEADER_OVERHEAD: usize = 64;

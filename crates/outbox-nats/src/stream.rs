@@ -12,7 +12,7 @@ use crate::NatsError;
 /// A re-send with the same `Nats-Msg-Id` inside the window is acknowledged without being stored
 /// again. The relay re-sends a message it has no ack for (an ack timeout, a lost connection, a
 /// relay restart before it marked the row), after its backoff: it needs the window to be longer
-/// than the ack timeout ([`NatsConfig::ack_timeout_ms`](crate::NatsConfig::ack_timeout_ms),
+/// than the ack timeout ([`NatsConfig::ack_timeout`](crate::NatsConfig::ack_timeout),
 /// 10 s) plus the relay's backoff cap (`RelayConfig::backoff_max`, 60 s) plus, for a relay crash,
 /// its lease TTL (`RelayConfig::lease_ttl`, 30 s): about 100 s with the defaults, hence 2 minutes.
 /// A re-send later than the window (an outage longer than it) is stored again; the consumer's

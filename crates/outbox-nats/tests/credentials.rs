@@ -69,7 +69,7 @@ async fn the_password_in_the_url_reaches_the_server_and_no_log_line() {
     let out = denied.publish(std::slice::from_ref(&row)).await.remove(0).unwrap_err();
     assert_eq!(out.kind, FailureKind::Unavailable, "{out:?}");
 
-    let shown = format!("{cfg:?} {p:?} {denied:?} {out:?} {}", outbox_nats::redact_url(&url));
+    let shown = format!("{cfg:?} {p:?} {denied:?} {out:?} {}", outbox::redact::redact_url(&url));
     assert!(!shown.contains(PASSWORD), "{shown}");
     drop((p, denied));
     let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();

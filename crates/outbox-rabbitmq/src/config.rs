@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
+use derive_setters::Setters;
+use educe::Educe;
 use lapin::{Connection, ConnectionProperties};
+use outbox::redact::redact_url;
 use serde::Deserialize;
 
 /// The URL used when none is given: the local server's default virtual host as `guest`.
@@ -29,16 +32,20 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
 /// assert_eq!(cfg.exchange, "events");
 /// assert!(!format!("{cfg:?}").contains("secret"));
 /// ```
-#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Deserialize, PartialEq, Eq, Educe, Setters)]
+#[educe(Debug)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RabbitConfig {
     /// AMQP URI (`amqp://` or `amqps://`, user and password in it, virtual host as the path).
     /// Never logged with its password. Defaults to [`DEFAULT_URL`].
+    #[educe(Debug(method(outbox::redact::debug_url)))]
+    #[setters(into)]
     pub url: String,
     /// Exchange every message is published to, with the message's topic as the routing key. The
     /// exchange must exist (checked on connect). Defaults to `""`, the default exchange: the topic
     /// is then the name of the queue the message goes to.
+    #[setters(into)]
     pub exchange: String,
     /// How long a batch waits for the broker's confirms (`confirm_timeout_ms` in a file); what is
     /// unconfirmed then is reported unavailable (possibly persisted: it is sent again and consumers
@@ -67,18 +74,6 @@ impl Default for RabbitConfig {
     }
 }
 
-impl std::fmt::Debug for RabbitConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RabbitConfig")
-            .field("url", &redact_url(&self.url))
-            .field("exchange", &self.exchange)
-            .field("confirm_timeout", &self.confirm_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("max_message_size", &self.max_message_size)
-            .finish()
-    }
-}
-
 impl RabbitConfig {
     /// The defaults with `url`.
     pub fn new(url: impl Into<String>) -> Self {
@@ -86,26 +81,6 @@ impl RabbitConfig {
             url: url.into(),
             ..RabbitConfig::default()
         }
-    }
-    /// Sets [`RabbitConfig::exchange`].
-    pub fn exchange(mut self, exchange: impl Into<String>) -> Self {
-        self.exchange = exchange.into();
-        self
-    }
-    /// Sets [`RabbitConfig::confirm_timeout`].
-    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
-        self.confirm_timeout = timeout;
-        self
-    }
-    /// Sets [`RabbitConfig::connect_timeout`].
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-    /// Sets [`RabbitConfig::max_message_size`].
-    pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.max_message_size = bytes;
-        self
     }
     /// Refuses settings under which a batch could wait for ever or nothing could be sent.
     pub fn validate(&self) -> Result<(), String> {
@@ -125,28 +100,6 @@ pub(crate) fn check_url(url: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("url {} is not an amqp:// or amqps:// URI", redact_url(url)))
-    }
-}
-
-/// `url` with the password of its user info replaced by `***`.
-///
-/// ```
-/// assert_eq!(outbox_rabbitmq::redact_url("amqp://u:p%40ss@h:5672/v"), "amqp://u:***@h:5672/v");
-/// assert_eq!(outbox_rabbitmq::redact_url("amqp://h:5672"), "amqp://h:5672");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{tail}")
-        }
-        None => url.to_owned(),
     }
 }
 
@@ -199,10 +152,6 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact_url("amqp://relay:s3cret@h/%2f"), "amqp://relay:***@h/%2f");
-        assert_eq!(redact_url("amqps://a:b:c@h:5671"), "amqps://a:***@h:5671");
-        assert_eq!(redact_url("amqp://relay@h"), "amqp://relay@h");
-        assert_eq!(redact_url("not a url"), "not a url");
         let cfg = RabbitConfig::new("amqp://relay:s3cret@h/%2f");
         assert!(!format!("{cfg:?}").contains("s3cret"));
         let err = RabbitConfig::new("http://u:s3cret@h").validate().unwrap_err();

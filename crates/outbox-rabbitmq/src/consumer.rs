@@ -22,8 +22,9 @@ use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 use outbox_inbox::{Backend, CleanupSchedule, Handler, Inbox, RetryInPlace, RunnerCore, Step};
 
-use crate::config::{check_url, redact_url};
+use crate::config::check_url;
 pub use config::RabbitConsumerConfig;
+use outbox::redact::redact_url;
 use session::{Fatal, Session};
 
 pub use outbox_inbox::dead_letter::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_TOPIC};

@@ -5,7 +5,7 @@ mod consumer;
 mod publisher;
 
 pub use config::{
-    redact_url, RabbitConfig, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL,
+    RabbitConfig, DEFAULT_CONFIRM_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_URL,
 };
 pub use consumer::{
     ConsumerError, ConsumerStats, RabbitConsumerConfig, RabbitConsumerRunner, HEADER_ATTEMPTS, HEADER_ERROR,

@@ -19,10 +19,11 @@ use outbox::{Delivered, FailureKind, PublishError, Publisher, StoredMessage};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::config::{connect, redact_url, RabbitConfig};
+use crate::config::{connect, RabbitConfig};
 use crate::RabbitError;
 use classify::channel_closed;
 pub use classify::classify;
+use outbox::redact::redact_url;
 use properties::properties;
 
 /// Publishes outbox rows to RabbitMQ. Shared by all lanes of a relay; reconnects by itself.

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use derive_setters::Setters;
 use outbox::{Backoff, InvalidBackoff};
 use serde::Deserialize;
 
@@ -33,8 +34,8 @@ pub enum ClaimAhead {
     Never,
 }
 
-/// Relay engine settings. Every field has a documented default.
-#[derive(Debug, Clone)]
+/// Relay engine settings. Every field has a documented default and a setter of its name.
+#[derive(Debug, Clone, Setters)]
 #[non_exhaustive]
 pub struct RelayConfig {
     /// Owner name written into leases; must be unique per running relay. Defaults to
@@ -175,61 +176,6 @@ impl Default for RelayConfig {
             name: None,
         }
     }
-}
-
-macro_rules! setters {
-    ($($(#[$m:meta])* $name:ident: $ty:ty),* $(,)?) => {
-        impl RelayConfig {
-            $($(#[$m])* pub fn $name(mut self, v: $ty) -> Self { self.$name = v; self })*
-        }
-    };
-}
-
-setters! {
-    /// Sets [`RelayConfig::owner`].
-    owner: String,
-    /// Sets [`RelayConfig::batch_size`].
-    batch_size: usize,
-    /// Sets [`RelayConfig::pipeline`].
-    pipeline: usize,
-    /// Sets [`RelayConfig::poll_interval`].
-    poll_interval: Duration,
-    /// Sets [`RelayConfig::linger`].
-    linger: Duration,
-    /// Sets [`RelayConfig::linger_poll_interval`].
-    linger_poll_interval: Duration,
-    /// Sets [`RelayConfig::lease_ttl`].
-    lease_ttl: Duration,
-    /// Sets [`RelayConfig::max_lanes`].
-    max_lanes: Option<usize>,
-    /// Sets [`RelayConfig::max_attempts`].
-    max_attempts: i32,
-    /// Sets [`RelayConfig::backoff_base`].
-    backoff_base: Duration,
-    /// Sets [`RelayConfig::backoff_max`].
-    backoff_max: Duration,
-    /// Sets [`RelayConfig::dead_letter_policy`].
-    dead_letter_policy: DeadLetterPolicy,
-    /// Sets [`RelayConfig::shutdown_grace`].
-    shutdown_grace: Duration,
-    /// Sets [`RelayConfig::stats_interval`].
-    stats_interval: Duration,
-    /// Sets [`RelayConfig::max_busy_lanes`].
-    max_busy_lanes: Option<usize>,
-    /// Sets [`RelayConfig::max_rate`].
-    max_rate: Option<u32>,
-    /// Sets [`RelayConfig::adaptive_pace`].
-    adaptive_pace: bool,
-    /// Sets [`RelayConfig::pace_max_lag`].
-    pace_max_lag: Duration,
-    /// Sets [`RelayConfig::claim_ahead`].
-    claim_ahead: ClaimAhead,
-    /// Sets [`RelayConfig::cleanup_interval`].
-    cleanup_interval: Duration,
-    /// Sets [`RelayConfig::published_retention`].
-    published_retention: Duration,
-    /// Sets [`RelayConfig::name`].
-    name: Option<String>,
 }
 
 impl RelayConfig {

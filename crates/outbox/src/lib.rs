@@ -13,6 +13,7 @@ mod message;
 mod migrate;
 pub mod millis;
 mod publisher;
+pub mod redact;
 mod sql_store;
 mod store;
 pub mod trace;

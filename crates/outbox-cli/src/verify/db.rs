@@ -84,7 +84,7 @@ impl Db {
     /// One connection, no statement timeout: the key query reads whole tables.
     pub(crate) async fn connect(url: &str, schema: Option<&str>) -> anyhow::Result<Db> {
         let scheme = url.split(':').next().unwrap_or_default();
-        let redacted = crate::settings::redact_url(url);
+        let redacted = outbox::redact::redact_url(url);
         let fail = |e: sqlx::Error| anyhow::anyhow!("connecting to {redacted}: {e}");
         match scheme {
             #[cfg(feature = "postgres")]

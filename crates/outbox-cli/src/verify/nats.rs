@@ -25,7 +25,7 @@ pub(super) async fn read_topics(
         .name("outbox-relay verify")
         .connect(cfg.url.as_str())
         .await
-        .with_context(|| format!("connecting to NATS at {}", outbox_nats::redact_url(&cfg.url)))?;
+        .with_context(|| format!("connecting to NATS at {}", outbox::redact::redact_url(&cfg.url)))?;
     let js = jetstream::new(client);
     let mut audit = Audit::new(kept);
     let (mut reads, mut windows) = (Vec::new(), Windows::new());

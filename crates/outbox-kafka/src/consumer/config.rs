@@ -2,20 +2,23 @@
 
 use std::time::Duration;
 
+use derive_setters::Setters;
 #[cfg(doc)]
 use outbox_inbox::Inbox;
 
-/// Consumer runner settings.
-#[derive(Debug, Clone)]
+/// Consumer runner settings, each with a setter of its name.
+#[derive(Debug, Clone, Setters)]
 #[non_exhaustive]
 pub struct ConsumerConfig {
     /// Handler attempts before the message is dead-lettered. Defaults to 5.
+    #[setters(skip)]
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt, with jitter. Defaults to 100 ms.
     pub backoff_base: Duration,
     /// Retry delay cap. Defaults to 5 s.
     pub backoff_max: Duration,
     /// Dead-letter topic; by default `<topic>.dlq`.
+    #[setters(strip_option, into)]
     pub dead_letter_topic: Option<String>,
     /// How often the runner deletes the inbox's expired records ([`Inbox::cleanup`]); `None`
     /// leaves it to the application. Defaults to every 10 minutes.
@@ -35,11 +38,3 @@ impl Default for ConsumerConfig {
 }
 
 outbox_inbox::impl_retry_settings!(ConsumerConfig);
-
-impl ConsumerConfig {
-    /// Sets [`ConsumerConfig::dead_letter_topic`].
-    pub fn dead_letter_topic(mut self, t: impl Into<String>) -> Self {
-        self.dead_letter_topic = Some(t.into());
-        self
-    }
-}

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use outbox::redact::is_secret;
 use rdkafka::error::KafkaError;
 
 /// Settings the publisher applies unless the configuration sets them: the broker must have every
@@ -27,20 +28,6 @@ const ALIASES: &[(&str, &str)] = &[
     ("max.in.flight.requests.per.connection", "max.in.flight"),
     ("linger.ms", "queue.buffering.max.ms"),
 ];
-
-/// Configuration keys whose values are never printed.
-const SECRET_KEYS: &[&str] = &["ssl_key", "ssl.key.pem", "sasl.oauthbearer.config"];
-
-/// Parts of a key that mark its value as secret: passwords, client secrets, private keys and
-/// their passphrases (e.g. `sasl.oauthbearer.assertion.private.key.passphrase`,
-/// `sasl.oauthbearer.assertion.private.key.pem`), tokens.
-const SECRET_PARTS: &[&str] = &["password", "secret", "passphrase", "private.key", "token", "credential"];
-
-/// True for librdkafka settings whose value must never be logged.
-pub fn is_secret(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
-    SECRET_KEYS.contains(&key.as_str()) || SECRET_PARTS.iter().any(|p| key.contains(p))
-}
 
 /// The settings with secret values replaced by `***`.
 pub fn redacted(settings: &BTreeMap<String, String>) -> BTreeMap<String, String> {

@@ -6,28 +6,36 @@ use std::time::Duration;
 use outbox_inbox::Inbox;
 use serde::Deserialize;
 
-use crate::config::redact_url;
+use derive_setters::Setters;
+use educe::Educe;
 
 /// Consumer runner settings. Parsed from a file with serde (`deny_unknown_fields`); every field but
 /// `stream` and `durable` has a default.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Educe, Setters)]
+#[educe(Debug)]
 #[serde(deny_unknown_fields, default)]
 #[non_exhaustive]
 pub struct NatsConsumerConfig {
     /// Server URLs, as [`NatsConfig::url`](crate::NatsConfig::url) (credentials never logged).
     /// Defaults to `nats://127.0.0.1:4222`.
+    #[educe(Debug(method(outbox::redact::debug_url)))]
+    #[setters(into)]
     pub url: String,
     /// The stream to consume. Required.
+    #[setters(into)]
     pub stream: String,
     /// The durable consumer's name: members that share it share the work. Required.
+    #[setters(into)]
     pub durable: String,
     /// Only subjects matching this filter (e.g. `chat.room-1.*`); empty for the whole stream.
     /// Defaults to empty.
+    #[setters(into)]
     pub filter_subject: String,
     /// The delivery whose handler fails for the `max_deliver`-th time is dead-lettered. Counted
     /// by the server: deliveries after a runner stopped or died before its ack count too. The
     /// consumer itself is created with an unlimited `max_deliver`, so the server never drops a
     /// message without a dead letter. Defaults to 5.
+    #[setters(skip)]
     pub max_deliver: i64,
     /// How long the server waits for an ack before it delivers the message again (to this or
     /// another member); `ack_wait_ms` in a file. Defaults to 30 s.
@@ -50,6 +58,7 @@ pub struct NatsConsumerConfig {
     pub backoff_max: Duration,
     /// A dead-lettered message from subject `S` is published to `<dead_letter_prefix>.S`.
     /// Defaults to `"dlq"`.
+    #[setters(into)]
     pub dead_letter_prefix: String,
     /// Create the stream `<stream>_DLQ` taking `<dead_letter_prefix>.<subject>` for each of the
     /// consumed stream's subjects, if it does not exist. Without any stream for the dead-letter
@@ -64,6 +73,7 @@ pub struct NatsConsumerConfig {
     )]
     pub cleanup_interval: Option<Duration>,
     /// The connection name the server shows. Defaults to `"outbox-consumer"`.
+    #[setters(into)]
     pub connection_name: String,
 }
 
@@ -87,25 +97,6 @@ impl Default for NatsConsumerConfig {
     }
 }
 
-impl std::fmt::Debug for NatsConsumerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsConsumerConfig")
-            .field("url", &redact_url(&self.url))
-            .field("stream", &self.stream)
-            .field("durable", &self.durable)
-            .field("filter_subject", &self.filter_subject)
-            .field("max_deliver", &self.max_deliver)
-            .field("ack_wait", &self.ack_wait)
-            .field("max_ack_pending", &self.max_ack_pending)
-            .field("backoff_base", &self.backoff_base)
-            .field("backoff_max", &self.backoff_max)
-            .field("dead_letter_prefix", &self.dead_letter_prefix)
-            .field("create_dead_letter_stream", &self.create_dead_letter_stream)
-            .field("cleanup_interval", &self.cleanup_interval)
-            .finish()
-    }
-}
-
 impl NatsConsumerConfig {
     /// Settings for durable consumer `durable` of `stream`, the rest defaults.
     pub fn new(stream: impl Into<String>, durable: impl Into<String>) -> Self {
@@ -115,49 +106,9 @@ impl NatsConsumerConfig {
             ..Default::default()
         }
     }
-    /// Sets [`NatsConsumerConfig::url`].
-    pub fn url(mut self, url: impl Into<String>) -> Self {
-        self.url = url.into();
-        self
-    }
-    /// Sets [`NatsConsumerConfig::filter_subject`].
-    pub fn filter_subject(mut self, filter: impl Into<String>) -> Self {
-        self.filter_subject = filter.into();
-        self
-    }
-    /// Sets [`NatsConsumerConfig::max_deliver`].
+    /// Sets [`NatsConsumerConfig::max_deliver`] (at least 1).
     pub fn max_deliver(mut self, n: i64) -> Self {
         self.max_deliver = n.max(1);
-        self
-    }
-    /// Sets [`NatsConsumerConfig::ack_wait`].
-    pub fn ack_wait(mut self, d: Duration) -> Self {
-        self.ack_wait = d;
-        self
-    }
-    /// Sets [`NatsConsumerConfig::max_ack_pending`].
-    pub fn max_ack_pending(mut self, n: i64) -> Self {
-        self.max_ack_pending = n;
-        self
-    }
-    /// Sets [`NatsConsumerConfig::backoff_base`].
-    pub fn backoff_base(mut self, d: Duration) -> Self {
-        self.backoff_base = d;
-        self
-    }
-    /// Sets [`NatsConsumerConfig::backoff_max`].
-    pub fn backoff_max(mut self, d: Duration) -> Self {
-        self.backoff_max = d;
-        self
-    }
-    /// Sets [`NatsConsumerConfig::dead_letter_prefix`].
-    pub fn dead_letter_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.dead_letter_prefix = prefix.into();
-        self
-    }
-    /// Sets [`NatsConsumerConfig::cleanup_interval`] (`None`: never).
-    pub fn cleanup_interval(mut self, every: Option<Duration>) -> Self {
-        self.cleanup_interval = every;
         self
     }
 }

@@ -5,16 +5,23 @@ use std::time::Duration;
 #[cfg(doc)]
 use outbox_inbox::Inbox;
 
-use crate::config::{redact_url, DEFAULT_URL};
+use derive_setters::Setters;
+use educe::Educe;
 
-/// Consumer runner settings.
-#[derive(Clone)]
+use crate::config::DEFAULT_URL;
+
+/// Consumer runner settings, each with a setter of its name.
+#[derive(Clone, Educe, Setters)]
+#[educe(Debug)]
 #[non_exhaustive]
 pub struct RabbitConsumerConfig {
     /// AMQP URI; never logged with its password. Defaults to
     /// [`DEFAULT_URL`](crate::DEFAULT_URL).
+    #[educe(Debug(method(outbox::redact::debug_url)))]
+    #[setters(into)]
     pub url: String,
     /// The queue consumed. No default: [`RabbitConsumerConfig::new`] takes it.
+    #[setters(into)]
     pub queue: String,
     /// When true, the runner declares the queue (durable, `x-single-active-consumer`), binds it
     /// to [`exchange`](Self::exchange) for each of [`bindings`](Self::bindings), and declares the
@@ -23,43 +30,32 @@ pub struct RabbitConsumerConfig {
     pub declare: bool,
     /// Exchange the queue is bound to. Defaults to `""` (the default exchange, which needs no
     /// binding: the queue takes the messages whose topic is its name).
+    #[setters(into)]
     pub exchange: String,
     /// Routing keys (outbox topics) the queue is bound with. Defaults to none.
     pub bindings: Vec<String>,
     /// Deliveries the server sends ahead of the acks (`basic.qos`). Defaults to 32.
+    #[setters(skip)]
     pub prefetch: u16,
     /// Handler attempts before the message is dead-lettered. Defaults to 5.
+    #[setters(skip)]
     pub max_attempts: u32,
     /// First retry delay; doubles per attempt, with jitter. Defaults to 100 ms.
     pub backoff_base: Duration,
     /// Retry delay cap, also the wait before connecting again. Defaults to 5 s.
     pub backoff_max: Duration,
     /// Exchange dead letters are published to. Defaults to `""` (the default exchange).
+    #[setters(into)]
     pub dead_letter_exchange: String,
     /// Routing key of dead letters; by default `<queue>.dlq` (with the default exchange: the
     /// dead-letter queue's name).
+    #[setters(strip_option, into)]
     pub dead_letter_routing_key: Option<String>,
     /// How often the runner deletes the inbox's expired records ([`Inbox::cleanup`]); `None`
     /// leaves it to the application. Defaults to every 10 minutes.
     pub cleanup_interval: Option<Duration>,
     /// How long opening the connection may take. Defaults to 10 s.
     pub connect_timeout: Duration,
-}
-
-impl std::fmt::Debug for RabbitConsumerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RabbitConsumerConfig")
-            .field("url", &redact_url(&self.url))
-            .field("queue", &self.queue)
-            .field("declare", &self.declare)
-            .field("exchange", &self.exchange)
-            .field("bindings", &self.bindings)
-            .field("prefetch", &self.prefetch)
-            .field("max_attempts", &self.max_attempts)
-            .field("dead_letter_exchange", &self.dead_letter_exchange)
-            .field("dead_letter_routing_key", &self.dead_letter_routing_key)
-            .finish_non_exhaustive()
-    }
 }
 
 outbox_inbox::impl_retry_settings!(RabbitConsumerConfig);
@@ -86,11 +82,6 @@ impl RabbitConsumerConfig {
     /// The defaults for consuming `queue` on the local server ([`DEFAULT_URL`]).
     pub fn local(queue: impl Into<String>) -> Self {
         Self::new(DEFAULT_URL, queue)
-    }
-    /// Sets [`RabbitConsumerConfig::declare`].
-    pub fn declare(mut self, declare: bool) -> Self {
-        self.declare = declare;
-        self
     }
     /// Sets [`RabbitConsumerConfig::exchange`] and adds `routing_key` to the bindings.
     pub fn bind(mut self, exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {

@@ -8,7 +8,8 @@ use lapin::{Channel, Connection};
 use outbox_inbox::{Backend, Handler};
 
 use super::{ConsumerError, RabbitConsumerRunner};
-use crate::config::{connect, redact_url};
+use crate::config::connect;
+use outbox::redact::redact_url;
 
 /// The open connection and its two channels.
 pub(super) struct Session {
