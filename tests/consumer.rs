@@ -5,11 +5,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_inbox::{Handler, Inbox, Incoming};
 use outbox_kafka::{ConsumerConfig, ConsumerRunner, ConsumerStats};
+use outbox_tests::consuming::{effect_counts, wait_effects};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
@@ -55,13 +56,6 @@ impl Handler<sqlx::Postgres> for Effects {
             .map_err(|e| Boom(e.to_string()))?;
         Ok(())
     }
-}
-
-async fn effect_counts(pool: &sqlx::PgPool) -> (i64, i64) {
-    sqlx::query_as("SELECT count(*), count(DISTINCT message_id) FROM effects")
-        .fetch_one(pool)
-        .await
-        .unwrap()
 }
 
 /// Produces messages as the relay would (outbox headers), each `times` times.
@@ -165,18 +159,6 @@ fn start(
             .unwrap();
     });
     (tx, task, stats)
-}
-
-async fn wait_effects(pool: &sqlx::PgPool, n: i64, within: Duration) {
-    let start = Instant::now();
-    while effect_counts(pool).await.1 < n {
-        assert!(
-            start.elapsed() < within,
-            "only {:?} of {n} effects",
-            effect_counts(pool).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn fast() -> ConsumerConfig {

@@ -101,25 +101,13 @@ fn retryable(e: sqlx::Error) -> (bool, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mariadb_deadlock_and_lock_wait_timeout_are_retryable_other_errors_are_not() {
     let pool = outbox_tests::db::fresh_mysql().await;
-    sqlx::query("CREATE TABLE acct (id INT PRIMARY KEY, n INT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO acct VALUES (1, 0), (2, 0)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&pool, "CREATE TABLE acct (id INT PRIMARY KEY, n INT NOT NULL)").await;
+    outbox_tests::db::exec(&pool, "INSERT INTO acct VALUES (1, 0), (2, 0)").await;
 
     // A real deadlock: two transactions lock the rows in opposite orders.
     let (mut a, mut b) = (pool.begin().await.unwrap(), pool.begin().await.unwrap());
-    sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
-        .execute(&mut *a)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 2")
-        .execute(&mut *b)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&mut *a, "UPDATE acct SET n = n + 1 WHERE id = 1").await;
+    outbox_tests::db::exec(&mut *b, "UPDATE acct SET n = n + 1 WHERE id = 2").await;
     let second = tokio::spawn(async move {
         let r = sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
             .execute(&mut *b)
@@ -145,15 +133,9 @@ async fn mariadb_deadlock_and_lock_wait_timeout_are_retryable_other_errors_are_n
 
     // A lock wait timeout (1205, SQLSTATE HY000).
     let mut holder = pool.begin().await.unwrap();
-    sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&mut *holder, "UPDATE acct SET n = n + 1 WHERE id = 1").await;
     let mut waiter = pool.acquire().await.unwrap();
-    sqlx::query("SET SESSION innodb_lock_wait_timeout = 1")
-        .execute(&mut *waiter)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&mut *waiter, "SET SESSION innodb_lock_wait_timeout = 1").await;
     let timeout = sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
         .execute(&mut *waiter)
         .await
@@ -185,14 +167,8 @@ async fn mariadb_deadlock_and_lock_wait_timeout_are_retryable_other_errors_are_n
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_busy_snapshot_is_retryable() {
     let pool = outbox_tests::db::fresh_sqlite().await;
-    sqlx::query("CREATE TABLE acct (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO acct VALUES (1, 0)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&pool, "CREATE TABLE acct (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)").await;
+    outbox_tests::db::exec(&pool, "INSERT INTO acct VALUES (1, 0)").await;
     // WAL: a reader's snapshot predates a commit by another connection; its upgrade to a writer
     // then fails with SQLITE_BUSY_SNAPSHOT (517).
     let mut reader = pool.begin().await.unwrap();
@@ -200,10 +176,7 @@ async fn sqlite_busy_snapshot_is_retryable() {
         .fetch_one(&mut *reader)
         .await
         .unwrap();
-    sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
-        .execute(&pool)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&pool, "UPDATE acct SET n = n + 1 WHERE id = 1").await;
     let busy = sqlx::query("UPDATE acct SET n = n + 1 WHERE id = 1")
         .execute(&mut *reader)
         .await

@@ -129,10 +129,11 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
     // Another session (a relay frozen inside its claim, an operator) holds seq 1..2 locked.
     let mut other = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM outbox_messages WHERE key = 'k' AND seq <= 2 FOR UPDATE")
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(
+        &mut *other,
+        "SELECT 1 FROM outbox_messages WHERE key = 'k' AND seq <= 2 FOR UPDATE",
+    )
+    .await;
     let seqs: Vec<i64> = tokio::time::timeout(Duration::from_secs(5), store.claim(lease, 10, &[]))
         .await
         .expect("the claim does not wait for row locks")
@@ -317,7 +318,7 @@ async fn the_probe_answers_the_databases_transaction_count() {
     let store = outbox::postgres::PgStore::new(pool.clone());
     let before = store.probe().await.unwrap().expect("PostgreSQL counts transactions");
     for _ in 0..50 {
-        sqlx::query("SELECT 1").execute(&pool).await.unwrap();
+        outbox_tests::db::exec(&pool, "SELECT 1").await;
     }
     outbox_tests::embedded::wait_for("the count to include them", Duration::from_secs(15), || async {
         store.probe().await.unwrap().unwrap() >= before + 50

@@ -7,7 +7,7 @@ use outbox::{Message, StoreAdmin};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::DeadLetterPolicy;
 use outbox_tests::embedded::{drained, start, test_config};
-use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_all, topic};
+use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_all, topic, PgTopic};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_messages_over_a_hundred_keys_arrive_in_order() {
@@ -34,11 +34,12 @@ async fn with_the_adaptive_pace_ten_thousand_messages_arrive_in_order() {
 /// Ten thousand messages over `keys` keys, committed by four writers while the relay runs.
 /// `producer`: librdkafka settings beside `bootstrap.servers`.
 async fn ten_thousand_messages(keys: usize, cfg: outbox_relay::RelayConfig, producer: &[(&str, &str)]) {
-    let bootstrap = broker();
-    let t = topic("relay-10k");
-    create_topic(&bootstrap, &t, 8).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store,
+    } = PgTopic::new("relay-10k", 8).await;
 
     let settings = std::iter::once(("bootstrap.servers", bootstrap.as_str())).chain(producer.iter().copied());
     let publisher = KafkaPublisher::new(settings).unwrap();
@@ -127,11 +128,12 @@ async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn late_committed_row_is_published() {
-    let bootstrap = broker();
-    let t = topic("relay-late");
-    create_topic(&bootstrap, &t, 1).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store,
+    } = PgTopic::new("relay-late", 1).await;
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
     let relay = start(store.clone(), publisher, test_config());
 
@@ -160,11 +162,12 @@ async fn late_committed_row_is_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_relays_share_lanes_without_reordering() {
-    let bootstrap = broker();
-    let t = topic("relay-two");
-    create_topic(&bootstrap, &t, 4).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store,
+    } = PgTopic::new("relay-two", 4).await;
     let mk = || KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
     let cfg = test_config().lease_ttl(Duration::from_secs(3));
     let a = start(store.clone(), mk(), cfg.clone().owner("relay-a".into()));
@@ -180,21 +183,18 @@ async fn two_relays_share_lanes_without_reordering() {
         expect.extend(msgs.iter().map(|m| m.id()));
         if r == 5 {
             // The two relays settle on a fair split: every lane owned, each relay holding half.
-            let start = std::time::Instant::now();
-            loop {
+            outbox_tests::wait::until("a fair split of the lanes", Duration::from_secs(30), || async {
                 let lanes = store.status().await.unwrap().lanes;
                 let a_n = lanes.iter().filter(|l| l.owner.as_deref() == Some("relay-a")).count();
                 let b_n = lanes.iter().filter(|l| l.owner.as_deref() == Some("relay-b")).count();
                 let half = outbox::LANES as usize / 2;
                 if a_n == half && b_n == half {
-                    break;
+                    Ok(())
+                } else {
+                    Err(format!("a={a_n}, b={b_n}"))
                 }
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "lanes never split fairly (a={a_n}, b={b_n})"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            })
+            .await;
         }
     }
     drained(&store, Duration::from_secs(60)).await;
@@ -207,11 +207,12 @@ async fn two_relays_share_lanes_without_reordering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_relay_without_polling() {
-    let bootstrap = broker();
-    let t = topic("relay-notify");
-    create_topic(&bootstrap, &t, 1).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store,
+    } = PgTopic::new("relay-notify", 1).await;
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str()), ("linger.ms", "0")]).unwrap();
     // Poll only once a minute: delivery within seconds proves the NOTIFY path.
     let relay = start(
@@ -232,11 +233,12 @@ async fn notify_wakes_the_relay_without_polling() {
 /// NOTIFY, no linger watch and a poll once a minute: only the in-process wake-up can publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_commit_wakes_the_embedded_relays_lane_it_wrote_to() {
-    let bootstrap = broker();
-    let t = topic("relay-local");
-    create_topic(&bootstrap, &t, 1).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store,
+    } = PgTopic::new("relay-local", 1).await;
     let outbox = outbox::Outbox::new().notify(false);
     let cfg = test_config()
         .poll_interval(Duration::from_secs(60))
@@ -295,10 +297,12 @@ async fn outbox_commit_wakes_the_embedded_relays_lane_it_wrote_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kept_published_rows_are_deleted_past_their_retention_on_a_schedule() {
-    let bootstrap = broker();
-    let t = topic("relay-keep");
-    create_topic(&bootstrap, &t, 2).await;
-    let pool = outbox_tests::db::fresh_pg().await;
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store: _,
+    } = PgTopic::new("relay-keep", 2).await;
     let store = outbox::postgres::PgStore::new(pool.clone()).keep_published(true);
     let mut tx = pool.begin().await.unwrap();
     let msgs: Vec<Message> = (0..300)

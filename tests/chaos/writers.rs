@@ -40,10 +40,7 @@ async fn rollback_panic_and_abort_inside_the_enqueueing_transaction_leak_nothing
     let bootstrap = mock.bootstrap_servers();
     let t = mock_topic(&mock, "tx-panic", 4);
     let pool = outbox_tests::db::fresh_pg().await;
-    sqlx::query("CREATE TABLE orders (id UUID PRIMARY KEY)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&pool, "CREATE TABLE orders (id UUID PRIMARY KEY)").await;
     let store = small_store(&pool).await;
     // Few connections: a connection a panicking task dropped mid-transaction is reused at once.
     let writers_pool = sqlx::postgres::PgPoolOptions::new()

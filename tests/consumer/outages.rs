@@ -70,7 +70,7 @@ async fn consumer_database_read_only_for_a_while_dead_letters_nothing() {
         };
         let (admin, db) = (admin.clone(), db.clone());
         async move {
-            sqlx::query(&sql).execute(&admin).await.unwrap();
+            outbox_tests::db::exec(&admin, &sql).await;
             drop_connections(&admin, &db).await;
         }
     };

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -104,18 +104,13 @@ pub async fn effect_counts(pool: &sqlx::PgPool) -> (i64, i64) {
 
 /// Waits until `n` distinct messages have their effect, failing the test after `within`.
 pub async fn wait_effects(pool: &sqlx::PgPool, n: i64, within: Duration) {
-    let start = Instant::now();
-    loop {
-        let (rows, distinct) = effect_counts(pool).await;
-        if distinct >= n {
-            return;
+    crate::wait::until(&format!("{n} messages applied"), within, || async {
+        match effect_counts(pool).await {
+            (_, distinct) if distinct >= n => Ok(()),
+            (rows, distinct) => Err(format!("{distinct} applied ({rows} effect rows)")),
         }
-        assert!(
-            start.elapsed() < within,
-            "only {distinct} of {n} messages applied ({rows} effect rows) within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// A handler's refusal, which the inbox rolls back and the runner retries, then dead-letters.

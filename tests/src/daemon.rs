@@ -271,16 +271,11 @@ pub async fn pending(store: &dyn Store) -> i64 {
 
 /// Waits until fewer than `n` rows are pending, failing the test after `within`.
 pub async fn wait_pending_below(store: &dyn Store, n: i64, within: Duration) {
-    let start = Instant::now();
-    loop {
-        let p = pending(store).await;
-        if p < n {
-            return;
+    crate::wait::until(&format!("fewer than {n} pending"), within, || async {
+        match pending(store).await {
+            p if p < n => Ok(()),
+            p => Err(format!("{p} pending")),
         }
-        assert!(
-            start.elapsed() < within,
-            "relay made no progress: {p} pending after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }

@@ -46,6 +46,11 @@ pub async fn fresh_pg_unmigrated() -> PgPool {
     fresh_database(admin, "PostgreSQL", PgConnectOptions::database).await
 }
 
+/// Runs `sql` (statements without parameters) on `e`, failing the test on an error.
+pub async fn exec<'e, E: sqlx::Executor<'e>>(e: E, sql: &'e str) {
+    sqlx::raw_sql(sql).execute(e).await.unwrap();
+}
+
 /// A new PostgreSQL database with the outbox schema.
 pub async fn fresh_pg() -> PgPool {
     let pool = fresh_pg_unmigrated().await;
@@ -169,10 +174,7 @@ macro_rules! migration_tests {
             assert_eq!(ours, $versions);
             // Both schemas are usable in one transaction.
             let mut tx = pool.begin().await.unwrap();
-            sqlx::query("INSERT INTO orders (id, note) VALUES (1, 'x')")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+            $crate::db::exec(&mut *tx, "INSERT INTO orders (id, note) VALUES (1, 'x')").await;
             outbox::enqueue(&mut tx, &outbox::Message::new("t", "x"))
                 .await
                 .unwrap();

@@ -2,12 +2,14 @@
 //! stop them and wait for the backlog to drain.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox::{Publisher, Store};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::{Relay, RelayConfig};
 use tokio::sync::oneshot;
+
+pub use crate::wait::wait_for;
 
 /// Relay settings for tests: quick polls, short leases, short backoff.
 pub fn test_config() -> RelayConfig {
@@ -71,31 +73,13 @@ pub fn kafka(bootstrap: &str, extra: &[(&str, &str)]) -> KafkaPublisher {
 
 /// Waits until nothing is pending, failing the test after `within`.
 pub async fn drained(store: &dyn Store, within: Duration) {
-    let start = Instant::now();
-    loop {
-        let p = store.status().await.unwrap().pending;
-        if p == 0 {
-            return;
+    crate::wait::until("backlog drained", within, || async {
+        match store.status().await.unwrap().pending {
+            0 => Ok(()),
+            p => Err(format!("{p} pending")),
         }
-        assert!(
-            start.elapsed() < within,
-            "backlog not drained in {within:?}: {p} pending"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Waits until `cond` holds, failing the test with `what` after `within`.
-pub async fn wait_for<F, Fut>(what: &str, within: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !cond().await {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// Waits until a relay holds every lane of the PostgreSQL outbox at `pool` and every lane has

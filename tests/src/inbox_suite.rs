@@ -30,22 +30,26 @@ use std::sync::{Arc, Mutex, Once, OnceLock};
 /// The SQL (and the outbox pieces) the suite cannot state once for all databases.
 pub trait Dialect: sqlx::Database {
     /// A condition selecting the rows of `key` (a test key, no quotes in it) in
-    /// `outbox_inbox_keys` and `outbox_inbox_gaps`.
-    fn key_is(key: &str) -> String;
+    /// `outbox_inbox_keys` and `outbox_inbox_gaps`. By default the `key` column.
+    fn key_is(key: &str) -> String {
+        format!("key = '{key}'")
+    }
     /// An expression: the time in `column` (a time column of the inbox tables) two days earlier.
     fn two_days_before(column: &str) -> String;
     /// Column names and values identifying `key` (a test key) in an `INSERT` into
     /// `outbox_inbox_keys` (or, with `gaps`, `outbox_inbox_gaps`) as migration 0002 created them:
-    /// `(columns, values)`.
-    fn key_insert(key: &str, gaps: bool) -> (&'static str, String);
+    /// `(columns, values)`. By default the `key` column.
+    fn key_insert(key: &str, _gaps: bool) -> (&'static str, String) {
+        ("key", format!("'{key}'"))
+    }
     /// Placeholder number `n` (from 1) of a statement.
     fn param(n: usize) -> String;
     /// An expression of the current time for the inbox tables' time columns.
-    fn now() -> &'static str;
+    const NOW: &'static str;
     /// The type of a binary column.
-    fn blob() -> &'static str;
+    const BLOB: &'static str;
     /// The outbox's embedded migrations.
-    fn migrator() -> &'static sqlx::migrate::Migrator;
+    const MIGRATOR: &'static sqlx::migrate::Migrator;
     /// Runs the outbox's `migrate`.
     fn migrate(pool: &sqlx::Pool<Self>) -> futures::future::LocalBoxFuture<'_, outbox::Result<()>>;
     /// The relay's store on `pool`.
@@ -53,33 +57,17 @@ pub trait Dialect: sqlx::Database {
 }
 
 impl Dialect for sqlx::Postgres {
-    fn key_is(key: &str) -> String {
-        format!("key = '{key}'")
-    }
-
     fn two_days_before(column: &str) -> String {
         format!("{column} - interval '2 days'")
-    }
-
-    fn key_insert(key: &str, _gaps: bool) -> (&'static str, String) {
-        ("key", format!("'{key}'"))
     }
 
     fn param(n: usize) -> String {
         format!("${n}")
     }
 
-    fn now() -> &'static str {
-        "now()"
-    }
-
-    fn blob() -> &'static str {
-        "BYTEA"
-    }
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &outbox::postgres::MIGRATOR
-    }
+    const NOW: &'static str = "now()";
+    const BLOB: &'static str = "BYTEA";
+    const MIGRATOR: &'static sqlx::migrate::Migrator = &outbox::postgres::MIGRATOR;
 
     fn migrate(pool: &sqlx::Pool<Self>) -> futures::future::LocalBoxFuture<'_, outbox::Result<()>> {
         Box::pin(outbox::postgres::migrate(pool))
@@ -112,17 +100,9 @@ impl Dialect for sqlx::MySql {
         "?".into()
     }
 
-    fn now() -> &'static str {
-        "UTC_TIMESTAMP(6)"
-    }
-
-    fn blob() -> &'static str {
-        "BLOB"
-    }
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &outbox::mysql::MIGRATOR
-    }
+    const NOW: &'static str = "UTC_TIMESTAMP(6)";
+    const BLOB: &'static str = "BLOB";
+    const MIGRATOR: &'static sqlx::migrate::Migrator = &outbox::mysql::MIGRATOR;
 
     fn migrate(pool: &sqlx::Pool<Self>) -> futures::future::LocalBoxFuture<'_, outbox::Result<()>> {
         Box::pin(outbox::mysql::migrate(pool))
@@ -135,33 +115,17 @@ impl Dialect for sqlx::MySql {
 
 // Times are microseconds since the Unix epoch.
 impl Dialect for sqlx::Sqlite {
-    fn key_is(key: &str) -> String {
-        format!("key = '{key}'")
-    }
-
     fn two_days_before(column: &str) -> String {
         format!("{column} - 2 * 86400 * 1000000")
-    }
-
-    fn key_insert(key: &str, _gaps: bool) -> (&'static str, String) {
-        ("key", format!("'{key}'"))
     }
 
     fn param(_: usize) -> String {
         "?".into()
     }
 
-    fn now() -> &'static str {
-        "1700000000000000"
-    }
-
-    fn blob() -> &'static str {
-        "BLOB"
-    }
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &outbox::sqlite::MIGRATOR
-    }
+    const NOW: &'static str = "1700000000000000";
+    const BLOB: &'static str = "BLOB";
+    const MIGRATOR: &'static sqlx::migrate::Migrator = &outbox::sqlite::MIGRATOR;
 
     fn migrate(pool: &sqlx::Pool<Self>) -> futures::future::LocalBoxFuture<'_, outbox::Result<()>> {
         Box::pin(outbox::sqlite::migrate(pool))

@@ -35,6 +35,32 @@ pub fn topic(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// Where most end-to-end tests start: a fresh topic on the shared broker and a fresh PostgreSQL
+/// outbox database.
+pub struct PgTopic {
+    pub bootstrap: String,
+    pub topic: String,
+    pub pool: sqlx::PgPool,
+    pub store: outbox::postgres::PgStore,
+}
+
+impl PgTopic {
+    /// A topic named after `prefix` with `partitions` partitions, and a migrated database.
+    pub async fn new(prefix: &str, partitions: i32) -> Self {
+        let bootstrap = broker();
+        let topic = topic(prefix);
+        create_topic(&bootstrap, &topic, partitions).await;
+        let pool = crate::db::fresh_pg().await;
+        let store = outbox::postgres::PgStore::new(pool.clone());
+        PgTopic {
+            bootstrap,
+            topic,
+            pool,
+            store,
+        }
+    }
+}
+
 /// Client settings for `bootstrap` (add SASL and the like with `.set`).
 pub fn client(bootstrap: &str) -> ClientConfig {
     let mut cfg = ClientConfig::new();

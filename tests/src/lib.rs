@@ -13,3 +13,4 @@ pub mod inbox_suite;
 pub mod kafka;
 pub mod proxy;
 pub mod publisher_suite;
+pub mod wait;

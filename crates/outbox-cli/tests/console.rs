@@ -8,15 +8,15 @@
 //! `crates/outbox-cli/docs/console.png` (the README's picture).
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fantoccini::{Client, Locator};
 use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::daemon::db_url;
 use outbox_tests::kafka::{broker, create_topic, read_until};
+use outbox_tests::wait::until;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 const TOKEN: &str = "console-test-t0ken";
@@ -31,22 +31,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Polls `check` until it returns `Some`, failing the test with `what` after `within`.
-async fn until<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Plants a parked dead letter the way the relay would leave it, and gives the lanes back.
@@ -67,9 +51,13 @@ async fn plant_dead_letter(store: &dyn Store, pool: &sqlx::PgPool, msg: &Message
 async fn page_when(c: &Client, url: &str, what: &str, ready: impl Fn(&str) -> bool) -> String {
     let ready = &ready;
     until(what, Duration::from_secs(30), || async move {
-        c.goto(url).await.ok()?;
-        let src = c.source().await.ok()?;
-        ready(&src).then_some(src)
+        c.goto(url).await.map_err(|e| e.to_string())?;
+        let src = c.source().await.map_err(|e| e.to_string())?;
+        if ready(&src) {
+            Ok(src)
+        } else {
+            Err("not on the page yet".to_owned())
+        }
     })
     .await
 }
@@ -236,8 +224,12 @@ token = "{TOKEN}"
         "backlog and dead letters empty",
         Duration::from_secs(30),
         || async move {
-            let st = store.status().await.ok()?;
-            (st.pending == 0 && st.dead_letters == 0).then_some(())
+            let st = store.status().await.map_err(|e| e.to_string())?;
+            if st.pending == 0 && st.dead_letters == 0 {
+                Ok(())
+            } else {
+                Err(format!("{} pending, {} dead letters", st.pending, st.dead_letters))
+            }
         },
     )
     .await;

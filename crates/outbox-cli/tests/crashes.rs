@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, Store, StoreAdmin, LANES};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs};
-use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::kafka::{check_delivery, read_until, PgTopic};
+use outbox_tests::wait::until;
 use rand::{Rng, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
@@ -41,11 +42,12 @@ struct Setup {
 }
 
 async fn setup(prefix: &str, partitions: i32) -> Setup {
-    let bootstrap = broker();
-    let topic = topic(prefix);
-    create_topic(&bootstrap, &topic, partitions).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let PgTopic {
+        bootstrap,
+        topic,
+        pool,
+        store,
+    } = PgTopic::new(prefix, partitions).await;
     let url = db_url(&pool);
     Setup {
         bootstrap,
@@ -102,27 +104,23 @@ async fn relay_paused_past_its_lease_cannot_mark_after_another_took_over() {
     a.signal("-STOP");
     let mut b = s.relay(batch).spawn();
     // A's heartbeat and leases expire; B takes every lane (each with a new epoch).
-    let start = Instant::now();
-    while lanes_of(&s.store, b.pid()).await < LANES as usize {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "B never took all lanes over:\n{}",
-            b.tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until("B took every lane over", Duration::from_secs(30), || async {
+        match lanes_of(&s.store, b.pid()).await {
+            n if n == LANES as usize => Ok(()),
+            n => Err(format!("B holds {n}:\n{}", b.tail(20))),
+        }
+    })
+    .await;
     assert_eq!(lanes_of(&s.store, a.pid()).await, 0);
     a.signal("-CONT");
     // A wakes up believing it owns its lanes: its marks carry the old epoch and are refused.
-    let start = Instant::now();
-    while a.count("lease lost") == 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "A never noticed it lost its lanes:\n{}",
-            a.tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("A noticed it lost its lanes", Duration::from_secs(30), || async {
+        match a.count("lease lost") {
+            0 => Err(a.tail(30)),
+            _ => Ok(()),
+        }
+    })
+    .await;
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
     for r in [&mut a, &mut b] {
         r.terminate();

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs, RelayProcess};
-use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::kafka::{broker, check_delivery, read_until, PgTopic};
+use outbox_tests::wait::until;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
@@ -20,11 +21,12 @@ mod backends;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
-    let bootstrap = broker();
-    let t = topic("daemon-term");
-    create_topic(&bootstrap, &t, 4).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store,
+    } = PgTopic::new("daemon-term", 4).await;
     let ids = enqueue_all(&pool, &t, 20_000, 200).await;
     let mut relay = spawn_relay(&db_url(&pool), &bootstrap, 200);
     wait_pending_below(&store, 19_000, Duration::from_secs(60)).await;
@@ -65,11 +67,12 @@ async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_then_restart_loses_nothing() {
-    let bootstrap = broker();
-    let t = topic("daemon-kill");
-    create_topic(&bootstrap, &t, 4).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store,
+    } = PgTopic::new("daemon-kill", 4).await;
     let ids = enqueue_all(&pool, &t, 20_000, 200).await;
     let batch = 200;
     let mut relay = spawn_relay(&db_url(&pool), &bootstrap, batch);
@@ -286,15 +289,13 @@ async fn lanes_no_relay_serves_are_reported_in_logs_and_status() {
         .args(["--config", cfg.to_str().unwrap()])
         .spawn();
     // The lease is 3 s and the stats refresh every 10 s: the warning comes within about 20 s.
-    let start = Instant::now();
-    while relay.count("lanes held by no relay") == 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "no warning:\n{}",
-            relay.tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until("the warning", Duration::from_secs(40), || async {
+        match relay.count("lanes held by no relay") {
+            0 => Err(relay.tail(20)),
+            _ => Ok(()),
+        }
+    })
+    .await;
     let line = relay
         .stderr()
         .into_iter()

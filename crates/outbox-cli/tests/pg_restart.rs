@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, StoreAdmin, LANES};
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
-use outbox_tests::kafka::{broker, check_delivery, create_topic, read_all, topic};
+use outbox_tests::kafka::{check_delivery, read_all, PgTopic};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 
@@ -57,14 +57,13 @@ async fn postgres_restarted_under_load_loses_nothing() {
         eprintln!("skipped: OUTBOX_TEST_NO_PG_RESTART is set");
         return;
     }
-    let bootstrap = broker();
-    let t = topic("pg-restart");
-    create_topic(&bootstrap, &t, 4).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    sqlx::query("CREATE TABLE orders (id UUID PRIMARY KEY)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store: _,
+    } = PgTopic::new("pg-restart", 4).await;
+    outbox_tests::db::exec(&pool, "CREATE TABLE orders (id UUID PRIMARY KEY)").await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let batch = 100;
     let mut relay = RelayArgs::new(BIN, &db_url(&pool), &bootstrap, batch).spawn();

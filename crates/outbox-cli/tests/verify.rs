@@ -8,7 +8,7 @@ use std::time::Duration;
 use outbox::Message;
 use outbox_nats::async_nats;
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
-use outbox_tests::kafka::{broker, client, create_topic, topic};
+use outbox_tests::kafka::{client, create_topic, topic, PgTopic};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
@@ -156,10 +156,12 @@ fn problem<'a>(report: &'a Value, key: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_the_relay_filled_passes() {
-    let bootstrap = broker();
-    let t = topic("verify-clean");
-    create_topic(&bootstrap, &t, 3).await;
-    let pool = outbox_tests::db::fresh_pg().await;
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store: _,
+    } = PgTopic::new("verify-clean", 3).await;
     enqueue(&pool, &t, 20, 15, 40).await;
     // Published rows kept: the unkeyed ids are checked too.
     let config = std::env::temp_dir().join(format!("verify-{}.toml", uuid::Uuid::new_v4().simple()));
@@ -190,10 +192,12 @@ async fn a_topic_the_relay_filled_passes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_duplicated_and_swapped_records_fail_with_the_right_counts() {
-    let bootstrap = broker();
-    let t = topic("verify-broken");
-    create_topic(&bootstrap, &t, 2).await;
-    let pool = outbox_tests::db::fresh_pg().await;
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store: _,
+    } = PgTopic::new("verify-broken", 2).await;
     enqueue(&pool, &t, 4, 5, 0).await;
     let rows = take_rows(&pool, |_, _| true).await;
     produce(&bootstrap, &t, &source(&pool).await, &broken(&rows)).await;
@@ -255,10 +259,12 @@ async fn lost_duplicated_and_swapped_records_fail_with_the_right_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seq_still_pending_is_not_missing() {
-    let bootstrap = broker();
-    let t = topic("verify-pending");
-    create_topic(&bootstrap, &t, 1).await;
-    let pool = outbox_tests::db::fresh_pg().await;
+    let PgTopic {
+        bootstrap,
+        topic: t,
+        pool,
+        store: _,
+    } = PgTopic::new("verify-pending", 1).await;
     enqueue(&pool, &t, 2, 5, 0).await;
     // k0: seq 3 waits in the outbox (e.g. in backoff) while 4 and 5 went out; k1: 5 not yet sent.
     let rows = take_rows(&pool, |k, s| !matches!((k, s), ("k0", 3) | ("k1", 5))).await;
@@ -269,10 +275,7 @@ async fn a_seq_still_pending_is_not_missing() {
     assert_eq!(report["missing"], 0, "{report:#}");
 
     // Once the row is gone without being published (a discarded dead letter), it is lost.
-    sqlx::query("DELETE FROM outbox_messages WHERE key = 'k0'")
-        .execute(&pool)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&pool, "DELETE FROM outbox_messages WHERE key = 'k0'").await;
     let (code, report) = verify(&db_url(&pool), &bootstrap, &t);
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(problem(&report, "k0")["missing_seqs"], serde_json::json!([[3, 3]]));

@@ -169,19 +169,13 @@ async fn a_re_send_with_the_same_id_is_stored_once_even_across_a_server_restart(
     );
     server.kill().await;
     server.up().await;
-    let start = std::time::Instant::now();
-    let after = loop {
-        match p.publish(std::slice::from_ref(&row)).await.remove(0) {
-            Ok(d) => break d,
-            Err(e) => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "no ack after the restart: {e:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let after = outbox_tests::wait::until("an ack after the restart", Duration::from_secs(30), || async {
+        p.publish(std::slice::from_ref(&row))
+            .await
+            .remove(0)
+            .map_err(|e| format!("{e:?}"))
+    })
+    .await;
     assert_eq!(after.offset, first.offset);
     let other = stored(2, &topic, Some("k"), Some(2), b"next".to_vec());
     p.publish(std::slice::from_ref(&other)).await.remove(0).unwrap();

@@ -10,10 +10,7 @@ macro_rules! __conformance_writes {
         async fn rollback_leaves_nothing_commit_keeps_both() {
             let (pool, store) = fresh().await;
             let mut tx = pool.begin().await.unwrap();
-            sqlx::query("INSERT INTO biz (id) VALUES (1)")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+            $crate::db::exec(&mut *tx, "INSERT INTO biz (id) VALUES (1)").await;
             outbox::enqueue(&mut tx, &Message::new("t", "rolled-back").key("k"))
                 .await
                 .unwrap();
@@ -22,10 +19,7 @@ macro_rules! __conformance_writes {
             assert_eq!(store.status().await.unwrap().pending, 0);
 
             let mut tx = pool.begin().await.unwrap();
-            sqlx::query("INSERT INTO biz (id) VALUES (1)")
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+            $crate::db::exec(&mut *tx, "INSERT INTO biz (id) VALUES (1)").await;
             let e = outbox::enqueue(&mut tx, &Message::new("t", "kept").key("k"))
                 .await
                 .unwrap();

@@ -9,7 +9,7 @@ macro_rules! __inbox_suite_upgrade {
         async fn records_written_before_sources_keep_working_after_the_migration() {
             // A database migrated up to 0002 (the inbox without sources), with records in it.
             let pool: Pool = $fresh_unmigrated.await;
-            let blob = <$db as Dialect>::blob();
+            let blob = <$db as Dialect>::BLOB;
             sqlx::raw_sql(&format!(
                 "CREATE TABLE outbox_schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
                  checksum {blob} NOT NULL, installed_on BIGINT)"
@@ -24,7 +24,7 @@ macro_rules! __inbox_suite_upgrade {
                 p(2),
                 p(3)
             );
-            for m in <$db as Dialect>::migrator().iter().filter(|m| m.version <= 2) {
+            for m in <$db as Dialect>::MIGRATOR.iter().filter(|m| m.version <= 2) {
                 sqlx::raw_sql(&m.sql).execute(&pool).await.unwrap();
                 sqlx::query(&record)
                     .bind(m.version)
@@ -35,7 +35,7 @@ macro_rules! __inbox_suite_upgrade {
                     .unwrap();
             }
             let c = consumer();
-            let now = <$db as Dialect>::now();
+            let now = <$db as Dialect>::NOW;
             // Key "k" applied up to 2; key "g" up to 4 with 2..=3 skipped; one unkeyed message.
             for (key, seq, gap_from) in [("k", 2, "NULL"), ("g", 4, "2")] {
                 let (cols, vals) = <$db as Dialect>::key_insert(key, false);
@@ -74,7 +74,7 @@ macro_rules! __inbox_suite_upgrade {
                     .await
                     .unwrap();
             // 0003 and whatever came after it.
-            let all: Vec<i64> = <$db as Dialect>::migrator().iter().map(|m| m.version).collect();
+            let all: Vec<i64> = <$db as Dialect>::MIGRATOR.iter().map(|m| m.version).collect();
             assert_eq!(versions, all);
             assert_eq!(versions[..3], [1, 2, 3]);
             let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox_source")

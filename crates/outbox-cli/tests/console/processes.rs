@@ -161,7 +161,7 @@ pub(crate) async fn browser() -> (Browser, Client) {
             .capabilities(caps.clone())
             .connect(webdriver)
             .await
-            .ok()
+            .map_err(|e| e.to_string())
     })
     .await;
     (Browser { driver, profile }, client)

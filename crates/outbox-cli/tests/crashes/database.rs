@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use outbox::{StoreAdmin, LANES};
 use outbox_tests::daemon::{enqueue_all, pending, wait_pending_below, RelayArgs};
 use outbox_tests::proxy::DbProxy;
+use outbox_tests::wait::until;
 use rand::Rng;
 
 use super::{relays, setup, BIN, TTL_MS};
@@ -85,10 +86,7 @@ async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
     wait_pending_below(&s.store, 7800, Duration::from_secs(60)).await;
     // Longer than the daemon's lock_timeout (10 s): claims and marks in flight time out and retry.
     let mut tx = s.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE outbox_messages IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    outbox_tests::db::exec(&mut *tx, "LOCK TABLE outbox_messages IN ACCESS EXCLUSIVE MODE").await;
     let locked = Instant::now();
     while locked.elapsed() < Duration::from_secs(12) {
         assert!(relay.running(), "the relay died under the lock:\n{}", relay.tail(20));
@@ -134,15 +132,15 @@ async fn unreachable_database_status_fails_run_retries_and_sigterm_exits_zero() 
         start.elapsed()
     );
     // Meanwhile `run` waits for the database, retrying (each attempt ends at the 10 s connect timeout).
-    while relay.count("database not reachable; retrying") < 2 {
+    until("two retries logged", Duration::from_secs(60), || {
         assert!(relay.running(), "run gave up instead of retrying:\n{}", relay.tail(20));
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no retry logged:\n{}",
-            relay.tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let seen = match relay.count("database not reachable; retrying") {
+            n if n >= 2 => Ok(()),
+            n => Err(format!("{n} retries logged:\n{}", relay.tail(20))),
+        };
+        std::future::ready(seen)
+    })
+    .await;
     let term = Instant::now();
     relay.signal("-TERM");
     assert_eq!(

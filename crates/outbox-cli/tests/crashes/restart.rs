@@ -49,47 +49,24 @@ async fn crash_then_restart(point: &str) {
     eprintln!("crash at {point}: {left} pending at the crash, drained {took:.1?} after the restart, {dups} duplicates (bound {bound})");
 }
 
-#[cfg_attr(
-    not(feature = "failpoints"),
-    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_after_claim_then_restart_loses_nothing() {
-    crash_then_restart("after_claim").await;
+/// One test per crash point: each crashes the relay there, restarts it and checks the outbox.
+macro_rules! crash_points {
+    ($($name:ident: $point:literal),* $(,)?) => {$(
+        #[cfg_attr(
+            not(feature = "failpoints"),
+            ignore = "needs --features outbox-cli/failpoints (.ci/test)"
+        )]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            crash_then_restart($point).await;
+        }
+    )*};
 }
 
-#[cfg_attr(
-    not(feature = "failpoints"),
-    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_during_publish_then_restart_loses_nothing() {
-    crash_then_restart("during_publish").await;
-}
-
-#[cfg_attr(
-    not(feature = "failpoints"),
-    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_before_mark_then_restart_loses_nothing() {
-    crash_then_restart("before_mark").await;
-}
-
-#[cfg_attr(
-    not(feature = "failpoints"),
-    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_during_mark_then_restart_loses_nothing() {
-    crash_then_restart("during_mark").await;
-}
-
-#[cfg_attr(
-    not(feature = "failpoints"),
-    ignore = "needs --features outbox-cli/failpoints (.ci/test)"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_after_mark_then_restart_loses_nothing() {
-    crash_then_restart("after_mark").await;
+crash_points! {
+    crash_after_claim_then_restart_loses_nothing: "after_claim",
+    crash_during_publish_then_restart_loses_nothing: "during_publish",
+    crash_before_mark_then_restart_loses_nothing: "before_mark",
+    crash_during_mark_then_restart_loses_nothing: "during_mark",
+    crash_after_mark_then_restart_loses_nothing: "after_mark",
 }

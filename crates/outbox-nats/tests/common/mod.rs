@@ -123,19 +123,11 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let start = Instant::now();
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "JetStream call kept failing: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    outbox_tests::wait::until("a JetStream call", Duration::from_secs(30), || {
+        let call = f();
+        async move { call.await.map_err(|e| e.to_string()) }
+    })
+    .await
 }
 
 /// Every message of `stream` in stream order, read by sequence; waits until at least `at_least`
