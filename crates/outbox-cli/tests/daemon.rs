@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs, RelayProcess};
-use outbox_tests::kafka::{broker, check_delivery, read_until, PgTopic};
+use outbox_tests::kafka::{broker, check_delivery, read_all, PgTopic};
 use outbox_tests::wait::until;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
@@ -50,14 +50,7 @@ async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
         .into_iter()
         .collect();
     let published: HashSet<_> = ids.difference(&remaining).copied().collect();
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &published,
-        Duration::from_secs(60),
-        Duration::from_millis(200),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &published).await;
     let seen_ids: HashSet<_> = seen.iter().map(|s| s.id).collect();
     assert!(
         published.is_subset(&seen_ids),
@@ -86,14 +79,7 @@ async fn sigkill_mid_batch_then_restart_loses_nothing() {
     relay.signal("-TERM");
     assert_eq!(relay.wait_exit(Duration::from_secs(40)).code(), Some(0));
 
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &ids,
-        Duration::from_secs(90),
-        Duration::from_millis(500),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &ids).await;
     let dups = check_delivery(&seen, &ids);
     let bound = batch * outbox::LANES as usize;
     assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use outbox::{Message, StoreAdmin};
 use outbox_tests::daemon::{enqueue_all, wait_pending_below, RelayArgs, RelayProcess};
-use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_all, topic};
 use outbox_tests::proxy::DbProxy;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
@@ -85,7 +85,7 @@ async fn one_daemon_drains_two_postgres_databases_and_a_mariadb_at_once() {
         wait_pending_below(s.as_ref(), 1, Duration::from_secs(60)).await;
     }
     for (t, ids) in topics.iter().zip([&ids_a, &ids_b, &ids_m]) {
-        let seen = read_until(&bootstrap, t, ids, Duration::from_secs(30), Duration::from_millis(200)).await;
+        let seen = read_all(&bootstrap, t, ids).await;
         assert_eq!(check_delivery(&seen, ids), 0, "{t}: every message once, per-key order");
     }
     // Each database's figures apart, and each relay holds every lane of its own database.
@@ -148,14 +148,7 @@ async fn a_database_that_goes_down_stalls_only_itself_and_readyz_names_it() {
     let ids_flaky = enqueue_all(&flaky, &t_flaky, 300, 10).await;
     let store_up = outbox::postgres::PgStore::new(up.clone());
     wait_pending_below(&store_up, 1, Duration::from_secs(30)).await;
-    let seen = read_until(
-        &bootstrap,
-        &t_up,
-        &ids_up,
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t_up, &ids_up).await;
     assert_eq!(check_delivery(&seen, &ids_up), 0);
     let store_flaky = outbox::postgres::PgStore::new(flaky.clone());
     assert_eq!(
@@ -166,14 +159,7 @@ async fn a_database_that_goes_down_stalls_only_itself_and_readyz_names_it() {
 
     proxy.restore().await;
     wait_pending_below(&store_flaky, 1, Duration::from_secs(60)).await;
-    let seen = read_until(
-        &bootstrap,
-        &t_flaky,
-        &ids_flaky,
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t_flaky, &ids_flaky).await;
     assert_eq!(check_delivery(&seen, &ids_flaky), 0);
     relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 200);
     drop(relay);

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::types::FieldTable;
@@ -150,14 +151,19 @@ impl RabbitPublisher {
             .await
     }
 
-    fn outcome(&self, row: &StoredMessage, c: Confirmation) -> Result<Delivered, PublishError> {
-        match c {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Delivered::new(row.pos)),
-            Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => Err(PublishError::permanent(format!(
+    /// The outcome of `row` from its confirm, and the returns the broker sent so far (from
+    /// [`Returns::keep`]): a returned row is unroutable whatever its confirm says.
+    fn outcome(&self, row: &StoredMessage, acked: bool, returns: &Returns) -> Result<Delivered, PublishError> {
+        if let Some(ret) = returns.of(row) {
+            return Err(PublishError::permanent(format!(
                 "unroutable: {} {} (exchange {:?}, routing key {:?}: no queue is bound to take it)",
                 ret.reply_code, ret.reply_text, self.cfg.exchange, row.topic
-            ))),
-            Confirmation::Nack(None) => Err(PublishError::retryable("nacked by the broker")),
+            )));
+        }
+        if acked {
+            Ok(Delivered::new(row.pos))
+        } else {
+            Err(PublishError::retryable("nacked by the broker"))
         }
     }
 
@@ -220,19 +226,29 @@ impl RabbitPublisher {
             }
             pending.extend(refused.map(Err));
         }
-        let mut out = Vec::with_capacity(batch.len());
-        for (row, p) in batch.iter().zip(pending) {
-            out.push(match p {
-                Err(sent) => sent,
+        // Every confirm first, then the outcomes: a row's return may come with another row's
+        // confirm, a later one included.
+        let mut returns = Returns::default();
+        let mut confirmed = Vec::with_capacity(batch.len());
+        for p in pending {
+            confirmed.push(match p {
+                Err(sent) => Err(sent),
                 Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
-                    Ok(Ok(c)) => Sent::Done(self.outcome(row, c)),
-                    Ok(Err(e)) if channel_closed(&e) => Sent::Again,
-                    Ok(Err(e)) => Sent::Done(Err(classify(&e))),
-                    Err(_) => Sent::Done(Err(self.unconfirmed())),
+                    Ok(Ok(c)) => Ok(returns.keep(c)),
+                    Ok(Err(e)) if channel_closed(&e) => Err(Sent::Again),
+                    Ok(Err(e)) => Err(Sent::Done(Err(classify(&e)))),
+                    Err(_) => Err(Sent::Done(Err(self.unconfirmed()))),
                 },
             });
         }
-        out
+        batch
+            .iter()
+            .zip(confirmed)
+            .map(|(row, c)| match c {
+                Ok(acked) => Sent::Done(self.outcome(row, acked, &returns)),
+                Err(sent) => sent,
+            })
+            .collect()
     }
 
     /// Sends one row alone on a fresh channel and awaits its confirm: when the server closes the
@@ -245,7 +261,11 @@ impl RabbitPublisher {
         })
         .await
         {
-            Ok(Ok(c)) => self.outcome(row, c),
+            Ok(Ok(c)) => {
+                let mut returns = Returns::default();
+                let acked = returns.keep(c);
+                self.outcome(row, acked, &returns)
+            }
             Ok(Err(e)) => Err(classify(&e)),
             Err(_) => Err(self.unconfirmed()),
         };
@@ -253,6 +273,37 @@ impl RabbitPublisher {
             let _ = ch.close(200, "done").await;
         }
         res
+    }
+}
+
+/// The messages the broker returned (`basic.return`: mandatory and unroutable), by message id.
+///
+/// lapin hands a return to the next confirm it completes, not to the returned message's own: when
+/// one ack covers several messages, it completes them in any order, and an ack of another message
+/// can come between a return and its own ack (a routable message was reported unroutable). The
+/// message id the publisher sets on every message (`properties`) says whose a return is.
+#[derive(Default)]
+struct Returns(HashMap<String, BasicReturnMessage>);
+
+impl Returns {
+    /// Keeps the return that came with `c`, if any; true when `c` is an ack.
+    fn keep(&mut self, c: Confirmation) -> bool {
+        let acked = !matches!(c, Confirmation::Nack(_));
+        if let Some(ret) = c.take_message() {
+            let id = ret
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned());
+            self.0.insert(id.unwrap_or_default(), ret);
+        }
+        acked
+    }
+
+    /// The return of `row`, if the broker returned it.
+    fn of(&self, row: &StoredMessage) -> Option<&BasicReturnMessage> {
+        self.0.get(&row.id.to_string())
     }
 }
 

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use common::{declare_queue, name, url, Node, Reader};
-use outbox::Publisher;
+use outbox::{FailureKind, Publisher};
 use outbox_rabbitmq::{RabbitConfig, RabbitPublisher};
 use outbox_tests::proxy::TcpProxy;
-use outbox_tests::publisher_suite::{BrokerFixture, Received};
+use outbox_tests::publisher_suite::{stored, BrokerFixture, Received};
 
 /// Every node `.ci/rabbitmq` starts refuses messages above 4 MiB (`max_message_size`).
 const OVERSIZE: usize = 5 * 1024 * 1024;
@@ -121,3 +121,37 @@ outbox_tests::publisher_suite!(
     shared = RabbitFixture::shared(),
     dedicated = RabbitFixture::dedicated().await,
 );
+
+/// lapin hands a `basic.return` to whichever confirm it completes next (in any order when one ack
+/// covers several messages), not necessarily to the returned message's own. Many batches with
+/// unroutable messages between routable ones: every outcome must be its own row's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_return_is_reported_for_its_own_message() {
+    let fixture = RabbitFixture::shared();
+    let dest = fixture.destination().await;
+    let missing = fixture.missing_destination().await;
+    let publisher = fixture.publisher().await;
+    let mut wrong = Vec::new();
+    for round in 0..40 {
+        let batch: Vec<_> = (0..100)
+            .map(|i| {
+                let to = if i % 7 == 3 { &missing } else { &dest };
+                stored(round * 100 + i, to, None, None, format!("{round}-{i}").into_bytes())
+            })
+            .collect();
+        let out = publisher.publish(&batch).await;
+        for (row, r) in batch.iter().zip(&out) {
+            match (row.topic == missing, r) {
+                (true, Err(e)) if e.kind == FailureKind::Permanent => {}
+                (false, Ok(_)) => {}
+                (_, other) => wrong.push(format!("row {} to {}: {other:?}", row.pos, row.topic)),
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of 4,000 outcomes were not their own row's, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+}

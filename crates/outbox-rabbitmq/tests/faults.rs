@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{check_effects, consumer_config, declare_queue, name, run_consumer, url, Node};
+use common::{check_effects, consumer_config, declare_queue, name, queue_depth, run_consumer, url, Node};
 use futures::future::BoxFuture;
 use outbox::{Publisher, StoreAdmin};
 use outbox_inbox::Incoming;
@@ -22,6 +22,19 @@ use tokio::sync::Notify;
 /// Consumer settings for the fault tests: retries capped at 300 ms.
 fn quick_config(url: &str, queue: &str) -> outbox_rabbitmq::RabbitConsumerConfig {
     consumer_config(url, queue).backoff_max(Duration::from_millis(300))
+}
+
+/// What the fault tests rest on: `.ci/rabbitmq kill` writes the node's metadata log out first, so a
+/// durable queue declared right before a SIGKILL is there after the restart (RabbitMQ 3.10 holds
+/// queue declarations in memory for up to 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_declared_right_before_a_kill_is_there_after_the_restart() {
+    let node = tokio::task::block_in_place(Node::dedicated);
+    let queue = name("declared");
+    declare_queue(&node.url(), &queue).await;
+    tokio::task::block_in_place(|| node.kill());
+    tokio::task::block_in_place(|| node.start());
+    assert_eq!(queue_depth(&node.url(), &queue).await, 0, "the queue is there, empty");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

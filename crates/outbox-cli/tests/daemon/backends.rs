@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use outbox::{Message, Store};
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
-use outbox_tests::kafka::{broker, check_delivery, create_topic, read_until, topic};
+use outbox_tests::kafka::{broker, check_delivery, create_topic, read_all, topic};
 
 use super::{spawn_relay, BIN};
 
@@ -28,7 +28,7 @@ async fn relay_on(url: &str, store: &dyn Store, t: &str, ids: &HashSet<uuid::Uui
     let mut relay = spawn_relay(url, bootstrap, 100);
     wait_pending_below(store, 1, Duration::from_secs(60)).await;
     relay.terminate();
-    let seen = read_until(bootstrap, t, ids, Duration::from_secs(30), Duration::from_millis(200)).await;
+    let seen = read_all(bootstrap, t, ids).await;
     assert_eq!(check_delivery(&seen, ids), 0);
 }
 
@@ -118,13 +118,6 @@ async fn outbox_tables_in_their_own_schema() {
         .spawn();
     wait_pending_below(&store, 1, Duration::from_secs(60)).await;
     relay.terminate();
-    let seen = read_until(
-        &bootstrap,
-        &t,
-        &ids,
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-    )
-    .await;
+    let seen = read_all(&bootstrap, &t, &ids).await;
     assert_eq!(check_delivery(&seen, &ids), 0);
 }
