@@ -165,42 +165,34 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     crate::common::delete_topic(env, &bootstrap, &topic).await;
     let med = crate::common::median;
     let base = Row::new(format!("{writers} writers, no relay running"), "tx/s", tps[0].clone());
-    let mut rows = vec![
-        base.clone(),
-        Row::new(
-            format!("{writers} writers while the relay drains the backlog (defaults: every lane busy)"),
-            "tx/s",
-            tps[1].clone(),
-        )
-        .vs(&base)
-        .target(Target::AtLeast(0.9))
-        .extra("relay_drain_msg_per_s", med(&drained_during[1])),
-        Row::new(
-            format!("{writers} writers while the relay drains, max_busy_lanes = {LIMITED}"),
-            "tx/s",
-            tps[2].clone(),
-        )
-        .vs(&base)
-        .target(Target::AtLeast(0.9))
-        .extra("relay_drain_msg_per_s", med(&drained_during[2])),
-        Row::new(
-            format!("{writers} writers while the relay drains, max_rate = {RATE} msg/s"),
-            "tx/s",
-            tps[3].clone(),
-        )
-        .vs(&base)
-        .target(Target::AtLeast(0.9))
-        .extra("relay_drain_msg_per_s", med(&drained_during[3])),
-        Row::new(
-            format!("{writers} writers while the relay drains, adaptive pace"),
-            "tx/s",
-            tps[4].clone(),
-        )
-        .vs(&base)
-        .target(Target::AtLeast(0.85))
-        .extra("relay_drain_msg_per_s", med(&drained_during[4]))
-        .extra("min_backlog_left", left.iter().copied().fold(f64::INFINITY, f64::min)),
+    // Variants 1..=4 of the rounds above: what the writers ran beside, the target, whether paced adaptively.
+    let paced = [
+        (
+            "while the relay drains the backlog (defaults: every lane busy)".to_owned(),
+            0.9,
+            false,
+        ),
+        (
+            format!("while the relay drains, max_busy_lanes = {LIMITED}"),
+            0.9,
+            false,
+        ),
+        (format!("while the relay drains, max_rate = {RATE} msg/s"), 0.9, false),
+        ("while the relay drains, adaptive pace".to_owned(), 0.85, true),
     ];
+    let mut rows = vec![base.clone()];
+    for (i, (what, target, adaptive)) in paced.into_iter().enumerate() {
+        let v = i + 1;
+        let row = Row::new(format!("{writers} writers {what}"), "tx/s", tps[v].clone())
+            .vs(&base)
+            .target(Target::AtLeast(target))
+            .extra("relay_drain_msg_per_s", med(&drained_during[v]));
+        rows.push(if adaptive {
+            row.extra("min_backlog_left", left.iter().copied().fold(f64::INFINITY, f64::min))
+        } else {
+            row
+        });
+    }
     rows.extend(drain_alone(env, rounds.min(3), &bootstrap).await?);
     let fig = Figure {
         id: "interference".into(),
