@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use outbox::postgres::PgStore;
+use outbox::Outbox;
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::Relay;
 
@@ -86,6 +87,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let db = BenchDb::create(env, 40).await?;
     fill_backlog(&db.pool, &topic, backlog).await?;
     throughput(
+        &Outbox::new(),
         &db.pool,
         &topic,
         crate::write::Shape::Minimal,
@@ -117,7 +119,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             }
             sqlx::query("CHECKPOINT").execute(&db.pool).await?;
             let Some(cfg) = variants[v].clone() else {
-                tps[v].push(throughput(&db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?);
+                tps[v].push(throughput(&Outbox::new(), &db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?);
                 continue;
             };
             let before = pending(&db.pool).await?;
@@ -141,7 +143,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             });
             // The relay reaches its drain rate (and the adaptive pace its level) first.
             tokio::time::sleep(WARM_UP).await;
-            let b = throughput(&db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?;
+            let b = throughput(&Outbox::new(), &db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?;
             let _ = stop_tx.send(());
             relay.await??;
             let after = pending(&db.pool).await?;

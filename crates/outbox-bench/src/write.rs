@@ -77,8 +77,10 @@ pub(crate) enum Shape {
 /// Products of the `Order` shape (stock rows): contention only as often as two writers pick one.
 const PRODUCTS: usize = 1000;
 
-/// One business transaction of shape `shape` and variant `v` by writer `w`, number `i`.
+/// One business transaction of shape `shape` and variant `v` by writer `w`, number `i`, committed
+/// with `outbox` (which wakes an embedded relay given its `local_wakeup`; a plain commit otherwise).
 pub(crate) async fn business_tx(
+    outbox: &Outbox,
     pool: &PgPool,
     topic: &str,
     shape: Shape,
@@ -138,14 +140,16 @@ pub(crate) async fn business_tx(
             // Spread over the keys, different per writer: contention only as often as keys collide.
             m = m.key(key((w * 7919 + i as usize * 104_729) % KEYS));
         }
-        Outbox::new().notify(notify).enqueue(&mut tx, &m).await?;
+        outbox.clone().notify(notify).enqueue(&mut tx, &m).await?;
     }
-    tx.commit().await?;
+    outbox.commit(tx).await?;
     Ok(())
 }
 
-/// Runs `writers` concurrent writers of variant `v` for `dur`; returns transactions per second.
+/// Runs `writers` concurrent writers of variant `v` for `dur`, committing with `outbox`; returns
+/// transactions per second.
 pub(crate) async fn throughput(
+    outbox: &Outbox,
     pool: &PgPool,
     topic: &str,
     shape: Shape,
@@ -159,7 +163,8 @@ pub(crate) async fn throughput(
     let mut tasks = Vec::new();
     let started = Instant::now();
     for w in 0..writers {
-        let (pool, count, stop, body, topic) = (
+        let (outbox, pool, count, stop, body, topic) = (
+            outbox.clone(),
             pool.clone(),
             count.clone(),
             stop.clone(),
@@ -169,7 +174,7 @@ pub(crate) async fn throughput(
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                business_tx(&pool, &topic, shape, v, (w, i), &body).await?;
+                business_tx(&outbox, &pool, &topic, shape, v, (w, i), &body).await?;
                 count.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
@@ -188,8 +193,9 @@ pub(crate) async fn throughput(
 }
 
 /// `writers` concurrent business transactions of shape `shape` on `pool`, each variant measured
-/// for `dur`.
+/// for `dur`, committed with `outbox`.
 struct Load<'a> {
+    outbox: Outbox,
     pool: &'a PgPool,
     shape: Shape,
     writers: usize,
@@ -200,6 +206,7 @@ impl Load<'_> {
     /// Half a second of variant `v`, not measured: connections, plans, caches.
     async fn warm_up(&self, v: Variant) -> anyhow::Result<()> {
         throughput(
+            &self.outbox,
             self.pool,
             TOPIC,
             self.shape,
@@ -223,7 +230,8 @@ impl Load<'_> {
     ) -> anyhow::Result<()> {
         for j in 0..variants.len() {
             let k = (j + round) % variants.len();
-            tps[k].push(throughput(self.pool, TOPIC, self.shape, variants[k], self.writers, self.dur).await?);
+            let t = throughput(&self.outbox, self.pool, TOPIC, self.shape, variants[k], self.writers, self.dur);
+            tps[k].push(t.await?);
         }
         eprintln!(
             "write: {what}, round {}/{rounds}: {}",
@@ -285,6 +293,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let mut rows = Vec::new();
     for writers in [1usize, 16] {
         let load = Load {
+            outbox: Outbox::new(),
             pool: &db.pool,
             shape: Shape::Minimal,
             writers,
@@ -322,12 +331,21 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     rows.extend(order_rows(&db, rounds, dur, &[None]).await?);
     // The lanes' linger (writers skip NOTIFY while it lasts) against none, in the same rounds.
     let linger = outbox_relay::RelayConfig::DEFAULT_LINGER;
-    let lingers = [
-        (Duration::ZERO, Duration::ZERO),
-        (linger, Duration::from_millis(5)),
-        (linger, Duration::from_millis(20)),
+    // And the embedded relay woken in-process by the writers' commits (no NOTIFY needed), linger 0.
+    let beside = |linger, every_ms, local| {
+        Some(order::Beside {
+            linger,
+            every: Duration::from_millis(every_ms),
+            local,
+        })
+    };
+    let settings = [
+        beside(Duration::ZERO, 0, false),
+        beside(linger, 5, false),
+        beside(linger, 20, false),
+        beside(Duration::ZERO, 0, true),
     ];
-    rows.extend(order_rows(&db, rounds, dur, &lingers.map(Some)).await?);
+    rows.extend(order_rows(&db, rounds, dur, &settings).await?);
     db.drop_db().await;
     let fig = Figure {
         id: "write".into(),

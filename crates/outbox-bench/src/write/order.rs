@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use outbox::Outbox;
 use sqlx::PgPool;
 
 use super::{variant_rows, Load, Shape, Variant, PRODUCTS, VARIANTS};
@@ -24,17 +25,26 @@ async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An embedded relay (publisher answering after 2 ms) draining the writers' messages as they commit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Beside {
+    /// How long its lanes linger after running dry ([`outbox_relay::RelayConfig::linger`]).
+    pub(super) linger: Duration,
+    /// How often lingering lanes are looked at.
+    pub(super) every: Duration,
+    /// Woken in-process by the writers' `Outbox::commit` (`Relay::wake_on`).
+    pub(super) local: bool,
+}
+
 /// The flash-sale order transaction at 16 writers: without the outbox, with an unkeyed and a keyed
 /// message (NOTIFY on, the library's default) and a keyed one with NOTIFY off, interleaved with a
 /// rotating start. Each entry of `relays` is one setting measured in every round (in turn, rotating
-/// start): `None` without a relay, `Some((linger, every))` with an embedded relay (publisher
-/// answering after 2 ms) draining the messages as they commit, its lanes lingering that long after
-/// running dry, looked at every `every`.
+/// start): `None` without a relay, or a relay draining beside the writers.
 pub(super) async fn order_rows(
     db: &BenchDb,
     rounds: usize,
     dur: Duration,
-    relays: &[Option<(Duration, Duration)>],
+    relays: &[Option<Beside>],
 ) -> anyhow::Result<Vec<Row>> {
     if relays.iter().any(Option::is_some) {
         sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
@@ -43,27 +53,35 @@ pub(super) async fn order_rows(
     } else {
         create_order_tables(&db.pool).await?;
     }
-    let start_relay = |(linger, every): (Duration, Duration)| {
+    // The writers' Outbox: a new one per relay run, given to the relay when it is woken in-process.
+    let start_relay = |b: Beside, outbox: &Outbox| {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let relay = outbox_relay::Relay::new(
+        let mut relay = outbox_relay::Relay::new(
             outbox::postgres::PgStore::new(db.pool.clone()),
             crate::probe::NullPublisher {
                 delay: Duration::from_millis(2),
             },
         )
-        .config(crate::drain::drain_config().linger(linger).linger_poll_interval(every));
+        .config(crate::drain::drain_config().linger(b.linger).linger_poll_interval(b.every));
+        if b.local {
+            relay = relay.wake_on(outbox.local_wakeup());
+        }
         let task = tokio::spawn(relay.run_until(async {
             let _ = stopped.await;
         }));
         (stop, task)
     };
-    let label = |relay: Option<(Duration, Duration)>| match relay {
+    let label = |relay: Option<Beside>| match relay {
         None => String::new(),
-        Some((l, _)) if l.is_zero() => ", relay draining, linger 0".into(),
-        Some((l, e)) => format!(
+        Some(b) if b.local => format!(
+            ", relay draining, woken in-process by Outbox::commit, linger {} ms",
+            b.linger.as_millis()
+        ),
+        Some(b) if b.linger.is_zero() => ", relay draining, linger 0".into(),
+        Some(b) => format!(
             ", relay draining, linger {} ms looked at every {} ms",
-            l.as_millis(),
-            e.as_millis()
+            b.linger.as_millis(),
+            b.every.as_millis()
         ),
     };
     let writers = 16;
@@ -74,13 +92,14 @@ pub(super) async fn order_rows(
         notify: false,
     };
     let variants: Vec<Variant> = VARIANTS.into_iter().filter(|v| *v != unkeyed_without_notify).collect();
-    let load = Load {
+    let load = |outbox: Outbox| Load {
+        outbox,
         pool: &db.pool,
         shape: Shape::Order,
         writers,
         dur,
     };
-    load.warm_up(variants[2]).await?;
+    load(Outbox::new()).warm_up(variants[2]).await?;
     // tps[setting][variant]: one list of rounds each.
     let mut tps: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); variants.len()]; relays.len()];
     for round in 0..rounds {
@@ -91,9 +110,10 @@ pub(super) async fn order_rows(
                     .execute(&db.pool)
                     .await?;
             }
-            let running = relays[r].map(start_relay);
+            let outbox = Outbox::new();
+            let running = relays[r].map(|b| start_relay(b, &outbox));
             let what = format!("order transaction, {writers} writers{}", label(relays[r]));
-            load.round(&variants, (round, rounds), &what, &mut tps[r]).await?;
+            load(outbox).round(&variants, (round, rounds), &what, &mut tps[r]).await?;
             if let Some((stop, task)) = running {
                 let _ = stop.send(());
                 task.await??;
