@@ -119,7 +119,18 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             }
             sqlx::query("CHECKPOINT").execute(&db.pool).await?;
             let Some(cfg) = variants[v].clone() else {
-                tps[v].push(throughput(&Outbox::new(), &db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?);
+                tps[v].push(
+                    throughput(
+                        &Outbox::new(),
+                        &db.pool,
+                        &topic,
+                        crate::write::Shape::Minimal,
+                        variant,
+                        writers,
+                        dur,
+                    )
+                    .await?,
+                );
                 continue;
             };
             let before = pending(&db.pool).await?;
@@ -143,7 +154,16 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             });
             // The relay reaches its drain rate (and the adaptive pace its level) first.
             tokio::time::sleep(WARM_UP).await;
-            let b = throughput(&Outbox::new(), &db.pool, &topic, crate::write::Shape::Minimal, variant, writers, dur).await?;
+            let b = throughput(
+                &Outbox::new(),
+                &db.pool,
+                &topic,
+                crate::write::Shape::Minimal,
+                variant,
+                writers,
+                dur,
+            )
+            .await?;
             let _ = stop_tx.send(());
             relay.await??;
             let after = pending(&db.pool).await?;

@@ -230,7 +230,15 @@ impl Load<'_> {
     ) -> anyhow::Result<()> {
         for j in 0..variants.len() {
             let k = (j + round) % variants.len();
-            let t = throughput(&self.outbox, self.pool, TOPIC, self.shape, variants[k], self.writers, self.dur);
+            let t = throughput(
+                &self.outbox,
+                self.pool,
+                TOPIC,
+                self.shape,
+                variants[k],
+                self.writers,
+                self.dur,
+            );
             tps[k].push(t.await?);
         }
         eprintln!(

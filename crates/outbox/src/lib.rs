@@ -119,7 +119,9 @@ impl Outbox {
     }
 
     /// Commits `tx`, then wakes a relay embedded in this process: the lanes this task enqueued
-    /// into since its last `commit`, or every lane when it enqueued in another task.
+    /// into since its last `commit` (none for a transaction that enqueued nothing; every lane once
+    /// after an enqueue outside a tokio task). A transaction enqueued in one task and committed in
+    /// another is found by NOTIFY or the relay's poll instead.
     pub async fn commit<DB: sqlx::Database>(&self, tx: Transaction<'_, DB>) -> Result<()> {
         tx.commit().await?;
         self.local.committed();

@@ -13,7 +13,7 @@ use tokio::task::Id;
 use crate::LANES;
 
 /// Tasks with enqueues not yet committed that are remembered at the most. Beyond that the records
-/// are forgotten, and those tasks' commits wake every lane (as a commit from an unknown task does).
+/// are forgotten, and the next commit that finds no record of its own wakes every lane.
 const MAX_TASKS: usize = 4096;
 
 const _: () = assert!(LANES <= 64, "a lane mask is a u64");
@@ -30,6 +30,9 @@ struct Inner {
     listened: AtomicBool,
     /// Per task, the lanes it enqueued into since its last [`crate::Outbox::commit`].
     enqueued: Mutex<HashMap<Id, u64>>,
+    /// An enqueue no task record holds (made outside a tokio task, or its record forgotten): the
+    /// next commit without a record of its own wakes every lane, so that row is not left to the poll.
+    unattributed: AtomicBool,
 }
 
 impl Default for LocalWakeup {
@@ -38,6 +41,7 @@ impl Default for LocalWakeup {
             lanes: (0..LANES).map(|_| Notify::new()).collect(),
             listened: AtomicBool::new(false),
             enqueued: Mutex::new(HashMap::new()),
+            unattributed: AtomicBool::new(false),
         }))
     }
 }
@@ -49,12 +53,14 @@ impl LocalWakeup {
         self.clone()
     }
 
-    /// Records that the current task enqueued into `lanes` (nothing outside a tokio task).
+    /// Records that the current task enqueued into `lanes` (outside a tokio task: that an enqueue
+    /// is unattributed).
     pub(crate) fn enqueued(&self, lanes: impl IntoIterator<Item = i32>) {
         if !self.0.listened.load(Ordering::Relaxed) {
             return;
         }
         let Some(task) = tokio::task::try_id() else {
+            self.0.unattributed.store(true, Ordering::Relaxed);
             return;
         };
         let mask = lanes.into_iter().fold(0u64, |m, lane| m | 1 << lane.rem_euclid(LANES));
@@ -62,12 +68,15 @@ impl LocalWakeup {
         if enqueued.len() >= MAX_TASKS && !enqueued.contains_key(&task) {
             // Tasks that rolled back leave records behind; forgetting them only wakes more lanes.
             enqueued.clear();
+            self.0.unattributed.store(true, Ordering::Relaxed);
         }
         *enqueued.entry(task).or_default() |= mask;
     }
 
-    /// The current task committed: wakes the lanes it enqueued into, or every lane when it has no
-    /// record (it enqueued in another task, or its record was forgotten).
+    /// The current task committed: wakes the lanes it enqueued into. A commit without a record of
+    /// its own (its transaction enqueued nothing) wakes nothing, unless an enqueue is unattributed:
+    /// then it wakes every lane. (A transaction enqueued in one task and committed in another is
+    /// found by NOTIFY or the relay's poll instead.)
     pub(crate) fn committed(&self) {
         if !self.0.listened.load(Ordering::Relaxed) {
             return;
@@ -77,7 +86,13 @@ impl LocalWakeup {
                 let mut enqueued = self.0.enqueued.lock().unwrap_or_else(|e| e.into_inner());
                 enqueued.remove(&task)
             })
-            .unwrap_or(u64::MAX);
+            .unwrap_or_else(|| {
+                if self.0.unattributed.swap(false, Ordering::Relaxed) {
+                    u64::MAX
+                } else {
+                    0
+                }
+            });
         for lane in 0..LANES {
             if mask & 1 << lane != 0 {
                 self.wake(lane);
@@ -133,9 +148,16 @@ mod tests {
             "a lane no committed transaction wrote to stays asleep"
         );
         assert!(!woken(&w, 4).await);
-        // A commit with nothing recorded (outside a task, or after the record went) wakes every lane.
+        // A commit with nothing recorded, its transaction having enqueued nothing, wakes no lane.
+        in_task(&w, |w| w.committed()).await;
         w.committed();
-        assert!(woken(&w, 4).await && woken(&w, 9).await && woken(&w, 31).await);
+        assert!(!woken(&w, 4).await && !woken(&w, 9).await);
+        // After an enqueue outside a task, the next commit without a record wakes every lane, once.
+        w.enqueued([7]);
+        in_task(&w, |w| w.committed()).await;
+        assert!(woken(&w, 4).await && woken(&w, 7).await && woken(&w, 31).await);
+        w.committed();
+        assert!(!woken(&w, 7).await, "the unattributed enqueue woke every lane once");
     }
 
     #[tokio::test]

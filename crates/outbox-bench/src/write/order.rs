@@ -62,7 +62,11 @@ pub(super) async fn order_rows(
                 delay: Duration::from_millis(2),
             },
         )
-        .config(crate::drain::drain_config().linger(b.linger).linger_poll_interval(b.every));
+        .config(
+            crate::drain::drain_config()
+                .linger(b.linger)
+                .linger_poll_interval(b.every),
+        );
         if b.local {
             relay = relay.wake_on(outbox.local_wakeup());
         }
@@ -113,7 +117,9 @@ pub(super) async fn order_rows(
             let outbox = Outbox::new();
             let running = relays[r].map(|b| start_relay(b, &outbox));
             let what = format!("order transaction, {writers} writers{}", label(relays[r]));
-            load(outbox).round(&variants, (round, rounds), &what, &mut tps[r]).await?;
+            load(outbox)
+                .round(&variants, (round, rounds), &what, &mut tps[r])
+                .await?;
             if let Some((stop, task)) = running {
                 let _ = stop.send(());
                 task.await??;
