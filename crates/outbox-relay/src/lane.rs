@@ -5,39 +5,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox::{Backoff, Lease, Publisher, Store, StoredMessage};
-use tokio::sync::{Notify, Semaphore};
+use outbox::{Lease, Publisher, Store, StoredMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{ClaimAhead, RelayConfig};
+use crate::config::ClaimAhead;
+#[cfg(doc)]
+use crate::config::RelayConfig;
 use crate::flight::{take_turns, Flight, InFlight, Turns};
 use crate::linger::linger_wait;
-use crate::metrics as m;
+pub(crate) use crate::shared::Shared;
 pub(crate) use crate::waits::timed;
 use crate::waits::{back_off, pace, pause};
-
-pub(crate) struct Shared<S, P> {
-    pub(crate) store: S,
-    pub(crate) publisher: P,
-    pub(crate) cfg: RelayConfig,
-    /// One wake-up per lane, this relay's own: NOTIFY payloads and the linger's watch.
-    pub(crate) wake: Vec<Notify>,
-    /// The writers' in-process wake-up ([`crate::Relay::wake_on`]), when embedded beside them.
-    pub(crate) local: Option<outbox::LocalWakeup>,
-    /// Turns to work, when [`RelayConfig::max_busy_lanes`] is set.
-    pub(crate) busy: Option<Semaphore>,
-    /// The adaptive pace, when [`RelayConfig::adaptive_pace`] is on.
-    pub(crate) adaptive: Option<crate::pace::Adaptive>,
-    /// The pace, when [`RelayConfig::max_rate`] is set.
-    pub(crate) rate: Option<governor::DefaultDirectRateLimiter>,
-    /// Retry delays ([`RelayConfig::backoff_base`] to [`RelayConfig::backoff_max`]).
-    pub(crate) backoff: Backoff,
-    pub(crate) meters: m::Meters,
-    pub(crate) health: crate::RelayHealth,
-    /// Lanes that linger after running dry (see [`crate::linger`]).
-    pub(crate) watched: crate::linger::Watched,
-}
 
 /// Why a lane loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,37 +25,6 @@ pub(crate) enum LaneExit {
     Stopped,
     /// Another relay took the lane over.
     Lost,
-}
-
-impl<S, P> Shared<S, P> {
-    /// Wakes `lane` (NOTIFY, the linger's watch), or its next wait when it is busy; a lane out of
-    /// range (a stray NOTIFY payload): nothing.
-    pub(crate) fn wake_lane(&self, lane: i32) {
-        if let Some(w) = usize::try_from(lane).ok().and_then(|l| self.wake.get(l)) {
-            w.notify_one();
-        }
-    }
-
-    /// Completes when `lane` is woken: by NOTIFY, the linger's watch or a commit in this process.
-    pub(crate) async fn woken(&self, lane: i32) {
-        let own = self.wake[lane as usize].notified();
-        match &self.local {
-            Some(local) => tokio::select! {
-                _ = own => {}
-                _ = local.notified(lane) => {}
-            },
-            None => own.await,
-        }
-    }
-
-    /// Runs one of the relay's own database transactions, counted for the adaptive pace (which
-    /// tells them from the service's).
-    pub(crate) async fn counted<T>(&self, tx: impl std::future::Future<Output = T>) -> T {
-        if let Some(pace) = &self.adaptive {
-            pace.count_own();
-        }
-        tx.await
-    }
 }
 
 pub(crate) async fn run_lane<S: Store, P: Publisher>(

@@ -14,6 +14,7 @@ mod lane;
 mod linger;
 pub mod metrics;
 mod pace;
+mod shared;
 mod waits;
 
 pub use config::{ClaimAhead, DeadLetterPolicy, RelayConfig};
