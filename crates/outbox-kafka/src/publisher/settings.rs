@@ -73,6 +73,14 @@ fn check_delivery_invariants(settings: &BTreeMap<String, String>) -> Result<(), 
         keys.iter()
             .find_map(|k| settings.get(*k).map(|v| ((*k).to_owned(), v.trim().to_owned())))
     };
+    // Every setting under any of `keys`, a topic setting also with librdkafka's `topic.` prefix
+    // (applied over the global one, so each must keep the invariant).
+    let all = |keys: &[&str]| -> Vec<(String, String)> {
+        keys.iter()
+            .flat_map(|k| [(*k).to_owned(), format!("topic.{k}")])
+            .filter_map(|k| settings.get(&k).map(|v| (k.clone(), v.trim().to_owned())))
+            .collect()
+    };
     let refuse = |key: String, value: String, why: &str| {
         Err(KafkaError::ClientConfig(
             rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
@@ -81,7 +89,7 @@ fn check_delivery_invariants(settings: &BTreeMap<String, String>) -> Result<(), 
             value,
         ))
     };
-    if let Some((k, v)) = get(&["acks", "request.required.acks"]) {
+    for (k, v) in all(&["acks", "request.required.acks"]) {
         if !matches!(v.as_str(), "all" | "-1") {
             return refuse(
                 k,
@@ -106,7 +114,7 @@ fn check_delivery_invariants(settings: &BTreeMap<String, String>) -> Result<(), 
             );
         }
     }
-    if let Some((k, v)) = get(&["message.timeout.ms", "delivery.timeout.ms"]) {
+    for (k, v) in all(&["message.timeout.ms", "delivery.timeout.ms"]) {
         if v.parse::<u64>().map_or(true, |ms| ms == 0) {
             return refuse(
                 k,

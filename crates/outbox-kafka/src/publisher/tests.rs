@@ -81,6 +81,22 @@ fn settings_that_break_confirm_before_mark_or_key_order_are_refused() {
         "max.in.flight.requests.per.connection",
     );
     refused(&[("message.timeout.ms", "0")], "message.timeout.ms");
+    // librdkafka takes a topic setting with a `topic.` prefix too, and applies it over the default.
+    let no_idempotence = ("max.in.flight.requests.per.connection", "1");
+    refused(
+        &[("topic.acks", "1"), ("enable.idempotence", "false"), no_idempotence],
+        "topic.acks",
+    );
+    refused(
+        &[
+            ("acks", "all"),
+            ("topic.request.required.acks", "0"),
+            ("enable.idempotence", "false"),
+            no_idempotence,
+        ],
+        "topic.request.required.acks",
+    );
+    refused(&[("topic.message.timeout.ms", "0")], "topic.message.timeout.ms");
     // What keeps the invariants is accepted.
     KafkaPublisher::new([
         ("bootstrap.servers", "127.0.0.1:1"),
