@@ -99,6 +99,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
             )
             .await
             .map_err(|e| NatsError::jetstream(&format!("consumer {} of {}", cfg.durable, cfg.stream), e))?;
+        check_existing(&consumer.cached_info().config, &cfg)?;
         if cfg.create_dead_letter_stream {
             let subjects = stream
                 .info()
@@ -197,4 +198,27 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
         }
         Ok(())
     }
+}
+
+/// Refuses a durable that existed before with settings the runner cannot keep its promises under:
+/// with `AckPolicy::All` acking one message acks those before it (some still waiting for their
+/// retry); with a server `max_deliver` below the runner's, the server stops delivering a failing
+/// message before the runner dead-letters it. Both would lose messages.
+fn check_existing(existing: &jetstream::consumer::Config, cfg: &NatsConsumerConfig) -> Result<(), NatsError> {
+    let durable = format!("consumer {} of {}", cfg.durable, cfg.stream);
+    if existing.ack_policy != AckPolicy::Explicit {
+        return Err(NatsError::Config(format!(
+            "{durable} exists with ack policy {:?}: the runner acks each message after its commit and needs \
+             AckPolicy::Explicit (delete the consumer, the runner creates it)",
+            existing.ack_policy
+        )));
+    }
+    if existing.max_deliver > 0 && existing.max_deliver < cfg.max_deliver {
+        return Err(NatsError::Config(format!(
+            "{durable} exists with max_deliver {} below the runner's max_deliver {}: the server would stop \
+             delivering a failing message before the runner dead-letters it",
+            existing.max_deliver, cfg.max_deliver
+        )));
+    }
+    Ok(())
 }

@@ -134,3 +134,51 @@ async fn a_topic_without_a_stream_is_dead_lettered_and_its_key_parked_while_othe
     );
     assert_eq!(store.status().await.unwrap().pending, 1, "the parked message waits");
 }
+
+/// A durable created beforehand with settings the runner cannot keep its promises under is refused
+/// at connect, naming the setting: `AckPolicy::All` (acking one message would ack those before it,
+/// some still waiting for their retry) and a server `max_deliver` below the runner's (the server
+/// would stop delivering a failing message before the runner dead-letters it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_durable_with_unsafe_settings_is_refused() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let url = shared_url();
+    let reader = client(&url).await;
+    let (_, stream) = new_destination(&reader, "durable").await;
+    let effects = outbox_tests::effects::effects_db().await;
+    let js = async_nats::jetstream::new(reader.clone());
+    let s = js.get_stream(&stream).await.unwrap();
+    for (durable, config, named) in [
+        (
+            "all-acks",
+            pull::Config {
+                durable_name: Some("all-acks".into()),
+                ack_policy: AckPolicy::All,
+                ..Default::default()
+            },
+            "ack policy",
+        ),
+        (
+            "few-deliveries",
+            pull::Config {
+                durable_name: Some("few-deliveries".into()),
+                ack_policy: AckPolicy::Explicit,
+                max_deliver: 2,
+                ..Default::default()
+            },
+            "max_deliver",
+        ),
+    ] {
+        s.create_consumer(config).await.unwrap();
+        let err = outbox_nats::NatsConsumerRunner::connect(
+            consumer_config(&url, &stream, durable),
+            effects.clone(),
+            outbox_inbox::Inbox::new("effects"),
+            outbox_tests::effects::EffectRows,
+        )
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("durable {durable} accepted"));
+        assert!(err.to_string().contains(named), "{durable}: {err}");
+    }
+}
