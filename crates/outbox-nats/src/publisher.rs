@@ -24,6 +24,12 @@ use outbox::redact::redact_url;
 /// Room taken by the protocol around a message's headers (`NATS/1.0\r\n`, separators).
 const HEADER_OVERHEAD: usize = 64;
 
+/// How long a publish answered "no responders" is sent again before the subject counts as taken
+/// by no stream (a clustered stream electing its leader answers within about this).
+const NO_RESPONDERS_GRACE: Duration = Duration::from_secs(2);
+/// The wait between those sends.
+const NO_RESPONDERS_WAIT: Duration = Duration::from_millis(250);
+
 /// Publishes outbox rows to JetStream. One connection, shared by all lanes of a relay; it reconnects
 /// by itself.
 ///
@@ -107,20 +113,30 @@ impl NatsPublisher {
         Ok((subject, msg))
     }
 
-    /// Sends one message and waits for its ack.
+    /// Sends one message and waits for its ack. "No responders" is tried again for
+    /// [`NO_RESPONDERS_GRACE`] before it counts as no stream taking the subject: a clustered
+    /// stream has no responder while it elects a leader (NATS ADR-22). The message id stays the
+    /// same, so the stream keeps one copy whatever reached it.
     async fn publish_one(&self, row: &StoredMessage) -> Result<Delivered, PublishError> {
-        let (subject, msg) = self.prepare(row)?;
-        let ack = self.js.send_publish(subject, msg).await.map_err(|e| classify(&e))?;
-        match ack.await {
-            Ok(ack) => {
-                if ack.duplicate {
-                    metrics::counter!("outbox_nats_duplicate_acks_total").increment(1);
-                    tracing::debug!(outbox.id = %row.id, stream = %ack.stream, seq = ack.sequence, "re-send dropped by the stream's duplicate window");
+        let started = tokio::time::Instant::now();
+        let ack = loop {
+            let (subject, msg) = self.prepare(row)?;
+            let res = match self.js.send_publish(subject, msg).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && started.elapsed() < NO_RESPONDERS_GRACE => {
+                    tokio::time::sleep(NO_RESPONDERS_WAIT).await;
                 }
-                Ok(Delivered::new(row.pos).at(0, i64::try_from(ack.sequence).unwrap_or(i64::MAX)))
+                res => break res.map_err(|e| classify(&e))?,
             }
-            Err(e) => Err(classify(&e)),
+        };
+        if ack.duplicate {
+            metrics::counter!("outbox_nats_duplicate_acks_total").increment(1);
+            tracing::debug!(outbox.id = %row.id, stream = %ack.stream, seq = ack.sequence, "re-send dropped by the stream's duplicate window");
         }
+        Ok(Delivered::new(row.pos).at(0, i64::try_from(ack.sequence).unwrap_or(i64::MAX)))
     }
 
     /// Sends the messages of one key (or one unkeyed message) in order, each after the previous

@@ -182,3 +182,26 @@ async fn an_existing_durable_with_unsafe_settings_is_refused() {
         assert!(err.to_string().contains(named), "{durable}: {err}");
     }
 }
+
+/// A stream that answers a moment after the publish (a clustered stream has no responder while it
+/// elects its leader) takes the message: "no responders" is tried again for a moment before it
+/// means that no stream takes the subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_answered_no_responders_is_tried_again_for_a_moment() {
+    use outbox::Publisher;
+    let url = shared_url();
+    let reader = client(&url).await;
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    let (topic, stream) = (format!("late-{u}"), format!("S_{u}"));
+    let p = publisher(&url).await;
+    let row = outbox_tests::publisher_suite::stored(1, &topic, Some("k"), Some(1), b"late".to_vec());
+    let create = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let subject = format!("{topic}.*");
+        let subjects = [subject.as_str()];
+        with_retry(|| outbox_nats::ensure_stream(&reader, &stream, &subjects)).await;
+    });
+    let out = p.publish(std::slice::from_ref(&row)).await;
+    create.await.unwrap();
+    assert!(out[0].is_ok(), "{:?}", out[0]);
+}
