@@ -34,12 +34,7 @@ async fn with_the_adaptive_pace_ten_thousand_messages_arrive_in_order() {
 /// Ten thousand messages over `keys` keys, committed by four writers while the relay runs.
 /// `producer`: librdkafka settings beside `bootstrap.servers`.
 async fn ten_thousand_messages(keys: usize, cfg: outbox_relay::RelayConfig, producer: &[(&str, &str)]) {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store,
-    } = PgTopic::new("relay-10k", 8).await;
+    let (bootstrap, t, pool, store) = PgTopic::new("relay-10k", 8).await.into_parts();
 
     let settings = std::iter::once(("bootstrap.servers", bootstrap.as_str())).chain(producer.iter().copied());
     let publisher = KafkaPublisher::new(settings).unwrap();
@@ -128,12 +123,7 @@ async fn oversized_message_is_dead_lettered_while_other_keys_flow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn late_committed_row_is_published() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store,
-    } = PgTopic::new("relay-late", 1).await;
+    let (bootstrap, t, pool, store) = PgTopic::new("relay-late", 1).await.into_parts();
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
     let relay = start(store.clone(), publisher, test_config());
 
@@ -162,12 +152,7 @@ async fn late_committed_row_is_published() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_relays_share_lanes_without_reordering() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store,
-    } = PgTopic::new("relay-two", 4).await;
+    let (bootstrap, t, pool, store) = PgTopic::new("relay-two", 4).await.into_parts();
     let mk = || KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
     let cfg = test_config().lease_ttl(Duration::from_secs(3));
     let a = start(store.clone(), mk(), cfg.clone().owner("relay-a".into()));
@@ -207,12 +192,7 @@ async fn two_relays_share_lanes_without_reordering() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_the_relay_without_polling() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store,
-    } = PgTopic::new("relay-notify", 1).await;
+    let (bootstrap, t, pool, store) = PgTopic::new("relay-notify", 1).await.into_parts();
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str()), ("linger.ms", "0")]).unwrap();
     // Poll only once a minute: delivery within seconds proves the NOTIFY path.
     let relay = start(
@@ -233,12 +213,7 @@ async fn notify_wakes_the_relay_without_polling() {
 /// NOTIFY, no linger watch and a poll once a minute: only the in-process wake-up can publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_commit_wakes_the_embedded_relays_lane_it_wrote_to() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store,
-    } = PgTopic::new("relay-local", 1).await;
+    let (bootstrap, t, pool, store) = PgTopic::new("relay-local", 1).await.into_parts();
     let outbox = outbox::Outbox::new().notify(false);
     let cfg = test_config()
         .poll_interval(Duration::from_secs(60))
@@ -297,12 +272,7 @@ async fn outbox_commit_wakes_the_embedded_relays_lane_it_wrote_to() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kept_published_rows_are_deleted_past_their_retention_on_a_schedule() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store: _,
-    } = PgTopic::new("relay-keep", 2).await;
+    let (bootstrap, t, pool, _) = PgTopic::new("relay-keep", 2).await.into_parts();
     let store = outbox::postgres::PgStore::new(pool.clone()).keep_published(true);
     let mut tx = pool.begin().await.unwrap();
     let msgs: Vec<Message> = (0..300)

@@ -59,6 +59,11 @@ impl PgTopic {
             store,
         }
     }
+
+    /// `(bootstrap, topic, pool, store)`.
+    pub fn into_parts(self) -> (String, String, sqlx::PgPool, outbox::postgres::PgStore) {
+        (self.bootstrap, self.topic, self.pool, self.store)
+    }
 }
 
 /// Client settings for `bootstrap` (add SASL and the like with `.set`).

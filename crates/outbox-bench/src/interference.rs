@@ -86,16 +86,23 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let topic = new_topic(env, &bootstrap, "bench-interference").await?;
     let db = BenchDb::create(env, 40).await?;
     fill_backlog(&db.pool, &topic, backlog).await?;
-    throughput(
-        &Outbox::new(),
-        &db.pool,
-        &topic,
-        crate::write::Shape::Minimal,
-        variant,
-        writers,
-        Duration::from_millis(500),
-    )
-    .await?;
+    // The writers' transactions per second over `dur`.
+    let business = |dur| {
+        let (pool, topic) = (db.pool.clone(), topic.clone());
+        async move {
+            throughput(
+                &Outbox::new(),
+                &pool,
+                &topic,
+                crate::write::Shape::Minimal,
+                variant,
+                writers,
+                dur,
+            )
+            .await
+        }
+    };
+    business(Duration::from_millis(500)).await?;
     // Relay variants: None = no relay; then the drain defaults, paced by lanes, paced by rate,
     // paced by the database's answers.
     let variants: [Option<outbox_relay::RelayConfig>; 5] = [
@@ -119,18 +126,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             }
             sqlx::query("CHECKPOINT").execute(&db.pool).await?;
             let Some(cfg) = variants[v].clone() else {
-                tps[v].push(
-                    throughput(
-                        &Outbox::new(),
-                        &db.pool,
-                        &topic,
-                        crate::write::Shape::Minimal,
-                        variant,
-                        writers,
-                        dur,
-                    )
-                    .await?,
-                );
+                tps[v].push(business(dur).await?);
                 continue;
             };
             let before = pending(&db.pool).await?;
@@ -154,16 +150,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             });
             // The relay reaches its drain rate (and the adaptive pace its level) first.
             tokio::time::sleep(WARM_UP).await;
-            let b = throughput(
-                &Outbox::new(),
-                &db.pool,
-                &topic,
-                crate::write::Shape::Minimal,
-                variant,
-                writers,
-                dur,
-            )
-            .await?;
+            let b = business(dur).await?;
             let _ = stop_tx.send(());
             relay.await??;
             let after = pending(&db.pool).await?;

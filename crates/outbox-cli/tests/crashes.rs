@@ -42,12 +42,7 @@ struct Setup {
 }
 
 async fn setup(prefix: &str, partitions: i32) -> Setup {
-    let PgTopic {
-        bootstrap,
-        topic,
-        pool,
-        store,
-    } = PgTopic::new(prefix, partitions).await;
+    let (bootstrap, topic, pool, store) = PgTopic::new(prefix, partitions).await.into_parts();
     let url = db_url(&pool);
     Setup {
         bootstrap,

@@ -21,12 +21,7 @@ mod backends;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store,
-    } = PgTopic::new("daemon-term", 4).await;
+    let (bootstrap, t, pool, store) = PgTopic::new("daemon-term", 4).await.into_parts();
     let ids = enqueue_all(&pool, &t, 20_000, 200).await;
     let mut relay = spawn_relay(&db_url(&pool), &bootstrap, 200);
     wait_pending_below(&store, 19_000, Duration::from_secs(60)).await;
@@ -60,12 +55,7 @@ async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_then_restart_loses_nothing() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store,
-    } = PgTopic::new("daemon-kill", 4).await;
+    let (bootstrap, t, pool, store) = PgTopic::new("daemon-kill", 4).await.into_parts();
     let ids = enqueue_all(&pool, &t, 20_000, 200).await;
     let batch = 200;
     let mut relay = spawn_relay(&db_url(&pool), &bootstrap, batch);

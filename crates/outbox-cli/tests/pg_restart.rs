@@ -57,12 +57,7 @@ async fn postgres_restarted_under_load_loses_nothing() {
         eprintln!("skipped: OUTBOX_TEST_NO_PG_RESTART is set");
         return;
     }
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store: _,
-    } = PgTopic::new("pg-restart", 4).await;
+    let (bootstrap, t, pool, _) = PgTopic::new("pg-restart", 4).await.into_parts();
     outbox_tests::db::exec(&pool, "CREATE TABLE orders (id UUID PRIMARY KEY)").await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let batch = 100;

@@ -156,12 +156,7 @@ fn problem<'a>(report: &'a Value, key: &str) -> &'a Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_the_relay_filled_passes() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store: _,
-    } = PgTopic::new("verify-clean", 3).await;
+    let (bootstrap, t, pool, _) = PgTopic::new("verify-clean", 3).await.into_parts();
     enqueue(&pool, &t, 20, 15, 40).await;
     // Published rows kept: the unkeyed ids are checked too.
     let config = std::env::temp_dir().join(format!("verify-{}.toml", uuid::Uuid::new_v4().simple()));
@@ -192,12 +187,7 @@ async fn a_topic_the_relay_filled_passes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_duplicated_and_swapped_records_fail_with_the_right_counts() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store: _,
-    } = PgTopic::new("verify-broken", 2).await;
+    let (bootstrap, t, pool, _) = PgTopic::new("verify-broken", 2).await.into_parts();
     enqueue(&pool, &t, 4, 5, 0).await;
     let rows = take_rows(&pool, |_, _| true).await;
     produce(&bootstrap, &t, &source(&pool).await, &broken(&rows)).await;
@@ -259,12 +249,7 @@ async fn lost_duplicated_and_swapped_records_fail_with_the_right_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seq_still_pending_is_not_missing() {
-    let PgTopic {
-        bootstrap,
-        topic: t,
-        pool,
-        store: _,
-    } = PgTopic::new("verify-pending", 1).await;
+    let (bootstrap, t, pool, _) = PgTopic::new("verify-pending", 1).await.into_parts();
     enqueue(&pool, &t, 2, 5, 0).await;
     // k0: seq 3 waits in the outbox (e.g. in backoff) while 4 and 5 went out; k1: 5 not yet sent.
     let rows = take_rows(&pool, |k, s| !matches!((k, s), ("k0", 3) | ("k1", 5))).await;
