@@ -260,7 +260,7 @@ async fn outbox_commit_wakes_the_embedded_relays_lane_it_wrote_to() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(pending().await, 1, "a's lane was not woken by b's commit");
 
-    // A commit whose enqueues the Outbox cannot tie to it (here, outside any task) wakes every lane.
+    // Outside any task (the test's own body, where a was enqueued) counts as one task: its commit wakes a's lane.
     let tx = pool.begin().await.unwrap();
     outbox.commit(tx).await.unwrap();
     drained(&store, Duration::from_secs(10)).await;

@@ -119,9 +119,9 @@ impl Outbox {
     }
 
     /// Commits `tx`, then wakes a relay embedded in this process: the lanes this task enqueued
-    /// into since its last `commit` (none for a transaction that enqueued nothing; every lane once
-    /// after an enqueue outside a tokio task). A transaction enqueued in one task and committed in
-    /// another is found by NOTIFY or the relay's poll instead.
+    /// into since its last `commit` (none for a transaction that enqueued nothing; code outside any
+    /// tokio task counts as one task). A transaction enqueued in one task and committed in another
+    /// is found by NOTIFY or the relay's poll instead.
     pub async fn commit<DB: sqlx::Database>(&self, tx: Transaction<'_, DB>) -> Result<()> {
         tx.commit().await?;
         self.local.committed();
