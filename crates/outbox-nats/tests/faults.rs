@@ -150,6 +150,26 @@ async fn a_message_the_handler_always_refuses_goes_to_the_dead_letter_subject_af
     assert_eq!(stats.dead_lettered.load(Relaxed), 1);
 }
 
+/// Two durable consumers of one stream that both dead-letter a message leave one dead letter each in
+/// the shared dead-letter stream: a dead letter's `Nats-Msg-Id` names its consumer, so only a re-send
+/// of the same consumer's dead letter is dropped as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_consumers_dead_lettering_one_message_leave_a_dead_letter_each() {
+    let t = Setup::shared("poison-two").await;
+    let row = stored(1, &t.topic, Some("poison"), Some(1), b"bad".to_vec());
+    t.publish(std::slice::from_ref(&row)).await;
+    let audit_db = outbox_tests::effects::effects_db().await;
+    let refuse = || RefuseIf::new(REFUSED, |_| true);
+    let (a, _) = run_consumer(t.consumer_config().max_deliver(1), t.effects.clone(), refuse()).await;
+    let audit = consumer_config(&t.url, &t.stream, "audit").max_deliver(1);
+    let (b, _) = run_consumer(audit, audit_db, refuse()).await;
+    let dlq = format!("{}_DLQ", t.stream);
+    let dead = read_stream(&t.reader, &dlq, 2, Duration::from_secs(30)).await;
+    tokio::join!(a.stop(), b.stop());
+    assert_eq!(dead.len(), 2, "one dead letter per consumer");
+    assert!(dead.iter().all(|d| d.id == row.id));
+}
+
 /// The relay re-sends what it has no ack for; the stream stores it once, even when the server was
 /// restarted in between (the duplicate window is rebuilt from the store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -158,12 +158,16 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
         let mut headers = msg.headers.clone().unwrap_or_default();
         // One line: a header value cannot hold a line break.
         let error = error.replace(['\r', '\n'], " ");
+        // The dead letter's own id: a re-send of this consumer's dead letter is dropped by the
+        // stream's duplicate window, another consumer's dead letter of the same message is kept.
+        let id = format!("dlq:{}:{}:{}", self.cfg.durable, self.cfg.stream, at.stream_seq);
         for (k, v) in [
             (HEADER_ERROR, error.as_str()),
             (HEADER_ORIGINAL_SUBJECT, msg.subject.as_str()),
             (HEADER_ORIGINAL_STREAM, self.cfg.stream.as_str()),
             (HEADER_ORIGINAL_SEQUENCE, &at.stream_seq.to_string()),
             (HEADER_DELIVERIES, &at.delivered.to_string()),
+            (async_nats::header::NATS_MESSAGE_ID.as_ref(), id.as_str()),
         ] {
             if let (Ok(k), Ok(v)) = (HeaderName::from_str(k), HeaderValue::from_str(v)) {
                 headers.insert(k, v);
