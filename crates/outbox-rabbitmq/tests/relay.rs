@@ -176,3 +176,67 @@ async fn a_poison_message_goes_to_the_dead_letter_queue_after_max_attempts() {
     assert!(header(outbox_rabbitmq::HEADER_ERROR).unwrap().contains("poison"));
     assert_eq!(queue_depth(&node.url(), &queue).await, 0, "everything acked");
 }
+
+/// A dead-letter exchange that does not exist yet: the server closes the channel the runner
+/// dead-letters on, so the runner connects again (a new channel) rather than trying a closed one for
+/// ever, and once the exchange exists the dead letter goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_waits_for_its_exchange_and_goes_through_once_it_exists() {
+    use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let node = Node::shared();
+    let queue = name("dlx-late");
+    declare_queue(&node.url(), &queue).await;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let poison = Message::new(&queue, "poison").key("k");
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue(&mut tx, &poison).await.unwrap();
+    tx.commit().await.unwrap();
+    let publisher = RabbitPublisher::connect(RabbitConfig::new(node.url())).await.unwrap();
+    let relay = start(store.clone(), publisher, test_config());
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
+
+    let (dlx, dlq) = (name("dlx"), name("dlq"));
+    let cfg = consumer_config(&node.url(), &queue)
+        .max_attempts(1)
+        .dead_letter(&dlx, &dlq);
+    let refuse = RefuseIf::new("refused", |_| true);
+    let (consumer, stats) = run_consumer(cfg, effects_db().await, refuse);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no exchange yet"
+    );
+
+    let conn = common::connect(&node.url()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(&dlx, lapin::ExchangeKind::Direct, durable, FieldTable::default())
+        .await
+        .unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(&dlq, durable, FieldTable::default()).await.unwrap();
+    ch.queue_bind(&dlq, &dlx, &dlq, QueueBindOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done").await;
+    wait_for("the dead letter", Duration::from_secs(30), || {
+        let stats = stats.clone();
+        async move { stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed) == 1 }
+    })
+    .await;
+    consumer.stop().await;
+    let dead = Reader::start(node.url(), dlq).read(1, Duration::from_secs(30)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, poison.id());
+    assert_eq!(queue_depth(&node.url(), &queue).await, 0, "acked after its dead letter");
+}
