@@ -123,26 +123,32 @@ async fn unroutable_messages_are_dead_lettered_while_other_keys_flow() {
     assert_eq!(mixed, [1, 3], "key order kept around the dead letter");
 }
 
+/// Commits `msgs` to a fresh outbox database and runs a relay to the node at `url` until every one
+/// is published.
+async fn relay_all(url: &str, msgs: &[Message]) {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue_batch(&mut tx, msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    let publisher = RabbitPublisher::connect(RabbitConfig::new(url)).await.unwrap();
+    let relay = start(store.clone(), publisher, test_config());
+    drained(&store, Duration::from_secs(60)).await;
+    relay.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_poison_message_goes_to_the_dead_letter_queue_after_max_attempts() {
     let node = Node::shared();
     let queue = name("poison");
     declare_queue(&node.url(), &queue).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
     let consumer_db = effects_db().await;
     let msgs: Vec<Message> = (0..10)
         .map(|i| {
             Message::new(&queue, if i == 3 { "poison".to_owned() } else { format!("{i}") }).key(format!("k{}", i % 2))
         })
         .collect();
-    let mut tx = pool.begin().await.unwrap();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
-    let publisher = RabbitPublisher::connect(RabbitConfig::new(node.url())).await.unwrap();
-    let relay = start(store.clone(), publisher, test_config());
-    drained(&store, Duration::from_secs(60)).await;
-    relay.stop().await;
+    relay_all(&node.url(), &msgs).await;
 
     let cfg = consumer_config(&node.url(), &queue).max_attempts(3);
     let dlq = cfg.dead_letter_key();
@@ -187,16 +193,8 @@ async fn a_dead_letter_waits_for_its_exchange_and_goes_through_once_it_exists() 
     let node = Node::shared();
     let queue = name("dlx-late");
     declare_queue(&node.url(), &queue).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
     let poison = Message::new(&queue, "poison").key("k");
-    let mut tx = pool.begin().await.unwrap();
-    outbox::enqueue(&mut tx, &poison).await.unwrap();
-    tx.commit().await.unwrap();
-    let publisher = RabbitPublisher::connect(RabbitConfig::new(node.url())).await.unwrap();
-    let relay = start(store.clone(), publisher, test_config());
-    drained(&store, Duration::from_secs(60)).await;
-    relay.stop().await;
+    relay_all(&node.url(), std::slice::from_ref(&poison)).await;
 
     let (dlx, dlq) = (name("dlx"), name("dlq"));
     let cfg = consumer_config(&node.url(), &queue)
