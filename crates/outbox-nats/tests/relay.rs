@@ -142,12 +142,11 @@ async fn a_topic_without_a_stream_is_dead_lettered_and_its_key_parked_while_othe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_durable_with_unsafe_settings_is_refused() {
     use async_nats::jetstream::consumer::{pull, AckPolicy};
-    let url = shared_url();
-    let reader = client(&url).await;
-    let (_, stream) = new_destination(&reader, "durable").await;
-    let effects = outbox_tests::effects::effects_db().await;
-    let js = async_nats::jetstream::new(reader.clone());
-    let s = js.get_stream(&stream).await.unwrap();
+    let t = Setup::shared("durable").await;
+    let s = async_nats::jetstream::new(t.reader.clone())
+        .get_stream(&t.stream)
+        .await
+        .unwrap();
     for (durable, config, named) in [
         (
             "all-acks",
@@ -171,8 +170,8 @@ async fn an_existing_durable_with_unsafe_settings_is_refused() {
     ] {
         s.create_consumer(config).await.unwrap();
         let err = outbox_nats::NatsConsumerRunner::connect(
-            consumer_config(&url, &stream, durable),
-            effects.clone(),
+            consumer_config(&t.url, &t.stream, durable),
+            t.effects.clone(),
             outbox_inbox::Inbox::new("effects"),
             outbox_tests::effects::EffectRows,
         )
