@@ -63,7 +63,8 @@ impl LocalWakeup {
         let mask = lanes.into_iter().fold(0u64, |m, lane| m | 1 << lane.rem_euclid(LANES));
         let mut enqueued = self.0.enqueued.lock().unwrap_or_else(|e| e.into_inner());
         if enqueued.len() >= MAX_TASKS && !enqueued.contains_key(&task) {
-            // Tasks that rolled back leave records behind; forgetting them only wakes more lanes.
+            // Tasks that rolled back leave records behind. Forgotten, a live one's row is found by
+            // the next commit without a record (it wakes every lane), NOTIFY or the poll.
             enqueued.clear();
             self.0.forgotten.store(true, Ordering::Relaxed);
         }
