@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use outbox_inbox::{Handler, Incoming};
 use uuid::Uuid;
 
-use crate::effects::EffectRows;
+use crate::effects::{EffectRows, PgTx};
 use crate::embedded::Running;
 use crate::publisher_suite::Received;
 
@@ -142,7 +142,7 @@ impl<F: Fn(&Incoming<'_>) -> bool + Send + Sync> RefuseIf<F> {
 #[async_trait]
 impl<F: Fn(&Incoming<'_>) -> bool + Send + Sync> Handler<sqlx::Postgres> for RefuseIf<F> {
     type Error = Refused;
-    async fn handle(&self, tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, msg: &Incoming<'_>) -> Result<(), Refused> {
+    async fn handle(&self, tx: &mut PgTx<'_>, msg: &Incoming<'_>) -> Result<(), Refused> {
         if (self.refuse)(msg) {
             return Err(Refused(self.why));
         }
@@ -160,11 +160,7 @@ where
     F: Fn(&Incoming<'_>) -> BoxFuture<'static, ()> + Send + Sync,
 {
     type Error = sqlx::Error;
-    async fn handle(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        msg: &Incoming<'_>,
-    ) -> Result<(), sqlx::Error> {
+    async fn handle(&self, tx: &mut PgTx<'_>, msg: &Incoming<'_>) -> Result<(), sqlx::Error> {
         (self.0)(msg).await;
         EffectRows.handle(tx, msg).await
     }

@@ -5,6 +5,9 @@
 use async_trait::async_trait;
 use outbox_inbox::{Handler, Incoming};
 
+/// The transaction a PostgreSQL handler writes in.
+pub type PgTx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
+
 /// The `effects` table.
 pub const CREATE_EFFECTS: &str =
     "CREATE TABLE effects (n BIGSERIAL PRIMARY KEY, message_id UUID NOT NULL, key TEXT, seq BIGINT)";
@@ -16,11 +19,7 @@ pub struct EffectRows;
 #[async_trait]
 impl Handler<sqlx::Postgres> for EffectRows {
     type Error = sqlx::Error;
-    async fn handle(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-        msg: &Incoming<'_>,
-    ) -> Result<(), sqlx::Error> {
+    async fn handle(&self, tx: &mut PgTx<'_>, msg: &Incoming<'_>) -> Result<(), sqlx::Error> {
         sqlx::query("INSERT INTO effects (message_id, key, seq) VALUES ($1, $2, $3)")
             .bind(msg.id)
             .bind(msg.key)
