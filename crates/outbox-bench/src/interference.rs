@@ -17,6 +17,8 @@ use crate::write::{throughput, Variant};
 const LIMITED: usize = 1;
 /// `max_rate` (msg/s) of the relay variant paced by rate.
 const RATE: u32 = 2_000;
+/// A smaller [`outbox_relay::RelayConfig::pace_slowdown`] than the default, measured beside it.
+const SLOWER: f64 = 0.08;
 
 /// How long the relay drains before the writers start.
 const WARM_UP: Duration = Duration::from_secs(2);
@@ -104,13 +106,14 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     };
     business(Duration::from_millis(500)).await?;
     // Relay variants: None = no relay; then the drain defaults, paced by lanes, paced by rate,
-    // paced by the database's answers.
-    let variants: [Option<outbox_relay::RelayConfig>; 5] = [
+    // paced by the database's answers (the default slowdown, and a smaller one).
+    let variants: [Option<outbox_relay::RelayConfig>; 6] = [
         None,
         Some(drain_config().adaptive_pace(false)),
         Some(drain_config().adaptive_pace(false).max_busy_lanes(Some(LIMITED))),
         Some(drain_config().adaptive_pace(false).max_rate(Some(RATE))),
         Some(drain_config().adaptive_pace(true)),
+        Some(drain_config().adaptive_pace(true).pace_slowdown(SLOWER)),
     ];
     let mut tps: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut drained_during: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
@@ -161,20 +164,21 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         }
         eprintln!(
             "interference: round {}/{rounds}: alone {:.0} tx/s, relay draining {:.0} tx/s, max_busy_lanes={LIMITED} {:.0} \
-             tx/s, max_rate={RATE} {:.0} tx/s, adaptive pace {:.0} tx/s",
+             tx/s, max_rate={RATE} {:.0} tx/s, adaptive pace {:.0} tx/s, pace_slowdown={SLOWER} {:.0} tx/s",
             round + 1,
             tps[0][round],
             tps[1][round],
             tps[2][round],
             tps[3][round],
-            tps[4][round]
+            tps[4][round],
+            tps[5][round]
         );
     }
     db.drop_db().await;
     crate::common::delete_topic(env, &bootstrap, &topic).await;
     let med = crate::common::median;
     let base = Row::new(format!("{writers} writers, no relay running"), "tx/s", tps[0].clone());
-    // Variants 1..=4 of the rounds above: what the writers ran beside, the target, whether paced adaptively.
+    // Variants 1..=5 of the rounds above: what the writers ran beside, the target, whether paced adaptively.
     let paced = [
         (
             "while the relay drains the backlog (defaults: every lane busy)".to_owned(),
@@ -188,6 +192,11 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         ),
         (format!("while the relay drains, max_rate = {RATE} msg/s"), 0.9, false),
         ("while the relay drains, adaptive pace".to_owned(), 0.85, true),
+        (
+            format!("while the relay drains, adaptive pace, pace_slowdown = {SLOWER}"),
+            0.85,
+            true,
+        ),
     ];
     let mut rows = vec![base.clone()];
     for (i, (what, target, adaptive)) in paced.into_iter().enumerate() {
@@ -209,7 +218,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         setup: format!(
             "Apache Kafka ({bootstrap}). Business transaction = one bench_orders row + one keyed outbox message, NOTIFY off \
              (figure 1 shows NOTIFY's own cost); {writers} writers, {:.1} s windows, alone, with an embedded relay \
-             (drain defaults), with one paced by max_busy_lanes = {LIMITED}, one by max_rate = {RATE} msg/s and one by the adaptive pace, \
+             (drain defaults), with one paced by max_busy_lanes = {LIMITED}, one by max_rate = {RATE} msg/s and two by the adaptive pace (pace_slowdown at its default and {SLOWER}), \
              draining a backlog kept at >= {backlog} rows ({:.1} s of draining before the writers start); variants interleaved, \
              rotating which goes first. Then, without writers, drains of a {backlog}-row backlog: SQL-only (a publisher that \
              confirms at once), the relay to Kafka unpaced and with the adaptive pace, rotating which goes first.",

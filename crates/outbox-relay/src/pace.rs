@@ -16,7 +16,8 @@
 //! A service's transactions wait for their commits, so its throughput falls as commits slow down.
 //! With no busy service the pace doubles (up to every lane). When a service becomes busy the pace
 //! drops at once to [`BUSY_START`]; while it stays busy the relay keeps working within
-//! [`INFLATION`] of quiet: above, the pace is cut in proportion; below, it grows by [`FLOOR`]. The
+//! [`RelayConfig::pace_slowdown`](crate::RelayConfig::pace_slowdown) of quiet: above, the pace is
+//! cut in proportion; below, it grows by [`FLOOR`]. The
 //! pace is a number of lanes allowed to work at once; below one, the one lane that works rests
 //! after each round in proportion (at 0.25 it works a quarter of the time), down to [`FLOOR`]. It
 //! starts at one lane. `max_busy_lanes` and `max_rate` stay hard caps on top.
@@ -48,8 +49,6 @@ const QUIET_WAIT: Duration = Duration::from_millis(300);
 /// How far back the baseline looks: long enough to remember a database at rest through minutes of
 /// load, short enough to learn a slower path to a new one.
 const BASELINE: Duration = Duration::from_secs(300);
-/// How much slower a commit may get while the relay works, against quiet, when a service is busy.
-const INFLATION: f64 = 1.15;
 /// The lowest pace: one lane working 5% of the time.
 const FLOOR: f64 = 0.05;
 /// Transactions per second of others, beyond the relay's own rate, that make a service busy.
@@ -174,16 +173,20 @@ struct Control {
     permits: usize,
     /// Whether the last cycle found a busy service.
     was_busy: bool,
+    /// How much slower a commit may get while the relay works, against quiet, when a service is
+    /// busy ([`crate::RelayConfig::pace_slowdown`]).
+    slowdown: f64,
 }
 
 impl Control {
-    fn new() -> Self {
+    fn new(slowdown: f64) -> Self {
         Control {
             quiet: VecDeque::new(),
             counts: VecDeque::new(),
             level: 1.0,
             permits: 1,
             was_busy: false,
+            slowdown,
         }
     }
 
@@ -229,7 +232,7 @@ impl Control {
         } else if became_busy {
             self.level.min(BUSY_START)
         } else {
-            let allowed = quiet.mul_f64(INFLATION);
+            let allowed = quiet.mul_f64(1.0 + self.slowdown);
             if working > allowed {
                 let cut = (allowed.as_secs_f64() / working.as_secs_f64()).clamp(0.1, 0.7);
                 (self.level * cut).max(FLOOR)
@@ -287,7 +290,7 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     let Some(pace) = &shared.adaptive else {
         return;
     };
-    let mut c = Control::new();
+    let mut c = Control::new(shared.cfg.pace_slowdown);
     loop {
         let mut working = Vec::new();
         let mut count = None;

@@ -51,6 +51,9 @@ pub(crate) struct RelaySection {
     /// With the adaptive pace, the oldest message's wait beyond which one lane works without rest.
     #[arg(skip)]
     pub(crate) pace_max_lag_ms: Option<Millis>,
+    /// With the adaptive pace, how much the relay may slow a busy service's commits (0.15: 15%).
+    #[arg(skip)]
+    pub(crate) pace_slowdown: Option<f64>,
     /// Maximum lanes held.
     #[arg(skip)]
     pub(crate) max_lanes: Option<usize>,
@@ -103,6 +106,7 @@ impl RelaySection {
             linger_poll_interval_ms: self.linger_poll_interval_ms.or(file.linger_poll_interval_ms),
             adaptive_pace: self.adaptive_pace.or(file.adaptive_pace),
             pace_max_lag_ms: self.pace_max_lag_ms.or(file.pace_max_lag_ms),
+            pace_slowdown: self.pace_slowdown.or(file.pace_slowdown),
             max_lanes: self.max_lanes.or(file.max_lanes),
             max_busy_lanes: self.max_busy_lanes.or(file.max_busy_lanes),
             max_rate: self.max_rate.or(file.max_rate),
@@ -135,6 +139,7 @@ impl RelaySection {
             )
             .adaptive_pace(self.adaptive_pace.unwrap_or(C::DEFAULT_ADAPTIVE_PACE))
             .pace_max_lag(self.pace_max_lag_ms.map_or(C::DEFAULT_PACE_MAX_LAG, Duration::from))
+            .pace_slowdown(self.pace_slowdown.unwrap_or(C::DEFAULT_PACE_SLOWDOWN))
             .max_lanes(self.max_lanes)
             .max_busy_lanes(self.max_busy_lanes)
             .max_rate(self.max_rate)

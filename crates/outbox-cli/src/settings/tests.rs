@@ -58,6 +58,7 @@ fn readme_states_the_engine_defaults() {
     );
     assert_eq!(default_of("adaptive_pace"), C::DEFAULT_ADAPTIVE_PACE.to_string());
     assert!(default_of("pace_max_lag_ms").starts_with(&ms(C::DEFAULT_PACE_MAX_LAG)));
+    assert_eq!(default_of("pace_slowdown"), C::DEFAULT_PACE_SLOWDOWN.to_string());
     assert_eq!(default_of("max_attempts"), C::DEFAULT_MAX_ATTEMPTS.to_string());
     assert_eq!(
         default_of("backoff_base_ms"),

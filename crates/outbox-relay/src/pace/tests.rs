@@ -1,12 +1,14 @@
 use super::*;
 
+const SLOWDOWN: f64 = crate::RelayConfig::DEFAULT_PACE_SLOWDOWN;
+
 fn us(n: u64) -> Duration {
     Duration::from_micros(n)
 }
 
 #[test]
 fn without_a_busy_service_the_pace_doubles_to_every_lane() {
-    let mut c = Control::new();
+    let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
     // The relay alone slows commits down tenfold: nobody else needs them.
     for _ in 0..6 {
@@ -18,7 +20,7 @@ fn without_a_busy_service_the_pace_doubles_to_every_lane() {
 
 #[test]
 fn a_busy_service_cuts_the_pace_in_proportion_down_to_the_floor() {
-    let mut c = Control::new();
+    let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
     for _ in 0..6 {
         c.cycle(us(400), us(4000), None, now);
@@ -30,7 +32,7 @@ fn a_busy_service_cuts_the_pace_in_proportion_down_to_the_floor() {
     assert_eq!(c.level, BUSY_START);
     now += CYCLE;
     c.cycle(us(3000), us(6000), None, now);
-    let cut = BUSY_START * (3000.0 * INFLATION / 6000.0);
+    let cut = BUSY_START * (3000.0 * (1.0 + SLOWDOWN) / 6000.0);
     assert!((c.level - cut).abs() < 1e-9, "{} vs {cut}", c.level);
     for _ in 0..10 {
         now += CYCLE;
@@ -45,7 +47,7 @@ fn a_busy_service_cuts_the_pace_in_proportion_down_to_the_floor() {
 
 #[test]
 fn a_backlog_that_waited_too_long_keeps_one_lane_working_whatever_the_service() {
-    let mut c = Control::new();
+    let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
     for _ in 0..12 {
         c.cycle(us(3000), us(9000), Some(true), now);
@@ -66,7 +68,7 @@ fn a_backlog_that_waited_too_long_keeps_one_lane_working_whatever_the_service() 
 
 #[test]
 fn the_baseline_forgets_quiet_figures_older_than_its_window() {
-    let mut c = Control::new();
+    let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
     c.cycle(us(100), us(100), None, now);
     // From now on every quiet commit takes 5 ms: a busy service against 0.1 ms, until that
@@ -84,7 +86,7 @@ fn the_baseline_forgets_quiet_figures_older_than_its_window() {
 
 #[test]
 fn the_transaction_counts_tell_a_busy_service_from_the_relay_and_its_peers() {
-    let mut c = Control::new();
+    let mut c = Control::new(SLOWDOWN);
     let t0 = Instant::now();
     let at = |s: u64| t0 + Duration::from_secs(s);
     assert_eq!(c.service_busy(Some(0), 0, at(0)), None, "one sample: no rate yet");
@@ -104,7 +106,7 @@ fn the_transaction_counts_tell_a_busy_service_from_the_relay_and_its_peers() {
 
 #[test]
 fn a_busy_service_by_the_counts_holds_the_pace_even_when_quiet_commits_are_quick() {
-    let mut c = Control::new();
+    let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
     for _ in 0..6 {
         c.cycle(us(110), us(4000), Some(false), now);
@@ -131,7 +133,7 @@ fn below_one_lane_the_lane_rests_in_proportion() {
 #[tokio::test]
 async fn the_gate_lets_as_many_lanes_work_as_the_pace_allows_and_none_in_the_quiet() {
     let pace = Adaptive::default();
-    let mut c = Control::new();
+    let mut c = Control::new(SLOWDOWN);
     c.level = 2.5;
     c.apply(&pace);
     let a = pace.turn().await;
