@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{DeadLetterPolicy, RelayConfig};
-use crate::lane::{timed, LaneExit, Shared};
+use crate::lane::{timed, LaneExit};
+use crate::shared::Shared;
 
 /// What settling a batch leaves for the next round.
 pub(crate) struct BatchDone {

@@ -12,8 +12,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
-use crate::lane::{run_lane, LaneExit, Shared};
+use crate::lane::{run_lane, LaneExit};
 use crate::metrics as m;
+use crate::shared::Shared;
 
 /// Errors that stop the relay.
 #[derive(Debug, thiserror::Error)]

@@ -10,8 +10,8 @@ use tokio::sync::SemaphorePermit;
 use tokio::task::JoinHandle;
 
 use crate::batch::Sent;
-use crate::lane::Shared;
 use crate::pace;
+use crate::shared::Shared;
 
 /// What a batch holds while in flight: a turn under `max_busy_lanes` and one under the adaptive
 /// pace, each when set.

@@ -14,7 +14,7 @@ use crate::config::ClaimAhead;
 use crate::config::RelayConfig;
 use crate::flight::{take_turns, Flight, InFlight, Turns};
 use crate::linger::linger_wait;
-pub(crate) use crate::shared::Shared;
+use crate::shared::Shared;
 pub(crate) use crate::waits::timed;
 use crate::waits::{back_off, pace, pause};
 

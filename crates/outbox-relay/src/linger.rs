@@ -14,7 +14,7 @@ use outbox::{Lease, Publisher, Store, LANES};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::lane::Shared;
+use crate::shared::Shared;
 
 const _: () = assert!(LANES <= 64, "the watched lanes are one bit each in a u64");
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use outbox::{Publisher, Store, LANES};
 use tokio::sync::{watch, Semaphore, SemaphorePermit};
 
-use crate::lane::Shared;
+use crate::shared::Shared;
 
 /// One control cycle: working probes, then the quiet window.
 pub(crate) const CYCLE: Duration = Duration::from_secs(1);
