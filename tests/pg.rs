@@ -310,18 +310,29 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
     relay.stop().await;
 }
 
-/// The pace's probe commits and answers PostgreSQL's count of finished transactions, which grows
-/// with every client's transactions (each connection reports them about once a second).
+/// The pace's probe commits and answers PostgreSQL's counts: finished transactions, which grow
+/// with every client's transactions (each connection reports them about once a second), and
+/// transaction ids handed out, which grow with every writing transaction at once.
 #[tokio::test]
-async fn the_probe_answers_the_databases_transaction_count() {
+async fn the_probe_answers_the_databases_transaction_counts() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let before = store.probe().await.unwrap().expect("PostgreSQL counts transactions");
-    for _ in 0..50 {
+    outbox_tests::db::exec(&pool, "CREATE TABLE probed (x INT)").await;
+    let before = store.probe().await.unwrap();
+    let (finished, writes) = (before.finished.expect("finished"), before.writes.expect("writes"));
+    for _ in 0..20 {
+        outbox_tests::db::exec(&pool, "INSERT INTO probed VALUES (1)").await;
+    }
+    let after = store.probe().await.unwrap();
+    assert!(
+        after.writes.unwrap() > writes + 20,
+        "20 writes and the probe's own, at once: {before:?} then {after:?}"
+    );
+    for _ in 0..30 {
         outbox_tests::db::exec(&pool, "SELECT 1").await;
     }
     outbox_tests::embedded::wait_for("the count to include them", Duration::from_secs(15), || async {
-        store.probe().await.unwrap().unwrap() >= before + 50
+        store.probe().await.unwrap().finished.unwrap() >= finished + 50
     })
     .await;
 }

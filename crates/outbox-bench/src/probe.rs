@@ -97,7 +97,7 @@ impl<S: Store> Store for TimedStore<S> {
     async fn live_owners(&self) -> outbox::Result<usize> {
         self.inner.live_owners().await
     }
-    async fn probe(&self) -> outbox::Result<Option<i64>> {
+    async fn probe(&self) -> outbox::Result<outbox::ProbeCounts> {
         self.inner.probe().await
     }
     async fn leave(&self, owner: &str) -> outbox::Result<()> {

@@ -8,14 +8,19 @@
 //! - *quiet*: how long a commit takes without the relay; its fastest of the last [`BASELINE`] is
 //!   the *baseline*, the database at rest;
 //! - *working*: how long a commit takes while the relay works;
-//! - whether a service is *busy*: where the database counts its finished transactions
-//!   (PostgreSQL), when over the last few cycles it finished more than [`BUSY_RATE`] per second
-//!   beyond the relay's own (which the relay counts) and beyond as many again (another relay as
-//!   busy as this one is no service); elsewhere, when quiet is well above the baseline.
+//! - whether a service is *busy*: where the database counts its transactions (PostgreSQL), when
+//!   they grow by more than [`BUSY_RATE`] a second beyond the relay's own (which the relay counts)
+//!   and beyond as many again (another relay as busy as this one is no service). Two counts tell:
+//!   the finished transactions over the last [`RATE_WINDOW`] (every kind, but each connection adds
+//!   its count only about once a second), and the transaction ids handed out over the last
+//!   [`WRITES_WINDOW`] (writes only, live; with twice the margin, a few probes being a short
+//!   span). Elsewhere, when quiet is well above the baseline.
 //!
 //! A service's transactions wait for their commits, so its throughput falls as commits slow down.
 //! With no busy service the pace doubles (up to every lane). When a service becomes busy the pace
-//! drops at once to [`BUSY_START`]; while it stays busy the relay keeps working within
+//! drops at once to [`BUSY_START`]: at the probe whose counts tell, without waiting for the end of
+//! the cycle, and the permits above the pace go as their lanes' turns end. While it stays busy
+//! the relay keeps working within
 //! [`RelayConfig::pace_slowdown`](crate::RelayConfig::pace_slowdown) of quiet: above, the pace is
 //! cut in proportion; below, it grows by [`FLOOR`]. The
 //! pace is a number of lanes allowed to work at once; below one, the one lane that works rests
@@ -30,10 +35,10 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outbox::{Publisher, Store, LANES};
+use outbox::{ProbeCounts, Publisher, Store, LANES};
 use tokio::sync::{watch, Semaphore, SemaphorePermit};
 
 use crate::shared::Shared;
@@ -53,9 +58,16 @@ const BASELINE: Duration = Duration::from_secs(300);
 const FLOOR: f64 = 0.05;
 /// Transactions per second of others, beyond the relay's own rate, that make a service busy.
 const BUSY_RATE: f64 = 100.0;
-/// Cycles over which the transaction rates are taken (the database updates its count about once a
-/// second per connection).
-const RATE_CYCLES: usize = 2;
+/// How far back the transaction rates look (the database updates its count about once a second
+/// per connection).
+const RATE_WINDOW: Duration = Duration::from_secs(2);
+/// The shortest span of counts a rate is taken over: shorter, one connection's update is a jump.
+const RATE_MIN_SPAN: Duration = Duration::from_secs(1);
+/// How far back the rate of writes looks: the last two or three probes, so a service that starts
+/// writing is told within a quarter of a second.
+const WRITES_WINDOW: Duration = Duration::from_millis(300);
+/// The shortest span the rate of writes is taken over.
+const WRITES_MIN_SPAN: Duration = Duration::from_millis(200);
 /// Where the pace drops at once when a service becomes busy (the proportional cuts take over from
 /// there): a service should not wait cycles for a relay that was running every lane.
 const BUSY_START: f64 = 0.25;
@@ -70,6 +82,8 @@ pub(crate) fn busy(quiet: Duration, baseline: Duration) -> bool {
 #[derive(Debug)]
 pub(crate) struct Adaptive {
     gate: Semaphore,
+    /// The gate's permits: how many there are and how many the pace wants.
+    permits: Mutex<Permits>,
     /// The pace in thousandths of a lane.
     milli: AtomicU32,
     /// True during the quiet window: no round starts.
@@ -86,6 +100,7 @@ impl Default for Adaptive {
     fn default() -> Self {
         Adaptive {
             gate: Semaphore::new(1),
+            permits: Mutex::new(Permits { held: 1, want: 1 }),
             milli: AtomicU32::new(1000),
             quiet: watch::Sender::new(false),
             active: AtomicUsize::new(0),
@@ -95,18 +110,26 @@ impl Default for Adaptive {
     }
 }
 
+/// The gate's permits, in and out of use, against the number the pace wants.
+#[derive(Debug)]
+struct Permits {
+    held: usize,
+    want: usize,
+}
+
 /// A lane's turn to work: a permit of the gate, counted as a round under way until
 /// [`Turn::resting`] or its drop.
 pub(crate) struct Turn<'a> {
-    _permit: SemaphorePermit<'a>,
-    active: Option<&'a AtomicUsize>,
+    permit: Option<SemaphorePermit<'a>>,
+    pace: &'a Adaptive,
+    active: bool,
 }
 
 impl Turn<'_> {
     /// The round's work is done (the lane may still hold the turn while it rests).
     pub(crate) fn resting(&mut self) {
-        if let Some(a) = self.active.take() {
-            a.fetch_sub(1, Ordering::AcqRel);
+        if std::mem::take(&mut self.active) {
+            self.pace.active.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -114,6 +137,15 @@ impl Turn<'_> {
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         self.resting();
+        // A permit the pace no longer wants goes as its turn ends, not at the next cycle: a
+        // relay running every lane when a service wakes up is down to its pace after one round.
+        let mut permits = self.pace.permits.lock().expect("never poisoned");
+        if permits.held > permits.want {
+            permits.held -= 1;
+            if let Some(p) = self.permit.take() {
+                p.forget();
+            }
+        }
     }
 }
 
@@ -136,14 +168,16 @@ impl Adaptive {
             let _ = quiet.wait_for(|q| !q).await;
             let permit = self.gate.acquire().await.expect("the semaphore is never closed");
             self.active.fetch_add(1, Ordering::AcqRel);
+            let turn = Turn {
+                permit: Some(permit),
+                pace: self,
+                active: true,
+            };
             if !*quiet.borrow() {
-                return Turn {
-                    _permit: permit,
-                    active: Some(&self.active),
-                };
+                return turn;
             }
             // The window began while this lane waited for the gate: give way.
-            self.active.fetch_sub(1, Ordering::AcqRel);
+            drop(turn);
         }
     }
 
@@ -162,15 +196,20 @@ impl Adaptive {
     }
 }
 
-/// The controller's state: the baseline, the pace and the gate's permits.
+/// The database's counts and the relay's own at one probe.
+struct Sample {
+    at: Instant,
+    counts: ProbeCounts,
+    own: u64,
+}
+
+/// The controller's state: the baseline, the counts and the pace.
 struct Control {
     /// The fastest quiet commit of each cycle, for the last [`BASELINE`].
     quiet: VecDeque<(Instant, Duration)>,
-    /// The database's count of finished transactions and the relay's own count, at the end of
-    /// each of the last cycles.
-    counts: VecDeque<(Instant, i64, u64)>,
+    /// The database's counts and the relay's own count at each probe of the last [`RATE_WINDOW`].
+    counts: VecDeque<Sample>,
     level: f64,
-    permits: usize,
     /// Whether the last cycle found a busy service.
     was_busy: bool,
     /// How much slower a commit may get while the relay works, against quiet, when a service is
@@ -184,31 +223,61 @@ impl Control {
             quiet: VecDeque::new(),
             counts: VecDeque::new(),
             level: 1.0,
-            permits: 1,
             was_busy: false,
             slowdown,
         }
     }
 
-    /// Takes the counts at the end of a cycle and says whether a service is busy, when they tell
-    /// (`None`: no count from the database, or too few cycles yet).
-    fn service_busy(&mut self, database: Option<i64>, own: u64, now: Instant) -> Option<bool> {
-        let Some(database) = database else {
+    /// Takes the counts of a probe and says whether a service is busy, when they tell (`None`: no
+    /// count from the database, or too short a span of counts yet).
+    fn service_busy(&mut self, counts: ProbeCounts, own: u64, now: Instant) -> Option<bool> {
+        if counts.finished.is_none() && counts.writes.is_none() {
             self.counts.clear();
             return None;
-        };
-        self.counts.push_back((now, database, own));
-        if self.counts.len() > RATE_CYCLES + 1 {
+        }
+        self.counts.push_back(Sample { at: now, counts, own });
+        while self
+            .counts
+            .front()
+            .is_some_and(|s| now.duration_since(s.at) > RATE_WINDOW)
+        {
             self.counts.pop_front();
         }
-        let (&(t0, d0, o0), &(t1, d1, o1)) = (self.counts.front()?, self.counts.back()?);
-        let secs = t1.duration_since(t0).as_secs_f64();
-        if secs <= 0.0 {
+        let finished = self.rates(RATE_WINDOW, RATE_MIN_SPAN, |c| c.finished);
+        let writes = self.rates(WRITES_WINDOW, WRITES_MIN_SPAN, |c| c.writes);
+        tracing::trace!(
+            ?finished,
+            ?writes,
+            "pace: the others' and the relay's transactions a second"
+        );
+        // Beyond the relay's own and as many again; twice that for the writes' short span.
+        let busy =
+            |rates: Option<(f64, f64)>, margin: f64| rates.map(|(others, own)| others > margin * (BUSY_RATE + own));
+        match (busy(finished, 1.0), busy(writes, 2.0)) {
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (None, None) => None,
+            _ => Some(false),
+        }
+    }
+
+    /// The others' and the relay's own transactions a second by one count, over the samples of
+    /// the last `window` (`None` when they span less than `min`).
+    fn rates(
+        &self,
+        window: Duration,
+        min: Duration,
+        count: impl Fn(&ProbeCounts) -> Option<i64>,
+    ) -> Option<(f64, f64)> {
+        let last = self.counts.back()?;
+        let first = self.counts.iter().find(|s| last.at.duration_since(s.at) <= window)?;
+        let span = last.at.duration_since(first.at);
+        if span < min {
             return None;
         }
-        let others = (d1 - d0) as f64 / secs - (o1 - o0) as f64 / secs;
-        let own = (o1 - o0) as f64 / secs;
-        Some(others > BUSY_RATE + own)
+        let secs = span.as_secs_f64();
+        let own = (last.own - first.own) as f64 / secs;
+        let others = (count(&last.counts)? - count(&first.counts)?) as f64 / secs - own;
+        Some((others, own))
     }
 
     /// Takes one cycle's figures and returns the new pace. `service` says whether a service is
@@ -225,12 +294,12 @@ impl Control {
         let baseline = self.quiet.iter().map(|(_, d)| *d).min().unwrap_or(quiet);
         let most = f64::from(LANES);
         let service = service.unwrap_or_else(|| busy(quiet, baseline));
-        let became_busy = service && !self.was_busy;
+        if service && !self.was_busy {
+            return self.became_busy();
+        }
         self.was_busy = service;
         self.level = if !service {
             (self.level * 2.0).min(most)
-        } else if became_busy {
-            self.level.min(BUSY_START)
         } else {
             let allowed = quiet.mul_f64(1.0 + self.slowdown);
             if working > allowed {
@@ -244,6 +313,13 @@ impl Control {
         self.level
     }
 
+    /// A service became busy: the pace drops at once to [`BUSY_START`]. Returns the pace.
+    fn became_busy(&mut self) -> f64 {
+        self.was_busy = true;
+        self.level = self.level.min(BUSY_START);
+        self.level
+    }
+
     /// While the oldest row claimed has waited longer than `max`, at least one lane works without
     /// rest. Returns the pace.
     fn bound_lag(&mut self, lag: Duration, max: Duration) -> f64 {
@@ -254,15 +330,16 @@ impl Control {
     }
 
     /// Sets the gate to the pace: whole lanes as permits (at least one).
-    fn apply(&mut self, pace: &Adaptive) {
+    fn apply(&self, pace: &Adaptive) {
         pace.milli.store((self.level * 1000.0) as u32, Ordering::Relaxed);
-        let want = (self.level.ceil() as usize).clamp(1, LANES as usize);
-        if want > self.permits {
-            pace.gate.add_permits(want - self.permits);
-            self.permits = want;
-        } else if want < self.permits {
-            // Only free permits can go; the rest go on a later cycle, once their lanes finish.
-            self.permits -= pace.gate.forget_permits(self.permits - want);
+        let mut permits = pace.permits.lock().expect("never poisoned");
+        permits.want = (self.level.ceil() as usize).clamp(1, LANES as usize);
+        if permits.want > permits.held {
+            pace.gate.add_permits(permits.want - permits.held);
+            permits.held = permits.want;
+        } else if permits.want < permits.held {
+            // Only free permits can go here; the others go as their turns end.
+            permits.held -= pace.gate.forget_permits(permits.held - permits.want);
         }
     }
 }
@@ -272,9 +349,9 @@ fn median(mut v: Vec<Duration>) -> Option<Duration> {
     v.get(v.len() / 2).copied()
 }
 
-/// Times the store's probe: how long it took and the database's transaction count (see
+/// Times the store's probe: how long it took and the database's transaction counts (see
 /// [`outbox::Store::probe`]); `None` when it failed.
-async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<(Duration, Option<i64>)> {
+async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<(Duration, ProbeCounts)> {
     let start = Instant::now();
     match shared.counted(shared.store.probe()).await {
         Ok(count) => Some((start.elapsed(), count)),
@@ -293,12 +370,20 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     let mut c = Control::new(shared.cfg.pace_slowdown);
     loop {
         let mut working = Vec::new();
-        let mut count = None;
+        let mut service = None;
         for _ in 0..WORKING_PROBES {
             tokio::time::sleep(CYCLE / WORKING_PROBES).await;
-            if let Some((took, c)) = probe(&shared).await {
+            if let Some((took, count)) = probe(&shared).await {
                 working.push(took);
-                count = c;
+                service = c.service_busy(count, pace.own.load(Ordering::Relaxed), Instant::now());
+            }
+            if service == Some(true) && !c.was_busy {
+                // A service woke up: the pace drops now, not at the end of the cycle.
+                let level = c.became_busy();
+                c.apply(pace);
+                shared.meters.pace.set(level);
+                tracing::debug!(level, "pace: a service became busy");
+                break;
             }
         }
         pace.quiet.send_replace(true);
@@ -315,7 +400,6 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
             continue;
         };
         let now = Instant::now();
-        let service = c.service_busy(count, pace.own.load(Ordering::Relaxed), now);
         c.cycle(quiet, working, service, now);
         let lag = Duration::from_millis(pace.lag_ms.swap(0, Ordering::Relaxed));
         let level = c.bound_lag(lag, shared.cfg.pace_max_lag);

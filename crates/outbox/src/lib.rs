@@ -36,7 +36,7 @@ pub use message::{
     HEADER_SOURCE, HEADER_TRACEPARENT, RESERVED_HEADER_PREFIX,
 };
 pub use publisher::{FailureKind, PublishError, Publisher};
-pub use store::{DeadLetter, Delivered, LaneInfo, Lease, Status, Store, StoreAdmin, Wakeups, LANES};
+pub use store::{DeadLetter, Delivered, LaneInfo, Lease, ProbeCounts, Status, Store, StoreAdmin, Wakeups, LANES};
 
 /// A database the outbox can write into: implemented for the sqlx databases enabled by features.
 #[async_trait]

@@ -105,8 +105,10 @@ macro_rules! store {
                 Ok(n as usize)
             }
 
-            async fn probe(&self) -> $crate::Result<Option<i64>> {
-                Ok(sqlx::query_scalar($sql::PROBE).fetch_one(&self.pool).await?)
+            async fn probe(&self) -> $crate::Result<$crate::ProbeCounts> {
+                let (finished, writes): (Option<i64>, Option<i64>) =
+                    sqlx::query_as($sql::PROBE).fetch_one(&self.pool).await?;
+                Ok($crate::ProbeCounts::new(finished, writes))
             }
 
             async fn leave(&self, owner: &str) -> $crate::Result<()> {

@@ -57,6 +57,26 @@ impl Delivered {
     }
 }
 
+/// What the adaptive pace's probe ([`Store::probe`]) reads of the other clients' work, where the
+/// database tells (`None` where it does not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProbeCounts {
+    /// Every client's finished transactions, committed and rolled back, read-only ones too
+    /// (PostgreSQL's `pg_stat_database`: each connection adds its count about once a second).
+    pub finished: Option<i64>,
+    /// Transaction ids handed out so far: every transaction that writes takes one the moment it
+    /// writes (PostgreSQL's `txid_current()`), so this count is never late.
+    pub writes: Option<i64>,
+}
+
+impl ProbeCounts {
+    /// The counts of a probe.
+    pub fn new(finished: Option<i64>, writes: Option<i64>) -> Self {
+        ProbeCounts { finished, writes }
+    }
+}
+
 /// One lane's lease as `status` shows it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -200,10 +220,9 @@ pub trait Store: StoreAdmin {
     async fn live_owners(&self) -> Result<usize>;
     /// The smallest transaction that commits the way a service's does (on PostgreSQL it takes a
     /// transaction id, so its commit waits for the WAL flush like any write): how long it takes
-    /// is the adaptive pace's signal of a contended database. Returns the database's count of
-    /// finished transactions (committed and rolled back, every client's) when it keeps one
-    /// (PostgreSQL's `pg_stat_database`, updated by each connection about once a second).
-    async fn probe(&self) -> Result<Option<i64>>;
+    /// is the adaptive pace's signal of a contended database. Returns the database's counts of
+    /// every client's transactions, where it keeps them (see [`ProbeCounts`]).
+    async fn probe(&self) -> Result<ProbeCounts>;
     /// Removes `owner` from the live relays (graceful shutdown), so the others rebalance at once.
     async fn leave(&self, owner: &str) -> Result<()>;
     /// Up to `limit` ready rows of the lane, in per-key order, never a row of a key whose earlier
@@ -271,7 +290,7 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     async fn live_owners(&self) -> Result<usize> {
         (**self).live_owners().await
     }
-    async fn probe(&self) -> Result<Option<i64>> {
+    async fn probe(&self) -> Result<ProbeCounts> {
         (**self).probe().await
     }
     async fn leave(&self, owner: &str) -> Result<()> {

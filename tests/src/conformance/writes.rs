@@ -193,5 +193,12 @@ macro_rules! __conformance_writes {
             tx.commit().await.unwrap();
             assert_eq!(store.status().await.unwrap().pending, 1);
         }
+
+        #[tokio::test]
+        async fn the_probe_commits_and_answers_both_counts_or_neither() {
+            let (_pool, store) = fresh().await;
+            let counts = store.probe().await.unwrap();
+            assert_eq!(counts.finished.is_some(), counts.writes.is_some(), "{counts:?}");
+        }
     };
 }

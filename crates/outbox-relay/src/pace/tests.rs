@@ -6,6 +6,11 @@ fn us(n: u64) -> Duration {
     Duration::from_micros(n)
 }
 
+/// Counts of finished transactions only (as the database reports them about once a second).
+fn finished(n: i64) -> ProbeCounts {
+    ProbeCounts::new(Some(n), None)
+}
+
 #[test]
 fn without_a_busy_service_the_pace_doubles_to_every_lane() {
     let mut c = Control::new(SLOWDOWN);
@@ -89,19 +94,78 @@ fn the_transaction_counts_tell_a_busy_service_from_the_relay_and_its_peers() {
     let mut c = Control::new(SLOWDOWN);
     let t0 = Instant::now();
     let at = |s: u64| t0 + Duration::from_secs(s);
-    assert_eq!(c.service_busy(Some(0), 0, at(0)), None, "one sample: no rate yet");
+    assert_eq!(c.service_busy(finished(0), 0, at(0)), None, "one sample: no rate yet");
     // The relay alone: 200 of its own transactions a second, the database counts them.
-    assert_eq!(c.service_busy(Some(200), 200, at(1)), Some(false));
+    assert_eq!(c.service_busy(finished(200), 200, at(1)), Some(false));
     // Another relay as busy: 400 a second counted, 200 of them ours.
-    assert_eq!(c.service_busy(Some(600), 400, at(2)), Some(false));
-    assert_eq!(c.service_busy(Some(1000), 600, at(3)), Some(false));
+    assert_eq!(c.service_busy(finished(600), 400, at(2)), Some(false));
+    assert_eq!(c.service_busy(finished(1000), 600, at(3)), Some(false));
     // A service committing 3,000 a second.
     for s in 4..8 {
         let database = 1000 + (s as i64 - 3) * 3200;
-        c.service_busy(Some(database), 600 + (s - 3) * 200, at(s));
+        c.service_busy(finished(database), 600 + (s - 3) * 200, at(s));
     }
-    assert_eq!(c.service_busy(Some(1000 + 5 * 3200), 600 + 5 * 200, at(8)), Some(true));
-    assert_eq!(c.service_busy(None, 0, at(9)), None, "no count: the latency decides");
+    assert_eq!(
+        c.service_busy(finished(1000 + 5 * 3200), 600 + 5 * 200, at(8)),
+        Some(true)
+    );
+    assert_eq!(
+        c.service_busy(ProbeCounts::default(), 0, at(9)),
+        None,
+        "no count: the latency decides"
+    );
+}
+
+#[test]
+fn a_service_waking_up_is_told_at_the_first_probe_that_sees_its_count() {
+    let mut c = Control::new(SLOWDOWN);
+    let t0 = Instant::now();
+    let probe = CYCLE / 8;
+    // The relay alone, probed 8 times a second: 100 of its own transactions a second.
+    let mut answers = Vec::new();
+    for i in 0..24u32 {
+        let own = u64::from(i) * 100 / 8;
+        answers.push(c.service_busy(finished(own as i64), own, t0 + probe * i));
+    }
+    assert_eq!(&answers[..8], &[None; 8], "less than a second of counts: no rate");
+    assert!(answers[8..].iter().all(|a| *a == Some(false)), "{answers:?}");
+    // A service's connections report a second of 5,000 transactions a second at once.
+    let own = 24 * 100 / 8;
+    assert_eq!(
+        c.service_busy(finished(own as i64 + 5000), own, t0 + probe * 24),
+        Some(true)
+    );
+    // The pace drops to its busy start there, and the cycle's end does not drop it twice.
+    c.level = f64::from(LANES);
+    assert_eq!(c.became_busy(), BUSY_START);
+    c.cycle(us(300), us(320), Some(true), t0 + probe * 32);
+    assert!((c.level - (BUSY_START + FLOOR)).abs() < 1e-9, "{}", c.level);
+}
+
+#[test]
+fn a_service_that_starts_writing_is_told_by_the_ids_it_takes_before_its_counts_arrive() {
+    let mut c = Control::new(SLOWDOWN);
+    let t0 = Instant::now();
+    let probe = CYCLE / 8;
+    // Every probe: the relay's 40 transactions, all writes, and no finished count from the
+    // service yet (its connections add theirs a second later).
+    let mut own = 0u64;
+    let mut ids = 0i64;
+    let mut answer = |c: &mut Control, i: u32, service_writes: i64| {
+        own += 40;
+        ids += 40 + service_writes;
+        c.service_busy(ProbeCounts::new(Some(own as i64), Some(ids)), own, t0 + probe * i)
+    };
+    assert_eq!(answer(&mut c, 0, 0), None);
+    assert_eq!(answer(&mut c, 1, 0), None, "one probe apart: too short a span");
+    assert_eq!(answer(&mut c, 2, 0), Some(false));
+    // Another relay as busy as this one, writing as much: no service.
+    for i in 3..6 {
+        assert_eq!(answer(&mut c, i, 40), Some(false));
+    }
+    // A service writing 5,000 times a second (625 per probe) on top of it.
+    assert_eq!(answer(&mut c, 6, 40 + 625), Some(true), "told at the first probe");
+    assert!(c.counts.len() > 3, "the finished counts keep their longer window");
 }
 
 #[test]
@@ -149,11 +213,13 @@ async fn the_gate_lets_as_many_lanes_work_as_the_pace_allows_and_none_in_the_qui
     );
     c.level = 1.0;
     c.apply(&pace);
-    assert_eq!(c.permits, 3, "every permit in use: none taken back yet");
+    let held = || pace.permits.lock().unwrap().held;
+    assert_eq!(held(), 3, "every permit in use: none taken back yet");
     drop((a, b));
-    c.apply(&pace);
-    assert_eq!(c.permits, 1, "taken back once their lanes finished");
+    assert_eq!(held(), 1, "taken back as their turns ended, before the next cycle");
+    assert!(pace.gate.try_acquire().is_err(), "the one permit left is in use");
     drop(_c);
+    assert_eq!(held(), 1, "the pace's own permit stays");
     pace.quiet.send_replace(true);
     let waiting = tokio::time::timeout(Duration::from_millis(100), pace.turn()).await;
     assert!(waiting.is_err(), "no turn during the quiet window");

@@ -124,7 +124,7 @@ DELETE FROM outbox_relays WHERE expires_at < UTC_TIMESTAMP(6) - INTERVAL 1 DAY";
 
 pub(super) const LEAVE: &str = "DELETE FROM outbox_relays WHERE owner = ?";
 
-pub(super) const PROBE: &str = "SELECT CAST(NULL AS SIGNED)";
+pub(super) const PROBE: &str = "SELECT CAST(NULL AS SIGNED), CAST(NULL AS SIGNED)";
 
 pub(super) const LIVE_OWNERS: &str = "SELECT COUNT(*) FROM outbox_relays WHERE expires_at > UTC_TIMESTAMP(6)";
 

@@ -145,9 +145,10 @@ SELECT w.l FROM unnest($1::int[], $2::bigint[]) AS w(l, after) WHERE EXISTS ( \
     AND (m.available_at = m.created_at OR m.available_at <= now()))";
 
 // Taking a transaction id makes the commit write a record and wait for the WAL flush: the probe
-// feels what a service's commits feel (CPU, locks on the WAL, the disk), not only the CPU.
+// feels what a service's commits feel (CPU, locks on the WAL, the disk), not only the CPU. The id
+// taken is also the count of ids handed out: every writing transaction's, live.
 pub(super) const PROBE: &str = "\
-SELECT d.xact_commit + d.xact_rollback FROM pg_stat_database d, txid_current() \
+SELECT d.xact_commit + d.xact_rollback, txid_current() FROM pg_stat_database d \
 WHERE d.datname = current_database()";
 
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";

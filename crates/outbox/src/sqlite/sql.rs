@@ -104,7 +104,7 @@ pub(super) const FORGET_RELAYS: &str = concat!(
 
 pub(super) const LEAVE: &str = "DELETE FROM outbox_relays WHERE owner = ?1";
 
-pub(super) const PROBE: &str = "SELECT CAST(NULL AS INTEGER)";
+pub(super) const PROBE: &str = "SELECT CAST(NULL AS INTEGER), CAST(NULL AS INTEGER)";
 
 pub(super) const LIVE_OWNERS: &str = concat!("SELECT COUNT(*) FROM outbox_relays WHERE expires_at > ", now!());
 
