@@ -78,12 +78,10 @@ impl std::io::Write for Captured {
 }
 
 async fn enqueue(pool: &sqlx::PgPool, t: &str, n: usize, tag: &str) -> HashSet<uuid::Uuid> {
-    let mut tx = pool.begin().await.unwrap();
     let msgs: Vec<Message> = (0..n)
         .map(|i| Message::new(t, format!("{tag}{i}")).key(format!("{tag}k{}", i % 20)))
         .collect();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
+    outbox_tests::db::commit_batch(pool, &msgs).await;
     msgs.iter().map(|m| m.id()).collect()
 }
 

@@ -252,10 +252,8 @@ async fn pipelined_batches_never_hand_over_a_row_before_its_predecessor() {
         .backoff_max(Duration::from_millis(100));
     let relay = start(store.clone(), publisher.clone(), cfg);
     for i in 0..400 {
-        let mut tx = pool.begin().await.unwrap();
         let msg = Message::new("t", format!("{i}")).key(keys[i % keys.len()].as_str());
-        outbox::enqueue(&mut tx, &msg).await.unwrap();
-        tx.commit().await.unwrap();
+        outbox_tests::db::commit_each(&pool, [msg]).await;
     }
     drained(&store, Duration::from_secs(60)).await;
     relay.stop().await;
@@ -312,12 +310,10 @@ async fn most_busy(max_busy_lanes: Option<usize>) -> usize {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     // 2,000 rows over 200 keys: every lane has work for several batches.
-    let mut tx = pool.begin().await.unwrap();
     let msgs: Vec<Message> = (0..2000)
         .map(|i| Message::new("t", format!("{i}")).key(format!("k{}", i % 200)))
         .collect();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
+    outbox_tests::db::commit_batch(&pool, &msgs).await;
     let publisher = Arc::new(Concurrency::default());
     let cfg = test_config().batch_size(10).max_busy_lanes(max_busy_lanes);
     let relay = start(store.clone(), publisher.clone(), cfg);
@@ -343,12 +339,10 @@ async fn max_busy_lanes_caps_the_batches_in_flight() {
 async fn max_rate_paces_the_relay() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let mut tx = pool.begin().await.unwrap();
     let msgs: Vec<Message> = (0..1500)
         .map(|i| Message::new("t", format!("{i}")).key(format!("k{}", i % 100)))
         .collect();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
+    outbox_tests::db::commit_batch(&pool, &msgs).await;
     let publisher = Arc::new(Concurrency::default());
     // 500/s with a burst of one second: 1,500 messages cannot all be out in under 2 s. (Only a
     // lower bound: a slow machine makes it slower, never faster.)

@@ -31,9 +31,7 @@ fn writers(pool: sqlx::PgPool, t: String, txs: usize, every: Duration) -> JoinHa
             let msgs: Vec<Message> = (0..10)
                 .map(|i| Message::new(t.clone(), format!("b{b}i{i}")).key(format!("key-{}", (b * 3 + i) % 40)))
                 .collect();
-            let mut tx = pool.begin().await.unwrap();
-            outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-            tx.commit().await.unwrap();
+            outbox_tests::db::commit_batch(&pool, &msgs).await;
             committed.extend(msgs.iter().map(|m| m.id()));
         }
         committed

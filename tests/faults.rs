@@ -42,12 +42,10 @@ fn relay(store: outbox::postgres::PgStore, bootstrap: &str, extra: &[(&str, &str
 }
 
 async fn enqueue(h: &Harness, n: usize, keys: usize, tag: &str) -> HashSet<uuid::Uuid> {
-    let mut tx = h.pool.begin().await.unwrap();
     let msgs: Vec<Message> = (0..n)
         .map(|i| Message::new(h.topic.clone(), format!("{tag}{i}")).key(format!("k{}", i % keys)))
         .collect();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
+    outbox_tests::db::commit_batch(&h.pool, &msgs).await;
     msgs.iter().map(|m| m.id()).collect()
 }
 

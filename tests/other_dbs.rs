@@ -48,12 +48,10 @@ macro_rules! other_db_suite {
         async fn kept_published_rows_carry_partition_and_offset_and_are_cleaned_up() {
             let pool = outbox_tests::db::$fresh().await;
             let store = $store::new(pool.clone()).keep_published(true);
-            let mut tx = pool.begin().await.unwrap();
             let msgs: Vec<Message> = (0..3)
                 .map(|i| Message::new("t", format!("{i}")).key("k"))
                 .collect();
-            outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-            tx.commit().await.unwrap();
+            outbox_tests::db::commit_batch(&pool, &msgs).await;
             let leases = take_all(&store, OWNER).await;
             let rows = claim_all(&store, &leases).await;
             publish(&store, &leases, &rows).await;

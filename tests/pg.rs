@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use outbox::{Message, Store, StoreAdmin};
+use outbox_tests::db::commit_each;
 
 // The outbox schema, the inbox's, the source id, the index of waiting rows (0004_waiting_index.sql).
 outbox_tests::migration_tests!(postgres, fresh_pg_unmigrated, vec![1, 2, 3, 4]);
@@ -48,10 +49,8 @@ async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
     assert_eq!(lane, e.lane);
 
     // The batch form notifies every lane it wrote to.
-    let mut tx = pool.begin().await.unwrap();
     let msgs: Vec<Message> = (0..20).map(|i| Message::new("t", "z").key(format!("b{i}"))).collect();
-    let out = outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
+    let out = outbox_tests::db::commit_batch(&pool, &msgs).await;
     let mut want: Vec<i32> = out.iter().map(|e| e.lane).collect();
     want.sort();
     want.dedup();
@@ -78,15 +77,15 @@ async fn notify_goes_only_to_idle_lanes() {
     let lane = outbox::lane_of(Some("k"), m.id(), outbox::LANES);
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
     // Busy (not idle): no NOTIFY, the relay will claim the row anyway.
-    commit_one(&pool, m).await;
+    commit_each(&pool, [m]).await;
     assert_eq!(woken_within(&mut wake, Duration::from_millis(500)).await, None);
     // Idle: NOTIFY at commit.
     store.wakeups().unwrap().set_idle(lease, true).await.unwrap();
-    commit_one(&pool, Message::new("t", "y").key("k")).await;
+    commit_each(&pool, [Message::new("t", "y").key("k")]).await;
     assert_eq!(woken_within(&mut wake, Duration::from_secs(5)).await, Some(lane));
     // Released lanes are not idle: nobody is listening for them.
     store.release(lease).await.unwrap();
-    commit_one(&pool, Message::new("t", "z").key("k")).await;
+    commit_each(&pool, [Message::new("t", "z").key("k")]).await;
     assert_eq!(woken_within(&mut wake, Duration::from_millis(500)).await, None);
     assert_eq!(
         store.status().await.unwrap().pending,
@@ -117,15 +116,7 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
     let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let mut lane = 0;
-    for i in 0..4 {
-        lane = outbox::enqueue(&mut tx, &Message::new("t", format!("{i}")).key("k"))
-            .await
-            .unwrap()
-            .lane;
-    }
-    tx.commit().await.unwrap();
+    let lane = commit_each(&pool, (0..4).map(|i| Message::new("t", format!("{i}")).key("k"))).await[0].lane;
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
     // Another session (a relay frozen inside its claim, an operator) holds seq 1..2 locked.
     let mut other = pool.begin().await.unwrap();
@@ -148,13 +139,7 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
 #[tokio::test]
 async fn a_pool_with_jit_off_claims_in_one_statement_with_the_same_rows() {
     let pool = outbox_tests::db::fresh_pg().await;
-    let mut tx = pool.begin().await.unwrap();
-    for i in 0..6 {
-        outbox::enqueue(&mut tx, &Message::new("t", format!("{i}")).key("k"))
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
+    commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
     // The same database through a pool whose connections start with JIT off, as the daemon's do.
     let opts = pool.connect_options().as_ref().clone().options([("jit", "off")]);
     let jit_off = sqlx::postgres::PgPoolOptions::new()
@@ -274,14 +259,7 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
     let send = |key: &'static str| {
         let pool = pool.clone();
         let topic = topic.clone();
-        async move {
-            let mut tx = pool.begin().await.unwrap();
-            let e = outbox::enqueue(&mut tx, &Message::new(topic, "x").key(key))
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-            e.lane
-        }
+        async move { commit_each(&pool, [Message::new(topic, "x").key(key)]).await[0].lane }
     };
     let published = || async { store.status().await.unwrap().pending == 0 };
     let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
@@ -335,13 +313,6 @@ async fn the_probe_answers_the_databases_transaction_counts() {
         store.probe().await.unwrap().finished.unwrap() >= finished + 50
     })
     .await;
-}
-
-/// Commits `m` alone with the default settings.
-async fn commit_one(pool: &sqlx::PgPool, m: Message) {
-    let mut tx = pool.begin().await.unwrap();
-    outbox::enqueue(&mut tx, &m).await.unwrap();
-    tx.commit().await.unwrap();
 }
 
 /// The lane of the next NOTIFY if one arrives within `within`.

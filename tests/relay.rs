@@ -47,15 +47,13 @@ async fn ten_thousand_messages(keys: usize, cfg: outbox_relay::RelayConfig, prod
         writers.push(tokio::spawn(async move {
             let mut committed = HashSet::new();
             for b in 0..25 {
-                let mut tx = pool.begin().await.unwrap();
                 let msgs: Vec<Message> = (0..100)
                     .map(|i| {
                         Message::new(t.clone(), format!("w{w}b{b}i{i}"))
                             .key(format!("key-{}", (w * 7 + b * 100 + i) % keys))
                     })
                     .collect();
-                outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-                tx.commit().await.unwrap();
+                outbox_tests::db::commit_batch(&pool, &msgs).await;
                 committed.extend(msgs.iter().map(|m| m.id()));
                 // A rolled-back transaction: its message must never appear.
                 let mut tx = pool.begin().await.unwrap();
@@ -132,11 +130,9 @@ async fn late_committed_row_is_published() {
     outbox::enqueue(&mut late, &low).await.unwrap();
     let mut expect = HashSet::from([low.id()]);
     for i in 0..20 {
-        let mut tx = pool.begin().await.unwrap();
         let m = Message::new(t.clone(), format!("{i}"));
-        outbox::enqueue(&mut tx, &m).await.unwrap();
-        tx.commit().await.unwrap();
         expect.insert(m.id());
+        outbox_tests::db::commit_each(&pool, [m]).await;
     }
     drained(&store, Duration::from_secs(30)).await;
     late.commit().await.unwrap();
@@ -159,12 +155,10 @@ async fn two_relays_share_lanes_without_reordering() {
     let b = start(store.clone(), mk(), cfg.clone().owner("relay-b".into()));
     let mut expect = HashSet::new();
     for r in 0..20 {
-        let mut tx = pool.begin().await.unwrap();
         let msgs: Vec<Message> = (0..100)
             .map(|i| Message::new(t.clone(), format!("{r}-{i}")).key(format!("k{}", i % 30)))
             .collect();
-        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-        tx.commit().await.unwrap();
+        outbox_tests::db::commit_batch(&pool, &msgs).await;
         expect.extend(msgs.iter().map(|m| m.id()));
         if r == 5 {
             // The two relays settle on a fair split: every lane owned, each relay holding half.
@@ -201,10 +195,7 @@ async fn notify_wakes_the_relay_without_polling() {
         test_config().poll_interval(Duration::from_secs(60)),
     );
     outbox_tests::embedded::every_lane_idle(&pool).await;
-    let m = Message::new(t.clone(), "wake").key("k");
-    let mut tx = pool.begin().await.unwrap();
-    outbox::enqueue(&mut tx, &m).await.unwrap();
-    tx.commit().await.unwrap();
+    outbox_tests::db::commit_each(&pool, [Message::new(t.clone(), "wake").key("k")]).await;
     drained(&store, Duration::from_secs(10)).await;
     relay.stop().await;
 }
@@ -274,12 +265,10 @@ async fn outbox_commit_wakes_the_embedded_relays_lane_it_wrote_to() {
 async fn kept_published_rows_are_deleted_past_their_retention_on_a_schedule() {
     let (bootstrap, t, pool, _) = PgTopic::new("relay-keep", 2).await.into_parts();
     let store = outbox::postgres::PgStore::new(pool.clone()).keep_published(true);
-    let mut tx = pool.begin().await.unwrap();
     let msgs: Vec<Message> = (0..300)
         .map(|i| Message::new(t.clone(), format!("m{i}")).key(format!("k{}", i % 7)))
         .collect();
-    outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-    tx.commit().await.unwrap();
+    outbox_tests::db::commit_batch(&pool, &msgs).await;
     let publisher = KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())]).unwrap();
     let cfg = test_config()
         .cleanup_interval(Duration::from_millis(200))

@@ -49,11 +49,7 @@ async fn the_consumer_span_continues_the_producer_trace() {
     let producer_trace = request.context().span().span_context().trace_id();
     assert_ne!(producer_trace, TraceId::INVALID);
     async {
-        let mut tx = pool.begin().await.unwrap();
-        outbox::enqueue(&mut tx, &Message::new(t.clone(), "x").key("k"))
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        outbox_tests::db::commit_each(&pool, [Message::new(t.clone(), "x").key("k")]).await;
     }
     .instrument(request)
     .await;

@@ -71,6 +71,7 @@ macro_rules! conformance_suite {
 
         use outbox::{Delivered, Error, Message, Store};
         use $crate::conformance::{claim_all, claim_until, lease_of, take_all, OWNER};
+        use $crate::db::commit_each;
 
         async fn fresh() -> (sqlx::Pool<$db>, Arc<dyn Store>) {
             let (pool, store) = $fresh.await;

@@ -252,13 +252,11 @@ impl Drop for RelayProcess {
 pub async fn enqueue_all(pool: &sqlx::PgPool, topic: &str, n: usize, keys: usize) -> HashSet<uuid::Uuid> {
     let mut ids = HashSet::new();
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let mut tx = pool.begin().await.unwrap();
         let msgs: Vec<Message> = chunk
             .iter()
             .map(|i| Message::new(topic, vec![b'p'; 200]).key(format!("k{}", i % keys)))
             .collect();
-        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-        tx.commit().await.unwrap();
+        crate::db::commit_batch(pool, &msgs).await;
         ids.extend(msgs.iter().map(|m| m.id()));
     }
     ids

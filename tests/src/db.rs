@@ -51,6 +51,31 @@ pub async fn exec<'e, E: sqlx::Executor<'e>>(e: E, sql: &'e str) {
     sqlx::raw_sql(sql).execute(e).await.unwrap();
 }
 
+/// Commits `msgs` in one transaction, each with [`outbox::enqueue`]; what it answered for each.
+pub async fn commit_each<DB: outbox::Backend>(
+    pool: &sqlx::Pool<DB>,
+    msgs: impl IntoIterator<Item = outbox::Message>,
+) -> Vec<outbox::Enqueued> {
+    let mut tx = pool.begin().await.unwrap();
+    let mut out = Vec::new();
+    for m in msgs {
+        out.push(outbox::enqueue(&mut tx, &m).await.unwrap());
+    }
+    tx.commit().await.unwrap();
+    out
+}
+
+/// Commits `msgs` in one transaction with [`outbox::enqueue_batch`]; what it answered.
+pub async fn commit_batch<DB: outbox::Backend>(
+    pool: &sqlx::Pool<DB>,
+    msgs: &[outbox::Message],
+) -> Vec<outbox::Enqueued> {
+    let mut tx = pool.begin().await.unwrap();
+    let out = outbox::enqueue_batch(&mut tx, msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    out
+}
+
 /// A new PostgreSQL database with the outbox schema.
 pub async fn fresh_pg() -> PgPool {
     let pool = fresh_pg_unmigrated().await;

@@ -25,12 +25,10 @@ macro_rules! __conformance_claims {
                 "b gets only the free lanes"
             );
             assert!(a.iter().all(|x| b.iter().all(|y| y.lane != x.lane)));
-            let mut tx = pool.begin().await.unwrap();
             let msgs: Vec<Message> = (0..400)
                 .map(|i| Message::new("t", format!("{i}")).key(format!("k{}", i % 37)))
                 .collect();
-            outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-            tx.commit().await.unwrap();
+            $crate::db::commit_batch(&pool, &msgs).await;
             let (sa, sb) = (store.clone(), store.clone());
             let (ra, rb) = tokio::join!(async move { claim_all(&*sa, &a).await }, async move {
                 claim_all(&*sb, &b).await
@@ -56,11 +54,9 @@ macro_rules! __conformance_claims {
         #[tokio::test]
         async fn stale_epoch_cannot_mark_fail_or_dead_letter() {
             let (pool, store) = fresh().await;
-            let mut tx = pool.begin().await.unwrap();
-            let e = outbox::enqueue(&mut tx, &Message::new("t", "x").key("k"))
+            let e = commit_each(&pool, [Message::new("t", "x").key("k")])
                 .await
-                .unwrap();
-            tx.commit().await.unwrap();
+                .remove(0);
             let old = store
                 .acquire("old", 64, Duration::from_millis(300))
                 .await
@@ -117,20 +113,15 @@ macro_rules! __conformance_claims {
         async fn delayed_message_is_not_claimed_early_and_holds_its_key() {
             let (pool, store) = fresh().await;
             let leases = take_all(&*store, OWNER).await;
-            let mut tx = pool.begin().await.unwrap();
-            outbox::enqueue(
-                &mut tx,
-                &Message::new("t", "d1").key("k").delay(Duration::from_secs(2)),
+            commit_each(
+                &pool,
+                [
+                    Message::new("t", "d1").key("k").delay(Duration::from_secs(2)),
+                    Message::new("t", "d2").key("k"),
+                    Message::new("t", "other").key("other"),
+                ],
             )
-            .await
-            .unwrap();
-            outbox::enqueue(&mut tx, &Message::new("t", "d2").key("k"))
-                .await
-                .unwrap();
-            outbox::enqueue(&mut tx, &Message::new("t", "other").key("other"))
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
+            .await;
             let rows = claim_all(&*store, &leases).await;
             let got: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
             assert_eq!(
@@ -153,15 +144,12 @@ macro_rules! __conformance_claims {
         async fn failed_row_backs_off_and_holds_later_rows_of_its_key() {
             let (pool, store) = fresh().await;
             let leases = take_all(&*store, OWNER).await;
-            let mut tx = pool.begin().await.unwrap();
-            let e = outbox::enqueue(&mut tx, &Message::new("t", "k1").key("k"))
-                .await
-                .unwrap();
-            outbox::enqueue(&mut tx, &Message::new("t", "k2").key("k"))
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
-            let lease = lease_of(&leases, e.lane);
+            let e = commit_each(
+                &pool,
+                [Message::new("t", "k1").key("k"), Message::new("t", "k2").key("k")],
+            )
+            .await;
+            let lease = lease_of(&leases, e[0].lane);
             let rows = store.claim(lease, 10, &[]).await.unwrap();
             assert_eq!(rows.len(), 2);
             store
@@ -189,16 +177,8 @@ macro_rules! __conformance_claims {
         async fn claim_ahead_leaves_out_the_batch_in_flight_and_keeps_key_order() {
             let (pool, store) = fresh().await;
             let leases = take_all(&*store, OWNER).await;
-            let mut tx = pool.begin().await.unwrap();
-            let mut lane = None;
-            for i in 0..6 {
-                let e = outbox::enqueue(&mut tx, &Message::new("t", format!("m{i}")).key("k"))
-                    .await
-                    .unwrap();
-                lane = Some(e.lane);
-            }
-            tx.commit().await.unwrap();
-            let lease = lease_of(&leases, lane.unwrap());
+            let e = commit_each(&pool, (0..6).map(|i| Message::new("t", format!("m{i}")).key("k"))).await;
+            let lease = lease_of(&leases, e[0].lane);
             let first = store.claim(lease, 4, &[]).await.unwrap();
             let in_flight: Vec<i64> = first.iter().map(|r| r.pos).collect();
             let ahead = store.claim(lease, 4, &in_flight).await.unwrap();
@@ -224,20 +204,17 @@ macro_rules! __conformance_claims {
         async fn dead_letters_park_or_skip_and_can_be_retried_or_discarded() {
             let (pool, store) = fresh().await;
             let leases = take_all(&*store, OWNER).await;
-            let mut tx = pool.begin().await.unwrap();
-            let p = outbox::enqueue(&mut tx, &Message::new("t", "p1").key("parked"))
-                .await
-                .unwrap();
-            outbox::enqueue(&mut tx, &Message::new("t", "p2").key("parked"))
-                .await
-                .unwrap();
-            let s = outbox::enqueue(&mut tx, &Message::new("t", "s1").key("skipped"))
-                .await
-                .unwrap();
-            outbox::enqueue(&mut tx, &Message::new("t", "s2").key("skipped"))
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
+            let e = commit_each(
+                &pool,
+                [
+                    Message::new("t", "p1").key("parked"),
+                    Message::new("t", "p2").key("parked"),
+                    Message::new("t", "s1").key("skipped"),
+                    Message::new("t", "s2").key("skipped"),
+                ],
+            )
+            .await;
+            let (p, s) = (&e[0], &e[2]);
             let (lp, ls) = (lease_of(&leases, p.lane), lease_of(&leases, s.lane));
             let rows = claim_all(&*store, &leases).await;
             let pos_of = |payload: &[u8]| rows.iter().find(|r| r.payload == payload).unwrap().pos;

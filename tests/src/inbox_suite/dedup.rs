@@ -103,19 +103,9 @@ macro_rules! __inbox_suite_dedup {
             let pool = pool().await;
             let inbox = Inbox::new(consumer());
             let handler = Effect::default();
-            for seq in 1..=3 {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Processed
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", 1..=3, Outcome::Processed).await;
             // Redelivered with the same seq, or an older seq arriving out of order: even under a new id.
-            for seq in [3, 2, 1] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Duplicate
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", [3, 2, 1], Outcome::Duplicate).await;
             assert_eq!(effects(&pool).await, 3);
             // Another key, and the same key for another consumer, are independent.
             assert_eq!(

@@ -35,19 +35,9 @@ macro_rules! __inbox_suite_gaps {
             metrics_on();
             let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
-            for seq in [1, 2] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Processed
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", [1, 2], Outcome::Processed).await;
             // 3 timed out at the producer ("possibly persisted") while 4 went through; 5 follows.
-            for seq in [4, 5] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Processed
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", [4, 5], Outcome::Processed).await;
             assert_eq!(gaps(&pool, &c, "k").await, [(3, 3)]);
             assert_eq!(gap_from(&pool, &c, "k").await, Some(3));
             assert_eq!(counter("outbox_inbox_gaps_total", &c), 1);
@@ -70,13 +60,7 @@ macro_rules! __inbox_suite_gaps {
                 inbox.process(&pool, &late, &handler).await.unwrap(),
                 Outcome::Duplicate
             );
-            for seq in [3, 1, 2, 4, 5] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Duplicate,
-                    "seq {seq}"
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", [3, 1, 2, 4, 5], Outcome::Duplicate).await;
             assert_eq!(effects_of(&pool, late.id).await, 1);
             assert_eq!(effects(&pool).await, 5);
             assert_eq!(counter("outbox_inbox_processed_total", &c), 5);
@@ -88,39 +72,25 @@ macro_rules! __inbox_suite_gaps {
             let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
             // Two gaps: 4..=5 and 8..=9.
-            for seq in [1, 2, 3, 6, 7, 10] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Processed
-                );
-            }
+            deliver_each(
+                &inbox,
+                &pool,
+                &handler,
+                "k",
+                [1, 2, 3, 6, 7, 10],
+                Outcome::Processed,
+            )
+            .await;
             assert_eq!(gaps(&pool, &c, "k").await, [(4, 5), (8, 9)]);
             assert_eq!(gap_from(&pool, &c, "k").await, Some(4));
             // Below the lowest gap, between the gaps, at the top: duplicates, and the gaps are untouched.
-            for seq in [1, 3, 6, 7, 10] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Duplicate,
-                    "seq {seq}"
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", [1, 3, 6, 7, 10], Outcome::Duplicate).await;
             assert_eq!(gaps(&pool, &c, "k").await, [(4, 5), (8, 9)]);
             // Filling the lower gap leaves the upper one, and gap_from follows.
-            for seq in [5, 4] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Processed
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", [5, 4], Outcome::Processed).await;
             assert_eq!(gaps(&pool, &c, "k").await, [(8, 9)]);
             assert_eq!(gap_from(&pool, &c, "k").await, Some(8));
-            for seq in [4, 5, 7] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Duplicate,
-                    "seq {seq}"
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", [4, 5, 7], Outcome::Duplicate).await;
             // Above the highest is still the plain path; another key is not concerned.
             assert_eq!(
                 deliver(&inbox, &pool, &handler, "k", 11).await,
@@ -213,12 +183,7 @@ macro_rules! __inbox_suite_gaps {
         async fn a_failing_handler_on_a_late_message_keeps_the_gap_open() {
             let (pool, c, inbox) = inbox_on_fresh_pool().await;
             let handler = Effect::default();
-            for seq in [1, 5] {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, "k", seq).await,
-                    Outcome::Processed
-                );
-            }
+            deliver_each(&inbox, &pool, &handler, "k", [1, 5], Outcome::Processed).await;
             let failing = Effect {
                 failures: AtomicUsize::new(1),
                 ..Effect::default()

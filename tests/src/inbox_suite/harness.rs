@@ -250,6 +250,24 @@ macro_rules! __inbox_suite_harness {
             deliver_with(inbox, pool, handler, key, seq).await
         }
 
+        /// [`deliver`]s `key` with each of `seqs` in turn; each comes out as `want`.
+        async fn deliver_each(
+            inbox: &Inbox,
+            pool: &Pool,
+            handler: &Effect,
+            key: &'static str,
+            seqs: impl IntoIterator<Item = i64>,
+            want: Outcome,
+        ) {
+            for seq in seqs {
+                assert_eq!(
+                    deliver(inbox, pool, handler, key, seq).await,
+                    want,
+                    "{key} seq {seq}"
+                );
+            }
+        }
+
         /// [`deliver`] with any handler.
         async fn deliver_with<H: Handler<$db>>(
             inbox: &Inbox,

@@ -72,9 +72,7 @@ pub(crate) async fn commit_rounds(
         let msgs: Vec<Message> = (0..keys)
             .map(|k| Message::new(destination, format!("r{round}k{k}")).key(format!("key-{k}")))
             .collect();
-        let mut tx = pool.begin().await.unwrap();
-        outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-        tx.commit().await.unwrap();
+        crate::db::commit_batch(pool, &msgs).await;
         ids.extend(msgs.iter().map(|m| m.id()));
     }
     ids

@@ -12,7 +12,7 @@ pub(super) struct Case {
     pub(super) notify: bool,
     /// The relay's poll interval.
     pub(super) poll: Duration,
-    /// librdkafka `linger.ms` (None: the default, 5 ms).
+    /// librdkafka `linger.ms` (None: the relay's default, 1 ms).
     pub(super) linger_ms: Option<u32>,
     /// How long the relay's lanes linger after running dry ([`RelayConfig::linger`]).
     pub(super) lanes_linger: Duration,
