@@ -9,11 +9,11 @@
 //!   the *baseline*, the database at rest;
 //! - *working*: how long a commit takes while the relay works;
 //! - whether a service is *busy*: where the database counts its transactions (PostgreSQL), when
-//!   they grow by more than [`BUSY_RATE`] a second beyond the relay's own (which the relay counts)
+//!   they grow by more than [`BUSY_RATE`](counts::BUSY_RATE) a second beyond the relay's own (which the relay counts)
 //!   and beyond as many again (another relay as busy as this one is no service). Two counts tell:
-//!   the finished transactions over the last [`RATE_WINDOW`] (every kind, but each connection adds
+//!   the finished transactions over the last [`RATE_WINDOW`](counts::RATE_WINDOW) (every kind, but each connection adds
 //!   its count only about once a second), and the transaction ids handed out over the last
-//!   [`WRITES_WINDOW`] (writes only, live; with twice the margin, a few probes being a short
+//!   [`WRITES_WINDOW`](counts::WRITES_WINDOW) (writes only, live; with twice the margin, a few probes being a short
 //!   span). Elsewhere, when quiet is well above the baseline.
 //!
 //! A service's transactions wait for their commits, so its throughput falls as commits slow down.
@@ -42,6 +42,9 @@ use outbox::{ProbeCounts, Publisher, Store, LANES};
 use tokio::sync::{watch, Semaphore, SemaphorePermit};
 
 use crate::shared::Shared;
+use counts::Counts;
+
+mod counts;
 
 /// One control cycle: working probes, then the quiet window.
 pub(crate) const CYCLE: Duration = Duration::from_secs(1);
@@ -56,18 +59,6 @@ const QUIET_WAIT: Duration = Duration::from_millis(300);
 const BASELINE: Duration = Duration::from_secs(300);
 /// The lowest pace: one lane working 5% of the time.
 const FLOOR: f64 = 0.05;
-/// Transactions per second of others, beyond the relay's own rate, that make a service busy.
-const BUSY_RATE: f64 = 100.0;
-/// How far back the transaction rates look (the database updates its count about once a second
-/// per connection).
-const RATE_WINDOW: Duration = Duration::from_secs(2);
-/// The shortest span of counts a rate is taken over: shorter, one connection's update is a jump.
-const RATE_MIN_SPAN: Duration = Duration::from_secs(1);
-/// How far back the rate of writes looks: the last two or three probes, so a service that starts
-/// writing is told within a quarter of a second.
-const WRITES_WINDOW: Duration = Duration::from_millis(300);
-/// The shortest span the rate of writes is taken over.
-const WRITES_MIN_SPAN: Duration = Duration::from_millis(200);
 /// Where the pace drops at once when a service becomes busy (the proportional cuts take over from
 /// there): a service should not wait cycles for a relay that was running every lane.
 const BUSY_START: f64 = 0.25;
@@ -196,19 +187,12 @@ impl Adaptive {
     }
 }
 
-/// The database's counts and the relay's own at one probe.
-struct Sample {
-    at: Instant,
-    counts: ProbeCounts,
-    own: u64,
-}
-
 /// The controller's state: the baseline, the counts and the pace.
 struct Control {
     /// The fastest quiet commit of each cycle, for the last [`BASELINE`].
     quiet: VecDeque<(Instant, Duration)>,
-    /// The database's counts and the relay's own count at each probe of the last [`RATE_WINDOW`].
-    counts: VecDeque<Sample>,
+    /// The database's counts at each probe of the last [`counts::RATE_WINDOW`].
+    counts: Counts,
     level: f64,
     /// Whether the last cycle found a busy service.
     was_busy: bool,
@@ -221,63 +205,11 @@ impl Control {
     fn new(slowdown: f64) -> Self {
         Control {
             quiet: VecDeque::new(),
-            counts: VecDeque::new(),
+            counts: Counts::default(),
             level: 1.0,
             was_busy: false,
             slowdown,
         }
-    }
-
-    /// Takes the counts of a probe and says whether a service is busy, when they tell (`None`: no
-    /// count from the database, or too short a span of counts yet).
-    fn service_busy(&mut self, counts: ProbeCounts, own: u64, now: Instant) -> Option<bool> {
-        if counts.finished.is_none() && counts.writes.is_none() {
-            self.counts.clear();
-            return None;
-        }
-        self.counts.push_back(Sample { at: now, counts, own });
-        while self
-            .counts
-            .front()
-            .is_some_and(|s| now.duration_since(s.at) > RATE_WINDOW)
-        {
-            self.counts.pop_front();
-        }
-        let finished = self.rates(RATE_WINDOW, RATE_MIN_SPAN, |c| c.finished);
-        let writes = self.rates(WRITES_WINDOW, WRITES_MIN_SPAN, |c| c.writes);
-        tracing::trace!(
-            ?finished,
-            ?writes,
-            "pace: the others' and the relay's transactions a second"
-        );
-        // Beyond the relay's own and as many again; twice that for the writes' short span.
-        let busy =
-            |rates: Option<(f64, f64)>, margin: f64| rates.map(|(others, own)| others > margin * (BUSY_RATE + own));
-        match (busy(finished, 1.0), busy(writes, 2.0)) {
-            (Some(true), _) | (_, Some(true)) => Some(true),
-            (None, None) => None,
-            _ => Some(false),
-        }
-    }
-
-    /// The others' and the relay's own transactions a second by one count, over the samples of
-    /// the last `window` (`None` when they span less than `min`).
-    fn rates(
-        &self,
-        window: Duration,
-        min: Duration,
-        count: impl Fn(&ProbeCounts) -> Option<i64>,
-    ) -> Option<(f64, f64)> {
-        let last = self.counts.back()?;
-        let first = self.counts.iter().find(|s| last.at.duration_since(s.at) <= window)?;
-        let span = last.at.duration_since(first.at);
-        if span < min {
-            return None;
-        }
-        let secs = span.as_secs_f64();
-        let own = (last.own - first.own) as f64 / secs;
-        let others = (count(&last.counts)? - count(&first.counts)?) as f64 / secs - own;
-        Some((others, own))
     }
 
     /// Takes one cycle's figures and returns the new pace. `service` says whether a service is
@@ -375,7 +307,9 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
             tokio::time::sleep(CYCLE / WORKING_PROBES).await;
             if let Some((took, count)) = probe(&shared).await {
                 working.push(took);
-                service = c.service_busy(count, pace.own.load(Ordering::Relaxed), Instant::now());
+                service = c
+                    .counts
+                    .service_busy(count, pace.own.load(Ordering::Relaxed), Instant::now());
             }
             if service == Some(true) && !c.was_busy {
                 // A service woke up: the pace drops now, not at the end of the cycle.

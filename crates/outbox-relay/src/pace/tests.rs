@@ -94,23 +94,27 @@ fn the_transaction_counts_tell_a_busy_service_from_the_relay_and_its_peers() {
     let mut c = Control::new(SLOWDOWN);
     let t0 = Instant::now();
     let at = |s: u64| t0 + Duration::from_secs(s);
-    assert_eq!(c.service_busy(finished(0), 0, at(0)), None, "one sample: no rate yet");
+    assert_eq!(
+        c.counts.service_busy(finished(0), 0, at(0)),
+        None,
+        "one sample: no rate yet"
+    );
     // The relay alone: 200 of its own transactions a second, the database counts them.
-    assert_eq!(c.service_busy(finished(200), 200, at(1)), Some(false));
+    assert_eq!(c.counts.service_busy(finished(200), 200, at(1)), Some(false));
     // Another relay as busy: 400 a second counted, 200 of them ours.
-    assert_eq!(c.service_busy(finished(600), 400, at(2)), Some(false));
-    assert_eq!(c.service_busy(finished(1000), 600, at(3)), Some(false));
+    assert_eq!(c.counts.service_busy(finished(600), 400, at(2)), Some(false));
+    assert_eq!(c.counts.service_busy(finished(1000), 600, at(3)), Some(false));
     // A service committing 3,000 a second.
     for s in 4..8 {
         let database = 1000 + (s as i64 - 3) * 3200;
-        c.service_busy(finished(database), 600 + (s - 3) * 200, at(s));
+        c.counts.service_busy(finished(database), 600 + (s - 3) * 200, at(s));
     }
     assert_eq!(
-        c.service_busy(finished(1000 + 5 * 3200), 600 + 5 * 200, at(8)),
+        c.counts.service_busy(finished(1000 + 5 * 3200), 600 + 5 * 200, at(8)),
         Some(true)
     );
     assert_eq!(
-        c.service_busy(ProbeCounts::default(), 0, at(9)),
+        c.counts.service_busy(ProbeCounts::default(), 0, at(9)),
         None,
         "no count: the latency decides"
     );
@@ -125,14 +129,14 @@ fn a_service_waking_up_is_told_at_the_first_probe_that_sees_its_count() {
     let mut answers = Vec::new();
     for i in 0..24u32 {
         let own = u64::from(i) * 100 / 8;
-        answers.push(c.service_busy(finished(own as i64), own, t0 + probe * i));
+        answers.push(c.counts.service_busy(finished(own as i64), own, t0 + probe * i));
     }
     assert_eq!(&answers[..8], &[None; 8], "less than a second of counts: no rate");
     assert!(answers[8..].iter().all(|a| *a == Some(false)), "{answers:?}");
     // A service's connections report a second of 5,000 transactions a second at once.
     let own = 24 * 100 / 8;
     assert_eq!(
-        c.service_busy(finished(own as i64 + 5000), own, t0 + probe * 24),
+        c.counts.service_busy(finished(own as i64 + 5000), own, t0 + probe * 24),
         Some(true)
     );
     // The pace drops to its busy start there, and the cycle's end does not drop it twice.
@@ -154,7 +158,8 @@ fn a_service_that_starts_writing_is_told_by_the_ids_it_takes_before_its_counts_a
     let mut answer = |c: &mut Control, i: u32, service_writes: i64| {
         own += 40;
         ids += 40 + service_writes;
-        c.service_busy(ProbeCounts::new(Some(own as i64), Some(ids)), own, t0 + probe * i)
+        c.counts
+            .service_busy(ProbeCounts::new(Some(own as i64), Some(ids)), own, t0 + probe * i)
     };
     assert_eq!(answer(&mut c, 0, 0), None);
     assert_eq!(answer(&mut c, 1, 0), None, "one probe apart: too short a span");
@@ -165,7 +170,10 @@ fn a_service_that_starts_writing_is_told_by_the_ids_it_takes_before_its_counts_a
     }
     // A service writing 5,000 times a second (625 per probe) on top of it.
     assert_eq!(answer(&mut c, 6, 40 + 625), Some(true), "told at the first probe");
-    assert!(c.counts.len() > 3, "the finished counts keep their longer window");
+    assert!(
+        c.counts.samples.len() > 3,
+        "the finished counts keep their longer window"
+    );
 }
 
 #[test]
