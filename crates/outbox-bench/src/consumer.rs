@@ -163,7 +163,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         id: "consumer".into(),
         title: "5. Consumer: inbox vs plain".into(),
         setup: format!(
-            "Apache Kafka ({bootstrap}). {total} messages with outbox headers (keyed: {} keys, dense seqs; unkeyed) in a topic of \
+            "Apache Kafka ({bootstrap}). {total} messages with the headers a relay sends (outbox-source included; keyed: {} keys, dense seqs; unkeyed) in a topic of \
              {PARTITIONS} partitions, read from the beginning by one rdkafka consumer for {:.1} s per run, one message at a \
              time as ConsumerRunner does. Plain = the handler (insert one row) in its own transaction; inbox = \
              Inbox::process with the same handler. Inbox tables truncated before each run; variants interleaved.",
@@ -178,12 +178,15 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     Ok(fig)
 }
 
-/// Writes `n` messages with the framework headers to `topic`.
+/// Writes `n` messages with the framework headers to `topic`, as a relay sends them: the outbox
+/// database's `outbox-source` on each (so the first message of a key also looks for the key's
+/// records from before sources, as it does for a relay's).
 async fn produce(bootstrap: &str, topic: &str, n: usize, keyed: bool) -> anyhow::Result<()> {
-    use outbox::{HEADER_ID, HEADER_KEY, HEADER_SEQ};
+    use outbox::{HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
     let body = crate::common::payload();
+    let source = uuid::Uuid::new_v4().to_string();
     let mut futs = Vec::with_capacity(n);
     for i in 0..n {
         let id = uuid::Uuid::now_v7().to_string();
@@ -193,6 +196,7 @@ async fn produce(bootstrap: &str, topic: &str, n: usize, keyed: bool) -> anyhow:
             (HEADER_ID, Some(id.as_str())),
             (HEADER_KEY, keyed.then_some(k.as_str())),
             (HEADER_SEQ, keyed.then_some(seq.as_str())),
+            (HEADER_SOURCE, Some(source.as_str())),
         ]);
         let mut rec = FutureRecord::to(topic).payload(&body);
         if keyed {
