@@ -312,8 +312,12 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
                     .service_busy(count, pace.own.load(Ordering::Relaxed), Instant::now());
             }
             if service == Some(true) && !c.was_busy {
-                // A service woke up: the pace drops now, not at the end of the cycle.
-                let level = c.became_busy();
+                // A service woke up: the pace drops now, not at the end of the cycle (still at
+                // one lane or more while the backlog waited past `pace_max_lag`; the cycle's end
+                // takes the lag seen).
+                c.became_busy();
+                let lag = Duration::from_millis(pace.lag_ms.load(Ordering::Relaxed));
+                let level = c.bound_lag(lag, shared.cfg.pace_max_lag);
                 c.apply(pace);
                 shared.meters.pace.set(level);
                 tracing::debug!(level, "pace: a service became busy");
