@@ -1,5 +1,7 @@
 //! Figure 1: the write overhead. A business transaction inserts one row into `bench_orders`; the
-//! variants add one outbox message in the same transaction (keyed or not, NOTIFY on or off).
+//! variants add one outbox message in the same transaction (keyed or not, NOTIFY on or off). The
+//! order transaction also runs two references without the outbox: one statement more that writes
+//! nothing, and the message's bytes into a plain table.
 
 mod order;
 
@@ -42,6 +44,13 @@ const TOPIC: &str = "bench.order.placed";
 pub(crate) enum Variant {
     /// Nothing: the baseline.
     NoOutbox,
+    /// A reference, no outbox: one statement more that writes nothing (`SELECT 1`), the cost of a
+    /// round trip alone.
+    RoundTrip,
+    /// A reference, no outbox: the message's key and payload inserted into a plain table of the
+    /// service's own (`bench_events`: an identity key, the key, the payload), the cost of writing
+    /// the same bytes without any outbox bookkeeping.
+    PlainRow,
     /// One outbox message.
     Outbox {
         /// With an ordering key (per-key counter row).
@@ -55,6 +64,8 @@ impl Variant {
     fn name(self) -> String {
         match self {
             Variant::NoOutbox => "no outbox".into(),
+            Variant::RoundTrip => "no outbox, one SELECT 1 more (reference)".into(),
+            Variant::PlainRow => "no outbox, the keyed message's bytes into a plain table (reference)".into(),
             Variant::Outbox { keyed, notify } => format!(
                 "{} message, NOTIFY {}",
                 if keyed { "keyed" } else { "unkeyed" },
@@ -134,13 +145,27 @@ pub(crate) async fn business_tx(
             }
         }
     }
-    if let Variant::Outbox { keyed, notify } = v {
-        let mut m = Message::new(topic, body.to_vec());
-        if keyed {
-            // Spread over the keys, different per writer: contention only as often as keys collide.
-            m = m.key(key((w * 7919 + i as usize * 104_729) % KEYS));
+    // Spread over the keys, different per writer: contention only as often as keys collide.
+    let msg_key = || key((w * 7919 + i as usize * 104_729) % KEYS);
+    match v {
+        Variant::NoOutbox => {}
+        Variant::RoundTrip => {
+            sqlx::query("SELECT 1").execute(&mut *tx).await?;
         }
-        outbox.clone().notify(notify).enqueue(&mut tx, &m).await?;
+        Variant::PlainRow => {
+            sqlx::query("INSERT INTO bench_events (key, payload) VALUES ($1, $2)")
+                .bind(msg_key())
+                .bind(body)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Variant::Outbox { keyed, notify } => {
+            let mut m = Message::new(topic, body.to_vec());
+            if keyed {
+                m = m.key(msg_key());
+            }
+            outbox.clone().notify(notify).enqueue(&mut tx, &m).await?;
+        }
     }
     outbox.commit(tx).await?;
     Ok(())
@@ -265,10 +290,11 @@ fn variant_rows(
     let base = Row::new(format!("{what}: {}", variants[0].name()), "tx/s", tps[0].clone());
     let mut rows = vec![base.clone()];
     rows.extend(variants.iter().zip(tps).skip(1).map(|(v, t)| {
-        Row::new(format!("{what}: {}", v.name()), "tx/s", t.clone())
-            .vs(&base)
-            .target(target(*v))
-            .note(note)
+        let row = Row::new(format!("{what}: {}", v.name()), "tx/s", t.clone()).vs(&base);
+        match v {
+            Variant::Outbox { .. } => row.target(target(*v)).note(note),
+            _ => row,
+        }
     }));
     rows
 }
@@ -361,7 +387,9 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         setup: format!(
             "Minimal business transaction = BEGIN; INSERT one bench_orders row; [outbox enqueue of one {}-byte message]; COMMIT. \
              Order transaction = BEGIN; SELECT a product's stock FOR UPDATE ({PRODUCTS} products); UPDATE it; INSERT the order; \
-             INSERT three order lines; [enqueue, the library's defaults: NOTIFY on]; COMMIT, 16 writers. \
+             INSERT three order lines; [enqueue]; COMMIT, 16 writers; without a relay also two references in place of the \
+             enqueue: one SELECT 1 more (a round trip alone) and the keyed message's key and payload into a plain table \
+             (bench_events: identity key, key, payload), the cost of writing the same bytes without outbox bookkeeping. \
              {:.1} s per variant per round, variants interleaved (rotating start), 1 and 16 concurrent writers on a pool \
              of 20; keyed messages spread over {KEYS} keys whose counter rows exist; synchronous_commit=on.{}",
             crate::common::PAYLOAD_BYTES,
