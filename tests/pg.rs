@@ -329,3 +329,80 @@ async fn listening_with_every_lane_idle(store: &outbox::postgres::PgStore) -> fu
     }
     wake
 }
+
+/// The relay's marks commit without waiting for the WAL flush (a mark the database forgets in a
+/// crash only sends its rows again), and leave the connection's own `synchronous_commit` as it was:
+/// a pool shared with the service keeps its durability. Counted by `pg_stat_wal` (server-wide, so
+/// the plain deletes beside the marks are the measure); a closed connection reports its counts.
+#[tokio::test]
+async fn marks_do_not_wait_for_the_wal_flush_and_leave_the_connections_setting_alone() {
+    const N: usize = 60;
+    let pool = outbox_tests::db::fresh_pg().await;
+    let one = || {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with((*pool.connect_options()).clone())
+    };
+    let syncs = || async {
+        let n: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        n
+    };
+    let setting = |p: sqlx::PgPool| async move {
+        let s: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&p)
+            .await
+            .unwrap();
+        p.close().await;
+        s
+    };
+    outbox_tests::db::exec(&pool, "CREATE TABLE scratch (id INT PRIMARY KEY)").await;
+    outbox_tests::db::exec(&pool, "INSERT INTO scratch SELECT generate_series(1, 60)").await;
+    commit_each(&pool, (0..N).map(|_| Message::new("t", "x").key("k"))).await;
+
+    let plain = one().await.unwrap();
+    let before = syncs().await;
+    for id in 1..=N as i32 {
+        sqlx::query("DELETE FROM scratch WHERE id = $1")
+            .bind(id)
+            .execute(&plain)
+            .await
+            .unwrap();
+    }
+    assert_eq!(setting(plain).await, "on");
+    let between = syncs().await;
+
+    let relay = one().await.unwrap();
+    let store = outbox::postgres::PgStore::new(relay.clone());
+    let lease = store
+        .acquire("marker", 64, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|l| l.lane == outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES))
+        .expect("the key's lane");
+    let rows = store.claim(&lease, N, &[]).await.unwrap();
+    assert_eq!(rows.len(), N);
+    for row in &rows {
+        store
+            .mark_published(&lease, &[outbox::Delivered::new(row.pos)])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        setting(relay).await,
+        "on",
+        "the marks' setting ends with their statement"
+    );
+    let after = syncs().await;
+    let (plain_syncs, mark_syncs) = (between - before, after - between);
+    eprintln!("WAL flushes: {N} marks {mark_syncs}, {N} plain deletes {plain_syncs}");
+    assert!(
+        mark_syncs * 2 < plain_syncs,
+        "{N} marks flushed the WAL {mark_syncs} times, {N} plain deletes {plain_syncs} times"
+    );
+    let status = outbox::postgres::PgStore::new(pool.clone()).status().await.unwrap();
+    assert_eq!(status.pending, 0, "every row marked");
+}

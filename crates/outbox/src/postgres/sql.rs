@@ -190,34 +190,41 @@ ORDER BY m.pos LIMIT $4"
     )
 }
 
+// The marks commit without waiting for the WAL flush (`synchronous_commit` off for their own
+// transaction only: `set_config(..., true)` ends with the statement). A mark the database forgets in
+// a crash only sends its rows again, which at-least-once delivery allows; the messages themselves
+// were committed by the service's transactions, with its own setting. The relay's commits then stop
+// queueing for the flush with the service's, and a lane's next claim does not wait for one either.
+const ASYNC_COMMIT: &str = "s AS (SELECT set_config('synchronous_commit', 'off', true))";
+
 pub(super) fn mark_published_delete() -> String {
     format!(
-        "WITH l AS ({LEASE} FOR SHARE), \
+        "WITH {ASYNC_COMMIT}, l AS ({LEASE} FOR SHARE), \
 d AS (DELETE FROM outbox_messages WHERE lane = $1 AND pos = ANY($4) AND EXISTS (SELECT 1 FROM l) RETURNING 1) \
-SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM d)"
+SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM d) FROM s"
     )
 }
 
 pub(super) fn mark_published_keep() -> String {
     format!(
-        "WITH l AS ({LEASE} FOR SHARE), \
+        "WITH {ASYNC_COMMIT}, l AS ({LEASE} FOR SHARE), \
 d AS (DELETE FROM outbox_messages WHERE lane = $1 AND pos = ANY($4) AND EXISTS (SELECT 1 FROM l) \
       RETURNING pos, id, topic, key, seq, created_at), \
 i AS (INSERT INTO outbox_published (id, topic, key, seq, kafka_partition, kafka_offset, created_at) \
       SELECT d.id, d.topic, d.key, d.seq, r.part, r.off, d.created_at \
       FROM d JOIN unnest($4::bigint[], $5::int[], $6::bigint[]) AS r(pos, part, off) ON r.pos = d.pos \
       ON CONFLICT (id) DO NOTHING RETURNING 1) \
-SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM d) + 0 * (SELECT count(*) FROM i)"
+SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM d) + 0 * (SELECT count(*) FROM i) FROM s"
     )
 }
 
 pub(super) fn mark_failed() -> String {
     format!(
-        "WITH l AS ({LEASE} FOR SHARE), \
+        "WITH {ASYNC_COMMIT}, l AS ({LEASE} FOR SHARE), \
 u AS (UPDATE outbox_messages SET attempts = attempts + 1, last_error = $5, \
              available_at = now() + $6::bigint * interval '1 millisecond' \
       WHERE lane = $1 AND pos = $4 AND EXISTS (SELECT 1 FROM l) RETURNING 1) \
-SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM u)"
+SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM u) FROM s"
     )
 }
 
