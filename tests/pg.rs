@@ -333,7 +333,8 @@ async fn listening_with_every_lane_idle(store: &outbox::postgres::PgStore) -> fu
 /// The relay's marks commit without waiting for the WAL flush (a mark the database forgets in a
 /// crash only sends its rows again), and leave the connection's own `synchronous_commit` as it was:
 /// a pool shared with the service keeps its durability. Counted by `pg_stat_wal` (server-wide, so
-/// the plain deletes beside the marks are the measure); a closed connection reports its counts.
+/// the plain deletes beside the marks are the measure); each connection reports its counts before
+/// it answers `pg_stat_force_next_flush()`.
 #[tokio::test]
 async fn marks_do_not_wait_for_the_wal_flush_and_leave_the_connections_setting_alone() {
     const N: usize = 60;
@@ -350,12 +351,13 @@ async fn marks_do_not_wait_for_the_wal_flush_and_leave_the_connections_setting_a
             .unwrap();
         n
     };
+    // The connection's own setting, after which it reports its counts.
     let setting = |p: sqlx::PgPool| async move {
         let s: String = sqlx::query_scalar("SHOW synchronous_commit")
             .fetch_one(&p)
             .await
             .unwrap();
-        p.close().await;
+        outbox_tests::db::exec(&p, "SELECT pg_stat_force_next_flush()").await;
         s
     };
     outbox_tests::db::exec(&pool, "CREATE TABLE scratch (id INT PRIMARY KEY)").await;
