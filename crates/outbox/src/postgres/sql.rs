@@ -192,8 +192,9 @@ ORDER BY m.pos LIMIT $4"
 
 // The marks commit without waiting for the WAL flush (`synchronous_commit` off for their own
 // transaction only: `set_config(..., true)` ends with the statement). A mark the database forgets in
-// a crash only sends its rows again, which at-least-once delivery allows; the messages themselves
-// were committed by the service's transactions, with its own setting. The relay's commits then stop
+// a crash only sends its rows again, which at-least-once delivery allows (a forgotten failure: one
+// attempt more, sooner); the messages themselves were committed by the service's transactions, with
+// its own setting. The relay's commits then stop
 // queueing for the flush with the service's, and a lane's next claim does not wait for one either.
 const ASYNC_COMMIT: &str = "s AS (SELECT set_config('synchronous_commit', 'off', true))";
 
