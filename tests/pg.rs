@@ -6,6 +6,9 @@ use futures::StreamExt;
 use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::db::commit_each;
 
+#[path = "pg/together.rs"]
+mod together;
+
 // The outbox schema, the inbox's, the source id, the index of waiting rows (0004_waiting_index.sql).
 outbox_tests::migration_tests!(postgres, fresh_pg_unmigrated, vec![1, 2, 3, 4]);
 

@@ -1,6 +1,7 @@
 //! PostgreSQL backend: `enqueue` into a `Transaction<'_, Postgres>`, the relay's [`PgStore`], the
 //! embedded migrations and NOTIFY/LISTEN wake-up.
 
+mod combine;
 mod sql;
 mod store;
 

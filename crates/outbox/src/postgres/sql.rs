@@ -119,13 +119,15 @@ WHERE l.lane IN (SELECT lane FROM outbox_leases WHERE owner IS NULL OR expires_a
 RETURNING l.lane, l.epoch";
 
 // Renewal doubles as the relay's heartbeat in outbox_relays (and forgets relays gone for a day).
+// It locks its leases in lane order, as the marks do (see MARK_LEASES).
 pub(super) const RENEW: &str = "\
 WITH hb AS (INSERT INTO outbox_relays (owner, expires_at) \
             VALUES ($1, now() + $2::bigint * interval '1 millisecond') \
             ON CONFLICT (owner) DO UPDATE SET expires_at = EXCLUDED.expires_at), \
 gone AS (DELETE FROM outbox_relays WHERE expires_at < now() - interval '1 day') \
 UPDATE outbox_leases SET expires_at = now() + $2::bigint * interval '1 millisecond' \
-WHERE owner = $1 RETURNING lane, epoch";
+WHERE owner = $1 AND lane IN (SELECT lane FROM outbox_leases WHERE owner = $1 ORDER BY lane FOR UPDATE) \
+RETURNING lane, epoch";
 
 pub(super) const LEAVE: &str = "DELETE FROM outbox_relays WHERE owner = $1";
 
@@ -157,7 +159,7 @@ pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";
 
 // A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
 // with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix.
-// $5: positions of the batch in flight, left out.
+// Positions of the batches in flight are left out.
 //
 // A plain snapshot read, on purpose without `FOR UPDATE SKIP LOCKED`: the lease already gives the
 // lane to one relay, and SKIP LOCKED would break the prefix. A row locked by anyone else (a relay
@@ -174,21 +176,26 @@ pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";
 // ones the predecessor check (and its partial index) looks at: a row waits exactly when
 // `available_at <> created_at AND available_at > now()`, the same condition for skipping a row and
 // for holding back its key's later rows (migration 0004 makes the index's predicate match).
-pub(super) fn claim() -> String {
-    format!(
-        "SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at, \
+//
+// The lanes that claim at the same moment share the statement (`combine.rs`): one request per
+// element of $1-$4 (lane, owner, epoch, limit), each answered by the rows of its own lateral
+// subquery, tagged with its ordinal; $5/$6 pair each position in flight with its request's ordinal.
+pub(super) const CLAIM: &str = "SELECT r.ord, m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at, \
   (SELECT s.id FROM outbox_source s) AS source \
-FROM outbox_messages m \
-WHERE m.lane = $1 AND EXISTS ({LEASE}) AND NOT (m.available_at <> m.created_at AND m.available_at > now()) \
+FROM (SELECT q.lane, q.lim, q.ord, \
+        ARRAY(SELECT f.pos FROM unnest($5::bigint[], $6::bigint[]) AS f(ord, pos) WHERE f.ord = q.ord) AS skip \
+      FROM unnest($1::int[], $2::text[], $3::bigint[], $4::bigint[]) WITH ORDINALITY AS q(lane, owner, epoch, lim, ord) \
+      WHERE EXISTS (SELECT 1 FROM outbox_leases WHERE lane = q.lane AND owner = q.owner AND epoch = q.epoch)) AS r \
+CROSS JOIN LATERAL (SELECT m.* FROM outbox_messages m \
+  WHERE m.lane = r.lane AND NOT (m.available_at <> m.created_at AND m.available_at > now()) \
   AND (m.key IS NULL OR ( \
         NOT EXISTS (SELECT 1 FROM outbox_messages p \
                     WHERE p.key = m.key AND p.seq < m.seq \
                       AND p.available_at <> p.created_at AND p.available_at > now()) \
     AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.key = m.key AND d.parked))) \
-  AND m.pos <> ALL($5) \
-ORDER BY m.pos LIMIT $4"
-    )
-}
+  AND m.pos <> ALL(r.skip) \
+  ORDER BY m.pos LIMIT r.lim) AS m \
+ORDER BY r.ord, m.pos";
 
 // The marks commit without waiting for the WAL flush (`synchronous_commit` off for their own
 // transaction only: `set_config(..., true)` ends with the statement). A mark the database forgets in
@@ -198,24 +205,39 @@ ORDER BY m.pos LIMIT $4"
 // queueing for the flush with the service's, and a lane's next claim does not wait for one either.
 const ASYNC_COMMIT: &str = "s AS (SELECT set_config('synchronous_commit', 'off', true))";
 
+// The marks of lanes confirmed at the same moment share the statement (`combine.rs`): one request
+// per element of $1-$3 (lane, owner, epoch); $4/$5 pair each delivered position with its request's
+// ordinal ($6/$7: its partition and offset, kept). The answer says, per request, whether its lease
+// was held. The leases are locked in lane order, as the renewal locks them: two statements that
+// lock several never wait for each other in a circle.
+const MARK_LEASES: &str = "\
+l AS (SELECT q.ord, q.lane FROM unnest($1::int[], $2::text[], $3::bigint[]) WITH ORDINALITY AS q(lane, owner, epoch, ord) \
+      JOIN outbox_leases o ON o.lane = q.lane AND o.owner = q.owner AND o.epoch = q.epoch \
+      ORDER BY o.lane FOR SHARE OF o)";
+
+const MARK_HELD: &str = "\
+SELECT EXISTS (SELECT 1 FROM l WHERE l.ord = q.ord) \
+FROM generate_series(1, cardinality($1::int[])::bigint) AS q(ord), s ORDER BY q.ord";
+
 pub(super) fn mark_published_delete() -> String {
     format!(
-        "WITH {ASYNC_COMMIT}, l AS ({LEASE} FOR SHARE), \
-d AS (DELETE FROM outbox_messages WHERE lane = $1 AND pos = ANY($4) AND EXISTS (SELECT 1 FROM l) RETURNING 1) \
-SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM d) FROM s"
+        "WITH {ASYNC_COMMIT}, {MARK_LEASES}, \
+d AS (DELETE FROM outbox_messages m USING unnest($4::bigint[], $5::bigint[]) AS p(ord, pos), l \
+      WHERE l.ord = p.ord AND m.lane = l.lane AND m.pos = p.pos RETURNING 1) \
+{MARK_HELD}"
     )
 }
 
 pub(super) fn mark_published_keep() -> String {
     format!(
-        "WITH {ASYNC_COMMIT}, l AS ({LEASE} FOR SHARE), \
-d AS (DELETE FROM outbox_messages WHERE lane = $1 AND pos = ANY($4) AND EXISTS (SELECT 1 FROM l) \
-      RETURNING pos, id, topic, key, seq, created_at), \
+        "WITH {ASYNC_COMMIT}, {MARK_LEASES}, \
+d AS (DELETE FROM outbox_messages m \
+      USING unnest($4::bigint[], $5::bigint[], $6::int[], $7::bigint[]) AS p(ord, pos, part, off), l \
+      WHERE l.ord = p.ord AND m.lane = l.lane AND m.pos = p.pos \
+      RETURNING m.id, m.topic, m.key, m.seq, p.part, p.off, m.created_at), \
 i AS (INSERT INTO outbox_published (id, topic, key, seq, kafka_partition, kafka_offset, created_at) \
-      SELECT d.id, d.topic, d.key, d.seq, r.part, r.off, d.created_at \
-      FROM d JOIN unnest($4::bigint[], $5::int[], $6::bigint[]) AS r(pos, part, off) ON r.pos = d.pos \
-      ON CONFLICT (id) DO NOTHING RETURNING 1) \
-SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM d) + 0 * (SELECT count(*) FROM i) FROM s"
+      SELECT * FROM d ON CONFLICT (id) DO NOTHING) \
+{MARK_HELD}"
     )
 }
 

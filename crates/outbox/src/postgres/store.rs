@@ -1,12 +1,14 @@
 //! `PgStore`: what the relay does on PostgreSQL its own way (acquire, renew, claim, mark); the rest is
 //! the body in [`crate::sql_store`] over this database's dialect (`sql.rs`: statements, decoding).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use sqlx::postgres::{PgListener, PgPool};
 
+use super::combine::Combiner;
 use super::sql;
 use crate::message::ClaimRow;
 use crate::sql_store::leases;
@@ -17,12 +19,44 @@ use crate::{Delivered, Error, Lease, Result, StoredMessage, Wakeups};
 pub struct PgStore {
     pool: PgPool,
     keep_published: bool,
-    claim_sql: String,
     mark_sql: String,
     failed_sql: String,
     dead_sql: String,
     /// The pool's connections start with JIT off: a claim is one statement, not four.
     jit_off_in_pool: bool,
+    /// The claims, and the marks, of lanes that ask at the same moment share a statement.
+    claims: Arc<Combiner<Claim, Vec<StoredMessage>>>,
+    marks: Arc<Combiner<Mark, bool>>,
+}
+
+/// How many claims, and how many marks, run at a time (each for every lane that asked meanwhile).
+const AT_ONCE: usize = 2;
+
+/// One lane's claim: its lease, how many rows, and the positions it has in flight.
+#[derive(Debug)]
+struct Claim {
+    lane: i32,
+    owner: String,
+    epoch: i64,
+    limit: i64,
+    in_flight: Vec<i64>,
+}
+
+/// One lane's mark: its lease and the rows the broker confirmed.
+#[derive(Debug)]
+struct Mark {
+    lane: i32,
+    owner: String,
+    epoch: i64,
+    done: Vec<Delivered>,
+}
+
+/// A claimed row, tagged with the ordinal of the claim it answers.
+#[derive(sqlx::FromRow)]
+struct Tagged {
+    ord: i64,
+    #[sqlx(flatten)]
+    row: ClaimRow<sql::Text, sql::Time>,
 }
 
 impl PgStore {
@@ -36,10 +70,11 @@ impl PgStore {
             jit_off_in_pool: jit_off(pool.connect_options().get_options()),
             pool,
             keep_published: false,
-            claim_sql: sql::claim(),
             mark_sql: sql::mark_published_delete(),
             failed_sql: sql::mark_failed(),
             dead_sql: sql::dead_letter(),
+            claims: Arc::new(Combiner::new(AT_ONCE)),
+            marks: Arc::new(Combiner::new(AT_ONCE)),
         }
     }
 
@@ -61,7 +96,8 @@ impl PgStore {
     }
 }
 
-fn held(lease: &Lease, (held, _): (bool, i64)) -> Result<()> {
+/// `Ok` when the statement found the lease held, `StaleLease` otherwise.
+fn held(lease: &Lease, held: bool) -> Result<()> {
     if held {
         Ok(())
     } else {
@@ -105,15 +141,42 @@ fn jit_off(options: Option<&str>) -> bool {
 }
 
 async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
+    let claim = Claim {
+        lane: lease.lane,
+        owner: lease.owner.clone(),
+        epoch: lease.epoch,
+        limit: limit as i64,
+        in_flight: in_flight.to_vec(),
+    };
+    let this = store.clone();
+    store
+        .claims
+        .call(claim, move |claims| claim_together(this.clone(), claims))
+        .await
+}
+
+/// The claims of several lanes in one statement, each answered with its own rows.
+async fn claim_together(store: PgStore, claims: Vec<Claim>) -> Result<Vec<Vec<StoredMessage>>> {
+    let (mut lanes, mut owners, mut epochs, mut limits) = (vec![], vec![], vec![], vec![]);
+    let (mut flight_ords, mut flight_pos) = (vec![], vec![]);
+    for (ord, c) in (1i64..).zip(&claims) {
+        lanes.push(c.lane);
+        owners.push(c.owner.as_str());
+        epochs.push(c.epoch);
+        limits.push(c.limit);
+        flight_ords.extend(std::iter::repeat_n(ord, c.in_flight.len()));
+        flight_pos.extend_from_slice(&c.in_flight);
+    }
     // JIT must be off for the claim: on a large backlog its cost estimate passes `jit_above_cost`
     // and every claim would pay 60-140 ms of LLVM compilation (BENCHMARKS.md, figure 2).
-    let query = sqlx::query_as(&store.claim_sql)
-        .bind(lease.lane)
-        .bind(&lease.owner)
-        .bind(lease.epoch)
-        .bind(limit as i64)
-        .bind(in_flight);
-    let rows: Vec<ClaimRow<sql::Text, sql::Time>> = if store.jit_off_in_pool {
+    let query = sqlx::query_as(sql::CLAIM)
+        .bind(lanes)
+        .bind(owners)
+        .bind(epochs)
+        .bind(limits)
+        .bind(flight_ords)
+        .bind(flight_pos);
+    let rows: Vec<Tagged> = if store.jit_off_in_pool {
         query.fetch_all(&store.pool).await?
     } else {
         let mut tx = store.pool.begin().await?;
@@ -122,26 +185,57 @@ async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) 
         tx.commit().await?;
         rows
     };
-    Ok(rows.into_iter().map(|r| r.decode(sql::text, sql::time)).collect())
+    let mut answers: Vec<Vec<StoredMessage>> = claims.iter().map(|_| Vec::new()).collect();
+    for Tagged { ord, row } in rows {
+        answers[(ord - 1) as usize].push(row.decode(sql::text, sql::time));
+    }
+    Ok(answers)
 }
 
 async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> Result<()> {
-    let pos: Vec<i64> = done.iter().map(|d| d.pos).collect();
-    let mut q = sqlx::query_as(&store.mark_sql)
-        .bind(lease.lane)
-        .bind(&lease.owner)
-        .bind(lease.epoch)
-        .bind(&pos);
+    let mark = Mark {
+        lane: lease.lane,
+        owner: lease.owner.clone(),
+        epoch: lease.epoch,
+        done: done.to_vec(),
+    };
+    let this = store.clone();
+    let held_then = store
+        .marks
+        .call(mark, move |marks| mark_together(this.clone(), marks))
+        .await?;
+    held(lease, held_then)
+}
+
+/// The marks of several lanes in one statement; answers whether each one's lease was held.
+async fn mark_together(store: PgStore, marks: Vec<Mark>) -> Result<Vec<bool>> {
+    let (mut lanes, mut owners, mut epochs) = (vec![], vec![], vec![]);
+    let (mut ords, mut pos, mut parts, mut offs) = (vec![], vec![], vec![], vec![]);
+    for (ord, m) in (1i64..).zip(&marks) {
+        lanes.push(m.lane);
+        owners.push(m.owner.as_str());
+        epochs.push(m.epoch);
+        for d in &m.done {
+            ords.push(ord);
+            pos.push(d.pos);
+            parts.push(d.partition);
+            offs.push(d.offset);
+        }
+    }
+    let mut q = sqlx::query_scalar(&store.mark_sql)
+        .bind(lanes)
+        .bind(owners)
+        .bind(epochs)
+        .bind(ords)
+        .bind(pos);
     if store.keep_published {
-        let parts: Vec<i32> = done.iter().map(|d| d.partition).collect();
-        let offs: Vec<i64> = done.iter().map(|d| d.offset).collect();
         q = q.bind(parts).bind(offs);
     }
-    held(lease, q.fetch_one(&store.pool).await?)
+    Ok(q.fetch_all(&store.pool).await?)
 }
 
 async fn mark_failed(store: &PgStore, lease: &Lease, pos: i64, error: &str, retry_in: Duration) -> Result<()> {
-    let r = sqlx::query_as(&store.failed_sql)
+    let r: (bool, i64) = sqlx::query_as(&store.failed_sql)
         .bind(lease.lane)
         .bind(&lease.owner)
         .bind(lease.epoch)
@@ -150,11 +244,11 @@ async fn mark_failed(store: &PgStore, lease: &Lease, pos: i64, error: &str, retr
         .bind(sql::span(retry_in))
         .fetch_one(&store.pool)
         .await?;
-    held(lease, r)
+    held(lease, r.0)
 }
 
 async fn dead_letter(store: &PgStore, lease: &Lease, pos: i64, error: &str, park: bool) -> Result<()> {
-    let r = sqlx::query_as(&store.dead_sql)
+    let r: (bool, i64) = sqlx::query_as(&store.dead_sql)
         .bind(lease.lane)
         .bind(&lease.owner)
         .bind(lease.epoch)
@@ -163,7 +257,7 @@ async fn dead_letter(store: &PgStore, lease: &Lease, pos: i64, error: &str, park
         .bind(park)
         .fetch_one(&store.pool)
         .await?;
-    held(lease, r)
+    held(lease, r.0)
 }
 
 fn wakeups(store: &PgStore) -> Option<&dyn Wakeups> {

@@ -1,0 +1,222 @@
+//! Lanes that claim, or mark, at the same moment share one statement.
+//!
+//! A call joins the requests waiting for the next statement. Up to `at_once` statements run at a
+//! time, each in a task of its own, so a caller that stops waiting does not stop the statement
+//! others wait for. When a statement ends, the next one takes every request that came meanwhile. A
+//! lane alone waits for nothing: its statement starts at once. Lanes woken together (the linger's
+//! watch, a burst of commits, confirmations that arrive together) share one statement where each
+//! ran its own: the database parses, plans and commits once for all of them.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::oneshot;
+
+use crate::{Error, Result};
+
+type Reply<Resp> = oneshot::Sender<Result<Resp>>;
+
+pub(super) struct Combiner<Req, Resp> {
+    at_once: usize,
+    state: Mutex<State<Req, Resp>>,
+}
+
+struct State<Req, Resp> {
+    waiting: Vec<(Req, Reply<Resp>)>,
+    running: usize,
+}
+
+impl<Req, Resp> std::fmt::Debug for Combiner<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Combiner")
+            .field("at_once", &self.at_once)
+            .field("waiting", &state.waiting.len())
+            .field("running", &state.running)
+            .finish()
+    }
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
+    /// A combiner that runs up to `at_once` statements at a time.
+    pub(super) fn new(at_once: usize) -> Self {
+        Combiner {
+            at_once: at_once.max(1),
+            state: Mutex::new(State {
+                waiting: Vec::new(),
+                running: 0,
+            }),
+        }
+    }
+
+    /// Answers `req` from the next statement: `run` gets every request waiting then and answers
+    /// each, in order.
+    pub(super) async fn call<F, Fut>(self: &Arc<Self>, req: Req, run: F) -> Result<Resp>
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<Resp>>> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut state = self.lock();
+            state.waiting.push((req, reply));
+            let start = state.running < self.at_once;
+            state.running += usize::from(start);
+            start
+        };
+        if start {
+            let running = Running {
+                combiner: Arc::clone(self),
+                gave_up: false,
+            };
+            tokio::spawn(running.serve(run));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(shared_failed("its task ended before it answered")))
+    }
+}
+
+impl<Req, Resp> Combiner<Req, Resp> {
+    fn lock(&self) -> MutexGuard<'_, State<Req, Resp>> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The error the other requests of a failed statement get (the first one gets the database's own).
+fn shared_failed(why: &str) -> Error {
+    Error::Database(sqlx::Error::Io(std::io::Error::other(format!(
+        "a statement shared by several lanes failed: {why}"
+    ))))
+}
+
+/// One running statement's task. It gives its place up when nothing is left to run, in the same
+/// lock as it looks (a request that came a moment later starts a task of its own), or when it
+/// ends otherwise (a panic, the runtime shutting down): then the requests left waiting get an error.
+struct Running<Req, Resp> {
+    combiner: Arc<Combiner<Req, Resp>>,
+    gave_up: bool,
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Running<Req, Resp> {
+    async fn serve<F, Fut>(mut self, run: F)
+    where
+        F: Fn(Vec<Req>) -> Fut,
+        Fut: Future<Output = Result<Vec<Resp>>>,
+    {
+        while let Some(group) = self.next() {
+            let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = group.into_iter().unzip();
+            match run(reqs).await {
+                Ok(answers) => {
+                    // A reply without an answer is dropped: its caller gets an error.
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let _ = reply.send(Ok(answer));
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    let mut replies = replies.into_iter();
+                    if let Some(first) = replies.next() {
+                        let _ = first.send(Err(e));
+                    }
+                    for reply in replies {
+                        let _ = reply.send(Err(shared_failed(&why)));
+                    }
+                }
+            }
+        }
+    }
+
+    fn next(&mut self) -> Option<Vec<(Req, Reply<Resp>)>> {
+        let mut state = self.combiner.lock();
+        if state.waiting.is_empty() {
+            state.running -= 1;
+            self.gave_up = true;
+            return None;
+        }
+        Some(std::mem::take(&mut state.waiting))
+    }
+}
+
+impl<Req, Resp> Drop for Running<Req, Resp> {
+    fn drop(&mut self) {
+        if !self.gave_up {
+            let mut state = self.combiner.lock();
+            state.running -= 1;
+            if state.running == 0 {
+                state.waiting.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    type Answers = std::pin::Pin<Box<dyn Future<Output = Result<Vec<u32>>> + Send>>;
+
+    /// Each request is answered by its own value doubled; `runs` counts the statements.
+    fn double(runs: &Arc<AtomicUsize>) -> impl Fn(Vec<u32>) -> Answers + Send + 'static {
+        let runs = Arc::clone(runs);
+        move |reqs: Vec<u32>| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                Ok(reqs.into_iter().map(|r| r * 2).collect())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_that_come_together_share_a_statement_and_get_their_own_answers() {
+        let combiner = Arc::new(Combiner::new(1));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let calls = (0..16u32).map(|i| {
+            let (combiner, run) = (Arc::clone(&combiner), double(&runs));
+            tokio::spawn(async move { combiner.call(i, run).await.unwrap() })
+        });
+        let answers = futures::future::join_all(calls).await;
+        let answers: Vec<u32> = answers.into_iter().map(Result::unwrap).collect();
+        assert_eq!(answers, (0..16).map(|i| i * 2).collect::<Vec<_>>());
+        let runs = runs.load(Ordering::SeqCst);
+        assert!(runs <= 2, "16 requests at once took {runs} statements");
+        assert_eq!(combiner.lock().running, 0, "the task gave its place up");
+        // Alone, a request starts a statement at once.
+        assert_eq!(
+            combiner.call(5, double(&Arc::new(AtomicUsize::new(0)))).await.unwrap(),
+            10
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_statement_fails_every_request_in_it_and_the_next_one_runs() {
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(1));
+        let fail = |_: Vec<u32>| async {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            Err(Error::Database(sqlx::Error::PoolTimedOut))
+        };
+        let calls = (0..4u32).map(|i| {
+            let combiner = Arc::clone(&combiner);
+            tokio::spawn(async move { combiner.call(i, fail).await })
+        });
+        for answer in futures::future::join_all(calls).await {
+            let err = answer.unwrap().expect_err("the statement failed");
+            assert!(err.is_retryable(), "{err}");
+        }
+        let runs = Arc::new(AtomicUsize::new(0));
+        assert_eq!(combiner.call(3, double(&runs)).await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_statement_that_panics_fails_its_requests_and_frees_its_place() {
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(1));
+        let panics = |_: Vec<u32>| async { panic!("the statement panicked") };
+        let err = combiner.call(1, panics).await.expect_err("no answer");
+        assert!(err.to_string().contains("ended before it answered"), "{err}");
+        let runs = Arc::new(AtomicUsize::new(0));
+        assert_eq!(combiner.call(2, double(&runs)).await.unwrap(), 4);
+    }
+}
