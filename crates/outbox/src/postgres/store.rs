@@ -35,9 +35,7 @@ const AT_ONCE: usize = 2;
 /// One lane's claim: its lease, how many rows, and the positions it has in flight.
 #[derive(Debug)]
 struct Claim {
-    lane: i32,
-    owner: String,
-    epoch: i64,
+    lease: Lease,
     limit: i64,
     in_flight: Vec<i64>,
 }
@@ -45,9 +43,7 @@ struct Claim {
 /// One lane's mark: its lease and the rows the broker confirmed.
 #[derive(Debug)]
 struct Mark {
-    lane: i32,
-    owner: String,
-    epoch: i64,
+    lease: Lease,
     done: Vec<Delivered>,
 }
 
@@ -142,9 +138,7 @@ fn jit_off(options: Option<&str>) -> bool {
 
 async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
     let claim = Claim {
-        lane: lease.lane,
-        owner: lease.owner.clone(),
-        epoch: lease.epoch,
+        lease: lease.clone(),
         limit: limit as i64,
         in_flight: in_flight.to_vec(),
     };
@@ -160,9 +154,9 @@ async fn claim_together(store: PgStore, claims: Vec<Claim>) -> Result<Vec<Vec<St
     let (mut lanes, mut owners, mut epochs, mut limits) = (vec![], vec![], vec![], vec![]);
     let (mut flight_ords, mut flight_pos) = (vec![], vec![]);
     for (ord, c) in (1i64..).zip(&claims) {
-        lanes.push(c.lane);
-        owners.push(c.owner.as_str());
-        epochs.push(c.epoch);
+        lanes.push(c.lease.lane);
+        owners.push(c.lease.owner.as_str());
+        epochs.push(c.lease.epoch);
         limits.push(c.limit);
         flight_ords.extend(std::iter::repeat_n(ord, c.in_flight.len()));
         flight_pos.extend_from_slice(&c.in_flight);
@@ -194,9 +188,7 @@ async fn claim_together(store: PgStore, claims: Vec<Claim>) -> Result<Vec<Vec<St
 
 async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> Result<()> {
     let mark = Mark {
-        lane: lease.lane,
-        owner: lease.owner.clone(),
-        epoch: lease.epoch,
+        lease: lease.clone(),
         done: done.to_vec(),
     };
     let this = store.clone();
@@ -212,9 +204,9 @@ async fn mark_together(store: PgStore, marks: Vec<Mark>) -> Result<Vec<bool>> {
     let (mut lanes, mut owners, mut epochs) = (vec![], vec![], vec![]);
     let (mut ords, mut pos, mut parts, mut offs) = (vec![], vec![], vec![], vec![]);
     for (ord, m) in (1i64..).zip(&marks) {
-        lanes.push(m.lane);
-        owners.push(m.owner.as_str());
-        epochs.push(m.epoch);
+        lanes.push(m.lease.lane);
+        owners.push(m.lease.owner.as_str());
+        epochs.push(m.lease.epoch);
         for d in &m.done {
             ords.push(ord);
             pos.push(d.pos);
