@@ -19,7 +19,8 @@ use crate::{Delivered, Error, Lease, Result, StoredMessage, Wakeups};
 pub struct PgStore {
     pool: PgPool,
     keep_published: bool,
-    mark_sql: String,
+    /// Shared with the statements' tasks, so a mark does not copy it.
+    mark_sql: Arc<str>,
     failed_sql: String,
     dead_sql: String,
     /// The pool's connections start with JIT off: a claim is one statement, not four.
@@ -66,7 +67,7 @@ impl PgStore {
             jit_off_in_pool: jit_off(pool.connect_options().get_options()),
             pool,
             keep_published: false,
-            mark_sql: sql::mark_published_delete(),
+            mark_sql: sql::mark_published_delete().into(),
             failed_sql: sql::mark_failed(),
             dead_sql: sql::dead_letter(),
             claims: Arc::new(Combiner::new(AT_ONCE)),
@@ -82,7 +83,8 @@ impl PgStore {
             sql::mark_published_keep()
         } else {
             sql::mark_published_delete()
-        };
+        }
+        .into();
         self
     }
 
@@ -142,21 +144,29 @@ async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) 
         limit: limit as i64,
         in_flight: in_flight.to_vec(),
     };
-    let this = store.clone();
+    let (pool, jit_off) = (store.pool.clone(), store.jit_off_in_pool);
     store
         .claims
-        .call(claim, move |claims| claim_together(this.clone(), claims))
+        .call(claim, move |claims| claim_together(pool.clone(), jit_off, claims))
         .await
 }
 
+/// The lease columns of a shared statement ($1-$3: lane, owner, epoch), one row per request.
+fn lease_columns<'a>(leases: impl Iterator<Item = &'a Lease>) -> (Vec<i32>, Vec<&'a str>, Vec<i64>) {
+    let (mut lanes, mut owners, mut epochs) = (vec![], vec![], vec![]);
+    for l in leases {
+        lanes.push(l.lane);
+        owners.push(l.owner.as_str());
+        epochs.push(l.epoch);
+    }
+    (lanes, owners, epochs)
+}
+
 /// The claims of several lanes in one statement, each answered with its own rows.
-async fn claim_together(store: PgStore, claims: Vec<Claim>) -> Result<Vec<Vec<StoredMessage>>> {
-    let (mut lanes, mut owners, mut epochs, mut limits) = (vec![], vec![], vec![], vec![]);
-    let (mut flight_ords, mut flight_pos) = (vec![], vec![]);
+async fn claim_together(pool: PgPool, jit_off_in_pool: bool, claims: Vec<Claim>) -> Result<Vec<Vec<StoredMessage>>> {
+    let (lanes, owners, epochs) = lease_columns(claims.iter().map(|c| &c.lease));
+    let (mut limits, mut flight_ords, mut flight_pos) = (vec![], vec![], vec![]);
     for (ord, c) in (1i64..).zip(&claims) {
-        lanes.push(c.lease.lane);
-        owners.push(c.lease.owner.as_str());
-        epochs.push(c.lease.epoch);
         limits.push(c.limit);
         flight_ords.extend(std::iter::repeat_n(ord, c.in_flight.len()));
         flight_pos.extend_from_slice(&c.in_flight);
@@ -170,10 +180,10 @@ async fn claim_together(store: PgStore, claims: Vec<Claim>) -> Result<Vec<Vec<St
         .bind(limits)
         .bind(flight_ords)
         .bind(flight_pos);
-    let rows: Vec<Tagged> = if store.jit_off_in_pool {
-        query.fetch_all(&store.pool).await?
+    let rows: Vec<Tagged> = if jit_off_in_pool {
+        query.fetch_all(&pool).await?
     } else {
-        let mut tx = store.pool.begin().await?;
+        let mut tx = pool.begin().await?;
         sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
         let rows = query.fetch_all(&mut *tx).await?;
         tx.commit().await?;
@@ -191,22 +201,22 @@ async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> R
         lease: lease.clone(),
         done: done.to_vec(),
     };
-    let this = store.clone();
+    let (pool, sql, keep) = (store.pool.clone(), Arc::clone(&store.mark_sql), store.keep_published);
     let held_then = store
         .marks
-        .call(mark, move |marks| mark_together(this.clone(), marks))
+        .call(mark, move |marks| {
+            mark_together(pool.clone(), Arc::clone(&sql), keep, marks)
+        })
         .await?;
     held(lease, held_then)
 }
 
 /// The marks of several lanes in one statement; answers whether each one's lease was held.
-async fn mark_together(store: PgStore, marks: Vec<Mark>) -> Result<Vec<bool>> {
-    let (mut lanes, mut owners, mut epochs) = (vec![], vec![], vec![]);
+/// `keep`: `sql` is the keeping variant, which takes partitions and offsets too.
+async fn mark_together(pool: PgPool, sql: Arc<str>, keep: bool, marks: Vec<Mark>) -> Result<Vec<bool>> {
+    let (lanes, owners, epochs) = lease_columns(marks.iter().map(|m| &m.lease));
     let (mut ords, mut pos, mut parts, mut offs) = (vec![], vec![], vec![], vec![]);
     for (ord, m) in (1i64..).zip(&marks) {
-        lanes.push(m.lease.lane);
-        owners.push(m.lease.owner.as_str());
-        epochs.push(m.lease.epoch);
         for d in &m.done {
             ords.push(ord);
             pos.push(d.pos);
@@ -214,16 +224,16 @@ async fn mark_together(store: PgStore, marks: Vec<Mark>) -> Result<Vec<bool>> {
             offs.push(d.offset);
         }
     }
-    let mut q = sqlx::query_scalar(&store.mark_sql)
+    let mut q = sqlx::query_scalar(&sql)
         .bind(lanes)
         .bind(owners)
         .bind(epochs)
         .bind(ords)
         .bind(pos);
-    if store.keep_published {
+    if keep {
         q = q.bind(parts).bind(offs);
     }
-    Ok(q.fetch_all(&store.pool).await?)
+    Ok(q.fetch_all(&pool).await?)
 }
 
 async fn mark_failed(store: &PgStore, lease: &Lease, pos: i64, error: &str, retry_in: Duration) -> Result<()> {
