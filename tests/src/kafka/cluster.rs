@@ -167,6 +167,7 @@ impl Drop for Cluster {
             .arg(script())
             .args(["down", self.dir.to_str().unwrap()])
             .output();
+        std::fs::remove_file(reservation(self.base)).ok();
         if std::thread::panicking() {
             eprintln!("kafka cluster kept for inspection: {}", self.dir.display());
         } else {
@@ -176,14 +177,35 @@ impl Drop for Cluster {
     }
 }
 
-/// A base port with the 40 ports above it free (4 per node, up to 10 nodes).
+/// A base port with the 40 ports above it free (4 per node, up to 10 nodes), below the ephemeral
+/// range (where a client's connection could take one), and reserved: a cluster that formats is
+/// not listening yet, so a free port alone would let two clusters started together pick the same.
+/// The reservation is a file `base-N` beside the clusters, removed when the cluster is dropped.
 fn free_base() -> u16 {
     use rand::Rng;
     let mut rng = rand::thread_rng();
+    std::fs::create_dir_all(kafka_dir()).expect("create target/kafka");
     loop {
-        let base = rng.gen_range(200..600u16) * 100;
-        if (base..base + 40).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+        let base = rng.gen_range(200..320u16) * 100;
+        if (base..base + 40).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) && reserve(base) {
             return base;
         }
     }
+}
+
+fn reservation(base: u16) -> PathBuf {
+    kafka_dir().join(format!("base-{base}"))
+}
+
+/// Takes `base`'s reservation. One older than a day is left from a test process that was killed
+/// before its clusters were dropped, and is taken over.
+fn reserve(base: u16) -> bool {
+    let path = reservation(base);
+    let stale = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(24 * 3600));
+    if stale {
+        std::fs::remove_file(&path).ok();
+    }
+    std::fs::File::create_new(path).is_ok()
 }
