@@ -236,11 +236,11 @@ impl RelayConfig {
 impl std::str::FromStr for DeadLetterPolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "skip" => Ok(DeadLetterPolicy::Skip),
-            "park" => Ok(DeadLetterPolicy::Park),
-            _ => Err(format!("unknown dead-letter policy {s:?}: expected skip or park")),
-        }
+        by_name(
+            s,
+            "dead-letter policy",
+            &[("skip", DeadLetterPolicy::Skip), ("park", DeadLetterPolicy::Park)],
+        )
     }
 }
 
@@ -248,13 +248,30 @@ impl std::str::FromStr for DeadLetterPolicy {
 impl std::str::FromStr for ClaimAhead {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(ClaimAhead::Auto),
-            "always" => Ok(ClaimAhead::Always),
-            "never" => Ok(ClaimAhead::Never),
-            _ => Err(format!("unknown claim_ahead {s:?}: expected auto, always or never")),
-        }
+        by_name(
+            s,
+            "claim_ahead",
+            &[
+                ("auto", ClaimAhead::Auto),
+                ("always", ClaimAhead::Always),
+                ("never", ClaimAhead::Never),
+            ],
+        )
     }
+}
+
+/// The value named `s` in `names`, or an error that lists the names (`expected a, b or c`).
+fn by_name<T: Copy>(s: &str, what: &str, names: &[(&str, T)]) -> Result<T, String> {
+    if let Some((_, value)) = names.iter().find(|(name, _)| *name == s) {
+        return Ok(*value);
+    }
+    let listed: Vec<&str> = names.iter().map(|(name, _)| *name).collect();
+    let expected = match listed.split_last() {
+        Some((last, [])) => (*last).to_owned(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    Err(format!("unknown {what} {s:?}: expected {expected}"))
 }
 
 fn default_owner() -> String {
@@ -289,5 +306,19 @@ mod tests {
     fn owners_are_unique() {
         assert_ne!(RelayConfig::default().owner, RelayConfig::default().owner);
         assert!(RelayConfig::default().batch_size(0).validate().is_err());
+    }
+
+    #[test]
+    fn names_parse_and_unknown_ones_list_the_known() {
+        assert_eq!("park".parse(), Ok(DeadLetterPolicy::Park));
+        assert_eq!("always".parse(), Ok(ClaimAhead::Always));
+        assert_eq!(
+            "drop".parse::<DeadLetterPolicy>(),
+            Err("unknown dead-letter policy \"drop\": expected skip or park".to_owned())
+        );
+        assert_eq!(
+            "".parse::<ClaimAhead>(),
+            Err("unknown claim_ahead \"\": expected auto, always or never".to_owned())
+        );
     }
 }

@@ -6,6 +6,22 @@ fn us(n: u64) -> Duration {
     Duration::from_micros(n)
 }
 
+/// Runs `cycles` pace cycles of the same figures, one `CYCLE` apart from `now` on, and leaves
+/// `now` at the next cycle's start.
+fn run_cycles(
+    c: &mut Control,
+    now: &mut Instant,
+    cycles: usize,
+    quiet: Duration,
+    working: Duration,
+    service: Option<bool>,
+) {
+    for _ in 0..cycles {
+        c.cycle(quiet, working, service, *now);
+        *now += CYCLE;
+    }
+}
+
 /// Counts of finished transactions only (as the database reports them about once a second).
 fn finished(n: i64) -> ProbeCounts {
     ProbeCounts::new(Some(n), None)
@@ -16,10 +32,7 @@ fn without_a_busy_service_the_pace_doubles_to_every_lane() {
     let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
     // The relay alone slows commits down tenfold: nobody else needs them.
-    for _ in 0..6 {
-        c.cycle(us(400), us(4000), None, now);
-        now += CYCLE;
-    }
+    run_cycles(&mut c, &mut now, 6, us(400), us(4000), None);
     assert_eq!(c.level, f64::from(LANES));
 }
 
@@ -27,10 +40,7 @@ fn without_a_busy_service_the_pace_doubles_to_every_lane() {
 fn a_busy_service_cuts_the_pace_in_proportion_down_to_the_floor() {
     let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
-    for _ in 0..6 {
-        c.cycle(us(400), us(4000), None, now);
-        now += CYCLE;
-    }
+    run_cycles(&mut c, &mut now, 6, us(400), us(4000), None);
     // The service commits (quiet 3 ms against a 0.4 ms baseline): the pace drops at once, then
     // is cut in proportion while the relay doubles the service's commit time.
     c.cycle(us(3000), us(6000), None, now);
@@ -54,10 +64,7 @@ fn a_busy_service_cuts_the_pace_in_proportion_down_to_the_floor() {
 fn a_backlog_that_waited_too_long_keeps_one_lane_working_whatever_the_service() {
     let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
-    for _ in 0..12 {
-        c.cycle(us(3000), us(9000), Some(true), now);
-        now += CYCLE;
-    }
+    run_cycles(&mut c, &mut now, 12, us(3000), us(9000), Some(true));
     let max = Duration::from_secs(300);
     assert_eq!(
         c.bound_lag(Duration::from_secs(299), max),
@@ -180,10 +187,7 @@ fn a_service_that_starts_writing_is_told_by_the_ids_it_takes_before_its_counts_a
 fn a_busy_service_by_the_counts_holds_the_pace_even_when_quiet_commits_are_quick() {
     let mut c = Control::new(SLOWDOWN);
     let mut now = Instant::now();
-    for _ in 0..6 {
-        c.cycle(us(110), us(4000), Some(false), now);
-        now += CYCLE;
-    }
+    run_cycles(&mut c, &mut now, 6, us(110), us(4000), Some(false));
     assert_eq!(c.level, f64::from(LANES));
     // Quiet commits barely slower than the baseline (the service is bound by CPU, not by the
     // database), yet the counts say it is busy: the relay's slowdown of commits is cut.
