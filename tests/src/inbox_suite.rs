@@ -12,7 +12,9 @@
 //!
 //! The scenarios are grouped by topic in the submodules, one hidden macro each (duplicates, gaps
 //! under `Accept`, `Hold`, failures and concurrency, retention, sources, the upgrade to sources);
-//! `inbox_suite!` expands them all, after the harness they share, into the calling module.
+//! `inbox_suite!` expands them all, after the harness they share, into the calling module. Only the
+//! harness takes the suite's arguments: the scenarios reach the database type as `Db` and the fresh
+//! databases through the harness's `migrated` and `unmigrated`.
 
 mod concurrency;
 mod dedup;
@@ -193,12 +195,12 @@ pub fn counter_value(name: &str, consumer: &str) -> u64 {
 macro_rules! inbox_suite {
     ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
         $crate::__inbox_suite_harness!($db, $fresh, $fresh_unmigrated);
-        $crate::__inbox_suite_dedup!($db, $fresh, $fresh_unmigrated);
-        $crate::__inbox_suite_gaps!($db, $fresh, $fresh_unmigrated);
-        $crate::__inbox_suite_hold!($db, $fresh, $fresh_unmigrated);
-        $crate::__inbox_suite_concurrency!($db, $fresh, $fresh_unmigrated);
-        $crate::__inbox_suite_retention!($db, $fresh, $fresh_unmigrated);
-        $crate::__inbox_suite_sources!($db, $fresh, $fresh_unmigrated);
-        $crate::__inbox_suite_upgrade!($db, $fresh, $fresh_unmigrated);
+        $crate::__inbox_suite_dedup!();
+        $crate::__inbox_suite_gaps!();
+        $crate::__inbox_suite_hold!();
+        $crate::__inbox_suite_concurrency!();
+        $crate::__inbox_suite_retention!();
+        $crate::__inbox_suite_sources!();
+        $crate::__inbox_suite_upgrade!();
     };
 }

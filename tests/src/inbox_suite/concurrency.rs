@@ -5,10 +5,10 @@
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __inbox_suite_concurrency {
-    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+    () => {
         #[tokio::test]
         async fn a_failing_handler_leaves_no_record_and_the_retry_applies_once() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Accept).await;
             for msg in [unkeyed(), keyed("k", 1)] {
                 let handler = Effect {
                     failures: AtomicUsize::new(2),
@@ -24,14 +24,7 @@ macro_rules! __inbox_suite_concurrency {
                     assert_eq!(id_rows(&pool, &c).await, recorded);
                     assert_eq!(key_seq(&pool, &c, "k").await, None);
                 }
-                assert_eq!(
-                    inbox.process(&pool, &msg, &handler).await.unwrap(),
-                    Outcome::Processed
-                );
-                assert_eq!(
-                    inbox.process(&pool, &msg, &handler).await.unwrap(),
-                    Outcome::Duplicate
-                );
+                process_twice(&inbox, &pool, &msg, &handler).await;
                 assert_eq!(effects_of(&pool, msg.id).await, 1);
                 assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
             }
@@ -41,8 +34,7 @@ macro_rules! __inbox_suite_concurrency {
 
         #[tokio::test]
         async fn concurrent_deliveries_of_one_message_apply_it_once() {
-            let pool = pool().await;
-            let inbox = Inbox::new(consumer());
+            let (pool, _, inbox) = inbox_on_fresh_pool(GapPolicy::Accept).await;
             // The first delivery stays uncommitted while the others arrive: they wait for it and then
             // see its record.
             let handler = Effect::slow();
@@ -61,7 +53,7 @@ macro_rules! __inbox_suite_concurrency {
 
         #[tokio::test]
         async fn concurrent_deliveries_of_a_skipped_message_apply_it_once() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Accept).await;
             let handler = Effect::slow();
             // Gaps 2..=2 (filled whole), 4..=8 (split in the middle), 10..=11 (cut at its start).
             deliver_each(&inbox, &pool, &handler, "k", [1, 3, 9, 12], Outcome::Processed).await;
@@ -79,7 +71,7 @@ macro_rules! __inbox_suite_concurrency {
 
         #[tokio::test]
         async fn a_gap_and_its_skipped_message_delivered_concurrently_both_apply() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Accept).await;
             let handler = Effect::slow();
             // 5 and 3 race on the key row: whichever goes first, both apply, and 2 and 4 stay missing.
             // Each seq is delivered twice; the deliveries start 5 ms apart in the order given, or all

@@ -5,12 +5,10 @@
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __inbox_suite_dedup {
-    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+    () => {
         #[tokio::test]
         async fn every_message_delivered_twice_has_its_effect_once() {
-            metrics_on();
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let handler = Effect::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             let mut msgs: Vec<Incoming<'static>> = Vec::new();
             for seq in 1..=5 {
                 for key in ["k1", "k2", "k3"] {
@@ -20,14 +18,7 @@ macro_rules! __inbox_suite_dedup {
             }
             // Deliver each message, then its duplicate right away, then the whole stream again.
             for m in &msgs {
-                assert_eq!(
-                    inbox.process(&pool, m, &handler).await.unwrap(),
-                    Outcome::Processed
-                );
-                assert_eq!(
-                    inbox.process(&pool, m, &handler).await.unwrap(),
-                    Outcome::Duplicate
-                );
+                process_twice(&inbox, &pool, m, &handler).await;
             }
             for m in &msgs {
                 assert_eq!(
@@ -85,13 +76,7 @@ macro_rules! __inbox_suite_dedup {
                 (keyed("n", 2), Outcome::Processed),
                 (keyed("k", 6), Outcome::Processed),
             ];
-            for (i, (msg, expected)) in steps.iter().enumerate() {
-                assert_eq!(
-                    inbox.process(&one, msg, &handler).await.unwrap(),
-                    *expected,
-                    "step {i}: {msg:?}"
-                );
-            }
+            process_steps(&inbox, &one, &handler, &steps).await;
             assert_eq!(key_seq(&pool, &c, "k").await, Some(6));
             assert_eq!(gaps(&pool, &c, "k").await, []);
             assert_eq!(gaps(&pool, &c, "n").await, [(1, 1)]);
@@ -100,9 +85,7 @@ macro_rules! __inbox_suite_dedup {
 
         #[tokio::test]
         async fn keyed_duplicates_are_told_by_seq_including_older_ones_with_new_ids() {
-            let pool = pool().await;
-            let inbox = Inbox::new(consumer());
-            let handler = Effect::default();
+            let (pool, _, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             deliver_each(&inbox, &pool, &handler, "k", 1..=3, Outcome::Processed).await;
             // Redelivered with the same seq, or an older seq arriving out of order: even under a new id.
             deliver_each(&inbox, &pool, &handler, "k", [3, 2, 1], Outcome::Duplicate).await;
@@ -119,8 +102,7 @@ macro_rules! __inbox_suite_dedup {
 
         #[tokio::test]
         async fn keys_and_consumers_are_compared_byte_for_byte() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let handler = Effect::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             // Case, trailing spaces and accents make different keys (no collation), and a key of any
             // length is a key.
             let long: &'static str = Box::leak("k".repeat(10_000).into_boxed_str());

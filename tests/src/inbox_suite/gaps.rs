@@ -5,11 +5,10 @@
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __inbox_suite_gaps {
-    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+    () => {
         #[tokio::test]
         async fn a_gap_under_accept_is_processed_counted_and_moves_the_key_on() {
-            metrics_on();
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Accept).await;
             assert_eq!(inbox.clone().gap_policy(GapPolicy::Accept).consumer(), c);
             let handler = Effect::default();
             assert_eq!(deliver(&inbox, &pool, &handler, "k", 1).await, Outcome::Processed);
@@ -32,9 +31,7 @@ macro_rules! __inbox_suite_gaps {
 
         #[tokio::test]
         async fn a_skipped_message_arriving_late_is_processed_once_and_only_it() {
-            metrics_on();
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let handler = Effect::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             deliver_each(&inbox, &pool, &handler, "k", [1, 2], Outcome::Processed).await;
             // 3 timed out at the producer ("possibly persisted") while 4 went through; 5 follows.
             deliver_each(&inbox, &pool, &handler, "k", [4, 5], Outcome::Processed).await;
@@ -69,8 +66,7 @@ macro_rules! __inbox_suite_gaps {
 
         #[tokio::test]
         async fn only_seqs_inside_a_gap_are_new_below_the_highest() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let handler = Effect::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             // Two gaps: 4..=5 and 8..=9.
             deliver_each(
                 &inbox,
@@ -92,26 +88,19 @@ macro_rules! __inbox_suite_gaps {
             assert_eq!(gap_from(&pool, &c, "k").await, Some(8));
             deliver_each(&inbox, &pool, &handler, "k", [4, 5, 7], Outcome::Duplicate).await;
             // Above the highest is still the plain path; another key is not concerned.
-            assert_eq!(
-                deliver(&inbox, &pool, &handler, "k", 11).await,
-                Outcome::Processed
-            );
-            assert_eq!(
-                deliver(&inbox, &pool, &handler, "other", 1).await,
-                Outcome::Processed
-            );
-            assert_eq!(
-                deliver(&inbox, &pool, &handler, "other", 1).await,
-                Outcome::Duplicate
-            );
+            let steps = [
+                (keyed("k", 11), Outcome::Processed),
+                (keyed("other", 1), Outcome::Processed),
+                (keyed("other", 1), Outcome::Duplicate),
+            ];
+            process_steps(&inbox, &pool, &handler, &steps).await;
             assert_eq!(gap_from(&pool, &c, "other").await, None);
             assert_eq!(effects(&pool).await, 10);
         }
 
         #[tokio::test]
         async fn a_gap_of_several_seqs_is_filled_in_any_order() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let handler = Effect::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             let orders: [(&'static str, [i64; 5]); 5] = [
                 ("ascending", [2, 3, 4, 5, 6]),
                 ("descending", [6, 5, 4, 3, 2]),
@@ -160,8 +149,7 @@ macro_rules! __inbox_suite_gaps {
 
         #[tokio::test]
         async fn a_key_first_seen_above_1_can_still_get_its_beginning() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let handler = Effect::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             assert_eq!(deliver(&inbox, &pool, &handler, "k", 3).await, Outcome::Processed);
             assert_eq!(gaps(&pool, &c, "k").await, [(1, 2)]);
             assert_eq!(gap_from(&pool, &c, "k").await, Some(1));
@@ -181,8 +169,7 @@ macro_rules! __inbox_suite_gaps {
 
         #[tokio::test]
         async fn a_failing_handler_on_a_late_message_keeps_the_gap_open() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let handler = Effect::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             deliver_each(&inbox, &pool, &handler, "k", [1, 5], Outcome::Processed).await;
             let failing = Effect {
                 failures: AtomicUsize::new(1),
@@ -194,14 +181,7 @@ macro_rules! __inbox_suite_gaps {
             // Rolled back with the handler's writes: the gap is whole, the retry applies it once.
             assert_eq!(gaps(&pool, &c, "k").await, [(2, 4)]);
             assert_eq!(effects_of(&pool, late.id).await, 0);
-            assert_eq!(
-                inbox.process(&pool, &late, &failing).await.unwrap(),
-                Outcome::Processed
-            );
-            assert_eq!(
-                inbox.process(&pool, &late, &failing).await.unwrap(),
-                Outcome::Duplicate
-            );
+            process_twice(&inbox, &pool, &late, &failing).await;
             assert_eq!(effects_of(&pool, late.id).await, 1);
             assert_eq!(gaps(&pool, &c, "k").await, [(2, 2), (4, 4)]);
         }

@@ -15,12 +15,24 @@ macro_rules! __inbox_suite_harness {
         use uuid::Uuid;
         use $crate::inbox_suite::{consumer, runs, Boom, Dialect};
 
-        type Pool = sqlx::Pool<$db>;
+        type Db = $db;
+        type Pool = sqlx::Pool<Db>;
+
+        /// A new migrated database, as the suite was given it.
+        async fn migrated() -> Pool {
+            $fresh.await
+        }
+
+        /// A new empty database, as the suite was given it.
+        async fn unmigrated() -> Pool {
+            $fresh_unmigrated.await
+        }
 
         /// A new migrated database with the business table the test handler writes to: one row per
-        /// time a message's effect committed.
+        /// time a message's effect committed. The metrics recorder is installed first.
         async fn pool() -> Pool {
-            let pool: Pool = $fresh.await;
+            metrics_on();
+            let pool = migrated().await;
             sqlx::raw_sql("CREATE TABLE effects (message_id VARCHAR(36) NOT NULL)")
                 .execute(&pool)
                 .await
@@ -28,12 +40,18 @@ macro_rules! __inbox_suite_harness {
             pool
         }
 
-        /// [`pool`], a consumer name no other test uses, and that consumer's inbox.
-        async fn inbox_on_fresh_pool() -> (Pool, String, Inbox) {
+        /// [`pool`], a consumer name no other test uses, and that consumer's inbox under `policy`.
+        async fn inbox_on_fresh_pool(policy: GapPolicy) -> (Pool, String, Inbox) {
             let pool = pool().await;
             let c = consumer();
-            let inbox = Inbox::new(&c);
+            let inbox = Inbox::new(&c).gap_policy(policy);
             (pool, c, inbox)
+        }
+
+        /// [`inbox_on_fresh_pool`] and a new test handler.
+        async fn inbox_and_handler<H: Default>(policy: GapPolicy) -> (Pool, String, Inbox, H) {
+            let (pool, c, inbox) = inbox_on_fresh_pool(policy).await;
+            (pool, c, inbox, H::default())
         }
 
         async fn count(pool: &Pool, sql: String) -> i64 {
@@ -52,31 +70,32 @@ macro_rules! __inbox_suite_harness {
             .await
         }
 
-        /// The key's highest seq (None: the key has no row).
-        async fn key_seq(pool: &Pool, consumer: &str, key: &str) -> Option<i64> {
-            let key = <$db as Dialect>::key_is(key);
+        /// `column` of the key's row (None: the key has no row).
+        async fn key_column(pool: &Pool, consumer: &str, key: &str, column: &str) -> Option<Option<i64>> {
+            let key = <Db as Dialect>::key_is(key);
             sqlx::query_scalar(&format!(
-                "SELECT seq FROM outbox_inbox_keys WHERE consumer = '{consumer}' AND {key}"
+                "SELECT {column} FROM outbox_inbox_keys WHERE consumer = '{consumer}' AND {key}"
             ))
             .fetch_optional(pool)
             .await
             .unwrap()
         }
 
-        /// The key's lower bound of its open gaps (None: no gap).
+        /// The key's highest seq (None: the key has no row).
+        async fn key_seq(pool: &Pool, consumer: &str, key: &str) -> Option<i64> {
+            key_column(pool, consumer, key, "seq").await.flatten()
+        }
+
+        /// The key's lower bound of its open gaps (None: no gap); the key has a row.
         async fn gap_from(pool: &Pool, consumer: &str, key: &str) -> Option<i64> {
-            let key = <$db as Dialect>::key_is(key);
-            sqlx::query_scalar(&format!(
-                "SELECT gap_from FROM outbox_inbox_keys WHERE consumer = '{consumer}' AND {key}"
-            ))
-            .fetch_one(pool)
-            .await
-            .unwrap()
+            key_column(pool, consumer, key, "gap_from")
+                .await
+                .expect("the key has a row")
         }
 
         /// The open gaps of (consumer, key), lowest first.
         async fn gaps(pool: &Pool, consumer: &str, key: &str) -> Vec<(i64, i64)> {
-            let key = <$db as Dialect>::key_is(key);
+            let key = <Db as Dialect>::key_is(key);
             sqlx::query_as(&format!(
                 "SELECT from_seq, to_seq FROM outbox_inbox_gaps WHERE consumer = '{consumer}' AND {key} \
                  ORDER BY from_seq"
@@ -104,7 +123,7 @@ macro_rules! __inbox_suite_harness {
 
         /// Moves `column` of every row of `table` (matching `filter`) two days back.
         async fn age(pool: &Pool, table: &str, column: &str, filter: &str) {
-            let earlier = <$db as Dialect>::two_days_before(column);
+            let earlier = <Db as Dialect>::two_days_before(column);
             sqlx::raw_sql(&format!("UPDATE {table} SET {column} = {earlier} WHERE {filter}"))
                 .execute(pool)
                 .await
@@ -132,10 +151,10 @@ macro_rules! __inbox_suite_harness {
         }
 
         #[async_trait]
-        impl Handler<$db> for Effect {
+        impl Handler<Db> for Effect {
             type Error = Boom;
 
-            async fn handle(&self, tx: &mut sqlx::Transaction<'_, $db>, msg: &Incoming<'_>) -> Result<(), Boom> {
+            async fn handle(&self, tx: &mut sqlx::Transaction<'_, Db>, msg: &Incoming<'_>) -> Result<(), Boom> {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 let insert = format!("INSERT INTO effects (message_id) VALUES ('{}')", msg.id);
                 sqlx::query(&insert).execute(&mut **tx).await.map_err(|_| Boom)?;
@@ -208,10 +227,10 @@ macro_rules! __inbox_suite_harness {
         }
 
         #[async_trait]
-        impl Handler<$db> for Recorder {
+        impl Handler<Db> for Recorder {
             type Error = Boom;
 
-            async fn handle(&self, tx: &mut sqlx::Transaction<'_, $db>, msg: &Incoming<'_>) -> Result<(), Boom> {
+            async fn handle(&self, tx: &mut sqlx::Transaction<'_, Db>, msg: &Incoming<'_>) -> Result<(), Boom> {
                 self.saw.lock().unwrap().push(Saw::of(msg));
                 let insert = format!("INSERT INTO effects (message_id) VALUES ('{}')", msg.id);
                 sqlx::query(&insert).execute(&mut **tx).await.map_err(|_| Boom)?;
@@ -269,7 +288,7 @@ macro_rules! __inbox_suite_harness {
         }
 
         /// [`deliver`] with any handler.
-        async fn deliver_with<H: Handler<$db>>(
+        async fn deliver_with<H: Handler<Db>>(
             inbox: &Inbox,
             pool: &Pool,
             handler: &H,
@@ -277,6 +296,29 @@ macro_rules! __inbox_suite_harness {
             seq: i64,
         ) -> Outcome {
             inbox.process(pool, &keyed(key, seq), handler).await.unwrap()
+        }
+
+        /// Processes `msg` twice in a row: it is processed, then a duplicate.
+        async fn process_twice<H: Handler<Db>>(inbox: &Inbox, pool: &Pool, msg: &Incoming<'_>, handler: &H) {
+            for want in [Outcome::Processed, Outcome::Duplicate] {
+                assert_eq!(inbox.process(pool, msg, handler).await.unwrap(), want, "{msg:?}");
+            }
+        }
+
+        /// Processes the message of each step in turn; each comes out as its step says.
+        async fn process_steps<H: Handler<Db>>(
+            inbox: &Inbox,
+            pool: &Pool,
+            handler: &H,
+            steps: &[(Incoming<'_>, Outcome)],
+        ) {
+            for (i, (msg, want)) in steps.iter().enumerate() {
+                assert_eq!(
+                    inbox.process(pool, msg, handler).await.unwrap(),
+                    *want,
+                    "step {i}: {msg:?}"
+                );
+            }
         }
 
         /// Delivers `msg` from 8 tasks at once; returns their outcomes.
@@ -332,7 +374,7 @@ macro_rules! __inbox_suite_harness {
             }
         }
 
-        /// Installs the recorder before anything is counted (call it first in a test that counts).
+        /// Installs the recorder before anything is counted ([`pool`] calls it).
         fn metrics_on() {
             $crate::inbox_suite::RECORDER.call_once(|| {
                 metrics::set_global_recorder(Counters).expect("only the inbox suite sets a recorder");

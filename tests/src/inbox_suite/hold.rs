@@ -5,13 +5,10 @@
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __inbox_suite_hold {
-    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+    () => {
         #[tokio::test]
         async fn under_hold_a_successor_delivered_first_is_parked_and_applied_right_after_its_predecessor() {
-            metrics_on();
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let inbox = inbox.gap_policy(GapPolicy::Hold);
-            let handler = Recorder::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Recorder>(GapPolicy::Hold).await;
             // The relay re-sent K:1 and K:2 after a timeout: the partition holds K:2, then K:1.
             let id2 = Uuid::now_v7().to_string();
             let headers2: Vec<(&str, &[u8])> = vec![
@@ -115,9 +112,7 @@ macro_rules! __inbox_suite_hold {
 
         #[tokio::test]
         async fn under_hold_a_key_first_seen_above_1_waits_for_its_beginning_without_stalling() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let inbox = inbox.gap_policy(GapPolicy::Hold);
-            let handler = Recorder::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Recorder>(GapPolicy::Hold).await;
             // 4 and 2 wait for 1; 3 is missing when 1 comes: 1 and 2 apply, 4 keeps waiting.
             for seq in [4, 2] {
                 let out = deliver_with(&inbox, &pool, &handler, "k", seq).await;
@@ -151,8 +146,7 @@ macro_rules! __inbox_suite_hold {
 
         #[tokio::test]
         async fn under_hold_a_failing_parked_successor_rolls_back_its_predecessor_too() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let inbox = inbox.gap_policy(GapPolicy::Hold);
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
             let handler = Recorder {
                 fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 2))),
                 ..Recorder::default()
@@ -185,8 +179,7 @@ macro_rules! __inbox_suite_hold {
 
         #[tokio::test]
         async fn under_hold_a_predecessor_and_its_successor_delivered_concurrently_apply_once_in_order() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let inbox = inbox.gap_policy(GapPolicy::Hold);
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
             // Sleeping inside the transaction keeps the first delivery uncommitted while the others
             // arrive.
             let handler = Arc::new(Recorder {
@@ -236,10 +229,7 @@ macro_rules! __inbox_suite_hold {
 
         #[tokio::test]
         async fn parked_messages_whose_predecessor_is_gone_for_good_can_be_released_in_order() {
-            metrics_on();
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let inbox = inbox.gap_policy(GapPolicy::Hold);
-            let handler = Recorder::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Recorder>(GapPolicy::Hold).await;
             let source = Uuid::new_v4().to_string();
             let sourced = |seq: i64| keyed("k", seq).source(source.as_str());
             // 1 and 2 are lost for good (say, discarded dead letters); 3 and 5 wait for them.
@@ -283,19 +273,14 @@ macro_rules! __inbox_suite_hold {
             )
             .await;
             assert_eq!(gap_rows, 2);
-            for (seq, expected) in [
-                (4, Outcome::Processed),
-                (4, Outcome::Duplicate),
-                (5, Outcome::Duplicate),
-                (6, Outcome::Processed),
-                (1, Outcome::Processed),
-            ] {
-                assert_eq!(
-                    inbox.process(&pool, &sourced(seq), &handler).await.unwrap(),
-                    expected,
-                    "{seq}"
-                );
-            }
+            let steps = [
+                (sourced(4), Outcome::Processed),
+                (sourced(4), Outcome::Duplicate),
+                (sourced(5), Outcome::Duplicate),
+                (sourced(6), Outcome::Processed),
+                (sourced(1), Outcome::Processed),
+            ];
+            process_steps(&inbox, &pool, &handler, &steps).await;
             assert_eq!(handler.order(), [3, 5, 4, 6, 1].map(|s| ("k".to_owned(), s)));
             assert_eq!(effects(&pool).await, 5);
             // A failing handler releases nothing.

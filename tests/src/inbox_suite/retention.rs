@@ -4,10 +4,10 @@
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __inbox_suite_retention {
-    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+    () => {
         #[tokio::test]
         async fn a_gap_stays_open_until_filled_whatever_the_retention_and_the_cleanup() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Accept).await;
             let inbox = inbox.retention(Duration::from_millis(1));
             let handler = Effect::default();
             for (key, seqs) in [("old", [1, 5]), ("split", [1, 10])] {
@@ -74,7 +74,7 @@ macro_rules! __inbox_suite_retention {
 
         #[tokio::test]
         async fn cleanup_deletes_expired_unkeyed_records_in_batches_and_keeps_the_rest() {
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Accept).await;
             let inbox = inbox.retention(Duration::from_secs(24 * 60 * 60));
             let other = Inbox::new(consumer());
             let handler = Effect::default();

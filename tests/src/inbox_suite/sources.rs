@@ -5,12 +5,10 @@
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __inbox_suite_sources {
-    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+    () => {
         #[tokio::test]
         async fn the_same_key_from_two_outboxes_is_applied_once_per_outbox() {
-            metrics_on();
-            let (pool, c, inbox) = inbox_on_fresh_pool().await;
-            let handler = Effect::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             // Two services, each with its own outbox database, both enqueue key "order-42".
             let (a, b) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
             let ids: Vec<String> = (0..4).map(|_| Uuid::now_v7().to_string()).collect();
@@ -53,14 +51,12 @@ macro_rules! __inbox_suite_sources {
 
         #[tokio::test]
         async fn the_claim_carries_the_outbox_databases_source_and_two_outboxes_stay_apart() {
-            let pool = pool().await;
-            let inbox = Inbox::new(consumer());
-            let handler = Effect::default();
+            let (pool, _, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
             // Two outbox databases, each with its own source id, both enqueue key "order-42".
             let mut sources = Vec::new();
             let mut claimed = Vec::new();
             for _ in 0..2 {
-                let outbox_db: Pool = $fresh.await;
+                let outbox_db = migrated().await;
                 let source: String = sqlx::query_scalar("SELECT id FROM outbox_source")
                     .fetch_one(&outbox_db)
                     .await
@@ -72,7 +68,7 @@ macro_rules! __inbox_suite_sources {
                     outbox::enqueue(&mut tx, &msg).await.unwrap();
                 }
                 tx.commit().await.unwrap();
-                let store = <$db as Dialect>::store(outbox_db);
+                let store = <Db as Dialect>::store(outbox_db);
                 let leases = store
                     .acquire("suite", outbox::LANES as usize, Duration::from_secs(30))
                     .await
@@ -112,7 +108,6 @@ macro_rules! __inbox_suite_sources {
 
         #[tokio::test]
         async fn under_expect_seqs_of_other_topics_are_not_counted_and_a_late_one_still_applies() {
-            metrics_on();
             let pool = pool().await;
             let handler = Effect::default();
             // Key "k": 1 and 3 are sent to "orders", 2 to "invoices", which these consumers do not
@@ -122,14 +117,7 @@ macro_rules! __inbox_suite_sources {
                 let c = consumer();
                 let inbox = Inbox::new(&c).gap_policy(policy);
                 for msg in &msgs {
-                    assert_eq!(
-                        inbox.process(&pool, msg, &handler).await.unwrap(),
-                        Outcome::Processed
-                    );
-                    assert_eq!(
-                        inbox.process(&pool, msg, &handler).await.unwrap(),
-                        Outcome::Duplicate
-                    );
+                    process_twice(&inbox, &pool, msg, &handler).await;
                 }
                 assert_eq!(counter("outbox_inbox_gaps_total", &c), gaps_counted, "{policy:?}");
                 assert_eq!(counter("outbox_inbox_gap_fills_total", &c), 1, "{policy:?}");

@@ -4,12 +4,12 @@
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __inbox_suite_upgrade {
-    ($db:ty, $fresh:expr, $fresh_unmigrated:expr) => {
+    () => {
         #[tokio::test]
         async fn records_written_before_sources_keep_working_after_the_migration() {
             // A database migrated up to 0002 (the inbox without sources), with records in it.
-            let pool: Pool = $fresh_unmigrated.await;
-            let blob = <$db as Dialect>::BLOB;
+            let pool = unmigrated().await;
+            let blob = <Db as Dialect>::BLOB;
             sqlx::raw_sql(&format!(
                 "CREATE TABLE outbox_schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
                  checksum {blob} NOT NULL, installed_on BIGINT)"
@@ -17,14 +17,14 @@ macro_rules! __inbox_suite_upgrade {
             .execute(&pool)
             .await
             .unwrap();
-            let p = <$db as Dialect>::param;
+            let p = <Db as Dialect>::param;
             let record = format!(
                 "INSERT INTO outbox_schema_migrations (version, description, checksum) VALUES ({}, {}, {})",
                 p(1),
                 p(2),
                 p(3)
             );
-            for m in <$db as Dialect>::MIGRATOR.iter().filter(|m| m.version <= 2) {
+            for m in <Db as Dialect>::MIGRATOR.iter().filter(|m| m.version <= 2) {
                 sqlx::raw_sql(&m.sql).execute(&pool).await.unwrap();
                 sqlx::query(&record)
                     .bind(m.version)
@@ -35,10 +35,10 @@ macro_rules! __inbox_suite_upgrade {
                     .unwrap();
             }
             let c = consumer();
-            let now = <$db as Dialect>::NOW;
+            let now = <Db as Dialect>::NOW;
             // Key "k" applied up to 2; key "g" up to 4 with 2..=3 skipped; one unkeyed message.
             for (key, seq, gap_from) in [("k", 2, "NULL"), ("g", 4, "2")] {
-                let (cols, vals) = <$db as Dialect>::key_insert(key, false);
+                let (cols, vals) = <Db as Dialect>::key_insert(key, false);
                 sqlx::raw_sql(&format!(
                     "INSERT INTO outbox_inbox_keys (consumer, {cols}, seq, gap_from, updated_at) \
                      VALUES ('{c}', {vals}, {seq}, {gap_from}, {now})"
@@ -47,7 +47,7 @@ macro_rules! __inbox_suite_upgrade {
                 .await
                 .unwrap();
             }
-            let (cols, vals) = <$db as Dialect>::key_insert("g", true);
+            let (cols, vals) = <Db as Dialect>::key_insert("g", true);
             sqlx::raw_sql(&format!(
                 "INSERT INTO outbox_inbox_gaps (consumer, {cols}, from_seq, to_seq, created_at) \
                  VALUES ('{c}', {vals}, 2, 3, {now})"
@@ -67,14 +67,14 @@ macro_rules! __inbox_suite_upgrade {
             .await
             .unwrap();
 
-            <$db as Dialect>::migrate(&pool).await.unwrap();
+            <Db as Dialect>::migrate(&pool).await.unwrap();
             let versions: Vec<i64> =
                 sqlx::query_scalar("SELECT version FROM outbox_schema_migrations ORDER BY version")
                     .fetch_all(&pool)
                     .await
                     .unwrap();
             // 0003 and whatever came after it.
-            let all: Vec<i64> = <$db as Dialect>::MIGRATOR.iter().map(|m| m.version).collect();
+            let all: Vec<i64> = <Db as Dialect>::MIGRATOR.iter().map(|m| m.version).collect();
             assert_eq!(versions, all);
             assert_eq!(versions[..3], [1, 2, 3]);
             let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM outbox_source")
@@ -87,47 +87,28 @@ macro_rules! __inbox_suite_upgrade {
                 .await
                 .unwrap();
 
-            // Messages without a source (a relay that predates it) find their records as before.
             let inbox = Inbox::new(&c);
             let handler = Effect::default();
-            let steps = [
-                ("k", 1, Outcome::Duplicate),
-                ("k", 2, Outcome::Duplicate),
-                ("k", 3, Outcome::Processed),
-                ("g", 3, Outcome::Processed),
-                ("g", 3, Outcome::Duplicate),
-                ("g", 4, Outcome::Duplicate),
-            ];
-            for (key, seq, expected) in steps {
-                assert_eq!(
-                    deliver(&inbox, &pool, &handler, key, seq).await,
-                    expected,
-                    "{key} {seq}"
-                );
-            }
-            assert_eq!(
-                inbox.process(&pool, &old, &handler).await.unwrap(),
-                Outcome::Duplicate
-            );
-            // The first message of a key with a source takes the key's records over: the upgraded
-            // relay sending a message again is still recognised, and a gap still fills.
             let source = Uuid::new_v4().to_string();
             let sourced = |key: &'static str, seq: i64| keyed(key, seq).source(source.as_str());
             let steps = [
-                ("k", 3, Outcome::Duplicate),
-                ("k", 4, Outcome::Processed),
-                ("g", 2, Outcome::Processed),
-                ("g", 2, Outcome::Duplicate),
-                ("g", 3, Outcome::Duplicate),
+                // Messages without a source (a relay that predates it) find their records as before.
+                (keyed("k", 1), Outcome::Duplicate),
+                (keyed("k", 2), Outcome::Duplicate),
+                (keyed("k", 3), Outcome::Processed),
+                (keyed("g", 3), Outcome::Processed),
+                (keyed("g", 3), Outcome::Duplicate),
+                (keyed("g", 4), Outcome::Duplicate),
+                (old, Outcome::Duplicate),
+                // The first message of a key with a source takes the key's records over: the
+                // upgraded relay sending a message again is still recognised, and a gap still fills.
+                (sourced("k", 3), Outcome::Duplicate),
+                (sourced("k", 4), Outcome::Processed),
+                (sourced("g", 2), Outcome::Processed),
+                (sourced("g", 2), Outcome::Duplicate),
+                (sourced("g", 3), Outcome::Duplicate),
             ];
-            for (key, seq, expected) in steps {
-                let msg = sourced(key, seq);
-                assert_eq!(
-                    inbox.process(&pool, &msg, &handler).await.unwrap(),
-                    expected,
-                    "{key} {seq}"
-                );
-            }
+            process_steps(&inbox, &pool, &handler, &steps).await;
             let default_rows = count(
                 &pool,
                 format!("SELECT COUNT(*) FROM outbox_inbox_keys WHERE consumer = '{c}' AND source = ''"),
@@ -141,19 +122,13 @@ macro_rules! __inbox_suite_upgrade {
 
         #[tokio::test]
         async fn a_parked_message_without_source_goes_over_with_its_key() {
-            let pool = pool().await;
-            let c = consumer();
-            let inbox = Inbox::new(&c).gap_policy(GapPolicy::Hold);
-            let handler = Recorder::default();
+            let (pool, c, inbox, handler) = inbox_and_handler::<Recorder>(GapPolicy::Hold).await;
             // Before the relay sent sources: 1 applied, 3 parked.
-            assert_eq!(
-                deliver_with(&inbox, &pool, &handler, "k", 1).await,
-                Outcome::Processed
-            );
-            assert_eq!(
-                deliver_with(&inbox, &pool, &handler, "k", 3).await,
-                Outcome::Parked
-            );
+            let steps = [
+                (keyed("k", 1), Outcome::Processed),
+                (keyed("k", 3), Outcome::Parked),
+            ];
+            process_steps(&inbox, &pool, &handler, &steps).await;
             // 2 comes from the upgraded relay, with its source: 3 follows it.
             let source = Uuid::new_v4().to_string();
             let two = keyed("k", 2).source(&source);
