@@ -1,5 +1,6 @@
 //! The conformance suite every `Store` backend passes. `conformance_suite!(Db, fresh)` expands to one
-//! `#[tokio::test]` per guarantee, where `fresh()` returns a new migrated `(Pool<Db>, Arc<dyn Store>)`.
+//! `#[tokio::test]` per guarantee, where `fresh` is a future of a new, migrated `Pool<Db>`; the store
+//! on it is the one [`Dialect::store`](crate::inbox_suite::Dialect::store) gives.
 //! `conformance_suite!(Db, fresh, single_writer)` is for databases with one write transaction at a
 //! time (SQLite), where one scenario cannot be staged as written (see
 //! `late_commit_with_lower_id_is_still_claimed`).
@@ -41,6 +42,14 @@ pub async fn claim_all(store: &dyn Store, leases: &[Lease]) -> Vec<outbox::Store
     out
 }
 
+/// The payloads of `rows` in order; with `key`, only those of that key.
+pub fn payloads<'r>(rows: &'r [outbox::StoredMessage], key: Option<&str>) -> Vec<&'r [u8]> {
+    rows.iter()
+        .filter(|r| key.is_none() || r.key.as_deref() == key)
+        .map(|r| r.payload.as_slice())
+        .collect()
+}
+
 /// Claims every lane every 50 ms until `ready` holds of the rows, and returns them; fails with
 /// `never` after 10 s.
 pub async fn claim_until(
@@ -70,13 +79,21 @@ macro_rules! conformance_suite {
         use std::time::{Duration, Instant};
 
         use outbox::{Delivered, Error, Message, Store};
-        use $crate::conformance::{claim_all, claim_until, lease_of, take_all, OWNER};
+        use $crate::conformance::{claim_all, claim_until, lease_of, payloads, take_all, OWNER};
         use $crate::db::commit_each;
 
         async fn fresh() -> (sqlx::Pool<$db>, Arc<dyn Store>) {
-            let (pool, store) = $fresh.await;
+            let pool: sqlx::Pool<$db> = $fresh.await;
+            let store = <$db as $crate::inbox_suite::Dialect>::store(pool.clone());
             sqlx::raw_sql("CREATE TABLE biz (id BIGINT PRIMARY KEY)").execute(&pool).await.unwrap();
             (pool, store)
+        }
+
+        /// [`fresh`], with every lane taken by [`OWNER`].
+        async fn fresh_with_leases() -> (sqlx::Pool<$db>, Arc<dyn Store>, Vec<outbox::Lease>) {
+            let (pool, store) = fresh().await;
+            let leases = take_all(&*store, OWNER).await;
+            (pool, store, leases)
         }
 
         async fn biz_rows(pool: &sqlx::Pool<$db>) -> i64 {

@@ -111,8 +111,7 @@ macro_rules! __conformance_claims {
 
         #[tokio::test]
         async fn delayed_message_is_not_claimed_early_and_holds_its_key() {
-            let (pool, store) = fresh().await;
-            let leases = take_all(&*store, OWNER).await;
+            let (pool, store, leases) = fresh_with_leases().await;
             commit_each(
                 &pool,
                 [
@@ -123,27 +122,20 @@ macro_rules! __conformance_claims {
             )
             .await;
             let rows = claim_all(&*store, &leases).await;
-            let got: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
             assert_eq!(
-                got,
+                payloads(&rows, None),
                 vec![&b"other"[..]],
                 "delayed row and the key's later row wait"
             );
             // Due after 2 s: claimed as soon as it is, never before (checked above).
             let due = |rows: &[outbox::StoredMessage]| rows.iter().any(|r| r.key.as_deref() == Some("k"));
             let rows = claim_until(&*store, &leases, due, "the delayed row never became due").await;
-            let got: Vec<&[u8]> = rows
-                .iter()
-                .filter(|r| r.key.as_deref() == Some("k"))
-                .map(|r| r.payload.as_slice())
-                .collect();
-            assert_eq!(got, vec![&b"d1"[..], b"d2"]);
+            assert_eq!(payloads(&rows, Some("k")), vec![&b"d1"[..], b"d2"]);
         }
 
         #[tokio::test]
         async fn failed_row_backs_off_and_holds_later_rows_of_its_key() {
-            let (pool, store) = fresh().await;
-            let leases = take_all(&*store, OWNER).await;
+            let (pool, store, leases) = fresh_with_leases().await;
             let e = commit_each(
                 &pool,
                 [Message::new("t", "k1").key("k"), Message::new("t", "k2").key("k")],
@@ -175,8 +167,7 @@ macro_rules! __conformance_claims {
 
         #[tokio::test]
         async fn claim_ahead_leaves_out_the_batch_in_flight_and_keeps_key_order() {
-            let (pool, store) = fresh().await;
-            let leases = take_all(&*store, OWNER).await;
+            let (pool, store, leases) = fresh_with_leases().await;
             let e = commit_each(&pool, (0..6).map(|i| Message::new("t", format!("m{i}")).key("k"))).await;
             let lease = lease_of(&leases, e[0].lane);
             let first = store.claim(lease, 4, &[]).await.unwrap();
@@ -202,8 +193,7 @@ macro_rules! __conformance_claims {
 
         #[tokio::test]
         async fn dead_letters_park_or_skip_and_can_be_retried_or_discarded() {
-            let (pool, store) = fresh().await;
-            let leases = take_all(&*store, OWNER).await;
+            let (pool, store, leases) = fresh_with_leases().await;
             let e = commit_each(
                 &pool,
                 [
@@ -227,9 +217,8 @@ macro_rules! __conformance_claims {
                 .await
                 .unwrap();
             let rows = claim_all(&*store, &leases).await;
-            let got: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
             assert_eq!(
-                got,
+                payloads(&rows, None),
                 vec![&b"s2"[..]],
                 "a parked key waits, a skipped key moves on"
             );
@@ -244,9 +233,8 @@ macro_rules! __conformance_claims {
             assert!(store.retry_dead_letter(p.id).await.unwrap());
             assert!(!store.retry_dead_letter(p.id).await.unwrap());
             let rows = store.claim(lp, 10, &[]).await.unwrap();
-            let got: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
             assert_eq!(
-                got,
+                payloads(&rows, None),
                 vec![&b"p1"[..], b"p2"],
                 "retried row goes first, in seq order"
             );

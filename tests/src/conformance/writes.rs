@@ -99,20 +99,14 @@ macro_rules! __conformance_writes {
             let leases = take_all(&*store, OWNER).await;
             let rows = claim_all(&*store, &leases).await;
             assert_eq!(rows.len(), 5);
-            let a: Vec<&[u8]> = rows
-                .iter()
-                .filter(|r| r.key.as_deref() == Some("a"))
-                .map(|r| r.payload.as_slice())
-                .collect();
-            assert_eq!(a, vec![&b"a0"[..], b"a1", b"a2"]);
+            assert_eq!(payloads(&rows, Some("a")), vec![&b"a0"[..], b"a1", b"a2"]);
             let a2 = rows.iter().find(|r| r.payload == b"a2").unwrap();
             assert_eq!(a2.headers, vec![("h".to_string(), "v".to_string())]);
         }
 
         #[tokio::test]
         async fn late_commit_with_lower_id_is_still_claimed() {
-            let (pool, store) = fresh().await;
-            let leases = take_all(&*store, OWNER).await;
+            let (pool, store, leases) = fresh_with_leases().await;
             // A message enqueued early (lower id) in a transaction that commits after later ones.
             // SQLite runs one write transaction at a time: `early` would hold the write lock from
             // its insert until its commit, so the later writers could not commit in between (they
