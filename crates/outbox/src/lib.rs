@@ -12,6 +12,7 @@ mod local;
 mod message;
 mod migrate;
 pub mod millis;
+mod polled;
 mod publisher;
 pub mod redact;
 mod sql_store;

@@ -113,16 +113,7 @@ impl Backend for MySql {
             let stmt = sql::enqueue(chunk.len());
             let mut q = sqlx::query(&stmt);
             for (m, e) in chunk {
-                q = q
-                    .bind(e.lane)
-                    .bind(m.id)
-                    .bind(&m.topic)
-                    .bind(&m.payload)
-                    .bind(m.headers_column())
-                    .bind(m.available_at.map(|t| t.naive_utc()))
-                    .bind(m.delay_millis().saturating_mul(1000))
-                    .bind(m.key.as_deref())
-                    .bind(e.seq);
+                q = crate::polled::bind_row(q, m, e, m.available_at.map(|t| t.naive_utc()));
             }
             q.execute(&mut *conn).await?;
         }

@@ -14,35 +14,12 @@ use crate::{Delivered, Lease, Result, StoredMessage, Wakeups};
 /// Rows per multi-statement round trip of `mark_published`.
 const ROWS_PER_ROUND_TRIP: usize = 500;
 
-/// The MySQL / MariaDB [`Store`](crate::Store). Polled: [`Store::wakeups`](crate::Store::wakeups) is
-/// `None` (no LISTEN on MySQL).
-#[derive(Debug, Clone)]
-pub struct MySqlStore {
-    pool: MySqlPool,
-    keep_published: bool,
-}
-
-impl MySqlStore {
-    /// A store on `pool`. Published rows are deleted.
-    pub fn new(pool: MySqlPool) -> Self {
-        MySqlStore {
-            pool,
-            keep_published: false,
-        }
-    }
-
-    /// Keep published rows in `outbox_published` with their partition and offset (audit) instead
-    /// of deleting them. Defaults to false.
-    pub fn keep_published(mut self, keep: bool) -> Self {
-        self.keep_published = keep;
-        self
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &MySqlPool {
-        &self.pool
-    }
-}
+crate::polled::polled_store!(
+    /// The MySQL / MariaDB [`Store`](crate::Store). Polled: [`Store::wakeups`](crate::Store::wakeups)
+    /// is `None` (no LISTEN on MySQL).
+    MySqlStore,
+    MySqlPool
+);
 
 crate::sql_store::store!(MySqlStore, MySql, sql);
 crate::sql_store::guarded_writes!(MySqlStore, MySql, sql);

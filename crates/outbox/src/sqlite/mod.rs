@@ -111,16 +111,7 @@ impl Backend for Sqlite {
             let stmt = sql::enqueue(ms.len());
             let mut q = sqlx::query(&stmt);
             for (m, e) in ms.iter().zip(es) {
-                q = q
-                    .bind(e.lane)
-                    .bind(m.id)
-                    .bind(m.topic.as_str())
-                    .bind(m.payload.as_slice())
-                    .bind(m.headers_column())
-                    .bind(m.available_at.map(|t| t.timestamp_micros()))
-                    .bind(m.delay_millis().saturating_mul(1000))
-                    .bind(m.key.as_deref())
-                    .bind(e.seq);
+                q = crate::polled::bind_row(q, m, e, m.available_at.map(|t| t.timestamp_micros()));
             }
             q.execute(&mut *conn).await?;
         }

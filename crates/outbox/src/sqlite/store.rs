@@ -10,35 +10,12 @@ use crate::message::ClaimRow;
 use crate::sql_store::{count, leases};
 use crate::{Delivered, Lease, Result, StoredMessage, Wakeups};
 
-/// The SQLite [`Store`](crate::Store). Polled: [`Store::wakeups`](crate::Store::wakeups) is `None`
-/// (no LISTEN in SQLite).
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
-    keep_published: bool,
-}
-
-impl SqliteStore {
-    /// A store on `pool`. Published rows are deleted.
-    pub fn new(pool: SqlitePool) -> Self {
-        SqliteStore {
-            pool,
-            keep_published: false,
-        }
-    }
-
-    /// Keep published rows in `outbox_published` with their partition and offset (audit) instead
-    /// of deleting them. Defaults to false.
-    pub fn keep_published(mut self, keep: bool) -> Self {
-        self.keep_published = keep;
-        self
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-}
+crate::polled::polled_store!(
+    /// The SQLite [`Store`](crate::Store). Polled: [`Store::wakeups`](crate::Store::wakeups) is
+    /// `None` (no LISTEN in SQLite).
+    SqliteStore,
+    SqlitePool
+);
 
 crate::sql_store::store!(SqliteStore, Sqlite, sql);
 crate::sql_store::guarded_writes!(SqliteStore, Sqlite, sql);
