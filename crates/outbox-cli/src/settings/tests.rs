@@ -35,17 +35,21 @@ fn exactly_one_broker() {
     assert!(bad.is_err(), "a typo in [rabbitmq] is an error");
 }
 
+/// The default column of README's configuration row for `[section] key` (a row may name more keys
+/// after the first).
+fn readme_default(readme: &str, section: &str, key: &str) -> String {
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with(&format!("| `[{section}] {key}")))
+        .unwrap_or_else(|| panic!("README has no row for [{section}] {key}"));
+    row.split('|').nth(3).expect("a default column").trim().to_owned()
+}
+
 /// README's configuration table states each engine default; this pins it to the constants.
 #[test]
 fn readme_states_the_engine_defaults() {
     let readme = include_str!("../../../../README.md");
-    let default_of = |key: &str| -> String {
-        let row = readme
-            .lines()
-            .find(|l| l.starts_with(&format!("| `[relay] {key}")))
-            .unwrap_or_else(|| panic!("README has no row for [relay] {key}"));
-        row.split('|').nth(3).expect("a default column").trim().to_owned()
-    };
+    let default_of = |key: &str| readme_default(readme, "relay", key);
     let ms = |d: Duration| d.as_millis().to_string();
     type C = RelayConfig;
     assert_eq!(default_of("batch_size"), C::DEFAULT_BATCH_SIZE.to_string());
@@ -80,13 +84,7 @@ fn readme_states_the_engine_defaults() {
         "{cleanup}"
     );
     // The daemon's own defaults.
-    let admin_row = |key: &str| -> String {
-        let row = readme
-            .lines()
-            .find(|l| l.starts_with(&format!("| `[admin] {key}`")))
-            .unwrap_or_else(|| panic!("README has no row for [admin] {key}"));
-        row.split('|').nth(3).expect("a default column").trim().to_owned()
-    };
+    let admin_row = |key: &str| readme_default(readme, "admin", key);
     assert_eq!(admin_row("listen"), DEFAULT_ADMIN_LISTEN);
     assert_eq!(admin_row("broker_unavailable_ms"), ms(DEFAULT_BROKER_UNAVAILABLE));
     assert_eq!(default_of("keep_published"), DEFAULT_KEEP_PUBLISHED.to_string());
