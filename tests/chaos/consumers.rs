@@ -8,7 +8,7 @@ use std::time::Duration;
 use outbox::{Message, StoreAdmin};
 use outbox_inbox::Inbox;
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
-use outbox_tests::embedded::{drained, wait_for, Running};
+use outbox_tests::embedded::{drained, run_until_stopped, wait_for, Running};
 use outbox_tests::kafka::{broker, check_delivery, create_topic, read_all, read_until, topic};
 use rdkafka::mocking::MockCluster;
 
@@ -28,14 +28,7 @@ fn start_consumer(bootstrap: &str, t: &str, pool: sqlx::PgPool, inbox: Inbox) ->
     let runner = ConsumerRunner::new(settings, &[t], pool, inbox, outbox_tests::effects::EffectRows)
         .unwrap()
         .config(ConsumerConfig::default().backoff_base(Duration::from_millis(20)));
-    Running::spawn(|stopped| async move {
-        runner
-            .run_until(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    })
+    run_until_stopped(|stop| runner.run_until(stop))
 }
 
 /// Checks the consumer's database: every expected message applied exactly once, and per key in

@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message as _};
-use rdkafka::ClientConfig;
+use outbox_tests::kafka::{client, reader, seen, Seen};
 
 /// What the independent reader saw, folded as it reads (per key, first arrivals in seq order).
 #[derive(Default)]
@@ -25,7 +23,15 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
-    fn record(&mut self, id: uuid::Uuid, key: Option<String>, seq: Option<i64>, partition: i32, offset: i64) {
+    fn record(&mut self, seen: Seen) {
+        let Seen {
+            id,
+            key,
+            seq,
+            partition,
+            offset,
+            ..
+        } = seen;
         self.records += 1;
         if self.seen.contains_key(&id) {
             return;
@@ -52,33 +58,14 @@ pub(crate) fn spawn_reader(
     wire: Arc<Mutex<Wire>>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("soak-reader-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("reader");
-    consumer.subscribe(&[topic]).expect("subscribe");
+    let consumer = reader(&client(bootstrap), topic);
     tokio::spawn(async move {
         while !stop.load(Relaxed) {
             let Ok(res) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await else {
                 continue;
             };
             let Ok(m) = res else { continue };
-            let (mut id, mut key, mut seq) = (uuid::Uuid::nil(), None, None);
-            if let Some(h) = m.headers() {
-                for hd in h.iter() {
-                    let v = String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned();
-                    match hd.key {
-                        outbox::HEADER_ID => id = v.parse().unwrap_or_default(),
-                        outbox::HEADER_KEY => key = Some(v),
-                        outbox::HEADER_SEQ => seq = v.parse().ok(),
-                        _ => {}
-                    }
-                }
-            }
-            wire.lock().unwrap().record(id, key, seq, m.partition(), m.offset());
+            wire.lock().unwrap().record(seen(&m));
         }
     })
 }

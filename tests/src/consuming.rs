@@ -3,7 +3,6 @@
 //! and handlers built on [`EffectRows`].
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,7 +11,7 @@ use outbox_inbox::{Handler, Incoming};
 use uuid::Uuid;
 
 use crate::effects::{EffectRows, PgTx};
-use crate::embedded::Running;
+pub use crate::embedded::run_until_stopped;
 use crate::publisher_suite::Received;
 
 /// The path of the script `.ci/<name>`.
@@ -50,23 +49,6 @@ pub fn received(headers: Vec<(String, String)>, payload: Vec<u8>) -> Received {
         headers,
         payload,
     }
-}
-
-/// Spawns a consumer runner: `run_until` is its `run_until`, given a future that completes when
-/// the returned [`Running`] is stopped. Stopping panics if the runner failed.
-pub fn run_until_stopped<Fut, E>(run_until: impl FnOnce(BoxFuture<'static, ()>) -> Fut) -> Running
-where
-    Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Debug,
-{
-    Running::spawn(|stopped| {
-        let run = run_until(Box::pin(async {
-            let _ = stopped.await;
-        }));
-        async move {
-            run.await.unwrap();
-        }
-    })
 }
 
 /// Spawns a writer that commits a round of messages to `topic` every 40 ms, `rounds` times: one

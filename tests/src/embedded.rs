@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use outbox::{Publisher, Store};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::{Relay, RelayConfig};
@@ -54,13 +55,23 @@ pub fn start<S: Store, P: Publisher>(store: S, publisher: P, cfg: RelayConfig) -
 
 /// Starts `relay`, built by the caller.
 pub fn start_relay<S: Store, P: Publisher>(relay: Relay<S, P>) -> Running {
-    Running::spawn(|stopped| async move {
-        relay
-            .run_until(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
+    run_until_stopped(|stop| relay.run_until(stop))
+}
+
+/// Spawns a loop (a relay, a consumer runner): `run_until` is its `run_until`, given a future that
+/// completes when the returned [`Running`] is stopped. Stopping panics if the loop failed.
+pub fn run_until_stopped<Fut, E>(run_until: impl FnOnce(BoxFuture<'static, ()>) -> Fut) -> Running
+where
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Debug,
+{
+    Running::spawn(|stopped| {
+        let run = run_until(Box::pin(async {
+            let _ = stopped.await;
+        }));
+        async move {
+            run.await.unwrap();
+        }
     })
 }
 

@@ -11,7 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::metadata::Metadata;
 
 pub use cluster::Cluster;
@@ -188,14 +188,7 @@ pub async fn read_until_with(
     deadline: Duration,
     linger: Duration,
 ) -> Vec<Seen> {
-    let consumer: StreamConsumer = cfg
-        .clone()
-        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[topic]).expect("subscribe");
+    let consumer = reader(cfg, topic);
     let start = Instant::now();
     let mut out = Vec::new();
     let mut missing: HashSet<uuid::Uuid> = expect.clone();
@@ -213,29 +206,7 @@ pub async fn read_until_with(
             continue;
         };
         let Ok(m) = res else { continue };
-        let mut seen = Seen {
-            partition: m.partition(),
-            offset: m.offset(),
-            id: uuid::Uuid::nil(),
-            key: None,
-            seq: None,
-            kafka_key: m.key().map(|k| k.to_vec()),
-            payload: m.payload().unwrap_or_default().to_vec(),
-            headers: Vec::new(),
-        };
-        if let Some(h) = m.headers() {
-            for hd in h.iter() {
-                let v = hd.value.unwrap_or_default();
-                let s = String::from_utf8_lossy(v).to_string();
-                match hd.key {
-                    outbox::HEADER_ID => seen.id = s.parse().unwrap_or_default(),
-                    outbox::HEADER_KEY => seen.key = Some(s),
-                    outbox::HEADER_SEQ => seen.seq = s.parse().ok(),
-                    _ => {}
-                }
-                seen.headers.push((hd.key.to_owned(), v.to_vec()));
-            }
-        }
+        let seen = seen(&m);
         missing.remove(&seen.id);
         out.push(seen);
         if missing.is_empty() && done_at.is_none() {
@@ -243,6 +214,47 @@ pub async fn read_until_with(
         }
     }
     out
+}
+
+/// A consumer of `topic` from its beginning, in a group of its own, committing nothing.
+pub fn reader(cfg: &ClientConfig, topic: &str) -> StreamConsumer {
+    let consumer: StreamConsumer = cfg
+        .clone()
+        .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    consumer
+}
+
+/// What a reader saw of `m`: where it arrived, its framework headers parsed, all of it owned.
+pub fn seen(m: &BorrowedMessage<'_>) -> Seen {
+    let mut seen = Seen {
+        partition: m.partition(),
+        offset: m.offset(),
+        id: uuid::Uuid::nil(),
+        key: None,
+        seq: None,
+        kafka_key: m.key().map(|k| k.to_vec()),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        headers: Vec::new(),
+    };
+    if let Some(h) = m.headers() {
+        for hd in h.iter() {
+            let v = hd.value.unwrap_or_default();
+            let s = String::from_utf8_lossy(v).to_string();
+            match hd.key {
+                outbox::HEADER_ID => seen.id = s.parse().unwrap_or_default(),
+                outbox::HEADER_KEY => seen.key = Some(s),
+                outbox::HEADER_SEQ => seen.seq = s.parse().ok(),
+                _ => {}
+            }
+            seen.headers.push((hd.key.to_owned(), v.to_vec()));
+        }
+    }
+    seen
 }
 
 /// Checks what a reader saw: every expected id arrived, nothing else did, and per key the first
