@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox::{FailureKind, Message, StoreAdmin};
+use outbox::{FailureKind, Message, Publisher, StoreAdmin, StoredMessage};
 use uuid::Uuid;
 
 use crate::embedded::{drained, start, test_config};
@@ -19,13 +19,7 @@ pub async fn oversize_is_permanent(fixture: Arc<dyn BrokerFixture>) {
     let dest = fixture.destination().await;
     let publisher = fixture.publisher().await;
     let big = stored(1, &dest, Some("big"), Some(1), vec![b'x'; fixture.oversize()]);
-    let out = tokio::time::timeout(Duration::from_secs(60), publisher.publish(&[big]))
-        .await
-        .expect("an oversize publish returns");
-    match &out[0] {
-        Err(e) if e.kind == FailureKind::Permanent => {}
-        other => panic!("{name}: an oversize payload must be Permanent, was {other:?}"),
-    }
+    assert_permanent(name, &*publisher, big, "an oversize payload").await;
     publish_until_ok(&*publisher, &dest, Duration::from_secs(30)).await;
 }
 
@@ -36,14 +30,19 @@ pub async fn missing_destination_is_permanent(fixture: Arc<dyn BrokerFixture>) {
     let publisher = fixture.publisher().await;
     let row = stored(1, &missing, Some("k"), Some(1), b"nowhere".to_vec());
     let started = Instant::now();
+    assert_permanent(name, &*publisher, row, "a missing destination").await;
+    eprintln!("{name}: missing destination Permanent after {:.1?}", started.elapsed());
+}
+
+/// Publishes `row` alone; asserts it fails `Permanent` (for `why`) within 60 s.
+async fn assert_permanent(name: &str, publisher: &dyn Publisher, row: StoredMessage, why: &str) {
     let out = tokio::time::timeout(Duration::from_secs(60), publisher.publish(&[row]))
         .await
-        .expect("a publish to a missing destination returns");
+        .unwrap_or_else(|_| panic!("{name}: a publish with {why} did not return within 60 s"));
     match &out[0] {
         Err(e) if e.kind == FailureKind::Permanent => {}
-        other => panic!("{name}: a missing destination must be Permanent, was {other:?}"),
+        other => panic!("{name}: {why} must be Permanent, was {other:?}"),
     }
-    eprintln!("{name}: missing destination Permanent after {:.1?}", started.elapsed());
 }
 
 /// One batch, one message of it to a missing destination: only that one fails (`Permanent`);
