@@ -124,10 +124,8 @@ async fn sasl_scram_right_password_works_wrong_one_fails_fast_and_no_secret_is_l
         store.dead_letters(10).await.unwrap().is_empty(),
         "an auth failure dead-letters nothing"
     );
-    let attempts: i64 = sqlx::query_scalar("SELECT coalesce(max(attempts), 0)::int8 FROM outbox_messages")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let attempts: i64 =
+        outbox_tests::db::scalar(&pool, "SELECT coalesce(max(attempts), 0)::int8 FROM outbox_messages").await;
     assert_eq!(attempts, 0, "an unavailable broker counts no attempt");
 
     // Right password: everything arrives, read back by an independent (authenticated) consumer.

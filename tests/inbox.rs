@@ -236,10 +236,7 @@ fn the_source_header_is_parsed_and_checked() {
 #[tokio::test]
 async fn mysql_migration_0003_can_run_again() {
     let pool = outbox_tests::db::fresh_mysql().await;
-    let source: String = sqlx::query_scalar("SELECT id FROM outbox_source")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let source: String = outbox_tests::db::scalar(&pool, "SELECT id FROM outbox_source").await;
     let m = outbox::mysql::MIGRATOR.iter().find(|m| m.version == 3).unwrap();
     for _ in 0..2 {
         sqlx::raw_sql(&m.sql).execute(&pool).await.unwrap();

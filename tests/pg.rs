@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use outbox::{Message, Store, StoreAdmin};
-use outbox_tests::db::commit_each;
+use outbox_tests::db::{commit_each, scalar};
 
 #[path = "pg/together.rs"]
 mod together;
@@ -15,10 +15,7 @@ outbox_tests::migration_tests!(postgres, fresh_pg_unmigrated, vec![1, 2, 3, 4]);
 #[tokio::test]
 async fn lease_rows_match_the_lane_count() {
     let pool = outbox_tests::db::fresh_pg().await;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_leases")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let n: i64 = scalar(&pool, "SELECT count(*) FROM outbox_leases").await;
     assert_eq!(n, outbox::LANES as i64);
 }
 
@@ -150,7 +147,7 @@ async fn a_pool_with_jit_off_claims_in_one_statement_with_the_same_rows() {
         .connect_with(opts)
         .await
         .unwrap();
-    let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(&jit_off).await.unwrap();
+    let jit: String = scalar(&jit_off, "SHOW jit").await;
     assert_eq!(jit, "off");
     let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
     for (name, p) in [("jit off in the pool", jit_off), ("default pool", pool.clone())] {
@@ -170,7 +167,7 @@ async fn a_pool_with_jit_off_claims_in_one_statement_with_the_same_rows() {
             store.release(l).await.unwrap();
         }
         // Outside a transaction of its own, the claim leaves no setting behind on the connection.
-        let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(&p).await.unwrap();
+        let jit: String = scalar(&p, "SHOW jit").await;
         assert_eq!(jit == "off", name == "jit off in the pool", "{name}: {jit}");
     }
 }
@@ -348,18 +345,12 @@ async fn marks_do_not_wait_for_the_wal_flush_and_leave_the_connections_setting_a
             .connect_with((*pool.connect_options()).clone())
     };
     let syncs = || async {
-        let n: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let n: i64 = scalar(&pool, "SELECT wal_sync FROM pg_stat_wal").await;
         n
     };
     // The connection's own setting, after which it reports its counts.
     let setting = |p: sqlx::PgPool| async move {
-        let s: String = sqlx::query_scalar("SHOW synchronous_commit")
-            .fetch_one(&p)
-            .await
-            .unwrap();
+        let s: String = scalar(&p, "SHOW synchronous_commit").await;
         outbox_tests::db::exec(&p, "SELECT pg_stat_force_next_flush()").await;
         s
     };

@@ -6,6 +6,7 @@ use std::time::Duration;
 use outbox::{Message, StoreAdmin};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::DeadLetterPolicy;
+use outbox_tests::db::scalar;
 use outbox_tests::embedded::{drained, start, test_config};
 use outbox_tests::kafka::{broker, check_delivery, check_delivery_skipping, create_topic, read_all, topic, PgTopic};
 
@@ -275,24 +276,13 @@ async fn kept_published_rows_are_deleted_past_their_retention_on_a_schedule() {
         .published_retention(Duration::from_secs(5));
     let relay = start(store.clone(), publisher, cfg);
     drained(&store, Duration::from_secs(60)).await;
-    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let kept: i64 = scalar(&pool, "SELECT count(*) FROM outbox_published").await;
     assert_eq!(kept, 300, "published rows are kept for their retention");
-    outbox_tests::embedded::wait_for(
+    outbox_tests::wait::until_empty(
+        &pool,
+        "outbox_published",
         "kept rows deleted after their retention",
         Duration::from_secs(30),
-        || {
-            let pool = pool.clone();
-            async move {
-                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_published")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                n == 0
-            }
-        },
     )
     .await;
     relay.stop().await;

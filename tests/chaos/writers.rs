@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::{Message, StoreAdmin};
+use outbox_tests::db::scalar;
 use outbox_tests::embedded::drained;
 use outbox_tests::kafka::{check_delivery, read_all, read_until};
 use rdkafka::mocking::MockCluster;
@@ -157,10 +158,7 @@ async fn rollback_panic_and_abort_inside_the_enqueueing_transaction_leak_nothing
     );
     assert_eq!(orders.len() * 3, committed.len());
     // Nothing of the rolled-back transactions is in the outbox or its dead letters.
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_messages")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let left: i64 = scalar(&pool, "SELECT count(*) FROM outbox_messages").await;
     assert_eq!(left, 0);
     assert!(store.dead_letters(5).await.unwrap().is_empty());
     // On the wire: all committed, none of the others (seqs dense per key: no seq was burnt).
@@ -196,10 +194,7 @@ async fn producer_queue_full_is_back_pressure_only() {
         store.dead_letters(5).await.unwrap().is_empty(),
         "a full queue must never dead-letter"
     );
-    let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_messages WHERE attempts > 0")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let failed: i64 = scalar(&pool, "SELECT count(*) FROM outbox_messages WHERE attempts > 0").await;
     assert_eq!(failed, 0);
     let seen = read_all(&bootstrap, &t, &expect).await;
     let dups = check_delivery(&seen, &expect);

@@ -32,16 +32,12 @@ async fn the_runner_deletes_expired_inbox_records_on_a_schedule() {
         let _ = rx.await;
     }));
     wait_effects(&pool, 50, Duration::from_secs(60)).await;
-    outbox_tests::embedded::wait_for("expired inbox records deleted", Duration::from_secs(30), || {
-        let pool = pool.clone();
-        async move {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_inbox_messages")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            n == 0
-        }
-    })
+    outbox_tests::wait::until_empty(
+        &pool,
+        "outbox_inbox_messages",
+        "expired inbox records deleted",
+        Duration::from_secs(30),
+    )
     .await;
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();

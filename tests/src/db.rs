@@ -51,6 +51,22 @@ pub async fn exec<'e, E: sqlx::Executor<'e>>(e: E, sql: &'e str) {
     sqlx::raw_sql(sql).execute(e).await.unwrap();
 }
 
+/// The one value `sql` (a statement without parameters) selects on `pool`, failing the test on an
+/// error or when it selects no row.
+pub async fn scalar<DB, T>(pool: &sqlx::Pool<DB>, sql: &str) -> T
+where
+    DB: sqlx::Database,
+    (T,): for<'r> sqlx::FromRow<'r, DB::Row>,
+    T: Send + Unpin,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+}
+
 /// Commits `msgs` in one transaction, each with [`outbox::enqueue`]; what it answered for each.
 pub async fn commit_each<DB: outbox::Backend>(
     pool: &sqlx::Pool<DB>,

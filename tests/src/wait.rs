@@ -32,3 +32,12 @@ where
     })
     .await
 }
+
+/// Waits until `table` on `pool` has no rows, failing the test with `what` after `within`.
+pub async fn until_empty(pool: &sqlx::PgPool, table: &str, what: &str, within: Duration) {
+    let count = format!("SELECT count(*) FROM {table}");
+    wait_for(what, within, || async {
+        crate::db::scalar::<_, i64>(pool, &count).await == 0
+    })
+    .await
+}
