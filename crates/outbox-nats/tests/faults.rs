@@ -23,17 +23,14 @@ const REFUSED: &str = "refused by the handler";
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn server_killed_and_restarted_mid_stream_loses_nothing_and_applies_each_message_once_in_order() {
     let server = Server::start().await;
-    let url = server.url();
-    let reader = client(&url).await;
-    let (topic, stream) = new_destination(&reader, "restart").await;
+    let t = Setup::on(server.url(), "restart").await;
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let effects = outbox_tests::effects::effects_db().await;
-    let relay = start(store.clone(), publisher(&url).await, test_config());
-    let (consumer, stats) = run_consumer(consumer_config(&url, &stream, "effects"), effects.clone(), EffectRows).await;
+    let relay = start(store.clone(), publisher(&t.url).await, test_config());
+    let (consumer, stats) = run_consumer(t.consumer_config(), t.effects.clone(), EffectRows).await;
 
     // Writers commit a round of 20 keys every 40 ms for about 6 s.
-    let writer = write_rounds(pool.clone(), topic.clone(), 150, 20);
+    let writer = write_rounds(pool.clone(), t.topic.clone(), 150, 20);
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         server.kill().await;
@@ -42,17 +39,17 @@ async fn server_killed_and_restarted_mid_stream_loses_nothing_and_applies_each_m
     }
     let expect = writer.await.unwrap();
     drained(&store, Duration::from_secs(120)).await;
-    wait_effects(&effects, expect.len() as i64, Duration::from_secs(180)).await;
+    wait_effects(&t.effects, expect.len() as i64, Duration::from_secs(180)).await;
     consumer.stop().await;
     relay.stop().await;
 
-    check_effects(&effects, &expect).await;
+    check_effects(&t.effects, &expect).await;
     use outbox::StoreAdmin;
     assert!(
         store.dead_letters(10).await.unwrap().is_empty(),
         "an outage dead-letters nothing"
     );
-    let seen = read_stream(&reader, &stream, expect.len(), Duration::from_secs(30)).await;
+    let seen = read_stream(&t.reader, &t.stream, expect.len(), Duration::from_secs(30)).await;
     let wire_dups = check_delivery("nats", &seen, &expect);
     eprintln!(
         "{} committed, {} on the stream ({wire_dups} duplicates stored), {} redeliveries recognised by the inbox",
@@ -176,11 +173,9 @@ async fn two_consumers_dead_lettering_one_message_leave_a_dead_letter_each() {
 async fn a_re_send_with_the_same_id_is_stored_once_even_across_a_server_restart() {
     use outbox::Publisher;
     let server = Server::start().await;
-    let url = server.url();
-    let reader = client(&url).await;
-    let (topic, stream) = new_destination(&reader, "dedup").await;
-    let p = publisher(&url).await;
-    let row = stored(1, &topic, Some("k"), Some(1), b"once".to_vec());
+    let t = Setup::on(server.url(), "dedup").await;
+    let p = &t.publisher;
+    let row = stored(1, &t.topic, Some("k"), Some(1), b"once".to_vec());
     let first = p.publish(std::slice::from_ref(&row)).await.remove(0).unwrap();
     let again = p.publish(std::slice::from_ref(&row)).await.remove(0).unwrap();
     assert_eq!(
@@ -197,9 +192,9 @@ async fn a_re_send_with_the_same_id_is_stored_once_even_across_a_server_restart(
     })
     .await;
     assert_eq!(after.offset, first.offset);
-    let other = stored(2, &topic, Some("k"), Some(2), b"next".to_vec());
+    let other = stored(2, &t.topic, Some("k"), Some(2), b"next".to_vec());
     p.publish(std::slice::from_ref(&other)).await.remove(0).unwrap();
-    let seen = read_stream(&reader, &stream, 2, Duration::from_secs(10)).await;
+    let seen = read_stream(&t.reader, &t.stream, 2, Duration::from_secs(10)).await;
     let ids: Vec<_> = seen.iter().map(|r| r.id).collect();
     assert_eq!(ids, [row.id, other.id], "stored once, then the next message");
 }

@@ -14,16 +14,13 @@ use outbox_tests::publisher_suite::check_delivery;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
-    let url = shared_url();
-    let reader = client(&url).await;
-    let (topic, stream) = new_destination(&reader, "e2e").await;
+    let t = Setup::shared("e2e").await;
     let pool = outbox_tests::db::fresh_pg().await;
     let store = outbox::postgres::PgStore::new(pool.clone());
-    let effects = outbox_tests::effects::effects_db().await;
-    let relay = start(store.clone(), publisher(&url).await, test_config());
+    let relay = start(store.clone(), publisher(&t.url).await, test_config());
     let (consumer, stats) = run_consumer(
-        consumer_config(&url, &stream, "effects"),
-        effects.clone(),
+        t.consumer_config(),
+        t.effects.clone(),
         outbox_tests::effects::EffectRows,
     )
     .await;
@@ -31,7 +28,7 @@ async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
     // Three writers; some transactions roll back and must never show up anywhere.
     let mut writers = Vec::new();
     for w in 0..3 {
-        let (pool, topic) = (pool.clone(), topic.clone());
+        let (pool, topic) = (pool.clone(), t.topic.clone());
         writers.push(tokio::spawn(async move {
             let mut committed = HashSet::new();
             for b in 0..10 {
@@ -65,12 +62,12 @@ async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
     }
     assert_eq!(expect.len(), 603);
     drained(&store, Duration::from_secs(60)).await;
-    wait_effects(&effects, expect.len() as i64, Duration::from_secs(120)).await;
+    wait_effects(&t.effects, expect.len() as i64, Duration::from_secs(120)).await;
     consumer.stop().await;
     relay.stop().await;
 
-    check_effects(&effects, &expect).await;
-    let seen = read_stream(&reader, &stream, expect.len(), Duration::from_secs(10)).await;
+    check_effects(&t.effects, &expect).await;
+    let seen = read_stream(&t.reader, &t.stream, expect.len(), Duration::from_secs(10)).await;
     assert_eq!(
         check_delivery("nats", &seen, &expect),
         0,
@@ -82,8 +79,8 @@ async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
         .headers
         .iter()
         .any(|(k, v)| k == "Nats-Msg-Id" && *v == s.id.to_string()));
-    let subject = outbox_nats::subject_for("", &topic, Some("key.3")).unwrap();
-    assert_eq!(subject, format!("{topic}.~6b65792e33"));
+    let subject = outbox_nats::subject_for("", &t.topic, Some("key.3")).unwrap();
+    assert_eq!(subject, format!("{}.~6b65792e33", t.topic));
     assert_eq!(stats.processed.load(std::sync::atomic::Ordering::Relaxed), 603);
 }
 

@@ -230,7 +230,11 @@ pub struct Setup {
 impl Setup {
     /// A destination called `what-<uuid>` on the shared server.
     pub async fn shared(what: &str) -> Setup {
-        let url = shared_url();
+        Setup::on(shared_url(), what).await
+    }
+
+    /// A destination called `what-<uuid>` on the server at `url`.
+    pub async fn on(url: String, what: &str) -> Setup {
         let reader = client(&url).await;
         let (topic, stream) = new_destination(&reader, what).await;
         let effects = outbox_tests::effects::effects_db().await;
