@@ -62,6 +62,40 @@ fn terminate(mut relay: std::process::Child, cfg: std::path::PathBuf) {
     std::fs::remove_file(cfg).ok();
 }
 
+/// Runs the daemon with the config `text` and one environment variable over a fresh database of
+/// 60 messages for `topic` until nothing is pending and `count` (what the broker holds, named `what`
+/// in the failure; up to 60 s) has reached them, stops it with SIGTERM, and checks nothing was
+/// dead-lettered. Returns the database and the count, which a message sent twice would raise
+/// above 60.
+async fn relay_sixty<F, Fut>(
+    topic: &str,
+    text: &str,
+    env: (&str, &str),
+    what: &str,
+    mut count: F,
+) -> (sqlx::PgPool, u64)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let pool = sixty_messages(topic).await;
+    let (relay, cfg) = run_daemon(&pool, text, env);
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let n = loop {
+        let pending = store.status().await.unwrap().pending;
+        let n = count().await;
+        if pending == 0 && n >= 60 {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "pending {pending}, {what} {n} after 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    terminate(relay, cfg);
+    assert!(store.dead_letters(10).await.unwrap().is_empty());
+    (pool, n)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_section_publishes_to_jetstream() {
     let client = async_nats::connect(nats_url())
@@ -75,39 +109,20 @@ async fn a_nats_section_publishes_to_jetstream() {
         .await
         .unwrap();
 
-    let pool = sixty_messages(&topic).await;
-    let (relay, cfg) = run_daemon(
-        &pool,
-        "[nats]\nack_timeout_ms = 5000\n",
-        ("OUTBOX_NATS_URL", &nats_url()),
-    );
-
-    let store = outbox::postgres::PgStore::new(pool.clone());
     let js = async_nats::jetstream::new(client);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let stored = loop {
-        let pending = store.status().await.unwrap().pending;
-        let stored = js
-            .get_stream(&stream)
+    let config = "[nats]\nack_timeout_ms = 5000\n";
+    let (pool, stored) = relay_sixty(&topic, config, ("OUTBOX_NATS_URL", &nats_url()), "stored", || async {
+        js.get_stream(&stream)
             .await
             .unwrap()
             .info()
             .await
             .unwrap()
             .state
-            .messages;
-        if pending == 0 && stored >= 60 {
-            break stored;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pending {pending}, stored {stored} after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    terminate(relay, cfg);
+            .messages
+    })
+    .await;
     assert_eq!(stored, 60, "every row once on the stream (Nats-Msg-Id drops re-sends)");
-    assert!(store.dead_letters(10).await.unwrap().is_empty());
     // The stream the relay filled passes `verify`.
     let out = Command::new(BIN)
         .args(["--database-url", &db_url(&pool), "verify", "--topic", &topic, "--json"])
@@ -155,43 +170,28 @@ async fn a_rabbitmq_section_publishes_with_confirms() {
     };
     ch.queue_declare(&topic, durable, FieldTable::default()).await.unwrap();
 
-    let pool = sixty_messages(&topic).await;
-    let (relay, cfg) = run_daemon(
-        &pool,
-        "[rabbitmq]\nconfirm_timeout_ms = 5000\n",
-        ("OUTBOX_RABBITMQ_URL", &rabbitmq_url()),
-    );
-
-    let store = outbox::postgres::PgStore::new(pool.clone());
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let queued = loop {
-        let pending = store.status().await.unwrap().pending;
-        let queued = ch
-            .queue_declare(&topic, passive, FieldTable::default())
-            .await
-            .unwrap()
-            .message_count();
-        if pending == 0 && queued >= 60 {
-            break queued;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pending {pending}, queued {queued} after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    terminate(relay, cfg);
+    let config = "[rabbitmq]\nconfirm_timeout_ms = 5000\n";
+    let (_, queued) = relay_sixty(
+        &topic,
+        config,
+        ("OUTBOX_RABBITMQ_URL", &rabbitmq_url()),
+        "queued",
+        || async {
+            let declared = ch.queue_declare(&topic, passive, FieldTable::default()).await;
+            u64::from(declared.unwrap().message_count())
+        },
+    )
+    .await;
     let _ = ch.queue_delete(&topic, Default::default()).await;
     let _ = conn.close(200, "done").await;
     assert_eq!(
         queued, 60,
         "every row once in the queue, each confirmed before it was marked"
     );
-    assert!(store.dead_letters(10).await.unwrap().is_empty());
 }
 
 #[test]

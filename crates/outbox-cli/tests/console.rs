@@ -71,6 +71,19 @@ async fn text(c: &Client, css: &str) -> String {
         .unwrap()
 }
 
+/// The text of the element with id `id` once the page shows it (up to 30 s); `what` names it in
+/// the failure.
+async fn text_when_shown(c: &Client, id: &str, what: &str) -> String {
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::Id(id))
+        .await
+        .expect(what)
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Types `token` into the page's token field and clicks the row's Retry button.
 async fn retry_with(c: &Client, id: uuid::Uuid, token: &str) {
     let field = c.find(Locator::Id("token")).await.expect("token field");
@@ -161,13 +174,7 @@ token = "{TOKEN}"
 
     // A wrong token: refused, nothing changed.
     retry_with(&c, id, "not-the-token").await;
-    let msg_el = c
-        .wait()
-        .at_most(Duration::from_secs(30))
-        .for_element(Locator::Id("message"))
-        .await
-        .expect("the refusal page");
-    let refusal = msg_el.text().await.unwrap();
+    let refusal = text_when_shown(&c, "message", "the refusal page").await;
     assert!(
         refusal.contains("wrong") && refusal.contains("Nothing was changed"),
         "{refusal}"
@@ -190,13 +197,7 @@ token = "{TOKEN}"
     // The topic exists now; Retry with the token puts the message back, and the relay publishes it.
     create_topic(&bootstrap, &t, 1).await;
     retry_with(&c, id, TOKEN).await;
-    let notice = c
-        .wait()
-        .at_most(Duration::from_secs(30))
-        .for_element(Locator::Id("notice"))
-        .await
-        .expect("the notice after the redirect");
-    let notice = notice.text().await.unwrap();
+    let notice = text_when_shown(&c, "notice", "the notice after the redirect").await;
     assert!(
         notice.contains(&id.to_string()) && notice.contains("put back"),
         "{notice}"
