@@ -53,6 +53,14 @@ fn mock_topic(mock: &Mock, prefix: &str, partitions: i32) -> String {
     t
 }
 
+/// A one-broker mock cluster, its bootstrap address, and a topic on it.
+fn mock_with_topic(prefix: &str, partitions: i32) -> (Mock, String, String) {
+    let mock = MockCluster::new(1).unwrap();
+    let bootstrap = mock.bootstrap_servers();
+    let t = mock_topic(&mock, prefix, partitions);
+    (mock, bootstrap, t)
+}
+
 async fn commit(pool: &sqlx::PgPool, msgs: &[Message]) -> Vec<uuid::Uuid> {
     let mut tx = pool.begin().await.unwrap();
     outbox::enqueue_batch(&mut tx, msgs).await.unwrap();

@@ -8,37 +8,50 @@ use outbox::{Message, StoreAdmin};
 use outbox_tests::embedded::{self, drained, test_config, wait_for, Running};
 use outbox_tests::kafka::{check_delivery, read_all, read_until};
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::types::RDKafkaRespErr;
 
+/// A test's mock cluster (its bootstrap address), a topic on it and a fresh outbox database.
 struct Harness {
+    mock: MockCluster<'static, DefaultProducerContext>,
+    bootstrap: String,
     pool: sqlx::PgPool,
     store: outbox::postgres::PgStore,
     topic: String,
 }
 
-async fn harness(mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>, partitions: i32) -> Harness {
+/// A mock cluster of `brokers` with a topic of `partitions`, and a fresh outbox database.
+async fn harness(brokers: i32, partitions: i32) -> Harness {
+    let mock = MockCluster::new(brokers).unwrap();
+    let bootstrap = mock.bootstrap_servers();
     let topic = outbox_tests::kafka::topic("fault");
     mock.create_topic(&topic, partitions, 1).unwrap();
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
-    Harness { pool, store, topic }
-}
-
-impl Harness {
-    /// Drains the outbox (within 60 s), stops `relay`, and checks what reached the topic: every
-    /// message of `expect`, nothing else, each key's seqs in order.
-    async fn drain_and_check(&self, relay: Running, bootstrap: &str, expect: &HashSet<uuid::Uuid>) {
-        drained(&self.store, Duration::from_secs(60)).await;
-        relay.stop().await;
-        let seen = read_all(bootstrap, &self.topic, expect).await;
-        check_delivery(&seen, expect);
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    Harness {
+        mock,
+        bootstrap,
+        pool,
+        store,
+        topic,
     }
 }
 
-fn relay(store: outbox::postgres::PgStore, bootstrap: &str, extra: &[(&str, &str)]) -> Running {
-    let cfg = test_config().backoff_base(Duration::from_millis(100)).batch_size(100);
-    embedded::start(store, embedded::kafka(bootstrap, extra), cfg)
+impl Harness {
+    /// Starts a relay on the cluster, with `extra` producer settings.
+    fn relay(&self, extra: &[(&str, &str)]) -> Running {
+        let cfg = test_config().backoff_base(Duration::from_millis(100)).batch_size(100);
+        embedded::start(self.store.clone(), embedded::kafka(&self.bootstrap, extra), cfg)
+    }
+
+    /// Drains the outbox (within 60 s), stops `relay`, and checks what reached the topic: every
+    /// message of `expect`, nothing else, each key's seqs in order. Returns the duplicates.
+    async fn drain_and_check(&self, relay: Running, expect: &HashSet<uuid::Uuid>) -> usize {
+        drained(&self.store, Duration::from_secs(60)).await;
+        relay.stop().await;
+        let seen = read_all(&self.bootstrap, &self.topic, expect).await;
+        check_delivery(&seen, expect)
+    }
 }
 
 async fn enqueue(h: &Harness, n: usize, keys: usize, tag: &str) -> HashSet<uuid::Uuid> {
@@ -51,41 +64,33 @@ async fn enqueue(h: &Harness, n: usize, keys: usize, tag: &str) -> HashSet<uuid:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_down_longer_than_message_timeout_loses_nothing_and_keeps_order() {
-    let mock = MockCluster::new(1).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let h = harness(&mock, 4).await;
+    let h = harness(1, 4).await;
     // Deliveries time out after 3 s, so the outage makes the relay itself retry with backoff.
-    let relay = relay(h.store.clone(), &bootstrap, &[("message.timeout.ms", "3000")]);
+    let relay = h.relay(&[("message.timeout.ms", "3000")]);
     let mut expect = enqueue(&h, 500, 50, "a").await;
     drained(&h.store, Duration::from_secs(30)).await;
 
-    mock.broker_down(1).unwrap();
+    h.mock.broker_down(1).unwrap();
     for round in 0..5 {
         expect.extend(enqueue(&h, 200, 50, &format!("down{round}-")).await);
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let during = h.store.status().await.unwrap().pending;
     assert!(during > 0, "nothing can be published while the broker is down");
-    mock.broker_up(1).unwrap();
+    h.mock.broker_up(1).unwrap();
     expect.extend(enqueue(&h, 300, 50, "after").await);
-    drained(&h.store, Duration::from_secs(60)).await;
-    relay.stop().await;
+    let dups = h.drain_and_check(relay, &expect).await;
     assert!(
         h.store.dead_letters(10).await.unwrap().is_empty(),
         "an outage must not dead-letter"
     );
-
-    let seen = read_all(&bootstrap, &h.topic, &expect).await;
-    let dups = check_delivery(&seen, &expect);
     eprintln!("broker down 10 s: {} messages, {dups} duplicates", expect.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn produce_request_errors_and_latency_are_absorbed_in_order() {
-    let mock = MockCluster::new(1).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let h = harness(&mock, 2).await;
-    mock.request_errors(
+    let h = harness(1, 2).await;
+    h.mock.request_errors(
         RDKafkaApiKey::Produce,
         &[
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
@@ -94,34 +99,30 @@ async fn produce_request_errors_and_latency_are_absorbed_in_order() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         ],
     );
-    mock.broker_round_trip_time(1, Duration::from_millis(200)).unwrap();
-    let relay = relay(h.store.clone(), &bootstrap, &[]);
+    h.mock.broker_round_trip_time(1, Duration::from_millis(200)).unwrap();
+    let relay = h.relay(&[]);
     let expect = enqueue(&h, 1000, 20, "e").await;
-    h.drain_and_check(relay, &bootstrap, &expect).await;
+    h.drain_and_check(relay, &expect).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partition_leader_moves_mid_stream() {
-    let mock = MockCluster::new(3).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let h = harness(&mock, 3).await;
-    let relay = relay(h.store.clone(), &bootstrap, &[]);
+    let h = harness(3, 3).await;
+    let relay = h.relay(&[]);
     let mut expect = enqueue(&h, 300, 30, "a").await;
     for (i, leader) in [2, 3, 1].into_iter().enumerate() {
         for p in 0..3 {
-            mock.partition_leader(&h.topic, p, Some(leader)).unwrap();
+            h.mock.partition_leader(&h.topic, p, Some(leader)).unwrap();
         }
         expect.extend(enqueue(&h, 300, 30, &format!("m{i}-")).await);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    h.drain_and_check(relay, &bootstrap, &expect).await;
+    h.drain_and_check(relay, &expect).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
-    let mock = MockCluster::new(1).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let h = harness(&mock, 1).await;
+    let h = harness(1, 1).await;
     let mut tx = h.pool.begin().await.unwrap();
     let bad = Message::new("no-such-topic-anywhere", "x").key("parked-key");
     let behind = Message::new(h.topic.clone(), "behind").key("parked-key");
@@ -132,7 +133,7 @@ async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
     tx.commit().await.unwrap();
 
     let publisher = embedded::kafka(
-        &bootstrap,
+        &h.bootstrap,
         &[
             ("allow.auto.create.topics", "false"),
             ("topic.metadata.propagation.max.ms", "500"),
@@ -159,7 +160,7 @@ async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
     relay.stop().await;
     let expect = HashSet::from([behind.id(), other.id()]);
     let seen = read_until(
-        &bootstrap,
+        &h.bootstrap,
         &h.topic,
         &expect,
         Duration::from_secs(30),

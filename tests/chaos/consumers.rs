@@ -10,9 +10,8 @@ use outbox_inbox::Inbox;
 use outbox_kafka::{ConsumerConfig, ConsumerRunner};
 use outbox_tests::embedded::{drained, run_until_stopped, wait_for, Running};
 use outbox_tests::kafka::{broker, check_delivery, create_topic, read_all, read_until, topic};
-use rdkafka::mocking::MockCluster;
 
-use crate::{commit, config, keyed, mock_topic, small_store, start};
+use crate::{commit, config, keyed, mock_with_topic, small_store, start};
 
 async fn consumer_db() -> sqlx::PgPool {
     outbox_tests::effects::effects_db().await
@@ -146,9 +145,7 @@ async fn cleanup_loops_beside_relays_never_touch_pending_rows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deliveries_timing_out_after_the_broker_stored_them_are_resent_and_applied_once() {
-    let mock = MockCluster::new(1).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let t = mock_topic(&mock, "persisted", 4);
+    let (mock, bootstrap, t) = mock_with_topic("persisted", 4);
     let pool = outbox_tests::db::fresh_pg().await;
     let store = small_store(&pool).await;
     let cdb = consumer_db().await;

@@ -9,10 +9,9 @@ use outbox::{Message, StoreAdmin};
 use outbox_tests::db::scalar;
 use outbox_tests::embedded::drained;
 use outbox_tests::kafka::{check_delivery, read_all, read_until};
-use rdkafka::mocking::MockCluster;
 use tokio::sync::oneshot;
 
-use crate::{commit, config, keyed, mock_topic, small_store, start};
+use crate::{commit, config, keyed, mock_with_topic, small_store, start};
 
 /// Panics raised on purpose (message ending in "(on purpose)") are not printed; others are.
 fn quiet_deliberate_panics() {
@@ -37,9 +36,7 @@ struct Written {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rollback_panic_and_abort_inside_the_enqueueing_transaction_leak_nothing() {
-    let mock = MockCluster::new(1).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let t = mock_topic(&mock, "tx-panic", 4);
+    let (_mock, bootstrap, t) = mock_with_topic("tx-panic", 4);
     let pool = outbox_tests::db::fresh_pg().await;
     outbox_tests::db::exec(&pool, "CREATE TABLE orders (id UUID PRIMARY KEY)").await;
     let store = small_store(&pool).await;
@@ -175,9 +172,7 @@ async fn rollback_panic_and_abort_inside_the_enqueueing_transaction_leak_nothing
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn producer_queue_full_is_back_pressure_only() {
-    let mock = MockCluster::new(1).unwrap();
-    let bootstrap = mock.bootstrap_servers();
-    let t = mock_topic(&mock, "queue-full", 4);
+    let (mock, bootstrap, t) = mock_with_topic("queue-full", 4);
     // Slow acks keep the 50-message local queue full while 32 lanes push batches of 500.
     mock.broker_round_trip_time(1, Duration::from_millis(20)).unwrap();
     let pool = outbox_tests::db::fresh_pg().await;
