@@ -103,8 +103,7 @@ async fn sasl_scram_right_password_works_wrong_one_fails_fast_and_no_secret_is_l
 
     // Wrong password: the publish fails at once as "unavailable"; nothing is dead-lettered and no
     // attempt is counted.
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let expect = enqueue(&pool, &t, 200, "m").await;
     let wrong = KafkaPublisher::new(sasl(&bootstrap, "not-the-password")).unwrap();
     let relay = start(store.clone(), wrong, test_config().batch_size(50).max_attempts(2));
@@ -152,8 +151,7 @@ async fn tls_right_ca_delivers_wrong_ca_fails_fast() {
     let bootstrap = broker.ssl_bootstrap();
     let t = topic("tls");
     create_topic_with(&client_of(&tls(&bootstrap, &broker.ca())), &t, 2).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let expect = enqueue(&pool, &t, 200, "m").await;
 
     // A CA that did not sign the broker's certificate: the handshake fails and the publish returns
@@ -218,8 +216,7 @@ async fn a_topic_the_relay_may_not_write_is_dead_lettered_while_other_topics_flo
     let settings = sasl(&broker.sasl_bootstrap(), SCRAM_PASSWORD);
     wait_denied(&settings, &denied).await;
 
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let no = enqueue(&pool, &denied, 6, "d").await;
     let yes = enqueue(&pool, &allowed, 300, "a").await;
     let publisher = KafkaPublisher::new(settings.clone()).unwrap();

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox::{Delivered, Message, PublishError, Publisher, StoreAdmin, StoredMessage};
-use outbox_relay::ClaimAhead;
+use outbox_relay::{ClaimAhead, RelayConfig};
 use outbox_tests::embedded::{drained, start, test_config};
 
 #[path = "engine/pace.rs"]
@@ -178,8 +178,7 @@ async fn run(claim_ahead: ClaimAhead) {
 
 /// [`run`] with the messages spread over `topics` (a key's seqs run across all of them).
 async fn run_on(claim_ahead: ClaimAhead, topics: &[&str]) {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     // Keys "a".."e" share lanes with many others; 40 rows each, committed in 8 transactions.
     let keys = ["a", "b", "c", "d", "e"];
     let mut tx = pool.begin().await.unwrap();
@@ -241,8 +240,7 @@ async fn claiming_after_the_marks_keeps_the_same_order() {
 /// failures, and batches of one lane did overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelined_batches_never_hand_over_a_row_before_its_predecessor() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let keys: Vec<String> = (0..40).map(|k| format!("k{k}")).collect();
     let publisher = Scripted::slow(
         [("k1", 2, 1), ("k7", 5, 2), ("k20", 1, 1), ("k33", 9, 3), ("k38", 4, 1)],
@@ -309,20 +307,29 @@ impl Publisher for Concurrency {
     }
 }
 
-async fn most_busy(max_busy_lanes: Option<usize>) -> usize {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
-    // 2,000 rows over 200 keys: every lane has work for several batches.
-    let msgs: Vec<Message> = (0..2000)
-        .map(|i| Message::new("t", format!("{i}")).key(format!("k{}", i % 200)))
+/// Commits `rows` rows over `keys` keys to a fresh outbox, runs a relay with `cfg` on them until
+/// drained, publishing to a [`Concurrency`], and checks every row was published once. Returns the
+/// publisher and how long the relay took to drain.
+async fn drain_backlog(rows: usize, keys: usize, cfg: RelayConfig) -> (Arc<Concurrency>, Duration) {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let msgs: Vec<Message> = (0..rows)
+        .map(|i| Message::new("t", format!("{i}")).key(format!("k{}", i % keys)))
         .collect();
     outbox_tests::db::commit_batch(&pool, &msgs).await;
     let publisher = Arc::new(Concurrency::default());
-    let cfg = test_config().batch_size(10).max_busy_lanes(max_busy_lanes);
+    let started = std::time::Instant::now();
     let relay = start(store.clone(), publisher.clone(), cfg);
     drained(&store, Duration::from_secs(60)).await;
+    let took = started.elapsed();
     relay.stop().await;
-    assert_eq!(publisher.rows.load(Ordering::SeqCst), 2000, "every row published once");
+    assert_eq!(publisher.rows.load(Ordering::SeqCst), rows, "every row published once");
+    (publisher, took)
+}
+
+async fn most_busy(max_busy_lanes: Option<usize>) -> usize {
+    // 2,000 rows over 200 keys: every lane has work for several batches.
+    let cfg = test_config().batch_size(10).max_busy_lanes(max_busy_lanes);
+    let (publisher, _) = drain_backlog(2000, 200, cfg).await;
     publisher.most.load(Ordering::SeqCst)
 }
 
@@ -340,21 +347,9 @@ async fn max_busy_lanes_caps_the_batches_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_rate_paces_the_relay() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
-    let msgs: Vec<Message> = (0..1500)
-        .map(|i| Message::new("t", format!("{i}")).key(format!("k{}", i % 100)))
-        .collect();
-    outbox_tests::db::commit_batch(&pool, &msgs).await;
-    let publisher = Arc::new(Concurrency::default());
     // 500/s with a burst of one second: 1,500 messages cannot all be out in under 2 s. (Only a
     // lower bound: a slow machine makes it slower, never faster.)
-    let started = std::time::Instant::now();
-    let relay = start(store.clone(), publisher.clone(), test_config().max_rate(Some(500)));
-    drained(&store, Duration::from_secs(60)).await;
-    let took = started.elapsed();
-    relay.stop().await;
-    assert_eq!(publisher.rows.load(Ordering::SeqCst), 1500);
+    let (_, took) = drain_backlog(1500, 100, test_config().max_rate(Some(500))).await;
     assert!(
         took >= Duration::from_millis(1900),
         "1,500 messages at 500/s took only {took:?}"

@@ -21,8 +21,7 @@ async fn lease_rows_match_the_lane_count() {
 
 #[tokio::test]
 async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     // A relay holding every lane, idle: writers notify.
     let mut wake = listening_with_every_lane_idle(&store).await;
 
@@ -69,8 +68,7 @@ async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
 
 #[tokio::test]
 async fn notify_goes_only_to_idle_lanes() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let mut wake = store.wakeups().unwrap().listen().await.unwrap();
     let leases = store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap();
     let m = Message::new("t", "x").key("k");
@@ -96,8 +94,7 @@ async fn notify_goes_only_to_idle_lanes() {
 
 #[tokio::test]
 async fn notify_can_be_turned_off() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let mut wake = listening_with_every_lane_idle(&store).await;
     let quiet = outbox::Outbox::new().notify(false);
     let mut tx = pool.begin().await.unwrap();
@@ -113,8 +110,7 @@ async fn notify_can_be_turned_off() {
 
 #[tokio::test]
 async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
     let lane = commit_each(&pool, (0..4).map(|i| Message::new("t", format!("{i}")).key("k"))).await[0].lane;
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
@@ -175,8 +171,7 @@ async fn a_pool_with_jit_off_claims_in_one_statement_with_the_same_rows() {
 /// Writes rows of key `k` as (seq, created_at, available_at), both as milliseconds from the
 /// server's now(), then returns the seqs one claim of their lane takes.
 async fn claimed_seqs(rows: &[(i64, i64, i64)]) -> Vec<i64> {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
     let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
@@ -230,8 +225,7 @@ async fn a_row_skipped_for_its_delivery_time_always_holds_back_its_key() {
 /// query over the lingering lanes; when the linger ends the flag says idle and writers notify again.
 #[tokio::test]
 async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let mut notified = store.wakeups().unwrap().listen().await.unwrap();
     let kafka = outbox_tests::kafka::Cluster::shared();
     let topic = outbox_tests::kafka::topic("linger");
@@ -293,8 +287,7 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
 /// transaction ids handed out, which grow with every writing transaction at once.
 #[tokio::test]
 async fn the_probe_answers_the_databases_transaction_counts() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     outbox_tests::db::exec(&pool, "CREATE TABLE probed (x INT)").await;
     let before = store.probe().await.unwrap();
     let (finished, writes) = (before.finished.expect("finished"), before.writes.expect("writes"));

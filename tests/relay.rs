@@ -318,8 +318,7 @@ async fn a_row_held_back_behind_a_failed_one_of_its_key_counts_no_attempt() {
 /// A fresh database holding, committed in one transaction, a 50 kB message of key "poison" and
 /// then `rest`; and a Kafka publisher that refuses messages above 20 kB (a permanent failure).
 async fn poisoned(bootstrap: &str, t: &str, rest: &[Message]) -> (outbox::postgres::PgStore, Message, KafkaPublisher) {
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let big = Message::new(t, vec![b'x'; 50_000]).key("poison");
     let mut tx = pool.begin().await.unwrap();
     outbox::enqueue(&mut tx, &big).await.unwrap();

@@ -41,8 +41,7 @@ async fn the_consumer_span_continues_the_producer_trace() {
     let bootstrap = outbox_tests::kafka::broker();
     let t = outbox_tests::kafka::topic("trace");
     outbox_tests::kafka::create_topic(&bootstrap, &t, 1).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
 
     // The service's request span enqueues the message.
     let request = tracing::info_span!("place_order");

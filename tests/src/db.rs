@@ -99,6 +99,13 @@ pub async fn fresh_pg() -> PgPool {
     pool
 }
 
+/// [`fresh_pg`] and a store on it.
+pub async fn fresh_pg_store() -> (PgPool, outbox::postgres::PgStore) {
+    let pool = fresh_pg().await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    (pool, store)
+}
+
 /// Server URL for MySQL/MariaDB tests. Defaults to the machine's local MariaDB.
 pub fn mysql_url() -> String {
     std::env::var("OUTBOX_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into())

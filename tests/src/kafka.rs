@@ -50,8 +50,7 @@ impl PgTopic {
         let bootstrap = broker();
         let topic = topic(prefix);
         create_topic(&bootstrap, &topic, partitions).await;
-        let pool = crate::db::fresh_pg().await;
-        let store = outbox::postgres::PgStore::new(pool.clone());
+        let (pool, store) = crate::db::fresh_pg_store().await;
         PgTopic {
             bootstrap,
             topic,

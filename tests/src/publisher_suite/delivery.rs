@@ -51,8 +51,7 @@ pub fn check_delivery(name: &str, seen: &[Received], expect: &HashSet<Uuid>) -> 
 
 /// A fresh outbox database for one test.
 pub(super) async fn outbox_db() -> (sqlx::PgPool, outbox::postgres::PgStore) {
-    let pool = crate::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
+    let (pool, store) = crate::db::fresh_pg_store().await;
     (pool, store)
 }
 
