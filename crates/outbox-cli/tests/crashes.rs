@@ -19,21 +19,21 @@ use rand::{Rng, SeedableRng};
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
 /// Short leases, so a restarted relay takes the dead one's lanes over within seconds.
 const TTL_MS: u64 = 2000;
+/// Rows per batch of the relays these tests run (the crash-point tests use smaller batches).
+const BATCH: usize = 100;
 
 /// Relay processes allowed at once across this file's tests (each may hold up to 16 database
 /// connections, the server allows 100 in all): a test takes one permit per relay it runs.
 static RELAYS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(5);
-
-async fn relays(n: u32) -> tokio::sync::SemaphorePermit<'static> {
-    RELAYS.acquire_many(n).await.unwrap()
-}
 
 #[path = "crashes/database.rs"]
 mod database;
 #[path = "crashes/restart.rs"]
 mod restart;
 
+/// One test's topic and database, and its permits for the relays it runs.
 struct Setup {
+    _permit: tokio::sync::SemaphorePermit<'static>,
     bootstrap: String,
     topic: String,
     pool: sqlx::PgPool,
@@ -41,10 +41,14 @@ struct Setup {
     url: String,
 }
 
-async fn setup(prefix: &str, partitions: i32) -> Setup {
+/// Waits for permits for `relays` relay processes, then makes a topic of `partitions` partitions
+/// called `prefix-…` and a fresh database.
+async fn setup(prefix: &str, partitions: i32, relays: u32) -> Setup {
+    let permit = RELAYS.acquire_many(relays).await.unwrap();
     let (bootstrap, topic, pool, store) = PgTopic::new(prefix, partitions).await.into_parts();
     let url = db_url(&pool);
     Setup {
+        _permit: permit,
         bootstrap,
         topic,
         pool,
@@ -58,15 +62,21 @@ impl Setup {
         RelayArgs::new(BIN, &self.url, &self.bootstrap, batch).lease_ttl_ms(TTL_MS)
     }
 
+    /// Enqueues `n` messages on the topic over `keys` keys ([`enqueue_all`]); returns their ids.
+    async fn enqueue(&self, n: usize, keys: usize) -> HashSet<uuid::Uuid> {
+        enqueue_all(&self.pool, &self.topic, n, keys).await
+    }
+
     /// Reads the topic until every id arrived and checks delivery; returns the duplicates.
     async fn check(&self, ids: &HashSet<uuid::Uuid>) -> usize {
         let seen = read_all(&self.bootstrap, &self.topic, ids).await;
         check_delivery(&seen, ids)
     }
 
-    /// [`Setup::check`], and at most one batch per lane sent twice (a relay that stopped between
-    /// its publish and its mark); returns the duplicates.
+    /// Nothing dead-lettered, [`Setup::check`], and at most one batch per lane sent twice (a relay
+    /// that stopped between its publish and its mark); returns the duplicates.
     async fn check_within_a_batch_per_lane(&self, ids: &HashSet<uuid::Uuid>, batch: usize) -> usize {
+        self.assert_no_dead_letters().await;
         let dups = self.check(ids).await;
         let bound = batch * LANES as usize;
         assert!(dups <= bound, "{dups} duplicates exceed one batch per lane ({bound})");
@@ -91,15 +101,13 @@ async fn lanes_of(store: &dyn Store, pid: u32) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_paused_past_its_lease_cannot_mark_after_another_took_over() {
-    let _permit = relays(2).await;
-    let s = setup("paused", 4).await;
-    let batch = 100;
-    let ids = enqueue_all(&s.pool, &s.topic, 20_000, 200).await;
-    let mut a = s.relay(batch).spawn();
+    let s = setup("paused", 4, 2).await;
+    let ids = s.enqueue(20_000, 200).await;
+    let mut a = s.relay(BATCH).spawn();
     wait_pending_below(&s.store, 19_000, Duration::from_secs(60)).await;
     // Frozen mid-drain: batches claimed and produced, not marked.
     a.signal("-STOP");
-    let mut b = s.relay(batch).spawn();
+    let mut b = s.relay(BATCH).spawn();
     // A's heartbeat and leases expire; B takes every lane (each with a new epoch).
     until("B took every lane over", Duration::from_secs(30), || async {
         match lanes_of(&s.store, b.pid()).await {
@@ -122,9 +130,8 @@ async fn relay_paused_past_its_lease_cannot_mark_after_another_took_over() {
     for r in [&mut a, &mut b] {
         r.terminate();
     }
-    s.assert_no_dead_letters().await;
     // A's published-but-unmarked batches (one per lane) are re-sent by B: one copy more each.
-    let dups = s.check_within_a_batch_per_lane(&ids, batch).await;
+    let dups = s.check_within_a_batch_per_lane(&ids, BATCH).await;
     eprintln!(
         "paused relay: {} stale marks refused, {} lanes stopped on renewal, {dups} duplicates",
         a.count("another relay owns the lane now"),
@@ -134,9 +141,7 @@ async fn relay_paused_past_its_lease_cannot_mark_after_another_took_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_relays_killed_and_restarted_at_random_on_a_hot_key() {
-    let _permit = relays(4).await;
-    let s = setup("four", 8).await;
-    let batch = 100;
+    let s = setup("four", 8, 4).await;
     // At most the share of three relays each (ceil(32 / 3)): survivors can still take every lane of
     // a dead one, and none grabs (and keeps connections for) all 32 lanes at start.
     let cfg = std::env::temp_dir().join(format!("relay-four-{}.toml", uuid::Uuid::new_v4().simple()));
@@ -149,7 +154,7 @@ async fn four_relays_killed_and_restarted_at_random_on_a_hot_key() {
     eprintln!("four relays: seed {seed} (OUTBOX_TEST_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut relays: Vec<_> = (0..4)
-        .map(|_| s.relay(batch).args(cfg_arg.clone()).log("warn").spawn())
+        .map(|_| s.relay(BATCH).args(cfg_arg.clone()).log("warn").spawn())
         .collect();
 
     // 10,000 committed messages: 50 keys plus one hot key with 40% of them; rolled-back ones too.
@@ -195,7 +200,7 @@ async fn four_relays_killed_and_restarted_at_random_on_a_hot_key() {
         if rng.gen_bool(0.5) {
             tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1500))).await;
         }
-        relays[i] = s.relay(batch).args(cfg_arg.clone()).log("warn").spawn();
+        relays[i] = s.relay(BATCH).args(cfg_arg.clone()).log("warn").spawn();
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "still killing after two minutes"
@@ -210,7 +215,7 @@ async fn four_relays_killed_and_restarted_at_random_on_a_hot_key() {
     std::fs::remove_file(cfg).ok();
     s.assert_no_dead_letters().await;
     let dups = s.check(&ids).await;
-    let bound = kills * batch * LANES as usize;
+    let bound = kills * BATCH * LANES as usize;
     assert!(
         dups <= bound,
         "{dups} duplicates exceed one batch per lane per kill ({bound})"

@@ -5,12 +5,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use outbox::{StoreAdmin, LANES};
-use outbox_tests::daemon::{enqueue_all, pending, wait_pending_below, RelayArgs};
+use outbox_tests::daemon::{pending, wait_pending_below, RelayArgs, RelayProcess};
 use outbox_tests::proxy::DbProxy;
 use outbox_tests::wait::until;
 use rand::Rng;
 
-use super::{relays, setup, BIN, TTL_MS};
+use super::{setup, Setup, BATCH, BIN, TTL_MS};
 
 /// A pool on the same database whose connections the connection killer spares.
 async fn observer(pool: &sqlx::PgPool) -> sqlx::PgPool {
@@ -24,16 +24,31 @@ async fn observer(pool: &sqlx::PgPool) -> sqlx::PgPool {
         .unwrap()
 }
 
+/// A proxy in front of the test's database, and the URL that reaches the database through it.
+async fn behind_proxy(s: &Setup) -> (DbProxy, String) {
+    let proxy = DbProxy::start().await;
+    let db = s.pool.connect_options().get_database().unwrap().to_owned();
+    let url = format!("postgres://postgres@127.0.0.1:{}/{db}", proxy.port);
+    (proxy, url)
+}
+
+/// Waits `how_long`, failing the test if the relay exits meanwhile (`when` says in what state).
+async fn stays_up(relay: &mut RelayProcess, how_long: Duration, when: &str) {
+    let start = Instant::now();
+    while start.elapsed() < how_long {
+        assert!(relay.running(), "the relay died {when}:\n{}", relay.tail(20));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_connections_killed_while_draining_lose_nothing() {
-    let _permit = relays(1).await;
-    let s = setup("pgkill", 4).await;
-    let batch = 100;
-    let mut ids = enqueue_all(&s.pool, &s.topic, 10_000, 100).await;
+    let s = setup("pgkill", 4, 1).await;
+    let mut ids = s.enqueue(10_000, 100).await;
     let obs = observer(&s.pool).await;
     let store = outbox::postgres::PgStore::new(obs.clone());
     let db = s.pool.connect_options().get_database().unwrap().to_owned();
-    let mut relay = s.relay(batch).spawn();
+    let mut relay = s.relay(BATCH).spawn();
     let mut rng = rand::thread_rng();
     let (mut killed, mut rounds, mut refills) = (0i64, 0, 0);
     let mut rounds_of_this_backlog = 0;
@@ -69,7 +84,7 @@ async fn database_connections_killed_while_draining_lose_nothing() {
         }
         refills += 1;
         rounds_of_this_backlog = 0;
-        ids.extend(enqueue_all(&s.pool, &s.topic, 10_000, 100).await);
+        ids.extend(s.enqueue(10_000, 100).await);
     }
     wait_pending_below(&store, 1, Duration::from_secs(90)).await;
     relay.terminate();
@@ -81,7 +96,7 @@ async fn database_connections_killed_while_draining_lose_nothing() {
     );
     let dups = s.check(&ids).await;
     // Only a lost lease (lease upkeep failing for longer than the TTL) re-sends a batch per lane.
-    let bound = batch * LANES as usize * (1 + upkeep);
+    let bound = BATCH * LANES as usize * (1 + upkeep);
     assert!(
         dups <= bound,
         "{dups} duplicates exceed one batch per lane per failed lease round ({bound})"
@@ -94,20 +109,14 @@ async fn database_connections_killed_while_draining_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
-    let _permit = relays(1).await;
-    let s = setup("lock", 4).await;
-    let batch = 100;
-    let ids = enqueue_all(&s.pool, &s.topic, 8000, 100).await;
-    let mut relay = s.relay(batch).spawn();
+    let s = setup("lock", 4, 1).await;
+    let ids = s.enqueue(8000, 100).await;
+    let mut relay = s.relay(BATCH).spawn();
     wait_pending_below(&s.store, 7800, Duration::from_secs(60)).await;
     // Longer than the daemon's lock_timeout (10 s): claims and marks in flight time out and retry.
     let mut tx = s.pool.begin().await.unwrap();
     outbox_tests::db::exec(&mut *tx, "LOCK TABLE outbox_messages IN ACCESS EXCLUSIVE MODE").await;
-    let locked = Instant::now();
-    while locked.elapsed() < Duration::from_secs(12) {
-        assert!(relay.running(), "the relay died under the lock:\n{}", relay.tail(20));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stays_up(&mut relay, Duration::from_secs(12), "under the lock").await;
     let during_lock = relay.count("lock timeout");
     tx.rollback().await.unwrap();
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
@@ -117,8 +126,7 @@ async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
         "no statement hit the lock timeout:\n{}",
         relay.tail(30)
     );
-    s.assert_no_dead_letters().await;
-    let dups = s.check_within_a_batch_per_lane(&ids, batch).await;
+    let dups = s.check_within_a_batch_per_lane(&ids, BATCH).await;
     eprintln!(
         "table lock 12 s: {during_lock} lock timeouts ({} failed claims, {} failed marks), {dups} duplicates",
         relay.count("claim failed"),
@@ -171,30 +179,21 @@ async fn unreachable_database_status_fails_run_retries_and_sigterm_exits_zero() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_longer_than_the_lease_then_back_loses_nothing() {
-    let _permit = relays(1).await;
-    let s = setup("outage", 4).await;
-    let proxy = DbProxy::start().await;
-    let db = s.pool.connect_options().get_database().unwrap().to_owned();
-    let url = format!("postgres://postgres@127.0.0.1:{}/{db}", proxy.port);
-    let batch = 100;
-    let ids = enqueue_all(&s.pool, &s.topic, 5000, 100).await;
-    let mut relay = RelayArgs::new(BIN, &url, &s.bootstrap, batch)
+    let s = setup("outage", 4, 1).await;
+    let (proxy, url) = behind_proxy(&s).await;
+    let ids = s.enqueue(5000, 100).await;
+    let mut relay = RelayArgs::new(BIN, &url, &s.bootstrap, BATCH)
         .lease_ttl_ms(TTL_MS)
         .spawn();
     wait_pending_below(&s.store, 4800, Duration::from_secs(60)).await;
     // Refused connections for longer than the lease and the 10 s connect timeout: the relay drops
     // its lanes, keeps retrying, and takes them back (new epochs) once the database answers again.
     proxy.cut();
-    let cut = Instant::now();
-    while cut.elapsed() < Duration::from_secs(12) {
-        assert!(relay.running(), "the relay died during the outage:\n{}", relay.tail(20));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stays_up(&mut relay, Duration::from_secs(12), "during the outage").await;
     proxy.restore().await;
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
     relay.terminate();
-    s.assert_no_dead_letters().await;
-    let dups = s.check_within_a_batch_per_lane(&ids, batch).await;
+    let dups = s.check_within_a_batch_per_lane(&ids, BATCH).await;
     eprintln!(
         "database outage 12 s: {} failed lease rounds, {dups} duplicates",
         relay.count("lease maintenance failed")
@@ -203,17 +202,13 @@ async fn database_outage_longer_than_the_lease_then_back_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_database_outage_exits_within_the_grace_period() {
-    let _permit = relays(1).await;
-    let s = setup("outage-term", 4).await;
-    let proxy = DbProxy::start().await;
-    let db = s.pool.connect_options().get_database().unwrap().to_owned();
-    let url = format!("postgres://postgres@127.0.0.1:{}/{db}", proxy.port);
-    let batch = 100;
-    let mut ids = enqueue_all(&s.pool, &s.topic, 2000, 100).await;
+    let s = setup("outage-term", 4, 1).await;
+    let (proxy, url) = behind_proxy(&s).await;
+    let mut ids = s.enqueue(2000, 100).await;
     // Leases long enough that the relay still holds its 32 lanes when SIGTERM comes; 15 s grace.
     let cfg = std::env::temp_dir().join(format!("relay-term-{}.toml", uuid::Uuid::new_v4().simple()));
     std::fs::write(&cfg, "[relay]\nshutdown_grace_ms = 15000\n").unwrap();
-    let args = RelayArgs::new(BIN, &url, &s.bootstrap, batch)
+    let args = RelayArgs::new(BIN, &url, &s.bootstrap, BATCH)
         .lease_ttl_ms(15_000)
         .args(["--config".to_owned(), cfg.display().to_string()]);
     let mut relay = args.spawn();
@@ -234,12 +229,11 @@ async fn sigterm_during_a_database_outage_exits_within_the_grace_period() {
     );
     // The database is back: a new relay takes the lanes once the leases expired, nothing lost.
     proxy.restore().await;
-    ids.extend(enqueue_all(&s.pool, &s.topic, 1000, 100).await);
+    ids.extend(s.enqueue(1000, 100).await);
     let mut relay = args.spawn();
     wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
     relay.terminate();
     std::fs::remove_file(cfg).ok();
-    s.assert_no_dead_letters().await;
-    let dups = s.check_within_a_batch_per_lane(&ids, batch).await;
+    let dups = s.check_within_a_batch_per_lane(&ids, BATCH).await;
     eprintln!("SIGTERM during a database outage: exit 0 after {took:.1?}; {dups} duplicates");
 }
