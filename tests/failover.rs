@@ -46,110 +46,116 @@ fn relay(store: &outbox::postgres::PgStore, cluster: &Cluster, extra: &[(&str, &
     start(store.clone(), KafkaPublisher::new(settings).unwrap(), cfg)
 }
 
-/// Drains, stops the relay, and checks with an independent reader: all arrived, in order per key,
-/// no dead letter, duplicates within one batch per lane. Returns the duplicates.
-async fn settle(
-    store: &outbox::postgres::PgStore,
-    cluster: &Cluster,
-    relay: Running,
-    t: &str,
-    ids: &HashSet<uuid::Uuid>,
-) -> usize {
-    drained(store, Duration::from_secs(180)).await;
-    relay.stop().await;
-    assert!(
-        store.dead_letters(10).await.unwrap().is_empty(),
-        "nothing is dead-lettered"
-    );
-    let seen = read_until(
-        &cluster.bootstrap(),
-        t,
-        ids,
-        Duration::from_secs(90),
-        Duration::from_millis(500),
-    )
-    .await;
-    let dups = check_delivery(&seen, ids);
-    assert!(dups <= BATCH * LANES as usize, "{dups} duplicates");
-    dups
+/// A test's cluster, a topic on it, and a fresh outbox database; `txs` transactions of writers.
+struct Run {
+    cluster: Cluster,
+    t: String,
+    store: outbox::postgres::PgStore,
+    txs: usize,
 }
 
-/// A cluster of `nodes`, a topic on it with `partitions` partitions, and a fresh outbox database.
-async fn setup(nodes: u16, name: &str, partitions: i32) -> (Cluster, String, sqlx::PgPool, outbox::postgres::PgStore) {
-    let cluster = Cluster::start(nodes);
-    let t = topic(name);
-    create_topic(&cluster.bootstrap(), &t, partitions).await;
-    let pool = outbox_tests::db::fresh_pg().await;
-    let store = outbox::postgres::PgStore::new(pool.clone());
-    (cluster, t, pool, store)
+impl Run {
+    /// A cluster of `nodes`, a topic on it with `partitions` partitions, and a fresh outbox database
+    /// with a relay on the cluster (`extra` producer settings, `cfg`) and writers committing `txs`
+    /// transactions, one every `every`. Returns 3 s into the writing, with the relay and the writers.
+    async fn start(
+        nodes: u16,
+        name: &str,
+        partitions: i32,
+        extra: &[(&str, &str)],
+        cfg: RelayConfig,
+        txs: usize,
+        every: Duration,
+    ) -> (Run, Running, JoinHandle<HashSet<uuid::Uuid>>) {
+        let cluster = Cluster::start(nodes);
+        let t = topic(name);
+        create_topic(&cluster.bootstrap(), &t, partitions).await;
+        let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+        let relay = relay(&store, &cluster, extra, cfg);
+        let writing = writers(pool, t.clone(), txs, every);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let run = Run { cluster, t, store, txs };
+        (run, relay, writing)
+    }
+
+    /// Waits for the writers (every transaction committed), drains, stops the relay, and checks with
+    /// an independent reader: all arrived, in order per key, no dead letter, duplicates within one
+    /// batch per lane. Returns the ids committed and the duplicates.
+    async fn settle(&self, relay: Running, writing: JoinHandle<HashSet<uuid::Uuid>>) -> (HashSet<uuid::Uuid>, usize) {
+        let ids = writing.await.unwrap();
+        assert_eq!(ids.len(), self.txs * 10);
+        drained(&self.store, Duration::from_secs(180)).await;
+        relay.stop().await;
+        assert!(
+            self.store.dead_letters(10).await.unwrap().is_empty(),
+            "nothing is dead-lettered"
+        );
+        let seen = read_until(
+            &self.cluster.bootstrap(),
+            &self.t,
+            &ids,
+            Duration::from_secs(90),
+            Duration::from_millis(500),
+        )
+        .await;
+        let dups = check_delivery(&seen, &ids);
+        assert!(dups <= BATCH * LANES as usize, "{dups} duplicates");
+        (ids, dups)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_killed_and_restarted_on_its_log_dirs_loses_nothing() {
-    let (cluster, t, pool, store) = setup(1, "broker-restart", 4).await;
-    let relay = relay(&store, &cluster, &[], config());
-    let writing = writers(pool.clone(), t.clone(), 400, Duration::from_millis(25));
-
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    cluster.kill(1);
+    let (run, relay, writing) = Run::start(1, "broker-restart", 4, &[], config(), 400, Duration::from_millis(25)).await;
+    run.cluster.kill(1);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    cluster.restart(1);
-    let ids = writing.await.unwrap();
-    assert_eq!(ids.len(), 4000);
-    let dups = settle(&store, &cluster, relay, &t, &ids).await;
+    run.cluster.restart(1);
+    let (ids, dups) = run.settle(relay, writing).await;
     eprintln!("broker restart: {} delivered, {dups} duplicates", ids.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_of_the_busiest_partitions_killed_mid_stream_loses_nothing() {
-    let (cluster, t, pool, store) = setup(3, "failover", 6).await;
-    let relay = relay(&store, &cluster, &[], config());
-    let writing = writers(pool.clone(), t.clone(), 600, Duration::from_millis(25));
-
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let leader = cluster.busiest_leader(&t);
-    cluster.kill(leader);
+    let (run, relay, writing) = Run::start(3, "failover", 6, &[], config(), 600, Duration::from_millis(25)).await;
+    let leader = run.cluster.busiest_leader(&run.t);
+    run.cluster.kill(leader);
     // Past the broker session timeout (9 s): the controller fences it and moves its leaderships.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    cluster.restart(leader);
-    let ids = writing.await.unwrap();
-    assert_eq!(ids.len(), 6000);
-    let dups = settle(&store, &cluster, relay, &t, &ids).await;
+    run.cluster.restart(leader);
+    let (ids, dups) = run.settle(relay, writing).await;
     eprintln!("leader {leader} killed: {} delivered, {dups} duplicates", ids.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_of_three_brokers_down_past_the_message_timeout_dead_letters_nothing() {
-    let (cluster, t, pool, store) = setup(3, "min-isr", 6).await;
     // A short delivery timeout and few attempts: an outage counted as attempts would dead-letter
     // every key's head within the outage.
-    let relay = relay(
-        &store,
-        &cluster,
+    let (run, relay, writing) = Run::start(
+        3,
+        "min-isr",
+        6,
         &[("message.timeout.ms", "5000")],
         config().max_attempts(2),
-    );
-    let writing = writers(pool.clone(), t.clone(), 500, Duration::from_millis(50));
-
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    cluster.kill(2);
-    cluster.kill(3);
+        500,
+        Duration::from_millis(50),
+    )
+    .await;
+    run.cluster.kill(2);
+    run.cluster.kill(3);
     // Four message timeouts with one broker of three: no partition has min.insync.replicas.
     tokio::time::sleep(Duration::from_secs(20)).await;
-    let stuck = store.status().await.unwrap().pending;
+    let stuck = run.store.status().await.unwrap().pending;
     assert!(
         stuck > 0,
         "writes kept committing while the cluster could not take them"
     );
     assert!(
-        store.dead_letters(10).await.unwrap().is_empty(),
+        run.store.dead_letters(10).await.unwrap().is_empty(),
         "an outage below min.insync.replicas dead-letters nothing"
     );
-    cluster.restart(2);
-    let ids = writing.await.unwrap();
-    assert_eq!(ids.len(), 5000);
-    let dups = settle(&store, &cluster, relay, &t, &ids).await;
-    cluster.restart(3);
+    run.cluster.restart(2);
+    let (ids, dups) = run.settle(relay, writing).await;
+    run.cluster.restart(3);
     eprintln!(
         "below min ISR for 20 s: {stuck} pending during, {} delivered, {dups} duplicates",
         ids.len()
