@@ -209,7 +209,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         }
     }
     let rate = |v: &[Drained]| v.iter().map(Drained::rate).collect::<Vec<f64>>();
-    let sql_row = Row::new("SQL-only drain (claim + delete, no broker)", "msg/s", rate(&sql));
+    let sql_row = Row::rate("SQL-only drain (claim + delete, no broker)", rate(&sql));
     let mut rows = vec![sql_row.clone()];
     let clients = [
         "rdkafka producer, acks=all, idempotence, linger 5 ms; flushed at the end".to_owned(),
@@ -217,8 +217,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         format!("async-nats JetStream publish with Nats-Msg-Id; {WINDOW} acks outstanding at most"),
     ];
     for (b, name) in names.iter().enumerate() {
-        let raw_row = Row::new(format!("raw client on {name} ({})", clients[b]), "msg/s", rate(&raw[b]));
-        let relay_row = Row::new(format!("relay drain on {name}"), "msg/s", rate(&relay[b]));
+        let raw_row = Row::rate(format!("raw client on {name} ({})", clients[b]), rate(&raw[b]));
+        let relay_row = Row::rate(format!("relay drain on {name}"), rate(&relay[b]));
         rows.push(relay_row.clone().vs(&sql_row).note("relay / SQL-only, same round"));
         rows.push(relay_row.vs(&raw_row).note("relay / raw client, same round"));
         rows.push(raw_row);

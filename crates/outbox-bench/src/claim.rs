@@ -38,20 +38,12 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     }
     let rate = |v: &[Drained]| v.iter().map(Drained::rate).collect::<Vec<f64>>();
     let claim_us = |v: &[Drained]| v.iter().map(|d| d.phases_us.0).collect::<Vec<f64>>();
-    let tx_row = Row::new(
-        "SQL-only drain, claim in its own transaction (default pool)",
-        "msg/s",
-        rate(&tx),
-    );
+    let tx_row = Row::rate("SQL-only drain, claim in its own transaction (default pool)", rate(&tx));
     let tx_claim = Row::new("claim time per message, own transaction", "us", claim_us(&tx));
     let rows = vec![
-        Row::new(
-            "SQL-only drain, claim as one statement (pool with jit=off)",
-            "msg/s",
-            rate(&one),
-        )
-        .vs(&tx_row)
-        .note("one statement / transaction, same round"),
+        Row::rate("SQL-only drain, claim as one statement (pool with jit=off)", rate(&one))
+            .vs(&tx_row)
+            .note("one statement / transaction, same round"),
         tx_row,
         Row::new("claim time per message, one statement", "us", claim_us(&one))
             .vs(&tx_claim)

@@ -136,24 +136,21 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             }
         }
         let kind = if keyed { "keyed" } else { "unkeyed" };
-        let plain = Row::new(
+        let plain = Row::rate(
             format!("{kind}: plain consumption (handler tx per message, no dedup)"),
-            "msg/s",
             rates[0].clone(),
         );
         rows.push(plain.clone());
         rows.push(
-            Row::new(
+            Row::rate(
                 format!("{kind}: inbox-deduplicated consumption (Inbox::process)"),
-                "msg/s",
                 rates[1].clone(),
             )
             .vs(&plain)
             .target(Target::AtLeast(0.8)),
         );
-        rows.push(Row::new(
+        rows.push(Row::rate(
             format!("{kind}: read only, no database (context)"),
-            "msg/s",
             rates[2].clone(),
         ));
         crate::common::delete_topic(env, &bootstrap, &topic).await;

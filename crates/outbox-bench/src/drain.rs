@@ -134,9 +134,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     }
 
     let rate = |v: &[Drained]| v.iter().map(Drained::rate).collect::<Vec<f64>>();
-    let sql_row = Row::new(
+    let sql_row = Row::rate(
         format!("SQL-only drain, keyed ({n}-row backlog, claim + delete via PgStore, no broker)"),
-        "msg/s",
         rate(&sql),
     )
     .extra(
@@ -148,17 +147,15 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     .extra("mark_us_per_msg", med(&sql, |d| d.phases_us.2));
     let mut rows = vec![sql_row.clone()];
     for (b, (name, _)) in brokers.iter().enumerate() {
-        let naive_row = Row::new(
+        let naive_row = Row::rate(
             format!(
                 "naive relay on {name} (1 row: claim, send, wait, delete; {naive_n}-row backlog, <= {}s)",
                 naive_limit.as_secs()
             ),
-            "msg/s",
             rate(&naive[b]),
         );
-        let raw_row = Row::new(
+        let raw_row = Row::rate(
             format!("raw rdkafka producer on {name} ({n} msgs from memory)"),
-            "msg/s",
             rate(&raw[b]),
         )
         .extra("bench_cpu_us_per_msg", med(&raw[b], Drained::cpu_us_per_msg))
@@ -171,9 +168,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         } else {
             "relay_cpu_us_per_msg"
         };
-        let relay_row = Row::new(
+        let relay_row = Row::rate(
             format!("relay drain on {name}, keyed, claim_ahead = auto ({n}-row backlog)"),
-            "msg/s",
             rate(&relay[b]),
         )
         .extra(cpu_label, med(&relay[b], Drained::cpu_us_per_msg))
@@ -198,23 +194,15 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 .note("vs SQL-only, keyed, same round"),
         );
         rows.push(
-            Row::new(
-                format!("relay drain on {name} vs naive relay"),
-                "msg/s",
-                rate(&relay[b]),
-            )
-            .vs(&naive_row)
-            .target(Target::AtLeast(20.0)),
+            Row::rate(format!("relay drain on {name} vs naive relay"), rate(&relay[b]))
+                .vs(&naive_row)
+                .target(Target::AtLeast(20.0)),
         );
         let mode_row = |mode: &str, v: &[Drained]| {
-            Row::new(
-                format!("relay drain on {name}, keyed, claim_ahead = {mode}"),
-                "msg/s",
-                rate(v),
-            )
-            .extra("claim_us_per_msg", med(v, |d| d.phases_us.0))
-            .extra("publish_us_per_msg", med(v, |d| d.phases_us.1))
-            .extra("mark_us_per_msg", med(v, |d| d.phases_us.2))
+            Row::rate(format!("relay drain on {name}, keyed, claim_ahead = {mode}"), rate(v))
+                .extra("claim_us_per_msg", med(v, |d| d.phases_us.0))
+                .extra("publish_us_per_msg", med(v, |d| d.phases_us.1))
+                .extra("mark_us_per_msg", med(v, |d| d.phases_us.2))
         };
         let never_row = mode_row("never", &relay_never[b]);
         let always_row = mode_row("always", &relay_always[b]);
@@ -234,16 +222,14 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         );
         rows.push(never_row);
         if !relay_linger0[b].is_empty() {
-            let linger0 = Row::new(
+            let linger0 = Row::rate(
                 format!("relay drain on {name}, keyed, defaults but linger.ms=0"),
-                "msg/s",
                 rate(&relay_linger0[b]),
             )
             .extra("publish_us_per_msg", med(&relay_linger0[b], |d| d.phases_us.1))
             .extra("avg_batch", med(&relay_linger0[b], |d| d.avg_batch));
-            let defaults = Row::new(
+            let defaults = Row::rate(
                 format!("relay drain on {name}, keyed, claim_ahead = never"),
-                "msg/s",
                 rate(&relay_never[b]),
             );
             rows.push(
@@ -258,21 +244,19 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         rows.push(raw_row);
         rows.push(naive_row);
     }
-    let never = Row::new(
+    let never = Row::rate(
         format!(
             "simulated remote broker ({} ms round trip per batch), {remote_n}-row backlog, claim_ahead = never",
             REMOTE_RTT.as_millis()
         ),
-        "msg/s",
         rate(&remote[1]),
     );
     rows.push(
-        Row::new(
+        Row::rate(
             format!(
                 "simulated remote broker ({} ms round trip per batch), claim_ahead = auto",
                 REMOTE_RTT.as_millis()
             ),
-            "msg/s",
             rate(&remote[0]),
         )
         .vs(&never)

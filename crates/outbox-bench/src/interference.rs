@@ -53,18 +53,16 @@ async fn drain_alone(env: &Env, rounds: usize, bootstrap: &str) -> anyhow::Resul
         }
     }
     crate::common::delete_topic(env, bootstrap, &topic).await;
-    let sql = Row::new(format!("SQL-only drain, {n}-row backlog"), "msg/s", rates[0].clone());
+    let sql = Row::rate(format!("SQL-only drain, {n}-row backlog"), rates[0].clone());
     Ok(vec![
         sql.clone(),
-        Row::new(
+        Row::rate(
             format!("relay drain to Kafka, unpaced, {n}-row backlog"),
-            "msg/s",
             rates[1].clone(),
         )
         .vs(&sql),
-        Row::new(
+        Row::rate(
             format!("relay drain to Kafka, adaptive pace, {n}-row backlog"),
-            "msg/s",
             rates[2].clone(),
         )
         .vs(&sql)

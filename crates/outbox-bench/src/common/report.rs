@@ -94,6 +94,11 @@ impl Row {
         }
     }
 
+    /// A throughput row: `values` in messages per second.
+    pub(crate) fn rate(name: impl Into<String>, values: Vec<f64>) -> Self {
+        Row::new(name, "msg/s", values)
+    }
+
     /// Compares with `base` round by round (`value / base`).
     pub(crate) fn vs(mut self, base: &Row) -> Self {
         self.ratios = self.values.iter().zip(&base.values).map(|(v, b)| v / b).collect();

@@ -76,9 +76,8 @@ pub(crate) async fn relay(
 /// drain of the same round (target 0.6), then the SQL-only drain itself.
 pub(crate) fn rows(sql: &[Drained], relay: &[Vec<Drained>], brokers: &[(&str, String)], n: usize) -> Vec<Row> {
     let rate = |v: &[Drained]| v.iter().map(Drained::rate).collect::<Vec<f64>>();
-    let sql_row = Row::new(
+    let sql_row = Row::rate(
         format!("SQL-only drain, unkeyed ({n}-row backlog, claim + delete via PgStore, no broker)"),
-        "msg/s",
         rate(sql),
     )
     .extra("bench_cpu_us_per_msg", med(sql, Drained::cpu_us_per_msg))
@@ -90,9 +89,8 @@ pub(crate) fn rows(sql: &[Drained], relay: &[Vec<Drained>], brokers: &[(&str, St
     for (b, (name, _)) in brokers.iter().enumerate() {
         let v = &relay[b];
         rows.push(
-            Row::new(
+            Row::rate(
                 format!("relay drain on {name}, unkeyed, claim_ahead = never (the default) ({n}-row backlog)"),
-                "msg/s",
                 rate(v),
             )
             .extra("relay_cpu_us_per_msg", med(v, Drained::cpu_us_per_msg))
