@@ -2,18 +2,17 @@
 //! shared nats-server of `.ci/nats`), a `[rabbitmq]` section to RabbitMQ (the shared node of
 //! `.ci/rabbitmq`), two broker sections are refused at startup.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::nats_url;
 use outbox::{Message, StoreAdmin};
 use outbox_nats::async_nats;
 use outbox_tests::daemon::db_url;
 
 const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
-
-fn nats_url() -> String {
-    std::env::var("OUTBOX_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
 
 fn config_file(text: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("outbox-brokers-{}.toml", uuid::Uuid::new_v4().simple()));

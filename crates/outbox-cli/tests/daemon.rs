@@ -1,10 +1,13 @@
 //! The `outbox-relay` binary as an operator runs it: SIGTERM drains and exits 0; SIGKILL mid-batch
 //! and a restart lose nothing (duplicates bounded by one batch per lane); CLI errors are clear.
 
+mod common;
+
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::ids_of;
 use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::daemon::{db_url, enqueue_all, pending, wait_pending_below, RelayArgs, RelayProcess};
 use outbox_tests::kafka::{broker, check_delivery, read_all, PgTopic};
@@ -38,12 +41,7 @@ async fn sigterm_drains_in_flight_work_releases_leases_and_exits_zero() {
     let left: i64 = status.pending;
     let marked = ids.len() as i64 - left;
     assert!(marked > 0);
-    let remaining: HashSet<uuid::Uuid> = sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM outbox_messages")
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let remaining = ids_of(&pool, "SELECT id FROM outbox_messages").await;
     let published: HashSet<_> = ids.difference(&remaining).copied().collect();
     let seen = read_all(&bootstrap, &t, &published).await;
     let seen_ids: HashSet<_> = seen.iter().map(|s| s.id).collect();

@@ -7,12 +7,14 @@
 //! restart disturbs no other test. It restarts the machine's PostgreSQL cluster (root, `pg_ctlcluster`);
 //! set `OUTBOX_TEST_NO_PG_RESTART=1` to skip it on a server you do not own.
 
-use std::collections::HashSet;
+mod common;
+
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::ids_of;
 use outbox::{Message, StoreAdmin, LANES};
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
 use outbox_tests::kafka::{check_delivery, read_all, PgTopic};
@@ -95,12 +97,7 @@ async fn postgres_restarted_under_load_loses_nothing() {
     assert!(store.dead_letters(10).await.unwrap().is_empty());
 
     // What committed is what the business table holds, whatever the clients were told.
-    let committed: HashSet<uuid::Uuid> = sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM orders")
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .collect();
+    let committed = ids_of(&pool, "SELECT id FROM orders").await;
     assert!(committed.len() > 500, "the writers got work done ({})", committed.len());
     let seen = read_all(&bootstrap, &t, &committed).await;
     let dups = check_delivery(&seen, &committed);

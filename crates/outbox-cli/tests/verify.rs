@@ -2,9 +2,12 @@
 //! topic written by hand with a record left out, one doubled and a pair swapped fails with exactly
 //! those counts; a seq still pending is not lost; a NATS JetStream stream is audited the same way.
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
+use common::nats_url;
 use outbox::Message;
 use outbox_nats::async_nats;
 use outbox_tests::daemon::{db_url, wait_pending_below, RelayArgs};
@@ -290,10 +293,6 @@ fn usage_and_connection_errors_exit_2() {
 /// Runs `verify --json` against NATS JetStream on `topic`.
 fn verify_nats(url: &str, topic: &str) -> (i32, Value) {
     verify_with(&["--database-url", url], &[("OUTBOX_NATS_URL", &nats_url())], topic)
-}
-
-fn nats_url() -> String {
-    std::env::var("OUTBOX_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
 
 /// Publishes `rows` in this order to JetStream as the relay would (subject `<topic>.<key token>`,
