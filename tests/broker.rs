@@ -14,7 +14,7 @@ use outbox_kafka::KafkaPublisher;
 use outbox_tests::conformance::{claim_all, take_all};
 use outbox_tests::embedded::{drained, start, test_config, wait_for};
 use outbox_tests::kafka::{
-    check_delivery, create_topic, create_topic_with, read_until_with, topic, Cluster, SCRAM_PASSWORD, SCRAM_USER,
+    check_delivery, create_topic, create_topic_with, read_until, topic, Cluster, SCRAM_PASSWORD, SCRAM_USER,
 };
 use rdkafka::config::ClientConfig;
 
@@ -52,7 +52,7 @@ async fn deliver_all(
     let relay = start(store.clone(), publisher, test_config().batch_size(50));
     drained(store, Duration::from_secs(60)).await;
     relay.stop().await;
-    let seen = read_until_with(
+    let seen = read_until(
         &client_of(settings),
         t,
         expect,
@@ -233,7 +233,7 @@ async fn a_topic_the_relay_may_not_write_is_dead_lettered_while_other_topics_flo
         assert!(d.error.contains("TopicAuthorizationFailed"), "{}", d.error);
         assert!(d.attempts <= 2, "{d:?}");
     }
-    let seen = read_until_with(
+    let seen = read_until(
         &client_of(&settings),
         &allowed,
         &yes,

@@ -57,19 +57,12 @@ async fn ten_thousand_messages(keys: usize, cfg: outbox_relay::RelayConfig, prod
                 outbox_tests::db::commit_batch(&pool, &msgs).await;
                 committed.extend(msgs.iter().map(|m| m.id()));
                 // A rolled-back transaction: its message must never appear.
-                let mut tx = pool.begin().await.unwrap();
-                outbox::enqueue(&mut tx, &Message::new(t.clone(), "rolled-back").key("key-1"))
-                    .await
-                    .unwrap();
-                tx.rollback().await.unwrap();
+                outbox_tests::db::roll_back(&pool, &[Message::new(t.clone(), "rolled-back").key("key-1")]).await;
             }
             committed
         }));
     }
-    let mut expect = HashSet::new();
-    for w in writers {
-        expect.extend(w.await.unwrap());
-    }
+    let expect = outbox_tests::db::all_committed(writers).await;
     assert_eq!(expect.len(), 10_000);
     drained(&store, Duration::from_secs(120)).await;
     relay.stop().await;

@@ -92,6 +92,24 @@ pub async fn commit_batch<DB: outbox::Backend>(
     out
 }
 
+/// Waits for writer tasks that each return the ids they committed; all of them together.
+pub async fn all_committed(
+    writers: Vec<tokio::task::JoinHandle<std::collections::HashSet<uuid::Uuid>>>,
+) -> std::collections::HashSet<uuid::Uuid> {
+    let mut all = std::collections::HashSet::new();
+    for w in writers {
+        all.extend(w.await.unwrap());
+    }
+    all
+}
+
+/// Enqueues `msgs` in one transaction and rolls it back: none of them may ever be published.
+pub async fn roll_back<DB: outbox::Backend>(pool: &sqlx::Pool<DB>, msgs: &[outbox::Message]) {
+    let mut tx = pool.begin().await.unwrap();
+    outbox::enqueue_batch(&mut tx, msgs).await.unwrap();
+    tx.rollback().await.unwrap();
+}
+
 /// A new PostgreSQL database with the outbox schema.
 pub async fn fresh_pg() -> PgPool {
     let pool = fresh_pg_unmigrated().await;

@@ -155,16 +155,28 @@ pub struct Seen {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
-/// Reads `topic` from the beginning until every id in `expect` has been seen (duplicates are kept
-/// in the result) or `deadline` passes. Then keeps reading for `linger` to catch late duplicates.
-pub async fn read_until(
-    bootstrap: &str,
-    topic: &str,
-    expect: &HashSet<uuid::Uuid>,
-    deadline: Duration,
-    linger: Duration,
-) -> Vec<Seen> {
-    read_until_with(&client(bootstrap), topic, expect, deadline, linger).await
+/// Where an independent reader connects: a bootstrap list (a plain client) or client settings of
+/// the test's own (credentials, TLS).
+pub trait ReadFrom {
+    fn config(&self) -> ClientConfig;
+}
+
+impl ReadFrom for str {
+    fn config(&self) -> ClientConfig {
+        client(self)
+    }
+}
+
+impl ReadFrom for String {
+    fn config(&self) -> ClientConfig {
+        client(self)
+    }
+}
+
+impl ReadFrom for ClientConfig {
+    fn config(&self) -> ClientConfig {
+        self.clone()
+    }
 }
 
 /// [`read_until`] with the usual bounds: up to 60 s for every id, then 500 ms for late duplicates.
@@ -179,15 +191,16 @@ pub async fn read_all(bootstrap: &str, topic: &str, expect: &HashSet<uuid::Uuid>
     .await
 }
 
-/// [`read_until`] with the given client settings.
-pub async fn read_until_with(
-    cfg: &ClientConfig,
+/// Reads `topic` from the beginning until every id in `expect` has been seen (duplicates are kept
+/// in the result) or `deadline` passes. Then keeps reading for `linger` to catch late duplicates.
+pub async fn read_until(
+    from: &(impl ReadFrom + ?Sized),
     topic: &str,
     expect: &HashSet<uuid::Uuid>,
     deadline: Duration,
     linger: Duration,
 ) -> Vec<Seen> {
-    let consumer = reader(cfg, topic);
+    let consumer = reader(&from.config(), topic);
     let start = Instant::now();
     let mut out = Vec::new();
     let mut missing: HashSet<uuid::Uuid> = expect.clone();

@@ -136,6 +136,31 @@ impl<T: BrokerFixture + ?Sized> BrokerFixture for Arc<T> {
     }
 }
 
+/// What a fixture keeps for each destination it made (a stream's name, a reader), by destination.
+pub struct PerDestination<T>(std::sync::Mutex<std::collections::HashMap<String, T>>);
+
+impl<T> Default for PerDestination<T> {
+    fn default() -> Self {
+        PerDestination(Default::default())
+    }
+}
+
+impl<T: Clone> PerDestination<T> {
+    pub fn insert(&self, destination: &str, value: T) {
+        self.0.lock().unwrap().insert(destination.to_owned(), value);
+    }
+
+    /// What was kept for `destination`; panics for a destination the fixture did not make.
+    pub fn get(&self, destination: &str) -> T {
+        self.0
+            .lock()
+            .unwrap()
+            .get(destination)
+            .cloned()
+            .expect("a destination of this fixture")
+    }
+}
+
 /// Expands to one `#[tokio::test]` per guarantee of the publisher conformance suite (see the
 /// [`publisher_suite`](crate::publisher_suite) module for the list and the fixture expressions).
 /// The calling crate needs `outbox-tests` and `tokio` (with `macros` and `rt-multi-thread`).

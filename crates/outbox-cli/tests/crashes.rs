@@ -173,15 +173,9 @@ async fn four_relays_killed_and_restarted_at_random_on_a_hot_key() {
                         Message::new(t.clone(), format!("{b}-{i}")).key(key)
                     })
                     .collect();
-                let mut tx = pool.begin().await.unwrap();
-                outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-                tx.commit().await.unwrap();
+                outbox_tests::db::commit_batch(&pool, &msgs).await;
                 ids.extend(msgs.iter().map(|m| m.id()));
-                let mut tx = pool.begin().await.unwrap();
-                outbox::enqueue(&mut tx, &Message::new(t.clone(), "rolled back").key("hot"))
-                    .await
-                    .unwrap();
-                tx.rollback().await.unwrap();
+                outbox_tests::db::roll_back(&pool, &[Message::new(t.clone(), "rolled back").key("hot")]).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             ids

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use outbox::{Message, StoreAdmin};
 use outbox_relay::DeadLetterPolicy;
+use outbox_tests::db::{commit_batch, roll_back};
 use outbox_tests::embedded::{drained, start, test_config, wait_for};
 use outbox_tests::publisher_suite::check_delivery;
 
@@ -32,34 +33,23 @@ async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
         writers.push(tokio::spawn(async move {
             let mut committed = HashSet::new();
             for b in 0..10 {
-                let mut tx = pool.begin().await.unwrap();
                 let msgs: Vec<Message> = (0..20)
                     .map(|i| {
                         Message::new(topic.clone(), format!("w{w}b{b}i{i}")).key(format!("key.{}", (w * 7 + i) % 25))
                     })
                     .collect();
-                outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
-                tx.commit().await.unwrap();
+                commit_batch(&pool, &msgs).await;
                 committed.extend(msgs.iter().map(|m| m.id()));
-                let mut tx = pool.begin().await.unwrap();
-                outbox::enqueue(&mut tx, &Message::new(topic.clone(), "rolled back").key("key.1"))
-                    .await
-                    .unwrap();
-                tx.rollback().await.unwrap();
+                roll_back(&pool, &[Message::new(topic.clone(), "rolled back").key("key.1")]).await;
             }
             // And unkeyed messages.
-            let mut tx = pool.begin().await.unwrap();
             let m = Message::new(topic.clone(), "unkeyed");
-            outbox::enqueue(&mut tx, &m).await.unwrap();
-            tx.commit().await.unwrap();
+            commit_batch(&pool, std::slice::from_ref(&m)).await;
             committed.insert(m.id());
             committed
         }));
     }
-    let mut expect = HashSet::new();
-    for w in writers {
-        expect.extend(w.await.unwrap());
-    }
+    let expect = outbox_tests::db::all_committed(writers).await;
     assert_eq!(expect.len(), 603);
     drained(&store, Duration::from_secs(60)).await;
     wait_effects(&t.effects, expect.len() as i64, Duration::from_secs(120)).await;

@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,7 +26,7 @@ struct RabbitFixture {
     node: Node,
     /// In front of the node: what the publisher under test connects to (dedicated fixtures only).
     proxy: Option<TcpProxy>,
-    readers: Mutex<HashMap<String, Arc<Reader>>>,
+    readers: outbox_tests::publisher_suite::PerDestination<Arc<Reader>>,
 }
 
 impl RabbitFixture {
@@ -35,7 +34,7 @@ impl RabbitFixture {
         RabbitFixture {
             node: Node::shared(),
             proxy: None,
-            readers: Mutex::default(),
+            readers: Default::default(),
         }
     }
 
@@ -45,7 +44,7 @@ impl RabbitFixture {
         RabbitFixture {
             node,
             proxy: Some(proxy),
-            readers: Mutex::default(),
+            readers: Default::default(),
         }
     }
 
@@ -64,7 +63,7 @@ impl BrokerFixture for RabbitFixture {
         let queue = name("suite");
         declare_queue(&self.node.url(), &queue).await;
         let reader = Arc::new(Reader::start(self.node.url(), queue.clone()));
-        self.readers.lock().unwrap().insert(queue.clone(), reader);
+        self.readers.insert(&queue, reader);
         queue
     }
 
@@ -82,14 +81,7 @@ impl BrokerFixture for RabbitFixture {
     }
 
     async fn read(&self, destination: &str, at_least: usize, timeout: Duration) -> Vec<Received> {
-        let reader = self
-            .readers
-            .lock()
-            .unwrap()
-            .get(destination)
-            .cloned()
-            .expect("a destination of this fixture");
-        reader.read(at_least, timeout).await
+        self.readers.get(destination).read(at_least, timeout).await
     }
 
     fn oversize(&self) -> usize {

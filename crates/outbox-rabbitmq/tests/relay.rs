@@ -12,6 +12,7 @@ use outbox::{Message, StoreAdmin};
 use outbox_rabbitmq::{RabbitConfig, RabbitPublisher};
 use outbox_relay::DeadLetterPolicy;
 use outbox_tests::consuming::{applied_ids, effect_counts, wait_effects, RefuseIf};
+use outbox_tests::db::{commit_batch, roll_back};
 use outbox_tests::effects::{effects_db, EffectRows};
 use outbox_tests::embedded::{drained, start, test_config, wait_for};
 
@@ -38,22 +39,17 @@ async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
                 let msgs: Vec<Message> = (0..10)
                     .map(|i| Message::new(&queue, format!("w{w}b{b}i{i}")).key(format!("key-{}", w * 5 + i % 5)))
                     .collect();
-                let mut tx = outbox_db_begin(&pool).await;
-                outbox::enqueue_batch(&mut tx, &msgs).await.unwrap();
                 if b % 5 == 4 {
-                    tx.rollback().await.unwrap();
+                    roll_back(&pool, &msgs).await;
                 } else {
-                    tx.commit().await.unwrap();
+                    commit_batch(&pool, &msgs).await;
                     ids.extend(msgs.iter().map(|m| m.id()));
                 }
             }
             ids
         }));
     }
-    let mut committed = HashSet::new();
-    for w in writers {
-        committed.extend(w.await.unwrap());
-    }
+    let committed = outbox_tests::db::all_committed(writers).await;
     assert_eq!(committed.len(), 800);
     drained(&store, Duration::from_secs(120)).await;
     wait_effects(&consumer_db, 800, Duration::from_secs(120)).await;
@@ -66,10 +62,6 @@ async fn committed_messages_reach_the_consumer_once_each_in_key_order() {
     check_effects(&consumer_db, 20, 40).await;
     assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(queue_depth(&node.url(), &queue).await, 0, "everything acked");
-}
-
-async fn outbox_db_begin(pool: &sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    pool.begin().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

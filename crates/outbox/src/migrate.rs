@@ -48,6 +48,15 @@ macro_rules! apply_migrations {
             }
             Ok(())
         }
+
+        /// Runs the pending migrations in `tx`, which holds the migration lock, and commits them
+        /// together (the databases whose DDL is transactional).
+        #[allow(dead_code)] // MySQL runs them outside a transaction
+        async fn apply_and_commit(mut tx: sqlx::Transaction<'_, $db>) -> $crate::Result<()> {
+            apply_migrations(&mut tx).await?;
+            tx.commit().await?;
+            Ok(())
+        }
     };
 }
 

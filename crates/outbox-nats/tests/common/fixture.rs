@@ -16,7 +16,7 @@ pub struct NatsFixture {
     proxy: Option<TcpProxy>,
     url: String,
     reader: async_nats::Client,
-    streams: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    streams: outbox_tests::publisher_suite::PerDestination<String>,
 }
 
 impl NatsFixture {
@@ -56,7 +56,7 @@ impl BrokerFixture for NatsFixture {
 
     async fn destination(&self) -> String {
         let (topic, stream) = new_destination(&self.reader, "suite").await;
-        self.streams.lock().unwrap().insert(topic.clone(), stream);
+        self.streams.insert(&topic, stream);
         topic
     }
 
@@ -69,14 +69,7 @@ impl BrokerFixture for NatsFixture {
     }
 
     async fn read(&self, destination: &str, at_least: usize, timeout: Duration) -> Vec<Received> {
-        let stream = self
-            .streams
-            .lock()
-            .unwrap()
-            .get(destination)
-            .cloned()
-            .expect("a destination of this fixture");
-        read_stream(&self.reader, &stream, at_least, timeout).await
+        read_stream(&self.reader, &self.streams.get(destination), at_least, timeout).await
     }
 
     fn oversize(&self) -> usize {

@@ -20,9 +20,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/
 pub async fn migrate(pool: &PgPool) -> Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query(sql::MIGRATIONS_LOCK).execute(&mut *tx).await?;
-    apply_migrations(&mut tx).await?;
-    tx.commit().await?;
-    Ok(())
+    apply_and_commit(tx).await
 }
 
 crate::migrate::apply_migrations!(Postgres, sql, MIGRATOR);

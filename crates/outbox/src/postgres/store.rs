@@ -237,26 +237,34 @@ async fn mark_together(pool: PgPool, sql: Arc<str>, keep: bool, marks: Vec<Mark>
 }
 
 async fn mark_failed(store: &PgStore, lease: &Lease, pos: i64, error: &str, retry_in: Duration) -> Result<()> {
-    let r: (bool, i64) = sqlx::query_as(&store.failed_sql)
-        .bind(lease.lane)
-        .bind(&lease.owner)
-        .bind(lease.epoch)
-        .bind(pos)
-        .bind(error)
-        .bind(sql::span(retry_in))
-        .fetch_one(&store.pool)
-        .await?;
-    held(lease, r.0)
+    settle_one(store, &store.failed_sql, lease, pos, error, sql::span(retry_in)).await
 }
 
 async fn dead_letter(store: &PgStore, lease: &Lease, pos: i64, error: &str, park: bool) -> Result<()> {
-    let r: (bool, i64) = sqlx::query_as(&store.dead_sql)
+    settle_one(store, &store.dead_sql, lease, pos, error, park).await
+}
+
+/// Runs `sql` on row `pos` of `lease`'s lane: $1-$3 the lease, $4 the row, $5 the error, $6 what
+/// the statement does with it (retry delay, or whether to park). `StaleLease` when the lease was
+/// not held.
+async fn settle_one<'q, T>(
+    store: &PgStore,
+    sql: &'q str,
+    lease: &'q Lease,
+    pos: i64,
+    error: &'q str,
+    last: T,
+) -> Result<()>
+where
+    T: 'q + Send + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    let r: (bool, i64) = sqlx::query_as(sql)
         .bind(lease.lane)
         .bind(&lease.owner)
         .bind(lease.epoch)
         .bind(pos)
         .bind(error)
-        .bind(park)
+        .bind(last)
         .fetch_one(&store.pool)
         .await?;
     held(lease, r.0)

@@ -62,10 +62,7 @@ const KEYS_PER_STATEMENT: usize = 1000;
 /// at once (they take turns on SQLite's write lock) and beside the application's own sqlx migrations
 /// (tracked in `outbox_schema_migrations`).
 pub async fn migrate(pool: &SqlitePool) -> Result<()> {
-    let mut tx = pool.begin_with(sql::BEGIN_IMMEDIATE).await?;
-    apply_migrations(&mut tx).await?;
-    tx.commit().await?;
-    Ok(())
+    apply_and_commit(pool.begin_with(sql::BEGIN_IMMEDIATE).await?).await
 }
 
 crate::migrate::apply_migrations!(Sqlite, sql, MIGRATOR);
