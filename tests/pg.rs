@@ -1,5 +1,6 @@
 //! PostgreSQL-only behaviour: migrations beside the application's own sqlx migrator, NOTIFY at commit.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -132,21 +133,40 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
     other.rollback().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_pool_with_jit_off_claims_in_one_statement_with_the_same_rows() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
-    // The same database through a pool whose connections start with JIT off, as the daemon's do.
-    let opts = pool.connect_options().as_ref().clone().options([("jit", "off")]);
-    let jit_off = sqlx::postgres::PgPoolOptions::new()
+/// A pool of at most one connection that records, in `seen`, the JIT setting each new connection
+/// starts with (its `after_connect` hook).
+async fn recording_jit(opts: sqlx::postgres::PgConnectOptions, seen: &Arc<Mutex<Vec<String>>>) -> sqlx::PgPool {
+    let seen = seen.clone();
+    sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
+        .after_connect(move |conn, _| {
+            let seen = seen.clone();
+            Box::pin(async move {
+                let jit: String = sqlx::query_scalar("SHOW jit").fetch_one(&mut *conn).await?;
+                seen.lock().unwrap().push(jit);
+                Ok(())
+            })
+        })
         .connect_with(opts)
         .await
-        .unwrap();
-    let jit: String = scalar(&jit_off, "SHOW jit").await;
-    assert_eq!(jit, "off");
+        .unwrap()
+}
+
+#[tokio::test]
+async fn claims_run_with_jit_off_in_one_statement_whatever_the_pool() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
+    let opts = pool.connect_options().as_ref().clone();
     let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
-    for (name, p) in [("jit off in the pool", jit_off), ("default pool", pool.clone())] {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    // A pool whose connections start with JIT off, as the daemon's do; and a pool as a service
+    // makes it, whose connections keep the server's JIT setting.
+    for (name, opts) in [
+        ("jit off in the pool", opts.clone().options([("jit", "off")])),
+        ("default pool", opts),
+    ] {
+        seen.lock().unwrap().clear();
+        let p = recording_jit(opts, &seen).await;
         let store = outbox::postgres::PgStore::new(p.clone());
         let leases = store.acquire(name, 64, Duration::from_secs(60)).await.unwrap();
         let lease = leases.iter().find(|l| l.lane == lane).unwrap();
@@ -162,10 +182,57 @@ async fn a_pool_with_jit_off_claims_in_one_statement_with_the_same_rows() {
         for l in &leases {
             store.release(l).await.unwrap();
         }
-        // Outside a transaction of its own, the claim leaves no setting behind on the connection.
+        // The claim ran on a connection that started with JIT off: the pool's own, or one the
+        // store opened with the pool's settings and hooks (the hook saw it), so that the pool's
+        // own connection keeps its setting.
+        let seen = seen.lock().unwrap().clone();
+        if name == "default pool" {
+            assert_eq!(
+                seen.len(),
+                2,
+                "the pool's connection, then the store's for claims: {seen:?}"
+            );
+            assert_ne!(seen[0], "off", "the server's default: {seen:?}");
+            assert_eq!(seen[1], "off", "{seen:?}");
+        } else {
+            assert_eq!(seen, vec!["off"]);
+        }
         let jit: String = scalar(&p, "SHOW jit").await;
         assert_eq!(jit == "off", name == "jit off in the pool", "{name}: {jit}");
     }
+}
+
+#[tokio::test]
+async fn behind_a_pooler_that_refuses_startup_options_claims_turn_jit_off_themselves() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
+    let pooler = outbox_tests::proxy::OptionsRefused::start().await;
+    let through = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(pool.connect_options().as_ref().clone().port(pooler.port))
+        .await
+        .unwrap();
+    let store = outbox::postgres::PgStore::new(through.clone());
+    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
+    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+    for limit in [2, 10] {
+        let seqs: Vec<i64> = store
+            .claim(lease, limit, &[])
+            .await
+            .expect("the claim runs on the pool's own connections")
+            .iter()
+            .map(|r| r.seq.unwrap())
+            .collect();
+        assert_eq!(seqs, (1..=limit as i64).take(6).collect::<Vec<_>>());
+    }
+    // The first claim's connection with JIT off was refused; the second claim did not ask again.
+    assert_eq!(pooler.refused(), 1);
+    let jit: String = scalar(&through, "SHOW jit").await;
+    assert_ne!(
+        jit, "off",
+        "a claim in a transaction of its own leaves the setting behind"
+    );
 }
 
 /// Writes rows of key `k` as (seq, created_at, available_at), both as milliseconds from the

@@ -100,3 +100,74 @@ impl DbProxy {
         self.inner.restore().await
     }
 }
+
+/// A proxy to the local PostgreSQL that refuses, as PgBouncer does, a connection whose startup
+/// message carries the `options` parameter (`-c name=value` settings), and passes the others on.
+/// It answers `N` to an SSL request, so connections through it are plain.
+pub struct OptionsRefused {
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+    accept: tokio::task::AbortHandle,
+}
+
+/// The code of PostgreSQL's SSLRequest, in place of a protocol version.
+const SSL_REQUEST: u32 = 80877103;
+
+impl OptionsRefused {
+    /// Starts it on a free port.
+    pub async fn start() -> OptionsRefused {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = refused.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    // Startup packets: length (with itself), then a code or protocol version.
+                    let startup = loop {
+                        let len = client.read_u32().await? as usize;
+                        let mut body = vec![0; len.saturating_sub(4)];
+                        client.read_exact(&mut body).await?;
+                        if body.len() == 4 && body[..4] == SSL_REQUEST.to_be_bytes() {
+                            client.write_all(b"N").await?;
+                            continue;
+                        }
+                        break [(len as u32).to_be_bytes().as_slice(), &body].concat();
+                    };
+                    if startup.windows(8).any(|w| w == b"options\0") {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let fields: &[u8] = b"SFATAL\0C08P01\0Munsupported startup parameter: options\0\0";
+                        let mut error = vec![b'E'];
+                        error.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+                        error.extend_from_slice(fields);
+                        return client.write_all(&error).await;
+                    }
+                    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", 5432)).await?;
+                    server.write_all(&startup).await?;
+                    tokio::io::copy_bidirectional(&mut client, &mut server)
+                        .await
+                        .map(|_| ())
+                });
+            }
+        });
+        OptionsRefused {
+            port,
+            refused,
+            accept: accept.abort_handle(),
+        }
+    }
+
+    /// How many connections it refused.
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for OptionsRefused {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}

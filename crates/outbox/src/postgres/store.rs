@@ -1,12 +1,14 @@
 //! `PgStore`: what the relay does on PostgreSQL its own way (acquire, renew, claim, mark); the rest is
 //! the body in [`crate::sql_store`] over this database's dialect (`sql.rs`: statements, decoding).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPool};
+use sqlx::Postgres;
 
 use super::combine::Combiner;
 use super::sql;
@@ -23,8 +25,8 @@ pub struct PgStore {
     mark_sql: Arc<str>,
     failed_sql: String,
     dead_sql: String,
-    /// The pool's connections start with JIT off: a claim is one statement, not four.
-    jit_off_in_pool: bool,
+    /// Where claims run, each one statement with JIT off.
+    claim_pool: Arc<ClaimPool>,
     /// The claims, and the marks, of lanes that ask at the same moment share a statement.
     claims: Arc<Combiner<Claim, Vec<StoredMessage>>>,
     marks: Arc<Combiner<Mark, bool>>,
@@ -32,6 +34,73 @@ pub struct PgStore {
 
 /// How many claims, and how many marks, run at a time (each for every lane that asked meanwhile).
 const AT_ONCE: usize = 2;
+
+/// Where the claims run. A claim must run with JIT off (see `claim_together`); on a connection
+/// that started with it off, the claim is one statement.
+#[derive(Debug)]
+struct ClaimPool {
+    given: PgPool,
+    /// `None` when the given pool's connections start with JIT off. Otherwise a pool of the
+    /// store's own, opened at the first claim (a pool opens inside a runtime): the given pool's
+    /// settings and hooks, at most [`AT_ONCE`] connections, each started with JIT off.
+    own: Option<OnceLock<PgPool>>,
+    /// When the server, or a pooler in front of it, last refused one of those connections (PgBouncer
+    /// refuses the startup option): until [`RETRY_OWN`] later, claims turn JIT off in a
+    /// transaction of their own on the given pool (BEGIN, SET LOCAL, the claim, COMMIT).
+    refused_at: Mutex<Option<Instant>>,
+}
+
+/// How long claims stay on the given pool after a refused connection of the store's own.
+const RETRY_OWN: Duration = Duration::from_secs(60);
+
+impl ClaimPool {
+    fn new(given: PgPool) -> Self {
+        let jit_off_in_pool = jit_off(given.connect_options().get_options());
+        ClaimPool {
+            given,
+            own: (!jit_off_in_pool).then(OnceLock::new),
+            refused_at: Mutex::new(None),
+        }
+    }
+
+    /// A connection whose JIT is off, or `None` when claims must turn it off themselves.
+    async fn connection(&self) -> Result<Option<PoolConnection<Postgres>>> {
+        let Some(own) = &self.own else {
+            return Ok(Some(self.given.acquire().await?));
+        };
+        if self.refused_at().is_some_and(|t| t.elapsed() < RETRY_OWN) {
+            return Ok(None);
+        }
+        let own = own.get_or_init(|| {
+            let opts = self.given.connect_options().as_ref().clone().options([("jit", "off")]);
+            self.given
+                .options()
+                .clone()
+                .max_connections(AT_ONCE as u32)
+                .min_connections(0)
+                .connect_lazy_with(opts)
+        });
+        match own.acquire().await {
+            Ok(conn) => {
+                *self.refused_at() = None;
+                Ok(Some(conn))
+            }
+            Err(sqlx::Error::Database(e)) => {
+                let mut refused_at = self.refused_at();
+                if refused_at.is_none() {
+                    tracing::warn!(error = %e, "a connection with JIT off was refused; claims turn JIT off in a transaction of their own for a minute");
+                }
+                *refused_at = Some(Instant::now());
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn refused_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.refused_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// One lane's claim: its lease, how many rows, and the positions it has in flight.
 #[derive(Debug)]
@@ -59,12 +128,13 @@ struct Tagged {
 impl PgStore {
     /// A store on `pool`. Published rows are deleted.
     ///
-    /// Give the relay's pool `PgConnectOptions::options([("jit", "off")])` (the `outbox-relay`
-    /// daemon does): each claim is then one statement. Otherwise a claim turns JIT off for itself
-    /// in a transaction of its own (BEGIN, SET LOCAL, the claim, COMMIT).
+    /// Claims run with JIT off, each in one statement. On a pool whose connections start with JIT
+    /// off (`PgConnectOptions::options([("jit", "off")])`, as the `outbox-relay` daemon's do) they
+    /// run on it; otherwise on up to two connections of the store's own, opened at the first claim
+    /// with the pool's settings and hooks and JIT off, so the pool's own connections keep theirs.
     pub fn new(pool: PgPool) -> Self {
         PgStore {
-            jit_off_in_pool: jit_off(pool.connect_options().get_options()),
+            claim_pool: Arc::new(ClaimPool::new(pool.clone())),
             pool,
             keep_published: false,
             mark_sql: sql::mark_published_delete().into(),
@@ -144,10 +214,10 @@ async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) 
         limit: limit as i64,
         in_flight: in_flight.to_vec(),
     };
-    let (pool, jit_off) = (store.pool.clone(), store.jit_off_in_pool);
+    let pool = Arc::clone(&store.claim_pool);
     store
         .claims
-        .call(claim, move |claims| claim_together(pool.clone(), jit_off, claims))
+        .call(claim, move |claims| claim_together(Arc::clone(&pool), claims))
         .await
 }
 
@@ -163,7 +233,7 @@ fn lease_columns<'a>(leases: impl Iterator<Item = &'a Lease>) -> (Vec<i32>, Vec<
 }
 
 /// The claims of several lanes in one statement, each answered with its own rows.
-async fn claim_together(pool: PgPool, jit_off_in_pool: bool, claims: Vec<Claim>) -> Result<Vec<Vec<StoredMessage>>> {
+async fn claim_together(pool: Arc<ClaimPool>, claims: Vec<Claim>) -> Result<Vec<Vec<StoredMessage>>> {
     let (lanes, owners, epochs) = lease_columns(claims.iter().map(|c| &c.lease));
     let (mut limits, mut flight_ords, mut flight_pos) = (vec![], vec![], vec![]);
     for (ord, c) in (1i64..).zip(&claims) {
@@ -180,14 +250,15 @@ async fn claim_together(pool: PgPool, jit_off_in_pool: bool, claims: Vec<Claim>)
         .bind(limits)
         .bind(flight_ords)
         .bind(flight_pos);
-    let rows: Vec<Tagged> = if jit_off_in_pool {
-        query.fetch_all(&pool).await?
-    } else {
-        let mut tx = pool.begin().await?;
-        sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
-        let rows = query.fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        rows
+    let rows: Vec<Tagged> = match pool.connection().await? {
+        Some(mut conn) => query.fetch_all(&mut *conn).await?,
+        None => {
+            let mut tx = pool.given.begin().await?;
+            sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
+            let rows = query.fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            rows
+        }
     };
     let mut answers: Vec<Vec<StoredMessage>> = claims.iter().map(|_| Vec::new()).collect();
     for Tagged { ord, row } in rows {
