@@ -1,6 +1,8 @@
-//! Figure 8, the claim's round trips: the SQL-only drain with the store's default claim (a
-//! transaction of its own: BEGIN, `SET LOCAL jit = off`, the claim, COMMIT) against a pool whose
-//! connections start with JIT off (the claim alone, one statement), same rounds, rotating order.
+//! Figure 8, where the claim runs: the SQL-only drain with a pool as a service makes it (the store
+//! claims on up to two connections of its own, started with JIT off) against a pool whose
+//! connections start with JIT off (the store claims on it), same rounds, rotating order. Each claim
+//! is one statement either way; until `d5db381` the first claimed in a transaction of its own
+//! (BEGIN, `SET LOCAL jit = off`, the claim, COMMIT), the figure's first rows in BENCHMARKS.md.
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +31,11 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             eprintln!(
                 "claim: round {}/{rounds}, {}: {:.0} msg/s, claim {:.1} us/msg",
                 round + 1,
-                if pool_jit_off { "one statement" } else { "transaction" },
+                if pool_jit_off {
+                    "pool with JIT off"
+                } else {
+                    "default pool"
+                },
                 d.rate(),
                 d.phases_us.0
             );
@@ -38,21 +44,24 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     }
     let rate = |v: &[Drained]| v.iter().map(Drained::rate).collect::<Vec<f64>>();
     let claim_us = |v: &[Drained]| v.iter().map(|d| d.phases_us.0).collect::<Vec<f64>>();
-    let tx_row = Row::rate("SQL-only drain, claim in its own transaction (default pool)", rate(&tx));
-    let tx_claim = Row::new("claim time per message, own transaction", "us", claim_us(&tx));
+    let tx_row = Row::rate(
+        "SQL-only drain, default pool (claims on the store's own connections, JIT off)",
+        rate(&tx),
+    );
+    let tx_claim = Row::new("claim time per message, default pool", "us", claim_us(&tx));
     let rows = vec![
-        Row::rate("SQL-only drain, claim as one statement (pool with jit=off)", rate(&one))
+        Row::rate("SQL-only drain, pool with jit=off (claims on it)", rate(&one))
             .vs(&tx_row)
-            .note("one statement / transaction, same round"),
+            .note("pool with JIT off / default pool, same round"),
         tx_row,
-        Row::new("claim time per message, one statement", "us", claim_us(&one))
+        Row::new("claim time per message, pool with JIT off", "us", claim_us(&one))
             .vs(&tx_claim)
-            .note("one statement / transaction, same round"),
+            .note("pool with JIT off / default pool, same round"),
         tx_claim,
     ];
     let fig = Figure {
         id: "claim".into(),
-        title: "8. Claim round trips".into(),
+        title: "8. Where the claim runs".into(),
         setup: format!(
             "Backlog of {n} keyed rows ({} keys) per drain; relay embedded with defaults and a publisher that \
              confirms at once (the SQL-only drain of figure 2); claim time summed over the 32 lanes.",

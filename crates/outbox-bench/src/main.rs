@@ -80,7 +80,7 @@ enum Command {
     Memory,
     /// 7. Relay drain per broker (Kafka, RabbitMQ, NATS) vs SQL-only and each broker's own client.
     Brokers,
-    /// 8. The claim as one statement (pool with JIT off) vs in a transaction of its own.
+    /// 8. Claims on a pool with JIT off vs on the store's own connections (a default pool).
     Claim,
     /// Everything, in priority order: write, drain, memory, latency, interference, consumer.
     All,
