@@ -133,6 +133,12 @@ async fn a_row_locked_by_another_session_never_lets_its_key_skip_ahead() {
     other.rollback().await.unwrap();
 }
 
+/// The seqs of the rows one claim of `lease`'s lane takes, up to `limit`.
+async fn seqs_claimed(store: &outbox::postgres::PgStore, lease: &outbox::Lease, limit: usize) -> Vec<i64> {
+    let rows = store.claim(lease, limit, &[]).await.expect("the claim");
+    rows.iter().map(|r| r.seq.unwrap()).collect()
+}
+
 /// A pool of at most one connection that records, in `seen`, the JIT setting each new connection
 /// starts with (its `after_connect` hook).
 async fn recording_jit(opts: sqlx::postgres::PgConnectOptions, seen: &Arc<Mutex<Vec<String>>>) -> sqlx::PgPool {
@@ -170,14 +176,7 @@ async fn claims_run_with_jit_off_in_one_statement_whatever_the_pool() {
         let store = outbox::postgres::PgStore::new(p.clone());
         let leases = store.acquire(name, 64, Duration::from_secs(60)).await.unwrap();
         let lease = leases.iter().find(|l| l.lane == lane).unwrap();
-        let seqs: Vec<i64> = store
-            .claim(lease, 10, &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.seq.unwrap())
-            .collect();
-        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{name}");
+        assert_eq!(seqs_claimed(&store, lease, 10).await, vec![1, 2, 3, 4, 5, 6], "{name}");
         store.leave(name).await.unwrap();
         for l in &leases {
             store.release(l).await.unwrap();
@@ -216,23 +215,12 @@ async fn behind_a_pooler_that_refuses_startup_options_claims_turn_jit_off_themse
     let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
     let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
-    for limit in [2, 10] {
-        let seqs: Vec<i64> = store
-            .claim(lease, limit, &[])
-            .await
-            .expect("the claim runs on the pool's own connections")
-            .iter()
-            .map(|r| r.seq.unwrap())
-            .collect();
-        assert_eq!(seqs, (1..=limit as i64).take(6).collect::<Vec<_>>());
-    }
+    assert_eq!(seqs_claimed(&store, lease, 2).await, vec![1, 2]);
+    assert_eq!(seqs_claimed(&store, lease, 10).await, vec![1, 2, 3, 4, 5, 6]);
     // The first claim's connection with JIT off was refused; the second claim did not ask again.
     assert_eq!(pooler.refused(), 1);
     let jit: String = scalar(&through, "SHOW jit").await;
-    assert_ne!(
-        jit, "off",
-        "a claim in a transaction of its own leaves the setting behind"
-    );
+    assert_ne!(jit, "off", "SET LOCAL ends with the claim's transaction");
 }
 
 /// Writes rows of key `k` as (seq, created_at, available_at), both as milliseconds from the

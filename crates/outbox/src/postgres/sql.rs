@@ -153,9 +153,9 @@ pub(super) const PROBE: &str = "\
 SELECT d.xact_commit + d.xact_rollback, txid_current() FROM pg_stat_database d \
 WHERE d.datname = current_database()";
 
-pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";
-
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
+
+pub(super) const CLAIM_NO_JIT: &str = "SET LOCAL jit = off";
 
 // A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
 // with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix.
