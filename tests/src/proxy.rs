@@ -83,7 +83,7 @@ pub struct DbProxy {
 impl DbProxy {
     /// Starts it on a free port.
     pub async fn start() -> DbProxy {
-        let inner = TcpProxy::start(5432).await;
+        let inner = TcpProxy::start(PG_PORT).await;
         DbProxy {
             port: inner.port,
             inner,
@@ -110,6 +110,9 @@ pub struct OptionsRefused {
     refused: Arc<std::sync::atomic::AtomicUsize>,
     accept: tokio::task::AbortHandle,
 }
+
+/// The local PostgreSQL's port.
+const PG_PORT: u16 = 5432;
 
 /// The code of PostgreSQL's SSLRequest, in place of a protocol version.
 const SSL_REQUEST: u32 = 80877103;
@@ -145,7 +148,7 @@ impl OptionsRefused {
                         error.extend_from_slice(fields);
                         return client.write_all(&error).await;
                     }
-                    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", 5432)).await?;
+                    let mut server = tokio::net::TcpStream::connect(("127.0.0.1", PG_PORT)).await?;
                     server.write_all(&startup).await?;
                     tokio::io::copy_bidirectional(&mut client, &mut server)
                         .await
