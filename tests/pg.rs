@@ -181,21 +181,20 @@ async fn claims_run_with_jit_off_in_one_statement_whatever_the_pool() {
         for l in &leases {
             store.release(l).await.unwrap();
         }
-        // The claim ran on a connection that started with JIT off: the pool's own, or one the
-        // store opened with the pool's settings and hooks (the hook saw it), so that the pool's
-        // own connection keeps its setting.
+        // The claim ran on a connection the store opened with the pool's settings and hooks (the
+        // hook saw it) and JIT off, so that the pool's own connection keeps its setting.
         let seen = seen.lock().unwrap().clone();
-        if name == "default pool" {
-            assert_eq!(
-                seen.len(),
-                2,
-                "the pool's connection, then the store's for claims: {seen:?}"
-            );
-            assert_ne!(seen[0], "off", "the server's default: {seen:?}");
-            assert_eq!(seen[1], "off", "{seen:?}");
-        } else {
-            assert_eq!(seen, vec!["off"]);
-        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "the pool's connection, then the store's for claims: {seen:?}"
+        );
+        assert_eq!(
+            seen[0] == "off",
+            name == "jit off in the pool",
+            "the pool's setting: {seen:?}"
+        );
+        assert_eq!(seen[1], "off", "{seen:?}");
         let jit: String = scalar(&p, "SHOW jit").await;
         assert_eq!(jit == "off", name == "jit off in the pool", "{name}: {jit}");
     }
@@ -221,6 +220,59 @@ async fn behind_a_pooler_that_refuses_startup_options_claims_turn_jit_off_themse
     assert_eq!(pooler.refused(), 1);
     let jit: String = scalar(&through, "SHOW jit").await;
     assert_ne!(jit, "off", "SET LOCAL ends with the claim's transaction");
+}
+
+#[tokio::test]
+async fn a_claim_whose_connection_was_cut_runs_again_on_another() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
+    let proxy = outbox_tests::proxy::DbProxy::start().await;
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = opened.clone();
+    let through = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .after_connect(move |_, _| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        })
+        .connect_with(pool.connect_options().as_ref().clone().port(proxy.port))
+        .await
+        .unwrap();
+    let store = outbox::postgres::PgStore::new(through.clone());
+    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
+    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+    let other = leases.iter().find(|l| l.lane != lane).unwrap();
+    for round in 0..3 {
+        // Two claims at once, the second one asked while the first one's statement runs, so that
+        // the store keeps both of its connections (idle, and not pinged before the next claim).
+        let (a, b) = tokio::join!(seqs_claimed(&store, lease, 10), async {
+            tokio::task::yield_now().await;
+            seqs_claimed(&store, other, 10).await
+        });
+        assert_eq!(
+            (a, b),
+            (vec![1, 2, 3, 4, 5, 6], vec![]),
+            "round {round}, before the cut"
+        );
+        let before = opened.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            before,
+            3 + 2 * round,
+            "the pool's connection and the store's two, each round"
+        );
+        // Both back in the store's pool (sqlx returns a connection in a task of its own).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Every connection through the proxy is dropped, as a server restart or a network
+        // device would: the next claim finds its connection broken and runs again.
+        proxy.cut();
+        proxy.restore().await;
+        assert_eq!(
+            seqs_claimed(&store, lease, 10).await,
+            vec![1, 2, 3, 4, 5, 6],
+            "round {round}: the first claim after the cut ({before} connections opened before it)"
+        );
+    }
 }
 
 /// Writes rows of key `k` as (seq, created_at, available_at), both as milliseconds from the

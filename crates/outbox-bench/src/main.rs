@@ -12,7 +12,6 @@
 //! are written as JSON (`--json`, default `target/outbox-bench/results.json`). See BENCHMARKS.md.
 
 mod brokers;
-mod claim;
 mod common;
 mod consumer;
 mod drain;
@@ -80,8 +79,6 @@ enum Command {
     Memory,
     /// 7. Relay drain per broker (Kafka, RabbitMQ, NATS) vs SQL-only and each broker's own client.
     Brokers,
-    /// 8. Claims on a pool with JIT off vs on the store's own connections (a default pool).
-    Claim,
     /// Everything, in priority order: write, drain, memory, latency, interference, consumer.
     All,
 }
@@ -149,7 +146,6 @@ async fn run(cli: &Cli, env: &Env) -> anyhow::Result<()> {
             Command::Consumer => consumer::run(env).await?,
             Command::Memory => memory::run(env).await?,
             Command::Brokers => brokers::run(env).await?,
-            Command::Claim => claim::run(env).await?,
             Command::All => unreachable!("expanded above"),
         };
         figures.push(fig);

@@ -35,15 +35,18 @@ pub struct PgStore {
 /// How many claims, and how many marks, run at a time (each for every lane that asked meanwhile).
 const AT_ONCE: usize = 2;
 
-/// Where the claims run. A claim must run with JIT off (see `claim_together`); on a connection
-/// that started with it off, the claim is one statement.
+/// Where the claims run: one statement each, with JIT off, on connections of the store's own.
 #[derive(Debug)]
 struct ClaimPool {
     given: PgPool,
-    /// `None` when the given pool's connections start with JIT off. Otherwise a pool of the
-    /// store's own, opened at the first claim (a pool opens inside a runtime): the given pool's
-    /// settings and hooks, at most [`AT_ONCE`] connections, each started with JIT off.
-    own: Option<OnceLock<PgPool>>,
+    /// Opened at the first claim (a pool opens inside a runtime): the given pool's settings and
+    /// hooks, at most [`AT_ONCE`] connections, each started with JIT off. The given pool's own
+    /// connections keep their setting.
+    ///
+    /// No ping before each acquire (sqlx's default would spend a round trip on it before every
+    /// claim): a claim is a plain read, so one that finds its connection broken (the server
+    /// restarted, a proxy dropped it) runs again on another ([`CLAIM_TRIES`]).
+    own: OnceLock<PgPool>,
     /// When the server, or a pooler in front of it, last refused one of those connections (PgBouncer
     /// refuses the startup option): until [`RETRY_OWN`] later, claims turn JIT off in a
     /// transaction of their own on the given pool (BEGIN, SET LOCAL, the claim, COMMIT).
@@ -53,31 +56,32 @@ struct ClaimPool {
 /// How long claims stay on the given pool after a refused connection of the store's own.
 const RETRY_OWN: Duration = Duration::from_secs(60);
 
+/// How many times a claim runs when its connection turns out broken: once on each idle connection
+/// of the store's own (all may have been cut at once), then on a new one.
+const CLAIM_TRIES: usize = AT_ONCE + 1;
+
 impl ClaimPool {
     fn new(given: PgPool) -> Self {
-        let jit_off_in_pool = jit_off(given.connect_options().get_options());
         ClaimPool {
             given,
-            own: (!jit_off_in_pool).then(OnceLock::new),
+            own: OnceLock::new(),
             refused_at: Mutex::new(None),
         }
     }
 
     /// A connection whose JIT is off, or `None` when claims must turn it off themselves.
     async fn connection(&self) -> Result<Option<PoolConnection<Postgres>>> {
-        let Some(own) = &self.own else {
-            return Ok(Some(self.given.acquire().await?));
-        };
         if self.refused_at().is_some_and(|t| t.elapsed() < RETRY_OWN) {
             return Ok(None);
         }
-        let own = own.get_or_init(|| {
+        let own = self.own.get_or_init(|| {
             let opts = self.given.connect_options().as_ref().clone().options([("jit", "off")]);
             self.given
                 .options()
                 .clone()
                 .max_connections(AT_ONCE as u32)
                 .min_connections(0)
+                .test_before_acquire(false)
                 .connect_lazy_with(opts)
         });
         match own.acquire().await {
@@ -99,6 +103,16 @@ impl ClaimPool {
 
     fn refused_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.refused_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Whether `e` says the connection itself is gone (reset, closed, or ended by the server: class
+/// 57P, operator intervention, or 08, connection exception), not that the statement failed.
+fn connection_broken(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        _ => false,
     }
 }
 
@@ -128,10 +142,9 @@ struct Tagged {
 impl PgStore {
     /// A store on `pool`. Published rows are deleted.
     ///
-    /// Claims run with JIT off, each in one statement. On a pool whose connections start with JIT
-    /// off (`PgConnectOptions::options([("jit", "off")])`, as the `outbox-relay` daemon's do) they
-    /// run on it; otherwise on up to two connections of the store's own, opened at the first claim
-    /// with the pool's settings and hooks and JIT off, so the pool's own connections keep theirs.
+    /// Claims run with JIT off, each in one statement, on up to two connections of the store's
+    /// own: opened at the first claim with the pool's settings and hooks and JIT off (the pool's
+    /// own connections keep their setting), and not pinged before each claim.
     pub fn new(pool: PgPool) -> Self {
         PgStore {
             claim_pool: Arc::new(ClaimPool::new(pool.clone())),
@@ -188,26 +201,6 @@ async fn renew(store: &PgStore, owner: &str, ttl: Duration) -> Result<Vec<Lease>
     Ok(leases(owner, rows))
 }
 
-/// Whether PostgreSQL startup options (`-c name=value` or `--name=value`, as
-/// `PgConnectOptions::options` writes them) turn JIT off.
-fn jit_off(options: Option<&str>) -> bool {
-    let mut words = options.unwrap_or_default().split_whitespace();
-    let mut off = false;
-    while let Some(w) = words.next() {
-        let setting = match w {
-            "-c" => words.next().unwrap_or_default(),
-            w => w
-                .strip_prefix("--")
-                .or_else(|| w.strip_prefix("-c"))
-                .unwrap_or_default(),
-        };
-        if let Some(("jit", v)) = setting.split_once('=') {
-            off = matches!(v.to_ascii_lowercase().as_str(), "off" | "false" | "0" | "no");
-        }
-    }
-    off
-}
-
 async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) -> Result<Vec<StoredMessage>> {
     let claim = Claim {
         lease: lease.clone(),
@@ -243,21 +236,34 @@ async fn claim_together(pool: Arc<ClaimPool>, claims: Vec<Claim>) -> Result<Vec<
     }
     // JIT must be off for the claim: on a large backlog its cost estimate passes `jit_above_cost`
     // and every claim would pay 60-140 ms of LLVM compilation (BENCHMARKS.md, figure 2).
-    let query = sqlx::query_as(sql::CLAIM)
-        .bind(lanes)
-        .bind(owners)
-        .bind(epochs)
-        .bind(limits)
-        .bind(flight_ords)
-        .bind(flight_pos);
-    let rows: Vec<Tagged> = match pool.connection().await? {
-        Some(mut conn) => query.fetch_all(&mut *conn).await?,
-        None => {
-            let mut tx = pool.given.begin().await?;
-            sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
-            let rows = query.fetch_all(&mut *tx).await?;
-            tx.commit().await?;
-            rows
+    let query = || {
+        sqlx::query_as(sql::CLAIM)
+            .bind(lanes.clone())
+            .bind(owners.clone())
+            .bind(epochs.clone())
+            .bind(limits.clone())
+            .bind(flight_ords.clone())
+            .bind(flight_pos.clone())
+    };
+    let mut tries = 1;
+    let rows: Vec<Tagged> = loop {
+        match pool.connection().await? {
+            Some(mut conn) => match query().fetch_all(&mut *conn).await {
+                Ok(rows) => break rows,
+                Err(e) if tries < CLAIM_TRIES && connection_broken(&e) => {
+                    tracing::debug!(error = %e, "a claim found its connection broken; it runs again on another");
+                    conn.close_on_drop();
+                    tries += 1;
+                }
+                Err(e) => return Err(e.into()),
+            },
+            None => {
+                let mut tx = pool.given.begin().await?;
+                sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
+                let rows = query().fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                break rows;
+            }
         }
     };
     let mut answers: Vec<Vec<StoredMessage>> = claims.iter().map(|_| Vec::new()).collect();
@@ -383,24 +389,5 @@ impl Wakeups for PgStore {
             }
         });
         Ok(lanes.boxed())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::jit_off;
-
-    #[test]
-    fn jit_off_is_read_from_the_startup_options() {
-        let opts = sqlx::postgres::PgConnectOptions::new().options([("statement_timeout", "30s"), ("jit", "off")]);
-        assert!(jit_off(opts.get_options()));
-        assert!(jit_off(Some("--jit=false")));
-        assert!(jit_off(Some("-cjit=off")));
-        assert!(!jit_off(None));
-        assert!(!jit_off(Some("-c jit=on")));
-        assert!(!jit_off(Some("-c jit=off -c jit=on")), "the last one wins");
-        assert!(!jit_off(Some("-c jit_above_cost=off")));
-        let url: sqlx::postgres::PgConnectOptions = "postgres://u@h/db?options=-c%20jit%3Doff".parse().unwrap();
-        assert!(jit_off(url.get_options()), "{:?}", url.get_options());
     }
 }
