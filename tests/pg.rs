@@ -223,7 +223,7 @@ async fn behind_a_pooler_that_refuses_startup_options_claims_turn_jit_off_themse
 }
 
 #[tokio::test]
-async fn a_claim_whose_connection_was_cut_runs_again_on_another() {
+async fn claims_and_marks_whose_connections_were_cut_run_again_on_new_ones() {
     let pool = outbox_tests::db::fresh_pg().await;
     commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
     let proxy = outbox_tests::proxy::DbProxy::start().await;
@@ -243,36 +243,43 @@ async fn a_claim_whose_connection_was_cut_runs_again_on_another() {
     let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
     let other = leases.iter().find(|l| l.lane != lane).unwrap();
-    for round in 0..3 {
+    let cut = || async {
+        // Every connection through the proxy is dropped, as a server restart or a network device
+        // would: the store's idle connections are all broken, and it has not noticed.
+        proxy.cut();
+        proxy.restore().await;
+    };
+    for round in 0..3i64 {
         // Two claims at once, the second one asked while the first one's statement runs, so that
-        // the store keeps both of its connections (idle, and not pinged before the next claim).
+        // the store holds two connections.
         let (a, b) = tokio::join!(seqs_claimed(&store, lease, 10), async {
             tokio::task::yield_now().await;
             seqs_claimed(&store, other, 10).await
         });
-        assert_eq!(
-            (a, b),
-            (vec![1, 2, 3, 4, 5, 6], vec![]),
-            "round {round}, before the cut"
-        );
+        let left: Vec<i64> = (round + 1..=6).collect();
+        assert_eq!((&a, &b), (&left, &vec![]), "round {round}, before the cuts");
         let before = opened.load(std::sync::atomic::Ordering::SeqCst);
+        // The pool's connection and the store's two; from then on, each of the two cuts of a round
+        // costs the store a new connection, and the second claim at once one more.
+        assert_eq!(before as i64, 3 + 3 * round, "connections opened");
+        cut().await;
+        let rows = store.claim(lease, 10, &[]).await.expect("the first claim after a cut");
         assert_eq!(
-            before,
-            3 + 2 * round,
-            "the pool's connection and the store's two, each round"
+            rows.iter().map(|r| r.seq.unwrap()).collect::<Vec<_>>(),
+            left,
+            "round {round}"
         );
-        // Both back in the store's pool (sqlx returns a connection in a task of its own).
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        // Every connection through the proxy is dropped, as a server restart or a network
-        // device would: the next claim finds its connection broken and runs again.
-        proxy.cut();
-        proxy.restore().await;
-        assert_eq!(
-            seqs_claimed(&store, lease, 10).await,
-            vec![1, 2, 3, 4, 5, 6],
-            "round {round}: the first claim after the cut ({before} connections opened before it)"
-        );
+        cut().await;
+        store
+            .mark_published(lease, &[outbox::Delivered::new(rows[0].pos)])
+            .await
+            .expect("the first mark after a cut");
     }
+    assert_eq!(
+        seqs_claimed(&store, lease, 10).await,
+        vec![4, 5, 6],
+        "three rows marked"
+    );
 }
 
 /// Writes rows of key `k` as (seq, created_at, available_at), both as milliseconds from the

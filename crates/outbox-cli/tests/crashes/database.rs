@@ -52,9 +52,11 @@ async fn database_connections_killed_while_draining_lose_nothing() {
     let mut rng = rand::thread_rng();
     let (mut killed, mut rounds, mut refills) = (0i64, 0, 0);
     let mut rounds_of_this_backlog = 0;
+    // A claim or a mark whose connection was killed runs again on a new one (counted with the
+    // failures: the kill hit the relay).
     let failures = |relay: &outbox_tests::daemon::RelayProcess| {
         (
-            relay.count("claim failed"),
+            relay.count("claim failed") + relay.count("the statement runs again on a new one"),
             relay.count("store write failed"),
             relay.count("lease maintenance failed"),
         )
@@ -103,7 +105,7 @@ async fn database_connections_killed_while_draining_lose_nothing() {
     );
     eprintln!(
         "killed connections: {killed} backends in {rounds} rounds, {refills} backlogs refilled; relay saw {claims} \
-         failed claims, {writes} failed marks, {upkeep} failed lease rounds; {dups} duplicates"
+         failed claims or statements run again, {writes} failed marks, {upkeep} failed lease rounds; {dups} duplicates"
     );
 }
 

@@ -2,6 +2,7 @@
 //! embedded migrations and NOTIFY/LISTEN wake-up.
 
 mod combine;
+mod own;
 mod sql;
 mod store;
 

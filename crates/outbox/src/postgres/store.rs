@@ -1,16 +1,15 @@
 //! `PgStore`: what the relay does on PostgreSQL its own way (acquire, renew, claim, mark); the rest is
 //! the body in [`crate::sql_store`] over this database's dialect (`sql.rs`: statements, decoding).
 
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPool};
-use sqlx::Postgres;
 
 use super::combine::Combiner;
+use super::own::OwnConns;
 use super::sql;
 use crate::message::ClaimRow;
 use crate::sql_store::leases;
@@ -25,96 +24,29 @@ pub struct PgStore {
     mark_sql: Arc<str>,
     failed_sql: String,
     dead_sql: String,
-    /// Where claims run, each one statement with JIT off.
-    claim_pool: Arc<ClaimPool>,
+    /// Where claims and marks run, each one statement with JIT off.
+    own: Arc<OwnConns>,
     /// The claims, and the marks, of lanes that ask at the same moment share a statement.
     claims: Arc<Combiner<Claim, Vec<StoredMessage>>>,
     marks: Arc<Combiner<Mark, bool>>,
 }
 
+/// Runs `fetch_all` of the query `$query` builds (again on a retry) on the store's own connections
+/// ([`OwnConns::run`]): `Ok(None)` when those are refused.
+macro_rules! fetch_on_own {
+    ($own:expr, $query:expr) => {
+        $own.run(|mut conn| {
+            let q = $query;
+            async move {
+                let rows = q.fetch_all(&mut conn).await;
+                (conn, rows)
+            }
+        })
+    };
+}
+
 /// How many claims, and how many marks, run at a time (each for every lane that asked meanwhile).
 const AT_ONCE: usize = 2;
-
-/// Where the claims run: one statement each, with JIT off, on connections of the store's own.
-#[derive(Debug)]
-struct ClaimPool {
-    given: PgPool,
-    /// Opened at the first claim (a pool opens inside a runtime): the given pool's settings and
-    /// hooks, at most [`AT_ONCE`] connections, each started with JIT off. The given pool's own
-    /// connections keep their setting.
-    ///
-    /// No ping before each acquire (sqlx's default would spend a round trip on it before every
-    /// claim): a claim is a plain read, so one that finds its connection broken (the server
-    /// restarted, a proxy dropped it) runs again on another ([`CLAIM_TRIES`]).
-    own: OnceLock<PgPool>,
-    /// When the server, or a pooler in front of it, last refused one of those connections (PgBouncer
-    /// refuses the startup option): until [`RETRY_OWN`] later, claims turn JIT off in a
-    /// transaction of their own on the given pool (BEGIN, SET LOCAL, the claim, COMMIT).
-    refused_at: Mutex<Option<Instant>>,
-}
-
-/// How long claims stay on the given pool after a refused connection of the store's own.
-const RETRY_OWN: Duration = Duration::from_secs(60);
-
-/// How many times a claim runs when its connection turns out broken: once on each idle connection
-/// of the store's own (all may have been cut at once), then on a new one.
-const CLAIM_TRIES: usize = AT_ONCE + 1;
-
-impl ClaimPool {
-    fn new(given: PgPool) -> Self {
-        ClaimPool {
-            given,
-            own: OnceLock::new(),
-            refused_at: Mutex::new(None),
-        }
-    }
-
-    /// A connection whose JIT is off, or `None` when claims must turn it off themselves.
-    async fn connection(&self) -> Result<Option<PoolConnection<Postgres>>> {
-        if self.refused_at().is_some_and(|t| t.elapsed() < RETRY_OWN) {
-            return Ok(None);
-        }
-        let own = self.own.get_or_init(|| {
-            let opts = self.given.connect_options().as_ref().clone().options([("jit", "off")]);
-            self.given
-                .options()
-                .clone()
-                .max_connections(AT_ONCE as u32)
-                .min_connections(0)
-                .test_before_acquire(false)
-                .connect_lazy_with(opts)
-        });
-        match own.acquire().await {
-            Ok(conn) => {
-                *self.refused_at() = None;
-                Ok(Some(conn))
-            }
-            Err(sqlx::Error::Database(e)) => {
-                let mut refused_at = self.refused_at();
-                if refused_at.is_none() {
-                    tracing::warn!(error = %e, "a connection with JIT off was refused; claims turn JIT off in a transaction of their own for a minute");
-                }
-                *refused_at = Some(Instant::now());
-                Ok(None)
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn refused_at(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        self.refused_at.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Whether `e` says the connection itself is gone (reset, closed, or ended by the server: class
-/// 57P, operator intervention, or 08, connection exception), not that the statement failed.
-fn connection_broken(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
-        _ => false,
-    }
-}
 
 /// One lane's claim: its lease, how many rows, and the positions it has in flight.
 #[derive(Debug)]
@@ -142,12 +74,13 @@ struct Tagged {
 impl PgStore {
     /// A store on `pool`. Published rows are deleted.
     ///
-    /// Claims run with JIT off, each in one statement, on up to two connections of the store's
-    /// own: opened at the first claim with the pool's settings and hooks and JIT off (the pool's
-    /// own connections keep their setting), and not pinged before each claim.
+    /// Claims and marks run each in one statement on connections of the store's own (up to two
+    /// for each): opened at the first one with the pool's settings and hooks and JIT off (the
+    /// pool's own connections keep their setting), and held outside the pool, so no ping goes
+    /// with a statement.
     pub fn new(pool: PgPool) -> Self {
         PgStore {
-            claim_pool: Arc::new(ClaimPool::new(pool.clone())),
+            own: Arc::new(OwnConns::new(pool.clone())),
             pool,
             keep_published: false,
             mark_sql: sql::mark_published_delete().into(),
@@ -207,10 +140,10 @@ async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) 
         limit: limit as i64,
         in_flight: in_flight.to_vec(),
     };
-    let pool = Arc::clone(&store.claim_pool);
+    let own = Arc::clone(&store.own);
     store
         .claims
-        .call(claim, move |claims| claim_together(Arc::clone(&pool), claims))
+        .call(claim, move |claims| claim_together(Arc::clone(&own), claims))
         .await
 }
 
@@ -226,7 +159,7 @@ fn lease_columns<'a>(leases: impl Iterator<Item = &'a Lease>) -> (Vec<i32>, Vec<
 }
 
 /// The claims of several lanes in one statement, each answered with its own rows.
-async fn claim_together(pool: Arc<ClaimPool>, claims: Vec<Claim>) -> Result<Vec<Vec<StoredMessage>>> {
+async fn claim_together(own: Arc<OwnConns>, claims: Vec<Claim>) -> Result<Vec<Vec<StoredMessage>>> {
     let (lanes, owners, epochs) = lease_columns(claims.iter().map(|c| &c.lease));
     let (mut limits, mut flight_ords, mut flight_pos) = (vec![], vec![], vec![]);
     for (ord, c) in (1i64..).zip(&claims) {
@@ -245,25 +178,15 @@ async fn claim_together(pool: Arc<ClaimPool>, claims: Vec<Claim>) -> Result<Vec<
             .bind(flight_ords.clone())
             .bind(flight_pos.clone())
     };
-    let mut tries = 1;
-    let rows: Vec<Tagged> = loop {
-        match pool.connection().await? {
-            Some(mut conn) => match query().fetch_all(&mut *conn).await {
-                Ok(rows) => break rows,
-                Err(e) if tries < CLAIM_TRIES && connection_broken(&e) => {
-                    tracing::debug!(error = %e, "a claim found its connection broken; it runs again on another");
-                    conn.close_on_drop();
-                    tries += 1;
-                }
-                Err(e) => return Err(e.into()),
-            },
-            None => {
-                let mut tx = pool.given.begin().await?;
-                sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
-                let rows = query().fetch_all(&mut *tx).await?;
-                tx.commit().await?;
-                break rows;
-            }
+    let rows: Vec<Tagged> = match fetch_on_own!(own, query()).await? {
+        Some(rows) => rows,
+        None => {
+            // The store's own connections were refused: JIT off for this transaction only.
+            let mut tx = own.given().begin().await?;
+            sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
+            let rows = query().fetch_all(&mut *tx).await?;
+            tx.commit().await?;
+            rows
         }
     };
     let mut answers: Vec<Vec<StoredMessage>> = claims.iter().map(|_| Vec::new()).collect();
@@ -278,19 +201,25 @@ async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> R
         lease: lease.clone(),
         done: done.to_vec(),
     };
-    let (pool, sql, keep) = (store.pool.clone(), Arc::clone(&store.mark_sql), store.keep_published);
+    let (own, sql, keep) = (
+        Arc::clone(&store.own),
+        Arc::clone(&store.mark_sql),
+        store.keep_published,
+    );
     let held_then = store
         .marks
         .call(mark, move |marks| {
-            mark_together(pool.clone(), Arc::clone(&sql), keep, marks)
+            mark_together(Arc::clone(&own), Arc::clone(&sql), keep, marks)
         })
         .await?;
     held(lease, held_then)
 }
 
 /// The marks of several lanes in one statement; answers whether each one's lease was held.
-/// `keep`: `sql` is the keeping variant, which takes partitions and offsets too.
-async fn mark_together(pool: PgPool, sql: Arc<str>, keep: bool, marks: Vec<Mark>) -> Result<Vec<bool>> {
+/// `keep`: `sql` is the keeping variant, which takes partitions and offsets too. A second run of
+/// the statement changes nothing (its rows are gone) and gives the same answer, so it may run on
+/// the store's own connections.
+async fn mark_together(own: Arc<OwnConns>, sql: Arc<str>, keep: bool, marks: Vec<Mark>) -> Result<Vec<bool>> {
     let (lanes, owners, epochs) = lease_columns(marks.iter().map(|m| &m.lease));
     let (mut ords, mut pos, mut parts, mut offs) = (vec![], vec![], vec![], vec![]);
     for (ord, m) in (1i64..).zip(&marks) {
@@ -301,16 +230,22 @@ async fn mark_together(pool: PgPool, sql: Arc<str>, keep: bool, marks: Vec<Mark>
             offs.push(d.offset);
         }
     }
-    let mut q = sqlx::query_scalar(&sql)
-        .bind(lanes)
-        .bind(owners)
-        .bind(epochs)
-        .bind(ords)
-        .bind(pos);
-    if keep {
-        q = q.bind(parts).bind(offs);
+    let query = || {
+        let q = sqlx::query_scalar(&sql)
+            .bind(lanes.clone())
+            .bind(owners.clone())
+            .bind(epochs.clone())
+            .bind(ords.clone())
+            .bind(pos.clone());
+        match keep {
+            true => q.bind(parts.clone()).bind(offs.clone()),
+            false => q,
+        }
+    };
+    match fetch_on_own!(own, query()).await? {
+        Some(held) => Ok(held),
+        None => Ok(query().fetch_all(own.given()).await?),
     }
-    Ok(q.fetch_all(&pool).await?)
 }
 
 async fn mark_failed(store: &PgStore, lease: &Lease, pos: i64, error: &str, retry_in: Duration) -> Result<()> {
@@ -366,11 +301,15 @@ impl Wakeups for PgStore {
 
     async fn ready_lanes(&self, lanes: &[(i32, i64)]) -> Result<Vec<i32>> {
         let (lanes, after): (Vec<i32>, Vec<i64>) = lanes.iter().copied().unzip();
-        Ok(sqlx::query_scalar(sql::READY_LANES)
-            .bind(lanes)
-            .bind(after)
-            .fetch_all(&self.pool)
-            .await?)
+        let query = || {
+            sqlx::query_scalar(sql::READY_LANES)
+                .bind(lanes.clone())
+                .bind(after.clone())
+        };
+        match fetch_on_own!(self.own, query()).await? {
+            Some(ready) => Ok(ready),
+            None => Ok(query().fetch_all(&self.pool).await?),
+        }
     }
 
     async fn listen(&self) -> Result<BoxStream<'static, i32>> {

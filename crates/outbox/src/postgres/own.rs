@@ -1,0 +1,134 @@
+//! The store's own connections, where the relay's hottest statements run (claims, marks, the
+//! lingering lanes' watch): each one statement, with JIT off, and no round trip besides it.
+
+use std::future::Future;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::Postgres;
+
+use crate::Result;
+
+/// Connections opened with the given pool's settings and hooks and JIT off, the given pool's own
+/// connections keeping their setting. They are held outside any pool: sqlx pings a pooled
+/// connection before each acquire (by default) and after each release, two round trips for each
+/// statement. A statement run here must be safe to run twice (a read, or a write whose second run
+/// changes nothing), because one whose connection broke runs again on a new one.
+#[derive(Debug)]
+pub(super) struct OwnConns {
+    given: PgPool,
+    /// Opens the connections, at the first statement (a pool opens inside a runtime); each one is
+    /// detached from it at once and kept in `idle` between statements.
+    opener: OnceLock<PgPool>,
+    idle: Mutex<Vec<PgConnection>>,
+    /// When the server, or a pooler in front of it, last refused a connection (PgBouncer refuses
+    /// the startup option that turns JIT off): until [`RETRY_OWN`] later, the statements run on
+    /// the given pool, their own way.
+    refused_at: Mutex<Option<Instant>>,
+}
+
+/// How long statements stay on the given pool after a refused connection of the store's own.
+const RETRY_OWN: Duration = Duration::from_secs(60);
+
+impl OwnConns {
+    pub(super) fn new(given: PgPool) -> Self {
+        OwnConns {
+            given,
+            opener: OnceLock::new(),
+            idle: Mutex::new(Vec::new()),
+            refused_at: Mutex::new(None),
+        }
+    }
+
+    /// The pool the store was given.
+    pub(super) fn given(&self) -> &PgPool {
+        &self.given
+    }
+
+    /// Runs `statement` on a connection of the store's own; `Ok(None)` when those are refused, and
+    /// the caller runs it on [`Self::given`] instead. `statement` hands the connection back with
+    /// its answer.
+    ///
+    /// A connection that turns out broken (the server restarted, a network device dropped it) is
+    /// dropped with every idle one, which the same cause broke too in all likelihood, and the
+    /// statement runs once more on a new connection.
+    pub(super) async fn run<T, F, Fut>(&self, statement: F) -> Result<Option<T>>
+    where
+        F: Fn(PgConnection) -> Fut,
+        Fut: Future<Output = (PgConnection, sqlx::Result<T>)>,
+    {
+        let mut broken_before = false;
+        loop {
+            let Some(conn) = self.take().await? else {
+                return Ok(None);
+            };
+            match statement(conn).await {
+                (conn, Ok(answer)) => {
+                    self.idle().push(conn);
+                    return Ok(Some(answer));
+                }
+                (_, Err(e)) if connection_broken(&e) && !broken_before => {
+                    tracing::info!(error = %e, "a connection of the store's own broke; the statement runs again on a new one");
+                    self.idle().clear();
+                    broken_before = true;
+                }
+                (conn, Err(e)) => {
+                    if !connection_broken(&e) {
+                        self.idle().push(conn);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// An idle connection, or a new one; `None` when new ones are refused.
+    async fn take(&self) -> Result<Option<PgConnection>> {
+        if let Some(conn) = self.idle().pop() {
+            return Ok(Some(conn));
+        }
+        if self.refused_at().is_some_and(|t| t.elapsed() < RETRY_OWN) {
+            return Ok(None);
+        }
+        let opener = self.opener.get_or_init(|| {
+            let opts = self.given.connect_options().as_ref().clone().options([("jit", "off")]);
+            let given: &PoolOptions<Postgres> = self.given.options();
+            given.clone().min_connections(0).connect_lazy_with(opts)
+        });
+        match opener.acquire().await {
+            Ok(conn) => {
+                *self.refused_at() = None;
+                Ok(Some(conn.detach()))
+            }
+            Err(sqlx::Error::Database(e)) => {
+                let mut refused_at = self.refused_at();
+                if refused_at.is_none() {
+                    tracing::warn!(error = %e, "a connection with JIT off was refused; claims and marks run on the given pool for a minute");
+                }
+                *refused_at = Some(Instant::now());
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn idle(&self) -> MutexGuard<'_, Vec<PgConnection>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn refused_at(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.refused_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Whether `e` says the connection itself is gone (reset, closed, or ended by the server: class
+/// 57P, operator intervention, or 08, connection exception), not that the statement failed.
+fn connection_broken(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("57P") || c.starts_with("08")),
+        _ => false,
+    }
+}
