@@ -163,7 +163,7 @@ async fn claims_run_with_jit_off_in_one_statement_whatever_the_pool() {
     let pool = outbox_tests::db::fresh_pg().await;
     commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
     let opts = pool.connect_options().as_ref().clone();
-    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    let lane = lane_of_k();
     let seen = Arc::new(Mutex::new(Vec::new()));
     // A pool whose connections start with JIT off, as the daemon's do; and a pool as a service
     // makes it, whose connections keep the server's JIT setting.
@@ -200,23 +200,48 @@ async fn claims_run_with_jit_off_in_one_statement_whatever_the_pool() {
     }
 }
 
-#[tokio::test]
-async fn behind_a_pooler_that_refuses_startup_options_claims_turn_jit_off_themselves() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
-    let pooler = outbox_tests::proxy::OptionsRefused::start().await;
-    let through = sqlx::postgres::PgPoolOptions::new()
+/// A store on a pool of `options` (at most 2 connections) that reaches `pool`'s database through
+/// `port` (a proxy), and the leases it took of every lane.
+async fn store_through(
+    pool: &sqlx::PgPool,
+    port: u16,
+    options: sqlx::postgres::PgPoolOptions,
+) -> (sqlx::PgPool, outbox::postgres::PgStore, Vec<outbox::Lease>) {
+    let through = options
         .max_connections(2)
-        .connect_with(pool.connect_options().as_ref().clone().port(pooler.port))
+        .connect_with(pool.connect_options().as_ref().clone().port(port))
         .await
         .unwrap();
     let store = outbox::postgres::PgStore::new(through.clone());
     let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
-    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
-    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+    (through, store, leases)
+}
+
+/// The lane of key `k`.
+fn lane_of_k() -> i32 {
+    outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES)
+}
+
+#[tokio::test]
+async fn behind_a_pooler_that_refuses_startup_options_claims_and_marks_run_on_the_given_pool() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
+    let pooler = outbox_tests::proxy::OptionsRefused::start().await;
+    let (through, store, leases) = store_through(&pool, pooler.port, sqlx::postgres::PgPoolOptions::new()).await;
+    let lease = leases.iter().find(|l| l.lane == lane_of_k()).unwrap();
     assert_eq!(seqs_claimed(&store, lease, 2).await, vec![1, 2]);
-    assert_eq!(seqs_claimed(&store, lease, 10).await, vec![1, 2, 3, 4, 5, 6]);
-    // The first claim's connection with JIT off was refused; the second claim did not ask again.
+    let rows = store.claim(lease, 10, &[]).await.unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.seq.unwrap()).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    // The marks run on the given pool too.
+    store
+        .mark_published(lease, &[outbox::Delivered::new(rows[0].pos)])
+        .await
+        .unwrap();
+    assert_eq!(seqs_claimed(&store, lease, 10).await, vec![2, 3, 4, 5, 6]);
+    // The first claim's connection with JIT off was refused; nothing asked again.
     assert_eq!(pooler.refused(), 1);
     let jit: String = scalar(&through, "SHOW jit").await;
     assert_ne!(jit, "off", "SET LOCAL ends with the claim's transaction");
@@ -229,20 +254,13 @@ async fn claims_and_marks_whose_connections_were_cut_run_again_on_new_ones() {
     let proxy = outbox_tests::proxy::DbProxy::start().await;
     let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = opened.clone();
-    let through = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .after_connect(move |_, _| {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Ok(()) })
-        })
-        .connect_with(pool.connect_options().as_ref().clone().port(proxy.port))
-        .await
-        .unwrap();
-    let store = outbox::postgres::PgStore::new(through.clone());
-    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
-    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
-    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
-    let other = leases.iter().find(|l| l.lane != lane).unwrap();
+    let options = sqlx::postgres::PgPoolOptions::new().after_connect(move |_, _| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    });
+    let (_, store, leases) = store_through(&pool, proxy.port, options).await;
+    let lease = leases.iter().find(|l| l.lane == lane_of_k()).unwrap();
+    let other = leases.iter().find(|l| l.lane != lane_of_k()).unwrap();
     let cut = || async {
         // Every connection through the proxy is dropped, as a server restart or a network device
         // would: the store's idle connections are all broken, and it has not noticed.
@@ -287,7 +305,7 @@ async fn claims_and_marks_whose_connections_were_cut_run_again_on_new_ones() {
 async fn claimed_seqs(rows: &[(i64, i64, i64)]) -> Vec<i64> {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
-    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    let lane = lane_of_k();
     let lease = leases.iter().find(|l| l.lane == lane).unwrap();
     for (seq, created_ms, available_ms) in rows {
         sqlx::query(
@@ -370,7 +388,7 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
         async move { commit_each(&pool, [Message::new(topic, "x").key(key)]).await[0].lane }
     };
     let published = || async { store.status().await.unwrap().pending == 0 };
-    let lane = outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES);
+    let lane = lane_of_k();
     outbox_tests::embedded::wait_for("the lane idle before any work", Duration::from_secs(10), || idle(lane)).await;
 
     assert_eq!(send("k").await, lane);
@@ -484,7 +502,7 @@ async fn marks_do_not_wait_for_the_wal_flush_and_leave_the_connections_setting_a
         .await
         .unwrap()
         .into_iter()
-        .find(|l| l.lane == outbox::lane_of(Some("k"), uuid::Uuid::nil(), outbox::LANES))
+        .find(|l| l.lane == lane_of_k())
         .expect("the key's lane");
     let rows = store.claim(&lease, N, &[]).await.unwrap();
     assert_eq!(rows.len(), N);
