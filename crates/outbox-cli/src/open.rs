@@ -81,8 +81,10 @@ pub(crate) async fn open(
         "postgres" | "postgresql" => {
             let opts: sqlx::postgres::PgConnectOptions = url.parse().map_err(outbox::Error::from)?;
             // A statement never waits forever on a lock or a stuck query.
-            // JIT off: on a large backlog PostgreSQL would JIT-compile the claim on every call
-            // (60-140 ms each, BENCHMARKS.md).
+            // JIT off: on a large backlog PostgreSQL would JIT-compile a statement that scans the
+            // outbox (60-140 ms each, BENCHMARKS.md). The claims run on the store's own connections,
+            // which copy these options and turn JIT off themselves; this keeps it off for the
+            // daemon's other statements (backlog counts, lease upkeep).
             let mut opts = opts.options([("statement_timeout", "30s"), ("lock_timeout", "10s"), ("jit", "off")]);
             if let Some(schema) = schema {
                 opts = opts.options([("search_path", schema)]);

@@ -24,7 +24,7 @@ pub struct PgStore {
     mark_sql: Arc<str>,
     failed_sql: String,
     dead_sql: String,
-    /// Where claims and marks run, each one statement with JIT off.
+    /// Where claims, marks and the lingering lanes' watch run, each one statement with JIT off.
     own: Arc<OwnConns>,
     /// The claims, and the marks, of lanes that ask at the same moment share a statement.
     claims: Arc<Combiner<Claim, Vec<StoredMessage>>>,
