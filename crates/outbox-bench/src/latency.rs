@@ -158,6 +158,7 @@ async fn relay_latency(
             .poll_interval(case.poll)
             .linger(case.lanes_linger)
             .linger_poll_interval(case.watch)
+            .linger_poll_max(case.watch_max)
             .pipeline(case.pipeline)
             .adaptive_pace(case.pace),
     );
@@ -243,6 +244,11 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             ..d
         }),
         Variant::Relay(Case { pace: false, ..d }),
+        // The lingering lanes looked at up to 100 ms apart while the relay slows the writers.
+        Variant::Relay(Case {
+            watch_max: Duration::from_millis(100),
+            ..d
+        }),
     ];
     let mut res: Vec<Vec<Vec<Lat>>> = vec![vec![Vec::new(); cases.len()]; rates.len()];
     for round in 0..rounds {

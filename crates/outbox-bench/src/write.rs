@@ -366,18 +366,24 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     // The lanes' linger (writers skip NOTIFY while it lasts) against none, in the same rounds.
     let linger = outbox_relay::RelayConfig::DEFAULT_LINGER;
     // And the embedded relay woken in-process by the writers' commits (no NOTIFY needed), linger 0.
-    let beside = |linger, every_ms, local| {
+    // The defaults look at the lingering lanes every 5 ms; beside them the look that may go up to
+    // 100 ms apart while the relay slows the writers' commits (`linger_poll_max`).
+    let every = outbox_relay::RelayConfig::DEFAULT_LINGER_POLL_INTERVAL;
+    let max = outbox_relay::RelayConfig::DEFAULT_LINGER_POLL_MAX;
+    let gathered = Duration::from_millis(100);
+    let beside = |linger, every, max, local| {
         Some(order::Beside {
             linger,
-            every: Duration::from_millis(every_ms),
+            every,
+            max,
             local,
         })
     };
     let settings = [
-        beside(Duration::ZERO, 0, false),
-        beside(linger, 5, false),
-        beside(linger, 20, false),
-        beside(Duration::ZERO, 0, true),
+        beside(Duration::ZERO, every, max, false),
+        beside(linger, every, max, false),
+        beside(linger, every, gathered, false),
+        beside(Duration::ZERO, every, max, true),
     ];
     rows.extend(order_rows(&db, rounds, dur, &settings).await?);
     db.drop_db().await;

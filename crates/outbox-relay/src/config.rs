@@ -62,6 +62,16 @@ pub struct RelayConfig {
     pub linger: Duration,
     /// How often the lanes that linger are looked at, all with one query. Defaults to 5 ms.
     pub linger_poll_interval: Duration,
+    /// With the adaptive pace, the longest the lingering lanes may go unlooked at, trading latency
+    /// for the service's throughput. While the relay slows commits by more than
+    /// [`RelayConfig::pace_slowdown`] (the pace's working against quiet commit times), the look
+    /// comes half as often each second (up to this, and at most half the linger), so each claim
+    /// and mark carries more rows and the relay's statements leave the database to the service;
+    /// within the slowdown it comes back towards [`RelayConfig::linger_poll_interval`]. Off by
+    /// default: the same signal rises for a service that keeps up with its load, whose messages
+    /// would only wait longer (BENCHMARKS.md, figures 1 and 3). Zero (the default): always
+    /// [`RelayConfig::linger_poll_interval`].
+    pub linger_poll_max: Duration,
     /// Lease duration; leases are renewed every third of it. Defaults to 30 s.
     pub lease_ttl: Duration,
     /// At most this many lanes per relay; by default a fair share of the lanes among live relays.
@@ -127,6 +137,8 @@ impl RelayConfig {
     pub const DEFAULT_LINGER: Duration = Duration::from_secs(1);
     /// Default [`RelayConfig::linger_poll_interval`].
     pub const DEFAULT_LINGER_POLL_INTERVAL: Duration = Duration::from_millis(5);
+    /// Default [`RelayConfig::linger_poll_max`]: none, the look stays at `linger_poll_interval`.
+    pub const DEFAULT_LINGER_POLL_MAX: Duration = Duration::ZERO;
     /// Default [`RelayConfig::lease_ttl`].
     pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
     /// Default [`RelayConfig::max_attempts`].
@@ -164,6 +176,7 @@ impl Default for RelayConfig {
             poll_interval: Self::DEFAULT_POLL_INTERVAL,
             linger: Self::DEFAULT_LINGER,
             linger_poll_interval: Self::DEFAULT_LINGER_POLL_INTERVAL,
+            linger_poll_max: Self::DEFAULT_LINGER_POLL_MAX,
             lease_ttl: Self::DEFAULT_LEASE_TTL,
             max_lanes: None,
             max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
@@ -221,6 +234,12 @@ impl RelayConfig {
         }
         if !self.linger.is_zero() && self.linger_poll_interval < Duration::from_millis(1) {
             return Err("linger_poll_interval must be at least 1ms".into());
+        }
+        if !self.linger_poll_max.is_zero() && self.linger_poll_max < self.linger_poll_interval {
+            return Err(format!(
+                "linger_poll_max ({:?}) must be 0 or at least linger_poll_interval ({:?})",
+                self.linger_poll_max, self.linger_poll_interval
+            ));
         }
         if !(self.pace_slowdown > 0.0 && self.pace_slowdown <= 10.0) {
             return Err("pace_slowdown must be above 0 and at most 10 (a commit 11 times as long)".into());
@@ -293,6 +312,20 @@ mod tests {
             assert!(err.contains("pace_slowdown"), "{bad}: {err}");
         }
         RelayConfig::default().pace_slowdown(0.05).validate().unwrap();
+    }
+
+    #[test]
+    fn a_linger_poll_max_below_the_interval_is_refused() {
+        let c = RelayConfig::default().linger_poll_max(Duration::from_millis(4));
+        assert_eq!(
+            c.validate().unwrap_err(),
+            "linger_poll_max (4ms) must be 0 or at least linger_poll_interval (5ms)"
+        );
+        c.clone()
+            .linger_poll_interval(Duration::from_millis(4))
+            .validate()
+            .unwrap();
+        c.linger_poll_max(Duration::ZERO).validate().unwrap();
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! [`RelayConfig::linger`](crate::RelayConfig::linger) after it runs dry, so committing
 //! transactions send no NOTIFY (PostgreSQL makes the commits of notifying transactions take turns);
 //! meanwhile one query per [`RelayConfig::linger_poll_interval`](crate::RelayConfig::linger_poll_interval)
-//! finds which of those lanes got rows and wakes them. A lane whose linger ends sets its flag to
+//! (with `linger_poll_max`, longer while the adaptive pace finds the relay slows commits, see
+//! `crate::pace::gather`) finds which of those lanes got rows and wakes them. A lane whose linger ends sets its flag to
 //! idle and waits for NOTIFY as before.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -55,8 +56,10 @@ pub(crate) fn enabled<S: Store, P: Publisher>(shared: &Shared<S, P>) -> bool {
     !shared.cfg.linger.is_zero() && shared.store.wakeups().is_some()
 }
 
-/// Looks at the lingering lanes every `linger_poll_interval` and wakes those with a ready row. A
-/// failed look only costs latency: each lane's linger ends anyway, and then NOTIFY and the poll
+/// Looks at the lingering lanes every `linger_poll_interval` (under the adaptive pace with a
+/// `linger_poll_max`, up to that while the relay slows commits, waiting out the pace's quiet
+/// window) and
+/// wakes those with a ready row. A failed look only costs latency: each lane's linger ends anyway, and then NOTIFY and the poll
 /// take over.
 pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     let Some(wakeups) = shared.store.wakeups().filter(|_| enabled(&shared)) else {
@@ -67,7 +70,18 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         if lanes.is_empty() {
             shared.watched.added.notified().await;
         }
-        tokio::time::sleep(shared.cfg.linger_poll_interval).await;
+        match &shared.adaptive {
+            Some(pace) => {
+                let every = pace.watch_every(shared.cfg.linger_poll_interval);
+                tokio::time::sleep(every).await;
+                // The quiet window is the pace's measure of commits without the relay; a look that
+                // may gather waits it out, but never more than one interval more.
+                if shared.cfg.linger_poll_max > shared.cfg.linger_poll_interval {
+                    let _ = tokio::time::timeout(every, pace.not_quiet()).await;
+                }
+            }
+            None => tokio::time::sleep(shared.cfg.linger_poll_interval).await,
+        }
         lanes = shared.watched.lanes();
         if lanes.is_empty() {
             continue;

@@ -32,6 +32,11 @@
 //! the oldest row claimed has waited longer than
 //! [`RelayConfig::pace_max_lag`](crate::RelayConfig::pace_max_lag), the pace stays at one lane or
 //! more: a peak that lasts makes the backlog wait, but not for ever.
+//!
+//! Lanes that keep up are spared the gate but not the signal: while the relay slows commits, the
+//! lingering lanes are looked at less often when
+//! [`RelayConfig::linger_poll_max`](crate::RelayConfig::linger_poll_max) allows ([`gather`]), so each
+//! claim and mark carries more rows. The look waits out the quiet window too (up to one interval).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -43,8 +48,10 @@ use tokio::sync::{watch, Semaphore, SemaphorePermit};
 
 use crate::shared::Shared;
 use counts::Counts;
+use gather::Gather;
 
 mod counts;
+mod gather;
 
 /// One control cycle: working probes, then the quiet window.
 pub(crate) const CYCLE: Duration = Duration::from_secs(1);
@@ -85,6 +92,8 @@ pub(crate) struct Adaptive {
     own: AtomicU64,
     /// How long the oldest row claimed since the last cycle had waited, in milliseconds.
     lag_ms: AtomicU64,
+    /// How often the lingering lanes are looked at, in microseconds (0: not set yet).
+    watch_us: AtomicU64,
 }
 
 impl Default for Adaptive {
@@ -97,6 +106,7 @@ impl Default for Adaptive {
             active: AtomicUsize::new(0),
             own: AtomicU64::new(0),
             lag_ms: AtomicU64::new(0),
+            watch_us: AtomicU64::new(0),
         }
     }
 }
@@ -180,6 +190,20 @@ impl Adaptive {
         } else {
             took.mul_f64(1.0 / level - 1.0)
         }
+    }
+
+    /// How long the lingering lanes go between two looks ([`gather`]): `floor` until the
+    /// controller sets it.
+    pub(crate) fn watch_every(&self, floor: Duration) -> Duration {
+        match self.watch_us.load(Ordering::Relaxed) {
+            0 => floor,
+            us => Duration::from_micros(us),
+        }
+    }
+
+    /// Completes outside the quiet window.
+    pub(crate) async fn not_quiet(&self) {
+        let _ = self.quiet.subscribe().wait_for(|q| !q).await;
     }
 
     pub(crate) fn level(&self) -> f64 {
@@ -299,7 +323,9 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     let Some(pace) = &shared.adaptive else {
         return;
     };
-    let mut c = Control::new(shared.cfg.pace_slowdown);
+    let cfg = &shared.cfg;
+    let mut c = Control::new(cfg.pace_slowdown);
+    let mut gather = Gather::new(cfg.linger_poll_interval, cfg.linger_poll_max, cfg.linger);
     loop {
         let mut working = Vec::new();
         let mut service = None;
@@ -339,6 +365,11 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         };
         let now = Instant::now();
         c.cycle(quiet, working, service, now);
+        let every = gather.cycle(quiet, working, c.slowdown);
+        pace.watch_us.store(
+            u64::try_from(every.as_micros()).unwrap_or(u64::MAX).max(1),
+            Ordering::Relaxed,
+        );
         let lag = Duration::from_millis(pace.lag_ms.swap(0, Ordering::Relaxed));
         let level = c.bound_lag(lag, shared.cfg.pace_max_lag);
         c.apply(pace);
@@ -349,6 +380,7 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
             working_us = working.as_micros() as u64,
             ?service,
             lag_ms = lag.as_millis() as u64,
+            watch_ms = every.as_secs_f64() * 1000.0,
             "pace"
         );
     }

@@ -18,6 +18,9 @@ pub(super) struct Case {
     pub(super) lanes_linger: Duration,
     /// How often lingering lanes are looked at ([`RelayConfig::linger_poll_interval`]).
     pub(super) watch: Duration,
+    /// The longest between two looks while the relay slows a busy service
+    /// ([`RelayConfig::linger_poll_max`]).
+    pub(super) watch_max: Duration,
     /// Batches in flight per lane ([`RelayConfig::pipeline`]).
     pub(super) pipeline: usize,
     /// The relay listens for the writers' in-process wake-up (`Relay::wake_on`), so their
@@ -37,6 +40,7 @@ impl Case {
             linger_ms: None,
             lanes_linger: d.linger,
             watch: d.linger_poll_interval,
+            watch_max: d.linger_poll_max,
             pipeline: d.pipeline,
             local: false,
             pace: d.adaptive_pace,
@@ -58,6 +62,12 @@ impl Case {
         }
         if self.watch != d.watch {
             parts.push(format!("lingering lanes watched every {} ms", self.watch.as_millis()));
+        }
+        if self.watch_max != d.watch_max {
+            parts.push(format!(
+                "lingering lanes looked at up to {} ms apart while the relay slows the writers",
+                self.watch_max.as_millis()
+            ));
         }
         if self.pipeline != d.pipeline {
             parts.push(format!("pipeline {}", self.pipeline));

@@ -32,8 +32,10 @@ async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
 pub(super) struct Beside {
     /// How long its lanes linger after running dry ([`outbox_relay::RelayConfig::linger`]).
     pub(super) linger: Duration,
-    /// How often lingering lanes are looked at.
+    /// How often lingering lanes are looked at, and the longest between two looks while the relay
+    /// slows the writers ([`outbox_relay::RelayConfig::linger_poll_max`]).
     pub(super) every: Duration,
+    pub(super) max: Duration,
     /// Woken in-process by the writers' `Outbox::commit` (`Relay::wake_on`).
     pub(super) local: bool,
 }
@@ -67,7 +69,8 @@ pub(super) async fn order_rows(
         .config(
             crate::drain::drain_config()
                 .linger(b.linger)
-                .linger_poll_interval(b.every),
+                .linger_poll_interval(b.every)
+                .linger_poll_max(b.max),
         );
         if b.local {
             relay = relay.wake_on(outbox.local_wakeup());
@@ -84,10 +87,16 @@ pub(super) async fn order_rows(
             b.linger.as_millis()
         ),
         Some(b) if b.linger.is_zero() => ", relay draining, linger 0".into(),
-        Some(b) => format!(
+        Some(b) if b.max <= b.every => format!(
             ", relay draining, linger {} ms looked at every {} ms",
             b.linger.as_millis(),
             b.every.as_millis()
+        ),
+        Some(b) => format!(
+            ", relay draining, linger {} ms looked at every {} ms, up to {} ms while it slows the writers",
+            b.linger.as_millis(),
+            b.every.as_millis(),
+            b.max.as_millis()
         ),
     };
     let writers = 16;

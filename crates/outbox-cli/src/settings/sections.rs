@@ -45,6 +45,9 @@ pub(crate) struct RelaySection {
     /// How often the lingering lanes are looked at.
     #[arg(skip)]
     pub(crate) linger_poll_interval_ms: Option<Millis>,
+    /// With the adaptive pace, the longest the lingering lanes go unlooked at.
+    #[arg(skip)]
+    pub(crate) linger_poll_max_ms: Option<Millis>,
     /// Pace the relay by the database's answers.
     #[arg(skip)]
     pub(crate) adaptive_pace: Option<bool>,
@@ -104,6 +107,7 @@ impl RelaySection {
             lease_ttl_ms: self.lease_ttl_ms.or(file.lease_ttl_ms),
             linger_ms: self.linger_ms.or(file.linger_ms),
             linger_poll_interval_ms: self.linger_poll_interval_ms.or(file.linger_poll_interval_ms),
+            linger_poll_max_ms: self.linger_poll_max_ms.or(file.linger_poll_max_ms),
             adaptive_pace: self.adaptive_pace.or(file.adaptive_pace),
             pace_max_lag_ms: self.pace_max_lag_ms.or(file.pace_max_lag_ms),
             pace_slowdown: self.pace_slowdown.or(file.pace_slowdown),
@@ -136,6 +140,10 @@ impl RelaySection {
             .linger_poll_interval(
                 self.linger_poll_interval_ms
                     .map_or(C::DEFAULT_LINGER_POLL_INTERVAL, Duration::from),
+            )
+            .linger_poll_max(
+                self.linger_poll_max_ms
+                    .map_or(C::DEFAULT_LINGER_POLL_MAX, Duration::from),
             )
             .adaptive_pace(self.adaptive_pace.unwrap_or(C::DEFAULT_ADAPTIVE_PACE))
             .pace_max_lag(self.pace_max_lag_ms.map_or(C::DEFAULT_PACE_MAX_LAG, Duration::from))

@@ -92,6 +92,7 @@ fn readme_states_the_engine_defaults() {
     let resolved = RelaySection::default().engine().unwrap();
     assert_eq!(resolved.poll_interval, C::DEFAULT_POLL_INTERVAL);
     assert_eq!(resolved.linger_poll_interval, C::DEFAULT_LINGER_POLL_INTERVAL);
+    assert_eq!(resolved.linger_poll_max, C::DEFAULT_LINGER_POLL_MAX);
     assert_eq!(resolved.shutdown_grace, C::DEFAULT_SHUTDOWN_GRACE);
     assert_eq!(resolved.cleanup_interval, C::DEFAULT_CLEANUP_INTERVAL);
     let built = RelayConfig::default();
@@ -181,6 +182,7 @@ fn durations_are_whole_milliseconds() {
         "[relay]\nlease_ttl_ms",
         "[relay]\nlinger_ms",
         "[relay]\nlinger_poll_interval_ms",
+        "[relay]\nlinger_poll_max_ms",
         "[relay]\npace_max_lag_ms",
         "[relay]\nbackoff_base_ms",
         "[relay]\nbackoff_max_ms",
