@@ -3,8 +3,8 @@
 //! transactions send no NOTIFY (PostgreSQL makes the commits of notifying transactions take turns);
 //! meanwhile one query per [`RelayConfig::linger_poll_interval`](crate::RelayConfig::linger_poll_interval)
 //! (with `linger_poll_max`, longer while the adaptive pace finds the relay slows commits, see
-//! `crate::pace::gather`) finds which of those lanes got rows and wakes them. A lane whose linger ends sets its flag to
-//! idle and waits for NOTIFY as before.
+//! `crate::pace::gather`) finds which of those lanes got rows and wakes them. A lane whose linger
+//! ends sets its flag to idle and waits for NOTIFY as before.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,9 +58,8 @@ pub(crate) fn enabled<S: Store, P: Publisher>(shared: &Shared<S, P>) -> bool {
 
 /// Looks at the lingering lanes every `linger_poll_interval` (under the adaptive pace with a
 /// `linger_poll_max`, up to that while the relay slows commits, waiting out the pace's quiet
-/// window) and
-/// wakes those with a ready row. A failed look only costs latency: each lane's linger ends anyway, and then NOTIFY and the poll
-/// take over.
+/// window) and wakes those with a ready row. A failed look only costs latency: each lane's linger
+/// ends anyway, and then NOTIFY and the poll take over.
 pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     let Some(wakeups) = shared.store.wakeups().filter(|_| enabled(&shared)) else {
         return;

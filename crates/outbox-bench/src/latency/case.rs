@@ -18,7 +18,7 @@ pub(super) struct Case {
     pub(super) lanes_linger: Duration,
     /// How often lingering lanes are looked at ([`RelayConfig::linger_poll_interval`]).
     pub(super) watch: Duration,
-    /// The longest between two looks while the relay slows a busy service
+    /// The longest between two looks while the relay slows commits
     /// ([`RelayConfig::linger_poll_max`]).
     pub(super) watch_max: Duration,
     /// Batches in flight per lane ([`RelayConfig::pipeline`]).

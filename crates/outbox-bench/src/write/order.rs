@@ -32,9 +32,10 @@ async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
 pub(super) struct Beside {
     /// How long its lanes linger after running dry ([`outbox_relay::RelayConfig::linger`]).
     pub(super) linger: Duration,
-    /// How often lingering lanes are looked at, and the longest between two looks while the relay
-    /// slows the writers ([`outbox_relay::RelayConfig::linger_poll_max`]).
+    /// How often lingering lanes are looked at.
     pub(super) every: Duration,
+    /// The longest between two looks while the relay slows the writers
+    /// ([`outbox_relay::RelayConfig::linger_poll_max`]).
     pub(super) max: Duration,
     /// Woken in-process by the writers' `Outbox::commit` (`Relay::wake_on`).
     pub(super) local: bool,
