@@ -71,6 +71,11 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
     let mut stale = leases[&lanes[0]].clone();
     stale.epoch -= 1;
 
+    // Other tests of this binary run sqlx statements on other threads while this one sets its
+    // subscriber: a callsite they registered at that moment may have cached "nobody listens"
+    // (CI saw 0 statements counted). By now every `sqlx::query` callsite is registered; this
+    // asks each again, with this thread's subscriber among those that listen.
+    tracing::callsite::rebuild_interest_cache();
     let before = statements.count();
     let in_flight: Vec<[i64; 1]> = lanes.iter().map(|lane| [first[lane]]).collect();
     let claims = lanes
@@ -109,6 +114,7 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
         async move { store.mark_published(&lease, &done).await }
     });
     let stale_done = [Delivered::new(first[&lanes[0]]).at(0, 0)];
+    tracing::callsite::rebuild_interest_cache();
     let before_marks = statements.count();
     let (marked, stale_mark) = tokio::join!(
         futures::future::join_all(marks),
