@@ -75,7 +75,7 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
                 tokio::time::sleep(every).await;
                 // The quiet window is the pace's measure of commits without the relay; a look that
                 // may gather waits it out, but never more than one interval more.
-                if shared.cfg.linger_poll_max > shared.cfg.linger_poll_interval {
+                if crate::pace::gather::gathers(&shared.cfg) {
                     let _ = tokio::time::timeout(every, pace.not_quiet()).await;
                 }
             }

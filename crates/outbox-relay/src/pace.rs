@@ -51,7 +51,7 @@ use counts::Counts;
 use gather::Gather;
 
 mod counts;
-mod gather;
+pub(crate) mod gather;
 
 /// One control cycle: working probes, then the quiet window.
 pub(crate) const CYCLE: Duration = Duration::from_secs(1);

@@ -29,7 +29,7 @@ impl Gather {
         Gather {
             every: floor,
             floor,
-            max: max.min(linger / 2).max(floor),
+            max: top(floor, max, linger),
         }
     }
 
@@ -43,6 +43,16 @@ impl Gather {
         };
         self.every
     }
+}
+
+/// The longest interval: `max` (zero: none beyond `floor`), below half the `linger`.
+fn top(floor: Duration, max: Duration, linger: Duration) -> Duration {
+    max.min(linger / 2).max(floor)
+}
+
+/// Whether the relay's settings let the look go beyond `linger_poll_interval` at all.
+pub(crate) fn gathers(cfg: &crate::RelayConfig) -> bool {
+    top(cfg.linger_poll_interval, cfg.linger_poll_max, cfg.linger) > cfg.linger_poll_interval
 }
 
 #[cfg(test)]
@@ -84,5 +94,12 @@ mod tests {
         assert_eq!(g.cycle(ms(1), ms(9), 0.15), ms(50));
         // Zero, the default: no gathering.
         assert_eq!(gathered(Duration::ZERO, ms(1000)).every, ms(5));
+        let cfg = crate::RelayConfig::default();
+        assert!(!gathers(&cfg));
+        assert!(gathers(&cfg.clone().linger_poll_max(ms(100))));
+        assert!(
+            !gathers(&cfg.linger_poll_max(ms(100)).linger(ms(10))),
+            "half the linger is the floor"
+        );
     }
 }
