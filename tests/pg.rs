@@ -7,6 +7,8 @@ use futures::StreamExt;
 use outbox::{Message, Store, StoreAdmin};
 use outbox_tests::db::{commit_each, scalar};
 
+#[path = "pg/plans.rs"]
+mod plans;
 #[path = "pg/together.rs"]
 mod together;
 

@@ -206,9 +206,12 @@ ORDER BY r.ord, m.pos";
 const ASYNC_COMMIT: &str = "s AS (SELECT set_config('synchronous_commit', 'off', true))";
 
 // The marks of lanes confirmed at the same moment share the statement (`combine.rs`): one request
-// per element of $1-$3 (lane, owner, epoch); $4/$5 pair each delivered position with its request's
-// ordinal ($6/$7: its partition and offset, kept). The answer says, per request, whether its lease
-// was held. The leases are locked in lane order, as the renewal locks them: two statements that
+// per element of $1-$3 (lane, owner, epoch); $4-$6 give each delivered row its request's ordinal,
+// its lane and its position ($7/$8: its partition and offset, kept). The answer says, per request,
+// whether its lease was held. Each row carries its own lane so the delete probes the primary key on
+// (lane, pos) from one row of the unnest: with the lane taken from the lease rows instead, stale
+// statistics (a busy queue table between two autovacuums) made PostgreSQL probe on `pos` alone, a
+// scan of the whole index per row (tests/pg/plans.rs). The leases are locked in lane order, as the renewal locks them: two statements that
 // lock several never wait for each other in a circle.
 const MARK_LEASES: &str = "\
 l AS (SELECT q.ord, q.lane FROM unnest($1::int[], $2::text[], $3::bigint[]) WITH ORDINALITY AS q(lane, owner, epoch, ord) \
@@ -222,8 +225,8 @@ FROM generate_series(1, cardinality($1::int[])::bigint) AS q(ord), s ORDER BY q.
 pub(super) fn mark_published_delete() -> String {
     format!(
         "WITH {ASYNC_COMMIT}, {MARK_LEASES}, \
-d AS (DELETE FROM outbox_messages m USING unnest($4::bigint[], $5::bigint[]) AS p(ord, pos), l \
-      WHERE l.ord = p.ord AND m.lane = l.lane AND m.pos = p.pos RETURNING 1) \
+d AS (DELETE FROM outbox_messages m USING unnest($4::bigint[], $5::int[], $6::bigint[]) AS p(ord, lane, pos) \
+      WHERE m.lane = p.lane AND m.pos = p.pos AND EXISTS (SELECT 1 FROM l WHERE l.ord = p.ord) RETURNING 1) \
 {MARK_HELD}"
     )
 }
@@ -232,8 +235,8 @@ pub(super) fn mark_published_keep() -> String {
     format!(
         "WITH {ASYNC_COMMIT}, {MARK_LEASES}, \
 d AS (DELETE FROM outbox_messages m \
-      USING unnest($4::bigint[], $5::bigint[], $6::int[], $7::bigint[]) AS p(ord, pos, part, off), l \
-      WHERE l.ord = p.ord AND m.lane = l.lane AND m.pos = p.pos \
+      USING unnest($4::bigint[], $5::int[], $6::bigint[], $7::int[], $8::bigint[]) AS p(ord, lane, pos, part, off) \
+      WHERE m.lane = p.lane AND m.pos = p.pos AND EXISTS (SELECT 1 FROM l WHERE l.ord = p.ord) \
       RETURNING m.id, m.topic, m.key, m.seq, p.part, p.off, m.created_at), \
 i AS (INSERT INTO outbox_published (id, topic, key, seq, kafka_partition, kafka_offset, created_at) \
       SELECT * FROM d ON CONFLICT (id) DO NOTHING) \

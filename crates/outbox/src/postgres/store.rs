@@ -104,6 +104,14 @@ impl PgStore {
         self
     }
 
+    /// The statement that marks rows published (its plan is checked by the tests): $1-$3 a lease
+    /// per request (lane, owner, epoch); per delivered row, $4 its request's ordinal, $5 its lane,
+    /// $6 its position (when keeping: $7 its partition, $8 its offset).
+    #[doc(hidden)]
+    pub fn mark_published_sql(&self) -> &str {
+        &self.mark_sql
+    }
+
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -221,10 +229,11 @@ async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> R
 /// the store's own connections.
 async fn mark_together(own: Arc<OwnConns>, sql: Arc<str>, keep: bool, marks: Vec<Mark>) -> Result<Vec<bool>> {
     let (lanes, owners, epochs) = lease_columns(marks.iter().map(|m| &m.lease));
-    let (mut ords, mut pos, mut parts, mut offs) = (vec![], vec![], vec![], vec![]);
+    let (mut ords, mut row_lanes, mut pos, mut parts, mut offs) = (vec![], vec![], vec![], vec![], vec![]);
     for (ord, m) in (1i64..).zip(&marks) {
         for d in &m.done {
             ords.push(ord);
+            row_lanes.push(m.lease.lane);
             pos.push(d.pos);
             parts.push(d.partition);
             offs.push(d.offset);
@@ -236,6 +245,7 @@ async fn mark_together(own: Arc<OwnConns>, sql: Arc<str>, keep: bool, marks: Vec
             .bind(owners.clone())
             .bind(epochs.clone())
             .bind(ords.clone())
+            .bind(row_lanes.clone())
             .bind(pos.clone());
         match keep {
             true => q.bind(parts.clone()).bind(offs.clone()),
