@@ -1,5 +1,6 @@
 //! The store's own connections, where the relay's hottest statements run (claims, marks, the
-//! lingering lanes' watch): each one statement, with JIT off, and no round trip besides it.
+//! lingering lanes' watch): each one statement, with JIT and bitmap scans off
+//! ([`PLANNER_SETTINGS`]), and no round trip besides it.
 
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -11,8 +12,8 @@ use sqlx::Postgres;
 
 use crate::Result;
 
-/// Connections opened with the given pool's settings and hooks and JIT off, the given pool's own
-/// connections keeping their setting. They are held outside any pool: sqlx pings a pooled
+/// Connections opened with the given pool's settings and hooks and [`PLANNER_SETTINGS`], the given
+/// pool's own connections keeping theirs. They are held outside any pool: sqlx pings a pooled
 /// connection before each acquire (by default) and after each release, two round trips for each
 /// statement. A statement run here must be safe to run twice (a read, or a write whose second run
 /// changes nothing), because one whose connection broke runs again on a new one.
@@ -28,6 +29,19 @@ pub(super) struct OwnConns {
     /// the given pool, their own way.
     refused_at: Mutex<Option<Instant>>,
 }
+
+/// The planner settings of the store's own connections (and of a claim's transaction when those
+/// are refused: `CLAIM_SETTINGS` in `sql.rs`).
+///
+/// - `jit`: on a large backlog the claim's cost estimate passes `jit_above_cost`, and every claim
+///   would pay 60-140 ms of LLVM compilation (BENCHMARKS.md, figure 2).
+/// - `enable_bitmapscan`: between two autovacuums of the busy outbox table its statistics say it
+///   holds a few rows; the planner then took a lane's rows for the claim (and the lingering lanes'
+///   look) with a bitmap scan, which visits every dead row of the lane on each claim, where an
+///   index scan in position order stops at the limit and marks the dead index entries it passes
+///   as dead for the scans after it. auto_explain beside the latency benchmark logged claims of
+///   150-260 ms, all bitmap scans, with p50 latencies of 35-290 ms at 5,000 msg/s.
+pub(super) const PLANNER_SETTINGS: [(&str, &str); 2] = [("jit", "off"), ("enable_bitmapscan", "off")];
 
 /// How long statements stay on the given pool after a refused connection of the store's own.
 const RETRY_OWN: Duration = Duration::from_secs(60);
@@ -93,7 +107,7 @@ impl OwnConns {
             return Ok(None);
         }
         let opener = self.opener.get_or_init(|| {
-            let opts = self.given.connect_options().as_ref().clone().options([("jit", "off")]);
+            let opts = self.given.connect_options().as_ref().clone().options(PLANNER_SETTINGS);
             let given: &PoolOptions<Postgres> = self.given.options();
             given.clone().min_connections(0).connect_lazy_with(opts)
         });
@@ -105,7 +119,7 @@ impl OwnConns {
             Err(sqlx::Error::Database(e)) => {
                 let mut refused_at = self.refused_at();
                 if refused_at.is_none() {
-                    tracing::warn!(error = %e, "a connection with JIT off was refused; claims and marks run on the given pool for a minute");
+                    tracing::warn!(error = %e, "a connection with startup options (JIT and bitmap scans off) was refused; claims and marks run on the given pool for a minute");
                 }
                 *refused_at = Some(Instant::now());
                 Ok(None)

@@ -24,7 +24,8 @@ pub struct PgStore {
     mark_sql: Arc<str>,
     failed_sql: String,
     dead_sql: String,
-    /// Where claims, marks and the lingering lanes' watch run, each one statement with JIT off.
+    /// Where claims, marks and the lingering lanes' watch run, each one statement with JIT and
+    /// bitmap scans off.
     own: Arc<OwnConns>,
     /// The claims, and the marks, of lanes that ask at the same moment share a statement.
     claims: Arc<Combiner<Claim, Vec<StoredMessage>>>,
@@ -75,8 +76,8 @@ impl PgStore {
     /// A store on `pool`. Published rows are deleted.
     ///
     /// Claims and marks run each in one statement on connections of the store's own (up to two
-    /// for each): opened at the first one with the pool's settings and hooks and JIT off (the
-    /// pool's own connections keep their setting), and held outside the pool, so no ping goes
+    /// for each): opened at the first one with the pool's settings and hooks and JIT and bitmap
+    /// scans off (the pool's own connections keep theirs), and held outside the pool, so no ping goes
     /// with a statement.
     pub fn new(pool: PgPool) -> Self {
         PgStore {
@@ -175,8 +176,7 @@ async fn claim_together(own: Arc<OwnConns>, claims: Vec<Claim>) -> Result<Vec<Ve
         flight_ords.extend(std::iter::repeat_n(ord, c.in_flight.len()));
         flight_pos.extend_from_slice(&c.in_flight);
     }
-    // JIT must be off for the claim: on a large backlog its cost estimate passes `jit_above_cost`
-    // and every claim would pay 60-140 ms of LLVM compilation (BENCHMARKS.md, figure 2).
+    // JIT and bitmap scans must be off for the claim (own.rs, `PLANNER_SETTINGS`).
     let query = || {
         sqlx::query_as(sql::CLAIM)
             .bind(lanes.clone())
@@ -189,9 +189,9 @@ async fn claim_together(own: Arc<OwnConns>, claims: Vec<Claim>) -> Result<Vec<Ve
     let rows: Vec<Tagged> = match fetch_on_own!(own, query()).await? {
         Some(rows) => rows,
         None => {
-            // The store's own connections were refused: JIT off for this transaction only.
+            // The store's own connections were refused: the settings for this transaction only.
             let mut tx = own.given().begin().await?;
-            sqlx::query(sql::CLAIM_NO_JIT).execute(&mut *tx).await?;
+            sqlx::query(sql::CLAIM_SETTINGS).execute(&mut *tx).await?;
             let rows = query().fetch_all(&mut *tx).await?;
             tx.commit().await?;
             rows
