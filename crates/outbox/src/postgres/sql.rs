@@ -214,8 +214,8 @@ const ASYNC_COMMIT: &str = "s AS (SELECT set_config('synchronous_commit', 'off',
 // whether its lease was held. Each row carries its own lane so the delete probes the primary key on
 // (lane, pos) from one row of the unnest: with the lane taken from the lease rows instead, stale
 // statistics (a busy queue table between two autovacuums) made PostgreSQL probe on `pos` alone, a
-// scan of the whole index per row (tests/pg/plans.rs). The leases are locked in lane order, as the renewal locks them: two statements that
-// lock several never wait for each other in a circle.
+// scan of the whole index per row (tests/pg/plans.rs). The leases are locked in lane order, as the
+// renewal locks them: two statements that lock several never wait for each other in a circle.
 const MARK_LEASES: &str = "\
 l AS (SELECT q.ord, q.lane FROM unnest($1::int[], $2::text[], $3::bigint[]) WITH ORDINALITY AS q(lane, owner, epoch, ord) \
       JOIN outbox_leases o ON o.lane = q.lane AND o.owner = q.owner AND o.epoch = q.epoch \
