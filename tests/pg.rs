@@ -143,7 +143,7 @@ async fn seqs_claimed(store: &outbox::postgres::PgStore, lease: &outbox::Lease, 
 
 /// A pool of at most one connection that records, in `seen`, the settings each new connection
 /// starts with (its `after_connect` hook): `jit`, then `enable_bitmapscan`, as "off on".
-async fn recording_jit(opts: sqlx::postgres::PgConnectOptions, seen: &Arc<Mutex<Vec<String>>>) -> sqlx::PgPool {
+async fn recording_settings(opts: sqlx::postgres::PgConnectOptions, seen: &Arc<Mutex<Vec<String>>>) -> sqlx::PgPool {
     let seen = seen.clone();
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
@@ -177,7 +177,7 @@ async fn claims_run_with_jit_off_in_one_statement_whatever_the_pool() {
         ("default pool", opts),
     ] {
         seen.lock().unwrap().clear();
-        let p = recording_jit(opts, &seen).await;
+        let p = recording_settings(opts, &seen).await;
         let store = outbox::postgres::PgStore::new(p.clone());
         let leases = store.acquire(name, 64, Duration::from_secs(60)).await.unwrap();
         let lease = leases.iter().find(|l| l.lane == lane).unwrap();
