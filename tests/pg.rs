@@ -142,7 +142,8 @@ async fn seqs_claimed(store: &outbox::postgres::PgStore, lease: &outbox::Lease, 
 }
 
 /// A pool of at most one connection that records, in `seen`, the settings each new connection
-/// starts with (its `after_connect` hook): `jit`, then `enable_bitmapscan`, as "off on".
+/// starts with (its `after_connect` hook): `jit`, `enable_bitmapscan`, `enable_seqscan`, as
+/// "off on on".
 async fn recording_settings(opts: sqlx::postgres::PgConnectOptions, seen: &Arc<Mutex<Vec<String>>>) -> sqlx::PgPool {
     let seen = seen.clone();
     sqlx::postgres::PgPoolOptions::new()
@@ -150,10 +151,12 @@ async fn recording_settings(opts: sqlx::postgres::PgConnectOptions, seen: &Arc<M
         .after_connect(move |conn, _| {
             let seen = seen.clone();
             Box::pin(async move {
-                let settings: String =
-                    sqlx::query_scalar("SELECT current_setting('jit') || ' ' || current_setting('enable_bitmapscan')")
-                        .fetch_one(&mut *conn)
-                        .await?;
+                let settings: String = sqlx::query_scalar(
+                    "SELECT concat_ws(' ', current_setting('jit'), current_setting('enable_bitmapscan'), \
+                     current_setting('enable_seqscan'))",
+                )
+                .fetch_one(&mut *conn)
+                .await?;
                 seen.lock().unwrap().push(settings);
                 Ok(())
             })
@@ -187,8 +190,8 @@ async fn claims_run_with_jit_off_in_one_statement_whatever_the_pool() {
             store.release(l).await.unwrap();
         }
         // The claim ran on a connection the store opened with the pool's settings and hooks (the
-        // hook saw it), JIT off and bitmap scans off, so that the pool's own connection keeps its
-        // settings.
+        // hook saw it), JIT, bitmap scans and sequential scans off, so that the pool's own connection
+        // keeps its settings.
         let seen = seen.lock().unwrap().clone();
         assert_eq!(
             seen.len(),
@@ -196,11 +199,11 @@ async fn claims_run_with_jit_off_in_one_statement_whatever_the_pool() {
             "the pool's connection, then the store's for claims: {seen:?}"
         );
         assert_eq!(
-            seen[0] == "off on",
+            seen[0] == "off on on",
             name == "jit off in the pool",
             "the pool's settings: {seen:?}"
         );
-        assert_eq!(seen[1], "off off", "{seen:?}");
+        assert_eq!(seen[1], "off off off", "{seen:?}");
         let jit: String = scalar(&p, "SHOW jit").await;
         assert_eq!(jit == "off", name == "jit off in the pool", "{name}: {jit}");
     }

@@ -157,8 +157,8 @@ pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE e
 
 // The store's own connections' planner settings (own.rs, `PLANNER_SETTINGS`), for the claim's
 // transaction only, when those connections are refused.
-pub(super) const CLAIM_SETTINGS: &str =
-    "SELECT set_config('jit', 'off', true), set_config('enable_bitmapscan', 'off', true)";
+pub(super) const CLAIM_SETTINGS: &str = "SELECT set_config('jit', 'off', true), \
+set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true)";
 
 // A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
 // with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix.

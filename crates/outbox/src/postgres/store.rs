@@ -24,8 +24,8 @@ pub struct PgStore {
     mark_sql: Arc<str>,
     failed_sql: String,
     dead_sql: String,
-    /// Where claims, marks and the lingering lanes' watch run, each one statement with JIT and
-    /// bitmap scans off.
+    /// Where claims, marks and the lingering lanes' watch run, each one statement with JIT,
+    /// bitmap scans and sequential scans off.
     own: Arc<OwnConns>,
     /// The claims, and the marks, of lanes that ask at the same moment share a statement.
     claims: Arc<Combiner<Claim, Vec<StoredMessage>>>,
@@ -76,9 +76,9 @@ impl PgStore {
     /// A store on `pool`. Published rows are deleted.
     ///
     /// Claims and marks run each in one statement on connections of the store's own (up to two
-    /// for each): opened at the first one with the pool's settings and hooks and JIT and bitmap
-    /// scans off (the pool's own connections keep theirs), and held outside the pool, so no ping goes
-    /// with a statement.
+    /// for each): opened at the first one with the pool's settings and hooks and JIT, bitmap scans
+    /// and sequential scans off (the pool's own connections keep theirs), and held outside the
+    /// pool, so no ping goes with a statement.
     pub fn new(pool: PgPool) -> Self {
         PgStore {
             own: Arc::new(OwnConns::new(pool.clone())),
@@ -176,7 +176,7 @@ async fn claim_together(own: Arc<OwnConns>, claims: Vec<Claim>) -> Result<Vec<Ve
         flight_ords.extend(std::iter::repeat_n(ord, c.in_flight.len()));
         flight_pos.extend_from_slice(&c.in_flight);
     }
-    // JIT and bitmap scans must be off for the claim (own.rs, `PLANNER_SETTINGS`).
+    // JIT, bitmap scans and sequential scans must be off for the claim (own.rs, `PLANNER_SETTINGS`).
     let query = || {
         sqlx::query_as(sql::CLAIM)
             .bind(lanes.clone())
