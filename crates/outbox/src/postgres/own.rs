@@ -46,7 +46,8 @@ pub(super) struct OwnConns {
 ///   check for a key's waiting row too, once per row. The plan is cached with the statement and
 ///   kept until the next autovacuum or analyze of the table, while the table grows to thousands
 ///   of pages of live and dead rows: claims of over a second, rounds of 5-25 s at 5,000 msg/s.
-///   Every table these statements read has the index they need.
+///   Every table these statements read in bulk has the index they need (`outbox_source`, one
+///   row, is still read whole).
 pub(super) const PLANNER_SETTINGS: [(&str, &str); 3] =
     [("jit", "off"), ("enable_bitmapscan", "off"), ("enable_seqscan", "off")];
 

@@ -155,10 +155,15 @@ WHERE d.datname = current_database()";
 
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
 
-// The store's own connections' planner settings (own.rs, `PLANNER_SETTINGS`), for the claim's
-// transaction only, when those connections are refused.
-pub(super) const CLAIM_SETTINGS: &str = "SELECT set_config('jit', 'off', true), \
-set_config('enable_bitmapscan', 'off', true), set_config('enable_seqscan', 'off', true)";
+/// The store's own connections' planner settings (own.rs, `PLANNER_SETTINGS`), for the claim's
+/// transaction only, when those connections are refused.
+pub(super) static CLAIM_SETTINGS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let set: Vec<String> = super::own::PLANNER_SETTINGS
+        .iter()
+        .map(|(name, value)| format!("set_config('{name}', '{value}', true)"))
+        .collect();
+    format!("SELECT {}", set.join(", "))
+});
 
 // A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
 // with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix.

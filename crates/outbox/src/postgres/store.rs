@@ -191,7 +191,7 @@ async fn claim_together(own: Arc<OwnConns>, claims: Vec<Claim>) -> Result<Vec<Ve
         None => {
             // The store's own connections were refused: the settings for this transaction only.
             let mut tx = own.given().begin().await?;
-            sqlx::query(sql::CLAIM_SETTINGS).execute(&mut *tx).await?;
+            sqlx::query(&sql::CLAIM_SETTINGS).execute(&mut *tx).await?;
             let rows = query().fetch_all(&mut *tx).await?;
             tx.commit().await?;
             rows
