@@ -1,5 +1,5 @@
-//! The plans PostgreSQL picks for the relay's hottest statements while the outbox table's statistics
-//! lag behind its contents, as they do between two autovacuums of a busy queue table.
+//! The plans PostgreSQL picks for the relay's hottest statements while the outbox table's
+//! statistics lag behind its contents, as they do between two autovacuums of a busy queue table.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -28,8 +28,8 @@ async fn the_mark_probes_each_row_by_lane_and_position_when_the_statistics_are_s
         let msgs: Vec<Message> = (0..3000).map(|i| Message::new("t", "x").key(format!("k{i}"))).collect();
         outbox::Outbox::new().enqueue_batch(&mut tx, &msgs).await.unwrap();
         tx.commit().await.unwrap();
-        // What the benchmark's database had: a vacuum counted few live rows (an idle moment), then the
-        // writers filled the table again.
+        // What the benchmark's database had: a vacuum counted few live rows (an idle moment),
+        // then the writers filled the table again.
         exec(&pool, "VACUUM outbox_messages").await;
         exec(
             &pool,

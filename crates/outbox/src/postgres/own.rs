@@ -127,7 +127,7 @@ impl OwnConns {
             Err(sqlx::Error::Database(e)) => {
                 let mut refused_at = self.refused_at();
                 if refused_at.is_none() {
-                    tracing::warn!(error = %e, "a connection with startup options (JIT and bitmap scans off) was refused; claims and marks run on the given pool for a minute");
+                    tracing::warn!(error = %e, settings = ?PLANNER_SETTINGS, "a connection with these startup options was refused; claims and marks run on the given pool for a minute");
                 }
                 *refused_at = Some(Instant::now());
                 Ok(None)
