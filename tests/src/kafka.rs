@@ -276,11 +276,21 @@ pub fn check_delivery(seen: &[Seen], expect: &HashSet<uuid::Uuid>) -> usize {
     check_delivery_skipping(seen, expect, &HashSet::new())
 }
 
+/// Like [`check_delivery`], for a run in which messages timed out in librdkafka's queue: per key the
+/// last copies arrive in seq order (see [`crate::arrivals::check_last_copies`]).
+pub fn check_delivery_after_timeouts(seen: &[Seen], expect: &HashSet<uuid::Uuid>) -> usize {
+    crate::arrivals::check_last_copies("", in_broker_order(seen), expect)
+}
+
+/// `seen` as arrivals, in partition and offset order (a key's messages share a partition).
+fn in_broker_order(seen: &[Seen]) -> Vec<crate::arrivals::Arrival<'_>> {
+    let mut ordered: Vec<&Seen> = seen.iter().collect();
+    ordered.sort_by_key(|s| (s.partition, s.offset));
+    ordered.iter().map(|s| (s.id, s.key.as_deref(), s.seq)).collect()
+}
+
 /// Like [`check_delivery`], for a run where some (key, seq) were dead-lettered on purpose and never
 /// published: first arrivals of a key may step over exactly those seqs, nothing else.
 pub fn check_delivery_skipping(seen: &[Seen], expect: &HashSet<uuid::Uuid>, skipped: &HashSet<(String, i64)>) -> usize {
-    let mut ordered: Vec<&Seen> = seen.iter().collect();
-    ordered.sort_by_key(|s| (s.partition, s.offset));
-    let arrivals = ordered.iter().map(|s| (s.id, s.key.as_deref(), s.seq));
-    crate::arrivals::check_arrivals("", arrivals, expect, skipped)
+    crate::arrivals::check_arrivals("", in_broker_order(seen), expect, skipped)
 }
