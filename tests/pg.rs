@@ -257,6 +257,79 @@ async fn behind_a_pooler_that_refuses_startup_options_claims_and_marks_run_on_th
 }
 
 #[tokio::test]
+async fn behind_a_pooler_that_refuses_startup_options_the_look_runs_under_the_planner_settings() {
+    let setup = outbox_tests::db::fresh_pg().await;
+    // Statistics of an empty table: the default settings plan the look as a sequential scan.
+    sqlx::query("VACUUM outbox_messages").execute(&setup).await.unwrap();
+    commit_each(&setup, (0..3).map(|i| Message::new("t", format!("{i}")).key("k"))).await;
+    // The scans so far (the migrations') are counted when their backends exit.
+    setup.close().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(setup.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let before = settled_scans(&pool).await;
+    let pooler = outbox_tests::proxy::OptionsRefused::start().await;
+    let (through, store, _leases) = store_through(&pool, pooler.port, sqlx::postgres::PgPoolOptions::new()).await;
+    let other = (lane_of_k() + 1) % outbox::LANES;
+    let wakeups = store.wakeups().unwrap();
+    let ready = wakeups.ready_lanes(&[(other, 0), (lane_of_k(), 0)]).await.unwrap();
+    assert_eq!(ready, vec![lane_of_k()]);
+    let beyond = wakeups.ready_lanes(&[(lane_of_k(), 3)]).await.unwrap();
+    assert!(beyond.is_empty(), "nothing beyond the third row: {beyond:?}");
+    assert_eq!(
+        pooler.refused(),
+        1,
+        "the look's connection of the store's own was refused"
+    );
+    // The server counts scans per table when the backend that made them goes idle (within ~10 s):
+    // wait until both looks are counted, one scan each at least.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let now = table_scans(&pool).await;
+        if now.0 + now.1 >= before.0 + before.1 + 2 || std::time::Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        after.0, before.0,
+        "no sequential scan of outbox_messages: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.1 >= before.1 + 2,
+        "the looks probed the index: {before:?} -> {after:?}"
+    );
+    let seqscan: String = scalar(&through, "SHOW enable_seqscan").await;
+    assert_eq!(seqscan, "on", "SET LOCAL ends with the look's implicit transaction");
+}
+
+/// [`table_scans`] once no other backend is connected to the database and two reads agree.
+async fn settled_scans(pool: &sqlx::PgPool) -> (i64, i64) {
+    let others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = table_scans(pool).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = table_scans(pool).await;
+        let alone = scalar::<_, i64>(pool, others).await == 0;
+        if (alone && now == last) || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// `outbox_messages`'s sequential and index scans so far, as the server has counted them.
+async fn table_scans(pool: &sqlx::PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'outbox_messages'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
 async fn claims_and_marks_whose_connections_were_cut_run_again_on_new_ones() {
     let pool = outbox_tests::db::fresh_pg().await;
     commit_each(&pool, (0..6).map(|i| Message::new("t", format!("{i}")).key("k"))).await;

@@ -30,8 +30,8 @@ pub(super) struct OwnConns {
     refused_at: Mutex<Option<Instant>>,
 }
 
-/// The planner settings of the store's own connections (and of a claim's transaction when those
-/// are refused: `CLAIM_SETTINGS` in `sql.rs`).
+/// The planner settings of the store's own connections (and, when those are refused, of a claim's
+/// transaction and of the look's: `LOCAL_SETTINGS` in `sql.rs`).
 ///
 /// - `jit`: on a large backlog the claim's cost estimate passes `jit_above_cost`, and every claim
 ///   would pay 60-140 ms of LLVM compilation (BENCHMARKS.md, figure 2).

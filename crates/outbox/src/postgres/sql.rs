@@ -4,6 +4,7 @@
 //! Lease-guarded writes lock the lease row `FOR SHARE` in the same statement: a takeover (which
 //! updates that row) waits for them, and they see a takeover that committed first.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -138,13 +139,30 @@ WHERE lane = $1 AND owner = $2 AND epoch = $3";
 pub(super) const SET_IDLE: &str = "\
 UPDATE outbox_leases SET idle = $4 WHERE lane = $1 AND owner = $2 AND epoch = $3";
 
-// Which of these lanes have a row beyond their position $2 that is ready (never delayed nor failed,
-// or due): one index probe per lane on (lane, pos). Rows held back behind their key's waiting or
-// parked row count too; the claim that follows leaves them out.
-pub(super) const READY_LANES: &str = "\
-SELECT w.l FROM unnest($1::int[], $2::bigint[]) AS w(l, after) WHERE EXISTS ( \
+// Which of the lanes `lanes` (an int[]) have a row beyond their position in `after` (a bigint[])
+// that is ready (never delayed nor failed, or due): one index probe per lane on (lane, pos). Rows
+// held back behind their key's waiting or parked row count too; the claim that follows leaves them
+// out.
+fn ready_lanes(lanes: &str, after: &str) -> String {
+    format!(
+        "SELECT w.l FROM unnest({lanes}::int[], {after}::bigint[]) AS w(l, after) WHERE EXISTS ( \
   SELECT 1 FROM outbox_messages m WHERE m.lane = w.l AND m.pos > w.after \
-    AND (m.available_at = m.created_at OR m.available_at <= now()))";
+    AND (m.available_at = m.created_at OR m.available_at <= now()))"
+    )
+}
+
+/// The lingering lanes' look, lanes `$1` and positions `$2`.
+pub(super) static READY_LANES: LazyLock<String> = LazyLock::new(|| ready_lanes("$1", "$2"));
+
+/// The look with its values written into it, after [`LOCAL_SETTINGS`]: one query string in the
+/// simple protocol, so one round trip, one implicit transaction that the settings end with (for
+/// when the store's own connections are refused). Only integers go into the text.
+pub(super) fn ready_lanes_with_settings(lanes: &[(i32, i64)]) -> String {
+    let array = |items: Vec<String>| format!("'{{{}}}'", items.join(","));
+    let l = array(lanes.iter().map(|(l, _)| l.to_string()).collect());
+    let after = array(lanes.iter().map(|(_, a)| a.to_string()).collect());
+    format!("{}; {}", *LOCAL_SETTINGS, ready_lanes(&l, &after))
+}
 
 // Taking a transaction id makes the commit write a record and wait for the WAL flush: the probe
 // feels what a service's commits feel (CPU, locks on the WAL, the disk), not only the CPU. The id
@@ -155,14 +173,14 @@ WHERE d.datname = current_database()";
 
 pub(super) const LIVE_OWNERS: &str = "SELECT count(*) FROM outbox_relays WHERE expires_at > now()";
 
-/// The store's own connections' planner settings (own.rs, `PLANNER_SETTINGS`), for the claim's
-/// transaction only, when those connections are refused.
-pub(super) static CLAIM_SETTINGS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// The store's own connections' planner settings (own.rs, `PLANNER_SETTINGS`) for the current
+/// transaction only (several statements: the simple protocol), when those connections are refused.
+pub(super) static LOCAL_SETTINGS: LazyLock<String> = LazyLock::new(|| {
     let set: Vec<String> = super::own::PLANNER_SETTINGS
         .iter()
-        .map(|(name, value)| format!("set_config('{name}', '{value}', true)"))
+        .map(|(name, value)| format!("SET LOCAL {name} = {value}"))
         .collect();
-    format!("SELECT {}", set.join(", "))
+    set.join("; ")
 });
 
 // A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use sqlx::postgres::{PgListener, PgPool};
+use sqlx::Row;
 
 use super::combine::Combiner;
 use super::own::OwnConns;
@@ -191,7 +192,7 @@ async fn claim_together(own: Arc<OwnConns>, claims: Vec<Claim>) -> Result<Vec<Ve
         None => {
             // The store's own connections were refused: the settings for this transaction only.
             let mut tx = own.given().begin().await?;
-            sqlx::query(&sql::CLAIM_SETTINGS).execute(&mut *tx).await?;
+            sqlx::Executor::execute(&mut *tx, sqlx::raw_sql(&sql::LOCAL_SETTINGS)).await?;
             let rows = query().fetch_all(&mut *tx).await?;
             tx.commit().await?;
             rows
@@ -310,16 +311,24 @@ impl Wakeups for PgStore {
     }
 
     async fn ready_lanes(&self, lanes: &[(i32, i64)]) -> Result<Vec<i32>> {
-        let (lanes, after): (Vec<i32>, Vec<i64>) = lanes.iter().copied().unzip();
+        let (l, after): (Vec<i32>, Vec<i64>) = lanes.iter().copied().unzip();
         let query = || {
-            sqlx::query_scalar(sql::READY_LANES)
-                .bind(lanes.clone())
+            sqlx::query_scalar(&sql::READY_LANES)
+                .bind(l.clone())
                 .bind(after.clone())
         };
-        match fetch_on_own!(self.own, query()).await? {
-            Some(ready) => Ok(ready),
-            None => Ok(query().fetch_all(&self.pool).await?),
+        if let Some(ready) = fetch_on_own!(self.own, query()).await? {
+            return Ok(ready);
         }
+        // The store's own connections were refused: the look under their settings all the same,
+        // still one round trip.
+        let rows = sqlx::raw_sql(&sql::ready_lanes_with_settings(lanes))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<std::result::Result<_, _>>()?)
     }
 
     async fn listen(&self) -> Result<BoxStream<'static, i32>> {
