@@ -9,6 +9,8 @@ use outbox_tests::db::{commit_each, scalar};
 
 #[path = "pg/plans.rs"]
 mod plans;
+#[path = "pg/renewal.rs"]
+mod renewal;
 #[path = "pg/together.rs"]
 mod together;
 

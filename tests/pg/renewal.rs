@@ -1,0 +1,85 @@
+//! The lease renewal and the marks do not wait for each other: a mark held up on one lane holds
+//! up neither the renewal of every lane nor the marks of the others.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use outbox::{Delivered, Lease, Message, Store};
+use outbox_tests::db::{commit_each, scalar};
+
+/// Long enough for a statement that waits for nothing on a slow machine, far shorter than the
+/// transaction that holds up the first mark.
+const PROMPT: Duration = Duration::from_secs(10);
+
+/// Statements of this test's database that wait for a lock.
+const WAITING: &str =
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+
+#[tokio::test]
+async fn a_mark_held_up_on_one_lane_holds_up_neither_the_renewal_nor_the_other_lanes_marks() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    commit_each(&pool, (0..8).map(|i| Message::new("t", "x").key(format!("key-{i}")))).await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let ttl = Duration::from_secs(60);
+    let leases: BTreeMap<i32, Lease> = store
+        .acquire("relay", 64, ttl)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.lane, l))
+        .collect();
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT lane, min(pos) FROM outbox_messages GROUP BY lane ORDER BY lane")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(rows.len() >= 2, "the keys fall on one lane: {rows:?}");
+    // The last lane's mark is held up: the renewal, which takes the leases in lane order, has every
+    // other lane's by the time it reaches that one.
+    let ((first_lane, first_pos), (last_lane, last_pos)) = (rows[0], rows[rows.len() - 1]);
+
+    // A session that holds the last lane's row (an operator's query, a slow disk under the mark:
+    // anything that keeps a mark running).
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM outbox_messages WHERE lane = $1 AND pos = $2 FOR UPDATE")
+        .bind(last_lane)
+        .bind(last_pos)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let held_mark = {
+        let (store, lease) = (store.clone(), leases[&last_lane].clone());
+        tokio::spawn(async move { store.mark_published(&lease, &[Delivered::new(last_pos)]).await })
+    };
+    let deadline = Instant::now() + PROMPT;
+    while scalar::<_, i64>(&pool, WAITING).await == 0 {
+        assert!(Instant::now() < deadline, "the mark never waited for the held row");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let renewed = tokio::time::timeout(PROMPT, store.renew("relay", ttl)).await;
+    let renewed = renewed
+        .expect("the renewal waited for a mark held up on one lane's row")
+        .unwrap();
+    assert_eq!(renewed.len(), leases.len(), "every lease renewed");
+    let other = tokio::time::timeout(
+        PROMPT,
+        store.mark_published(&leases[&first_lane], &[Delivered::new(first_pos)]),
+    )
+    .await;
+    other.expect("another lane's mark waited for the held one").unwrap();
+    assert!(!held_mark.is_finished(), "the held mark waits for the row");
+
+    holder.commit().await.unwrap();
+    held_mark
+        .await
+        .unwrap()
+        .expect("the held mark ends once the row is free");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_messages WHERE pos IN ($1, $2)")
+        .bind(first_pos)
+        .bind(last_pos)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "both marks deleted their rows");
+}
