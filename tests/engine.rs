@@ -20,6 +20,8 @@ use outbox::{Delivered, Message, PublishError, Publisher, StoreAdmin, StoredMess
 use outbox_relay::{ClaimAhead, RelayConfig};
 use outbox_tests::embedded::{drained, start, test_config};
 
+#[path = "engine/looks.rs"]
+mod looks;
 #[path = "engine/pace.rs"]
 mod pace;
 

@@ -3,13 +3,16 @@
 //! transactions send no NOTIFY (PostgreSQL makes the commits of notifying transactions take turns);
 //! meanwhile one query per [`RelayConfig::linger_poll_interval`](crate::RelayConfig::linger_poll_interval)
 //! (with `linger_poll_max`, longer while the adaptive pace finds the relay slows commits, see
-//! `crate::pace::gather`) finds which of those lanes got rows and wakes them. A lane whose linger
-//! ends sets its flag to idle and waits for NOTIFY as before.
+//! `crate::pace::gather`) finds which of those lanes got rows and wakes them. Below
+//! [`EMPTY_LOOKS_CEILING`], a look that finds none waits twice as long before the next, up to that
+//! ([`Looks`]): rows that keep coming are looked for every interval, a trickle does not cost a
+//! query every millisecond. A lane whose linger ends sets its flag to idle and waits for NOTIFY as
+//! before.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use outbox::{Lease, Publisher, Store, LANES};
 use tokio::sync::Notify;
@@ -64,6 +67,7 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
     let Some(wakeups) = shared.store.wakeups().filter(|_| enabled(&shared)) else {
         return;
     };
+    let mut looks = Looks::default();
     loop {
         let mut lanes = shared.watched.lanes();
         if lanes.is_empty() {
@@ -72,14 +76,14 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         match &shared.adaptive {
             Some(pace) => {
                 let every = pace.watch_every(shared.cfg.linger_poll_interval);
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(looks.wait(every)).await;
                 // The quiet window is the pace's measure of commits without the relay; a look that
                 // may gather waits it out, but never more than one interval more.
                 if crate::pace::gather::gathers(&shared.cfg) {
                     let _ = tokio::time::timeout(every, pace.not_quiet()).await;
                 }
             }
-            None => tokio::time::sleep(shared.cfg.linger_poll_interval).await,
+            None => tokio::time::sleep(looks.wait(shared.cfg.linger_poll_interval)).await,
         }
         lanes = shared.watched.lanes();
         if lanes.is_empty() {
@@ -87,6 +91,7 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         }
         match shared.counted(wakeups.ready_lanes(&lanes)).await {
             Ok(ready) => {
+                looks.found(!ready.is_empty());
                 for lane in ready {
                     shared.wake_lane(lane);
                 }
@@ -96,6 +101,28 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
                 tokio::time::sleep(shared.cfg.poll_interval).await;
             }
         }
+    }
+}
+
+/// The longest the look waits after looks that found nothing, when its interval is shorter (the
+/// default interval).
+pub(crate) const EMPTY_LOOKS_CEILING: Duration = Duration::from_millis(5);
+
+/// The wait before the next look: the interval after a look that found rows, twice as long after
+/// each one that found none, up to [`EMPTY_LOOKS_CEILING`] (or the interval, if longer).
+#[derive(Debug, Default)]
+struct Looks {
+    /// Looks in a row that found no row.
+    empty: u32,
+}
+
+impl Looks {
+    fn wait(&self, every: Duration) -> Duration {
+        (every * (1 << self.empty.min(8))).min(EMPTY_LOOKS_CEILING.max(every))
+    }
+
+    fn found(&mut self, any: bool) {
+        self.empty = if any { 0 } else { self.empty.saturating_add(1) };
     }
 }
 
@@ -120,7 +147,32 @@ pub(crate) async fn linger_wait<S: Store, P: Publisher>(
 
 #[cfg(test)]
 mod tests {
-    use super::Watched;
+    use std::time::Duration;
+
+    use super::{Looks, Watched};
+
+    #[test]
+    fn looks_that_find_nothing_come_twice_as_far_apart_up_to_5_ms() {
+        let ms = Duration::from_millis;
+        let mut looks = Looks::default();
+        let mut waits = vec![looks.wait(ms(1))];
+        for _ in 0..5 {
+            looks.found(false);
+            waits.push(looks.wait(ms(1)));
+        }
+        assert_eq!(waits, [ms(1), ms(2), ms(4), ms(5), ms(5), ms(5)]);
+        looks.found(true);
+        assert_eq!(
+            looks.wait(ms(1)),
+            ms(1),
+            "a look that finds rows brings the next one back"
+        );
+        looks.found(false);
+        assert_eq!(looks.wait(ms(2)), ms(4));
+        looks.found(false);
+        assert_eq!(looks.wait(ms(2)), ms(5));
+        assert_eq!(looks.wait(ms(20)), ms(20), "an interval of 5 ms or more stays as it is");
+    }
 
     #[test]
     fn lanes_are_added_and_removed_one_bit_each() {
