@@ -41,9 +41,16 @@ pub(crate) struct Env {
     pub(crate) rounds: Option<usize>,
     /// Create benchmark databases with `jit = off` (an experiment: see BENCHMARKS.md, figure 2).
     pub(crate) jit_off: bool,
+    /// The variants to measure, by label (figure 3); all when empty.
+    pub(crate) only: Vec<String>,
 }
 
 impl Env {
+    /// Whether the variant labelled `label` is measured (`--only`).
+    pub(crate) fn keeps(&self, label: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == label)
+    }
+
     /// Rounds to run: the override, else `full` or `quick`.
     pub(crate) fn rounds(&self, full: usize, quick: usize) -> usize {
         self.rounds.unwrap_or(if self.quick { quick } else { full }).max(1)

@@ -244,12 +244,42 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             ..d
         }),
         Variant::Relay(Case { pace: false, ..d }),
+        // The lingering lanes looked at every 1 ms, and every 1 ms up to 5 ms while the relay slows
+        // the writers.
+        Variant::Relay(Case {
+            watch: Duration::from_millis(1),
+            ..d
+        }),
+        Variant::Relay(Case {
+            watch: Duration::from_millis(1),
+            watch_max: Duration::from_millis(5),
+            ..d
+        }),
+        // Up to four batches in flight per lane.
+        Variant::Relay(Case { pipeline: 4, ..d }),
+        Variant::Relay(Case { pipeline: 4, ..local }),
         // The lingering lanes looked at up to 100 ms apart while the relay slows the writers.
         Variant::Relay(Case {
             watch_max: Duration::from_millis(100),
             ..d
         }),
     ];
+    // `--only`: the chosen relay variants, and the raw producer at each one's linger.
+    let lingers: Vec<Option<u32>> = cases
+        .iter()
+        .filter_map(|v| match v {
+            Variant::Relay(c) if env.keeps(&v.label()) => Some(c.linger_ms),
+            _ => None,
+        })
+        .collect();
+    let cases: Vec<Variant> = cases
+        .into_iter()
+        .filter(|v| env.keeps(&v.label()) || matches!(v, Variant::Raw(l) if lingers.contains(l)))
+        .collect();
+    anyhow::ensure!(
+        cases.iter().any(|v| matches!(v, Variant::Relay(_))),
+        "--only names no relay variant of figure 3"
+    );
     let mut res: Vec<Vec<Vec<Lat>>> = vec![vec![Vec::new(); cases.len()]; rates.len()];
     for round in 0..rounds {
         for (ri, &rate) in rates.iter().enumerate() {
@@ -308,7 +338,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                     .extra("mark_ms_per_batch", med(|l| l.mark_ms))
                     .extra("rows_per_batch", med(|l| l.batch));
             }
-            if variant == 1 && rate == 1000 {
+            if cases[variant].label() == Variant::Relay(d).label() && rate == 1000 {
                 p99 = p99.target(Target::AtMost(10.0));
             }
             rows.push(Row::new(format!("{label}: p50"), "ms", col(|l| l.p50)));

@@ -53,6 +53,10 @@ struct Cli {
     /// off`): an experiment for the relay's claim query, not the default.
     #[arg(long, global = true)]
     jit_off: bool,
+    /// Figure 3 only: measure just the variants with these labels (as printed, separated by `;`),
+    /// and the raw producer at each one's `linger.ms`.
+    #[arg(long, global = true, value_delimiter = ';')]
+    only: Vec<String>,
     /// Rounds per figure (overrides the defaults: 3-5 full, 1-2 quick).
     #[arg(long, global = true)]
     rounds: Option<usize>,
@@ -115,6 +119,7 @@ fn main() -> anyhow::Result<()> {
         quick: cli.quick,
         rounds: cli.rounds,
         jit_off: cli.jit_off,
+        only: cli.only.clone(),
     };
     let result = rt.block_on(run(&cli, &env));
     drop(mock);

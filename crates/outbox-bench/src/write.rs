@@ -367,7 +367,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let linger = outbox_relay::RelayConfig::DEFAULT_LINGER;
     // And the embedded relay woken in-process by the writers' commits (no NOTIFY needed), linger 0.
     // The defaults look at the lingering lanes every 5 ms; beside them the look that may go up to
-    // 100 ms apart while the relay slows the writers' commits (`linger_poll_max`).
+    // 100 ms apart while the relay slows the writers' commits (`linger_poll_max`), and the look
+    // every 1 ms.
     let every = outbox_relay::RelayConfig::DEFAULT_LINGER_POLL_INTERVAL;
     let max = outbox_relay::RelayConfig::DEFAULT_LINGER_POLL_MAX;
     let gathered = Duration::from_millis(100);
@@ -383,6 +384,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         beside(Duration::ZERO, every, max, false),
         beside(linger, every, max, false),
         beside(linger, every, gathered, false),
+        beside(linger, Duration::from_millis(1), max, false),
         beside(Duration::ZERO, every, max, true),
     ];
     rows.extend(order_rows(&db, rounds, dur, &settings).await?);
