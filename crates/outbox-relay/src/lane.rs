@@ -266,11 +266,15 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     }
 
     /// Batches in flight: settle the oldest once answered, or (room for another batch, lane
-    /// lingering) claim again when the watch finds a row beyond those in flight.
+    /// lingering) claim again when the watch finds a row beyond those in flight. Without room, a
+    /// lingering lane that has no reason yet to claim again is watched all the same: a row the
+    /// watch finds meanwhile leaves the lane its wake-up, which it takes once the batch is settled
+    /// instead of waiting for the next look.
     async fn wait_in_flight(&mut self) -> Result<(), LaneExit> {
         let shared = self.shared;
         let lane = self.lease.lane;
-        let watch = self.lingers && self.has_room();
+        let room = self.has_room();
+        let watch = self.lingers && (room || !self.more);
         if watch {
             shared
                 .watched
@@ -278,7 +282,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         }
         let woken = shared.woken(lane);
         let woken = async {
-            if watch {
+            if watch && room {
                 woken.await
             } else {
                 std::future::pending().await
