@@ -106,7 +106,7 @@ pub(crate) async fn watch<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
 
 /// The longest the look waits after looks that found nothing, when its interval is shorter (the
 /// default interval).
-pub(crate) const EMPTY_LOOKS_CEILING: Duration = Duration::from_millis(5);
+const EMPTY_LOOKS_CEILING: Duration = Duration::from_millis(5);
 
 /// The wait before the next look: the interval after a look that found rows, twice as long after
 /// each one that found none, up to [`EMPTY_LOOKS_CEILING`] (or the interval, if longer).
