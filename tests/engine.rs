@@ -22,6 +22,8 @@ use outbox_tests::embedded::{drained, start, test_config};
 
 #[path = "engine/looks.rs"]
 mod looks;
+#[path = "engine/observed.rs"]
+mod observed;
 #[path = "engine/pace.rs"]
 mod pace;
 

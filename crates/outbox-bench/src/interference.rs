@@ -141,10 +141,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             };
             let before = pending(&db.pool).await?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let store = crate::probe::TimedStore {
-                inner: PgStore::new(db.pool.clone()),
-                phases: crate::probe::Phases::until(u64::MAX),
-            };
+            let store =
+                crate::probe::TimedStore::new(PgStore::new(db.pool.clone()), crate::probe::Phases::until(u64::MAX));
             let publisher = crate::probe::TimedPublisher {
                 inner: KafkaPublisher::new([("bootstrap.servers", bootstrap.as_str())])?,
                 phases: crate::probe::Phases::until(u64::MAX),

@@ -147,10 +147,7 @@ async fn relay_latency(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let outbox = Outbox::new().notify(case.notify);
     let mut embedded = Relay::new(
-        TimedStore {
-            inner: PgStore::new(db.pool.clone()),
-            phases: phases.clone(),
-        },
+        TimedStore::new(PgStore::new(db.pool.clone()), phases.clone()),
         publisher,
     )
     .config(

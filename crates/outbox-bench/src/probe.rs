@@ -1,4 +1,4 @@
-//! Instrumented wrappers around the relay's seams: a [`Store`] that times claims and marks and
+//! Instrumented wrappers around the relay's seams: a store that times claims and marks and
 //! counts published rows, and a [`Publisher`] that times publishes and records when each message's
 //! delivery report came back.
 
@@ -8,9 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use outbox::{
-    DeadLetter, Delivered, Lease, PublishError, Publisher, Status, Store, StoreAdmin, StoredMessage, Wakeups,
-};
+use outbox::observed::{Observed, Observer, StoreCall};
+use outbox::{Delivered, PublishError, Publisher, StoredMessage};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -77,83 +76,31 @@ fn add_us(a: &AtomicU64, since: Instant) {
     a.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
-/// A [`Store`] that records [`Phases`].
-pub(crate) struct TimedStore<S> {
-    pub(crate) inner: S,
-    pub(crate) phases: Arc<Phases>,
-}
+/// A [`Store`](outbox::Store) that records [`Phases`]: the claims' and marks' calls, rows and
+/// times.
+pub(crate) type TimedStore<S> = Observed<S, Arc<Phases>>;
 
-#[async_trait]
-impl<S: Store> Store for TimedStore<S> {
-    async fn acquire(&self, owner: &str, max: usize, ttl: Duration) -> outbox::Result<Vec<Lease>> {
-        self.inner.acquire(owner, max, ttl).await
-    }
-    async fn renew(&self, owner: &str, ttl: Duration) -> outbox::Result<Vec<Lease>> {
-        self.inner.renew(owner, ttl).await
-    }
-    async fn release(&self, lease: &Lease) -> outbox::Result<()> {
-        self.inner.release(lease).await
-    }
-    async fn live_owners(&self) -> outbox::Result<usize> {
-        self.inner.live_owners().await
-    }
-    async fn probe(&self) -> outbox::Result<outbox::ProbeCounts> {
-        self.inner.probe().await
-    }
-    async fn leave(&self, owner: &str) -> outbox::Result<()> {
-        self.inner.leave(owner).await
-    }
-    async fn claim(&self, lease: &Lease, limit: usize, in_flight: &[i64]) -> outbox::Result<Vec<StoredMessage>> {
-        let t = Instant::now();
-        let r = self.inner.claim(lease, limit, in_flight).await;
-        add_us(&self.phases.claim_us, t);
-        self.phases.claims.fetch_add(1, Ordering::Relaxed);
-        if let Ok(rows) = &r {
-            self.phases.claimed.fetch_add(rows.len() as u64, Ordering::Relaxed);
-        }
-        r
-    }
-    async fn mark_published(&self, lease: &Lease, done: &[Delivered]) -> outbox::Result<()> {
-        let t = Instant::now();
-        let r = self.inner.mark_published(lease, done).await;
-        add_us(&self.phases.mark_us, t);
-        self.phases.marks.fetch_add(1, Ordering::Relaxed);
-        if r.is_ok() {
-            let n = self.phases.marked.fetch_add(done.len() as u64, Ordering::Relaxed) + done.len() as u64;
-            if n >= self.phases.target.load(Ordering::Relaxed) {
-                self.phases.done.notify_waiters();
+impl Observer for Phases {
+    fn after(&self, call: StoreCall, rows: usize, took: Duration, ok: bool) {
+        let us = took.as_micros() as u64;
+        match call {
+            StoreCall::Claim => {
+                self.claim_us.fetch_add(us, Ordering::Relaxed);
+                self.claims.fetch_add(1, Ordering::Relaxed);
+                self.claimed.fetch_add(rows as u64, Ordering::Relaxed);
             }
+            StoreCall::MarkPublished => {
+                self.mark_us.fetch_add(us, Ordering::Relaxed);
+                self.marks.fetch_add(1, Ordering::Relaxed);
+                if ok {
+                    let n = self.marked.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
+                    if n >= self.target.load(Ordering::Relaxed) {
+                        self.done.notify_waiters();
+                    }
+                }
+            }
+            _ => {}
         }
-        r
-    }
-    async fn mark_failed(&self, lease: &Lease, pos: i64, error: &str, retry_in: Duration) -> outbox::Result<()> {
-        self.inner.mark_failed(lease, pos, error, retry_in).await
-    }
-    async fn dead_letter(&self, lease: &Lease, pos: i64, error: &str, park: bool) -> outbox::Result<()> {
-        self.inner.dead_letter(lease, pos, error, park).await
-    }
-    // Forwarded, or the lanes never look idle and PostgreSQL writers never send NOTIFY.
-    fn wakeups(&self) -> Option<&dyn Wakeups> {
-        self.inner.wakeups()
-    }
-}
-
-#[async_trait]
-impl<S: Store> StoreAdmin for TimedStore<S> {
-    async fn status(&self) -> outbox::Result<Status> {
-        self.inner.status().await
-    }
-    async fn dead_letters(&self, limit: usize) -> outbox::Result<Vec<DeadLetter>> {
-        self.inner.dead_letters(limit).await
-    }
-    async fn retry_dead_letter(&self, id: Uuid) -> outbox::Result<bool> {
-        self.inner.retry_dead_letter(id).await
-    }
-    async fn discard_dead_letter(&self, id: Uuid) -> outbox::Result<bool> {
-        self.inner.discard_dead_letter(id).await
-    }
-    async fn cleanup_published(&self, older_than: Duration, batch: usize) -> outbox::Result<u64> {
-        self.inner.cleanup_published(older_than, batch).await
     }
 }
 

@@ -12,6 +12,7 @@ mod local;
 mod message;
 mod migrate;
 pub mod millis;
+pub mod observed;
 mod polled;
 mod publisher;
 pub mod redact;

@@ -58,10 +58,7 @@ pub(crate) async fn relay_drain(
     limit: Duration,
 ) -> anyhow::Result<Drained> {
     let phases = Phases::until(n);
-    let store = TimedStore {
-        inner: PgStore::new(db.pool.clone()),
-        phases: phases.clone(),
-    };
+    let store = TimedStore::new(PgStore::new(db.pool.clone()), phases.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let cpu = CpuProbe::start(broker_pid);
     let started = Instant::now();
