@@ -449,7 +449,8 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
     // No poll could explain a delivery within the test: only NOTIFY and the linger's watch.
     let cfg = outbox_tests::embedded::test_config()
         .poll_interval(Duration::from_secs(60))
-        .linger(Duration::from_secs(2));
+        .linger(Duration::from_secs(2))
+        .linger_above_writes(0.0);
     let relay = outbox_tests::embedded::start(
         store.clone(),
         outbox_tests::embedded::kafka(&kafka.bootstrap(), &[]),
@@ -527,6 +528,52 @@ async fn the_probe_answers_the_databases_transaction_counts() {
 /// The lane of the next NOTIFY if one arrives within `within`.
 async fn woken_within(wake: &mut (impl futures::Stream<Item = i32> + Unpin), within: Duration) -> Option<i32> {
     tokio::time::timeout(within, wake.next()).await.ok().flatten()
+}
+
+/// Under the adaptive pace, lanes linger only while the database takes more writes a second than
+/// `linger_above_writes` besides the relay's: below, a lane that ran dry says idle at once and the
+/// next commit notifies it.
+#[tokio::test]
+async fn a_lane_of_a_database_that_takes_few_writes_asks_for_notify_as_soon_as_it_runs_dry() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let mut notified = store.wakeups().unwrap().listen().await.unwrap();
+    // A threshold no test run reaches (other tests write to the same server).
+    let cfg = outbox_tests::embedded::test_config()
+        .poll_interval(Duration::from_secs(60))
+        .linger(Duration::from_secs(30))
+        .linger_above_writes(1e9);
+    let kafka = outbox_tests::kafka::Cluster::shared();
+    let topic = outbox_tests::kafka::topic("notify-at-once");
+    outbox_tests::kafka::create_topic(&kafka.bootstrap(), &topic, 1).await;
+    let relay = outbox_tests::embedded::start(
+        store.clone(),
+        outbox_tests::embedded::kafka(&kafka.bootstrap(), &[]),
+        cfg,
+    );
+    let lane = lane_of_k();
+    let idle = || async {
+        sqlx::query_scalar::<_, bool>("SELECT idle FROM outbox_leases WHERE lane = $1 AND owner IS NOT NULL")
+            .bind(lane)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .unwrap_or(false)
+    };
+    outbox_tests::embedded::wait_for("the lane idle before any work", Duration::from_secs(10), idle).await;
+    // The pace's counts tell once they span a second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for n in 1..=2 {
+        commit_each(&pool, [Message::new(topic.as_str(), "x").key("k")]).await;
+        let woken = tokio::time::timeout(Duration::from_secs(5), notified.next()).await;
+        assert_eq!(woken.unwrap(), Some(lane), "commit {n} notified its lane");
+        outbox_tests::embedded::wait_for("the row published", Duration::from_secs(5), || async {
+            store.status().await.unwrap().pending == 0
+        })
+        .await;
+        // Well within the 30 s linger.
+        outbox_tests::embedded::wait_for("the lane idle again", Duration::from_secs(3), idle).await;
+    }
+    relay.stop().await;
 }
 
 /// Listens for NOTIFY, holding every lane with its flag idle (writers notify).

@@ -30,6 +30,7 @@ async fn a_lingering_lane_that_gets_no_rows_is_looked_at_every_5_ms_at_the_most_
     let store = Arc::new(Observed::new(pg, Looks::default()));
     let cfg = test_config()
         .linger(Duration::from_secs(30))
+        .linger_above_writes(0.0)
         .linger_poll_interval(Duration::from_millis(1));
     let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
     commit_each(&pool, [Message::new("t", "x").key("k")]).await;

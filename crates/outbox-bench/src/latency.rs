@@ -252,6 +252,11 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             watch_max: Duration::from_millis(5),
             ..d
         }),
+        // Lanes that ask for NOTIFY as soon as they run dry: every commit to an idle lane notifies.
+        Variant::Relay(Case {
+            lanes_linger: Duration::ZERO,
+            ..d
+        }),
         // Up to four batches in flight per lane.
         Variant::Relay(Case { pipeline: 4, ..d }),
         Variant::Relay(Case { pipeline: 4, ..local }),

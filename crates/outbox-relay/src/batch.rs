@@ -156,7 +156,7 @@ where
 {
     let mut attempt: u32 = 0;
     loop {
-        match shared.counted(op()).await {
+        match shared.counted_write(op()).await {
             Ok(()) => return Ok(()),
             Err(Error::StaleLease { lane, epoch }) => {
                 tracing::warn!(lane, epoch, "lease lost: another relay owns the lane now");

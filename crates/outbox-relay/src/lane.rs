@@ -41,7 +41,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
     async move {
         tracing::debug!("lane started");
         Lane {
-            lingers: crate::linger::enabled(&shared),
+            lingers: crate::linger::lingers_now(&shared),
             shared: &shared,
             lease: &lease,
             stop: &stop,
@@ -86,7 +86,8 @@ struct Lane<'a, S, P> {
     claimed_to: i64,
     /// What the lane's flag says (true: writers notify it).
     idle: bool,
-    /// Whether the lane lingers after running dry (see [`crate::linger`]).
+    /// Whether the lane lingers after running dry (see [`crate::linger`]), as of its last claim or
+    /// wait.
     lingers: bool,
     /// Until when the lane keeps watching for rows after it ran dry, flag still busy.
     linger_until: Option<Instant>,
@@ -142,6 +143,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             _ = self.flight.oldest_answered() => return self.settle_oldest(true).await,
         };
         let started = Instant::now();
+        self.lingers = crate::linger::lingers_now(shared);
         let limit = shared.cfg.batch_size - self.flight.rows();
         let mut rows = match self.ahead.take().filter(|r| !r.is_empty()) {
             Some(rows) => rows,
@@ -241,7 +243,8 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     async fn wait_dry(&mut self) -> Result<(), LaneExit> {
         let shared = self.shared;
         self.more = true;
-        if let Some(until) = self.linger_until.filter(|u| *u > Instant::now()) {
+        self.lingers = crate::linger::lingers_now(shared);
+        if let Some(until) = self.linger_until.filter(|u| self.lingers && *u > Instant::now()) {
             // Not extended by an empty claim: rows held back behind a waiting row of their key
             // make the watch wake the lane for nothing, but only until then.
             return match linger_wait(shared, self.lease, until, self.stop).await {
@@ -354,7 +357,7 @@ async fn set_idle<S: Store, P>(shared: &Shared<S, P>, lease: &Lease, idle: bool)
     let Some(wakeups) = shared.store.wakeups() else {
         return;
     };
-    if let Err(e) = shared.counted(wakeups.set_idle(lease, idle)).await {
+    if let Err(e) = shared.counted_write(wakeups.set_idle(lease, idle)).await {
         tracing::debug!(error = %e, idle, "could not record the lane's idle flag");
     }
 }

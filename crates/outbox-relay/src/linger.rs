@@ -7,7 +7,11 @@
 //! [`EMPTY_LOOKS_CEILING`], a look that finds none waits twice as long before the next, up to that
 //! ([`Looks`]): rows that keep coming are looked for every interval, a trickle does not cost a
 //! query every millisecond. A lane whose linger ends sets its flag to idle and waits for NOTIFY as
-//! before.
+//! before. Under the adaptive pace, lanes linger only while the database takes more writes than
+//! [`RelayConfig::linger_above_writes`](crate::RelayConfig::linger_above_writes) besides the
+//! relay's, or when the writers wake the relay in-process ([`lingers_now`]): fewer commits do not
+//! feel NOTIFY, and a commit that notifies wakes its lane at once where a lingering one waits for
+//! the next look.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -57,6 +61,14 @@ impl Watched {
 /// never notify and there is nothing to spare them) and the linger is not zero.
 pub(crate) fn enabled<S: Store, P: Publisher>(shared: &Shared<S, P>) -> bool {
     !shared.cfg.linger.is_zero() && shared.store.wakeups().is_some()
+}
+
+/// Whether a lane of this relay lingers now: it may ([`enabled`]), and under the adaptive pace the
+/// others write often enough for NOTIFY to cost them ([`crate::pace::lanes_linger`]). A relay its
+/// writers wake in-process ([`crate::Relay::wake_on`]) always lingers: their commits wake it at
+/// once anyway, and a NOTIFY beside each would only add an empty claim.
+pub(crate) fn lingers_now<S: Store, P: Publisher>(shared: &Shared<S, P>) -> bool {
+    enabled(shared) && (shared.local.is_some() || shared.adaptive.as_ref().is_none_or(|pace| pace.lingers()))
 }
 
 /// Looks at the lingering lanes every `linger_poll_interval` (under the adaptive pace with a

@@ -37,9 +37,11 @@
 //! lingering lanes are looked at less often when
 //! [`RelayConfig::linger_poll_max`](crate::RelayConfig::linger_poll_max) allows ([`gather`]), so each
 //! claim and mark carries more rows. The look waits out the quiet window too (up to one interval).
+//! The same counts tell whether lanes linger at all ([`lanes_linger`]): only while others write
+//! often enough for NOTIFY to cost them.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +72,13 @@ const FLOOR: f64 = 0.05;
 /// there): a service should not wait cycles for a relay that was running every lane.
 const BUSY_START: f64 = 0.25;
 
+/// Whether the lanes linger ([`crate::linger`]), given the others' writes a second, whether they
+/// lingered and [`RelayConfig::linger_above_writes`](crate::RelayConfig::linger_above_writes):
+/// above it they do, below half of it they stop; at 0 always.
+pub(crate) fn lanes_linger(writes: f64, lingered: bool, above: f64) -> bool {
+    above == 0.0 || writes > if lingered { above / 2.0 } else { above }
+}
+
 /// Whether a service is committing: quiet commits take well over the baseline (half as long again
 /// and half a millisecond more).
 pub(crate) fn busy(quiet: Duration, baseline: Duration) -> bool {
@@ -90,10 +99,15 @@ pub(crate) struct Adaptive {
     active: AtomicUsize,
     /// The relay's own database transactions so far.
     own: AtomicU64,
+    /// Those of them that write (take a transaction id).
+    own_writes: AtomicU64,
     /// How long the oldest row claimed since the last cycle had waited, in milliseconds.
     lag_ms: AtomicU64,
     /// How often the lingering lanes are looked at, in microseconds (0: not set yet).
     watch_us: AtomicU64,
+    /// Whether lanes linger after running dry: true until the database's counts tell
+    /// ([`lanes_linger`]).
+    linger: AtomicBool,
 }
 
 impl Default for Adaptive {
@@ -105,8 +119,10 @@ impl Default for Adaptive {
             quiet: watch::Sender::new(false),
             active: AtomicUsize::new(0),
             own: AtomicU64::new(0),
+            own_writes: AtomicU64::new(0),
             lag_ms: AtomicU64::new(0),
             watch_us: AtomicU64::new(0),
+            linger: AtomicBool::new(true),
         }
     }
 }
@@ -151,9 +167,12 @@ impl Drop for Turn<'_> {
 }
 
 impl Adaptive {
-    /// Counts one of the relay's own database transactions.
-    pub(crate) fn count_own(&self) {
+    /// Counts one of the relay's own database transactions; `writes`: it takes a transaction id.
+    pub(crate) fn count_own(&self, writes: bool) {
         self.own.fetch_add(1, Ordering::Relaxed);
+        if writes {
+            self.own_writes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Notes how long the oldest row of a claim had waited.
@@ -199,6 +218,11 @@ impl Adaptive {
             0 => floor,
             us => Duration::from_micros(us),
         }
+    }
+
+    /// Whether lanes linger after running dry now ([`lanes_linger`]).
+    pub(crate) fn lingers(&self) -> bool {
+        self.linger.load(Ordering::Relaxed)
     }
 
     /// Completes outside the quiet window.
@@ -309,7 +333,7 @@ fn median(mut v: Vec<Duration>) -> Option<Duration> {
 /// [`outbox::Store::probe`]); `None` when it failed.
 async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<(Duration, ProbeCounts)> {
     let start = Instant::now();
-    match shared.counted(shared.store.probe()).await {
+    match shared.counted_write(shared.store.probe()).await {
         Ok(count) => Some((start.elapsed(), count)),
         Err(e) => {
             tracing::debug!(error = %e, "pace probe failed");
@@ -333,9 +357,19 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
             tokio::time::sleep(CYCLE / WORKING_PROBES).await;
             if let Some((took, count)) = probe(&shared).await {
                 working.push(took);
-                service = c
-                    .counts
-                    .service_busy(count, pace.own.load(Ordering::Relaxed), Instant::now());
+                let (own, own_writes) = (
+                    pace.own.load(Ordering::Relaxed),
+                    pace.own_writes.load(Ordering::Relaxed),
+                );
+                service = c.counts.record(count, own, own_writes, Instant::now());
+                if let Some(writes) = c.counts.others_writes() {
+                    let lingered = pace.lingers();
+                    let lingers = lanes_linger(writes, lingered, shared.cfg.linger_above_writes);
+                    if lingers != lingered {
+                        tracing::debug!(writes, lingers, "pace: lanes linger after running dry");
+                        pace.linger.store(lingers, Ordering::Relaxed);
+                    }
+                }
             }
             if service == Some(true) && !c.was_busy {
                 // A service woke up: the pace drops now, not at the end of the cycle (still at

@@ -50,11 +50,19 @@ impl<S, P> Shared<S, P> {
         }
     }
 
-    /// Runs one of the relay's own database transactions, counted for the adaptive pace (which
-    /// tells them from the service's).
+    /// Runs one of the relay's own database transactions that only reads, counted for the
+    /// adaptive pace (which tells them from the service's).
     pub(crate) async fn counted<T>(&self, tx: impl std::future::Future<Output = T>) -> T {
         if let Some(pace) = &self.adaptive {
-            pace.count_own();
+            pace.count_own(false);
+        }
+        tx.await
+    }
+
+    /// [`Shared::counted`] for a transaction that writes (takes a transaction id).
+    pub(crate) async fn counted_write<T>(&self, tx: impl std::future::Future<Output = T>) -> T {
+        if let Some(pace) = &self.adaptive {
+            pace.count_own(true);
         }
         tx.await
     }

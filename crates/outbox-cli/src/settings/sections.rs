@@ -48,6 +48,9 @@ pub(crate) struct RelaySection {
     /// With the adaptive pace, the longest the lingering lanes go unlooked at.
     #[arg(skip)]
     pub(crate) linger_poll_max_ms: Option<Millis>,
+    /// With the adaptive pace, the others' writes a second above which lanes linger.
+    #[arg(skip)]
+    pub(crate) linger_above_writes: Option<f64>,
     /// Pace the relay by the database's answers.
     #[arg(skip)]
     pub(crate) adaptive_pace: Option<bool>,
@@ -108,6 +111,7 @@ impl RelaySection {
             linger_ms: self.linger_ms.or(file.linger_ms),
             linger_poll_interval_ms: self.linger_poll_interval_ms.or(file.linger_poll_interval_ms),
             linger_poll_max_ms: self.linger_poll_max_ms.or(file.linger_poll_max_ms),
+            linger_above_writes: self.linger_above_writes.or(file.linger_above_writes),
             adaptive_pace: self.adaptive_pace.or(file.adaptive_pace),
             pace_max_lag_ms: self.pace_max_lag_ms.or(file.pace_max_lag_ms),
             pace_slowdown: self.pace_slowdown.or(file.pace_slowdown),
@@ -145,6 +149,7 @@ impl RelaySection {
                 self.linger_poll_max_ms
                     .map_or(C::DEFAULT_LINGER_POLL_MAX, Duration::from),
             )
+            .linger_above_writes(self.linger_above_writes.unwrap_or(C::DEFAULT_LINGER_ABOVE_WRITES))
             .adaptive_pace(self.adaptive_pace.unwrap_or(C::DEFAULT_ADAPTIVE_PACE))
             .pace_max_lag(self.pace_max_lag_ms.map_or(C::DEFAULT_PACE_MAX_LAG, Duration::from))
             .pace_slowdown(self.pace_slowdown.unwrap_or(C::DEFAULT_PACE_SLOWDOWN))

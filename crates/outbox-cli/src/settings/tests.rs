@@ -60,6 +60,10 @@ fn readme_states_the_engine_defaults() {
         default_of("linger_ms"),
         format!("{}, {}", ms(C::DEFAULT_LINGER), ms(C::DEFAULT_LINGER_POLL_INTERVAL))
     );
+    assert_eq!(
+        default_of("linger_above_writes"),
+        C::DEFAULT_LINGER_ABOVE_WRITES.to_string()
+    );
     assert_eq!(default_of("adaptive_pace"), C::DEFAULT_ADAPTIVE_PACE.to_string());
     assert!(default_of("pace_max_lag_ms").starts_with(&ms(C::DEFAULT_PACE_MAX_LAG)));
     assert_eq!(default_of("pace_slowdown"), C::DEFAULT_PACE_SLOWDOWN.to_string());
@@ -93,6 +97,7 @@ fn readme_states_the_engine_defaults() {
     assert_eq!(resolved.poll_interval, C::DEFAULT_POLL_INTERVAL);
     assert_eq!(resolved.linger_poll_interval, C::DEFAULT_LINGER_POLL_INTERVAL);
     assert_eq!(resolved.linger_poll_max, C::DEFAULT_LINGER_POLL_MAX);
+    assert_eq!(resolved.linger_above_writes, C::DEFAULT_LINGER_ABOVE_WRITES);
     assert_eq!(resolved.shutdown_grace, C::DEFAULT_SHUTDOWN_GRACE);
     assert_eq!(resolved.cleanup_interval, C::DEFAULT_CLEANUP_INTERVAL);
     let built = RelayConfig::default();

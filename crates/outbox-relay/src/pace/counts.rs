@@ -24,6 +24,8 @@ pub(super) struct Sample {
     at: Instant,
     counts: ProbeCounts,
     own: u64,
+    /// The relay's own writes (transactions that take an id) so far.
+    own_writes: u64,
 }
 
 /// The counts of the probes of the last [`RATE_WINDOW`].
@@ -35,12 +37,23 @@ pub(super) struct Counts {
 impl Counts {
     /// Takes the counts of a probe and says whether a service is busy, when they tell (`None`: no
     /// count from the database, or too short a span of counts yet).
+    #[cfg(test)]
     pub(super) fn service_busy(&mut self, counts: ProbeCounts, own: u64, now: Instant) -> Option<bool> {
+        self.record(counts, own, own, now)
+    }
+
+    /// [`Counts::service_busy`], given the relay's own writes too (for [`Counts::others_writes`]).
+    pub(super) fn record(&mut self, counts: ProbeCounts, own: u64, own_writes: u64, now: Instant) -> Option<bool> {
         if counts.finished.is_none() && counts.writes.is_none() {
             self.samples.clear();
             return None;
         }
-        self.samples.push_back(Sample { at: now, counts, own });
+        self.samples.push_back(Sample {
+            at: now,
+            counts,
+            own,
+            own_writes,
+        });
         while self
             .samples
             .front()
@@ -63,6 +76,19 @@ impl Counts {
             (None, None) => None,
             _ => Some(false),
         }
+    }
+
+    /// The others' writes a second (transaction ids handed out beyond the relay's own writes) over
+    /// the last [`RATE_WINDOW`]; `None` when the database does not tell or the counts span less
+    /// than a second.
+    pub(super) fn others_writes(&self) -> Option<f64> {
+        let (last, first) = (self.samples.back()?, self.samples.front()?);
+        let secs = last.at.duration_since(first.at).as_secs_f64();
+        if secs < RATE_MIN_SPAN.as_secs_f64() {
+            return None;
+        }
+        let ids = (last.counts.writes? - first.counts.writes?) as f64;
+        Some((ids - (last.own_writes - first.own_writes) as f64) / secs)
     }
 
     /// The others' and the relay's own transactions a second by one count, over the samples of

@@ -238,3 +238,37 @@ async fn the_gate_lets_as_many_lanes_work_as_the_pace_allows_and_none_in_the_qui
     pace.quiet.send_replace(false);
     let _d = tokio::time::timeout(Duration::from_secs(1), pace.turn()).await.unwrap();
 }
+
+#[test]
+fn lanes_linger_above_the_writes_given_and_stop_below_half_of_it() {
+    let above = crate::RelayConfig::DEFAULT_LINGER_ABOVE_WRITES;
+    assert!(
+        !lanes_linger(200.0, false, above),
+        "a few hundred commits a second: NOTIFY"
+    );
+    assert!(!lanes_linger(above, false, above));
+    assert!(lanes_linger(above + 1.0, false, above));
+    // Lingering, they go on down to half of it.
+    assert!(lanes_linger(above / 2.0 + 1.0, true, above));
+    assert!(!lanes_linger(above / 2.0, true, above));
+    // 0: always.
+    assert!(lanes_linger(0.0, false, 0.0));
+}
+
+#[test]
+fn the_others_writes_leave_out_the_relays_own_writes_but_not_its_reads() {
+    let mut counts = counts::Counts::default();
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    // 2,000 transaction ids a second, 1,500 of them the relay's marks; its 3,000 reads a second
+    // (claims, looks) take none.
+    counts.record(ProbeCounts::new(None, Some(10_000)), 0, 0, at(0));
+    assert_eq!(counts.others_writes(), None, "a single sample spans no time");
+    counts.record(ProbeCounts::new(None, Some(11_000)), 2_250, 750, at(500));
+    assert_eq!(counts.others_writes(), None, "half a second is too short a span");
+    counts.record(ProbeCounts::new(None, Some(12_000)), 4_500, 1_500, at(1000));
+    assert_eq!(counts.others_writes(), Some(500.0));
+    // Without the ids the database hands out, nothing to tell.
+    counts.record(ProbeCounts::new(Some(1), None), 4_500, 1_500, at(1500));
+    assert_eq!(counts.others_writes(), None);
+}
