@@ -436,6 +436,16 @@ async fn a_row_skipped_for_its_delivery_time_always_holds_back_its_key() {
     );
 }
 
+/// Whether `lane` is held and its flag says idle (writers notify it).
+async fn lane_idle(pool: &sqlx::PgPool, lane: i32) -> bool {
+    sqlx::query_scalar::<_, bool>("SELECT idle FROM outbox_leases WHERE lane = $1 AND owner IS NOT NULL")
+        .bind(lane)
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .unwrap_or(false)
+}
+
 /// After its lane found work, a relay keeps the lane's flag busy for `linger` (writers send no
 /// NOTIFY, whose commits take turns) and still publishes new rows within milliseconds, found by one
 /// query over the lingering lanes; when the linger ends the flag says idle and writers notify again.
@@ -458,14 +468,7 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
     );
     let idle = |lane: i32| {
         let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, bool>("SELECT idle FROM outbox_leases WHERE lane = $1 AND owner IS NOT NULL")
-                .bind(lane)
-                .fetch_optional(&pool)
-                .await
-                .unwrap()
-                .unwrap_or(false)
-        }
+        async move { lane_idle(&pool, lane).await }
     };
     let send = |key: &'static str| {
         let pool = pool.clone();
@@ -551,14 +554,7 @@ async fn a_lane_of_a_database_that_takes_few_writes_asks_for_notify_as_soon_as_i
         cfg,
     );
     let lane = lane_of_k();
-    let idle = || async {
-        sqlx::query_scalar::<_, bool>("SELECT idle FROM outbox_leases WHERE lane = $1 AND owner IS NOT NULL")
-            .bind(lane)
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-            .unwrap_or(false)
-    };
+    let idle = || lane_idle(&pool, lane);
     outbox_tests::embedded::wait_for("the lane idle before any work", Duration::from_secs(10), idle).await;
     // The pace's counts tell once they span a second.
     tokio::time::sleep(Duration::from_secs(2)).await;

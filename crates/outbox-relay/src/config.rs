@@ -83,11 +83,12 @@ pub struct RelayConfig {
     /// database of the server), and stop below half of it: a lane that does not linger asks for
     /// NOTIFY as soon as it runs dry, so a commit wakes it at once instead of the next look. At
     /// 200 commits a second that brought the p99 from commit to the broker from 2.7-3.6x the raw
-    /// producer's to 1.2-1.7x at 1,000 msg/s and 1.5-2.4x at 5,000; writers that saturate the database (thousands of commits a second)
-    /// keep about 0.65 of their throughput beside lingering lanes against 0.45 beside lanes that
-    /// notify (BENCHMARKS.md, figures 1 and 3). A relay woken in-process by its writers
-    /// ([`crate::Relay::wake_on`]) always lingers: their commits wake it at once anyway. Defaults
-    /// to 500. 0: lanes always linger (as without the adaptive pace).
+    /// producer's to 1.2-1.7x at 1,000 msg/s and 1.5-2.4x at 5,000; writers that saturate the
+    /// database (thousands of commits a second) keep about 0.65 of their throughput beside
+    /// lingering lanes against 0.45 beside lanes that notify (BENCHMARKS.md, figures 1 and 3). A
+    /// relay woken in-process by its writers ([`crate::Relay::wake_on`]) always lingers: their
+    /// commits wake it at once anyway. Defaults to 500. 0: lanes always linger (as without the
+    /// adaptive pace).
     pub linger_above_writes: f64,
     /// Lease duration; leases are renewed every third of it. Defaults to 30 s.
     pub lease_ttl: Duration,
