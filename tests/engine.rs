@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use outbox::{Delivered, Message, PublishError, Publisher, StoreAdmin, StoredMessage};
 use outbox_relay::{ClaimAhead, RelayConfig};
 use outbox_tests::embedded::{drained, start, test_config};
+use outbox_tests::wait::wait_for;
 
 #[path = "engine/looks.rs"]
 mod looks;
@@ -269,6 +270,62 @@ async fn pipelined_batches_never_hand_over_a_row_before_its_predecessor() {
     let most = publisher.most_per_lane.load(Ordering::SeqCst);
     assert!(most >= 2, "batches of one lane never overlapped ({most} at once)");
     assert!(store.dead_letters(10).await.unwrap().is_empty());
+}
+
+/// A lane that does not linger asks for NOTIFY as soon as it runs dry. A row committed to it while
+/// its batch is in flight is published at once, beside that batch, not after it: the NOTIFY of its
+/// commit wakes the lane, which has room for another batch (its claims are quicker than its
+/// publishes, known from a first batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_woken_by_notify_publishes_a_new_row_beside_the_batch_in_flight() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let first = "first";
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    let second = (0..)
+        .map(|i| format!("second-{i}"))
+        .find(|k| lane_of(k) == lane_of(first))
+        .unwrap();
+    let publisher = Scripted::slow([], Duration::from_millis(1000));
+    let cfg = test_config().pipeline(4).linger(Duration::ZERO);
+    let relay = start(store.clone(), publisher.clone(), cfg);
+    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
+    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
+    wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "1").key(first)]).await;
+    drained(&store, Duration::from_secs(10)).await;
+    wait_for("the lane to ask for NOTIFY again", Duration::from_secs(10), all_idle).await;
+
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "2").key(first)]).await;
+    let sent = |key: &str, seq: i64| {
+        let key = key.to_owned();
+        move |e: &Event| matches!(e, Event::Start(_, rows) if rows.iter().any(|(k, s, _)| *k == key && *s == seq))
+    };
+    wait_for(
+        "the second row of the lane to be published",
+        Duration::from_secs(10),
+        || async { publisher.events().iter().any(sent(first, 2)) },
+    )
+    .await;
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "3").key(second.as_str())]).await;
+    drained(&store, Duration::from_secs(10)).await;
+    relay.stop().await;
+
+    let events = publisher.events();
+    let Some(Event::Start(call, _)) = events.iter().find(|e| sent(first, 2)(e)) else {
+        unreachable!()
+    };
+    let answered = events
+        .iter()
+        .position(|e| matches!(e, Event::End(n) if n == call))
+        .unwrap();
+    let third = events
+        .iter()
+        .position(sent(&second, 1))
+        .expect("the third row was published");
+    assert!(
+        third < answered,
+        "the row committed while its lane's batch was in flight waited for that batch: {events:?}"
+    );
 }
 
 #[test]

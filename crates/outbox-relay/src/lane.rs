@@ -189,8 +189,9 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         self.flight.push(InFlight::new(task, turns, &rows, started, full));
         // A full batch: claim again at once (another batch in flight, if there is room). A short
         // one: the lane is drained; a lingering lane waits for the watch (it finds rows committed
-        // meanwhile), another one looks once more.
-        self.more = full || !self.lingers;
+        // meanwhile), an idle one for the NOTIFY of the next commit (its flag was idle before this
+        // claim's snapshot, so every row the claim missed sends one), another one looks once more.
+        self.more = full || !(self.lingers || self.idle);
         if self.claims_ahead() {
             // Rows of a key that a batch in flight leaves unsettled (retry, park) are dropped from
             // it when that batch is settled: they stay pending and are claimed again, in order.
@@ -268,11 +269,11 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         }
     }
 
-    /// Batches in flight: settle the oldest once answered, or (room for another batch, lane
-    /// lingering) claim again when the watch finds a row beyond those in flight. Without room, a
-    /// lingering lane that has no reason yet to claim again is watched all the same: a row the
-    /// watch finds meanwhile leaves the lane its wake-up, which it takes once the batch is settled
-    /// instead of waiting for the next look.
+    /// Batches in flight: settle the oldest once answered, or (room for another batch) claim again
+    /// when woken: by the watch, which finds a row beyond those in flight of a lingering lane, or
+    /// by the NOTIFY of a commit to an idle one. Without room, a lingering lane that has no reason
+    /// yet to claim again is watched all the same: a row the watch finds meanwhile leaves the lane
+    /// its wake-up, which it takes once the batch is settled instead of waiting for the next look.
     async fn wait_in_flight(&mut self) -> Result<(), LaneExit> {
         let shared = self.shared;
         let lane = self.lease.lane;
@@ -285,7 +286,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         }
         let woken = shared.woken(lane);
         let woken = async {
-            if watch && room {
+            if room && (watch || self.idle) {
                 woken.await
             } else {
                 std::future::pending().await
