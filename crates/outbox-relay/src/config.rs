@@ -47,10 +47,11 @@ pub struct RelayConfig {
     /// their marks), as long as they hold fewer than [`RelayConfig::batch_size`] rows together and
     /// the lane's claims take less than half as long as its publishes (otherwise the database is
     /// the bottleneck and rows wait to go out together): a row committed while its lane's batch is
-    /// in flight is claimed and published at once instead of waiting for that batch. A key is in
-    /// one batch in flight at the most; batches are marked in the order they were claimed. 1: one
-    /// batch at a time. Defaults to 1: on a database that is busy anyway, the extra claims and marks
-    /// of several small batches cost more than the wait they save (BENCHMARKS.md, figure 3).
+    /// in flight is claimed and published at once instead of waiting for that batch (found by the
+    /// watch of a lingering lane, or by the NOTIFY of its commit to an idle one). A key is in one
+    /// batch in flight at the most; batches are marked in the order they were claimed. 1: one
+    /// batch at a time. Defaults to 1: on a database that is busy anyway, the extra claims of
+    /// several small batches cost more than the wait they save (BENCHMARKS.md, figure 3).
     pub pipeline: usize,
     /// How often an idle lane looks for work without a wake-up. Defaults to 1 s.
     pub poll_interval: Duration,

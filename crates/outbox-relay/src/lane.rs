@@ -133,6 +133,13 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
                 && self.claim_took * 2 < self.publish_took)
     }
 
+    /// Whether a row committed after the lane's last claim wakes it: a lingering lane is watched
+    /// (or woken in-process), an idle one gets the commit's NOTIFY (its flag said idle before that
+    /// claim's snapshot).
+    fn woken_by_commits(&self) -> bool {
+        self.lingers || self.idle
+    }
+
     /// Takes a turn, claims a batch and starts publishing it.
     async fn start_batch(&mut self) -> Result<(), LaneExit> {
         let shared = self.shared;
@@ -188,10 +195,9 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         };
         self.flight.push(InFlight::new(task, turns, &rows, started, full));
         // A full batch: claim again at once (another batch in flight, if there is room). A short
-        // one: the lane is drained; a lingering lane waits for the watch (it finds rows committed
-        // meanwhile), an idle one for the NOTIFY of the next commit (its flag was idle before this
-        // claim's snapshot, so every row the claim missed sends one), another one looks once more.
-        self.more = full || !(self.lingers || self.idle);
+        // one: the lane is drained; one that a commit wakes waits for that, another one looks once
+        // more.
+        self.more = full || !self.woken_by_commits();
         if self.claims_ahead() {
             // Rows of a key that a batch in flight leaves unsettled (retry, park) are dropped from
             // it when that batch is settled: they stay pending and are claimed again, in order.
@@ -285,8 +291,9 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
                 .add(lane, self.flight.last_position().max(self.claimed_to));
         }
         let woken = shared.woken(lane);
+        let take_wake = room && self.woken_by_commits();
         let woken = async {
-            if room && (watch || self.idle) {
+            if take_wake {
                 woken.await
             } else {
                 std::future::pending().await
