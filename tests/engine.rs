@@ -245,13 +245,24 @@ async fn claiming_after_the_marks_keeps_the_same_order() {
 /// failures, and batches of one lane did overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pipelined_batches_never_hand_over_a_row_before_its_predecessor() {
+    pipelined_in_order(test_config()).await;
+}
+
+/// The same with lanes that never linger: a lane with a batch in flight is woken by the NOTIFY of
+/// each commit to it and publishes beside that batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_batches_woken_by_notify_never_hand_over_a_row_before_its_predecessor() {
+    pipelined_in_order(test_config().linger(Duration::ZERO)).await;
+}
+
+async fn pipelined_in_order(cfg: RelayConfig) {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let keys: Vec<String> = (0..40).map(|k| format!("k{k}")).collect();
     let publisher = Scripted::slow(
         [("k1", 2, 1), ("k7", 5, 2), ("k20", 1, 1), ("k33", 9, 3), ("k38", 4, 1)],
         Duration::from_millis(40),
     );
-    let cfg = test_config()
+    let cfg = cfg
         .batch_size(8)
         .pipeline(4)
         .backoff_base(Duration::from_millis(20))
