@@ -134,9 +134,10 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     }
 
     /// Whether a row committed after the lane's last claim wakes it: a lingering lane is watched
-    /// (or woken in-process), an idle one gets the commit's NOTIFY (its flag said idle before that
-    /// claim's snapshot) where the database sends one. Otherwise the lane finds the row when it
-    /// claims again after its batch in flight is settled, or at its poll.
+    /// (or woken in-process), an idle one gets the commit's NOTIFY where the database sends one.
+    /// Otherwise, and for a row its writer inserted before the flag said idle (that transaction
+    /// sends no NOTIFY), the lane finds the row when it claims again after its batch in flight is
+    /// settled, or at its poll.
     fn woken_by_commits(&self) -> bool {
         self.lingers || (self.idle && self.shared.store.wakeups().is_some())
     }
