@@ -114,6 +114,15 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
         async move { store.mark_published(&lease, &done).await }
     });
     let stale_done = [Delivered::new(first[&lanes[0]]).at(0, 0)];
+    let own_writes = || async {
+        store
+            .probe()
+            .await
+            .unwrap()
+            .own_writes
+            .expect("PgStore counts its writes")
+    };
+    let own_before = own_writes().await;
     tracing::callsite::rebuild_interest_cache();
     let before_marks = statements.count();
     let (marked, stale_mark) = tokio::join!(
@@ -121,6 +130,8 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
         store.mark_published(&stale, &stale_done)
     );
     let after_marks = statements.count();
+    // One transaction id a statement, however many lanes share it (and one for the probe).
+    let own_marks = own_writes().await - own_before - 1;
     for m in marked {
         m.unwrap();
     }
@@ -151,6 +162,11 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
     assert!(
         (1..=3).contains(&claim_statements) && (1..=3).contains(&mark_statements),
         "{} lanes at once: claims took {claim_statements} statements, marks {mark_statements}",
+        lanes.len() + 1
+    );
+    assert!(
+        (1..=3).contains(&own_marks),
+        "the store counted {own_marks} writes for {} marks that shared at most three statements",
         lanes.len() + 1
     );
 }

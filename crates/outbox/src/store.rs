@@ -68,12 +68,26 @@ pub struct ProbeCounts {
     /// Transaction ids handed out so far: every transaction that writes takes one the moment it
     /// writes (PostgreSQL's `txid_current()`), so this count is never late.
     pub writes: Option<i64>,
+    /// Of those, the ones this store's own statements took so far, this probe's included, where
+    /// the store counts them: the relay's marks of several lanes may share one statement, so the
+    /// relay's own count of its calls would say more.
+    pub own_writes: Option<i64>,
 }
 
 impl ProbeCounts {
     /// The counts of a probe.
     pub fn new(finished: Option<i64>, writes: Option<i64>) -> Self {
-        ProbeCounts { finished, writes }
+        ProbeCounts {
+            finished,
+            writes,
+            own_writes: None,
+        }
+    }
+
+    /// With the store's own count of the transaction ids its statements took.
+    pub fn own_writes(mut self, own_writes: Option<i64>) -> Self {
+        self.own_writes = own_writes;
+        self
     }
 }
 

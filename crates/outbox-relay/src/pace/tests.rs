@@ -272,3 +272,17 @@ fn the_others_writes_leave_out_the_relays_own_writes_but_not_its_reads() {
     counts.record(ProbeCounts::new(Some(1), None), 4_500, 1_500, at(1500));
     assert_eq!(counts.others_writes(), None);
 }
+
+#[test]
+fn the_others_writes_leave_out_the_writes_the_store_counted_where_it_counts_them() {
+    let mut counts = counts::Counts::default();
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    // 2,000 transaction ids a second, 1,000 of them the store's own statements; the relay made
+    // 3,000 calls that write a second (the marks of three lanes shared each statement).
+    let probe = |ids: i64, own: i64| ProbeCounts::new(None, Some(ids)).own_writes(Some(own));
+    counts.record(probe(10_000, 100), 0, 0, at(0));
+    counts.record(probe(11_000, 600), 0, 1_500, at(500));
+    counts.record(probe(12_000, 1_100), 0, 3_000, at(1000));
+    assert_eq!(counts.others_writes(), Some(1_000.0));
+}

@@ -1,6 +1,7 @@
 //! `PgStore`: what the relay does on PostgreSQL its own way (acquire, renew, claim, mark); the rest is
 //! the body in [`crate::sql_store`] over this database's dialect (`sql.rs`: statements, decoding).
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,10 @@ pub struct PgStore {
     /// The claims, and the marks, of lanes that ask at the same moment share a statement.
     claims: Arc<Combiner<Claim, Vec<StoredMessage>>>,
     marks: Arc<Combiner<Mark, bool>>,
+    /// The transaction ids this store's statements took so far, one a statement that writes (the
+    /// marks, however many lanes share one, the failures, the idle flags, the probes), which the
+    /// probe hands to the adaptive pace beside the database's count.
+    own_writes: Arc<AtomicI64>,
 }
 
 /// Runs `fetch_all` of the query `$query` builds (again on a retry) on the store's own connections
@@ -90,6 +95,7 @@ impl PgStore {
             dead_sql: sql::dead_letter(),
             claims: Arc::new(Combiner::new(AT_ONCE)),
             marks: Arc::new(Combiner::new(AT_ONCE)),
+            own_writes: Arc::default(),
         }
     }
 
@@ -118,6 +124,16 @@ impl PgStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// Counts one statement of the store's own that takes a transaction id; the count so far.
+fn count_write(own_writes: &AtomicI64) -> i64 {
+    own_writes.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// The probe's own write counted, the store's count so far ([`crate::ProbeCounts::own_writes`]).
+fn count_probe(store: &PgStore) -> Option<i64> {
+    Some(count_write(&store.own_writes))
 }
 
 /// `Ok` when the statement found the lease held, `StaleLease` otherwise.
@@ -210,14 +226,17 @@ async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> R
         lease: lease.clone(),
         done: done.to_vec(),
     };
-    let (own, sql, keep) = (
+    let (own, sql, keep, own_writes) = (
         Arc::clone(&store.own),
         Arc::clone(&store.mark_sql),
         store.keep_published,
+        Arc::clone(&store.own_writes),
     );
     let held_then = store
         .marks
         .call(mark, move |marks| {
+            // One statement, one transaction id, for every lane that shares it.
+            count_write(&own_writes);
             mark_together(Arc::clone(&own), Arc::clone(&sql), keep, marks)
         })
         .await?;
@@ -281,6 +300,7 @@ async fn settle_one<'q, T>(
 where
     T: 'q + Send + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
 {
+    count_write(&store.own_writes);
     let r: (bool, i64) = sqlx::query_as(sql)
         .bind(lease.lane)
         .bind(&lease.owner)
@@ -300,6 +320,7 @@ fn wakeups(store: &PgStore) -> Option<&dyn Wakeups> {
 #[async_trait]
 impl Wakeups for PgStore {
     async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
+        count_write(&self.own_writes);
         sqlx::query(sql::SET_IDLE)
             .bind(lease.lane)
             .bind(&lease.owner)
