@@ -99,7 +99,8 @@ pub(crate) struct Adaptive {
     active: AtomicUsize,
     /// The relay's own database transactions so far.
     own: AtomicU64,
-    /// Those of them that write (take a transaction id).
+    /// Those of them that write (take a transaction id), counted per call: where the store
+    /// counts its own statements (`ProbeCounts::own_writes`), the others' writes use that instead.
     own_writes: AtomicU64,
     /// How long the oldest row claimed since the last cycle had waited, in milliseconds.
     lag_ms: AtomicU64,
