@@ -20,6 +20,11 @@ pub(crate) struct BatchDone {
     pub(crate) publish_took: Duration,
     /// The broker could not be used: back off before the next round.
     pub(crate) unavailable: bool,
+    /// Rows of the batch stay pending without a delay (held back behind a failed row of their key,
+    /// or not sent: the broker unavailable): the lane claims again rather than wait for a wake-up.
+    pub(crate) left_pending: bool,
+    /// The shortest delay of the rows it backed off: the lane looks again when it ends.
+    pub(crate) retry_in: Option<Duration>,
 }
 
 /// A batch the broker has answered, waiting for its marks.
@@ -74,9 +79,11 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
             shared.meters.publish_latency.record(age.as_secs_f64());
         }
     }
+    let mut retry_in: Option<Duration> = None;
     for (row, err) in &plan.retry {
         let attempt = row.attempts + 1;
         let delay = shared.backoff.delay(attempt.max(1) as u32);
+        retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
         tracing::warn!(outbox.id = %row.id, attempt, error = %err, retry_in = ?delay, "publish failed; will retry");
         shared.meters.failed_retryable.increment(1);
         shared.meters.retried.increment(1);
@@ -109,6 +116,8 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
         blocked: plan.blocked.into_iter().map(str::to_owned).collect(),
         publish_took,
         unavailable: plan.unavailable.is_some(),
+        left_pending: plan.delivered.len() + plan.dead.len() + plan.retry.len() < rows.len(),
+        retry_in,
     })
 }
 

@@ -53,7 +53,8 @@ pub struct RelayConfig {
     /// batch at a time. Defaults to 1: on a database that is busy anyway, the extra claims of
     /// several small batches cost more than the wait they save (BENCHMARKS.md, figure 3).
     pub pipeline: usize,
-    /// How often an idle lane looks for work without a wake-up. Defaults to 1 s.
+    /// How often an idle lane looks for work without a wake-up. Defaults to 1 s. A lane that backed
+    /// a row off looks again when that row's delay ends, if that comes sooner.
     pub poll_interval: Duration,
     /// How long a lane that found work keeps watching for more before it asks writers for a
     /// NOTIFY again (PostgreSQL). Meanwhile its flag says busy, so committing transactions send no

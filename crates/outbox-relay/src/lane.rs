@@ -53,6 +53,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             claimed_to: 0,
             idle: false,
             linger_until: None,
+            retry_at: None,
             store_errors: 0,
             outages: 0,
             claim_took: Duration::ZERO,
@@ -91,6 +92,9 @@ struct Lane<'a, S, P> {
     lingers: bool,
     /// Until when the lane keeps watching for rows after it ran dry, flag still busy.
     linger_until: Option<Instant>,
+    /// When the first row this lane backed off may be published again: an idle lane looks then
+    /// instead of at its next poll.
+    retry_at: Option<Instant>,
     /// Failed claims in a row (for the claim's backoff).
     store_errors: u32,
     /// Rounds in a row in which the broker was unavailable (for the lane's backoff).
@@ -270,11 +274,18 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             return Ok(());
         }
         let woken = shared.woken(self.lease.lane);
+        // At the poll, or when a row backed off may be published again if that is sooner.
+        let poll = Instant::now() + shared.cfg.poll_interval;
+        let until = self.retry_at.map_or(poll, |at| at.min(poll));
         tokio::select! {
-            _ = woken => Ok(()),
-            _ = tokio::time::sleep(shared.cfg.poll_interval) => Ok(()),
-            _ = self.stop.cancelled() => Err(LaneExit::Stopped),
+            _ = woken => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
+            _ = self.stop.cancelled() => return Err(LaneExit::Stopped),
         }
+        if self.retry_at.is_some_and(|at| at <= Instant::now()) {
+            self.retry_at = None;
+        }
+        Ok(())
     }
 
     /// Batches in flight: settle the oldest once answered, or (room for another batch) claim again
@@ -325,11 +336,17 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         };
         let done = crate::batch::settle_sent(shared, self.lease, sent, self.stop).await?;
         self.publish_took = done.publish_took;
+        if let Some(at) = done.retry_in.map(|d| Instant::now() + d) {
+            self.retry_at = Some(self.retry_at.map_or(at, |t| t.min(at)));
+        }
         if let Some(ahead) = &mut self.ahead {
             ahead.retain(|r| !r.key.as_deref().is_some_and(|k| done.blocked.contains(k)));
         }
-        // A full batch leaves more behind; so do keys that waited for a batch in flight.
-        self.more |= batch.full || std::mem::take(&mut self.held) || !self.lingers;
+        // A full batch leaves more behind; so do keys that waited for a batch in flight, and rows
+        // the batch left pending without a delay. A lane that a commit wakes waits for that (a row
+        // committed while the batch was in flight has woken it already); another one looks once
+        // more. Rows backed off are looked for when their delay ends (`retry_at`).
+        self.more |= batch.full || std::mem::take(&mut self.held) || done.left_pending || !self.woken_by_commits();
         if !rest {
             return Ok(());
         }
