@@ -41,6 +41,9 @@ struct Lat {
     mark_ms: f64,
     /// Mean rows per published batch.
     batch: f64,
+    /// Claims per delivered message, and the share of claims that found nothing.
+    claims_per_msg: f64,
+    empty_claims: f64,
 }
 
 fn lat_of(h: &Histogram<u64>, achieved: f64, missing: u64) -> Lat {
@@ -204,6 +207,9 @@ async fn relay_latency(
     lat.publish_ms = per_call(&phases.publish_us, &phases.publishes);
     lat.mark_ms = per_call(&phases.mark_us, &phases.marks);
     lat.batch = phases.claimed.load(Ordering::Relaxed) as f64 / phases.publishes.load(Ordering::Relaxed).max(1) as f64;
+    let claims = phases.claims.load(Ordering::Relaxed) as f64;
+    lat.claims_per_msg = claims / phases.marked.load(Ordering::Relaxed).max(1) as f64;
+    lat.empty_claims = phases.empty_claims.load(Ordering::Relaxed) as f64 / claims.max(1.0);
     Ok(lat)
 }
 
@@ -338,7 +344,9 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                     .extra("claim_ms_per_call", med(|l| l.claim_ms))
                     .extra("publish_ms_per_batch", med(|l| l.publish_ms))
                     .extra("mark_ms_per_batch", med(|l| l.mark_ms))
-                    .extra("rows_per_batch", med(|l| l.batch));
+                    .extra("rows_per_batch", med(|l| l.batch))
+                    .extra("claims_per_msg", med(|l| l.claims_per_msg))
+                    .extra("empty_claim_share", med(|l| l.empty_claims));
             }
             if cases[variant].label() == Variant::Relay(d).label() && rate == 1000 {
                 p99 = p99.target(Target::AtMost(10.0));

@@ -24,6 +24,8 @@ pub(crate) struct Phases {
     pub(crate) claim_us: AtomicU64,
     /// Rows returned by claims.
     pub(crate) claimed: AtomicU64,
+    /// Claims that returned no row.
+    pub(crate) empty_claims: AtomicU64,
     /// Mark calls and their total time in microseconds.
     pub(crate) marks: AtomicU64,
     pub(crate) mark_us: AtomicU64,
@@ -88,6 +90,9 @@ impl Observer for Phases {
                 self.claim_us.fetch_add(us, Ordering::Relaxed);
                 self.claims.fetch_add(1, Ordering::Relaxed);
                 self.claimed.fetch_add(rows as u64, Ordering::Relaxed);
+                if rows == 0 {
+                    self.empty_claims.fetch_add(1, Ordering::Relaxed);
+                }
             }
             StoreCall::MarkPublished => {
                 self.mark_us.fetch_add(us, Ordering::Relaxed);
