@@ -75,6 +75,15 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
     // subscriber: a callsite they registered at that moment may have cached "nobody listens"
     // (CI saw 0 statements counted). By now every `sqlx::query` callsite is registered; this
     // asks each again, with this thread's subscriber among those that listen.
+    let own_finished = || async {
+        store
+            .probe()
+            .await
+            .unwrap()
+            .own_finished
+            .expect("PgStore counts its transactions")
+    };
+    let finished_before = own_finished().await;
     tracing::callsite::rebuild_interest_cache();
     let before = statements.count();
     let in_flight: Vec<[i64; 1]> = lanes.iter().map(|lane| [first[lane]]).collect();
@@ -84,6 +93,8 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
         .map(|(lane, in_flight)| store.claim(&leases[lane], 100, in_flight));
     let (claimed, stale_claim) = tokio::join!(futures::future::join_all(claims), store.claim(&stale, 100, &[]));
     let after_claims = statements.count();
+    // One transaction a statement, however many lanes share it (and one for the probe).
+    let own_claims = own_finished().await - finished_before - 1;
     assert!(stale_claim.unwrap().is_empty(), "a stale lease claims nothing");
     let claimed: Vec<Vec<StoredMessage>> = claimed.into_iter().map(Result::unwrap).collect();
     for (lane, rows) in lanes.iter().zip(&claimed) {
@@ -162,6 +173,11 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
     assert!(
         (1..=3).contains(&claim_statements) && (1..=3).contains(&mark_statements),
         "{} lanes at once: claims took {claim_statements} statements, marks {mark_statements}",
+        lanes.len() + 1
+    );
+    assert!(
+        (1..=3).contains(&own_claims),
+        "the store counted {own_claims} transactions for {} claims that shared at most three statements",
         lanes.len() + 1
     );
     assert!(

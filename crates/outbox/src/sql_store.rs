@@ -107,10 +107,12 @@ macro_rules! store {
 
             async fn probe(&self) -> $crate::Result<$crate::ProbeCounts> {
                 // Counted before it runs: its transaction id is in the count it reads.
-                let own_writes = count_probe(self);
+                let (own_writes, own_finished) = count_probe(self);
                 let (finished, writes): (Option<i64>, Option<i64>) =
                     sqlx::query_as($sql::PROBE).fetch_one(&self.pool).await?;
-                Ok($crate::ProbeCounts::new(finished, writes).own_writes(own_writes))
+                Ok($crate::ProbeCounts::new(finished, writes)
+                    .own_writes(own_writes)
+                    .own_finished(own_finished))
             }
 
             async fn leave(&self, owner: &str) -> $crate::Result<()> {

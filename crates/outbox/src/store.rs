@@ -72,6 +72,10 @@ pub struct ProbeCounts {
     /// the store counts them: the relay's marks of several lanes may share one statement, so the
     /// relay's own count of its calls would say more.
     pub own_writes: Option<i64>,
+    /// The transactions this store's own statements finished so far (those that write and those
+    /// that only read, such as claims), this probe's included, where the store counts them: the
+    /// claims of several lanes share statements too.
+    pub own_finished: Option<i64>,
 }
 
 impl ProbeCounts {
@@ -81,12 +85,19 @@ impl ProbeCounts {
             finished,
             writes,
             own_writes: None,
+            own_finished: None,
         }
     }
 
     /// With the store's own count of the transaction ids its statements took.
     pub fn own_writes(mut self, own_writes: Option<i64>) -> Self {
         self.own_writes = own_writes;
+        self
+    }
+
+    /// With the store's own count of the transactions its statements finished.
+    pub fn own_finished(mut self, own_finished: Option<i64>) -> Self {
+        self.own_finished = own_finished;
         self
     }
 }

@@ -42,18 +42,18 @@ impl Counts {
         self.record(counts, own, own, now)
     }
 
-    /// [`Counts::service_busy`], given the relay's own writes too (for [`Counts::others_writes`]):
-    /// the store's count of them where it keeps one, else the relay's count of its calls (the
-    /// marks of several lanes may share one statement, one transaction id).
+    /// [`Counts::service_busy`], given the relay's own writes too (for [`Counts::others_writes`]).
+    /// The relay's own transactions, and its writes, are the store's count of its statements
+    /// where it keeps one, else the relay's count of its calls (the claims, and the marks, of
+    /// several lanes may share one statement, one transaction).
     pub(super) fn record(&mut self, counts: ProbeCounts, own: u64, own_writes: u64, now: Instant) -> Option<bool> {
         if counts.finished.is_none() && counts.writes.is_none() {
             self.samples.clear();
             return None;
         }
-        let own_writes = counts
-            .own_writes
-            .and_then(|n| u64::try_from(n).ok())
-            .unwrap_or(own_writes);
+        let store_count = |n: Option<i64>, calls: u64| n.and_then(|n| u64::try_from(n).ok()).unwrap_or(calls);
+        let own = store_count(counts.own_finished, own);
+        let own_writes = store_count(counts.own_writes, own_writes);
         self.samples.push_back(Sample {
             at: now,
             counts,

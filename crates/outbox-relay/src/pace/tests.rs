@@ -286,3 +286,23 @@ fn the_others_writes_leave_out_the_writes_the_store_counted_where_it_counts_them
     counts.record(probe(12_000, 1_100), 0, 3_000, at(1000));
     assert_eq!(counts.others_writes(), Some(1_000.0));
 }
+
+#[test]
+fn a_service_is_busy_by_the_transactions_beyond_those_the_store_counted_where_it_counts_them() {
+    let mut counts = counts::Counts::default();
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    // 3,000 transactions finished a second, 500 of them the store's own statements; the relay made
+    // 3,000 calls a second (the claims of six lanes shared each statement). The others' 2,500 a
+    // second are well beyond the relay's 500 and the margin: a service is busy.
+    let probe = |finished: i64, own: i64| ProbeCounts::new(Some(finished), None).own_finished(Some(own));
+    counts.record(probe(10_000, 100), 0, 0, at(0));
+    counts.record(probe(11_500, 350), 1_500, 0, at(500));
+    assert_eq!(counts.record(probe(13_000, 600), 3_000, 0, at(1000)), Some(true));
+    // By the relay's count of its calls the others would have finished none.
+    let mut calls = counts::Counts::default();
+    let probe = |finished: i64| ProbeCounts::new(Some(finished), None);
+    calls.record(probe(10_000), 0, 0, at(0));
+    calls.record(probe(11_500), 1_500, 0, at(500));
+    assert_eq!(calls.record(probe(13_000), 3_000, 0, at(1000)), Some(false));
+}

@@ -103,7 +103,7 @@ fn wakeups(_: &MySqlStore) -> Option<&dyn Wakeups> {
     None
 }
 
-/// No count of transaction ids to compare with: the store keeps none of its own.
-fn count_probe(_: &MySqlStore) -> Option<i64> {
-    None
+/// No counts of its own statements' transactions (writes, finished): the store keeps none.
+fn count_probe(_: &MySqlStore) -> (Option<i64>, Option<i64>) {
+    (None, None)
 }

@@ -32,10 +32,30 @@ pub struct PgStore {
     /// The claims, and the marks, of lanes that ask at the same moment share a statement.
     claims: Arc<Combiner<Claim, Vec<StoredMessage>>>,
     marks: Arc<Combiner<Mark, bool>>,
-    /// The transaction ids this store's statements took so far, one a statement that writes (the
-    /// marks, however many lanes share one, the failures, the idle flags, the probes), which the
-    /// probe hands to the adaptive pace beside the database's count.
-    own_writes: Arc<AtomicI64>,
+    /// This store's own statements so far, which the probe hands to the adaptive pace beside the
+    /// database's counts.
+    counted: Arc<Counted>,
+}
+
+/// The transactions of the store's own statements: one a statement, however many lanes share it.
+#[derive(Debug, Default)]
+struct Counted {
+    /// Those that take a transaction id: the marks, the failures, the idle flags, the probes.
+    writes: AtomicI64,
+    /// Those that only read: the claims and the looks at the lingering lanes.
+    reads: AtomicI64,
+}
+
+impl Counted {
+    /// Counts one statement that takes a transaction id.
+    fn write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one statement that only reads.
+    fn read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Runs `fetch_all` of the query `$query` builds (again on a retry) on the store's own connections
@@ -95,7 +115,7 @@ impl PgStore {
             dead_sql: sql::dead_letter(),
             claims: Arc::new(Combiner::new(AT_ONCE)),
             marks: Arc::new(Combiner::new(AT_ONCE)),
-            own_writes: Arc::default(),
+            counted: Arc::default(),
         }
     }
 
@@ -126,14 +146,13 @@ impl PgStore {
     }
 }
 
-/// Counts one statement of the store's own that takes a transaction id; the count so far.
-fn count_write(own_writes: &AtomicI64) -> i64 {
-    own_writes.fetch_add(1, Ordering::Relaxed) + 1
-}
-
-/// The probe's own write counted, the store's count so far ([`crate::ProbeCounts::own_writes`]).
-fn count_probe(store: &PgStore) -> Option<i64> {
-    Some(count_write(&store.own_writes))
+/// The probe's own write counted, the store's counts so far ([`crate::ProbeCounts::own_writes`],
+/// [`crate::ProbeCounts::own_finished`]).
+fn count_probe(store: &PgStore) -> (Option<i64>, Option<i64>) {
+    let c = &store.counted;
+    c.write();
+    let writes = c.writes.load(Ordering::Relaxed);
+    (Some(writes), Some(writes + c.reads.load(Ordering::Relaxed)))
 }
 
 /// `Ok` when the statement found the lease held, `StaleLease` otherwise.
@@ -166,10 +185,13 @@ async fn claim(store: &PgStore, lease: &Lease, limit: usize, in_flight: &[i64]) 
         limit: limit as i64,
         in_flight: in_flight.to_vec(),
     };
-    let own = Arc::clone(&store.own);
+    let (own, counted) = (Arc::clone(&store.own), Arc::clone(&store.counted));
     store
         .claims
-        .call(claim, move |claims| claim_together(Arc::clone(&own), claims))
+        .call(claim, move |claims| {
+            counted.read();
+            claim_together(Arc::clone(&own), claims)
+        })
         .await
 }
 
@@ -226,17 +248,17 @@ async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> R
         lease: lease.clone(),
         done: done.to_vec(),
     };
-    let (own, sql, keep, own_writes) = (
+    let (own, sql, keep, counted) = (
         Arc::clone(&store.own),
         Arc::clone(&store.mark_sql),
         store.keep_published,
-        Arc::clone(&store.own_writes),
+        Arc::clone(&store.counted),
     );
     let held_then = store
         .marks
         .call(mark, move |marks| {
             // One statement, one transaction id, for every lane that shares it.
-            count_write(&own_writes);
+            counted.write();
             mark_together(Arc::clone(&own), Arc::clone(&sql), keep, marks)
         })
         .await?;
@@ -300,7 +322,7 @@ async fn settle_one<'q, T>(
 where
     T: 'q + Send + sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
 {
-    count_write(&store.own_writes);
+    store.counted.write();
     let r: (bool, i64) = sqlx::query_as(sql)
         .bind(lease.lane)
         .bind(&lease.owner)
@@ -320,7 +342,7 @@ fn wakeups(store: &PgStore) -> Option<&dyn Wakeups> {
 #[async_trait]
 impl Wakeups for PgStore {
     async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
-        count_write(&self.own_writes);
+        self.counted.write();
         sqlx::query(sql::SET_IDLE)
             .bind(lease.lane)
             .bind(&lease.owner)
@@ -332,6 +354,7 @@ impl Wakeups for PgStore {
     }
 
     async fn ready_lanes(&self, lanes: &[(i32, i64)]) -> Result<Vec<i32>> {
+        self.counted.read();
         let (l, after): (Vec<i32>, Vec<i64>) = lanes.iter().copied().unzip();
         let query = || {
             sqlx::query_scalar(&sql::READY_LANES)

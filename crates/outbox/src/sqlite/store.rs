@@ -79,7 +79,7 @@ fn wakeups(_: &SqliteStore) -> Option<&dyn Wakeups> {
     None
 }
 
-/// No count of transaction ids to compare with: the store keeps none of its own.
-fn count_probe(_: &SqliteStore) -> Option<i64> {
-    None
+/// No counts of its own statements' transactions (writes, finished): the store keeps none.
+fn count_probe(_: &SqliteStore) -> (Option<i64>, Option<i64>) {
+    (None, None)
 }
