@@ -126,3 +126,78 @@ async fn a_lane_woken_by_notify_retries_a_failed_row_when_its_backoff_ends_not_a
         "the scripted failures happened"
     );
 }
+
+/// Holds the first call to the idle flag after it is armed until released.
+#[derive(Default)]
+struct HoldIdle {
+    armed: std::sync::atomic::AtomicBool,
+    holding: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Observer for HoldIdle {
+    async fn before(&self, call: StoreCall) {
+        if call == StoreCall::SetIdle && self.armed.swap(false, Ordering::SeqCst) {
+            let released = self.release.notified();
+            self.holding.notify_one();
+            released.await;
+        }
+    }
+}
+
+/// A writer that inserted its row while the lane's flag said busy sends no NOTIFY, even when it
+/// commits after the flag said idle. The lane, having asked for NOTIFY, claims after every batch
+/// until a claim finds nothing, so such a row is found then, not at the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_inserted_before_its_lane_asked_for_notify_and_committed_after_is_not_left_to_the_poll() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let store = Arc::new(Observed::new(pg, HoldIdle::default()));
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    let lane = lane_of("k0");
+    let mut keys = (0..).map(|i| format!("k{i}")).filter(|k| lane_of(k) == lane);
+    let (x, a, b) = (keys.next().unwrap(), keys.next().unwrap(), keys.next().unwrap());
+    // Lanes that never linger: only a full batch makes the flag say busy.
+    let cfg = test_config()
+        .linger(Duration::ZERO)
+        .batch_size(2)
+        .poll_interval(Duration::from_secs(30));
+    let publisher = Scripted::slow([], Duration::from_millis(500));
+    let relay = start(Arc::clone(&store), Arc::clone(&publisher), cfg);
+    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
+    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
+    outbox_tests::wait::wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
+
+    // Three rows: a full batch makes the lane say busy; when it runs dry it asks for NOTIFY: held.
+    let rows = (1..=3).map(|i| Message::new("t", format!("x{i}")).key(x.as_str()));
+    commit_each(&pool, rows).await;
+    let busy = format!("SELECT count(*) FROM outbox_leases WHERE lane = {lane} AND NOT idle");
+    outbox_tests::wait::wait_for("the lane to say busy", Duration::from_secs(10), || async {
+        outbox_tests::db::scalar::<_, i64>(&pool, &busy).await == 1
+    })
+    .await;
+    let holding = store.observer().holding.notified();
+    store.observer().armed.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), holding)
+        .await
+        .expect("the lane asked for NOTIFY");
+    // Meanwhile a writer inserts a (flag busy: no NOTIFY) and stays open; another commits b.
+    let mut open = pool.begin().await.unwrap();
+    outbox::enqueue(&mut open, &Message::new("t", "a").key(a.as_str()))
+        .await
+        .unwrap();
+    commit_each(&pool, [Message::new("t", "b").key(b.as_str())]).await;
+    store.observer().release.notify_one();
+    // The lane's look once more finds b; a commits while b's batch is in flight.
+    let started = |key: &str| {
+        let key = key.to_owned();
+        move |e: &super::Event| matches!(e, super::Event::Start(_, rows) if rows.iter().any(|(k, _, _)| *k == key))
+    };
+    outbox_tests::wait::wait_for("b to be published", Duration::from_secs(10), || async {
+        publisher.events().iter().any(started(&b))
+    })
+    .await;
+    open.commit().await.unwrap();
+    drained(&*store, Duration::from_secs(10)).await;
+    relay.stop().await;
+}

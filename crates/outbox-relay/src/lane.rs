@@ -52,6 +52,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             held: false,
             claimed_to: 0,
             idle: false,
+            looked_since_idle: false,
             linger_until: None,
             retry_at: None,
             store_errors: 0,
@@ -87,6 +88,10 @@ struct Lane<'a, S, P> {
     claimed_to: i64,
     /// What the lane's flag says (true: writers notify it).
     idle: bool,
+    /// Since the flag said idle, a claim found nothing. Until then the lane claims after every
+    /// batch: a writer that inserted while the flag said busy sends no NOTIFY, even when it
+    /// commits later.
+    looked_since_idle: bool,
     /// Whether the lane lingers after running dry (see [`crate::linger`]), as of its last claim or
     /// wait.
     lingers: bool,
@@ -138,12 +143,13 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     }
 
     /// Whether a row committed after the lane's last claim wakes it: a lingering lane is watched
-    /// (or woken in-process), an idle one gets the commit's NOTIFY where the database sends one.
-    /// Otherwise, and for a row its writer inserted before the flag said idle (that transaction
-    /// sends no NOTIFY), the lane finds the row when it claims again after its batch in flight is
-    /// settled, or at its poll.
+    /// (or woken in-process), an idle one gets the commit's NOTIFY where the database sends one,
+    /// once a claim since its flag said idle found nothing (before that, a writer that inserted
+    /// while the flag said busy may still commit, without a NOTIFY). Otherwise the lane finds the
+    /// row when it claims again after its batch in flight is settled; a row whose writer inserted
+    /// it before the flag said idle and commits after that empty claim waits for the poll.
     fn woken_by_commits(&self) -> bool {
-        self.lingers || (self.idle && self.shared.store.wakeups().is_some())
+        self.lingers || (self.idle && self.looked_since_idle && self.shared.store.wakeups().is_some())
     }
 
     /// Takes a turn, claims a batch and starts publishing it.
@@ -180,6 +186,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         if rows.is_empty() {
             // Dry (or only rows behind a batch in flight): wait for a wake-up or a settled batch.
             self.more = false;
+            self.looked_since_idle |= self.idle && claimed == 0;
             return Ok(());
         }
         if self.lingers {
@@ -271,6 +278,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             // visible would otherwise wait for the next poll.
             set_idle(shared, self.lease, true).await;
             self.idle = true;
+            self.looked_since_idle = false;
             return Ok(());
         }
         let woken = shared.woken(self.lease.lane);
