@@ -71,19 +71,17 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
     let mut stale = leases[&lanes[0]].clone();
     stale.epoch -= 1;
 
+    // The store's counts of its own statements' transactions: (those that write, all).
+    let counted = || async {
+        let probe = store.probe().await.unwrap();
+        let writes = probe.own_writes.expect("PgStore counts its writes");
+        (writes, probe.own_finished.expect("PgStore counts its transactions"))
+    };
+    let finished_before = counted().await.1;
     // Other tests of this binary run sqlx statements on other threads while this one sets its
     // subscriber: a callsite they registered at that moment may have cached "nobody listens"
     // (CI saw 0 statements counted). By now every `sqlx::query` callsite is registered; this
     // asks each again, with this thread's subscriber among those that listen.
-    let own_finished = || async {
-        store
-            .probe()
-            .await
-            .unwrap()
-            .own_finished
-            .expect("PgStore counts its transactions")
-    };
-    let finished_before = own_finished().await;
     tracing::callsite::rebuild_interest_cache();
     let before = statements.count();
     let in_flight: Vec<[i64; 1]> = lanes.iter().map(|lane| [first[lane]]).collect();
@@ -94,7 +92,7 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
     let (claimed, stale_claim) = tokio::join!(futures::future::join_all(claims), store.claim(&stale, 100, &[]));
     let after_claims = statements.count();
     // One transaction a statement, however many lanes share it (and one for the probe).
-    let own_claims = own_finished().await - finished_before - 1;
+    let own_claims = counted().await.1 - finished_before - 1;
     assert!(stale_claim.unwrap().is_empty(), "a stale lease claims nothing");
     let claimed: Vec<Vec<StoredMessage>> = claimed.into_iter().map(Result::unwrap).collect();
     for (lane, rows) in lanes.iter().zip(&claimed) {
@@ -125,15 +123,7 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
         async move { store.mark_published(&lease, &done).await }
     });
     let stale_done = [Delivered::new(first[&lanes[0]]).at(0, 0)];
-    let own_writes = || async {
-        store
-            .probe()
-            .await
-            .unwrap()
-            .own_writes
-            .expect("PgStore counts its writes")
-    };
-    let own_before = own_writes().await;
+    let own_before = counted().await.0;
     tracing::callsite::rebuild_interest_cache();
     let before_marks = statements.count();
     let (marked, stale_mark) = tokio::join!(
@@ -142,7 +132,7 @@ async fn lanes_that_claim_and_mark_at_once_share_a_statement_and_get_their_own_r
     );
     let after_marks = statements.count();
     // One transaction id a statement, however many lanes share it (and one for the probe).
-    let own_marks = own_writes().await - own_before - 1;
+    let own_marks = counted().await.0 - own_before - 1;
     for m in marked {
         m.unwrap();
     }
