@@ -80,11 +80,7 @@ async fn a_lane_woken_by_notify_claims_once_per_commit_not_again_after_each_batc
         .linger(Duration::ZERO)
         .poll_interval(Duration::from_secs(30));
     let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
-    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
-    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
-    outbox_tests::wait::wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
-    // Each lane looks once more after it asked.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    every_lane_asks_for_notify(&pool).await;
     let counts = || {
         let c = store.observer();
         (c.all.load(Ordering::SeqCst), c.empty.load(Ordering::SeqCst))
@@ -109,14 +105,26 @@ async fn a_lane_woken_by_notify_claims_once_per_commit_not_again_after_each_batc
 /// poll: the lane that retries it sets its own wake-up for then.
 #[tokio::test]
 async fn a_lane_woken_by_notify_retries_a_failed_row_when_its_backoff_ends_not_at_the_next_poll() {
+    retries_when_the_backoff_ends(test_config().linger(Duration::ZERO)).await;
+}
+
+/// The same for a lingering lane: its watch finds the row when the row's delay ends, not when the
+/// lane's linger does.
+#[tokio::test]
+async fn a_lingering_lane_retries_a_failed_row_when_its_backoff_ends_not_when_its_linger_does() {
+    let cfg = test_config().linger(Duration::from_secs(20)).linger_above_writes(0.0);
+    retries_when_the_backoff_ends(cfg).await;
+}
+
+async fn retries_when_the_backoff_ends(cfg: outbox_relay::RelayConfig) {
     let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
-    let cfg = test_config()
-        .linger(Duration::ZERO)
+    let cfg = cfg
         .poll_interval(Duration::from_secs(30))
         .backoff_base(Duration::from_millis(50))
         .backoff_max(Duration::from_millis(100));
     let publisher = Scripted::new([("k", 1, 2)]);
     let relay = start(pg.clone(), Arc::clone(&publisher), cfg);
+    every_lane_asks_for_notify(&pool).await;
     commit_each(&pool, [Message::new("t", "x").key("k")]).await;
     drained(&pg, Duration::from_secs(10)).await;
     relay.stop().await;
@@ -164,9 +172,7 @@ async fn a_row_inserted_before_its_lane_asked_for_notify_and_committed_after_is_
         .poll_interval(Duration::from_secs(30));
     let publisher = Scripted::slow([], Duration::from_millis(500));
     let relay = start(Arc::clone(&store), Arc::clone(&publisher), cfg);
-    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
-    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
-    outbox_tests::wait::wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
+    every_lane_asks_for_notify(&pool).await;
 
     // Three rows: a full batch makes the lane say busy; when it runs dry it asks for NOTIFY: held.
     let rows = (1..=3).map(|i| Message::new("t", format!("x{i}")).key(x.as_str()));
@@ -200,4 +206,14 @@ async fn a_row_inserted_before_its_lane_asked_for_notify_and_committed_after_is_
     open.commit().await.unwrap();
     drained(&*store, Duration::from_secs(10)).await;
     relay.stop().await;
+}
+
+/// Waits until every lane of the relay on `pool` has asked for NOTIFY and looked once more: a row
+/// committed from then on wakes its lane (a writer that inserted earlier, while the flag said busy,
+/// sends no NOTIFY).
+async fn every_lane_asks_for_notify(pool: &sqlx::PgPool) {
+    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
+    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(pool, idle).await == i64::from(outbox::LANES) };
+    outbox_tests::wait::wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
