@@ -116,6 +116,35 @@ async fn a_lingering_lane_retries_a_failed_row_when_its_backoff_ends_not_when_it
     retries_when_the_backoff_ends(cfg).await;
 }
 
+/// Two rows of one batch backed off with delays of their own (full jitter): the lane looks when
+/// each delay ends, not only at the first.
+#[tokio::test]
+async fn a_lane_retries_each_row_it_backed_off_when_that_rows_delay_ends() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    let mut keys = (0..)
+        .map(|i| format!("k{i}"))
+        .filter(|k| lane_of(k) == lane_of("k0"))
+        .map(|k| &*Box::leak(k.into_boxed_str()));
+    let (a, b) = (keys.next().unwrap(), keys.next().unwrap());
+    let cfg = test_config()
+        .linger(Duration::ZERO)
+        .poll_interval(Duration::from_secs(30))
+        .backoff_base(Duration::from_millis(200))
+        .backoff_max(Duration::from_millis(400));
+    let publisher = Scripted::new([(a, 1, 1), (b, 1, 1)]);
+    let relay = start(pg.clone(), Arc::clone(&publisher), cfg);
+    every_lane_asks_for_notify(&pool).await;
+    commit_each(&pool, [Message::new("t", "a").key(a), Message::new("t", "b").key(b)]).await;
+    drained(&pg, Duration::from_secs(10)).await;
+    relay.stop().await;
+    assert_eq!(
+        super::failures(&publisher.events()),
+        2,
+        "the scripted failures happened"
+    );
+}
+
 async fn retries_when_the_backoff_ends(cfg: outbox_relay::RelayConfig) {
     let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
     let cfg = cfg

@@ -23,8 +23,8 @@ pub(crate) struct BatchDone {
     /// Rows of the batch stay pending without a delay (held back behind a failed row of their key,
     /// or not sent: the broker unavailable): the lane claims again rather than wait for a wake-up.
     pub(crate) left_pending: bool,
-    /// The shortest delay of the rows it backed off: the lane looks again when it ends.
-    pub(crate) retry_in: Option<Duration>,
+    /// The delays of the rows it backed off: the lane looks again when they end.
+    pub(crate) retry_in: Vec<Duration>,
 }
 
 /// A batch the broker has answered, waiting for its marks.
@@ -79,11 +79,11 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
             shared.meters.publish_latency.record(age.as_secs_f64());
         }
     }
-    let mut retry_in: Option<Duration> = None;
+    let mut retry_in = Vec::with_capacity(plan.retry.len());
     for (row, err) in &plan.retry {
         let attempt = row.attempts + 1;
         let delay = shared.backoff.delay(attempt.max(1) as u32);
-        retry_in = Some(retry_in.map_or(delay, |d| d.min(delay)));
+        retry_in.push(delay);
         tracing::warn!(outbox.id = %row.id, attempt, error = %err, retry_in = ?delay, "publish failed; will retry");
         shared.meters.failed_retryable.increment(1);
         shared.meters.retried.increment(1);

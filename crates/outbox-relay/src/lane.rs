@@ -2,6 +2,7 @@
 //! dead-letter), in per-key order. Up to [`RelayConfig::pipeline`] batches in flight per lane, each
 //! key in one of them at the most (see [`crate::flight`]).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,9 @@ use crate::linger::linger_wait;
 use crate::shared::Shared;
 pub(crate) use crate::waits::timed;
 use crate::waits::{back_off, pace, pause};
+
+/// How many of the times at which backed-off rows may be published again a lane keeps.
+const RETRIES_KEPT: usize = 16;
 
 /// Why a lane loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,7 +58,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             idle: false,
             looked_since_idle: false,
             linger_until: None,
-            retry_at: None,
+            retries: BTreeSet::new(),
             store_errors: 0,
             outages: 0,
             claim_took: Duration::ZERO,
@@ -97,9 +101,9 @@ struct Lane<'a, S, P> {
     lingers: bool,
     /// Until when the lane keeps watching for rows after it ran dry, flag still busy.
     linger_until: Option<Instant>,
-    /// When the first row this lane backed off may be published again: an idle lane looks then
-    /// instead of at its next poll.
-    retry_at: Option<Instant>,
+    /// When the rows this lane backed off may be published again (the earliest
+    /// [`RETRIES_KEPT`]): an idle lane looks then instead of at its next poll.
+    retries: BTreeSet<Instant>,
     /// Failed claims in a row (for the claim's backoff).
     store_errors: u32,
     /// Rounds in a row in which the broker was unavailable (for the lane's backoff).
@@ -284,15 +288,14 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         let woken = shared.woken(self.lease.lane);
         // At the poll, or when a row backed off may be published again if that is sooner.
         let poll = Instant::now() + shared.cfg.poll_interval;
-        let until = self.retry_at.map_or(poll, |at| at.min(poll));
+        let until = self.retries.first().map_or(poll, |at| (*at).min(poll));
         tokio::select! {
             _ = woken => {}
             _ = tokio::time::sleep_until(until.into()) => {}
             _ = self.stop.cancelled() => return Err(LaneExit::Stopped),
         }
-        if self.retry_at.is_some_and(|at| at <= Instant::now()) {
-            self.retry_at = None;
-        }
+        // The claim that follows looks for every row whose delay has ended.
+        self.retries = self.retries.split_off(&Instant::now());
         Ok(())
     }
 
@@ -344,8 +347,11 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         };
         let done = crate::batch::settle_sent(shared, self.lease, sent, self.stop).await?;
         self.publish_took = done.publish_took;
-        if let Some(at) = done.retry_in.map(|d| Instant::now() + d) {
-            self.retry_at = Some(self.retry_at.map_or(at, |t| t.min(at)));
+        let now = Instant::now();
+        self.retries.extend(done.retry_in.iter().map(|d| now + *d));
+        while self.retries.len() > RETRIES_KEPT {
+            // The rows of the latest are found by an earlier look or at the poll.
+            self.retries.pop_last();
         }
         if let Some(ahead) = &mut self.ahead {
             ahead.retain(|r| !r.key.as_deref().is_some_and(|k| done.blocked.contains(k)));
@@ -353,7 +359,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         // A full batch leaves more behind; so do keys that waited for a batch in flight, and rows
         // the batch left pending without a delay. A lane that a commit wakes waits for that (a row
         // committed while the batch was in flight has woken it already); another one looks once
-        // more. Rows backed off are looked for when their delay ends (`retry_at`).
+        // more. Rows backed off are looked for when their delay ends (`retries`).
         self.more |= batch.full || std::mem::take(&mut self.held) || done.left_pending || !self.woken_by_commits();
         if !rest {
             return Ok(());
