@@ -188,6 +188,17 @@ impl Observer for HoldIdle {
 /// until a claim finds nothing, so such a row is found then, not at the next poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_inserted_before_its_lane_asked_for_notify_and_committed_after_is_not_left_to_the_poll() {
+    inserted_before_the_lane_asked_for_notify_committed_after(1).await;
+}
+
+/// The same with batches pipelined: the lane's claim beside the batch in flight finds nothing, and
+/// the row commits while that batch is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_batches_pipelined_a_row_inserted_before_its_lane_asked_for_notify_is_not_left_to_the_poll() {
+    inserted_before_the_lane_asked_for_notify_committed_after(4).await;
+}
+
+async fn inserted_before_the_lane_asked_for_notify_committed_after(pipeline: usize) {
     let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
     let store = Arc::new(Observed::new(pg, HoldIdle::default()));
     let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
@@ -198,6 +209,7 @@ async fn a_row_inserted_before_its_lane_asked_for_notify_and_committed_after_is_
     let cfg = test_config()
         .linger(Duration::ZERO)
         .batch_size(2)
+        .pipeline(pipeline)
         .poll_interval(Duration::from_secs(30));
     let publisher = Scripted::slow([], Duration::from_millis(500));
     let relay = start(Arc::clone(&store), Arc::clone(&publisher), cfg);

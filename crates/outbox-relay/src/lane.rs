@@ -148,8 +148,8 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
 
     /// Whether a row committed after the lane's last claim wakes it: a lingering lane is watched
     /// (or woken in-process), an idle one gets the commit's NOTIFY where the database sends one,
-    /// once a claim since its flag said idle found nothing (before that, a writer that inserted
-    /// while the flag said busy may still commit, without a NOTIFY). Otherwise the lane finds the
+    /// once a claim since its flag said idle found nothing with no batch in flight (before that, a
+    /// writer that inserted while the flag said busy may still commit, without a NOTIFY). Otherwise the lane finds the
     /// row when it claims again after its batch in flight is settled; a row whose writer inserted
     /// it before the flag said idle and commits after that empty claim waits for the poll.
     fn woken_by_commits(&self) -> bool {
@@ -190,7 +190,9 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         if rows.is_empty() {
             // Dry (or only rows behind a batch in flight): wait for a wake-up or a settled batch.
             self.more = false;
-            self.looked_since_idle |= self.idle && claimed == 0;
+            // Only with nothing in flight: a writer that inserted while the flag said busy may
+            // commit while a batch claimed since is published, as with one batch at a time.
+            self.looked_since_idle |= self.idle && claimed == 0 && self.flight.is_empty();
             return Ok(());
         }
         if self.lingers {
