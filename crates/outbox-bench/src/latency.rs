@@ -263,9 +263,9 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             lanes_linger: Duration::ZERO,
             ..d
         }),
-        // Up to four batches in flight per lane.
-        Variant::Relay(Case { pipeline: 4, ..d }),
-        Variant::Relay(Case { pipeline: 4, ..local }),
+        // One batch in flight per lane (the default before four).
+        Variant::Relay(Case { pipeline: 1, ..d }),
+        Variant::Relay(Case { pipeline: 1, ..local }),
         // The lingering lanes looked at up to 100 ms apart while the relay slows the writers.
         Variant::Relay(Case {
             watch_max: Duration::from_millis(100),
@@ -364,9 +364,10 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
              with rate/{TX_PER_SEC} keyed messages (enqueue_batch), so 1,000 msg/s = 5 msgs/tx and 5,000 msg/s = 25 msgs/tx \
              (NOTIFY serializes commits: see figure 1). Latency per message = time the relay's publish() returned with its \
              delivery report - time commit() returned, over {} s after 1 s of warm-up; embedded relay with defaults \
-             (batch 500, pipeline 1, adaptive pace, lanes linger 1 s watched every 5 ms, KafkaPublisher defaults incl. linger.ms=1); \
+             (batch 500, pipeline {}, adaptive pace, lanes linger 1 s watched every 5 ms, KafkaPublisher defaults incl. linger.ms=1); \
              each relay row's ratio is to the raw producer with the same linger.ms. Variants interleaved (rotating start).",
-            dur.as_secs()
+            dur.as_secs(),
+            RelayConfig::DEFAULT_PIPELINE
         ),
         rounds,
         rows,
