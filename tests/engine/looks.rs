@@ -258,3 +258,35 @@ async fn every_lane_asks_for_notify(pool: &sqlx::PgPool) {
     outbox_tests::wait::wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
+
+/// A lane that no commit wakes (SQLite has no NOTIFY; the lane does not linger) claims as often with
+/// batches pipelined as with one batch at a time: once more after a short batch is settled, not
+/// also beside it, where it would mostly find nothing.
+#[tokio::test]
+async fn a_lane_no_commit_wakes_claims_as_often_with_batches_pipelined_as_with_one() {
+    let mut claims = Vec::new();
+    for pipeline in [1, 4] {
+        let pool = outbox_tests::db::fresh_sqlite().await;
+        // Three rows of one lane, batches of two: a full batch first (which times the publish that
+        // a pipelined batch needs to be slower than the claim), then a short one.
+        let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+        let keys = (0..).map(|i| format!("k{i}")).filter(|k| lane_of(k) == lane_of("k0"));
+        commit_each(&pool, keys.take(3).map(|k| Message::new("t", "x").key(k))).await;
+        let store = Arc::new(Observed::new(outbox::sqlite::SqliteStore::new(pool), Claims::default()));
+        let cfg = test_config()
+            .linger(Duration::ZERO)
+            .batch_size(2)
+            .pipeline(pipeline)
+            .poll_interval(Duration::from_secs(30));
+        let relay = start(Arc::clone(&store), Scripted::slow([], Duration::from_millis(300)), cfg);
+        drained(&*store, Duration::from_secs(10)).await;
+        // The look after the batch is settled, then nothing until the poll.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        claims.push(store.observer().all.load(Ordering::SeqCst));
+        relay.stop().await;
+    }
+    assert_eq!(
+        claims[0], claims[1],
+        "claims with one batch in flight, then with four: {claims:?}"
+    );
+}

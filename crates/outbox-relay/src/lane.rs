@@ -215,8 +215,9 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         self.flight.push(InFlight::new(task, turns, &rows, started, full));
         // A full batch: claim again at once (another batch in flight, if there is room). A short
         // one: the lane is drained; one that a commit wakes waits for that, another one looks once
-        // more.
-        self.more = full || !self.woken_by_commits();
+        // more when this batch is settled (`settle_oldest`), as with one batch at a time: a claim
+        // beside the batch would mostly find nothing.
+        self.more = full;
         if self.claims_ahead() {
             // Rows of a key that a batch in flight leaves unsettled (retry, park) are dropped from
             // it when that batch is settled: they stay pending and are claimed again, in order.
