@@ -14,6 +14,13 @@ use outbox_tests::embedded::{drained, start, test_config};
 
 use super::Scripted;
 
+/// The lane of key `k0`, and the keys `k0`, `k1`, ... that hash to it, in that order.
+fn keys_of_one_lane() -> (i32, impl Iterator<Item = String>) {
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    let lane = lane_of("k0");
+    (lane, (0..).map(|i| format!("k{i}")).filter(move |k| lane_of(k) == lane))
+}
+
 /// Counts the looks at the lingering lanes.
 #[derive(Default)]
 struct Looks(AtomicUsize);
@@ -121,11 +128,7 @@ async fn a_lingering_lane_retries_a_failed_row_when_its_backoff_ends_not_when_it
 #[tokio::test]
 async fn a_lane_retries_each_row_it_backed_off_when_that_rows_delay_ends() {
     let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
-    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
-    let mut keys = (0..)
-        .map(|i| format!("k{i}"))
-        .filter(|k| lane_of(k) == lane_of("k0"))
-        .map(|k| &*Box::leak(k.into_boxed_str()));
+    let mut keys = keys_of_one_lane().1.map(|k| &*Box::leak(k.into_boxed_str()));
     let (a, b) = (keys.next().unwrap(), keys.next().unwrap());
     let cfg = test_config()
         .linger(Duration::ZERO)
@@ -191,8 +194,8 @@ async fn a_row_inserted_before_its_lane_asked_for_notify_and_committed_after_is_
     inserted_before_the_lane_asked_for_notify_committed_after(1).await;
 }
 
-/// The same with batches pipelined: the lane's claim beside the batch in flight finds nothing, and
-/// the row commits while that batch is published.
+/// The same with batches pipelined: the row commits while the lane's batch claimed since it asked
+/// for NOTIFY is published, and a claim beside that batch would find nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_batches_pipelined_a_row_inserted_before_its_lane_asked_for_notify_is_not_left_to_the_poll() {
     inserted_before_the_lane_asked_for_notify_committed_after(4).await;
@@ -201,9 +204,7 @@ async fn with_batches_pipelined_a_row_inserted_before_its_lane_asked_for_notify_
 async fn inserted_before_the_lane_asked_for_notify_committed_after(pipeline: usize) {
     let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
     let store = Arc::new(Observed::new(pg, HoldIdle::default()));
-    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
-    let lane = lane_of("k0");
-    let mut keys = (0..).map(|i| format!("k{i}")).filter(|k| lane_of(k) == lane);
+    let (lane, mut keys) = keys_of_one_lane();
     let (x, a, b) = (keys.next().unwrap(), keys.next().unwrap(), keys.next().unwrap());
     // Lanes that never linger: only a full batch makes the flag say busy.
     let cfg = test_config()
@@ -269,9 +270,11 @@ async fn a_lane_no_commit_wakes_claims_as_often_with_batches_pipelined_as_with_o
         let pool = outbox_tests::db::fresh_sqlite().await;
         // Three rows of one lane, batches of two: a full batch first (which times the publish that
         // a pipelined batch needs to be slower than the claim), then a short one.
-        let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
-        let keys = (0..).map(|i| format!("k{i}")).filter(|k| lane_of(k) == lane_of("k0"));
-        commit_each(&pool, keys.take(3).map(|k| Message::new("t", "x").key(k))).await;
+        commit_each(
+            &pool,
+            keys_of_one_lane().1.take(3).map(|k| Message::new("t", "x").key(k)),
+        )
+        .await;
         let store = Arc::new(Observed::new(outbox::sqlite::SqliteStore::new(pool), Claims::default()));
         let cfg = test_config()
             .linger(Duration::ZERO)

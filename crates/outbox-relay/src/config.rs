@@ -51,9 +51,10 @@ pub struct RelayConfig {
     /// watch of a lingering lane, or by the NOTIFY of its commit to an idle one). A key is in one
     /// batch in flight at the most; batches are marked in the order they were claimed. A lane
     /// that no commit wakes (MySQL, SQLite, NOTIFY off, not lingering) looks once more when its
-    /// batch is settled, as with one batch at a time. 1: one batch at a time. Defaults to 4: with lanes woken by NOTIFY claiming once per wake-up, four
-    /// batches cost no more claims per message than one, and p99 at 5,000 msg/s was 0.68-0.70x of
-    /// one batch's in a quiet hour, 0.66-1.19x (median 0.98) in busier ones (BENCHMARKS.md, figure 3).
+    /// batch is settled, as with one batch at a time. 1: one batch at a time. Defaults to 4: with
+    /// lanes woken by NOTIFY claiming once per wake-up, four batches cost no more claims per
+    /// message than one, and p99 at 5,000 msg/s was 0.68-0.70x of one batch's in a quiet hour,
+    /// 0.66-1.19x (median 0.98) in busier ones (BENCHMARKS.md, figure 3).
     pub pipeline: usize,
     /// How often an idle lane looks for work without a wake-up. Defaults to 1 s. A lane that backed
     /// a row off looks again when that row's delay ends, if that comes sooner.

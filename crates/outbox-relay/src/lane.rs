@@ -149,9 +149,10 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     /// Whether a row committed after the lane's last claim wakes it: a lingering lane is watched
     /// (or woken in-process), an idle one gets the commit's NOTIFY where the database sends one,
     /// once a claim since its flag said idle found nothing with no batch in flight (before that, a
-    /// writer that inserted while the flag said busy may still commit, without a NOTIFY). Otherwise the lane finds the
-    /// row when it claims again after its batch in flight is settled; a row whose writer inserted
-    /// it before the flag said idle and commits after that empty claim waits for the poll.
+    /// writer that inserted while the flag said busy may still commit, without a NOTIFY).
+    /// Otherwise the lane finds the row when it claims again after its batch in flight is settled;
+    /// a row whose writer inserted it before the flag said idle and commits after that empty claim
+    /// waits for the poll.
     fn woken_by_commits(&self) -> bool {
         self.lingers || (self.idle && self.looked_since_idle && self.shared.store.wakeups().is_some())
     }
