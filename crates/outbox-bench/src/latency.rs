@@ -41,6 +41,11 @@ struct Lat {
     mark_ms: f64,
     /// Mean rows per published batch.
     batch: f64,
+    /// p50 and p99 of the two parts of the relay's latency: commit to the start of the publish
+    /// call that carried the message (wake-up, claim, queueing), and that call's start to its
+    /// report (the broker).
+    to_publish: (f64, f64),
+    publish: (f64, f64),
     /// Claims per delivered message, and the share of claims that found nothing.
     claims_per_msg: f64,
     empty_claims: f64,
@@ -191,15 +196,26 @@ async fn relay_latency(
     let _ = stop_tx.send(());
     relay.await??;
     let r = reports.lock().expect("reports lock");
-    let mut h = histogram();
+    let (mut h, mut to_publish, mut publish) = (histogram(), histogram(), histogram());
+    let micros = |d: Duration| (d.as_micros() as u64).max(1);
     let mut missing = 0;
     for (id, at) in &committed {
         match r.get(id) {
-            Some(rep) => h.record((rep.saturating_duration_since(*at).as_micros() as u64).max(1))?,
+            Some(&(sent, rep)) => {
+                h.record(micros(rep.saturating_duration_since(*at)))?;
+                to_publish.record(micros(sent.saturating_duration_since(*at)))?;
+                publish.record(micros(rep.saturating_duration_since(sent)))?;
+            }
             None => missing += 1,
         }
     }
     let mut lat = lat_of(&h, achieved, missing);
+    let p50_p99 = |h: &Histogram<u64>| {
+        let l = lat_of(h, 0.0, 0);
+        (l.p50, l.p99)
+    };
+    lat.to_publish = p50_p99(&to_publish);
+    lat.publish = p50_p99(&publish);
     let per_call = |us: &AtomicU64, n: &AtomicU64| {
         us.load(Ordering::Relaxed) as f64 / 1000.0 / n.load(Ordering::Relaxed).max(1) as f64
     };
@@ -298,14 +314,18 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                     Variant::Relay(case) => relay_latency(&db, &bootstrap, &topic, rate, case, (warm, dur)).await?,
                 };
                 eprintln!(
-                    "latency: round {}/{rounds}, {rate} msg/s, {}: p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms (achieved {:.0} msg/s, missing {})",
+                    "latency: round {}/{rounds}, {rate} msg/s, {}: p50 {:.1} ms, p99 {:.1} ms, p999 {:.1} ms (achieved {:.0} msg/s, missing {}; p50 / p99 commit to publish {:.1} / {:.1} ms, publish to report {:.1} / {:.1} ms)",
                     round + 1,
                     cases[variant].label(),
                     l.p50,
                     l.p99,
                     l.p999,
                     l.achieved,
-                    l.missing
+                    l.missing,
+                    l.to_publish.0,
+                    l.to_publish.1,
+                    l.publish.0,
+                    l.publish.1
                 );
                 res[ri][variant].push(l);
             }
@@ -345,6 +365,10 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                     .extra("publish_ms_per_batch", med(|l| l.publish_ms))
                     .extra("mark_ms_per_batch", med(|l| l.mark_ms))
                     .extra("rows_per_batch", med(|l| l.batch))
+                    .extra("commit_to_publish_p50_ms", med(|l| l.to_publish.0))
+                    .extra("commit_to_publish_p99_ms", med(|l| l.to_publish.1))
+                    .extra("publish_to_report_p50_ms", med(|l| l.publish.0))
+                    .extra("publish_to_report_p99_ms", med(|l| l.publish.1))
                     .extra("claims_per_msg", med(|l| l.claims_per_msg))
                     .extra("empty_claim_share", med(|l| l.empty_claims));
             }

@@ -109,8 +109,9 @@ impl Observer for Phases {
     }
 }
 
-/// Delivery report times by message id.
-pub(crate) type Reports = Arc<Mutex<HashMap<Uuid, Instant>>>;
+/// By message id: when the publish call that carried it started, and when its delivery report came
+/// back.
+pub(crate) type Reports = Arc<Mutex<HashMap<Uuid, (Instant, Instant)>>>;
 
 /// A [`Publisher`] that records [`Phases`] and, optionally, per-message report times.
 pub(crate) struct TimedPublisher<P> {
@@ -135,7 +136,7 @@ impl<P: Publisher> Publisher for TimedPublisher<P> {
             let mut r = r.lock().expect("reports lock");
             for (row, res) in batch.iter().zip(&out) {
                 if res.is_ok() {
-                    r.entry(row.id).or_insert(now);
+                    r.entry(row.id).or_insert((t, now));
                 }
             }
         }
