@@ -113,7 +113,8 @@ impl Observer for Phases {
 /// back.
 pub(crate) type Reports = Arc<Mutex<HashMap<Uuid, (Instant, Instant)>>>;
 
-/// A [`Publisher`] that records [`Phases`] and, optionally, per-message report times.
+/// A [`Publisher`] that records [`Phases`] and, optionally, per message when its publish call
+/// started and when its report came back ([`Reports`]).
 pub(crate) struct TimedPublisher<P> {
     pub(crate) inner: P,
     pub(crate) phases: Arc<Phases>,
