@@ -71,6 +71,35 @@ async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
     assert_eq!(got, want);
 }
 
+/// The transactions open right after a lane's flag said idle name a writer that is still open
+/// (whose enqueue read the flag as busy), and it drops out of them when it commits or rolls back.
+#[tokio::test]
+async fn an_open_writer_is_among_the_open_transactions_until_it_ends() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let wakeups = store.wakeups().unwrap();
+    let mut ids = Vec::new();
+    let mut writers = Vec::new();
+    for v in ["a", "b"] {
+        let mut tx = pool.begin().await.unwrap();
+        outbox::enqueue(&mut tx, &Message::new("t", v)).await.unwrap();
+        let id: i64 = sqlx::query_scalar("SELECT txid_current()")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        ids.push(id);
+        writers.push(tx);
+    }
+    let open = wakeups.open_transactions().await.unwrap();
+    assert!(ids.iter().all(|id| open.contains(id)), "{ids:?} not all among {open:?}");
+    assert_eq!(wakeups.still_open(&ids).await.unwrap(), ids);
+    let (b, a) = (writers.pop().unwrap(), writers.pop().unwrap());
+    a.commit().await.unwrap();
+    assert_eq!(wakeups.still_open(&ids).await.unwrap(), [ids[1]]);
+    b.rollback().await.unwrap();
+    assert_eq!(wakeups.still_open(&ids).await.unwrap(), Vec::<i64>::new());
+    assert_eq!(wakeups.still_open(&[]).await.unwrap(), Vec::<i64>::new());
+}
+
 #[tokio::test]
 async fn notify_goes_only_to_idle_lanes() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;

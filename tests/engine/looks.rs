@@ -167,12 +167,13 @@ async fn retries_when_the_backoff_ends(cfg: outbox_relay::RelayConfig) {
     );
 }
 
-/// Holds the first call to the idle flag after it is armed until released.
+/// Holds the first call to the idle flag after it is armed until released; counts the claims.
 #[derive(Default)]
 struct HoldIdle {
     armed: std::sync::atomic::AtomicBool,
     holding: tokio::sync::Notify,
     release: tokio::sync::Notify,
+    claims: AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -184,6 +185,73 @@ impl Observer for HoldIdle {
             released.await;
         }
     }
+
+    fn after(&self, call: StoreCall, _: usize, _: Duration, _: bool) {
+        if call == StoreCall::Claim {
+            self.claims.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Makes the lane of `x` say busy (a full batch of two), then holds it as it asks for NOTIFY.
+async fn hold_the_lane_as_it_asks_for_notify(
+    pool: &sqlx::PgPool,
+    store: &Observed<outbox::postgres::PgStore, HoldIdle>,
+    lane: i32,
+    x: &str,
+) {
+    let rows = (1..=3).map(|i| Message::new("t", format!("x{i}")).key(x));
+    commit_each(pool, rows).await;
+    let busy = format!("SELECT count(*) FROM outbox_leases WHERE lane = {lane} AND NOT idle");
+    outbox_tests::wait::wait_for("the lane to say busy", Duration::from_secs(10), || async {
+        outbox_tests::db::scalar::<_, i64>(pool, &busy).await == 1
+    })
+    .await;
+    let holding = store.observer().holding.notified();
+    store.observer().armed.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), holding)
+        .await
+        .expect("the lane asked for NOTIFY");
+}
+
+/// A writer that inserted its row while the lane's flag said busy, and is still open when the
+/// lane, its flag saying idle, looks once more and finds nothing, sends no NOTIFY when it commits:
+/// the lane looks again once the transactions open when its flag said idle have ended, not at its
+/// next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_committed_after_the_lanes_last_look_since_it_asked_for_notify_is_not_left_to_the_poll() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let store = Arc::new(Observed::new(pg, HoldIdle::default()));
+    let (lane, mut keys) = keys_of_one_lane();
+    let (x, a) = (keys.next().unwrap(), keys.next().unwrap());
+    let cfg = test_config()
+        .linger(Duration::ZERO)
+        .batch_size(2)
+        .poll_interval(Duration::from_secs(30));
+    let relay = start(Arc::clone(&store), Scripted::slow([], Duration::from_millis(50)), cfg);
+    every_lane_asks_for_notify(&pool).await;
+    hold_the_lane_as_it_asks_for_notify(&pool, &store, lane, &x).await;
+    // A writer inserts a (flag busy: no NOTIFY) and stays open past the lane's look once more.
+    let mut open = pool.begin().await.unwrap();
+    outbox::enqueue(&mut open, &Message::new("t", "a").key(a.as_str()))
+        .await
+        .unwrap();
+    let claims = store.observer().claims.load(Ordering::SeqCst);
+    store.observer().release.notify_one();
+    outbox_tests::wait::wait_for("the lane to look once more", Duration::from_secs(10), || async {
+        store.observer().claims.load(Ordering::SeqCst) > claims
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let committed = Instant::now();
+    open.commit().await.unwrap();
+    drained(&*store, Duration::from_secs(10)).await;
+    relay.stop().await;
+    assert!(
+        committed.elapsed() < Duration::from_secs(5),
+        "a published {:?} after its commit",
+        committed.elapsed()
+    );
 }
 
 /// A writer that inserted its row while the lane's flag said busy sends no NOTIFY, even when it
@@ -215,20 +283,7 @@ async fn inserted_before_the_lane_asked_for_notify_committed_after(pipeline: usi
     let publisher = Scripted::slow([], Duration::from_millis(500));
     let relay = start(Arc::clone(&store), Arc::clone(&publisher), cfg);
     every_lane_asks_for_notify(&pool).await;
-
-    // Three rows: a full batch makes the lane say busy; when it runs dry it asks for NOTIFY: held.
-    let rows = (1..=3).map(|i| Message::new("t", format!("x{i}")).key(x.as_str()));
-    commit_each(&pool, rows).await;
-    let busy = format!("SELECT count(*) FROM outbox_leases WHERE lane = {lane} AND NOT idle");
-    outbox_tests::wait::wait_for("the lane to say busy", Duration::from_secs(10), || async {
-        outbox_tests::db::scalar::<_, i64>(&pool, &busy).await == 1
-    })
-    .await;
-    let holding = store.observer().holding.notified();
-    store.observer().armed.store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(10), holding)
-        .await
-        .expect("the lane asked for NOTIFY");
+    hold_the_lane_as_it_asks_for_notify(&pool, &store, lane, &x).await;
     // Meanwhile a writer inserts a (flag busy: no NOTIFY) and stays open; another commits b.
     let mut open = pool.begin().await.unwrap();
     outbox::enqueue(&mut open, &Message::new("t", "a").key(a.as_str()))

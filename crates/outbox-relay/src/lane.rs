@@ -18,6 +18,7 @@ use crate::linger::linger_wait;
 use crate::shared::Shared;
 pub(crate) use crate::waits::timed;
 use crate::waits::{back_off, pace, pause};
+use crate::writers::OpenWriters;
 
 /// How many of the times at which backed-off rows may be published again a lane keeps.
 const RETRIES_KEPT: usize = 16;
@@ -57,6 +58,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             claimed_to: 0,
             idle: false,
             looked_since_idle: false,
+            open_writers: OpenWriters::default(),
             linger_until: None,
             retries: BTreeSet::new(),
             store_errors: 0,
@@ -96,6 +98,9 @@ struct Lane<'a, S, P> {
     /// batch: a writer that inserted while the flag said busy sends no NOTIFY, even when it
     /// commits later.
     looked_since_idle: bool,
+    /// The transactions open when the flag last said idle: as they end, the lane looks once more
+    /// for rows they inserted while the flag said busy (see [`crate::writers`]).
+    open_writers: OpenWriters,
     /// Whether the lane lingers after running dry (see [`crate::linger`]), as of its last claim or
     /// wait.
     lingers: bool,
@@ -152,7 +157,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     /// writer that inserted while the flag said busy may still commit, without a NOTIFY).
     /// Otherwise the lane finds the row when it claims again after its batch in flight is settled;
     /// a row whose writer inserted it before the flag said idle and commits after that empty claim
-    /// waits for the poll.
+    /// is found when the lane next asks which writers have ended ([`crate::writers`]).
     fn woken_by_commits(&self) -> bool {
         self.lingers || (self.idle && self.looked_since_idle && self.shared.store.wakeups().is_some())
     }
@@ -287,19 +292,29 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             set_idle(shared, self.lease, true).await;
             self.idle = true;
             self.looked_since_idle = false;
+            self.open_writers = OpenWriters::taken(shared).await;
             return Ok(());
         }
         let woken = shared.woken(self.lease.lane);
-        // At the poll, or when a row backed off may be published again if that is sooner.
+        // At the poll, or sooner when a row backed off may be published again or it is time to
+        // ask which of the writers open when the flag said idle have ended.
         let poll = Instant::now() + shared.cfg.poll_interval;
-        let until = self.retries.first().map_or(poll, |at| (*at).min(poll));
-        tokio::select! {
-            _ = woken => {}
-            _ = tokio::time::sleep_until(until.into()) => {}
+        let until = [self.retries.first().copied(), self.open_writers.next_ask()]
+            .into_iter()
+            .flatten()
+            .fold(poll, Instant::min);
+        let woken = tokio::select! {
+            _ = woken => true,
+            _ = tokio::time::sleep_until(until.into()) => false,
             _ = self.stop.cancelled() => return Err(LaneExit::Stopped),
-        }
+        };
+        let now = Instant::now();
+        let retry = self.retries.first().is_some_and(|at| *at <= now);
         // The claim that follows looks for every row whose delay has ended.
-        self.retries = self.retries.split_off(&Instant::now());
+        self.retries = self.retries.split_off(&now);
+        let ended = self.open_writers.ended(shared, shared.cfg.poll_interval).await;
+        // Otherwise only the question was due, and no writer has ended since: wait again.
+        self.more = woken || retry || now >= poll || ended;
         Ok(())
     }
 

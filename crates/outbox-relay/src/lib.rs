@@ -16,6 +16,7 @@ pub mod metrics;
 mod pace;
 mod shared;
 mod waits;
+mod writers;
 
 pub use config::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 pub use engine::{Relay, RelayError};

@@ -41,6 +41,10 @@ pub enum StoreCall {
     SetIdle,
     /// [`Wakeups::ready_lanes`]: the look at the lingering lanes.
     ReadyLanes,
+    /// [`Wakeups::open_transactions`].
+    OpenTransactions,
+    /// [`Wakeups::still_open`].
+    StillOpen,
 }
 
 /// Sees every call of an [`Observed`] store. [`StoreAdmin`] calls are not observed.
@@ -193,6 +197,24 @@ impl<S: Store, O: Observer> Wakeups for Observed<S, O> {
             }
         };
         self.run(StoreCall::ReadyLanes, none, look).await
+    }
+    async fn open_transactions(&self) -> Result<Vec<i64>> {
+        let open = async {
+            match self.inner.wakeups() {
+                Some(w) => w.open_transactions().await,
+                None => Ok(Vec::new()),
+            }
+        };
+        self.run(StoreCall::OpenTransactions, none, open).await
+    }
+    async fn still_open(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        let open = async {
+            match self.inner.wakeups() {
+                Some(w) => w.still_open(ids).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        self.run(StoreCall::StillOpen, none, open).await
     }
 }
 

@@ -279,6 +279,13 @@ pub trait Wakeups: Send + Sync {
     /// (the lane's batches in flight end there; 0 looks at every row): one cheap query for all the
     /// lanes a relay keeps watching while their flag says busy (and writers send no NOTIFY).
     async fn ready_lanes(&self, lanes: &[(i32, i64)]) -> Result<Vec<i32>>;
+    /// The ids of the transactions open now, asked right after a lane's flag said idle: a writer
+    /// that read the flag as busy (and sends no NOTIFY) is one of them until it ends, unless its
+    /// transaction took its id only after this (a first write whose statement read the flag before
+    /// and was held up past this call), whose row waits for the lane's poll.
+    async fn open_transactions(&self) -> Result<Vec<i64>>;
+    /// Which of the transactions `ids` (from [`Wakeups::open_transactions`]) are still open.
+    async fn still_open(&self, ids: &[i64]) -> Result<Vec<i64>>;
 }
 
 /// What an operator (and the engine's metrics and cleanup loops) asks of the outbox database:

@@ -167,6 +167,21 @@ pub(super) fn ready_lanes_with_settings(lanes: &[(i32, i64)]) -> String {
     format!("{}; {}", *LOCAL_SETTINGS, ready_lanes(&l, &after))
 }
 
+// The transactions open now, and which of them still are: a lane whose flag just said idle looks
+// once more when writers that may have read it as busy have ended (writers.rs in outbox-relay).
+// The snapshot lists the open transactions below its xmax (the latest ended one's id + 1); those
+// that took their ids since are the ones from there up to an id this statement takes (committed
+// without waiting for the WAL flush, as the marks are). Top-level transactions only: a
+// subtransaction's rows become visible with its parent's commit.
+pub(super) const OPEN_TRANSACTIONS: &str = "\
+SELECT ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(t.s) AS x \
+             UNION ALL SELECT generate_series(pg_snapshot_xmax(t.s)::text::bigint, t.n::text::bigint - 1)) \
+FROM (SELECT pg_current_snapshot() AS s, pg_current_xact_id() AS n, \
+             set_config('synchronous_commit', 'off', true) AS a) AS t";
+pub(super) const STILL_OPEN: &str = "\
+SELECT COALESCE(array_agg(x), '{}') FROM unnest($1::bigint[]) AS x \
+WHERE pg_xact_status(x::text::xid8) = 'in progress'";
+
 // Taking a transaction id makes the commit write a record and wait for the WAL flush: the probe
 // feels what a service's commits feel (CPU, locks on the WAL, the disk), not only the CPU. The id
 // taken is also the count of ids handed out: every writing transaction's, live.

@@ -375,6 +375,20 @@ impl Wakeups for PgStore {
             .collect::<std::result::Result<_, _>>()?)
     }
 
+    async fn open_transactions(&self) -> Result<Vec<i64>> {
+        // It takes a transaction id, for the upper end of the list.
+        self.counted.write();
+        Ok(sqlx::query_scalar(sql::OPEN_TRANSACTIONS).fetch_one(&self.pool).await?)
+    }
+
+    async fn still_open(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        self.counted.read();
+        Ok(sqlx::query_scalar(sql::STILL_OPEN)
+            .bind(ids)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     async fn listen(&self) -> Result<BoxStream<'static, i32>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(sql::NOTIFY_CHANNEL).await?;
