@@ -49,6 +49,9 @@ struct Lat {
     /// Claims per delivered message, and the share of claims that found nothing.
     claims_per_msg: f64,
     empty_claims: f64,
+    /// Questions per delivered message after a lane's flag said idle (which transactions are
+    /// open, which still are).
+    open_questions_per_msg: f64,
 }
 
 fn lat_of(h: &Histogram<u64>, achieved: f64, missing: u64) -> Lat {
@@ -226,6 +229,8 @@ async fn relay_latency(
     let claims = phases.claims.load(Ordering::Relaxed) as f64;
     lat.claims_per_msg = claims / phases.marked.load(Ordering::Relaxed).max(1) as f64;
     lat.empty_claims = phases.empty_claims.load(Ordering::Relaxed) as f64 / claims.max(1.0);
+    lat.open_questions_per_msg =
+        phases.open_questions.load(Ordering::Relaxed) as f64 / phases.marked.load(Ordering::Relaxed).max(1) as f64;
     Ok(lat)
 }
 
@@ -374,7 +379,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                     .extra("publish_to_report_p50_ms", med(|l| l.publish.0))
                     .extra("publish_to_report_p99_ms", med(|l| l.publish.1))
                     .extra("claims_per_msg", med(|l| l.claims_per_msg))
-                    .extra("empty_claim_share", med(|l| l.empty_claims));
+                    .extra("empty_claim_share", med(|l| l.empty_claims))
+                    .extra("open_questions_per_msg", med(|l| l.open_questions_per_msg));
             }
             if cases[variant].label() == Variant::Relay(d).label() && rate == 1000 {
                 p99 = p99.target(Target::AtMost(10.0));

@@ -26,6 +26,8 @@ pub(crate) struct Phases {
     pub(crate) claimed: AtomicU64,
     /// Claims that returned no row.
     pub(crate) empty_claims: AtomicU64,
+    /// Questions after a lane's flag said idle: which transactions are open, which still are.
+    pub(crate) open_questions: AtomicU64,
     /// Mark calls and their total time in microseconds.
     pub(crate) marks: AtomicU64,
     pub(crate) mark_us: AtomicU64,
@@ -103,6 +105,9 @@ impl Observer for Phases {
                         self.done.notify_waiters();
                     }
                 }
+            }
+            StoreCall::OpenTransactions | StoreCall::StillOpen => {
+                self.open_questions.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
         }
