@@ -118,6 +118,9 @@ pub(crate) enum KeyStep {
     New {
         /// The key's highest seq before this message.
         previous: Option<i64>,
+        /// A new key of a source whose records of the default source ('') the statement found
+        /// (to adopt). Always false where the statement cannot tell (`LEGACY_KEY` asks instead).
+        legacy: bool,
     },
     /// Below the key's highest, at or above its `gap_from`: the key row is now locked by this
     /// transaction, and the key's gaps must say whether the seq was skipped.

@@ -21,8 +21,8 @@
 ///   message `(message_id, topic, payload, headers)` (no row: none), the others (run only when
 ///   there is one) delete it.
 /// - `LOWEST_PARKED`, bound (consumer, source, key): the lowest parked seq of the key (NULL: none).
-/// - `LEGACY_KEY`, bound (consumer, key): a row (any column) when the key has records of the
-///   default source. `ADOPT: &[&str]`, each bound (consumer, source, key), run in order: drop the
+/// - `LEGACY_KEY: Option<&str>`, bound (consumer, key): a row (any column) when the key has
+///   records of the default source; `None` when `RECORD_KEYED` answers that itself. `ADOPT: &[&str]`, each bound (consumer, source, key), run in order: drop the
 ///   records `RECORD_KEYED` just created for (source, key) and move the default source's records of
 ///   the key (key row, gaps, parked messages) to `source`.
 /// - `RECORD_UNKEYED`, bound (consumer, id): records an unkeyed message unless its id is there.
@@ -32,8 +32,10 @@
 /// The first step, the one statement of the common path, is where databases differ:
 ///
 /// - `sql_backend!(Db, sql)`: the record statements answer with rows (`RETURNING`). `RECORD_KEYED`:
-///   no row = duplicate; a row `(prev_seq, seq)` with the message's seq = new (prev_seq: the highest
-///   before); with a higher seq = below the highest while the key has open gaps that may hold it.
+///   no row = duplicate; a row `(prev_seq, seq, legacy)` with the message's seq = new (prev_seq: the
+///   highest before; legacy: a new key of a source that has records of the default source, with
+///   `LEGACY_KEY` `None`); with a higher seq = below the highest while the key has open gaps that
+///   may hold it.
 ///   `RECORD_UNKEYED` and `PARK`: one row inserted = new.
 /// - `sql_backend!(Db, sql, record_keyed, record_unkeyed, park)`: the calling module runs them
 ///   itself and tells what they found, `record_keyed(conn, consumer, source, key, seq) ->
@@ -51,13 +53,13 @@ macro_rules! sql_backend {
             key: &str,
             seq: i64,
         ) -> Result<$crate::backend::KeyStep, sqlx::Error> {
-            let row: Option<(Option<i64>, i64)> = keyed_as($sql::RECORD_KEYED, consumer, source, key)
+            let row: Option<(Option<i64>, i64, bool)> = keyed_as($sql::RECORD_KEYED, consumer, source, key)
                 .bind(seq)
                 .fetch_optional(&mut *conn)
                 .await?;
             Ok(match row {
                 None => $crate::backend::KeyStep::Duplicate,
-                Some((previous, now)) if now == seq => $crate::backend::KeyStep::New { previous },
+                Some((previous, now, legacy)) if now == seq => $crate::backend::KeyStep::New { previous, legacy },
                 Some(_) => $crate::backend::KeyStep::BelowTop,
             })
         }
@@ -175,20 +177,28 @@ macro_rules! sql_backend {
             Ok(())
         }
 
-        /// If (consumer, key) has records of the default source, drops the records just created for
-        /// (consumer, source, key) and moves the default source's ones there. True when it did.
+        /// If (consumer, key) has records of the default source (`legacy`: `RECORD_KEYED` found
+        /// them; otherwise `LEGACY_KEY` asks, where there is one), drops the records just created
+        /// for (consumer, source, key) and moves the default source's ones there. True when it did.
         async fn adopt(
             conn: &mut <$db as sqlx::Database>::Connection,
             consumer: &str,
             source: &str,
             key: &str,
+            legacy: bool,
         ) -> Result<bool, sqlx::Error> {
-            let legacy: Option<(i64,)> = sqlx::query_as($sql::LEGACY_KEY)
-                .bind(consumer)
-                .bind(key)
-                .fetch_optional(&mut *conn)
-                .await?;
-            if legacy.is_none() {
+            let legacy = match $sql::LEGACY_KEY {
+                Some(statement) if !legacy => {
+                    let row: Option<(i64,)> = sqlx::query_as(statement)
+                        .bind(consumer)
+                        .bind(key)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    row.is_some()
+                }
+                _ => legacy,
+            };
+            if !legacy {
                 return Ok(false);
             }
             run_each(&mut *conn, $sql::ADOPT, consumer, source, key, None).await?;
@@ -212,17 +222,23 @@ macro_rules! sql_backend {
                 };
                 let source = msg.scope();
                 let mut step = $record_keyed(&mut *conn, consumer, source, key, seq).await?;
-                if step == ($crate::backend::KeyStep::New { previous: None })
-                    && !source.is_empty()
-                    && adopt(&mut *conn, consumer, source, key).await?
-                {
-                    // The key's records from before sources were sent are this source's now:
-                    // record the message again against them.
-                    step = $record_keyed(&mut *conn, consumer, source, key, seq).await?;
+                let first_of_source = match step {
+                    $crate::backend::KeyStep::New {
+                        previous: None,
+                        legacy,
+                    } if !source.is_empty() => Some(legacy),
+                    _ => None,
+                };
+                if let Some(legacy) = first_of_source {
+                    if adopt(&mut *conn, consumer, source, key, legacy).await? {
+                        // The key's records from before sources were sent are this source's now:
+                        // record the message again against them.
+                        step = $record_keyed(&mut *conn, consumer, source, key, seq).await?;
+                    }
                 }
                 match step {
                     $crate::backend::KeyStep::Duplicate => Ok($crate::Recorded::Duplicate),
-                    $crate::backend::KeyStep::New { previous } => {
+                    $crate::backend::KeyStep::New { previous, .. } => {
                         let from = previous.unwrap_or(0) + 1;
                         if hold && from < seq {
                             run_each(
@@ -284,8 +300,8 @@ macro_rules! sql_backend {
                 // Parked messages are above the key's highest seq (this transaction holds the key
                 // row): the message becomes the highest. Unless skipping, it is the next one.
                 let previous = match $record_keyed(&mut *conn, consumer, source, key, seq).await? {
-                    $crate::backend::KeyStep::New { previous } if previous.unwrap_or(0) == seq - 1 => seq - 1,
-                    $crate::backend::KeyStep::New { previous } if skipping && previous.unwrap_or(0) < seq => {
+                    $crate::backend::KeyStep::New { previous, .. } if previous.unwrap_or(0) == seq - 1 => seq - 1,
+                    $crate::backend::KeyStep::New { previous, .. } if skipping && previous.unwrap_or(0) < seq => {
                         let previous = previous.unwrap_or(0);
                         record_gap(&mut *conn, consumer, source, key, previous + 1, seq - 1).await?;
                         previous

@@ -35,8 +35,13 @@ async fn record_keyed(
     Ok(match (done.rows_affected(), done.last_insert_id()) {
         (2, previous) => KeyStep::New {
             previous: Some(previous as i64),
+            legacy: false,
         },
-        (_, sql::ANSWER_INSERTED) => KeyStep::New { previous: None },
+        // Whether the key has records of the default source is asked by `LEGACY_KEY`.
+        (_, sql::ANSWER_INSERTED) => KeyStep::New {
+            previous: None,
+            legacy: false,
+        },
         (_, sql::ANSWER_DUPLICATE) => KeyStep::Duplicate,
         (_, sql::ANSWER_BELOW_TOP) => KeyStep::BelowTop,
         (rows, answer) => {

@@ -142,8 +142,10 @@ FOR UPDATE";
 
 // Binds (consumer, key): a row when the key has records of the default source. A plain read: the
 // statements of ADOPT lock what they move.
-pub(super) const LEGACY_KEY: &str = "\
-SELECT seq FROM outbox_inbox_keys WHERE consumer = ? AND `source` = '' AND key_hash = UNHEX(SHA2(?, 256))";
+pub(super) const LEGACY_KEY: Option<&str> = Some(
+    "\
+SELECT seq FROM outbox_inbox_keys WHERE consumer = ? AND `source` = '' AND key_hash = UNHEX(SHA2(?, 256))",
+);
 
 // Each bound (consumer, source, key), in order: drop what RECORD_KEYED just created for the source's
 // first message of the key, then move the default source's records of the key to the source (an

@@ -7,7 +7,9 @@
 // prev_seq+1..=seq-1 (1..=seq-1 for a new key) is recorded in outbox_inbox_gaps by the same
 // statement and gap_from lowered to cover it. A row whose seq is above the message's means "below
 // the highest, but the key has open gaps from gap_from on": run FILL_GAP. No row means a duplicate
-// (at or below the highest, below any open gap), and nothing was written.
+// (at or below the highest, below any open gap), and nothing was written. The row's third column
+// says, for a new key of a source (not the default ''), whether the key has records of the default
+// source (to adopt, see ADOPT): asked here, it costs no round trip of its own.
 //
 // ON CONFLICT DO UPDATE locks the key row even when its WHERE is false, and evaluates the WHERE on
 // the latest committed version, so a concurrent delivery of the same key waits for this transaction
@@ -31,7 +33,9 @@ WITH k AS ( \
   WHERE seq = $4 AND COALESCE(prev_seq, 0) + 1 < $4 \
   ON CONFLICT (consumer, source, key, from_seq) DO UPDATE SET to_seq = EXCLUDED.to_seq, created_at = now() \
 ) \
-SELECT prev_seq, seq FROM k";
+SELECT prev_seq, seq, CASE WHEN prev_seq IS NULL AND seq = $4 AND $2 <> '' THEN EXISTS ( \
+  SELECT 1 FROM outbox_inbox_keys l WHERE l.consumer = $1 AND l.source = '' AND l.key = $3) ELSE false END \
+FROM k";
 
 // RECORD_KEYED records the gap itself.
 pub(super) const RECORD_GAP: Option<&str> = None;
@@ -95,10 +99,9 @@ RETURNING message_id, topic, payload, headers"];
 pub(super) const LOWEST_PARKED: &str = "\
 SELECT min(seq) FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3";
 
-// Binds (consumer, key): a row when the key has records of the default source ('': written before
+// RECORD_KEYED answers whether a new key has records of the default source ('': written before
 // messages carried their source, or sent by a relay that does not send it).
-pub(super) const LEGACY_KEY: &str = "\
-SELECT seq FROM outbox_inbox_keys WHERE consumer = $1 AND source = '' AND key = $2";
+pub(super) const LEGACY_KEY: Option<&str> = None;
 
 // Each bound (consumer, source, key), in order: drop what RECORD_KEYED just created for the source's
 // first message of the key, then move the default source's records of the key to the source. The

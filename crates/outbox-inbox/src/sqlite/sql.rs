@@ -15,7 +15,9 @@ macro_rules! now {
 // Binds (consumer, source, key, seq). A row (prev_seq, seq) with seq = the message's: new for its
 // key (prev_seq: the highest before, NULL for a new key); gap_from is lowered when it skipped seqs,
 // and the gap itself is recorded by RECORD_GAP. A row with a higher seq: below the highest, but the
-// key has open gaps from gap_from on: run FILL_GAP. No row: a duplicate, nothing written.
+// key has open gaps from gap_from on: run FILL_GAP. No row: a duplicate, nothing written. The third
+// column: for a new key of a source (not the default ''), whether the key has records of the
+// default source (see ADOPT).
 pub(super) const RECORD_KEYED: &str = concat!(
     "INSERT INTO outbox_inbox_keys AS k (consumer, source, key, seq, gap_from, updated_at) \
      VALUES (?1, ?2, ?3, ?4, CASE WHEN ?4 > 1 THEN 1 END, ",
@@ -26,7 +28,8 @@ pub(super) const RECORD_KEYED: &str = concat!(
        gap_from = CASE WHEN k.seq + 1 < excluded.seq THEN coalesce(k.gap_from, k.seq + 1) ELSE k.gap_from END, \
        updated_at = CASE WHEN k.seq < excluded.seq THEN excluded.updated_at ELSE k.updated_at END \
      WHERE k.seq < excluded.seq OR (k.gap_from <= excluded.seq AND excluded.seq < k.seq) \
-     RETURNING prev_seq, seq"
+     RETURNING prev_seq, seq, CASE WHEN prev_seq IS NULL AND seq = ?4 AND ?2 <> '' THEN EXISTS ( \
+       SELECT 1 FROM outbox_inbox_keys l WHERE l.consumer = ?1 AND l.source = '' AND l.key = ?3) ELSE 0 END"
 );
 
 // Binds (consumer, source, key, from_seq, to_seq): the gap a new message just skipped. It cannot
@@ -85,9 +88,8 @@ pub(super) const TAKE_PARKED: &[&str] = &["DELETE FROM outbox_inbox_parked \
 pub(super) const LOWEST_PARKED: &str =
     "SELECT min(seq) FROM outbox_inbox_parked WHERE consumer = ?1 AND source = ?2 AND key = ?3";
 
-// Binds (consumer, key): a row when the key has records of the default source.
-pub(super) const LEGACY_KEY: &str =
-    "SELECT seq FROM outbox_inbox_keys WHERE consumer = ?1 AND source = '' AND key = ?2";
+// RECORD_KEYED answers whether a new key has records of the default source.
+pub(super) const LEGACY_KEY: Option<&str> = None;
 
 // Each bound (consumer, source, key), in order: drop what RECORD_KEYED just created for the source's
 // first message of the key, then move the default source's records of the key to the source.
