@@ -167,10 +167,11 @@ async fn retries_when_the_backoff_ends(cfg: outbox_relay::RelayConfig) {
     );
 }
 
-/// Holds the first call to the idle flag after it is armed until released; counts the claims.
+/// Holds the `n`th call to the idle flag after `countdown` is set to `n` until released; counts
+/// the claims.
 #[derive(Default)]
 struct HoldIdle {
-    armed: std::sync::atomic::AtomicBool,
+    countdown: AtomicUsize,
     holding: tokio::sync::Notify,
     release: tokio::sync::Notify,
     claims: AtomicUsize,
@@ -179,7 +180,13 @@ struct HoldIdle {
 #[async_trait::async_trait]
 impl Observer for HoldIdle {
     async fn before(&self, call: StoreCall) {
-        if call == StoreCall::SetIdle && self.armed.swap(false, Ordering::SeqCst) {
+        let count_down = |n: usize| n.checked_sub(1);
+        if call == StoreCall::SetIdle
+            && self
+                .countdown
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, count_down)
+                == Ok(1)
+        {
             let released = self.release.notified();
             self.holding.notify_one();
             released.await;
@@ -193,25 +200,58 @@ impl Observer for HoldIdle {
     }
 }
 
-/// Makes the lane of `x` say busy (a full batch of two), then holds it as it asks for NOTIFY.
-async fn hold_the_lane_as_it_asks_for_notify(
-    pool: &sqlx::PgPool,
-    store: &Observed<outbox::postgres::PgStore, HoldIdle>,
-    lane: i32,
-    x: &str,
-) {
-    let rows = (1..=3).map(|i| Message::new("t", format!("x{i}")).key(x));
-    commit_each(pool, rows).await;
-    let busy = format!("SELECT count(*) FROM outbox_leases WHERE lane = {lane} AND NOT idle");
-    outbox_tests::wait::wait_for("the lane to say busy", Duration::from_secs(10), || async {
-        outbox_tests::db::scalar::<_, i64>(pool, &busy).await == 1
-    })
-    .await;
+/// A relay whose lanes never linger (only a full batch makes a flag say busy), publishing after
+/// `publish_takes`; the lane of `a` and `b` said busy (a full batch of two) and is held as it asks
+/// for NOTIFY, while a writer that inserted `a` (flag busy: no NOTIFY) stays open.
+struct HeldLane {
+    pool: sqlx::PgPool,
+    store: Arc<Observed<outbox::postgres::PgStore, HoldIdle>>,
+    relay: outbox_tests::embedded::Running,
+    publisher: Arc<Scripted>,
+    open: sqlx::Transaction<'static, sqlx::Postgres>,
+    b: String,
+}
+
+async fn held_lane_with_an_open_writer(pipeline: usize, publish_takes: Duration) -> HeldLane {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let store = Arc::new(Observed::new(pg, HoldIdle::default()));
+    let (lane, mut keys) = keys_of_one_lane();
+    let (x, a, b) = (keys.next().unwrap(), keys.next().unwrap(), keys.next().unwrap());
+    let cfg = test_config()
+        .linger(Duration::ZERO)
+        .batch_size(2)
+        .pipeline(pipeline)
+        .poll_interval(Duration::from_secs(30));
+    let publisher = Scripted::slow([], publish_takes);
+    let relay = start(Arc::clone(&store), Arc::clone(&publisher), cfg);
+    every_lane_asks_for_notify(&pool).await;
+    // Three rows in one transaction, batches of two: the full batch makes the lane say busy (the
+    // first call to the flag), and when it runs dry it asks for NOTIFY again (the second): held.
     let holding = store.observer().holding.notified();
-    store.observer().armed.store(true, Ordering::SeqCst);
+    store.observer().countdown.store(2, Ordering::SeqCst);
+    let rows = (1..=3).map(|i| Message::new("t", format!("x{i}")).key(x.as_str()));
+    commit_each(&pool, rows).await;
     tokio::time::timeout(Duration::from_secs(10), holding)
         .await
         .expect("the lane asked for NOTIFY");
+    let busy = format!("SELECT count(*) FROM outbox_leases WHERE lane = {lane} AND NOT idle");
+    assert_eq!(
+        outbox_tests::db::scalar::<_, i64>(&pool, &busy).await,
+        1,
+        "the lane said busy until the held call"
+    );
+    let mut open = pool.begin().await.unwrap();
+    outbox::enqueue(&mut open, &Message::new("t", "a").key(a.as_str()))
+        .await
+        .unwrap();
+    HeldLane {
+        pool,
+        store,
+        relay,
+        publisher,
+        open,
+        b,
+    }
 }
 
 /// A writer that inserted its row while the lane's flag said busy, and is still open when the
@@ -220,33 +260,19 @@ async fn hold_the_lane_as_it_asks_for_notify(
 /// next poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_committed_after_the_lanes_last_look_since_it_asked_for_notify_is_not_left_to_the_poll() {
-    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
-    let store = Arc::new(Observed::new(pg, HoldIdle::default()));
-    let (lane, mut keys) = keys_of_one_lane();
-    let (x, a) = (keys.next().unwrap(), keys.next().unwrap());
-    let cfg = test_config()
-        .linger(Duration::ZERO)
-        .batch_size(2)
-        .poll_interval(Duration::from_secs(30));
-    let relay = start(Arc::clone(&store), Scripted::slow([], Duration::from_millis(50)), cfg);
-    every_lane_asks_for_notify(&pool).await;
-    hold_the_lane_as_it_asks_for_notify(&pool, &store, lane, &x).await;
-    // A writer inserts a (flag busy: no NOTIFY) and stays open past the lane's look once more.
-    let mut open = pool.begin().await.unwrap();
-    outbox::enqueue(&mut open, &Message::new("t", "a").key(a.as_str()))
-        .await
-        .unwrap();
-    let claims = store.observer().claims.load(Ordering::SeqCst);
-    store.observer().release.notify_one();
+    let held = held_lane_with_an_open_writer(1, Duration::from_millis(50)).await;
+    // The writer of a stays open past the lane's look once more.
+    let claims = held.store.observer().claims.load(Ordering::SeqCst);
+    held.store.observer().release.notify_one();
     outbox_tests::wait::wait_for("the lane to look once more", Duration::from_secs(10), || async {
-        store.observer().claims.load(Ordering::SeqCst) > claims
+        held.store.observer().claims.load(Ordering::SeqCst) > claims
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let committed = Instant::now();
-    open.commit().await.unwrap();
-    drained(&*store, Duration::from_secs(10)).await;
-    relay.stop().await;
+    held.open.commit().await.unwrap();
+    drained(&*held.store, Duration::from_secs(10)).await;
+    held.relay.stop().await;
     assert!(
         committed.elapsed() < Duration::from_secs(5),
         "a published {:?} after its commit",
@@ -270,39 +296,22 @@ async fn with_batches_pipelined_a_row_inserted_before_its_lane_asked_for_notify_
 }
 
 async fn inserted_before_the_lane_asked_for_notify_committed_after(pipeline: usize) {
-    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
-    let store = Arc::new(Observed::new(pg, HoldIdle::default()));
-    let (lane, mut keys) = keys_of_one_lane();
-    let (x, a, b) = (keys.next().unwrap(), keys.next().unwrap(), keys.next().unwrap());
-    // Lanes that never linger: only a full batch makes the flag say busy.
-    let cfg = test_config()
-        .linger(Duration::ZERO)
-        .batch_size(2)
-        .pipeline(pipeline)
-        .poll_interval(Duration::from_secs(30));
-    let publisher = Scripted::slow([], Duration::from_millis(500));
-    let relay = start(Arc::clone(&store), Arc::clone(&publisher), cfg);
-    every_lane_asks_for_notify(&pool).await;
-    hold_the_lane_as_it_asks_for_notify(&pool, &store, lane, &x).await;
-    // Meanwhile a writer inserts a (flag busy: no NOTIFY) and stays open; another commits b.
-    let mut open = pool.begin().await.unwrap();
-    outbox::enqueue(&mut open, &Message::new("t", "a").key(a.as_str()))
-        .await
-        .unwrap();
-    commit_each(&pool, [Message::new("t", "b").key(b.as_str())]).await;
-    store.observer().release.notify_one();
+    let held = held_lane_with_an_open_writer(pipeline, Duration::from_millis(500)).await;
+    // Meanwhile another writer commits b.
+    commit_each(&held.pool, [Message::new("t", "b").key(held.b.as_str())]).await;
+    held.store.observer().release.notify_one();
     // The lane's look once more finds b; a commits while b's batch is in flight.
     let started = |key: &str| {
         let key = key.to_owned();
         move |e: &super::Event| matches!(e, super::Event::Start(_, rows) if rows.iter().any(|(k, _, _)| *k == key))
     };
     outbox_tests::wait::wait_for("b to be published", Duration::from_secs(10), || async {
-        publisher.events().iter().any(started(&b))
+        held.publisher.events().iter().any(started(&held.b))
     })
     .await;
-    open.commit().await.unwrap();
-    drained(&*store, Duration::from_secs(10)).await;
-    relay.stop().await;
+    held.open.commit().await.unwrap();
+    drained(&*held.store, Duration::from_secs(10)).await;
+    held.relay.stop().await;
 }
 
 /// Waits until every lane of the relay on `pool` has asked for NOTIFY and looked once more: a row
