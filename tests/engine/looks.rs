@@ -314,6 +314,30 @@ async fn inserted_before_the_lane_asked_for_notify_committed_after(pipeline: usi
     held.relay.stop().await;
 }
 
+/// A transaction that stays open past the lanes' flags saying idle keeps them asking whether it
+/// has ended; they still look at their poll: a row committed without NOTIFY meanwhile is found then.
+#[tokio::test]
+async fn a_lane_that_asks_after_a_transaction_that_stays_open_still_looks_at_its_poll() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let mut long = pool.begin().await.unwrap();
+    outbox_tests::db::exec(&mut *long, "SELECT txid_current()").await;
+    let cfg = test_config()
+        .linger(Duration::ZERO)
+        .poll_interval(Duration::from_secs(1));
+    let relay = start(pg.clone(), Scripted::new([]), cfg);
+    every_lane_asks_for_notify(&pool).await;
+    let mut tx = pool.begin().await.unwrap();
+    outbox::Outbox::new()
+        .notify(false)
+        .enqueue(&mut tx, &Message::new("t", "x").key("k"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    drained(&pg, Duration::from_secs(10)).await;
+    relay.stop().await;
+    long.rollback().await.unwrap();
+}
+
 /// Waits until every lane of the relay on `pool` has asked for NOTIFY and looked once more: a row
 /// committed from then on wakes its lane (a writer that inserted earlier, while the flag said busy,
 /// sends no NOTIFY).

@@ -295,27 +295,30 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             self.open_writers = OpenWriters::taken(shared).await;
             return Ok(());
         }
-        let woken = shared.woken(self.lease.lane);
-        // At the poll, or sooner when a row backed off may be published again or it is time to
-        // ask which of the writers open when the flag said idle have ended.
+        // At the poll, or sooner when a row backed off may be published again, or when some of
+        // the writers open when the flag said idle have ended.
         let poll = Instant::now() + shared.cfg.poll_interval;
-        let until = [self.retries.first().copied(), self.open_writers.next_ask()]
-            .into_iter()
-            .flatten()
-            .fold(poll, Instant::min);
-        let woken = tokio::select! {
-            _ = woken => true,
-            _ = tokio::time::sleep_until(until.into()) => false,
-            _ = self.stop.cancelled() => return Err(LaneExit::Stopped),
-        };
-        let now = Instant::now();
-        let retry = self.retries.first().is_some_and(|at| *at <= now);
-        // The claim that follows looks for every row whose delay has ended.
-        self.retries = self.retries.split_off(&now);
-        let ended = self.open_writers.ended(shared, shared.cfg.poll_interval).await;
-        // Otherwise only the question was due, and no writer has ended since: wait again.
-        self.more = woken || retry || now >= poll || ended;
-        Ok(())
+        loop {
+            let woken = shared.woken(self.lease.lane);
+            let until = [self.retries.first().copied(), self.open_writers.next_ask()]
+                .into_iter()
+                .flatten()
+                .fold(poll, Instant::min);
+            let woken = tokio::select! {
+                _ = woken => true,
+                _ = tokio::time::sleep_until(until.into()) => false,
+                _ = self.stop.cancelled() => return Err(LaneExit::Stopped),
+            };
+            let now = Instant::now();
+            let retry = self.retries.first().is_some_and(|at| *at <= now);
+            // The claim that follows looks for every row whose delay has ended.
+            self.retries = self.retries.split_off(&now);
+            let ended = self.open_writers.ended(shared, shared.cfg.poll_interval).await;
+            // Otherwise only the question was due, and no writer has ended since: wait on.
+            if woken || retry || now >= poll || ended {
+                return Ok(());
+            }
+        }
     }
 
     /// Batches in flight: settle the oldest once answered, or (room for another batch) claim again
