@@ -296,7 +296,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             return Ok(());
         }
         // At the poll, or sooner when a row backed off may be published again, or when some of
-        // the writers open when the flag said idle have ended.
+        // the writers open when the flag said idle have ended and left a row.
         let poll = Instant::now() + shared.cfg.poll_interval;
         loop {
             let woken = shared.woken(self.lease.lane);
@@ -313,8 +313,11 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             let retry = self.retries.first().is_some_and(|at| *at <= now);
             // The claim that follows looks for every row whose delay has ended.
             self.retries = self.retries.split_off(&now);
-            let ended = self.open_writers.ended(shared, shared.cfg.poll_interval).await;
-            // Otherwise only the question was due, and no writer has ended since: wait on.
+            let ended = self
+                .open_writers
+                .ended(shared, self.lease.lane, shared.cfg.poll_interval)
+                .await;
+            // Otherwise only the question was due, and no writer that ended since left a row: wait on.
             if woken || retry || now >= poll || ended {
                 return Ok(());
             }

@@ -3,9 +3,10 @@
 //! NOTIFY, and its row would wait for the lane's poll. So the lane remembers the transactions open
 //! right after its flag said idle (every one: which of them wrote to the lane cannot be known before
 //! they commit), asks which are still open 1 ms later, then twice as long after each answer (up to
-//! the poll interval), and looks once more after each answer in which some have ended, until none
-//! is left: a writer's row is found soon after its commit even while an unrelated long transaction
-//! stays open.
+//! the poll interval), and after each answer in which some have ended looks whether the lane has a
+//! row ready (the lingering lanes' look, one index probe), claiming only then, until none is left:
+//! a writer's row is found soon after its commit even while an unrelated long transaction stays
+//! open, and a transaction that ends does not make every lane that listed it claim for nothing.
 
 use std::time::{Duration, Instant};
 
@@ -50,9 +51,9 @@ impl OpenWriters {
     }
 
     /// When it is time, asks which of them are still open: true when some have ended since the
-    /// last answer (the lane looks once more for their rows). The wait before the next question
+    /// last answer and `lane` has a row ready (the lane claims). The wait before the next question
     /// doubles, up to `longest`. A failure forgets them.
-    pub(crate) async fn ended<S: Store, P>(&mut self, shared: &Shared<S, P>, longest: Duration) -> bool {
+    pub(crate) async fn ended<S: Store, P>(&mut self, shared: &Shared<S, P>, lane: i32, longest: Duration) -> bool {
         let (Some((at, wait)), Some(wakeups)) = (self.next, shared.store.wakeups()) else {
             return false;
         };
@@ -70,7 +71,13 @@ impl OpenWriters {
                         next: Some((Instant::now() + wait, wait)),
                     },
                 };
+                // Which of them wrote to the lane is not known: look before claiming (a failed
+                // look claims).
                 ended
+                    && shared
+                        .counted(wakeups.ready_lanes(&[(lane, 0)]))
+                        .await
+                        .map_or(true, |ready| !ready.is_empty())
             }
             Err(e) => {
                 tracing::debug!(error = %e, "could not ask which transactions are still open");
