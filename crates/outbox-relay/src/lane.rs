@@ -313,10 +313,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             let retry = self.retries.first().is_some_and(|at| *at <= now);
             // The claim that follows looks for every row whose delay has ended.
             self.retries = self.retries.split_off(&now);
-            let ended = self
-                .open_writers
-                .ended(shared, self.lease.lane, shared.cfg.poll_interval)
-                .await;
+            let ended = self.open_writers.ended(shared, self.lease.lane).await;
             // Otherwise only the question was due, and no writer that ended since left a row: wait on.
             if woken || retry || now >= poll || ended {
                 return Ok(());

@@ -52,8 +52,8 @@ impl OpenWriters {
 
     /// When it is time, asks which of them are still open: true when some have ended since the
     /// last answer and `lane` has a row ready (the lane claims). The wait before the next question
-    /// doubles, up to `longest`. A failure forgets them.
-    pub(crate) async fn ended<S: Store, P>(&mut self, shared: &Shared<S, P>, lane: i32, longest: Duration) -> bool {
+    /// doubles, up to the poll interval. A failure forgets them.
+    pub(crate) async fn ended<S: Store, P>(&mut self, shared: &Shared<S, P>, lane: i32) -> bool {
         let (Some((at, wait)), Some(wakeups)) = (self.next, shared.store.wakeups()) else {
             return false;
         };
@@ -63,7 +63,7 @@ impl OpenWriters {
         match shared.counted(wakeups.still_open(&self.ids)).await {
             Ok(open) => {
                 let ended = open.len() < self.ids.len();
-                let wait = (wait * 2).min(longest);
+                let wait = (wait * 2).min(shared.cfg.poll_interval);
                 *self = match open.is_empty() {
                     true => Self::default(),
                     false => OpenWriters {

@@ -169,51 +169,49 @@ impl<S: Store, O: Observer> Store for Observed<S, O> {
     }
 }
 
+/// The wake-ups of a store that has none, for [`Observed`]'s calls through to its inner store's:
+/// nothing ever wakes, no lane is ready, no transaction is open.
+struct NoWakeups;
+
+#[async_trait]
+impl Wakeups for NoWakeups {
+    async fn listen(&self) -> Result<BoxStream<'static, i32>> {
+        Ok(Box::pin(futures::stream::pending()))
+    }
+    async fn set_idle(&self, _: &Lease, _: bool) -> Result<()> {
+        Ok(())
+    }
+    async fn ready_lanes(&self, _: &[(i32, i64)]) -> Result<Vec<i32>> {
+        Ok(Vec::new())
+    }
+}
+
+impl<S: Store, O: Observer> Observed<S, O> {
+    /// The inner store's wake-ups (always there when [`Store::wakeups`] handed out this one).
+    fn inner_wakeups(&self) -> &dyn Wakeups {
+        self.inner.wakeups().unwrap_or(&NoWakeups)
+    }
+}
+
 #[async_trait]
 impl<S: Store, O: Observer> Wakeups for Observed<S, O> {
     async fn listen(&self) -> Result<BoxStream<'static, i32>> {
-        let listen = async {
-            match self.inner.wakeups() {
-                Some(w) => w.listen().await,
-                None => Ok(Box::pin(futures::stream::pending()) as BoxStream<'static, i32>),
-            }
-        };
-        self.run(StoreCall::Listen, none, listen).await
+        self.run(StoreCall::Listen, none, self.inner_wakeups().listen()).await
     }
     async fn set_idle(&self, lease: &Lease, idle: bool) -> Result<()> {
-        let set = async {
-            match self.inner.wakeups() {
-                Some(w) => w.set_idle(lease, idle).await,
-                None => Ok(()),
-            }
-        };
+        let set = self.inner_wakeups().set_idle(lease, idle);
         self.run(StoreCall::SetIdle, none, set).await
     }
     async fn ready_lanes(&self, lanes: &[(i32, i64)]) -> Result<Vec<i32>> {
-        let look = async {
-            match self.inner.wakeups() {
-                Some(w) => w.ready_lanes(lanes).await,
-                None => Ok(Vec::new()),
-            }
-        };
+        let look = self.inner_wakeups().ready_lanes(lanes);
         self.run(StoreCall::ReadyLanes, none, look).await
     }
     async fn open_transactions(&self) -> Result<Vec<i64>> {
-        let open = async {
-            match self.inner.wakeups() {
-                Some(w) => w.open_transactions().await,
-                None => Ok(Vec::new()),
-            }
-        };
+        let open = self.inner_wakeups().open_transactions();
         self.run(StoreCall::OpenTransactions, none, open).await
     }
     async fn still_open(&self, ids: &[i64]) -> Result<Vec<i64>> {
-        let open = async {
-            match self.inner.wakeups() {
-                Some(w) => w.still_open(ids).await,
-                None => Ok(Vec::new()),
-            }
-        };
+        let open = self.inner_wakeups().still_open(ids);
         self.run(StoreCall::StillOpen, none, open).await
     }
 }
