@@ -126,6 +126,34 @@ async fn notify_goes_only_to_idle_lanes() {
     );
 }
 
+/// A relay that stops without releasing its lanes (killed, its machine gone) leaves their flags
+/// saying idle; once its leases have expired nobody listens for those lanes, so writers stop paying
+/// for NOTIFY (which serializes their commits) until a relay takes the lanes again.
+#[tokio::test]
+async fn a_lane_whose_lease_expired_is_not_notified() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let wakeups = store.wakeups().unwrap();
+    let mut wake = wakeups.listen().await.unwrap();
+    let ttl = Duration::from_millis(300);
+    for lease in store.acquire("gone", 64, ttl).await.unwrap() {
+        wakeups.set_idle(&lease, true).await.unwrap();
+    }
+    let m = Message::new("t", "x").key("k");
+    let lane = outbox::lane_of(Some("k"), m.id(), outbox::LANES);
+    tokio::time::sleep(ttl * 2).await;
+    commit_each(&pool, [m]).await;
+    let msgs: Vec<Message> = (0..8).map(|i| Message::new("t", "b").key(format!("b{i}"))).collect();
+    outbox_tests::db::commit_batch(&pool, &msgs).await;
+    assert_eq!(woken_within(&mut wake, Duration::from_millis(500)).await, None);
+    // A relay that takes the lanes (a new epoch) and says idle is notified again.
+    let leases = store.acquire("next", 64, Duration::from_secs(60)).await.unwrap();
+    let lease = leases.iter().find(|l| l.lane == lane).unwrap();
+    wakeups.set_idle(lease, true).await.unwrap();
+    commit_each(&pool, [Message::new("t", "y").key("k")]).await;
+    assert_eq!(woken_within(&mut wake, Duration::from_secs(5)).await, Some(lane));
+    assert_eq!(store.status().await.unwrap().pending, 10, "every message is written");
+}
+
 #[tokio::test]
 async fn notify_can_be_turned_off() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;

@@ -310,9 +310,10 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         .bind(KEYS as i32)
         .execute(&db.pool)
         .await?;
-    // Since NOTIFY goes only to lanes whose relay is idle (outbox_leases.idle), mark every lane idle,
-    // as a relay with nothing to do leaves them: the NOTIFY-on variants then pay for NOTIFY on every
-    // transaction (its worst case). Schemas without the column always notify.
+    // Since NOTIFY goes only to lanes whose relay is idle (outbox_leases.idle) and holds them, mark
+    // every lane idle and held, as a live relay with nothing to do leaves them: the NOTIFY-on variants
+    // then pay for NOTIFY on every transaction (its worst case). Schemas without the column always
+    // notify.
     let idle_lanes: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
          WHERE table_name = 'outbox_leases' AND column_name = 'idle')",
@@ -320,7 +321,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     .fetch_one(&db.pool)
     .await?;
     if idle_lanes {
-        sqlx::query("UPDATE outbox_leases SET idle = true")
+        sqlx::query("UPDATE outbox_leases SET idle = true, expires_at = 'infinity'")
             .execute(&db.pool)
             .await?;
     }
@@ -403,7 +404,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             crate::common::PAYLOAD_BYTES,
             dur.as_secs_f64(),
             if idle_lanes {
-                " Every lane marked idle (outbox_leases.idle), so NOTIFY-on variants notify on every transaction."
+                " Every lane marked idle and held (outbox_leases.idle, expires_at), so NOTIFY-on variants notify on every transaction."
             } else {
                 ""
             }

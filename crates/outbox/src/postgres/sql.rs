@@ -54,15 +54,16 @@ pub(super) const ENQUEUE_UNKEYED: &str = "\
 INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
 SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond')";
 
-// NOTIFY only when the lane's relay is idle (see outbox_leases.idle): a busy relay claims the row
-// anyway, and NOTIFY serializes committing transactions.
+// NOTIFY only when the lane's relay is idle (see outbox_leases.idle) and holds the lane: a busy relay
+// claims the row anyway, a relay gone without releasing its lanes (lease expired, flag left idle)
+// hears nothing, and NOTIFY serializes committing transactions.
 pub(super) const ENQUEUE_UNKEYED_NOTIFY: &str = concat!(
     "INSERT INTO outbox_messages (lane, id, topic, payload, headers, available_at) \
 SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millisecond') \
 FROM (SELECT 1) AS one LEFT JOIN LATERAL \
   (SELECT pg_notify('",
     notify_channel!(),
-    "', $1::text) FROM outbox_leases WHERE lane = $1 AND idle) AS w ON true"
+    "', $1::text) FROM outbox_leases WHERE lane = $1 AND idle AND expires_at > now()) AS w ON true"
 );
 
 // The counter row is locked before the message row gets its position, so per key, pos follows seq.
@@ -81,7 +82,7 @@ SELECT $1, $2, $3, $4, $5, COALESCE($6, now() + $7::bigint * interval '1 millise
 FROM k LEFT JOIN LATERAL \
   (SELECT pg_notify('",
     notify_channel!(),
-    "', $1::text) FROM outbox_leases WHERE lane = $1 AND idle) AS w ON true \
+    "', $1::text) FROM outbox_leases WHERE lane = $1 AND idle AND expires_at > now()) AS w ON true \
 RETURNING seq"
 );
 
@@ -102,7 +103,7 @@ numbered AS ( \
   FROM input i LEFT JOIN counts c ON c.key = i.key), \
 wake AS ( \
   SELECT count(*) AS n FROM (SELECT DISTINCT lane FROM input WHERE $9) l \
-  JOIN outbox_leases o ON o.lane = l.lane AND o.idle, \
+  JOIN outbox_leases o ON o.lane = l.lane AND o.idle AND o.expires_at > now(), \
   LATERAL (SELECT pg_notify('",
     notify_channel!(),
     "', l.lane::text)) AS x) \
