@@ -305,6 +305,8 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
                 .flatten()
                 .fold(poll, Instant::min);
             let woken = tokio::select! {
+                // A wake-up already there goes first: an overdue question must not delay it.
+                biased;
                 _ = woken => true,
                 _ = tokio::time::sleep_until(until.into()) => false,
                 _ = self.stop.cancelled() => return Err(LaneExit::Stopped),
@@ -313,9 +315,13 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             let retry = self.retries.first().is_some_and(|at| *at <= now);
             // The claim that follows looks for every row whose delay has ended.
             self.retries = self.retries.split_off(&now);
-            let ended = self.open_writers.ended(shared, self.lease.lane).await;
-            // Otherwise only the question was due, and no writer that ended since left a row: wait on.
-            if woken || retry || now >= poll || ended {
+            // The claim that follows finds the rows of every writer that has ended: the question
+            // waits for the next turn instead of delaying it.
+            if woken || retry || now >= poll {
+                return Ok(());
+            }
+            // Otherwise only the question was due: claim if a writer that ended since left a row.
+            if self.open_writers.ended(shared, self.lease.lane).await {
                 return Ok(());
             }
         }
