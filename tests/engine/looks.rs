@@ -16,9 +16,18 @@ use super::Scripted;
 
 /// The lane of key `k0`, and the keys `k0`, `k1`, ... that hash to it, in that order.
 fn keys_of_one_lane() -> (i32, impl Iterator<Item = String>) {
-    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
-    let lane = lane_of("k0");
-    (lane, (0..).map(|i| format!("k{i}")).filter(move |k| lane_of(k) == lane))
+    let lane = lane_of_key("k0");
+    (lane, keys_of_lane(lane))
+}
+
+/// The lane of a key (of messages whose id plays no part in it).
+fn lane_of_key(key: &str) -> i32 {
+    outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES)
+}
+
+/// Keys `k0`, `k1`, ... of `lane`.
+fn keys_of_lane(lane: i32) -> impl Iterator<Item = String> {
+    (0..).map(|i| format!("k{i}")).filter(move |k| lane_of_key(k) == lane)
 }
 
 /// Counts the looks at the lingering lanes.
@@ -45,8 +54,7 @@ async fn a_lingering_lane_that_gets_no_rows_is_looked_at_every_5_ms_at_the_most_
         .linger_poll_interval(Duration::from_millis(1))
         .max_lanes(Some(1));
     let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
-    let lane_of = |key: &String| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
-    let key = (0..).map(|i| format!("k{i}")).find(|k| lane_of(k) == 0).unwrap();
+    let key = keys_of_lane(0).next().unwrap();
     commit_each(&pool, [Message::new("t", "x").key(key)]).await;
     drained(&*store, Duration::from_secs(10)).await;
     // The lane that published the row lingers, and nothing more comes.
