@@ -41,7 +41,7 @@ pub(crate) struct Env {
     pub(crate) rounds: Option<usize>,
     /// Create benchmark databases with `jit = off` (an experiment: see BENCHMARKS.md, figure 2).
     pub(crate) jit_off: bool,
-    /// The variants to measure, by label (figure 3); all when empty.
+    /// The variants to measure, by label (figures 1 and 3); all when empty.
     pub(crate) only: Vec<String>,
 }
 

@@ -53,8 +53,9 @@ struct Cli {
     /// off`): an experiment for the relay's claim query, not the default.
     #[arg(long, global = true)]
     jit_off: bool,
-    /// Figure 3 only: measure just the variants with these labels (as printed, separated by `;`),
-    /// and the raw producer at each one's `linger.ms`.
+    /// Measure just the variants with these labels (separated by `;`). Figure 3: the variants as
+    /// printed, and the raw producer at each one's `linger.ms`. Figure 1: `minimal`, `order` (no
+    /// relay) and the relay settings as their rows name them (`relay draining, linger 0`, ...).
     #[arg(long, global = true, value_delimiter = ';')]
     only: Vec<String>,
     /// Rounds per figure (overrides the defaults: 3-5 full, 1-2 quick).

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use outbox::{Message, Outbox};
 use sqlx::PgPool;
 
-use self::order::order_rows;
+use self::order::{create_order_tables, order_rows};
 use crate::common::{key, payload, print_figure, BenchDb, Env, Figure, Row, Target, KEYS};
 
 /// The figure's variants: no outbox, then an unkeyed and a keyed message, each with NOTIFY on and off.
@@ -325,8 +325,11 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             .execute(&db.pool)
             .await?;
     }
+    create_order_tables(&db.pool).await?;
     let mut rows = Vec::new();
-    for writers in [1usize, 16] {
+    // `--only`: "minimal", "order" (no relay) and the relay settings by their labels.
+    let minimal = if env.keeps("minimal") { &[1usize, 16][..] } else { &[] };
+    for &writers in minimal {
         let load = Load {
             outbox: Outbox::new(),
             pool: &db.pool,
@@ -363,7 +366,9 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             "minimal transaction: BEGIN, INSERT, COMMIT; the enqueue adds one statement (round-trip bound 3/4)",
         ));
     }
-    rows.extend(order_rows(&db, rounds, dur, &[None]).await?);
+    if env.keeps("order") {
+        rows.extend(order_rows(&db, rounds, dur, &[None]).await?);
+    }
     // The lanes' linger (writers skip NOTIFY while it lasts) against none, in the same rounds.
     let linger = outbox_relay::RelayConfig::DEFAULT_LINGER;
     // And the embedded relay woken in-process by the writers' commits (no NOTIFY needed), linger 0.
@@ -388,7 +393,13 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         beside(linger, Duration::from_millis(1), max, false),
         beside(Duration::ZERO, every, max, true),
     ];
-    rows.extend(order_rows(&db, rounds, dur, &settings).await?);
+    let settings: Vec<_> = settings
+        .into_iter()
+        .filter(|s| s.is_some_and(|b| env.keeps(&b.label())))
+        .collect();
+    if !settings.is_empty() {
+        rows.extend(order_rows(&db, rounds, dur, &settings).await?);
+    }
     db.drop_db().await;
     let fig = Figure {
         id: "write".into(),

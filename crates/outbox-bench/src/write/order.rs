@@ -10,7 +10,7 @@ use super::{variant_rows, Load, Shape, Variant, PRODUCTS, VARIANTS};
 use crate::common::{BenchDb, Row, Target};
 
 /// Creates the `Order` shape's tables, every product with a large stock.
-async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
+pub(super) async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
     sqlx::raw_sql(
         "CREATE TABLE bench_stock (product INT PRIMARY KEY, stock BIGINT NOT NULL); \
          CREATE TABLE bench_order_lines (order_id BIGINT NOT NULL, line INT NOT NULL, product INT NOT NULL, \
@@ -41,6 +41,33 @@ pub(super) struct Beside {
     pub(super) local: bool,
 }
 
+impl Beside {
+    /// The setting as its rows name it, and as `--only` chooses it.
+    pub(super) fn label(&self) -> String {
+        if self.local {
+            format!(
+                "relay draining, woken in-process by Outbox::commit, linger {} ms",
+                self.linger.as_millis()
+            )
+        } else if self.linger.is_zero() {
+            "relay draining, linger 0".into()
+        } else if self.max <= self.every {
+            format!(
+                "relay draining, linger {} ms looked at every {} ms",
+                self.linger.as_millis(),
+                self.every.as_millis()
+            )
+        } else {
+            format!(
+                "relay draining, linger {} ms looked at every {} ms, up to {} ms while it slows the writers",
+                self.linger.as_millis(),
+                self.every.as_millis(),
+                self.max.as_millis()
+            )
+        }
+    }
+}
+
 /// The flash-sale order transaction at 16 writers: without the outbox, with an unkeyed and a keyed
 /// message (NOTIFY on, the library's default) and a keyed one with NOTIFY off, interleaved with a
 /// rotating start. Each entry of `relays` is one setting measured in every round (in turn, rotating
@@ -51,13 +78,9 @@ pub(super) async fn order_rows(
     dur: Duration,
     relays: &[Option<Beside>],
 ) -> anyhow::Result<Vec<Row>> {
-    if relays.iter().any(Option::is_some) {
-        sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
-            .execute(&db.pool)
-            .await?;
-    } else {
-        create_order_tables(&db.pool).await?;
-    }
+    sqlx::query("TRUNCATE bench_orders, bench_order_lines, outbox_messages")
+        .execute(&db.pool)
+        .await?;
     // The writers' Outbox: a new one per relay run, given to the relay when it is woken in-process.
     let start_relay = |b: Beside, outbox: &Outbox| {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -81,25 +104,7 @@ pub(super) async fn order_rows(
         }));
         (stop, task)
     };
-    let label = |relay: Option<Beside>| match relay {
-        None => String::new(),
-        Some(b) if b.local => format!(
-            ", relay draining, woken in-process by Outbox::commit, linger {} ms",
-            b.linger.as_millis()
-        ),
-        Some(b) if b.linger.is_zero() => ", relay draining, linger 0".into(),
-        Some(b) if b.max <= b.every => format!(
-            ", relay draining, linger {} ms looked at every {} ms",
-            b.linger.as_millis(),
-            b.every.as_millis()
-        ),
-        Some(b) => format!(
-            ", relay draining, linger {} ms looked at every {} ms, up to {} ms while it slows the writers",
-            b.linger.as_millis(),
-            b.every.as_millis(),
-            b.max.as_millis()
-        ),
-    };
+    let label = |relay: Option<Beside>| relay.map(|b| format!(", {}", b.label())).unwrap_or_default();
     let writers = 16;
     // All but the unkeyed message with NOTIFY off: without the outbox, an unkeyed and a keyed message
     // with NOTIFY on (the library's default), a keyed one with NOTIFY off.
