@@ -359,6 +359,45 @@ async fn a_lane_that_asks_after_a_transaction_that_stays_open_still_looks_at_its
     long.rollback().await.unwrap();
 }
 
+/// Holds the relay's LISTEN until released.
+#[derive(Default)]
+struct HoldListen {
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Observer for HoldListen {
+    async fn before(&self, call: StoreCall) {
+        if call == StoreCall::Listen {
+            self.release.notified().await;
+        }
+    }
+}
+
+/// The relay's LISTEN starts beside its lanes, on a connection of its own: a lane can say idle
+/// before LISTEN is in place, and a row committed then sends a NOTIFY nobody hears. Once LISTEN is
+/// in place every lane looks once more, so such a row is not left to the poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_committed_before_the_relay_listens_is_not_left_to_the_poll() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let store = Arc::new(Observed::new(pg, HoldListen::default()));
+    let cfg = test_config()
+        .linger(Duration::ZERO)
+        .poll_interval(Duration::from_secs(30));
+    let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
+    every_lane_asks_for_notify(&pool).await;
+    commit_each(&pool, [Message::new("t", "x").key("k")]).await;
+    let listening = Instant::now();
+    store.observer().release.notify_one();
+    drained(&*store, Duration::from_secs(10)).await;
+    relay.stop().await;
+    assert!(
+        listening.elapsed() < Duration::from_secs(5),
+        "published {:?} after LISTEN was let through",
+        listening.elapsed()
+    );
+}
+
 /// Waits until every lane of the relay on `pool` has asked for NOTIFY and looked once more: a row
 /// committed from then on wakes its lane (a writer that inserted earlier, while the flag said busy,
 /// sends no NOTIFY).
