@@ -154,6 +154,42 @@ async fn a_lane_whose_lease_expired_is_not_notified() {
     assert_eq!(store.status().await.unwrap().pending, 10, "every message is written");
 }
 
+/// The LISTEN connection cut (a server restart, a network device), and the first attempts to make
+/// it again refused: the wake-ups come back with the server, every lane woken once as they do (a
+/// commit meanwhile notified nobody), and a commit's NOTIFY is heard again.
+#[tokio::test]
+async fn listen_comes_back_after_its_connection_is_cut_and_wakes_every_lane() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let proxy = outbox_tests::proxy::DbProxy::start().await;
+    let (_, store, leases) = store_through(&pool, proxy.port, sqlx::postgres::PgPoolOptions::new()).await;
+    let wakeups = store.wakeups().unwrap();
+    // Read on a task of its own, as the relay does, so the cut is seen as it happens.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(wakeups.listen().await.unwrap().for_each(move |lane| {
+        let _ = tx.send(lane);
+        async {}
+    }));
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore().await;
+    let mut woken = std::collections::HashSet::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while woken.len() < outbox::LANES as usize {
+            woken.insert(rx.recv().await.expect("the wake-ups go on after the cut"));
+        }
+    })
+    .await
+    .expect("every lane woken once LISTEN is back");
+    let lease = leases.iter().find(|l| l.lane == lane_of_k()).unwrap();
+    wakeups.set_idle(lease, true).await.unwrap();
+    commit_each(&pool, [Message::new("t", "x").key("k")]).await;
+    let heard = async { while rx.recv().await.expect("the wake-ups go on") != lane_of_k() {} };
+    tokio::time::timeout(Duration::from_secs(5), heard)
+        .await
+        .expect("a commit's NOTIFY heard after the cut");
+    reader.abort();
+}
+
 #[tokio::test]
 async fn notify_can_be_turned_off() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;

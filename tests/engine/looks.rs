@@ -252,9 +252,18 @@ async fn held_lane_with_an_open_writer(pipeline: usize, publish_takes: Duration)
     store.observer().countdown.store(2, Ordering::SeqCst);
     let rows = (1..=3).map(|i| Message::new("t", format!("x{i}")).key(x.as_str()));
     commit_each(&pool, rows).await;
-    tokio::time::timeout(Duration::from_secs(10), holding)
-        .await
-        .expect("the lane asked for NOTIFY");
+    if tokio::time::timeout(Duration::from_secs(10), holding).await.is_err() {
+        // What the lane's row and lease say, for a failure that comes only on a loaded machine.
+        let state = format!(
+            "SELECT format('idle %s, lease live %s, rows %s, flag calls left %s, claims %s', idle, \
+             expires_at > now(), (SELECT count(*) FROM outbox_messages), {}, {}) \
+             FROM outbox_leases WHERE lane = {lane}",
+            store.observer().countdown.load(Ordering::SeqCst),
+            store.observer().claims.load(Ordering::SeqCst),
+        );
+        let state: String = outbox_tests::db::scalar(&pool, &state).await;
+        panic!("the lane did not ask for NOTIFY within 10 s: {state}");
+    }
     let busy = format!("SELECT count(*) FROM outbox_leases WHERE lane = {lane} AND NOT idle");
     assert_eq!(
         outbox_tests::db::scalar::<_, i64>(&pool, &busy).await,

@@ -392,18 +392,38 @@ impl Wakeups for PgStore {
     async fn listen(&self) -> Result<BoxStream<'static, i32>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(sql::NOTIFY_CHANNEL).await?;
-        // Errors (lost connection) are skipped: PgListener reconnects on the next poll, and the
-        // relay's poll fallback covers notifications missed meanwhile.
-        let lanes = listener.into_stream().filter_map(|n| async move {
-            match n {
-                Ok(n) => n.payload().parse::<i32>().ok(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "LISTEN connection lost; relying on polling until it is back");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    None
+        Ok(futures::stream::unfold((listener, Vec::new()), next_woken).boxed())
+    }
+}
+
+/// The next lane woken: by a NOTIFY, or every lane once LISTEN is back after its connection was
+/// lost (commits meanwhile notified nobody). `PgListener` connects again at once when it finds its
+/// connection lost; when that fails the connection is made again every second until it works.
+async fn next_woken((mut listener, mut all): (PgListener, Vec<i32>)) -> Option<(i32, (PgListener, Vec<i32>))> {
+    loop {
+        if let Some(lane) = all.pop() {
+            return Some((lane, (listener, all)));
+        }
+        match listener.try_recv().await {
+            Ok(Some(n)) => match n.payload().parse::<i32>() {
+                Ok(lane) => return Some((lane, (listener, all))),
+                Err(_) => continue,
+            },
+            // Lost, and made again (LISTEN with it): every lane looks once more.
+            Ok(None) => {
+                tracing::warn!("LISTEN connection lost and made again; every lane looks once more");
+                all = (0..crate::LANES).collect();
+            }
+            // The pool closed: the relay is stopping.
+            Err(sqlx::Error::PoolClosed) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if listener.listen(sql::NOTIFY_CHANNEL).await.is_ok() {
+                    tracing::info!("LISTEN connection back; every lane looks once more");
+                    all = (0..crate::LANES).collect();
                 }
             }
-        });
-        Ok(lanes.boxed())
+        }
     }
 }
