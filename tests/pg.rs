@@ -161,7 +161,9 @@ async fn a_lane_whose_lease_expired_is_not_notified() {
 async fn listen_comes_back_after_its_connection_is_cut_and_wakes_every_lane() {
     let pool = outbox_tests::db::fresh_pg().await;
     let proxy = outbox_tests::proxy::DbProxy::start().await;
-    let (_, store, leases) = store_through(&pool, proxy.port, sqlx::postgres::PgPoolOptions::new()).await;
+    // Connecting again while the port is closed fails within half a second.
+    let options = sqlx::postgres::PgPoolOptions::new().acquire_timeout(Duration::from_millis(500));
+    let (_, store, leases) = store_through(&pool, proxy.port, options).await;
     let wakeups = store.wakeups().unwrap();
     // Read on a task of its own, as the relay does, so the cut is seen as it happens.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
