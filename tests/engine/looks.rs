@@ -238,7 +238,11 @@ async fn held_lane_with_an_open_writer(pipeline: usize, publish_takes: Duration)
     let store = Arc::new(Observed::new(pg, HoldIdle::default()));
     let (lane, mut keys) = keys_of_one_lane();
     let (x, a, b) = (keys.next().unwrap(), keys.next().unwrap(), keys.next().unwrap());
+    // Without the adaptive pace: on a database busy with other tests it may let a lane that caught
+    // up work 5 % of the time, and a batch of 500 ms would then rest 9.5 s before the lane asks for
+    // NOTIFY (the wait below is 10 s).
     let cfg = test_config()
+        .adaptive_pace(false)
         .linger(Duration::ZERO)
         .batch_size(2)
         .pipeline(pipeline)
