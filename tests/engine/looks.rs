@@ -99,13 +99,7 @@ impl Observer for Claims {
 /// it.
 #[tokio::test]
 async fn a_lane_woken_by_notify_claims_once_per_commit_not_again_after_each_batch() {
-    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
-    let store = Arc::new(Observed::new(pg, Claims::default()));
-    let cfg = test_config()
-        .linger(Duration::ZERO)
-        .poll_interval(Duration::from_secs(30));
-    let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
-    every_lane_asks_for_notify(&pool).await;
+    let (pool, store, relay) = relay_asking_for_notify(Claims::default()).await;
     let counts = || {
         let c = store.observer();
         let load = |n: &AtomicUsize| n.load(Ordering::SeqCst);
@@ -392,13 +386,7 @@ impl Observer for HoldListen {
 /// in place every lane looks once more, so such a row is not left to the poll.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_committed_before_the_relay_listens_is_not_left_to_the_poll() {
-    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
-    let store = Arc::new(Observed::new(pg, HoldListen::default()));
-    let cfg = test_config()
-        .linger(Duration::ZERO)
-        .poll_interval(Duration::from_secs(30));
-    let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
-    every_lane_asks_for_notify(&pool).await;
+    let (pool, store, relay) = relay_asking_for_notify(HoldListen::default()).await;
     commit_each(&pool, [Message::new("t", "x").key("k")]).await;
     let listening = Instant::now();
     store.observer().release.notify_one();
@@ -409,6 +397,25 @@ async fn a_row_committed_before_the_relay_listens_is_not_left_to_the_poll() {
         "published {:?} after LISTEN was let through",
         listening.elapsed()
     );
+}
+
+/// A relay on a fresh PostgreSQL store that `observer` watches, its lanes never lingering (poll
+/// 30 s), publishing at once; once every lane has asked for NOTIFY.
+async fn relay_asking_for_notify<O: Observer + 'static>(
+    observer: O,
+) -> (
+    sqlx::PgPool,
+    Arc<Observed<outbox::postgres::PgStore, O>>,
+    outbox_tests::embedded::Running,
+) {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let store = Arc::new(Observed::new(pg, observer));
+    let cfg = test_config()
+        .linger(Duration::ZERO)
+        .poll_interval(Duration::from_secs(30));
+    let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
+    every_lane_asks_for_notify(&pool).await;
+    (pool, store, relay)
 }
 
 /// Waits until every lane of the relay on `pool` has asked for NOTIFY and looked once more: a row
