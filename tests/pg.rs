@@ -103,7 +103,7 @@ async fn an_open_writer_is_among_the_open_transactions_until_it_ends() {
 #[tokio::test]
 async fn notify_goes_only_to_idle_lanes() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;
-    let mut wake = store.wakeups().unwrap().listen().await.unwrap();
+    let mut wake = listening(&store).await;
     let leases = store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap();
     let m = Message::new("t", "x").key("k");
     let lane = outbox::lane_of(Some("k"), m.id(), outbox::LANES);
@@ -133,7 +133,7 @@ async fn notify_goes_only_to_idle_lanes() {
 async fn a_lane_whose_lease_expired_is_not_notified() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     let wakeups = store.wakeups().unwrap();
-    let mut wake = wakeups.listen().await.unwrap();
+    let mut wake = listening(&store).await;
     let ttl = Duration::from_millis(300);
     for lease in store.acquire("gone", 64, ttl).await.unwrap() {
         wakeups.set_idle(&lease, true).await.unwrap();
@@ -167,7 +167,7 @@ async fn listen_comes_back_after_its_connection_is_cut_and_wakes_every_lane() {
     let wakeups = store.wakeups().unwrap();
     // Read on a task of its own, as the relay does, so the cut is seen as it happens.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let reader = tokio::spawn(wakeups.listen().await.unwrap().for_each(move |lane| {
+    let reader = tokio::spawn(listening(&store).await.for_each(move |lane| {
         let _ = tx.send(lane);
         async {}
     }));
@@ -549,7 +549,7 @@ async fn lane_idle(pool: &sqlx::PgPool, lane: i32) -> bool {
 #[tokio::test]
 async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;
-    let mut notified = store.wakeups().unwrap().listen().await.unwrap();
+    let mut notified = listening(&store).await;
     let kafka = outbox_tests::kafka::Cluster::shared();
     let topic = outbox_tests::kafka::topic("linger");
     outbox_tests::kafka::create_topic(&kafka.bootstrap(), &topic, 1).await;
@@ -636,7 +636,7 @@ async fn woken_within(wake: &mut (impl futures::Stream<Item = i32> + Unpin), wit
 #[tokio::test]
 async fn a_lane_of_a_database_that_takes_few_writes_asks_for_notify_as_soon_as_it_runs_dry() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;
-    let mut notified = store.wakeups().unwrap().listen().await.unwrap();
+    let mut notified = listening(&store).await;
     // A threshold no test run reaches (other tests write to the same server).
     let cfg = outbox_tests::embedded::test_config()
         .poll_interval(Duration::from_secs(60))
@@ -669,10 +669,32 @@ async fn a_lane_of_a_database_that_takes_few_writes_asks_for_notify_as_soon_as_i
     relay.stop().await;
 }
 
+/// Listens for NOTIFY: the stream past the wake-up of every lane it begins with (LISTEN may come
+/// after a commit that notified nobody), which it checks.
+async fn listening(store: &outbox::postgres::PgStore) -> futures::stream::BoxStream<'static, i32> {
+    let mut wake = store
+        .wakeups()
+        .expect("PostgreSQL supports LISTEN")
+        .listen()
+        .await
+        .unwrap();
+    let mut first = Vec::new();
+    for _ in 0..outbox::LANES {
+        first.push(wake.next().await.expect("the stream goes on"));
+    }
+    first.sort();
+    assert_eq!(
+        first,
+        (0..outbox::LANES).collect::<Vec<_>>(),
+        "every lane once as it begins"
+    );
+    wake
+}
+
 /// Listens for NOTIFY, holding every lane with its flag idle (writers notify).
 async fn listening_with_every_lane_idle(store: &outbox::postgres::PgStore) -> futures::stream::BoxStream<'static, i32> {
     let wakeups = store.wakeups().expect("PostgreSQL supports LISTEN");
-    let wake = wakeups.listen().await.unwrap();
+    let wake = listening(store).await;
     for lease in store.acquire("listener", 64, Duration::from_secs(60)).await.unwrap() {
         wakeups.set_idle(&lease, true).await.unwrap();
     }

@@ -264,12 +264,6 @@ fn spawn_wakers<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) -> JoinHandle
         };
         match wakeups.listen().await {
             Ok(mut lanes) => {
-                // The lanes start beside LISTEN, which takes a connection of its own: a lane may
-                // have said idle before it was in place, and a commit meanwhile notified nobody.
-                // Every lane looks once more now (a lane not running yet, once it waits).
-                for lane in 0..LANES {
-                    shared.wake_lane(lane);
-                }
                 while let Some(lane) = lanes.next().await {
                     shared.wake_lane(lane);
                 }

@@ -270,7 +270,8 @@ pub trait Store: StoreAdmin {
 /// A database that tells the relay which lanes got new rows when they commit.
 #[async_trait]
 pub trait Wakeups: Send + Sync {
-    /// A stream of lanes that got new rows.
+    /// A stream of lanes that got new rows; every lane once as it begins, and again each time it
+    /// listens again after a lost connection: a commit before then may have told nobody.
     async fn listen(&self) -> Result<BoxStream<'static, i32>>;
     /// Tells writers whether the lane's relay is idle, waiting for a wake-up (true), or busy
     /// draining (false): writers notify only idle lanes.

@@ -392,13 +392,20 @@ impl Wakeups for PgStore {
     async fn listen(&self) -> Result<BoxStream<'static, i32>> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(sql::NOTIFY_CHANNEL).await?;
-        Ok(futures::stream::unfold((listener, Vec::new()), next_woken).boxed())
+        // LISTEN starts beside the relay's lanes, on a connection of its own: a lane may have said
+        // idle before it was in place, and a commit meanwhile notified nobody.
+        Ok(futures::stream::unfold((listener, every_lane()), next_woken).boxed())
     }
 }
 
-/// The next lane woken: by a NOTIFY, or every lane once LISTEN is back after its connection was
-/// lost (commits meanwhile notified nobody). `PgListener` connects again at once when it finds its
-/// connection lost; when that fails the connection is made again every second until it works.
+fn every_lane() -> Vec<i32> {
+    (0..crate::LANES).collect()
+}
+
+/// The next lane woken: those in `all` first, then by NOTIFY, and every lane again once LISTEN is
+/// back after its connection was lost (commits meanwhile notified nobody). `PgListener` connects
+/// again at once when it finds its connection lost; when that fails the connection is made again
+/// every second until it works.
 async fn next_woken((mut listener, mut all): (PgListener, Vec<i32>)) -> Option<(i32, (PgListener, Vec<i32>))> {
     loop {
         if let Some(lane) = all.pop() {
@@ -412,7 +419,7 @@ async fn next_woken((mut listener, mut all): (PgListener, Vec<i32>)) -> Option<(
             // Lost, and made again (LISTEN with it): every lane looks once more.
             Ok(None) => {
                 tracing::warn!("LISTEN connection lost and made again; every lane looks once more");
-                all = (0..crate::LANES).collect();
+                all = every_lane();
             }
             // The pool closed: the relay is stopping.
             Err(sqlx::Error::PoolClosed) => return None,
@@ -421,7 +428,7 @@ async fn next_woken((mut listener, mut all): (PgListener, Vec<i32>)) -> Option<(
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 if listener.listen(sql::NOTIFY_CHANNEL).await.is_ok() {
                     tracing::info!("LISTEN connection back; every lane looks once more");
-                    all = (0..crate::LANES).collect();
+                    all = every_lane();
                 }
             }
         }
