@@ -171,7 +171,8 @@ async fn listen_comes_back_after_its_connection_is_cut_and_wakes_every_lane() {
         let _ = tx.send(lane);
         async {}
     }));
-    for refused_for in [Duration::ZERO, Duration::from_millis(1500)] {
+    // At once; past a refused attempt; past the attempt a second after that, refused too.
+    for refused_for in [0, 1500, 2200].map(Duration::from_millis) {
         proxy.cut();
         tokio::time::sleep(refused_for).await;
         proxy.restore().await;

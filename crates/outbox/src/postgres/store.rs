@@ -404,8 +404,8 @@ fn every_lane() -> Vec<i32> {
 
 /// The next lane woken: those in `all` first, then by NOTIFY, and every lane again once LISTEN is
 /// back after its connection was lost (commits meanwhile notified nobody). `PgListener` connects
-/// again at once when it finds its connection lost; when that fails the connection is made again
-/// every second until it works.
+/// again at once when it finds its connection lost; when that fails, LISTEN makes it again every
+/// second until it works.
 async fn next_woken((mut listener, mut all): (PgListener, Vec<i32>)) -> Option<(i32, (PgListener, Vec<i32>))> {
     loop {
         if let Some(lane) = all.pop() {
@@ -423,13 +423,19 @@ async fn next_woken((mut listener, mut all): (PgListener, Vec<i32>)) -> Option<(
             }
             // The pool closed: the relay is stopping.
             Err(sqlx::Error::PoolClosed) => return None,
+            // Made again here, not by `try_recv` (which would say nothing when it works).
             Err(e) => {
                 tracing::warn!(error = %e, "LISTEN connection lost; polling until it is back");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if listener.listen(sql::NOTIFY_CHANNEL).await.is_ok() {
-                    tracing::info!("LISTEN connection back; every lane looks once more");
-                    all = every_lane();
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match listener.listen(sql::NOTIFY_CHANNEL).await {
+                        Ok(()) => break,
+                        Err(sqlx::Error::PoolClosed) => return None,
+                        Err(_) => {}
+                    }
                 }
+                tracing::info!("LISTEN connection back; every lane looks once more");
+                all = every_lane();
             }
         }
     }
