@@ -26,7 +26,7 @@ fn lane_of_key(key: &str) -> i32 {
 }
 
 /// Keys `k0`, `k1`, ... of `lane`.
-fn keys_of_lane(lane: i32) -> impl Iterator<Item = String> {
+pub(crate) fn keys_of_lane(lane: i32) -> impl Iterator<Item = String> {
     (0..).map(|i| format!("k{i}")).filter(move |k| lane_of_key(k) == lane)
 }
 

@@ -2,11 +2,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use outbox_tests::embedded::{start, test_config};
+use outbox::observed::{Observed, Observer, StoreCall};
+use outbox::Message;
+use outbox_tests::db::commit_each;
+use outbox_tests::embedded::{drained, start, test_config};
 
-use super::Concurrency;
+use super::{Concurrency, Scripted};
 
 /// The relay's `outbox_pace_lanes` gauge, as the relay sets it.
 #[derive(Default)]
@@ -89,4 +92,107 @@ async fn the_adaptive_pace_gives_way_to_a_service_that_starts_writing_and_comes_
     }
     outbox_tests::wait::until("the pace back above one lane", Duration::from_secs(30), pace).await;
     relay.stop().await;
+}
+
+/// When each mark ended and each of the lane's looks for rows began; every mark waits
+/// [`MarkTimes::MARK`] first, so a batch takes at least that long.
+#[derive(Default)]
+struct MarkTimes {
+    marks: std::sync::Mutex<Vec<Instant>>,
+    looks: std::sync::Mutex<Vec<Instant>>,
+}
+
+impl MarkTimes {
+    const MARK: Duration = Duration::from_secs(1);
+
+    /// How long after the end of mark `n` (from 0) the lane looked again; `None` if not yet.
+    fn looked_after_mark(&self, n: usize) -> Option<Duration> {
+        let ended = *self.marks.lock().unwrap().get(n)?;
+        let looks = self.looks.lock().unwrap();
+        looks.iter().find(|at| **at >= ended).map(|at| *at - ended)
+    }
+}
+
+#[async_trait::async_trait]
+impl Observer for MarkTimes {
+    async fn before(&self, call: StoreCall) {
+        match call {
+            StoreCall::MarkPublished => tokio::time::sleep(Self::MARK).await,
+            StoreCall::Claim | StoreCall::SetIdle | StoreCall::ReadyLanes => {
+                self.looks.lock().unwrap().push(Instant::now());
+            }
+            _ => {}
+        }
+    }
+
+    fn after(&self, call: StoreCall, _: usize, _: Duration, _: bool) {
+        if call == StoreCall::MarkPublished {
+            self.marks.lock().unwrap().push(Instant::now());
+        }
+    }
+}
+
+/// Below one lane the lane that catches up rests after each batch in proportion, but not after
+/// the last, short batch of a backlog: it has caught up, and a rest then would only keep it from
+/// asking writers for NOTIFY and from claiming the rows committed meanwhile (up to 19 times the
+/// batch's time at the pace's floor).
+#[tokio::test]
+async fn below_one_lane_a_lane_rests_after_a_full_batch_but_not_after_the_short_one_that_drains_it() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    outbox_tests::db::exec(&pool, "CREATE TABLE service_rows (x INT)").await;
+    let gauge = PaceGauge::default();
+    let _recorder = metrics::set_default_local_recorder(&gauge);
+    let store = Arc::new(Observed::new(pg, MarkTimes::default()));
+    // One lane, so that every look the observer sees is that lane's.
+    const BATCH: usize = 4;
+    let cfg = test_config().adaptive_pace(true).batch_size(BATCH).max_lanes(Some(1));
+    let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    outbox_tests::db::exec(&pool, "INSERT INTO service_rows VALUES (1)").await;
+                }
+            })
+        })
+        .collect();
+    outbox_tests::wait::until("the pace at half a lane or less", Duration::from_secs(20), || async {
+        match gauge.lanes() {
+            l if l <= 0.5 => Ok(()),
+            l => Err(format!("pace {l}")),
+        }
+    })
+    .await;
+    // Two full batches and one short: the first is taken unpaced (the lane had kept up), the
+    // second and the third each on a turn of the pace, the lane having caught up with a full one.
+    let keys = super::looks::keys_of_lane(0);
+    let rows = keys.take(2 * BATCH + 1).map(|k| Message::new("t", "x").key(k));
+    commit_each(&pool, rows).await;
+    drained(&*store, Duration::from_secs(30)).await;
+    let observer = store.observer();
+    let after_short = outbox_tests::wait::until("a look after the last mark", Duration::from_secs(30), || async {
+        observer.looked_after_mark(2).ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    let after_full = observer
+        .looked_after_mark(1)
+        .expect("the lane looked after its second batch");
+    let pace = gauge.lanes();
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    relay.stop().await;
+    // At a pace of 0.75 or less (it grows by 0.05 a second while the service is busy) the rest
+    // after a batch of a second or more is a third of a second or more.
+    assert!(
+        after_full >= Duration::from_millis(300),
+        "the lane rested {after_full:?} after its full batch on a turn of the pace (pace now {pace})"
+    );
+    assert!(
+        after_short < MarkTimes::MARK,
+        "the lane rested {after_short:?} after the short batch that drained it (pace now {pace})"
+    );
 }

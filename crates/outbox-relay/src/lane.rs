@@ -392,9 +392,11 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         if !rest {
             return Ok(());
         }
-        if let (Some(pace), Some(paced)) = (&shared.adaptive, batch.turns.1.as_mut()) {
+        if let (Some(pace), Some(paced), true) = (&shared.adaptive, batch.turns.1.as_mut(), batch.full) {
             // Below one lane's worth, the working lane rests in proportion before its next turn,
-            // holding it (but no longer counted as a round under way).
+            // holding it (but no longer counted as a round under way). Not after a short batch:
+            // the lane has caught up, its next claim takes no turn, and a rest would only keep it
+            // from asking writers for NOTIFY and from claiming the rows committed meanwhile.
             paced.resting();
             let rest = pace.pause_after(batch.started.elapsed());
             if !rest.is_zero() && pause(self.stop, rest).await {

@@ -24,7 +24,8 @@
 //! [`RelayConfig::pace_slowdown`](crate::RelayConfig::pace_slowdown) of quiet: above, the pace is
 //! cut in proportion; below, it grows by [`FLOOR`]. The
 //! pace is a number of lanes allowed to work at once; below one, the one lane that works rests
-//! after each round in proportion (at 0.25 it works a quarter of the time), down to [`FLOOR`]. It
+//! after each full round in proportion (at 0.25 it works a quarter of the time), down to
+//! [`FLOOR`]; not after a short one, which means it has caught up. It
 //! starts at one lane. `max_busy_lanes` and `max_rate` stay hard caps on top.
 //!
 //! Only lanes that catch up are paced (their last claim was full): a lane that keeps up publishes
