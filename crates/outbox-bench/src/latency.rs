@@ -14,6 +14,7 @@ use outbox::postgres::PgStore;
 use outbox::{Message, Outbox};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::{Relay, RelayConfig};
+use rdkafka::producer::FutureProducer;
 use uuid::Uuid;
 
 use self::case::{Case, Variant};
@@ -71,13 +72,24 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram bounds")
 }
 
+/// What the writers do with their messages.
+#[derive(Clone)]
+enum Writes {
+    /// Enqueue them in the transaction (a relay publishes them).
+    Outbox(Outbox),
+    /// Commit without them, then send them with this producer (a dual write), recording commit to
+    /// delivery report in the histogram.
+    Direct(FutureProducer, Arc<Mutex<Histogram<u64>>>),
+}
+
 /// Paced load: transaction `i` starts at `start + i / TX_PER_SEC`. Returns (message id, commit
-/// instant) for transactions that committed after `measure_from`, and the achieved msg/s.
+/// instant) for transactions that committed after `measure_from`, and the achieved msg/s. With
+/// [`Writes::Direct`], returns once every report has come.
 async fn paced_writes(
     pool: &sqlx::PgPool,
     topic: &str,
     per_tx: usize,
-    outbox: &Outbox,
+    writes: &Writes,
     (warm, dur): (Duration, Duration),
 ) -> anyhow::Result<(Vec<(Uuid, Instant)>, f64)> {
     let start = Instant::now() + Duration::from_millis(50);
@@ -87,15 +99,16 @@ async fn paced_writes(
     let body = Arc::new(payload());
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
-        let (pool, ticket, body, outbox, topic) = (
+        let (pool, ticket, body, writes, topic) = (
             pool.clone(),
             ticket.clone(),
             body.clone(),
-            outbox.clone(),
+            writes.clone(),
             topic.to_owned(),
         );
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
+            let mut reports = Vec::new();
             loop {
                 let i = ticket.fetch_add(1, Ordering::Relaxed);
                 let at = start + Duration::from_nanos(i * 1_000_000_000 / TX_PER_SEC);
@@ -103,11 +116,12 @@ async fn paced_writes(
                     break;
                 }
                 sleep_until(at).await;
-                let msgs: Vec<Message> = (0..per_tx)
-                    .map(|j| {
-                        Message::new(topic.clone(), body.to_vec())
-                            .key(key((i as usize * 7919 + j * 104_729 + w) % KEYS))
-                    })
+                let keys: Vec<String> = (0..per_tx)
+                    .map(|j| key((i as usize * 7919 + j * 104_729 + w) % KEYS))
+                    .collect();
+                let msgs: Vec<Message> = keys
+                    .iter()
+                    .map(|k| Message::new(topic.clone(), body.to_vec()).key(k.clone()))
                     .collect();
                 let mut tx = pool.begin().await?;
                 sqlx::query("INSERT INTO bench_orders (customer, amount, note) VALUES ($1, $2, 'latency')")
@@ -115,13 +129,34 @@ async fn paced_writes(
                     .bind(i as i64)
                     .execute(&mut *tx)
                     .await?;
-                outbox.enqueue_batch(&mut tx, &msgs).await?;
-                // A plain commit unless the relay listens for the in-process wake-up.
-                outbox.commit(tx).await?;
-                let committed = Instant::now();
-                if at >= measure_from {
+                let measured = at >= measure_from;
+                let committed = match &writes {
+                    Writes::Outbox(outbox) => {
+                        outbox.enqueue_batch(&mut tx, &msgs).await?;
+                        // A plain commit unless the relay listens for the in-process wake-up.
+                        outbox.commit(tx).await?;
+                        Instant::now()
+                    }
+                    Writes::Direct(producer, h) => {
+                        tx.commit().await?;
+                        let committed = Instant::now();
+                        let sent = keys
+                            .iter()
+                            .map(|k| raw::send(producer, &topic, k, &body))
+                            .collect::<anyhow::Result<Vec<_>>>()?;
+                        let h = h.clone();
+                        reports.push(tokio::spawn(async move {
+                            raw::reported(sent, committed, measured, &h).await
+                        }));
+                        committed
+                    }
+                };
+                if measured {
                     out.extend(msgs.iter().map(|m| (m.id(), committed)));
                 }
+            }
+            for r in reports {
+                r.await?;
             }
             anyhow::Ok(out)
         }));
@@ -183,7 +218,8 @@ async fn relay_latency(
     // Let the relay take its lanes and start listening.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let per_tx = (rate / TX_PER_SEC) as usize;
-    let (committed, achieved) = paced_writes(&db.pool, topic, per_tx, &outbox, (warm, dur)).await?;
+    let writes = Writes::Outbox(outbox);
+    let (committed, achieved) = paced_writes(&db.pool, topic, per_tx, &writes, (warm, dur)).await?;
     // Wait for the stragglers.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -234,6 +270,24 @@ async fn relay_latency(
     Ok(lat)
 }
 
+/// A dual write: the writers' transaction without the outbox, then the messages sent with a raw
+/// producer at `linger_ms`; latency from commit to delivery report.
+async fn dual_write_latency(
+    db: &BenchDb,
+    bootstrap: &str,
+    topic: &str,
+    rate: u64,
+    linger_ms: Option<u32>,
+    (warm, dur): (Duration, Duration),
+) -> anyhow::Result<Lat> {
+    let h = Arc::new(Mutex::new(histogram()));
+    let writes = Writes::Direct(raw::producer(bootstrap, linger_ms)?, h.clone());
+    let per_tx = (rate / TX_PER_SEC) as usize;
+    let (committed, achieved) = paced_writes(&db.pool, topic, per_tx, &writes, (warm, dur)).await?;
+    let h = h.lock().expect("histogram lock");
+    Ok(lat_of(&h, achieved, (committed.len() as u64).saturating_sub(h.len())))
+}
+
 /// Runs figure 3.
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
@@ -250,6 +304,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let local = Case { local: true, ..d };
     let cases = [
         Variant::Raw(None),
+        Variant::DualWrite(None),
         Variant::Relay(d),
         Variant::Relay(local),
         Variant::Raw(Some(5)),
@@ -303,7 +358,9 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         .collect();
     let cases: Vec<Variant> = cases
         .into_iter()
-        .filter(|v| env.keeps(&v.label()) || matches!(v, Variant::Raw(l) if lingers.contains(l)))
+        .filter(|v| {
+            env.keeps(&v.label()) || matches!(v, Variant::Raw(l) | Variant::DualWrite(l) if lingers.contains(l))
+        })
         .collect();
     anyhow::ensure!(
         cases.iter().any(|v| matches!(v, Variant::Relay(_))),
@@ -317,10 +374,13 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 let l = match cases[variant] {
                     Variant::Raw(linger) => raw_latency(&bootstrap, &topic, rate, linger, (warm, dur)).await?,
                     Variant::Relay(case) => relay_latency(&db, &bootstrap, &topic, rate, case, (warm, dur)).await?,
+                    Variant::DualWrite(linger) => {
+                        dual_write_latency(&db, &bootstrap, &topic, rate, linger, (warm, dur)).await?
+                    }
                 };
                 // The relay's latency in its two parts; the raw producer has one.
                 let parts = match cases[variant] {
-                    Variant::Raw(_) => String::new(),
+                    Variant::Raw(_) | Variant::DualWrite(_) => String::new(),
                     Variant::Relay(_) => format!(
                         "; p50 / p99 commit to publish {:.1} / {:.1} ms, publish to report {:.1} / {:.1} ms",
                         l.to_publish.0, l.to_publish.1, l.publish.0, l.publish.1
@@ -355,7 +415,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             let med = |f: fn(&Lat) -> f64| crate::common::median(&col(f));
             // Against the raw producer with the same linger.ms (the relay's rows name theirs).
             let linger = match cases[variant] {
-                Variant::Raw(l) => l,
+                Variant::Raw(l) | Variant::DualWrite(l) => l,
                 Variant::Relay(c) => c.linger_ms,
             };
             let raw = cases
@@ -368,6 +428,15 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 .extra("p99_over_raw_p99", med(|l| l.p99) / raw_p99)
                 .extra("max_ms", med(|l| l.max))
                 .extra("missing", med(|l| l.missing as f64));
+            // Against the same writers committing without the outbox and sending themselves, where
+            // measured with that linger.ms: the machine's load included.
+            let dual = cases
+                .iter()
+                .position(|v| matches!(v, Variant::DualWrite(l) if *l == linger));
+            if let (Some(dual), Variant::Relay(_)) = (dual, cases[variant]) {
+                let dual_p99 = crate::common::median(&res[ri][dual].iter().map(|l| l.p99).collect::<Vec<_>>());
+                p99 = p99.extra("p99_over_dual_write_p99", med(|l| l.p99) / dual_p99);
+            }
             if let Variant::Relay(_) = cases[variant] {
                 p99 = p99
                     .extra("claim_ms_per_call", med(|l| l.claim_ms))

@@ -79,10 +79,12 @@ impl Case {
     }
 }
 
-/// One measured variant: the raw producer at a `linger.ms`, or the relay.
+/// One measured variant: the raw producer at a `linger.ms`, the writers' transaction without the
+/// outbox followed by that producer (a dual write), or the relay.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Variant {
     Raw(Option<u32>),
+    DualWrite(Option<u32>),
     Relay(Case),
 }
 
@@ -91,6 +93,12 @@ impl Variant {
         match self {
             Variant::Raw(None) => "raw producer send -> report, the relay's producer settings (broker floor)".into(),
             Variant::Raw(Some(l)) => format!("raw producer send -> report, linger.ms={l}"),
+            Variant::DualWrite(None) => {
+                "dual write: the same transaction without the outbox, then the raw producer, commit -> report".into()
+            }
+            Variant::DualWrite(Some(l)) => format!(
+                "dual write: the same transaction without the outbox, then the raw producer, commit -> report, linger.ms={l}"
+            ),
             Variant::Relay(c) => c.label(),
         }
     }
