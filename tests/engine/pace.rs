@@ -40,13 +40,43 @@ impl metrics::Recorder for PaceGauge {
     }
 }
 
+/// A service busy on the database: eight writers inserting rows of their own, one at a time.
+struct Service {
+    stop: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Service {
+    async fn writing(pool: &sqlx::PgPool) -> Service {
+        outbox_tests::db::exec(pool, "CREATE TABLE service_rows (x INT)").await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = (0..8)
+            .map(|_| {
+                let (pool, stop) = (pool.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        outbox_tests::db::exec(&pool, "INSERT INTO service_rows VALUES (1)").await;
+                    }
+                })
+            })
+            .collect();
+        Service { stop, writers }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.writers {
+            w.await.unwrap();
+        }
+    }
+}
+
 /// The adaptive pace on PostgreSQL, end to end: with nobody else on the database it lets more
 /// lanes work; a service that starts writing brings it below one lane (it is told by the
 /// transaction ids the service takes); once the service stops, the pace grows again.
 #[tokio::test]
 async fn the_adaptive_pace_gives_way_to_a_service_that_starts_writing_and_comes_back_after() {
     let pool = outbox_tests::db::fresh_pg().await;
-    outbox_tests::db::exec(&pool, "CREATE TABLE service_rows (x INT)").await;
     let gauge = PaceGauge::default();
     // The tokio test runs every task on this thread: the relay registers its gauge here.
     let _recorder = metrics::set_default_local_recorder(&gauge);
@@ -64,17 +94,7 @@ async fn the_adaptive_pace_gives_way_to_a_service_that_starts_writing_and_comes_
         pace,
     )
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..8)
-        .map(|_| {
-            let (pool, stop) = (pool.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    outbox_tests::db::exec(&pool, "INSERT INTO service_rows VALUES (1)").await;
-                }
-            })
-        })
-        .collect();
+    let service = Service::writing(&pool).await;
     outbox_tests::wait::until(
         "the pace below one lane, a service writing",
         Duration::from_secs(10),
@@ -86,10 +106,7 @@ async fn the_adaptive_pace_gives_way_to_a_service_that_starts_writing_and_comes_
         },
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
+    service.stop().await;
     outbox_tests::wait::until("the pace back above one lane", Duration::from_secs(30), pace).await;
     relay.stop().await;
 }
@@ -139,7 +156,6 @@ impl Observer for MarkTimes {
 #[tokio::test]
 async fn below_one_lane_a_lane_rests_after_a_full_batch_but_not_after_the_short_one_that_drains_it() {
     let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
-    outbox_tests::db::exec(&pool, "CREATE TABLE service_rows (x INT)").await;
     let gauge = PaceGauge::default();
     let _recorder = metrics::set_default_local_recorder(&gauge);
     let store = Arc::new(Observed::new(pg, MarkTimes::default()));
@@ -147,17 +163,7 @@ async fn below_one_lane_a_lane_rests_after_a_full_batch_but_not_after_the_short_
     const BATCH: usize = 4;
     let cfg = test_config().adaptive_pace(true).batch_size(BATCH).max_lanes(Some(1));
     let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..8)
-        .map(|_| {
-            let (pool, stop) = (pool.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    outbox_tests::db::exec(&pool, "INSERT INTO service_rows VALUES (1)").await;
-                }
-            })
-        })
-        .collect();
+    let service = Service::writing(&pool).await;
     outbox_tests::wait::until("the pace at half a lane or less", Duration::from_secs(20), || async {
         match gauge.lanes() {
             l if l <= 0.5 => Ok(()),
@@ -180,10 +186,7 @@ async fn below_one_lane_a_lane_rests_after_a_full_batch_but_not_after_the_short_
         .looked_after_mark(1)
         .expect("the lane looked after its second batch");
     let pace = gauge.lanes();
-    stop.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
+    service.stop().await;
     relay.stop().await;
     // At a pace of 0.75 or less (it grows by 0.05 a second while the service is busy) the rest
     // after a batch of a second or more is a third of a second or more.
