@@ -6,12 +6,14 @@ mod settings;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use outbox::{Delivered, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE};
+use outbox::{
+    Delivered, FailureKind, PublishError, Publisher, StoredMessage, HEADER_ID, HEADER_KEY, HEADER_SEQ, HEADER_SOURCE,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureRecord, Producer};
@@ -162,17 +164,13 @@ impl Publisher for KafkaPublisher {
         }
         let producer = self.current();
         let mut pending = Vec::with_capacity(batch.len());
-        // Keys whose message could not even be queued: later messages of the key are held back so
-        // they cannot overtake it on the wire.
-        let mut held: HashSet<&str> = HashSet::new();
+        // Keys whose message could not even be queued, and how it failed: later messages of the
+        // key are not sent so they cannot overtake it on the wire.
+        let mut held: HashMap<&str, FailureKind> = HashMap::new();
         for row in batch {
-            if let Some(k) = row.key.as_deref() {
-                if held.contains(k) {
-                    pending.push(Err(PublishError::held_back(
-                        "held back: an earlier message of its key failed",
-                    )));
-                    continue;
-                }
+            if let Some(kind) = row.key.as_deref().and_then(|k| held.get(k)) {
+                pending.push(Err(PublishError::behind(*kind)));
+                continue;
             }
             let span = tracing::debug_span!("publish", outbox.id = %row.id);
             let mut record = FutureRecord::to(&row.topic).payload(&row.payload).headers(headers(row));
@@ -195,10 +193,11 @@ impl Publisher for KafkaPublisher {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
+                        let e = classify(&e);
                         if let Some(k) = row.key.as_deref() {
-                            held.insert(k);
+                            held.insert(k, e.kind);
                         }
-                        pending.push(Err(classify(&e)));
+                        pending.push(Err(e));
                         break;
                     }
                 }

@@ -149,24 +149,9 @@ impl NatsPublisher {
         let mut failed: Option<FailureKind> = None;
         for (i, row) in chain {
             match failed {
-                // The server cannot take anything now: the rest of the key is not sent and is
-                // reported the same way (the relay backs off, nothing counts as an attempt).
-                Some(FailureKind::Unavailable) => {
-                    out.push((
-                        i,
-                        Err(PublishError::unavailable(
-                            "not sent: an earlier message of its key found the server unavailable",
-                        )),
-                    ));
-                }
-                Some(_) => {
-                    out.push((
-                        i,
-                        Err(PublishError::held_back(
-                            "held back: an earlier message of its key failed",
-                        )),
-                    ));
-                }
+                // The rest of the key is not sent (reported Unavailable when the server could not
+                // take anything: the relay backs off, nothing counts as an attempt).
+                Some(kind) => out.push((i, Err(PublishError::behind(kind)))),
                 None => {
                     let res = self
                         .publish_one(row)

@@ -6,7 +6,7 @@ mod properties;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -171,15 +171,14 @@ impl RabbitPublisher {
     async fn pipelined(&self, ch: &Channel, batch: &[StoredMessage]) -> Vec<Sent> {
         let deadline = Instant::now() + self.confirm_timeout();
         let mut pending: Vec<Result<PublisherConfirm, Sent>> = Vec::with_capacity(batch.len());
-        // Keys whose row was not sent: the rest of the key is held back so it cannot overtake it.
-        let mut held: HashSet<&str> = HashSet::new();
+        // Keys whose row was not sent, and how it failed: the rest of the key is not sent either,
+        // so it cannot overtake it.
+        let mut held: HashMap<&str, FailureKind> = HashMap::new();
         let mut broken: Option<lapin::Error> = None;
         for row in batch {
             let key = row.key.as_deref();
-            if key.is_some_and(|k| held.contains(k)) {
-                pending.push(Err(Sent::Done(Err(PublishError::held_back(
-                    "held back: an earlier message of its key failed",
-                )))));
+            if let Some(kind) = key.and_then(|k| held.get(k)) {
+                pending.push(Err(Sent::Done(Err(PublishError::behind(*kind)))));
                 continue;
             }
             let refused = if row.payload.len() > self.cfg.max_message_size {
@@ -221,8 +220,8 @@ impl RabbitPublisher {
                     }
                 }
             };
-            if let (Some(k), Some(Sent::Done(Err(_)))) = (key, &refused) {
-                held.insert(k);
+            if let (Some(k), Some(Sent::Done(Err(e)))) = (key, &refused) {
+                held.insert(k, e.kind);
             }
             pending.extend(refused.map(Err));
         }
@@ -351,15 +350,13 @@ impl Publisher for RabbitPublisher {
         // again alone, in order, so the one the server refuses is found and the others go through.
         // (They may be on the wire twice: the consumers' inbox deduplicates.)
         let mut out = Vec::with_capacity(batch.len());
-        let mut held: HashSet<&str> = HashSet::new();
+        let mut held: HashMap<&str, FailureKind> = HashMap::new();
         let mut unavailable: Option<PublishError> = None;
         for (row, s) in batch.iter().zip(sent) {
-            let res = match s {
-                Sent::Done(r) => r,
-                Sent::Again if row.key.as_deref().is_some_and(|k| held.contains(k)) => Err(PublishError::held_back(
-                    "held back: an earlier message of its key failed",
-                )),
-                Sent::Again => match &unavailable {
+            let res = match (s, row.key.as_deref().and_then(|k| held.get(k))) {
+                (Sent::Done(r), _) => r,
+                (Sent::Again, Some(kind)) => Err(PublishError::behind(*kind)),
+                (Sent::Again, None) => match &unavailable {
                     Some(e) => Err(e.clone()),
                     None => {
                         let r = self.alone(&conn, row).await;
@@ -374,7 +371,7 @@ impl Publisher for RabbitPublisher {
             };
             if let (Err(e), Some(k)) = (&res, row.key.as_deref()) {
                 if e.kind != FailureKind::HeldBack {
-                    held.insert(k);
+                    held.entry(k).or_insert(e.kind);
                 }
             }
             out.push(res);

@@ -57,6 +57,18 @@ impl PublishError {
             message: message.into(),
         }
     }
+    /// A message not sent because an earlier message of its key in the same batch failed with
+    /// `earlier`: [`Unavailable`](FailureKind::Unavailable) when that one found the broker
+    /// unavailable (it could not have been sent either; the relay backs off, nothing counts as an
+    /// attempt), [`HeldBack`](FailureKind::HeldBack) otherwise.
+    pub fn behind(earlier: FailureKind) -> Self {
+        match earlier {
+            FailureKind::Unavailable => {
+                Self::unavailable("not sent: an earlier message of its key found the broker unavailable")
+            }
+            _ => Self::held_back("held back: an earlier message of its key failed"),
+        }
+    }
     /// The broker is unavailable (see [`FailureKind::Unavailable`]).
     pub fn unavailable(message: impl Into<String>) -> Self {
         PublishError {
