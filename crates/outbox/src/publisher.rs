@@ -20,7 +20,8 @@ pub enum FailureKind {
     Unavailable,
     /// Not sent at all: held back because an earlier message of its key in the same batch could
     /// not be sent. Counts no attempt; the row stays as it is and goes out once its predecessor is
-    /// resolved (published, or dead-lettered under `skip`).
+    /// resolved (published, or dead-lettered under `skip`). Behind a message that found the broker
+    /// unavailable the publishers report `Unavailable` instead ([`PublishError::behind`]).
     HeldBack,
 }
 
