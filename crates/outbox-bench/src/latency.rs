@@ -119,10 +119,6 @@ async fn paced_writes(
                 let keys: Vec<String> = (0..per_tx)
                     .map(|j| key((i as usize * 7919 + j * 104_729 + w) % KEYS))
                     .collect();
-                let msgs: Vec<Message> = keys
-                    .iter()
-                    .map(|k| Message::new(topic.clone(), body.to_vec()).key(k.clone()))
-                    .collect();
                 let mut tx = pool.begin().await?;
                 sqlx::query("INSERT INTO bench_orders (customer, amount, note) VALUES ($1, $2, 'latency')")
                     .bind(w as i32)
@@ -130,29 +126,35 @@ async fn paced_writes(
                     .execute(&mut *tx)
                     .await?;
                 let measured = at >= measure_from;
-                let committed = match &writes {
+                let (ids, committed) = match &writes {
                     Writes::Outbox(outbox) => {
+                        let msgs: Vec<Message> = keys
+                            .iter()
+                            .map(|k| Message::new(topic.clone(), body.to_vec()).key(k.clone()))
+                            .collect();
                         outbox.enqueue_batch(&mut tx, &msgs).await?;
                         // A plain commit unless the relay listens for the in-process wake-up.
                         outbox.commit(tx).await?;
-                        Instant::now()
+                        (msgs.iter().map(Message::id).collect::<Vec<_>>(), Instant::now())
                     }
                     Writes::Direct(producer, h) => {
                         tx.commit().await?;
                         let committed = Instant::now();
-                        let sent = keys
+                        let ids: Vec<Uuid> = keys.iter().map(|_| Uuid::now_v7()).collect();
+                        let sent = ids
                             .iter()
-                            .map(|k| raw::send(producer, &topic, k, &body))
+                            .zip(&keys)
+                            .map(|(id, k)| raw::send(producer, &topic, *id, k, &body))
                             .collect::<anyhow::Result<Vec<_>>>()?;
                         let h = h.clone();
                         reports.push(tokio::spawn(async move {
                             raw::reported(sent, committed, measured, &h).await
                         }));
-                        committed
+                        (ids, committed)
                     }
                 };
                 if measured {
-                    out.extend(msgs.iter().map(|m| (m.id(), committed)));
+                    out.extend(ids.into_iter().map(|id| (id, committed)));
                 }
             }
             for r in reports {

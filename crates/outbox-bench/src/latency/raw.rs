@@ -29,9 +29,15 @@ pub(super) fn producer(bootstrap: &str, linger_ms: Option<u32>) -> anyhow::Resul
     Ok(cfg.create()?)
 }
 
-/// Sends one message as the relay would (its id and key in the headers).
-pub(super) fn send(producer: &FutureProducer, topic: &str, k: &str, body: &[u8]) -> anyhow::Result<DeliveryFuture> {
-    let id = Uuid::now_v7().to_string();
+/// Sends message `id` as the relay would (its id and key in the headers).
+pub(super) fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    id: Uuid,
+    k: &str,
+    body: &[u8],
+) -> anyhow::Result<DeliveryFuture> {
+    let id = id.to_string();
     let headers = wire_headers([(HEADER_ID, Some(id.as_str())), (HEADER_KEY, Some(k))]);
     let rec = FutureRecord::to(topic).key(k).payload(body).headers(headers);
     producer
@@ -88,7 +94,7 @@ pub(super) async fn raw_latency(
         let mut futs = Vec::with_capacity(per_tx);
         for j in 0..per_tx {
             let k = key((i as usize * 7919 + j * 104_729) % KEYS);
-            futs.push(send(&producer, topic, &k, &body)?);
+            futs.push(send(&producer, topic, Uuid::now_v7(), &k, &body)?);
         }
         let (h, sent) = (h.clone(), sent.clone());
         let measured = at >= measure_from;
