@@ -450,12 +450,24 @@ async fn claims_and_marks_whose_connections_were_cut_run_again_on_new_ones() {
         proxy.restore().await;
     };
     for round in 0..3i64 {
-        // Two claims at once, the second one asked while the first one's statement runs, so that
-        // the store holds two connections.
-        let (a, b) = tokio::join!(seqs_claimed(&store, lease, 10), async {
-            tokio::task::yield_now().await;
-            seqs_claimed(&store, other, 10).await
-        });
+        // Two claims at once, the second one asked while the first one's statement runs (held up
+        // by a lock on the table), so that the store holds two connections.
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE outbox_messages IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let (a, b, ()) = tokio::join!(
+            seqs_claimed(&store, lease, 10),
+            async {
+                statements_waiting(&pool, 1).await;
+                seqs_claimed(&store, other, 10).await
+            },
+            async {
+                statements_waiting(&pool, 2).await;
+                holder.commit().await.unwrap();
+            }
+        );
         let left: Vec<i64> = (round + 1..=6).collect();
         assert_eq!((&a, &b), (&left, &vec![]), "round {round}, before the cuts");
         let before = opened.load(std::sync::atomic::Ordering::SeqCst);
@@ -480,6 +492,20 @@ async fn claims_and_marks_whose_connections_were_cut_run_again_on_new_ones() {
         vec![4, 5, 6],
         "three rows marked"
     );
+}
+
+/// Waits until `n` statements of the database wait for a lock.
+async fn statements_waiting(pool: &sqlx::PgPool, n: i64) {
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while scalar::<_, i64>(pool, waiting).await < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} statements never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Writes rows of key `k` as (seq, created_at, available_at), both as milliseconds from the

@@ -73,6 +73,9 @@ macro_rules! fetch_on_own {
 }
 
 /// How many claims, and how many marks, run at a time (each for every lane that asked meanwhile).
+/// Two: a lane woken waits for its claim before it publishes, and with one at a time the lanes the
+/// watch woke waited for each other's claims (BENCHMARKS.md, figure 3); a mark held up on one lane's
+/// row would hold up every other lane's (tests/pg/renewal.rs).
 const AT_ONCE: usize = 2;
 
 /// One lane's claim: its lease, how many rows, and the positions it has in flight.
