@@ -9,8 +9,8 @@
 //! statement's task lets the tasks ready beside it run before it takes its first group (one
 //! yield): the runtime runs a task spawned by a running one next, ahead of the lanes woken with
 //! it, so it took the first lane alone, and the second slot the next one. At 5,000 msg/s the yield
-//! took the claims from 0.22-0.23 statements a message to 0.10-0.11, the marks from 0.38-0.39 to
-//! 0.29 (BENCHMARKS.md, figure 3).
+//! took the claims from 0.22-0.26 statements a message to 0.10-0.11, the marks from 0.34-0.39 to
+//! 0.29-0.30 (BENCHMARKS.md, figure 3).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -199,8 +199,8 @@ mod tests {
     }
 
     /// The watch wakes the lanes that got rows at the same moment; their claims share a statement
-    /// although two may run at a time. A runtime of one worker, so the order the tasks
-    /// run in is the runtime's, not the threads'.
+    /// although two may run at a time. A runtime of one worker, so the order the tasks run in is
+    /// the runtime's, not the threads'.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn requests_woken_together_share_one_statement_with_two_at_a_time() {
         for round in 0..20 {
