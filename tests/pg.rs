@@ -460,11 +460,11 @@ async fn claims_and_marks_whose_connections_were_cut_run_again_on_new_ones() {
         let (a, b, ()) = tokio::join!(
             seqs_claimed(&store, lease, 10),
             async {
-                statements_waiting(&pool, 1).await;
+                statements_waiting(&pool, 1, Duration::from_secs(30)).await;
                 seqs_claimed(&store, other, 10).await
             },
             async {
-                statements_waiting(&pool, 2).await;
+                statements_waiting(&pool, 2, Duration::from_secs(30)).await;
                 holder.commit().await.unwrap();
             }
         );
@@ -494,15 +494,15 @@ async fn claims_and_marks_whose_connections_were_cut_run_again_on_new_ones() {
     );
 }
 
-/// Waits until `n` statements of the database wait for a lock.
-async fn statements_waiting(pool: &sqlx::PgPool, n: i64) {
+/// Waits until `n` statements of the database wait for a lock; fails after `within`.
+async fn statements_waiting(pool: &sqlx::PgPool, n: i64, within: Duration) {
     let waiting =
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + within;
     while scalar::<_, i64>(pool, waiting).await < n {
         assert!(
             std::time::Instant::now() < deadline,
-            "{n} statements never waited for the lock"
+            "{n} statements did not wait for a lock within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -2,18 +2,14 @@
 //! up neither the renewal of every lane nor the marks of the others.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outbox::{Delivered, Lease, Message, Store};
-use outbox_tests::db::{commit_each, scalar};
+use outbox_tests::db::commit_each;
 
 /// Long enough for a statement that waits for nothing on a slow machine, far shorter than the
 /// transaction that holds up the first mark.
 const PROMPT: Duration = Duration::from_secs(10);
-
-/// Statements of this test's database that wait for a lock.
-const WAITING: &str =
-    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
 
 #[tokio::test]
 async fn a_mark_held_up_on_one_lane_holds_up_neither_the_renewal_nor_the_other_lanes_marks() {
@@ -51,11 +47,8 @@ async fn a_mark_held_up_on_one_lane_holds_up_neither_the_renewal_nor_the_other_l
         let (store, lease) = (store.clone(), leases[&last_lane].clone());
         tokio::spawn(async move { store.mark_published(&lease, &[Delivered::new(last_pos)]).await })
     };
-    let deadline = Instant::now() + PROMPT;
-    while scalar::<_, i64>(&pool, WAITING).await == 0 {
-        assert!(Instant::now() < deadline, "the mark never waited for the held row");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The mark waits for the held row.
+    super::statements_waiting(&pool, 1, PROMPT).await;
 
     let renewed = tokio::time::timeout(PROMPT, store.renew("relay", ttl)).await;
     let renewed = renewed
