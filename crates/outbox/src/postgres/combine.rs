@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -23,6 +24,8 @@ type Reply<Resp> = oneshot::Sender<Result<Resp>>;
 
 pub(super) struct Combiner<Req, Resp> {
     at_once: usize,
+    /// How long a request waits for the statement running before another one starts for it.
+    patience: Duration,
     state: Mutex<State<Req, Resp>>,
 }
 
@@ -36,6 +39,7 @@ impl<Req, Resp> std::fmt::Debug for Combiner<Req, Resp> {
         let state = self.lock();
         f.debug_struct("Combiner")
             .field("at_once", &self.at_once)
+            .field("patience", &self.patience)
             .field("waiting", &state.waiting.len())
             .field("running", &state.running)
             .finish()
@@ -47,11 +51,21 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
     pub(super) fn new(at_once: usize) -> Self {
         Combiner {
             at_once: at_once.max(1),
+            patience: Duration::ZERO,
             state: Mutex::new(State {
                 waiting: Vec::new(),
                 running: 0,
             }),
         }
+    }
+
+    /// A request that comes while a statement runs waits up to `patience` for it (and then joins
+    /// the next statement with every request that came meanwhile) before another statement starts
+    /// for it. Zero (the default): the next statement starts at once while fewer than `at_once`
+    /// run.
+    pub(super) fn patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     /// Answers `req` from the next statement: `run` gets every request waiting then and answers
@@ -61,25 +75,56 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
         F: Fn(Vec<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Vec<Resp>>> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         let start = {
             let mut state = self.lock();
             state.waiting.push((req, reply));
-            let start = state.running < self.at_once;
-            state.running += usize::from(start);
-            start
+            let wanted = state.running == 0 || self.patience.is_zero();
+            self.take_place(&mut state, wanted)
         };
+        let mut run = Some(run);
         if start {
-            let running = Running {
-                combiner: Arc::clone(self),
-                gave_up: false,
+            self.serve(run.take());
+        } else if !self.patience.is_zero() {
+            if let Ok(answered) = tokio::time::timeout(self.patience, &mut answer).await {
+                return answered.unwrap_or_else(|_| Err(ended_early()));
+            }
+            // The statement running is held up (a locked row, a slow disk): the requests waiting
+            // get one of their own, if there is room.
+            let start = {
+                let mut state = self.lock();
+                !state.waiting.is_empty() && self.take_place(&mut state, true)
             };
-            tokio::spawn(running.serve(run));
+            if start {
+                self.serve(run.take());
+            }
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(shared_failed("its task ended before it answered")))
+        answer.await.unwrap_or_else(|_| Err(ended_early()))
     }
+
+    /// Takes a place for a new statement if `wanted` and fewer than `at_once` run.
+    fn take_place(&self, state: &mut State<Req, Resp>, wanted: bool) -> bool {
+        let start = wanted && state.running < self.at_once;
+        state.running += usize::from(start);
+        start
+    }
+
+    /// Runs statements in a task of their own, on the place just taken.
+    fn serve<F, Fut>(self: &Arc<Self>, run: Option<F>)
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<Resp>>> + Send + 'static,
+    {
+        let running = Running {
+            combiner: Arc::clone(self),
+            gave_up: false,
+        };
+        tokio::spawn(running.serve(run.expect("a call starts one task at the most")));
+    }
+}
+
+fn ended_early() -> Error {
+    shared_failed("its task ended before it answered")
 }
 
 impl<Req, Resp> Combiner<Req, Resp> {
@@ -167,11 +212,16 @@ mod tests {
 
     /// Each request is answered by its own value doubled; `runs` counts the statements.
     fn double(runs: &Arc<AtomicUsize>) -> impl Fn(Vec<u32>) -> Answers + Send + 'static {
+        double_in(runs, 20)
+    }
+
+    /// [`double`] by statements that take `ms` milliseconds.
+    fn double_in(runs: &Arc<AtomicUsize>, ms: u64) -> impl Fn(Vec<u32>) -> Answers + Send + 'static {
         let runs = Arc::clone(runs);
         move |reqs: Vec<u32>| {
             runs.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
                 Ok(reqs.into_iter().map(|r| r * 2).collect())
             })
         }
@@ -232,6 +282,74 @@ mod tests {
             );
             assert_eq!(combiner.lock().running, 0, "every task gave its place up");
         }
+    }
+
+    /// Requests that come while a statement runs wait for it, one after another; a patient
+    /// combiner starts its second statement only for requests that waited `patience` for it.
+    #[tokio::test]
+    async fn requests_that_come_while_a_statement_runs_wait_for_it_when_patient() {
+        for (patience, expected) in [(Duration::ZERO, 3), (Duration::from_secs(5), 2)] {
+            let combiner = Arc::new(Combiner::new(2).patience(patience));
+            let runs = Arc::new(AtomicUsize::new(0));
+            // Statements of 200 ms; requests at 0, 50, 100 and 120 ms.
+            let calls: Vec<_> = [0u64, 50, 100, 120]
+                .into_iter()
+                .zip(0u32..)
+                .map(|(after, i)| {
+                    let (combiner, run) = (Arc::clone(&combiner), double_in(&runs, 200));
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(after)).await;
+                        combiner.call(i, run).await.unwrap()
+                    })
+                })
+                .collect();
+            let answers: Vec<u32> = futures::future::join_all(calls)
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            assert_eq!(answers, vec![0, 2, 4, 6]);
+            // Impatient: the first alone, the second alone in the other slot, then the last two.
+            // Patient: the first alone, then the three that came while it ran.
+            let runs = runs.load(Ordering::SeqCst);
+            assert_eq!(runs, expected, "patience {patience:?}");
+            assert_eq!(combiner.lock().running, 0, "every task gave its place up");
+        }
+    }
+
+    /// A statement held up (a locked row) keeps a patient combiner's second slot closed only for
+    /// `patience`: the requests behind it get a statement of their own.
+    #[tokio::test]
+    async fn a_held_statement_holds_the_others_up_only_for_the_patience() {
+        let combiner: Arc<Combiner<u32, u32>> = Arc::new(Combiner::new(2).patience(Duration::from_millis(50)));
+        let release = Arc::new(tokio::sync::Notify::new());
+        let held = {
+            let (combiner, release) = (Arc::clone(&combiner), Arc::clone(&release));
+            tokio::spawn(async move {
+                combiner
+                    .call(1, move |reqs: Vec<u32>| {
+                        let release = Arc::clone(&release);
+                        async move {
+                            release.notified().await;
+                            Ok(reqs)
+                        }
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let other = tokio::time::timeout(Duration::from_secs(10), combiner.call(2, double(&runs))).await;
+        assert_eq!(
+            other
+                .expect("the second request waited for the held statement")
+                .unwrap(),
+            4
+        );
+        assert!(!held.is_finished(), "the held statement still runs");
+        release.notify_one();
+        assert_eq!(held.await.unwrap().unwrap(), 1);
+        assert_eq!(combiner.lock().running, 0, "every task gave its place up");
     }
 
     #[tokio::test]
