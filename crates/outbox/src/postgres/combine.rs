@@ -79,28 +79,23 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
         Fut: Future<Output = Result<Vec<Resp>>> + Send + 'static,
     {
         let (reply, mut answer) = oneshot::channel();
-        let start = {
+        let mut start = {
             let mut state = self.lock();
             state.waiting.push((req, reply));
             let wanted = state.running == 0 || self.patience.is_zero();
             self.take_place(&mut state, wanted)
         };
-        let mut run = Some(run);
-        if start {
-            self.serve(run.take());
-        } else if !self.patience.is_zero() {
+        if !start && !self.patience.is_zero() {
             if let Ok(answered) = tokio::time::timeout(self.patience, &mut answer).await {
                 return answered.unwrap_or_else(|_| Err(ended_early()));
             }
             // The statement running is held up (a locked row, a slow disk): the requests waiting
             // get one of their own, if there is room.
-            let start = {
-                let mut state = self.lock();
-                !state.waiting.is_empty() && self.take_place(&mut state, true)
-            };
-            if start {
-                self.serve(run.take());
-            }
+            let mut state = self.lock();
+            start = !state.waiting.is_empty() && self.take_place(&mut state, true);
+        }
+        if start {
+            self.serve(run);
         }
         answer.await.unwrap_or_else(|_| Err(ended_early()))
     }
@@ -113,7 +108,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
     }
 
     /// Runs statements in a task of their own, on the place just taken.
-    fn serve<F, Fut>(self: &Arc<Self>, run: Option<F>)
+    fn serve<F, Fut>(self: &Arc<Self>, run: F)
     where
         F: Fn(Vec<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Vec<Resp>>> + Send + 'static,
@@ -122,7 +117,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
             combiner: Arc::clone(self),
             gave_up: false,
         };
-        tokio::spawn(running.serve(run.expect("a call starts one task at the most")));
+        tokio::spawn(running.serve(run));
     }
 }
 
