@@ -82,7 +82,7 @@ const AT_ONCE: usize = 2;
 /// mark takes 0.1-0.3 ms at 5,000 msg/s: the marks that come meanwhile go together in the next
 /// statement instead of one by one in the second place, which is there for a mark held up (a
 /// locked row, a slow disk). At 5,000 msg/s: 0.22 mark statements a message against 0.29,
-/// PostgreSQL 0.56-0.60 cores against 0.66-0.67 (BENCHMARKS.md, figure 3). A lane woken waits for
+/// PostgreSQL 0.56-0.60 cores against 0.65-0.67 (BENCHMARKS.md, figure 3). A lane woken waits for
 /// its claim before it publishes, so claims get no patience.
 const MARK_PATIENCE: Duration = Duration::from_millis(5);
 
