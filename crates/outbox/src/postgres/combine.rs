@@ -225,6 +225,18 @@ mod tests {
         }
     }
 
+    /// Awaits `calls`, the i-th made with request i, and checks that each got its own request
+    /// doubled.
+    async fn assert_doubled(calls: impl IntoIterator<Item = tokio::task::JoinHandle<u32>>) {
+        let answers: Vec<u32> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let expected: Vec<u32> = (0..answers.len() as u32).map(|i| i * 2).collect();
+        assert_eq!(answers, expected);
+    }
+
     #[tokio::test]
     async fn requests_that_come_together_share_a_statement_and_get_their_own_answers() {
         let combiner = Arc::new(Combiner::new(1));
@@ -233,9 +245,7 @@ mod tests {
             let (combiner, run) = (Arc::clone(&combiner), double(&runs));
             tokio::spawn(async move { combiner.call(i, run).await.unwrap() })
         });
-        let answers = futures::future::join_all(calls).await;
-        let answers: Vec<u32> = answers.into_iter().map(Result::unwrap).collect();
-        assert_eq!(answers, (0..16).map(|i| i * 2).collect::<Vec<_>>());
+        assert_doubled(calls).await;
         let runs = runs.load(Ordering::SeqCst);
         assert!(runs <= 2, "16 requests at once took {runs} statements");
         assert_eq!(combiner.lock().running, 0, "the task gave its place up");
@@ -266,12 +276,7 @@ mod tests {
                     })
                 })
                 .collect();
-            let answers: Vec<u32> = futures::future::join_all(calls)
-                .await
-                .into_iter()
-                .map(Result::unwrap)
-                .collect();
-            assert_eq!(answers, (0..8).map(|i| i * 2).collect::<Vec<_>>());
+            assert_doubled(calls).await;
             let runs = runs.load(Ordering::SeqCst);
             // Before the yield, always 3: the first lane alone, the second alone, then the six
             // others. Now 1, or 2 when the runtime had not yet taken every woken task in.
@@ -302,12 +307,7 @@ mod tests {
                     })
                 })
                 .collect();
-            let answers: Vec<u32> = futures::future::join_all(calls)
-                .await
-                .into_iter()
-                .map(Result::unwrap)
-                .collect();
-            assert_eq!(answers, vec![0, 2, 4, 6]);
+            assert_doubled(calls).await;
             // Impatient: the first alone, the second alone in the other slot, then the last two.
             // Patient: the first alone, then the three that came while it ran.
             let runs = runs.load(Ordering::SeqCst);
