@@ -82,8 +82,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
         let mut start = {
             let mut state = self.lock();
             state.waiting.push((req, reply));
-            let wanted = state.running == 0 || self.patience.is_zero();
-            self.take_place(&mut state, wanted)
+            (state.running == 0 || self.patience.is_zero()) && self.take_place(&mut state)
         };
         if !start && !self.patience.is_zero() {
             if let Ok(answered) = tokio::time::timeout(self.patience, &mut answer).await {
@@ -92,7 +91,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
             // The statement running is held up (a locked row, a slow disk): the requests waiting
             // get one of their own, if there is room.
             let mut state = self.lock();
-            start = !state.waiting.is_empty() && self.take_place(&mut state, true);
+            start = !state.waiting.is_empty() && self.take_place(&mut state);
         }
         if start {
             self.serve(run);
@@ -100,9 +99,9 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
         answer.await.unwrap_or_else(|_| Err(ended_early()))
     }
 
-    /// Takes a place for a new statement if `wanted` and fewer than `at_once` run.
-    fn take_place(&self, state: &mut State<Req, Resp>, wanted: bool) -> bool {
-        let start = wanted && state.running < self.at_once;
+    /// Takes a place for a new statement if fewer than `at_once` run.
+    fn take_place(&self, state: &mut State<Req, Resp>) -> bool {
+        let start = state.running < self.at_once;
         state.running += usize::from(start);
         start
     }
