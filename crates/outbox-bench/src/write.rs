@@ -378,7 +378,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     // And the embedded relay woken in-process by the writers' commits (no NOTIFY needed), linger 0.
     // The defaults look at the lingering lanes every 5 ms; beside them the look that may go up to
     // 100 ms apart while the relay slows the writers' commits (`linger_poll_max`), and the look
-    // every 1 ms.
+    // every 1 ms and every 2 ms.
     let every = outbox_relay::RelayConfig::DEFAULT_LINGER_POLL_INTERVAL;
     let max = outbox_relay::RelayConfig::DEFAULT_LINGER_POLL_MAX;
     let gathered = Duration::from_millis(100);
@@ -396,6 +396,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         beside(linger, every, max, false),
         beside(linger, every, gathered, false),
         beside(linger, Duration::from_millis(1), max, false),
+        beside(linger, Duration::from_millis(2), max, false),
         beside(Duration::ZERO, every, max, true),
         // The least database work of any relay that removes what it sent, at the defaults' look
         // and at a slow one.
