@@ -70,8 +70,9 @@ pub struct RelayConfig {
     /// How often the lanes that linger are looked at, all with one query. Below 5 ms, only while
     /// the looks find rows: after each one that finds none the next waits twice as long, up to
     /// 5 ms. Defaults to 5 ms. At 1 ms the p99 from commit to the broker was a quarter to a third
-    /// lower at 1,000 and 5,000 msg/s, and writers that saturate the database beside the relay
-    /// lost a tenth more of their throughput (BENCHMARKS.md, figures 1 and 3).
+    /// lower at 1,000 and 5,000 msg/s on one day, 0.9x at 5,000 on another; at 2 ms the part from
+    /// commit to publish was half a millisecond shorter; writers that saturate the database beside
+    /// the relay lost 0.01-0.10 of their throughput (BENCHMARKS.md, figures 1 and 3).
     pub linger_poll_interval: Duration,
     /// With the adaptive pace, the longest the lingering lanes may go unlooked at, trading latency
     /// for the service's throughput. While the relay slows commits by more than
