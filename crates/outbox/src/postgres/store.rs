@@ -85,6 +85,14 @@ const AT_ONCE: usize = 2;
 /// PostgreSQL 0.56-0.60 cores against 0.65-0.67 (BENCHMARKS.md, figure 3). A lane woken waits for
 /// its claim before it publishes, so claims get no patience.
 const MARK_PATIENCE: Duration = Duration::from_millis(5);
+/// How long a small mark that finds no mark statement running waits for others before its
+/// statement starts ([`MARK_GATHER_BELOW`] rows): at 5,000 msg/s a batch holds one or two rows,
+/// and the lanes' confirmations come spread out, so each mark ran nearly alone. The lane waits for
+/// its mark before its next claim; the look at the lingering lanes comes every 5 ms anyway.
+const MARK_GATHER: Duration = Duration::from_millis(1);
+/// Marks of this many rows or more start their statement at once: they carry enough rows for the
+/// statement's own cost, and a lane draining a backlog would wait for every one of them.
+const MARK_GATHER_BELOW: usize = 64;
 
 /// One lane's claim: its lease, how many rows, and the positions it has in flight.
 #[derive(Debug)]
@@ -125,7 +133,7 @@ impl PgStore {
             failed_sql: sql::mark_failed(),
             dead_sql: sql::dead_letter(),
             claims: Arc::new(Combiner::new(AT_ONCE)),
-            marks: Arc::new(Combiner::new(AT_ONCE).patience(MARK_PATIENCE)),
+            marks: Arc::new(Combiner::new(AT_ONCE).patience(MARK_PATIENCE).gather(MARK_GATHER)),
             counted: Arc::default(),
         }
     }
@@ -267,7 +275,7 @@ async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> R
     );
     let held_then = store
         .marks
-        .call(mark, move |marks| {
+        .call_gathering(mark, done.len() < MARK_GATHER_BELOW, move |marks| {
             // One statement, one transaction id, for every lane that shares it.
             counted.write();
             mark_together(Arc::clone(&own), Arc::clone(&sql), keep, marks)
