@@ -325,8 +325,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
             ..d
         }),
         Variant::Relay(Case { pace: false, ..d }),
-        // The lingering lanes looked at every 1 ms and every 2 ms, and every 1 ms up to 5 ms while the relay slows
-        // the writers.
+        // The lingering lanes looked at every 1 ms and every 2 ms, and every 1 ms up to 5 ms while
+        // the relay slows the writers.
         Variant::Relay(Case {
             watch: Duration::from_millis(1),
             ..d
