@@ -383,13 +383,12 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let max = outbox_relay::RelayConfig::DEFAULT_LINGER_POLL_MAX;
     let gathered = Duration::from_millis(100);
     let beside = |linger, every, max, local| {
-        Some(order::Beside {
-            removal: None,
+        Some(order::Beside::Relay(order::RelaySetting {
             linger,
             every,
             max,
             local,
-        })
+        }))
     };
     let settings = [
         beside(Duration::ZERO, every, max, false),
@@ -400,8 +399,8 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         beside(Duration::ZERO, every, max, true),
         // The least database work of any relay that removes what it sent, at the defaults' look
         // and at a slow one.
-        Some(order::Beside::removal(every)),
-        Some(order::Beside::removal(Duration::from_millis(100))),
+        Some(order::Beside::Removal(every)),
+        Some(order::Beside::Removal(Duration::from_millis(100))),
     ];
     let settings: Vec<_> = settings
         .into_iter()

@@ -27,15 +27,19 @@ pub(super) async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An embedded relay (publisher answering after 2 ms) draining the writers' messages as they commit,
-/// or (`removal`) a reference in its place.
+/// What runs beside the writers: an embedded relay, or a reference in its place.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Beside {
-    /// A reference instead of the relay: every so often one statement reads and deletes every
-    /// committed row (`DELETE ... RETURNING` the message, without waiting for the WAL flush, as the
-    /// relay's marks): the least database work any relay that removes what it sent can do at that
-    /// cadence. The other fields are then unused.
-    pub(super) removal: Option<Duration>,
+pub(super) enum Beside {
+    Relay(RelaySetting),
+    /// Every so often one statement reads and deletes every committed row (`DELETE ... RETURNING`
+    /// the message, without waiting for the WAL flush, as the relay's marks): the least database
+    /// work any relay that removes what it sent can do at that cadence.
+    Removal(Duration),
+}
+
+/// An embedded relay (publisher answering after 2 ms) draining the writers' messages as they commit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RelaySetting {
     /// How long its lanes linger after running dry ([`outbox_relay::RelayConfig::linger`]).
     pub(super) linger: Duration,
     /// How often lingering lanes are looked at.
@@ -48,43 +52,36 @@ pub(super) struct Beside {
 }
 
 impl Beside {
-    /// The removal reference every `every` ([`Beside::removal`]).
-    pub(super) fn removal(every: Duration) -> Self {
-        Beside {
-            removal: Some(every),
-            linger: Duration::ZERO,
-            every,
-            max: Duration::ZERO,
-            local: false,
-        }
-    }
-
     /// The setting as its rows name it, and as `--only` chooses it.
     pub(super) fn label(&self) -> String {
-        if let Some(every) = self.removal {
-            format!(
-                "no relay, every committed row read and deleted by one statement every {} ms (reference)",
-                every.as_millis()
-            )
-        } else if self.local {
+        let b = match self {
+            Beside::Removal(every) => {
+                return format!(
+                    "no relay, every committed row read and deleted by one statement every {} ms (reference)",
+                    every.as_millis()
+                )
+            }
+            Beside::Relay(b) => b,
+        };
+        if b.local {
             format!(
                 "relay draining, woken in-process by Outbox::commit, linger {} ms",
-                self.linger.as_millis()
+                b.linger.as_millis()
             )
-        } else if self.linger.is_zero() {
+        } else if b.linger.is_zero() {
             "relay draining, linger 0".into()
-        } else if self.max <= self.every {
+        } else if b.max <= b.every {
             format!(
                 "relay draining, linger {} ms looked at every {} ms",
-                self.linger.as_millis(),
-                self.every.as_millis()
+                b.linger.as_millis(),
+                b.every.as_millis()
             )
         } else {
             format!(
                 "relay draining, linger {} ms looked at every {} ms, up to {} ms while it slows the writers",
-                self.linger.as_millis(),
-                self.every.as_millis(),
-                self.max.as_millis()
+                b.linger.as_millis(),
+                b.every.as_millis(),
+                b.max.as_millis()
             )
         }
     }
@@ -106,10 +103,13 @@ pub(super) async fn order_rows(
     // The writers' Outbox: a new one per relay run, given to the relay when it is woken in-process.
     let start_relay = |b: Beside, outbox: &Outbox| {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        if let Some(every) = b.removal {
-            let task = tokio::spawn(remove_every(db.pool.clone(), every, stopped));
-            return (stop, task);
-        }
+        let b = match b {
+            Beside::Removal(every) => {
+                let task = tokio::spawn(remove_every(db.pool.clone(), every, stopped));
+                return (stop, task);
+            }
+            Beside::Relay(b) => b,
+        };
         let mut relay = outbox_relay::Relay::new(
             outbox::postgres::PgStore::new(db.pool.clone()),
             crate::probe::NullPublisher {
@@ -176,7 +176,7 @@ pub(super) async fn order_rows(
                     .execute(&db.pool)
                     .await?;
             }
-            if relays[r].is_some_and(|b| b.removal.is_some()) {
+            if matches!(relays[r], Some(Beside::Removal(_))) {
                 // No relay listens: writers send no NOTIFY, as after a relay released its lanes.
                 sqlx::query("UPDATE outbox_leases SET idle = false")
                     .execute(&db.pool)
@@ -200,8 +200,8 @@ pub(super) async fn order_rows(
             &format!("order transaction, {writers} writers{}", label(*relay)),
             &variants,
             &tps[r],
-            |_| relay.is_none_or(|b| b.removal.is_none()).then_some(Target::AtLeast(0.90)),
-            if relay.is_some_and(|b| b.removal.is_some()) {
+            |_| (!matches!(relay, Some(Beside::Removal(_)))).then_some(Target::AtLeast(0.90)),
+            if matches!(relay, Some(Beside::Removal(_))) {
                 "a reference: the least database work of removing the rows at this cadence, no relay"
             } else {
                 "8 statements without the outbox, 9 with it; see the references beside it (one SELECT 1 more; the same bytes into a plain table)"
@@ -211,7 +211,7 @@ pub(super) async fn order_rows(
     Ok(rows)
 }
 
-/// The removal reference ([`Beside::removal`]): every `every`, one statement reads and deletes every
+/// The removal reference ([`Beside::Removal`]): every `every`, one statement reads and deletes every
 /// committed outbox row, until `stopped`.
 async fn remove_every(
     pool: PgPool,
