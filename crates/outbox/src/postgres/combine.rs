@@ -13,8 +13,8 @@
 //! 0.29-0.30 (BENCHMARKS.md, figure 3). A patient combiner ([`Combiner::patience`], the marks')
 //! starts its second statement only for a request that waited that long for the first: the marks
 //! that come one by one while a mark statement runs go together in the next (0.22 statements a
-//! message at 5,000 msg/s against 0.29). A gathering one ([`Combiner::gather`], the marks of few
-//! rows') has the statement that such a request starts wait a moment for the others first:
+//! message at 5,000 msg/s against 0.29). A request may also have the statement it starts wait a
+//! moment for the others first ([`Combiner::call_gathering`], the marks of few rows):
 //! PostgreSQL at 5,000 msg/s took 0.33-0.44 cores against 0.49-0.55.
 
 use std::future::Future;
@@ -31,8 +31,6 @@ pub(super) struct Combiner<Req, Resp> {
     at_once: usize,
     /// How long a request waits for the statement running before another one starts for it.
     patience: Duration,
-    /// How long a new statement waits for company before it takes its first group.
-    gather: Duration,
     state: Mutex<State<Req, Resp>>,
 }
 
@@ -59,7 +57,6 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
         Combiner {
             at_once: at_once.max(1),
             patience: Duration::ZERO,
-            gather: Duration::ZERO,
             state: Mutex::new(State {
                 waiting: Vec::new(),
                 running: 0,
@@ -76,15 +73,6 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
         self
     }
 
-    /// A statement started by a request that gathers ([`Combiner::call_gathering`]) waits
-    /// `gather` before it takes its first group, so that requests coming within it share the
-    /// statement. Zero (the default), or a request that does not gather: it only lets the tasks
-    /// ready beside it ask first.
-    pub(super) fn gather(mut self, gather: Duration) -> Self {
-        self.gather = gather;
-        self
-    }
-
     /// Answers `req` from the next statement: `run` gets every request waiting then and answers
     /// each, in order.
     pub(super) async fn call<F, Fut>(self: &Arc<Self>, req: Req, run: F) -> Result<Resp>
@@ -92,12 +80,13 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
         F: Fn(Vec<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Vec<Resp>>> + Send + 'static,
     {
-        self.call_gathering(req, false, run).await
+        self.call_gathering(req, Duration::ZERO, run).await
     }
 
-    /// As [`Combiner::call`]; a statement this request starts waits the combiner's `gather` first
-    /// when `gathers`.
-    pub(super) async fn call_gathering<F, Fut>(self: &Arc<Self>, req: Req, gathers: bool, run: F) -> Result<Resp>
+    /// As [`Combiner::call`]; a statement this request starts waits `gather` before it takes its
+    /// first group, so that requests coming within it share the statement (zero: it only lets the
+    /// tasks ready beside it ask first).
+    pub(super) async fn call_gathering<F, Fut>(self: &Arc<Self>, req: Req, gather: Duration, run: F) -> Result<Resp>
     where
         F: Fn(Vec<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Vec<Resp>>> + Send + 'static,
@@ -118,7 +107,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Combiner<Req, Resp> {
             start = !state.waiting.is_empty() && self.take_place(&mut state);
         }
         if start {
-            self.serve(run, if gathers { self.gather } else { Duration::ZERO });
+            self.serve(run, gather);
         }
         answer.await.unwrap_or_else(|_| Err(ended_early()))
     }
@@ -344,12 +333,13 @@ mod tests {
         }
     }
 
-    /// A gathering combiner's statement waits `gather` before it takes its first group: a request
-    /// that comes within it shares the statement, where without it the first ran alone.
+    /// A statement started by a request that gathers waits `gather` before it takes its first
+    /// group: a request that comes within it shares the statement, where without it the first ran
+    /// alone.
     #[tokio::test]
     async fn a_request_that_comes_within_the_gather_shares_the_first_statement() {
         for (gather, expected) in [(Duration::ZERO, 2), (Duration::from_millis(600), 1)] {
-            let combiner = Arc::new(Combiner::new(1).gather(gather));
+            let combiner = Arc::new(Combiner::new(1));
             let runs = Arc::new(AtomicUsize::new(0));
             // Statements of 20 ms; requests at 0 and 200 ms.
             let calls: Vec<_> = [0u64, 200]
@@ -359,7 +349,7 @@ mod tests {
                     let (combiner, run) = (Arc::clone(&combiner), double(&runs));
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_millis(after)).await;
-                        combiner.call_gathering(i, true, run).await.unwrap()
+                        combiner.call_gathering(i, gather, run).await.unwrap()
                     })
                 })
                 .collect();

@@ -133,7 +133,7 @@ impl PgStore {
             failed_sql: sql::mark_failed(),
             dead_sql: sql::dead_letter(),
             claims: Arc::new(Combiner::new(AT_ONCE)),
-            marks: Arc::new(Combiner::new(AT_ONCE).patience(MARK_PATIENCE).gather(MARK_GATHER)),
+            marks: Arc::new(Combiner::new(AT_ONCE).patience(MARK_PATIENCE)),
             counted: Arc::default(),
         }
     }
@@ -273,9 +273,14 @@ async fn mark_published(store: &PgStore, lease: &Lease, done: &[Delivered]) -> R
         store.keep_published,
         Arc::clone(&store.counted),
     );
+    let gather = if done.len() < MARK_GATHER_BELOW {
+        MARK_GATHER
+    } else {
+        Duration::ZERO
+    };
     let held_then = store
         .marks
-        .call_gathering(mark, done.len() < MARK_GATHER_BELOW, move |marks| {
+        .call_gathering(mark, gather, move |marks| {
             // One statement, one transaction id, for every lane that shares it.
             counted.write();
             mark_together(Arc::clone(&own), Arc::clone(&sql), keep, marks)
