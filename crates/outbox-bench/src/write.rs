@@ -52,6 +52,10 @@ pub(crate) enum Variant {
     /// service's own (`bench_events`: an identity key, the key, the payload), the cost of writing
     /// the same bytes without any outbox bookkeeping.
     PlainRow,
+    /// A reference, no outbox: a per-key counter row of the service's own (`bench_key_counters`,
+    /// one row per key, every key's row there) incremented as a keyed message's counter is, the
+    /// cost of the contiguous per-key sequence alone.
+    KeyCounter,
     /// One outbox message.
     Outbox {
         /// With an ordering key (per-key counter row).
@@ -67,6 +71,9 @@ impl Variant {
             Variant::NoOutbox => "no outbox".into(),
             Variant::RoundTrip => "no outbox, one SELECT 1 more (reference)".into(),
             Variant::PlainRow => "no outbox, the keyed message's bytes into a plain table (reference)".into(),
+            Variant::KeyCounter => {
+                "no outbox, a per-key counter row incremented as a keyed message's (reference)".into()
+            }
             Variant::Outbox { keyed, notify } => format!(
                 "{} message, NOTIFY {}",
                 if keyed { "keyed" } else { "unkeyed" },
@@ -159,6 +166,15 @@ pub(crate) async fn business_tx(
                 .bind(body)
                 .execute(&mut *tx)
                 .await?;
+        }
+        Variant::KeyCounter => {
+            sqlx::query_scalar::<_, i64>(
+                "INSERT INTO bench_key_counters AS c (key, seq) VALUES ($1, 1) \
+                 ON CONFLICT (key) DO UPDATE SET seq = c.seq + 1 RETURNING seq",
+            )
+            .bind(msg_key())
+            .fetch_one(&mut *tx)
+            .await?;
         }
         Variant::Outbox { keyed, notify } => {
             let mut m = Message::new(topic, body.to_vec());
@@ -303,6 +319,17 @@ fn variant_rows(
     rows
 }
 
+/// A counter row at 0 for each of the [`KEYS`] keys in `table` (`key`, `seq`).
+async fn counter_rows(pool: &PgPool, table: &str) -> anyhow::Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO {table} (key, seq) SELECT 'key-' || lpad(k::text, 5, '0'), 0 FROM generate_series(0, $1 - 1) k"
+    ))
+    .bind(KEYS as i32)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Runs figure 1.
 pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let t0 = Instant::now();
@@ -310,10 +337,7 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
     let dur = Duration::from_millis(env.pick(1500, 700));
     let db = BenchDb::create(env, 20).await?;
     // Every key already has its counter row, as in a service that has been running.
-    sqlx::query("INSERT INTO outbox_keys (key, seq) SELECT 'key-' || lpad(k::text, 5, '0'), 0 FROM generate_series(0, $1 - 1) k")
-        .bind(KEYS as i32)
-        .execute(&db.pool)
-        .await?;
+    counter_rows(&db.pool, "outbox_keys").await?;
     // Since NOTIFY goes only to lanes whose relay is idle (outbox_leases.idle) and holds them, mark
     // every lane idle and held, as a live relay with nothing to do leaves them: the NOTIFY-on variants
     // then pay for NOTIFY on every transaction (its worst case). Schemas without the column always
@@ -416,9 +440,11 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
         setup: format!(
             "Minimal business transaction = BEGIN; INSERT one bench_orders row; [outbox enqueue of one {}-byte message]; COMMIT. \
              Order transaction = BEGIN; SELECT a product's stock FOR UPDATE ({PRODUCTS} products); UPDATE it; INSERT the order; \
-             INSERT three order lines; [enqueue]; COMMIT, 16 writers; without a relay also two references in place of the \
-             enqueue: one SELECT 1 more (a round trip alone) and the keyed message's key and payload into a plain table \
-             (bench_events: identity key, key, payload), the cost of writing the same bytes without outbox bookkeeping. \
+             INSERT three order lines; [enqueue]; COMMIT, 16 writers; without a relay also three references in place of the \
+             enqueue: one SELECT 1 more (a round trip alone), the keyed message's key and payload into a plain table \
+             (bench_events: identity key, key, payload), the cost of writing the same bytes without outbox bookkeeping, \
+             and a counter row of the key incremented (bench_key_counters, the keyed message's upsert), the cost of the \
+             contiguous per-key sequence alone. \
              Beside the relay settings, a reference in the relay's place: every 5 or 100 ms one statement reads and deletes \
              every committed outbox row (DELETE ... RETURNING, synchronous_commit off as the relay's marks), the least \
              database work of any relay that removes what it sent. \

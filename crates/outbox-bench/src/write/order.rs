@@ -6,7 +6,7 @@ use std::time::Duration;
 use outbox::Outbox;
 use sqlx::PgPool;
 
-use super::{variant_rows, Load, Shape, Variant, PRODUCTS, VARIANTS};
+use super::{counter_rows, variant_rows, Load, Shape, Variant, PRODUCTS, VARIANTS};
 use crate::common::{BenchDb, Row, Target};
 
 /// Creates the `Order` shape's tables, every product with a large stock.
@@ -16,7 +16,8 @@ pub(super) async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
          CREATE TABLE bench_order_lines (order_id BIGINT NOT NULL, line INT NOT NULL, product INT NOT NULL, \
            qty INT NOT NULL, price BIGINT NOT NULL, PRIMARY KEY (order_id, line)); \
          CREATE TABLE bench_events (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, key TEXT NOT NULL, \
-           payload BYTEA NOT NULL);",
+           payload BYTEA NOT NULL); \
+         CREATE TABLE bench_key_counters (key TEXT PRIMARY KEY, seq BIGINT NOT NULL);",
     )
     .execute(pool)
     .await?;
@@ -24,6 +25,8 @@ pub(super) async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
         .bind(PRODUCTS as i32)
         .execute(pool)
         .await?;
+    // Every key has its counter row, as the outbox's own counters in this figure.
+    counter_rows(pool, "bench_key_counters").await?;
     Ok(())
 }
 
@@ -143,12 +146,12 @@ pub(super) async fn order_rows(
         keyed: false,
         notify: false,
     };
-    // Without a relay, every variant and two references: what one more round trip costs, and what
-    // writing the message's bytes into a plain table costs.
+    // Without a relay, every variant and three references: what one more round trip costs, what
+    // writing the message's bytes into a plain table costs, and what a key's counter row costs.
     let variants: Vec<Variant> = if relays.iter().all(Option::is_none) {
         VARIANTS
             .into_iter()
-            .chain([Variant::RoundTrip, Variant::PlainRow])
+            .chain([Variant::RoundTrip, Variant::PlainRow, Variant::KeyCounter])
             .collect()
     } else {
         VARIANTS.into_iter().filter(|v| *v != unkeyed_without_notify).collect()
