@@ -4,6 +4,7 @@
 mod cpu;
 mod kafka;
 mod report;
+mod task;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 pub(crate) use cpu::{cpu_secs, rss_kib, CpuProbe, CpuUsed};
 pub(crate) use kafka::{broker_pid, delete_topic, kafka_bootstrap, new_topic};
 pub(crate) use report::{machine, median, print_figure, Figure, Row, Target};
+pub(crate) use task::UntilStopped;
 
 /// Topic partitions used by every benchmark topic.
 pub(crate) const PARTITIONS: i32 = 8;

@@ -9,7 +9,7 @@ use outbox::Outbox;
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::Relay;
 
-use crate::common::{fill_backlog, new_topic, pending, print_figure, BenchDb, Env, Figure, Row, Target};
+use crate::common::{fill_backlog, new_topic, pending, print_figure, BenchDb, Env, Figure, Row, Target, UntilStopped};
 use crate::drain::{drain_config, relay_drain, Sink};
 use crate::write::{throughput, Variant};
 
@@ -140,7 +140,6 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 continue;
             };
             let before = pending(&db.pool).await?;
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let store =
                 crate::probe::TimedStore::new(PgStore::new(db.pool.clone()), crate::probe::Phases::until(u64::MAX));
             let publisher = crate::probe::TimedPublisher {
@@ -148,19 +147,11 @@ pub(crate) async fn run(env: &Env) -> anyhow::Result<Figure> {
                 phases: crate::probe::Phases::until(u64::MAX),
                 reports: None,
             };
-            let relay = tokio::spawn(async move {
-                Relay::new(store, publisher)
-                    .config(cfg)
-                    .run_until(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-            });
+            let relay = UntilStopped::relay(Relay::new(store, publisher).config(cfg));
             // The relay reaches its drain rate (and the adaptive pace its level) first.
             tokio::time::sleep(WARM_UP).await;
             let b = business(dur).await?;
-            let _ = stop_tx.send(());
-            relay.await??;
+            relay.stop().await?;
             let after = pending(&db.pool).await?;
             let written = (b * dur.as_secs_f64()) as i64;
             drained_during[v].push((before + written - after) as f64 / (dur + WARM_UP).as_secs_f64());

@@ -19,7 +19,9 @@ use uuid::Uuid;
 
 use self::case::{Case, Variant};
 use self::raw::raw_latency;
-use crate::common::{key, new_topic, payload, print_figure, sleep_until, BenchDb, Env, Figure, Row, Target, KEYS};
+use crate::common::{
+    key, new_topic, payload, print_figure, sleep_until, BenchDb, Env, Figure, Row, Target, UntilStopped, KEYS,
+};
 use crate::probe::{Phases, Reports, TimedPublisher, TimedStore};
 
 /// Transactions per second the writers aim for; messages per transaction = rate / this.
@@ -192,7 +194,6 @@ async fn relay_latency(
         phases: phases.clone(),
         reports: Some(reports.clone()),
     };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let outbox = Outbox::new().notify(case.notify);
     let mut embedded = Relay::new(
         TimedStore::new(PgStore::new(db.pool.clone()), phases.clone()),
@@ -210,13 +211,7 @@ async fn relay_latency(
     if case.local {
         embedded = embedded.wake_on(outbox.local_wakeup());
     }
-    let relay = tokio::spawn(async move {
-        embedded
-            .run_until(async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let relay = UntilStopped::relay(embedded);
     // Let the relay take its lanes and start listening.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let per_tx = (rate / TX_PER_SEC) as usize;
@@ -234,8 +229,7 @@ async fn relay_latency(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = stop_tx.send(());
-    relay.await??;
+    relay.stop().await?;
     let r = reports.lock().expect("reports lock");
     let (mut h, mut to_publish, mut publish) = (histogram(), histogram(), histogram());
     let micros = |d: Duration| (d.as_micros() as u64).max(1);

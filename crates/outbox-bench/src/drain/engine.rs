@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::postgres::PgStore;
-use outbox::{Publisher, Store};
+use outbox::Publisher;
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::{Relay, RelayConfig};
 
-use crate::common::{BenchDb, CpuProbe, CpuUsed};
+use crate::common::{BenchDb, CpuProbe, CpuUsed, UntilStopped};
 use crate::probe::{NullPublisher, Phases, TimedPublisher, TimedStore};
 
 /// What one drain measured.
@@ -59,7 +59,6 @@ pub(crate) async fn relay_drain(
 ) -> anyhow::Result<Drained> {
     let phases = Phases::until(n);
     let store = TimedStore::new(PgStore::new(db.pool.clone()), phases.clone());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let cpu = CpuProbe::start(broker_pid);
     let started = Instant::now();
     let relay = match sink {
@@ -69,7 +68,7 @@ pub(crate) async fn relay_drain(
                 phases: phases.clone(),
                 reports: None,
             };
-            tokio::spawn(run_relay(store, publisher, cfg, stop_rx))
+            UntilStopped::relay(Relay::new(store, publisher).config(cfg))
         }
         Sink::Publisher(inner) => {
             let publisher = TimedPublisher {
@@ -77,7 +76,7 @@ pub(crate) async fn relay_drain(
                 phases: phases.clone(),
                 reports: None,
             };
-            tokio::spawn(run_relay(store, publisher, cfg, stop_rx))
+            UntilStopped::relay(Relay::new(store, publisher).config(cfg))
         }
         Sink::Null(delay) => {
             let publisher = TimedPublisher {
@@ -85,14 +84,13 @@ pub(crate) async fn relay_drain(
                 phases: phases.clone(),
                 reports: None,
             };
-            tokio::spawn(run_relay(store, publisher, cfg, stop_rx))
+            UntilStopped::relay(Relay::new(store, publisher).config(cfg))
         }
     };
     let reached = phases.wait(limit).await;
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu.stop();
-    let _ = stop_tx.send(());
-    relay.await??;
+    relay.stop().await?;
     let msgs = phases.marked.load(Ordering::Relaxed);
     if !reached {
         eprintln!("  drain stopped by its time limit after {secs:.0} s: {msgs} of {n} rows");
@@ -104,19 +102,4 @@ pub(crate) async fn relay_drain(
         phases_us: phases.per_msg_us(),
         avg_batch: phases.avg_batch(),
     })
-}
-
-async fn run_relay<S: Store, P: Publisher>(
-    store: S,
-    publisher: P,
-    cfg: RelayConfig,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> anyhow::Result<()> {
-    Relay::new(store, publisher)
-        .config(cfg)
-        .run_until(async {
-            let _ = stop.await;
-        })
-        .await?;
-    Ok(())
 }

@@ -7,7 +7,7 @@ use outbox::Outbox;
 use sqlx::PgPool;
 
 use super::{counter_rows, variant_rows, Load, Shape, Variant, PRODUCTS, VARIANTS};
-use crate::common::{BenchDb, Row, Target};
+use crate::common::{BenchDb, Row, Target, UntilStopped};
 
 /// Creates the `Order` shape's tables, every product with a large stock.
 pub(super) async fn create_order_tables(pool: &PgPool) -> anyhow::Result<()> {
@@ -105,11 +105,10 @@ pub(super) async fn order_rows(
         .await?;
     // The writers' Outbox: a new one per relay run, given to the relay when it is woken in-process.
     let start_relay = |b: Beside, outbox: &Outbox| {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let b = match b {
             Beside::Removal(every) => {
-                let task = tokio::spawn(remove_every(db.pool.clone(), every, stopped));
-                return (stop, task);
+                let pool = db.pool.clone();
+                return UntilStopped::spawn(move |stopped| remove_every(pool, every, stopped));
             }
             Beside::Relay(b) => b,
         };
@@ -128,15 +127,7 @@ pub(super) async fn order_rows(
         if b.local {
             relay = relay.wake_on(outbox.local_wakeup());
         }
-        let task = tokio::spawn(async move {
-            relay
-                .run_until(async {
-                    let _ = stopped.await;
-                })
-                .await?;
-            anyhow::Ok(())
-        });
-        (stop, task)
+        UntilStopped::relay(relay)
     };
     let label = |relay: Option<Beside>| relay.map(|b| format!(", {}", b.label())).unwrap_or_default();
     let writers = 16;
@@ -191,9 +182,8 @@ pub(super) async fn order_rows(
             load(outbox)
                 .round(&variants, (round, rounds), &what, &mut tps[r])
                 .await?;
-            if let Some((stop, task)) = running {
-                let _ = stop.send(());
-                task.await??;
+            if let Some(running) = running {
+                running.stop().await?;
             }
         }
     }
