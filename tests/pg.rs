@@ -25,6 +25,29 @@ async fn lease_rows_match_the_lane_count() {
 }
 
 #[tokio::test]
+async fn status_reads_leases_that_never_expire_or_were_never_taken() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    // Lane 0 held with no end (a value the column takes, beyond what chrono decodes), lane 1 at the
+    // last finite time PostgreSQL has; the others never taken ('-infinity').
+    sqlx::query(
+        "UPDATE outbox_leases SET owner = 'forever', expires_at = CASE lane WHEN 0 THEN 'infinity'::timestamptz \
+         ELSE '294276-12-31 23:59:59+00'::timestamptz END WHERE lane IN (0, 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let status = store.status().await.expect("status of every lane");
+    let held: Vec<i32> = status
+        .lanes
+        .iter()
+        .filter(|l| l.owner.is_some() && l.expires_at.is_some())
+        .map(|l| l.lane)
+        .collect();
+    assert_eq!(held, [0, 1], "both held, for as long as time can say");
+    assert_eq!(status.unowned_lanes(), outbox::LANES as usize - 2);
+}
+
+#[tokio::test]
 async fn notify_arrives_at_commit_not_before_and_not_on_rollback() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;
     // A relay holding every lane, idle: writers notify.

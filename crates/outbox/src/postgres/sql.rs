@@ -322,8 +322,11 @@ SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM i)"
 pub(super) const STATUS_BACKLOG: &str = "\
 SELECT count(*), EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 FROM outbox_messages";
 pub(super) const STATUS_DEAD: &str = "SELECT count(*) FROM outbox_dead_letters";
+// A lease never taken ('-infinity') has no expiry; one beyond what the driver decodes ('infinity',
+// or past the year 262143) reads as the end of 9999, still held.
 pub(super) const STATUS_LANES: &str = "\
-SELECT lane, owner, epoch, NULLIF(expires_at, '-infinity') FROM outbox_leases ORDER BY lane";
+SELECT lane, owner, epoch, NULLIF(LEAST(expires_at, '9999-12-31 23:59:59+00'), '-infinity') \
+FROM outbox_leases ORDER BY lane";
 
 pub(super) const DEAD_LETTERS: &str = "\
 SELECT id, topic, key, seq, attempts, error, parked, dead_at FROM outbox_dead_letters \
