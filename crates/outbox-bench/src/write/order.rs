@@ -197,7 +197,7 @@ pub(super) async fn order_rows(
             if matches!(relay, Some(Beside::Removal(_))) {
                 "a reference: the least database work of removing the rows at this cadence, no relay"
             } else {
-                "8 statements without the outbox, 9 with it; see the references beside it (one SELECT 1 more; the same bytes into a plain table)"
+                "8 statements without the outbox, 9 with it; see the references beside it (one SELECT 1 more; the same bytes into a plain table; the key's counter row alone)"
             },
         ));
     }
