@@ -107,6 +107,31 @@ macro_rules! __inbox_suite_sources {
         }
 
         #[tokio::test]
+        async fn a_gap_of_one_outbox_filled_in_its_middle_keeps_the_seqs_above_new() {
+            let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
+            let source = Uuid::new_v4().to_string();
+            let sourced = |seq: i64| keyed("k", seq).source(source.as_str());
+            // 2..=5 are skipped; 3 arrives first, cutting the gap in two: 2 below it, 4..=5 above.
+            for seq in [1, 6, 3, 5, 2, 4] {
+                assert_eq!(
+                    inbox.process(&pool, &sourced(seq), &handler).await.unwrap(),
+                    Outcome::Processed,
+                    "seq {seq}"
+                );
+            }
+            for seq in 1..=6 {
+                assert_eq!(
+                    inbox.process(&pool, &sourced(seq), &handler).await.unwrap(),
+                    Outcome::Duplicate,
+                    "seq {seq}"
+                );
+            }
+            assert_eq!(effects(&pool).await, 6);
+            // No piece of the gap was left behind, under this source or the default one.
+            assert_eq!(gaps(&pool, &c, "k").await, []);
+        }
+
+        #[tokio::test]
         async fn under_expect_seqs_of_other_topics_are_not_counted_and_a_late_one_still_applies() {
             let pool = pool().await;
             let handler = Effect::default();

@@ -74,8 +74,8 @@ JOIN outbox_inbox_gaps g ON g.consumer = p.consumer AND g.`source` = p.`source` 
 WHERE g.from_seq <= p.seq AND p.seq <= g.to_seq \
 FOR UPDATE",
     "\
-INSERT INTO outbox_inbox_gaps (consumer, key_hash, from_seq, to_seq, created_at) \
-SELECT g.consumer, g.key_hash, p.seq + 1, g.to_seq, g.created_at \
+INSERT INTO outbox_inbox_gaps (consumer, `source`, key_hash, from_seq, to_seq, created_at) \
+SELECT g.consumer, g.`source`, g.key_hash, p.seq + 1, g.to_seq, g.created_at \
 FROM (SELECT ? AS consumer, ? AS `source`, UNHEX(SHA2(?, 256)) AS key_hash, ? AS seq) AS p \
 JOIN outbox_inbox_gaps g ON g.consumer = p.consumer AND g.`source` = p.`source` AND g.key_hash = p.key_hash \
 WHERE g.from_seq <= p.seq AND p.seq < g.to_seq",
