@@ -43,19 +43,22 @@ impl<E> InboxError<E> {
         }
     }
 
-    /// True for database trouble of any kind ([`InboxError::Database`]): the connection or the pool,
-    /// a timeout, a deadlock, a statement the database refused. The message is not at fault, and
+    /// True for database trouble ([`InboxError::Database`]): the connection or the pool, a
+    /// timeout, a deadlock, a statement the database refused. The message is not at fault, and
     /// nothing was committed: a consumer runner waits for the database and delivers the message
     /// again (however long that takes) instead of counting the failure against the message or
-    /// dead-lettering it. False for the handler's own error ([`InboxError::Handler`]) and for a
+    /// dead-lettering it. False for the handler's own error ([`InboxError::Handler`]), for a
     /// message the inbox cannot identify ([`InboxError::MissingHeader`],
-    /// [`InboxError::MalformedHeader`]).
+    /// [`InboxError::MalformedHeader`]), and for a value of the message the database cannot hold
+    /// (a key with a NUL character in PostgreSQL, a key too long for an index entry, a topic
+    /// longer than its column: [`outbox::db_error::is_refused_value`]), which fails the same way
+    /// on every delivery: a runner dead-letters it instead of waiting forever.
     ///
     /// Independent of [`is_retryable`](Self::is_retryable), which tells whether the same delivery
     /// can succeed later: a constraint violation is infrastructure but not retryable, a handler
     /// error is retryable but not infrastructure.
     pub fn is_infrastructure(&self) -> bool {
-        matches!(self, InboxError::Database(_))
+        matches!(self, InboxError::Database(e) if !outbox::db_error::is_refused_value(e))
     }
 }
 

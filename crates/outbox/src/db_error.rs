@@ -21,6 +21,48 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     }
 }
 
+/// True when the database refused a value the statement was given, as it will every time: text
+/// it cannot hold (PostgreSQL: a NUL character), a value too long for its column or for an index
+/// entry. The values are at fault (say, a message's key or topic), not the database.
+pub fn is_refused_value(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    #[cfg(feature = "mysql")]
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return refused_by_mysql(my.number());
+    }
+    #[cfg(feature = "sqlite")]
+    if let Some(lite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+        use sqlx::error::DatabaseError as _;
+        return lite
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(refused_by_sqlite);
+    }
+    db.code().is_some_and(|c| refused_sqlstate(&c))
+}
+
+/// PostgreSQL: character not in repertoire (a NUL in text, 22021), untranslatable character
+/// (22P05), string data right truncation (a value longer than its `varchar`, 22001), program limit
+/// exceeded (an index row too large, 54000).
+fn refused_sqlstate(code: &str) -> bool {
+    matches!(code, "22021" | "22P05" | "22001" | "54000")
+}
+
+/// MySQL/MariaDB: data too long for column (1406), incorrect string value (1366), key too long
+/// (1071).
+#[cfg(feature = "mysql")]
+fn refused_by_mysql(number: u16) -> bool {
+    matches!(number, 1406 | 1366 | 1071)
+}
+
+/// SQLite: string or blob too big (18), whatever the extended code.
+#[cfg(feature = "sqlite")]
+fn refused_by_sqlite(extended: i32) -> bool {
+    extended & 0xff == 18
+}
+
 fn database(db: &dyn sqlx::error::DatabaseError) -> bool {
     #[cfg(feature = "mysql")]
     if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
@@ -76,5 +118,16 @@ mod tests {
         assert!(mysql(1205) && mysql(1213) && !mysql(1062) && !mysql(1366));
         #[cfg(feature = "sqlite")]
         assert!(sqlite(5) && sqlite(517) && sqlite(262) && !sqlite(19) && !sqlite(2067));
+    }
+
+    #[test]
+    fn refused_values() {
+        assert!(refused_sqlstate("22021") && refused_sqlstate("54000") && refused_sqlstate("22001"));
+        assert!(!refused_sqlstate("40P01") && !refused_sqlstate("23505") && !refused_sqlstate("08006"));
+        #[cfg(feature = "mysql")]
+        assert!(refused_by_mysql(1406) && refused_by_mysql(1366) && !refused_by_mysql(1213) && !refused_by_mysql(1062));
+        #[cfg(feature = "sqlite")]
+        assert!(refused_by_sqlite(18) && !refused_by_sqlite(5) && !refused_by_sqlite(19));
+        assert!(!is_refused_value(&sqlx::Error::PoolTimedOut));
     }
 }

@@ -44,6 +44,39 @@ macro_rules! __inbox_suite_dedup {
         }
 
         #[tokio::test]
+        async fn values_the_database_cannot_hold_are_the_messages_fault_not_a_wait() {
+            // Keys and topics as another outbox database or broker may carry them: a NUL character
+            // (PostgreSQL's text cannot hold it), a key too long for an index entry, a topic longer
+            // than a parked message's column. Each is processed, or refused as the message's own
+            // fault (dead-lettered by a runner), never taken for database trouble to wait out.
+            let long_key: &'static str = Box::leak(
+                (0..250)
+                    .map(|_| Uuid::new_v4().simple().to_string())
+                    .collect::<String>()
+                    .into_boxed_str(),
+            );
+            let long_topic: &'static str = Box::leak("t".repeat(300).into_boxed_str());
+            for policy in [GapPolicy::Accept, GapPolicy::Hold] {
+                let (pool, _, inbox, handler) = inbox_and_handler::<Effect>(policy).await;
+                let msgs = [
+                    Incoming::new(Uuid::now_v7(), "orders", b"payload").keyed("a\u{0}b", 1),
+                    Incoming::new(Uuid::now_v7(), "orders", b"payload").keyed(long_key, 1),
+                    Incoming::new(Uuid::now_v7(), long_topic, b"payload").keyed("k", 2),
+                ];
+                for msg in &msgs {
+                    match inbox.process(&pool, msg, &handler).await {
+                        Ok(outcome) => assert!(outcome.is_done(), "{policy:?} {msg:?}: {outcome:?}"),
+                        Err(e) => assert!(
+                            !e.is_infrastructure() && !e.is_retryable(),
+                            "{policy:?} {:?}: {e:?}",
+                            msg.key.unwrap_or_default().chars().take(8).collect::<String>()
+                        ),
+                    }
+                }
+            }
+        }
+
+        #[tokio::test]
         async fn one_connection_serves_every_kind_of_delivery_in_a_row() {
             // A backend that answers through session state (MySQL: LAST_INSERT_ID) must not read a
             // previous delivery's answer: on one connection, every kind follows every other kind.
