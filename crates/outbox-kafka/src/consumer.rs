@@ -26,7 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::time::Instant;
 
 pub use config::ConsumerConfig;
-use waiting::Waiting;
+use waiting::{ReadPast, Waiting};
 
 pub use outbox_inbox::dead_letter::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_TOPIC};
 
@@ -214,6 +214,27 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             if waiting.is_paused(&tp) {
                 // Fetched before its partition was paused; read again after the resume.
                 continue;
+            }
+            match waiting.read_past(&tp, msg.offset()) {
+                ReadPast::No => {}
+                ReadPast::Rewind(at) => {
+                    tracing::warn!(
+                        topic = tp.0,
+                        partition = tp.1,
+                        offset = msg.offset(),
+                        waiting = at,
+                        "read past the message waiting for its retry; reading from it again"
+                    );
+                    waiting.rewind(&self.consumer, &tp, at);
+                    continue;
+                }
+                ReadPast::Gone(at) => tracing::warn!(
+                    topic = tp.0,
+                    partition = tp.1,
+                    offset = msg.offset(),
+                    waiting = at,
+                    "the message waiting for its retry is no longer in the log (retention); going on"
+                ),
             }
             let attempts = waiting.attempts(&tp, msg.offset());
             match self.attempt(&msg, attempts, &retry).await {
