@@ -25,6 +25,20 @@ pub enum InboxError<E = Infallible> {
     /// The handler failed. Its writes and the dedup record were rolled back.
     #[error("handler failed: {0}")]
     Handler(#[source] E),
+    /// Under [`GapPolicy::Hold`](crate::GapPolicy::Hold): the message was applied and committed,
+    /// with the parked messages before `seq`, but the handler failed on the parked message `seq`
+    /// of its key (id `id`) that follows them. That one's writes were rolled back and it stays
+    /// parked; delivering the message again (now a duplicate) tries it again.
+    #[error("the message was applied, but parked message {id} (seq {seq} of its key) failed: {error}")]
+    ParkedHandler {
+        /// The parked message's `outbox-id`.
+        id: uuid::Uuid,
+        /// Its seq.
+        seq: i64,
+        /// The handler's error.
+        #[source]
+        error: E,
+    },
     /// The database failed. Nothing was committed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -38,7 +52,7 @@ impl<E> InboxError<E> {
     pub fn is_retryable(&self) -> bool {
         match self {
             InboxError::MissingHeader(_) | InboxError::MalformedHeader { .. } => false,
-            InboxError::Handler(_) => true,
+            InboxError::Handler(_) | InboxError::ParkedHandler { .. } => true,
             InboxError::Database(e) => database_retryable(e),
         }
     }

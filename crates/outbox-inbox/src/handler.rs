@@ -10,7 +10,8 @@ use crate::Incoming;
 ///
 /// Under [`GapPolicy::Hold`](crate::GapPolicy::Hold) one transaction can apply several messages of
 /// a key: the delivered one, then the parked ones that follow it, each with its own call, in seq
-/// order; an error on any of them rolls back all of them.
+/// order. An error on the delivered one rolls back the transaction; on a parked one, only that
+/// one's writes (a savepoint): it stays parked, and the ones before it commit.
 ///
 /// Do not commit or roll back `tx`, and keep side effects outside the database (HTTP calls, e-mails)
 /// idempotent or out of the handler: they cannot be rolled back.
@@ -37,7 +38,7 @@ use crate::Incoming;
 /// ```
 #[async_trait]
 pub trait Handler<DB: sqlx::Database>: Send + Sync {
-    /// The handler's failure. Any error rolls back the whole transaction.
+    /// The handler's failure. It rolls back the message's writes (see above for parked ones).
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Applies `msg` using `tx`.

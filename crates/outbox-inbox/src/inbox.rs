@@ -29,7 +29,8 @@ pub enum GapPolicy {
     /// Apply the messages of a key in seq order. A message whose predecessor has not been applied
     /// is parked (kept whole in the inbox's tables, in its own transaction) and answers
     /// [`Outcome::Parked`]; when the predecessor is applied, the parked messages that follow it
-    /// are applied in the same transaction, by the same handler, in seq order. Nothing is skipped,
+    /// are applied in the same transaction (each in a savepoint), by the same handler, in seq
+    /// order; one that fails stays parked (see [`Inbox::process`]). Nothing is skipped,
     /// so no gap is recorded. For a consumer that reads every topic its keys' messages are sent
     /// to: a message whose predecessor never reaches it stays parked (see the crate
     /// documentation).
@@ -47,7 +48,9 @@ pub enum Outcome {
     /// The handler ran and its writes committed with the dedup record (under [`GapPolicy::Hold`],
     /// with those of the parked messages that followed it).
     Processed,
-    /// The message was processed (or parked) before: the handler did not run.
+    /// The message was processed (or parked) before: the handler did not run for it. (Under
+    /// [`GapPolicy::Hold`], parked messages that follow it and failed when it was applied are
+    /// applied now: see [`InboxError::ParkedHandler`].)
     Duplicate,
     /// Under [`GapPolicy::Hold`], the message's predecessor has not been applied: the message is
     /// parked in the inbox's tables (committed), and will be applied right after its predecessor,
@@ -131,9 +134,11 @@ impl Inbox {
     /// predecessor has not been applied is parked (committed, the handler does not run), and a
     /// message that is applied brings the parked messages that follow it along, in its
     /// transaction. Concurrent deliveries of one message wait for each other: one processes it,
-    /// the others see a duplicate. On a handler error (its own message's, or a parked one's)
-    /// everything is rolled back and the error is returned ([`InboxError::is_retryable`] is
-    /// true): deliver the message again.
+    /// the others see a duplicate. On a handler error everything is rolled back and the error is
+    /// returned ([`InboxError::is_retryable`] is true): deliver the message again. On a parked
+    /// message's error ([`InboxError::ParkedHandler`], also retryable) the message and the parked
+    /// ones before the failed one are committed, the failed one stays parked: delivering the
+    /// message again (a duplicate now) tries it again.
     ///
     /// Commit the consumer offset when the outcome [`is_done`](Outcome::is_done) (every `Ok`).
     #[tracing::instrument(name = "process", skip_all, fields(outbox.id = %msg.id, consumer = %self.consumer))]
@@ -158,13 +163,24 @@ impl Inbox {
         // For a message new at the top of its key: the key's highest seq before it.
         let advanced_from = match DB::record(&mut *tx, &self.consumer, msg, hold).await? {
             Recorded::Duplicate => {
+                // Under Hold, a parked message that failed after this one was applied (see
+                // `apply_parked_successors`) is tried again on its redelivery.
+                let (unparked, failed) = match (hold, msg.key_seq()) {
+                    (true, Some((key, seq))) => self.apply_parked_successors(&mut tx, msg, key, seq, handler).await?,
+                    _ => (0, None),
+                };
                 // End the transaction now to release the key row. Commit rather than roll back: a
-                // duplicate writes nothing, except that looking at the key's gaps may have repaired
-                // its gap_from; keeping that spares later duplicates.
+                // duplicate writes nothing (but the parked messages just applied), except that
+                // looking at the key's gaps may have repaired its gap_from; keeping that spares
+                // later duplicates.
                 tx.commit().await?;
                 tracing::debug!(key = msg.key, seq = msg.seq, "duplicate, skipped");
                 self.count("outbox_inbox_duplicates_total", 1);
-                return Ok(Outcome::Duplicate);
+                self.count_unparked(unparked);
+                return match failed {
+                    Some(e) => Err(e),
+                    None => Ok(Outcome::Duplicate),
+                };
             }
             Recorded::Parked { previous } => {
                 tx.commit().await?;
@@ -225,33 +241,73 @@ impl Inbox {
             let _ = tx.rollback().await;
             return Err(InboxError::Handler(e));
         }
-        let mut applied = 1;
-        if let (true, Some((key, seq)), Some(_)) = (hold, msg.key_seq(), advanced_from) {
-            // The parked messages that follow, while they follow: same transaction, same handler.
-            let mut next = seq + 1;
-            while let Some((parked, _)) = DB::unpark(&mut *tx, &self.consumer, msg.scope(), key, next, false).await? {
-                let successor = parked.incoming(key, next, msg.source);
-                tracing::info!(key, seq = next, outbox.id = %parked.id, "applying a parked message");
-                if let Err(e) = handler.handle(&mut tx, &successor).await {
-                    let _ = tx.rollback().await;
-                    tracing::warn!(
-                        key,
-                        seq = next,
-                        outbox.id = %parked.id,
-                        "a parked message failed: the message before it is rolled back too"
-                    );
-                    return Err(InboxError::Handler(e));
-                }
-                applied += 1;
-                next += 1;
-            }
-        }
+        let (unparked, failed) = match (hold, msg.key_seq(), advanced_from) {
+            (true, Some((key, seq)), Some(_)) => self.apply_parked_successors(&mut tx, msg, key, seq, handler).await?,
+            _ => (0, None),
+        };
         tx.commit().await?;
-        self.count("outbox_inbox_processed_total", applied);
-        if applied > 1 {
-            self.count("outbox_inbox_unparked_total", applied - 1);
+        self.count("outbox_inbox_processed_total", 1);
+        self.count_unparked(unparked);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(Outcome::Processed),
         }
-        Ok(Outcome::Processed)
+    }
+
+    /// Under [`GapPolicy::Hold`], on `tx` that holds the key row and has applied `seq` of `key`
+    /// (now, or before: a redelivery): applies the parked messages that follow it, while they
+    /// follow, each in a savepoint of its own. Returns how many it applied and, when the handler
+    /// failed on one, the error naming it: that one's writes are rolled back to its savepoint and
+    /// it stays parked, the ones before it stay applied. A parked message that fails every time
+    /// thus holds back only itself and what follows it, never the message before it.
+    async fn apply_parked_successors<DB, H>(
+        &self,
+        tx: &mut sqlx::Transaction<'_, DB>,
+        msg: &Incoming<'_>,
+        key: &str,
+        seq: i64,
+        handler: &H,
+    ) -> Result<(u64, Option<InboxError<H::Error>>), InboxError<H::Error>>
+    where
+        DB: Backend,
+        H: Handler<DB> + ?Sized,
+    {
+        let mut next = seq + 1;
+        // One read when nothing follows (the common case): no savepoint.
+        while DB::lowest_parked(&mut **tx, &self.consumer, msg.scope(), key).await? == Some(next) {
+            let mut step = sqlx::Connection::begin(&mut **tx).await?;
+            let Some((parked, _)) = DB::unpark(&mut *step, &self.consumer, msg.scope(), key, next, false).await? else {
+                break;
+            };
+            let successor = parked.incoming(key, next, msg.source);
+            tracing::info!(key, seq = next, outbox.id = %parked.id, "applying a parked message");
+            if let Err(error) = handler.handle(&mut step, &successor).await {
+                step.rollback().await?;
+                tracing::warn!(
+                    key,
+                    seq = next,
+                    outbox.id = %parked.id,
+                    "a parked message failed: it stays parked, the message before it is applied"
+                );
+                self.count("outbox_inbox_parked_failures_total", 1);
+                let failed = InboxError::ParkedHandler {
+                    id: parked.id,
+                    seq: next,
+                    error,
+                };
+                return Ok(((next - seq - 1) as u64, Some(failed)));
+            }
+            step.commit().await?;
+            next += 1;
+        }
+        Ok(((next - seq - 1) as u64, None))
+    }
+
+    fn count_unparked(&self, unparked: u64) {
+        if unparked > 0 {
+            self.count("outbox_inbox_processed_total", unparked);
+            self.count("outbox_inbox_unparked_total", unparked);
+        }
     }
 
     /// Gives up waiting for the missing predecessors of `key`'s parked messages (from `source`;

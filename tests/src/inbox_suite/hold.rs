@@ -145,36 +145,47 @@ macro_rules! __inbox_suite_hold {
         }
 
         #[tokio::test]
-        async fn under_hold_a_failing_parked_successor_rolls_back_its_predecessor_too() {
+        async fn under_hold_a_failing_parked_successor_stays_parked_and_its_predecessor_is_applied() {
             let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
             let handler = Recorder {
                 fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 2))),
                 ..Recorder::default()
             };
-            let k2 = keyed("k", 2);
-            assert_eq!(
-                inbox.process(&pool, &k2, &handler).await.unwrap(),
-                Outcome::Parked
-            );
+            let (k2, k3) = (keyed("k", 2), keyed("k", 3));
+            for m in [&k3, &k2] {
+                assert_eq!(inbox.process(&pool, m, &handler).await.unwrap(), Outcome::Parked);
+            }
             let k1 = keyed("k", 1);
             let err = inbox.process(&pool, &k1, &handler).await.unwrap_err();
-            assert!(matches!(err, InboxError::Handler(Boom)), "{err:?}");
-            assert!(err.is_retryable());
-            // One transaction: neither effect committed, 2 is still parked.
-            assert_eq!(effects(&pool).await, 0);
-            assert_eq!(parked_rows(&pool, &c).await, 1);
+            assert!(
+                matches!(err, InboxError::ParkedHandler { id, seq: 2, error: Boom } if id == k2.id),
+                "{err:?}"
+            );
+            assert!(err.is_retryable() && !err.is_infrastructure());
+            // 1 is applied; 2 failed and stays parked, and 3 waits behind it.
+            assert_eq!(effects_of(&pool, k1.id).await, 1);
+            assert_eq!(effects(&pool).await, 1);
+            assert_eq!(parked_rows(&pool, &c).await, 2);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(1));
+            let k4 = keyed("k", 4);
+            assert_eq!(inbox.process(&pool, &k4, &handler).await.unwrap(), Outcome::Parked);
+            // 1 delivered again (as a runner does after the error): a duplicate that applies what
+            // follows it.
             assert_eq!(
                 inbox.process(&pool, &k1, &handler).await.unwrap(),
-                Outcome::Processed
-            );
-            assert_eq!(effects_of(&pool, k1.id).await, 1);
-            assert_eq!(effects_of(&pool, k2.id).await, 1);
-            assert_eq!(parked_rows(&pool, &c).await, 0);
-            assert_eq!(
-                inbox.process(&pool, &k2, &handler).await.unwrap(),
                 Outcome::Duplicate
             );
-            assert_eq!(effects(&pool).await, 2);
+            for m in [&k1, &k2, &k3, &k4] {
+                assert_eq!(effects_of(&pool, m.id).await, 1);
+            }
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(4));
+            for m in [&k1, &k2, &k3, &k4] {
+                assert_eq!(inbox.process(&pool, m, &handler).await.unwrap(), Outcome::Duplicate);
+            }
+            assert_eq!(effects(&pool).await, 4);
+            let seqs: Vec<i64> = handler.order().into_iter().map(|(_, s)| s).collect();
+            assert_eq!(seqs, [1, 2, 2, 3, 4]);
         }
 
         #[tokio::test]
