@@ -65,6 +65,15 @@ pub trait Backend: sqlx::Database {
         key: &str,
     ) -> Result<Option<i64>, sqlx::Error>;
 
+    /// The highest seq applied for (consumer, source, key), if the key has a row.
+    #[doc(hidden)]
+    async fn key_seq(
+        conn: &mut <Self as sqlx::Database>::Connection,
+        consumer: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<Option<i64>, sqlx::Error>;
+
     /// Deletes at most `batch` unkeyed records of `consumer` older than `retention_ms`, in one short
     /// transaction of its own. Returns how many it deleted.
     #[doc(hidden)]

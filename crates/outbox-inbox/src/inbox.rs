@@ -49,8 +49,8 @@ pub enum Outcome {
     /// with those of the parked messages that followed it).
     Processed,
     /// The message was processed (or parked) before: the handler did not run for it. (Under
-    /// [`GapPolicy::Hold`], parked messages that follow it and failed when it was applied are
-    /// applied now: see [`InboxError::ParkedHandler`].)
+    /// [`GapPolicy::Hold`], parked messages that follow its key's highest applied seq, left by a
+    /// parked message that failed, are applied now: see [`InboxError::ParkedHandler`].)
     Duplicate,
     /// Under [`GapPolicy::Hold`], the message's predecessor has not been applied: the message is
     /// parked in the inbox's tables (committed), and will be applied right after its predecessor,
@@ -166,7 +166,7 @@ impl Inbox {
                 // Under Hold, a parked message that failed after this one was applied (see
                 // `apply_parked_successors`) is tried again on its redelivery.
                 let (unparked, failed) = match (hold, msg.key_seq()) {
-                    (true, Some((key, seq))) => self.apply_parked_successors(&mut tx, msg, key, seq, handler).await?,
+                    (true, Some((key, _))) => self.apply_parked_successors(&mut tx, msg, key, None, handler).await?,
                     _ => (0, None),
                 };
                 // End the transaction now to release the key row. Commit rather than roll back: a
@@ -242,7 +242,10 @@ impl Inbox {
             return Err(InboxError::Handler(e));
         }
         let (unparked, failed) = match (hold, msg.key_seq(), advanced_from) {
-            (true, Some((key, seq)), Some(_)) => self.apply_parked_successors(&mut tx, msg, key, seq, handler).await?,
+            (true, Some((key, seq)), Some(_)) => {
+                self.apply_parked_successors(&mut tx, msg, key, Some(seq), handler)
+                    .await?
+            }
             _ => (0, None),
         };
         tx.commit().await?;
@@ -254,27 +257,38 @@ impl Inbox {
         }
     }
 
-    /// Under [`GapPolicy::Hold`], on `tx` that holds the key row and has applied `seq` of `key`
-    /// (now, or before: a redelivery): applies the parked messages that follow it, while they
-    /// follow, each in a savepoint of its own. Returns how many it applied and, when the handler
-    /// failed on one, the error naming it: that one's writes are rolled back to its savepoint and
-    /// it stays parked, the ones before it stay applied. A parked message that fails every time
-    /// thus holds back only itself and what follows it, never the message before it.
+    /// Under [`GapPolicy::Hold`], on `tx` that holds the key row: applies the parked messages that
+    /// follow the key's highest applied seq (`applied`: the message just applied; `None` for a
+    /// redelivery, whose key may have gone past it: then it is read when something is parked),
+    /// while they follow, each in a savepoint of its own. Returns how many it applied and, when
+    /// the handler failed on one, the error naming it: that one's writes are rolled back to its
+    /// savepoint and it stays parked, the ones before it stay applied. A parked message that fails
+    /// every time thus holds back only itself and what follows it, never the message before it.
     async fn apply_parked_successors<DB, H>(
         &self,
         tx: &mut sqlx::Transaction<'_, DB>,
         msg: &Incoming<'_>,
         key: &str,
-        seq: i64,
+        applied: Option<i64>,
         handler: &H,
     ) -> Result<(u64, Option<InboxError<H::Error>>), InboxError<H::Error>>
     where
         DB: Backend,
         H: Handler<DB> + ?Sized,
     {
-        let mut next = seq + 1;
-        // One read when nothing follows (the common case): no savepoint.
-        while DB::lowest_parked(&mut **tx, &self.consumer, msg.scope(), key).await? == Some(next) {
+        let mut top = applied;
+        let mut unparked = 0;
+        // One read when nothing is parked (the common case): no savepoint.
+        while let Some(next) = DB::lowest_parked(&mut **tx, &self.consumer, msg.scope(), key).await? {
+            let highest = match top {
+                Some(t) => t,
+                None => DB::key_seq(&mut **tx, &self.consumer, msg.scope(), key)
+                    .await?
+                    .unwrap_or(0),
+            };
+            if next != highest + 1 {
+                break;
+            }
             let mut step = sqlx::Connection::begin(&mut **tx).await?;
             let Some((parked, _)) = DB::unpark(&mut *step, &self.consumer, msg.scope(), key, next, false).await? else {
                 break;
@@ -295,12 +309,13 @@ impl Inbox {
                     seq: next,
                     error,
                 };
-                return Ok(((next - seq - 1) as u64, Some(failed)));
+                return Ok((unparked, Some(failed)));
             }
             step.commit().await?;
-            next += 1;
+            unparked += 1;
+            top = Some(next);
         }
-        Ok(((next - seq - 1) as u64, None))
+        Ok((unparked, None))
     }
 
     fn count_unparked(&self, unparked: u64) {

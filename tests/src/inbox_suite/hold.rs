@@ -189,6 +189,36 @@ macro_rules! __inbox_suite_hold {
         }
 
         #[tokio::test]
+        async fn under_hold_a_parked_message_that_failed_behind_applied_ones_is_applied_on_the_redelivery() {
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
+            let handler = Recorder {
+                fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 3))),
+                ..Recorder::default()
+            };
+            let (k1, k2, k3) = (keyed("k", 1), keyed("k", 2), keyed("k", 3));
+            for m in [&k3, &k2] {
+                assert_eq!(inbox.process(&pool, m, &handler).await.unwrap(), Outcome::Parked);
+            }
+            let err = inbox.process(&pool, &k1, &handler).await.unwrap_err();
+            assert!(matches!(err, InboxError::ParkedHandler { seq: 3, .. }), "{err:?}");
+            // 1 and 2 are applied: the key is at 2, 3 stays parked right above it.
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(2));
+            assert_eq!(parked_rows(&pool, &c).await, 1);
+            // 1 delivered again: a duplicate whose key is past it; 3 follows the key's highest seq.
+            assert_eq!(
+                inbox.process(&pool, &k1, &handler).await.unwrap(),
+                Outcome::Duplicate
+            );
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(3));
+            for m in [&k1, &k2, &k3] {
+                assert_eq!(effects_of(&pool, m.id).await, 1);
+            }
+            let seqs: Vec<i64> = handler.order().into_iter().map(|(_, s)| s).collect();
+            assert_eq!(seqs, [1, 2, 3, 3]);
+        }
+
+        #[tokio::test]
         async fn under_hold_a_predecessor_and_its_successor_delivered_concurrently_apply_once_in_order() {
             let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
             // Sleeping inside the transaction keeps the first delivery uncommitted while the others

@@ -21,6 +21,7 @@
 ///   message `(message_id, topic, payload, headers)` (no row: none), the others (run only when
 ///   there is one) delete it.
 /// - `LOWEST_PARKED`, bound (consumer, source, key): the lowest parked seq of the key (NULL: none).
+/// - `KEY_SEQ`, bound (consumer, source, key): the key's highest applied seq (no row: none).
 /// - `LEGACY_KEY: Option<&str>`, bound (consumer, key): a row (any column) when the key has
 ///   records of the default source; `None` when `RECORD_KEYED` answers that itself. `ADOPT: &[&str]`, each bound (consumer, source, key), run in order: drop the
 ///   records `RECORD_KEYED` just created for (source, key) and move the default source's records of
@@ -346,6 +347,20 @@ macro_rules! sql_backend {
                     .bind(source)
                     .bind(key)
                     .fetch_one(&mut *conn)
+                    .await
+            }
+
+            async fn key_seq(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                consumer: &str,
+                source: &str,
+                key: &str,
+            ) -> Result<Option<i64>, sqlx::Error> {
+                sqlx::query_scalar($sql::KEY_SEQ)
+                    .bind(consumer)
+                    .bind(source)
+                    .bind(key)
+                    .fetch_optional(&mut *conn)
                     .await
             }
 

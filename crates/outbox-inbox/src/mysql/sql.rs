@@ -140,6 +140,9 @@ SELECT MIN(seq) FROM outbox_inbox_parked \
 WHERE consumer = ? AND `source` = ? AND key_hash = UNHEX(SHA2(?, 256)) \
 FOR UPDATE";
 
+pub(super) const KEY_SEQ: &str = "\
+SELECT seq FROM outbox_inbox_keys WHERE consumer = ? AND `source` = ? AND key_hash = UNHEX(SHA2(?, 256))";
+
 // Binds (consumer, key): a row when the key has records of the default source. A plain read: the
 // statements of ADOPT lock what they move.
 pub(super) const LEGACY_KEY: Option<&str> = Some(

@@ -99,6 +99,9 @@ RETURNING message_id, topic, payload, headers"];
 pub(super) const LOWEST_PARKED: &str = "\
 SELECT min(seq) FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3";
 
+pub(super) const KEY_SEQ: &str = "\
+SELECT seq FROM outbox_inbox_keys WHERE consumer = $1 AND source = $2 AND key = $3";
+
 // RECORD_KEYED answers whether a new key has records of the default source ('': written before
 // messages carried their source, or sent by a relay that does not send it).
 pub(super) const LEGACY_KEY: Option<&str> = None;
