@@ -11,6 +11,24 @@ use std::time::Duration;
 use crate::Lease;
 
 /// A count bound as a SQL integer (a limit, a batch size).
+/// The longest error text kept with a row, in bytes.
+const ERROR_TEXT_MAX: usize = 4096;
+
+/// An error text as a row keeps it (`last_error`, a dead letter's `error`): NUL, which
+/// PostgreSQL's text refuses, replaced by U+FFFD, and cut to [`ERROR_TEXT_MAX`] bytes. Whatever a
+/// broker answers, storing it cannot fail (a store write that fails every time would hold its lane).
+pub(crate) fn error_text(error: &str) -> std::borrow::Cow<'_, str> {
+    if error.len() <= ERROR_TEXT_MAX && !error.contains('\0') {
+        return error.into();
+    }
+    let mut end = error.len().min(ERROR_TEXT_MAX);
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = if end < error.len() { "…" } else { "" };
+    format!("{}{cut}", error[..end].replace('\0', "\u{fffd}")).into()
+}
+
 pub(crate) fn count(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -140,7 +158,7 @@ macro_rules! store {
                 error: &str,
                 retry_in: std::time::Duration,
             ) -> $crate::Result<()> {
-                mark_failed(self, lease, pos, error, retry_in).await
+                mark_failed(self, lease, pos, &$crate::sql_store::error_text(error), retry_in).await
             }
 
             async fn dead_letter(
@@ -150,7 +168,7 @@ macro_rules! store {
                 error: &str,
                 park: bool,
             ) -> $crate::Result<()> {
-                dead_letter(self, lease, pos, error, park).await
+                dead_letter(self, lease, pos, &$crate::sql_store::error_text(error), park).await
             }
 
             fn wakeups(&self) -> Option<&dyn $crate::Wakeups> {
@@ -384,3 +402,22 @@ macro_rules! acquire_in_one_statement {
 
 #[allow(unused_imports)] // used by the backends compiled in
 pub(crate) use {acquire_in_one_statement, guarded_writes, store};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_texts_lose_their_nuls_and_are_cut_on_a_char_boundary() {
+        assert!(matches!(error_text("plain"), std::borrow::Cow::Borrowed("plain")));
+        assert_eq!(error_text("a\0b"), "a\u{fffd}b");
+        // 'é' is two bytes: 4095 of them leave the cut in the middle of one.
+        let long = format!("x{}", "é".repeat(3000));
+        let cut = error_text(&long);
+        assert!(
+            cut.len() <= ERROR_TEXT_MAX + "…".len() && cut.ends_with("é…"),
+            "{}",
+            cut.len()
+        );
+    }
+}

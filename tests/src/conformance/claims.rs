@@ -166,6 +166,44 @@ macro_rules! __conformance_claims {
         }
 
         #[tokio::test]
+        async fn any_broker_error_text_is_stored_so_no_lane_waits_on_it() {
+            let (pool, store, leases) = fresh_with_leases().await;
+            let e = commit_each(
+                &pool,
+                [Message::new("t", "r").key("k1"), Message::new("t", "d").key("k2")],
+            )
+            .await;
+            let rows = claim_all(&*store, &leases).await;
+            let row = |payload: &[u8]| rows.iter().find(|r| r.payload == payload).unwrap();
+            // A NUL (PostgreSQL's text refuses it) and a text far longer than any error needs.
+            let error = format!("broker said \0 no{}", "x".repeat(100_000));
+            store
+                .mark_failed(
+                    lease_of(&leases, e[0].lane),
+                    row(b"r").pos,
+                    &error,
+                    Duration::ZERO,
+                )
+                .await
+                .expect("a retry is stored whatever the error says");
+            store
+                .dead_letter(lease_of(&leases, e[1].lane), row(b"d").pos, &error, false)
+                .await
+                .expect("a dead letter is stored whatever the error says");
+            let dl = store.dead_letters(10).await.unwrap();
+            assert_eq!(dl.len(), 1);
+            assert!(
+                dl[0].error.starts_with("broker said \u{fffd} no"),
+                "{:?}",
+                &dl[0].error[..20]
+            );
+            assert!(dl[0].error.len() < 10_000, "{} bytes", dl[0].error.len());
+            let again = claim_all(&*store, &leases).await;
+            assert_eq!(payloads(&again, None), vec![&b"r"[..]]);
+            assert_eq!(again[0].attempts, 1);
+        }
+
+        #[tokio::test]
         async fn claim_ahead_leaves_out_the_batch_in_flight_and_keeps_key_order() {
             let (pool, store, leases) = fresh_with_leases().await;
             let e = commit_each(&pool, (0..6).map(|i| Message::new("t", format!("m{i}")).key("k"))).await;
