@@ -393,8 +393,7 @@ impl Inbox {
                 applied,
                 "released parked messages; the seqs missing before them are open gaps"
             );
-            self.count("outbox_inbox_processed_total", applied);
-            self.count("outbox_inbox_unparked_total", applied);
+            self.count_unparked(applied);
             self.count("outbox_inbox_gaps_total", gaps);
         }
         Ok(applied)
