@@ -34,6 +34,10 @@ pub struct RelayArgs {
     pub lease_ttl_ms: u64,
     /// `--poll-interval-ms`.
     pub poll_interval_ms: u64,
+    /// `--pace-max-lag-ms`: 5 s in tests. The adaptive pace counts the writes of every database on
+    /// the server, so the other tests running beside one look like a busy service; with the
+    /// default (5 min) a lane could rest for most of a test's wait.
+    pub pace_max_lag_ms: u64,
     /// More flags, placed before `run`.
     pub extra: Vec<String>,
     /// Environment variables for the process.
@@ -43,7 +47,7 @@ pub struct RelayArgs {
 }
 
 impl RelayArgs {
-    /// Defaults for tests: poll every 100 ms, lease 3 s, log level info.
+    /// Defaults for tests: poll every 100 ms, lease 3 s, pace lag 5 s, log level info.
     pub fn new(bin: &str, database_url: &str, bootstrap: &str, batch_size: usize) -> Self {
         RelayArgs {
             bin: bin.to_owned(),
@@ -52,6 +56,7 @@ impl RelayArgs {
             batch_size,
             lease_ttl_ms: 3000,
             poll_interval_ms: 100,
+            pace_max_lag_ms: 5000,
             extra: Vec::new(),
             env: Vec::new(),
             log: "info".into(),
@@ -97,6 +102,7 @@ impl RelayArgs {
             .args(["--batch-size", &self.batch_size.to_string()])
             .args(["--lease-ttl-ms", &self.lease_ttl_ms.to_string()])
             .args(["--poll-interval-ms", &self.poll_interval_ms.to_string()])
+            .args(["--pace-max-lag-ms", &self.pace_max_lag_ms.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .args(&self.extra)
             .arg("run")

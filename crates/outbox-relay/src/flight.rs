@@ -26,6 +26,8 @@ pub(crate) struct InFlight<'a> {
     pub(crate) started: Instant,
     /// It took all the claim allowed: more rows are probably waiting.
     pub(crate) full: bool,
+    /// When its newest row was committed: about when the rows behind a full batch began to wait.
+    pub(crate) newest: chrono::DateTime<chrono::Utc>,
     positions: Vec<i64>,
     keys: HashSet<String>,
 }
@@ -44,6 +46,7 @@ impl<'a> InFlight<'a> {
             turns,
             started,
             full,
+            newest: rows.iter().map(|r| r.created_at).max().unwrap_or_else(chrono::Utc::now),
             positions: rows.iter().map(|r| r.pos).collect(),
             keys: rows.iter().filter_map(|r| r.key.clone()).collect(),
         }

@@ -398,8 +398,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             // the lane has caught up, its next claim takes no turn, and a rest would only keep it
             // from asking writers for NOTIFY and from claiming the rows committed meanwhile.
             paced.resting();
-            let rest = pace.pause_after(batch.started.elapsed());
-            if !rest.is_zero() && pause(self.stop, rest).await {
+            if pace.rest(self.stop, batch.started.elapsed(), batch.newest).await {
                 return Err(LaneExit::Stopped);
             }
         }

@@ -30,7 +30,7 @@
 //!
 //! Only lanes that catch up are paced (their last claim was full): a lane that keeps up publishes
 //! what the service writes as it writes it, and holding it back would only add latency. And while
-//! the oldest row claimed has waited longer than
+//! the oldest row claimed (or the rows behind a resting lane's batch, [`Adaptive::rest`]) has waited longer than
 //! [`RelayConfig::pace_max_lag`](crate::RelayConfig::pace_max_lag), the pace stays at one lane or
 //! more: a peak that lasts makes the backlog wait, but not for ever.
 //!
@@ -67,6 +67,8 @@ const QUIET_WAIT: Duration = Duration::from_millis(300);
 /// How far back the baseline looks: long enough to remember a database at rest through minutes of
 /// load, short enough to learn a slower path to a new one.
 const BASELINE: Duration = Duration::from_secs(300);
+/// How often a resting lane looks at the pace again.
+const REST_SLICE: Duration = Duration::from_millis(100);
 /// The lowest pace: one lane working 5% of the time.
 const FLOOR: f64 = 0.05;
 /// Where the pace drops at once when a service becomes busy (the proportional cuts take over from
@@ -200,6 +202,31 @@ impl Adaptive {
             }
             // The window began while this lane waited for the gate: give way.
             drop(turn);
+        }
+    }
+
+    /// Rests after a full round that took `took`, as long as the pace asks, which it asks again
+    /// every [`REST_SLICE`]: a pace that rose (to one lane or more: the rest ends) shortens it. The
+    /// rows behind the round's batch wait meanwhile, and that wait (from `behind_since`, when its
+    /// newest row was committed) counts as the lag: without it a lane resting long after a slow
+    /// round (a statement that waited on a lock, at the floor: 19 times that round) would see no
+    /// lag until its next claim, and `pace_max_lag` would not bound the wait. True if `stop` came.
+    pub(crate) async fn rest(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+        took: Duration,
+        behind_since: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        let began = Instant::now();
+        loop {
+            let left = (began + self.pause_after(took)).saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.saw_lag((chrono::Utc::now() - behind_since).to_std().unwrap_or_default());
+            if crate::waits::pause(stop, left.min(REST_SLICE)).await {
+                return true;
+            }
         }
     }
 

@@ -55,7 +55,7 @@ pub(crate) struct RelaySection {
     #[arg(skip)]
     pub(crate) adaptive_pace: Option<bool>,
     /// With the adaptive pace, the oldest message's wait beyond which one lane works without rest.
-    #[arg(skip)]
+    #[arg(long, env = "OUTBOX_PACE_MAX_LAG_MS", global = true)]
     pub(crate) pace_max_lag_ms: Option<Millis>,
     /// With the adaptive pace, how much the relay may slow a busy service's commits (0.15: 15%).
     #[arg(skip)]

@@ -32,6 +32,21 @@ async fn behind_proxy(s: &Setup) -> (DbProxy, String) {
     (proxy, url)
 }
 
+/// The backlog per lane with its lease (what a drain that does not finish waits on).
+async fn backlog_by_lane(pool: &sqlx::PgPool) -> String {
+    let lines: Vec<String> = sqlx::query_scalar(
+        "SELECT format('lane %s: %s rows, attempts %s, available in %s, error %s; epoch %s, idle %s, lease left %s', \
+                m.lane, count(*), max(m.attempts), max(m.available_at) - now(), max(m.last_error), \
+                l.epoch, l.idle, l.expires_at - now()) \
+         FROM outbox_messages m JOIN outbox_leases l ON l.lane = m.lane \
+         GROUP BY m.lane, l.epoch, l.idle, l.expires_at ORDER BY m.lane",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    lines.join("\n")
+}
+
 /// Waits `how_long`, failing the test if the relay exits meanwhile (`when` says in what state).
 async fn stays_up(relay: &mut RelayProcess, how_long: Duration, when: &str) {
     let start = Instant::now();
@@ -109,10 +124,47 @@ async fn database_connections_killed_while_draining_lose_nothing() {
     );
 }
 
+/// A service committing on the test's database until dropped: eight writers inserting rows of
+/// their own, one at a time (the adaptive pace sees a busy service and takes its floor).
+struct Service(Vec<tokio::task::JoinHandle<()>>);
+
+impl Service {
+    async fn writing(pool: &sqlx::PgPool) -> Service {
+        outbox_tests::db::exec(pool, "CREATE TABLE service_rows (x INT)").await;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .unwrap();
+        Service(
+            (0..8)
+                .map(|_| {
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            let _ = sqlx::query("INSERT INTO service_rows VALUES (1)").execute(&pool).await;
+                        }
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.0.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}
+
+/// With a service busy beside it (the pace at its floor), so a lane whose round waited on the
+/// lock rests in proportion (19 times the round): the rest must end once the backlog behind it has
+/// waited `pace_max_lag` (5 s here), not at the lane's next claim.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
     let s = setup("lock", 4, 1).await;
     let ids = s.enqueue(8000, 100).await;
+    let _service = Service::writing(&s.pool).await;
     let mut relay = s.relay(BATCH).spawn();
     wait_pending_below(&s.store, 7800, Duration::from_secs(60)).await;
     // Longer than the daemon's lock_timeout (10 s): claims and marks in flight time out and retry.
@@ -121,7 +173,17 @@ async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
     stays_up(&mut relay, Duration::from_secs(12), "under the lock").await;
     let during_lock = relay.count("lock timeout");
     tx.rollback().await.unwrap();
-    wait_pending_below(&s.store, 1, Duration::from_secs(90)).await;
+    until("drained after the lock", Duration::from_secs(40), || async {
+        match pending(&s.store).await {
+            0 => Ok(()),
+            n => Err(format!(
+                "{n} pending\n{}\nrelay:\n{}",
+                backlog_by_lane(&s.pool).await,
+                relay.tail(30)
+            )),
+        }
+    })
+    .await;
     relay.terminate();
     assert!(
         during_lock > 0,
