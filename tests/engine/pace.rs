@@ -1,12 +1,12 @@
 //! The adaptive pace on PostgreSQL, read from the relay's own gauge.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::observed::{Observed, Observer, StoreCall};
 use outbox::Message;
-use outbox_tests::db::commit_each;
+use outbox_tests::db::{commit_each, Service};
 use outbox_tests::embedded::{drained, start, test_config};
 
 use super::{Concurrency, Scripted};
@@ -37,37 +37,6 @@ impl metrics::Recorder for PaceGauge {
     }
     fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
         metrics::Histogram::noop()
-    }
-}
-
-/// A service busy on the database: eight writers inserting rows of their own, one at a time.
-struct Service {
-    stop: Arc<AtomicBool>,
-    writers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Service {
-    async fn writing(pool: &sqlx::PgPool) -> Service {
-        outbox_tests::db::exec(pool, "CREATE TABLE service_rows (x INT)").await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let writers = (0..8)
-            .map(|_| {
-                let (pool, stop) = (pool.clone(), stop.clone());
-                tokio::spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        outbox_tests::db::exec(&pool, "INSERT INTO service_rows VALUES (1)").await;
-                    }
-                })
-            })
-            .collect();
-        Service { stop, writers }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for w in self.writers {
-            w.await.unwrap();
-        }
     }
 }
 

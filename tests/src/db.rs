@@ -263,3 +263,48 @@ macro_rules! migration_tests {
         }
     };
 }
+
+/// A service busy on the database until stopped (or dropped): eight writers on a pool of their
+/// own, each inserting rows into a table of its own (`service_rows`), one at a time. The adaptive
+/// pace sees it by the transaction ids it takes.
+pub struct Service {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Service {
+    pub async fn writing(pool: &sqlx::PgPool) -> Service {
+        exec(pool, "CREATE TABLE service_rows (x INT)").await;
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers = (0..8)
+            .map(|_| {
+                let (pool, stop) = (own.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        exec(&pool, "INSERT INTO service_rows VALUES (1)").await;
+                    }
+                })
+            })
+            .collect();
+        Service { stop, writers }
+    }
+
+    /// Stops the writers and waits for them (a writer that failed fails the test here).
+    pub async fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for w in std::mem::take(&mut self.writers) {
+            w.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.writers.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+}

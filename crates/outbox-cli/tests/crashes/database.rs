@@ -124,39 +124,6 @@ async fn database_connections_killed_while_draining_lose_nothing() {
     );
 }
 
-/// A service committing on the test's database until dropped: eight writers inserting rows of
-/// their own, one at a time (the adaptive pace sees a busy service and takes its floor).
-struct Service(Vec<tokio::task::JoinHandle<()>>);
-
-impl Service {
-    async fn writing(pool: &sqlx::PgPool) -> Service {
-        outbox_tests::db::exec(pool, "CREATE TABLE service_rows (x INT)").await;
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(8)
-            .connect_with((*pool.connect_options()).clone())
-            .await
-            .unwrap();
-        Service(
-            (0..8)
-                .map(|_| {
-                    let pool = pool.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            let _ = sqlx::query("INSERT INTO service_rows VALUES (1)").execute(&pool).await;
-                        }
-                    })
-                })
-                .collect(),
-        )
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.0.iter().for_each(tokio::task::JoinHandle::abort);
-    }
-}
-
 /// With a service busy beside it (the pace at its floor), so a lane whose round waited on the
 /// lock rests in proportion (19 times the round): the rest must end once the backlog behind it has
 /// waited `pace_max_lag` (5 s here), not at the lane's next claim.
@@ -164,7 +131,7 @@ impl Drop for Service {
 async fn outbox_table_locked_longer_than_the_lock_timeout_then_drains() {
     let s = setup("lock", 4, 1).await;
     let ids = s.enqueue(8000, 100).await;
-    let _service = Service::writing(&s.pool).await;
+    let _service = outbox_tests::db::Service::writing(&s.pool).await;
     let mut relay = s.relay(BATCH).spawn();
     wait_pending_below(&s.store, 7800, Duration::from_secs(60)).await;
     // Longer than the daemon's lock_timeout (10 s): claims and marks in flight time out and retry.
