@@ -67,6 +67,10 @@ const QUIET_WAIT: Duration = Duration::from_millis(300);
 /// How far back the baseline looks: long enough to remember a database at rest through minutes of
 /// load, short enough to learn a slower path to a new one.
 const BASELINE: Duration = Duration::from_secs(300);
+/// The longest round a rest is measured from: a round that took longer waited (a statement on a
+/// lock, a write retried, the broker) more than it worked the database, and at the floor a rest of
+/// 19 times a 10 s lock wait would leave the backlog alone for three minutes.
+const ROUND_COUNTED: Duration = Duration::from_secs(1);
 /// How often a resting lane looks at the pace again.
 const REST_SLICE: Duration = Duration::from_millis(100);
 /// The lowest pace: one lane working 5% of the time.
@@ -230,13 +234,14 @@ impl Adaptive {
         }
     }
 
-    /// How long a lane rests after a round that took `took`, at the current pace.
+    /// How long a lane rests after a round that took `took` (counted up to [`ROUND_COUNTED`]), at
+    /// the current pace.
     pub(crate) fn pause_after(&self, took: Duration) -> Duration {
         let level = self.level();
         if level >= 1.0 {
             Duration::ZERO
         } else {
-            took.mul_f64(1.0 / level - 1.0)
+            took.min(ROUND_COUNTED).mul_f64(1.0 / level - 1.0)
         }
     }
 

@@ -204,6 +204,33 @@ fn below_one_lane_the_lane_rests_in_proportion() {
     assert_eq!(pace.pause_after(Duration::from_millis(10)), Duration::ZERO);
     pace.milli.store(250, Ordering::Relaxed);
     assert_eq!(pace.pause_after(Duration::from_millis(10)), Duration::from_millis(30));
+    // A round that waited on a lock for 12 s is counted as one of a second.
+    pace.milli.store(50, Ordering::Relaxed);
+    assert_eq!(pace.pause_after(Duration::from_secs(12)), Duration::from_secs(19));
+}
+
+#[tokio::test]
+async fn a_resting_lane_counts_the_wait_behind_it_as_lag_and_stops_resting_when_the_pace_rises() {
+    let pace = Arc::new(Adaptive::default());
+    pace.milli.store(50, Ordering::Relaxed);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let behind_since = chrono::Utc::now() - chrono::Duration::seconds(10);
+    let rises = {
+        let pace = Arc::clone(&pace);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let lag = pace.lag_ms.load(Ordering::Relaxed);
+            pace.milli.store(1000, Ordering::Relaxed);
+            lag
+        })
+    };
+    let began = Instant::now();
+    // At the floor, a round of a second rests 19 s.
+    assert!(!pace.rest(&stop, Duration::from_secs(1), behind_since).await);
+    let rested = began.elapsed();
+    let lag_seen = rises.await.unwrap();
+    assert!(lag_seen >= 10_000, "lag seen while resting: {lag_seen} ms");
+    assert!(rested < Duration::from_secs(3), "rested {rested:?} after the pace rose to one lane");
 }
 
 #[tokio::test]
