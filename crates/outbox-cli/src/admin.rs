@@ -75,8 +75,9 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminSta
 }
 
 /// Ready when every database answers within 2 s, the broker has not been unavailable for longer
-/// than `[admin] broker_unavailable_ms`, and no lane has been without an owner for longer than the
-/// lease. The body lists what is wrong.
+/// than `[admin] broker_unavailable_ms`, no lane has been without an owner for longer than the
+/// lease, and no lane's store write (a mark) has been failing for longer than the lease. The body
+/// lists what is wrong.
 async fn ready(State(s): State<Arc<AdminState>>) -> (StatusCode, String) {
     let problems = futures::future::join_all(s.databases.iter().map(|db| problems(&s, db))).await;
     let problems: Vec<String> = problems.into_iter().flatten().collect();
@@ -100,6 +101,16 @@ async fn problems(s: &AdminState, db: &DatabaseView) -> Vec<String> {
             db.name,
             down.as_secs_f64(),
             s.broker_unavailable.as_secs_f64()
+        ));
+    }
+    for f in health.store_failing().iter().filter(|f| f.for_ >= s.lease_ttl) {
+        out.push(format!(
+            "database {}: lane {}: store writes failing for {:.0}s (the lease is {:.0}s): {}",
+            db.name,
+            f.lane,
+            f.for_.as_secs_f64(),
+            s.lease_ttl.as_secs_f64(),
+            f.error
         ));
     }
     let status = match tokio::time::timeout(DB_ANSWER, store.status()).await {

@@ -205,3 +205,39 @@ async fn readyz_fails_on_a_broker_outage_past_its_threshold_and_on_lanes_nobody_
     std::fs::remove_file(cfg).ok();
     std::fs::remove_file(lanes_cfg).ok();
 }
+
+/// A store write the database keeps refusing (here a trigger on the outbox's DELETE, which every
+/// mark runs) leaves the lane retrying with its lease held: no relay takes it over and no lane is
+/// without an owner, so readiness has to tell it by itself. Once the database takes the marks
+/// again the rows drain, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_marks_are_refused_for_longer_than_the_lease_and_the_rows_drain_after() {
+    let bootstrap = broker();
+    let pool = outbox_tests::db::fresh_pg().await;
+    let t = topic("dbs-refused");
+    create_topic(&bootstrap, &t, 1).await;
+    outbox_tests::db::exec(
+        &pool,
+        "CREATE FUNCTION refuse_marks() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'marks refused by a trigger'; END $$; \
+         CREATE TRIGGER refuse_marks BEFORE DELETE ON outbox_messages \
+         FOR EACH ROW EXECUTE FUNCTION refuse_marks()",
+    )
+    .await;
+    let cfg = config(&[("orders", pg_url(&pool, 5432))], "");
+    let relay = spawn(&cfg, &bootstrap);
+    relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 200);
+    let ids = enqueue_all(&pool, &t, 50, 5).await;
+    let (_, body) = relay.wait_get("/readyz", Duration::from_secs(30), |code, body| {
+        code == 503 && body.contains("store writes failing")
+    });
+    assert!(body.contains("marks refused by a trigger"), "{body}");
+    outbox_tests::db::exec(&pool, "DROP TRIGGER refuse_marks ON outbox_messages").await;
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    wait_pending_below(&store, 1, Duration::from_secs(60)).await;
+    relay.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 200);
+    // The lane kept its lease and its batch, retrying only the mark: nothing was sent twice.
+    assert_eq!(check_delivery(&read_all(&bootstrap, &t, &ids).await, &ids), 0);
+    drop(relay);
+    std::fs::remove_file(cfg).ok();
+}

@@ -70,7 +70,10 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
     // Confirmed rows first: a crash after this point re-sends only the failed ones.
     if !plan.delivered.is_empty() {
         crate::failpoint::hit(crate::failpoint::Point::DuringMark);
-        retry_store(stop, shared, || shared.store.mark_published(lease, &plan.delivered)).await?;
+        retry_store(stop, shared, lease, || {
+            shared.store.mark_published(lease, &plan.delivered)
+        })
+        .await?;
         crate::failpoint::hit(crate::failpoint::Point::AfterMark);
         shared.meters.published.increment(plan.delivered.len() as u64);
         shared.health.add_published(plan.delivered.len());
@@ -87,7 +90,7 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
         tracing::warn!(outbox.id = %row.id, attempt, error = %err, retry_in = ?delay, "publish failed; will retry");
         shared.meters.failed_retryable.increment(1);
         shared.meters.retried.increment(1);
-        retry_store(stop, shared, || {
+        retry_store(stop, shared, lease, || {
             shared.store.mark_failed(lease, row.pos, &err.message, delay)
         })
         .await?;
@@ -100,7 +103,7 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
             shared.meters.failed_permanent.increment(1);
         }
         shared.meters.dead_lettered.increment(1);
-        retry_store(stop, shared, || {
+        retry_store(stop, shared, lease, || {
             shared.store.dead_letter(lease, row.pos, &err.message, park)
         })
         .await?;
@@ -158,11 +161,19 @@ async fn publish_decodable<S: Store, P: Publisher>(
 }
 /// Retries a store write on database trouble until it succeeds, the lease is gone, or the lane is
 /// told to stop and a few more tries failed (the rows then stay pending and are re-sent later).
-async fn retry_store<S, P, F, Fut>(stop: &CancellationToken, shared: &Shared<S, P>, mut op: F) -> Result<(), LaneExit>
+/// While it fails, the relay's health names the lane ([`crate::RelayHealth::store_failing`]).
+async fn retry_store<S, P, F, Fut>(
+    stop: &CancellationToken,
+    shared: &Shared<S, P>,
+    lease: &Lease,
+    mut op: F,
+) -> Result<(), LaneExit>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = outbox::Result<()>>,
 {
+    // However it ends (returned, or the lane's task dropped), the lane's failure is over.
+    let _over = StoreSettled(&shared.health, lease.lane);
     let mut attempt: u32 = 0;
     loop {
         match shared.counted_write(op()).await {
@@ -175,12 +186,22 @@ where
                 attempt += 1;
                 shared.meters.store_errors.increment(1);
                 tracing::warn!(error = %e, attempt, "store write failed; retrying");
+                shared.health.store_failed(lease.lane, e.to_string());
                 if stop.is_cancelled() && attempt >= 3 {
                     return Err(LaneExit::Stopped);
                 }
                 tokio::time::sleep(shared.backoff.delay(attempt.min(6))).await;
             }
         }
+    }
+}
+
+/// Clears a lane's store failure from the health when dropped.
+struct StoreSettled<'a>(&'a crate::RelayHealth, i32);
+
+impl Drop for StoreSettled<'_> {
+    fn drop(&mut self) {
+        self.0.store_settled(self.1);
     }
 }
 

@@ -20,4 +20,4 @@ mod writers;
 
 pub use config::{ClaimAhead, DeadLetterPolicy, RelayConfig};
 pub use engine::{Relay, RelayError};
-pub use health::RelayHealth;
+pub use health::{RelayHealth, StoreFailing};

@@ -230,7 +230,10 @@ async fn a_resting_lane_counts_the_wait_behind_it_as_lag_and_stops_resting_when_
     let rested = began.elapsed();
     let lag_seen = rises.await.unwrap();
     assert!(lag_seen >= 10_000, "lag seen while resting: {lag_seen} ms");
-    assert!(rested < Duration::from_secs(3), "rested {rested:?} after the pace rose to one lane");
+    assert!(
+        rested < Duration::from_secs(3),
+        "rested {rested:?} after the pace rose to one lane"
+    );
 }
 
 #[tokio::test]
