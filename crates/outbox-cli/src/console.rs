@@ -114,6 +114,7 @@ async fn database(index: usize, db: &DatabaseView, sampler: &Sampler) -> DbPage 
         published,
         lanes_held: health.lanes_held(),
         broker_down: health.broker_unavailable_for(),
+        store_failing: health.store_failing(),
     }))
 }
 

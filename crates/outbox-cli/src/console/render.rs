@@ -82,6 +82,8 @@ pub(crate) struct Ready {
     pub(crate) lanes_held: usize,
     /// Since when the broker has been unavailable, if it is.
     pub(crate) broker_down: Option<Duration>,
+    /// Lanes whose store write is being retried.
+    pub(crate) store_failing: Vec<outbox_relay::StoreFailing>,
 }
 
 /// The whole page.
@@ -213,6 +215,15 @@ fn database(out: &mut String, db: &DbPage, p: &Page) {
         Some(d) => format!("<span class=\"warn\">unavailable for {}</span>", human(d)),
     };
     w!(out, "<tr><th>Broker</th><td id=\"broker\">{broker}</td></tr>");
+    for f in &r.store_failing {
+        w!(
+            out,
+            "<tr><th>Lane {}</th><td><span class=\"bad\">store writes failing for {}</span>: {}</td></tr>",
+            f.lane,
+            human(f.for_),
+            esc(&f.error)
+        );
+    }
     let dead_class = if s.dead_letters > 0 { "n bad" } else { "n" };
     w!(
         out,

@@ -42,6 +42,7 @@ fn ready(dead: Vec<DeadLetter>) -> DbPage {
         published: 1000,
         lanes_held: 1,
         broker_down: None,
+        store_failing: vec![],
     }))
 }
 
@@ -145,15 +146,24 @@ fn a_database_not_reached_says_so() {
 }
 
 #[test]
-fn broker_outage_and_measuring_rate() {
+fn broker_outage_a_failing_store_write_and_measuring_rate() {
     let DbPage::Ready(mut r) = ready(vec![]) else {
         unreachable!()
     };
     r.broker_down = Some(Duration::from_secs(90));
+    r.store_failing = vec![outbox_relay::StoreFailing {
+        lane: 7,
+        for_: Duration::from_secs(45),
+        error: "marks <refused>".into(),
+    }];
     r.rate = None;
     let html = page_with(DbPage::Ready(r), true);
     assert!(
         html.contains("unavailable for 1 min 30 s (not ready past 1 min 0 s)"),
+        "{html}"
+    );
+    assert!(
+        html.contains("Lane 7</th><td><span class=\"bad\">store writes failing for 45.0 s</span>: marks &lt;refused&gt;"),
         "{html}"
     );
     assert!(html.contains("measuring&hellip;"), "{html}");
