@@ -30,9 +30,9 @@
 //!
 //! Only lanes that catch up are paced (their last claim was full): a lane that keeps up publishes
 //! what the service writes as it writes it, and holding it back would only add latency. And while
-//! the oldest row claimed (or the rows behind a resting lane's batch, [`Adaptive::rest`]) has waited longer than
-//! [`RelayConfig::pace_max_lag`](crate::RelayConfig::pace_max_lag), the pace stays at one lane or
-//! more: a peak that lasts makes the backlog wait, but not for ever.
+//! the oldest row claimed (or the rows behind a resting lane's batch, [`Adaptive::rest`]) has
+//! waited longer than [`RelayConfig::pace_max_lag`](crate::RelayConfig::pace_max_lag), the pace
+//! stays at one lane or more: a peak that lasts makes the backlog wait, but not for ever.
 //!
 //! Lanes that keep up are spared the gate but not the signal: while the relay slows commits, the
 //! lingering lanes are looked at less often when
@@ -212,9 +212,9 @@ impl Adaptive {
     /// Rests after a full round that took `took`, as long as the pace asks, which it asks again
     /// every [`REST_SLICE`]: a pace that rose (to one lane or more: the rest ends) shortens it. The
     /// rows behind the round's batch wait meanwhile, and that wait (from `behind_since`, when its
-    /// newest row was committed) counts as the lag: without it a lane resting long after a slow
-    /// round (a statement that waited on a lock, at the floor: 19 times that round) would see no
-    /// lag until its next claim, and `pace_max_lag` would not bound the wait. True if `stop` came.
+    /// newest row was committed) counts as the lag: without it a lane resting after a slow round
+    /// (at the floor, 19 times up to [`ROUND_COUNTED`] of it) would see no lag until its next
+    /// claim, and `pace_max_lag` would not bound the wait. True if `stop` came.
     pub(crate) async fn rest(
         &self,
         stop: &tokio_util::sync::CancellationToken,
