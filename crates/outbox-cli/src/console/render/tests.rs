@@ -163,7 +163,9 @@ fn broker_outage_a_failing_store_write_and_measuring_rate() {
         "{html}"
     );
     assert!(
-        html.contains("Lane 7</th><td><span class=\"bad\">store writes failing for 45.0 s</span>: marks &lt;refused&gt;"),
+        html.contains(
+            "Lane 7</th><td><span class=\"bad\">store writes failing for 45.0 s</span>: marks &lt;refused&gt;"
+        ),
         "{html}"
     );
     assert!(html.contains("measuring&hellip;"), "{html}");
