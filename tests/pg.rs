@@ -823,3 +823,46 @@ async fn marks_do_not_wait_for_the_wal_flush_and_leave_the_connections_setting_a
     let status = outbox::postgres::PgStore::new(pool.clone()).status().await.unwrap();
     assert_eq!(status.pending, 0, "every row marked");
 }
+
+/// `n` random characters: PostgreSQL cannot compress them (it would a key of one repeated byte).
+fn random_key(n: usize) -> String {
+    let hex: String = (0..n.div_ceil(32))
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    hex[..n].to_owned()
+}
+
+/// A key longer than PostgreSQL can index once its row waits (the index of waiting rows, a parked
+/// dead letter's key) is refused at enqueue as bad input: accepted, a row with a key of 2,688 bytes
+/// made its first failed attempt fail (54000, index row size) and its lane retried that for ever.
+/// The longest key accepted goes through a failed attempt, a parked dead letter and its retry.
+#[tokio::test]
+async fn keys_postgres_cannot_index_once_their_row_waits_are_refused_at_enqueue() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let mut tx = pool.begin().await.unwrap();
+    let err = outbox::enqueue(&mut tx, &Message::new("t", "x").key(random_key(2688)))
+        .await
+        .expect_err("a key of 2,688 bytes");
+    assert!(err.is_bad_input(), "{err}");
+    tx.rollback().await.unwrap();
+
+    let key = random_key(outbox::postgres::MAX_KEY_BYTES);
+    let sent = outbox_tests::db::commit_batch(&pool, &[Message::new("t", "x").key(key.clone())]).await;
+    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
+    let lease = leases.iter().find(|l| l.lane == sent[0].lane).unwrap();
+    let claim = || async { store.claim(lease, 10, &[]).await.unwrap() };
+    let row = claim().await.remove(0);
+    assert_eq!(row.key.as_deref(), Some(key.as_str()));
+    store
+        .mark_failed(lease, row.pos, "broker said no", Duration::from_millis(10))
+        .await
+        .expect("a failed attempt of the longest key");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let row = claim().await.remove(0);
+    store
+        .dead_letter(lease, row.pos, "broker said no", true)
+        .await
+        .expect("the longest key parked");
+    assert!(store.retry_dead_letter(row.id).await.expect("its retry"));
+    assert_eq!(claim().await.len(), 1, "back in the outbox");
+}

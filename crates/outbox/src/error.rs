@@ -16,6 +16,15 @@ pub enum Error {
     /// The key is the empty string; use no key instead.
     #[error("invalid key: the key must not be empty (leave it unset for unkeyed messages)")]
     EmptyKey,
+    /// The key is longer than the database can index ([`crate::postgres::MAX_KEY_BYTES`] on
+    /// PostgreSQL).
+    #[error("key of {size} bytes exceeds the maximum of {max} bytes this database can index")]
+    KeyTooLong {
+        /// Key length in bytes.
+        size: usize,
+        /// The database's maximum.
+        max: usize,
+    },
     /// The payload is larger than the configured maximum.
     #[error("payload of {size} bytes exceeds the maximum of {max} bytes")]
     PayloadTooLarge {
@@ -55,7 +64,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when the caller's input was rejected (topic, key, payload size, reserved header,
+    /// True when the caller's input was rejected (topic, key, key length, payload size, reserved header,
     /// payload serialization): the message was not enqueued, and the same input fails again. In a
     /// request handler, the caller's fault (HTTP 400); every other error is the service's own.
     pub fn is_bad_input(&self) -> bool {
@@ -63,6 +72,7 @@ impl Error {
             self,
             Error::InvalidTopic { .. }
                 | Error::EmptyKey
+                | Error::KeyTooLong { .. }
                 | Error::PayloadTooLarge { .. }
                 | Error::ReservedHeader(_)
                 | Error::Serialize(_)

@@ -43,6 +43,9 @@ pub use store::{DeadLetter, Delivered, LaneInfo, Lease, ProbeCounts, Status, Sto
 /// A database the outbox can write into: implemented for the sqlx databases enabled by features.
 #[async_trait]
 pub trait Backend: sqlx::Database {
+    /// The longest key the database can index, in bytes ([`Error::KeyTooLong`] beyond it).
+    #[doc(hidden)]
+    const MAX_KEY_BYTES: usize = usize::MAX;
     /// Inserts validated messages on the caller's transaction connection.
     #[doc(hidden)]
     async fn insert(
@@ -139,7 +142,7 @@ impl Outbox {
 
 async fn insert<DB: Backend>(tx: &mut Transaction<'_, DB>, msgs: &[Message], opts: &Options) -> Result<Vec<Enqueued>> {
     for m in msgs {
-        m.validate(opts.max_payload)?;
+        m.validate(opts.max_payload, DB::MAX_KEY_BYTES)?;
     }
     if msgs.is_empty() {
         return Ok(Vec::new());

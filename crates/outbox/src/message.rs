@@ -118,11 +118,19 @@ impl Message {
         self.key.as_deref()
     }
 
-    /// Checks everything that can be checked before touching the database.
-    pub(crate) fn validate(&self, max_payload: usize) -> Result<()> {
+    /// Checks everything that can be checked before touching the database: `max_key` is the
+    /// database's longest key in bytes.
+    pub(crate) fn validate(&self, max_payload: usize, max_key: usize) -> Result<()> {
         validate_topic(&self.topic)?;
-        if self.key.as_deref() == Some("") {
-            return Err(Error::EmptyKey);
+        match self.key.as_deref() {
+            Some("") => return Err(Error::EmptyKey),
+            Some(k) if k.len() > max_key => {
+                return Err(Error::KeyTooLong {
+                    size: k.len(),
+                    max: max_key,
+                })
+            }
+            _ => {}
         }
         if self.payload.len() > max_payload {
             return Err(Error::PayloadTooLarge {

@@ -14,18 +14,27 @@ fn topics_follow_kafka_rules() {
 #[test]
 fn validation_rejects_bad_input() {
     assert!(matches!(
-        Message::new("t", vec![0u8; 11]).validate(10),
+        Message::new("t", vec![0u8; 11]).validate(10, usize::MAX),
         Err(Error::PayloadTooLarge { size: 11, max: 10 })
     ));
     assert!(matches!(
-        Message::new("t", "x").header("Outbox-Id", "1").validate(10),
+        Message::new("t", "x").header("Outbox-Id", "1").validate(10, usize::MAX),
         Err(Error::ReservedHeader(_))
     ));
     assert!(matches!(
-        Message::new("t", "x").key("").validate(10),
+        Message::new("t", "x").key("").validate(10, usize::MAX),
         Err(Error::EmptyKey)
     ));
-    assert!(Message::new("t", "x").key("k").header("a", "b").validate(10).is_ok());
+    assert!(matches!(
+        Message::new("t", "x").key("abcd").validate(10, 3),
+        Err(Error::KeyTooLong { size: 4, max: 3 })
+    ));
+    assert!(Message::new("t", "x").key("abc").validate(10, 3).is_ok());
+    assert!(Message::new("t", "x")
+        .key("k")
+        .header("a", "b")
+        .validate(10, usize::MAX)
+        .is_ok());
 }
 
 #[test]

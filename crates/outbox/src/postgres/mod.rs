@@ -26,8 +26,15 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 
 crate::migrate::apply_migrations!(Postgres, sql, MIGRATOR);
 
+/// The longest key PostgreSQL takes, in bytes. Keys go into btree indexes (the key's counter, the
+/// index of waiting rows with the seq, a parked dead letter's key, the inbox's records with the
+/// source) whose entries are capped at 2,704 bytes: a longer key could be enqueued and then fail
+/// the row's first failed attempt for ever. 2,048 leaves room for what is indexed beside it.
+pub const MAX_KEY_BYTES: usize = 2048;
+
 #[async_trait]
 impl Backend for Postgres {
+    const MAX_KEY_BYTES: usize = MAX_KEY_BYTES;
     async fn insert(conn: &mut PgConnection, msgs: &[Message], opts: &Options) -> Result<Vec<Enqueued>> {
         if let [msg] = msgs {
             return insert_one(conn, msg, opts).await.map(|e| vec![e]);
