@@ -41,8 +41,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/
 
 /// Rows per multi-row `INSERT` (9 placeholders each; MySQL allows 65535 per statement).
 const ROWS_PER_STATEMENT: usize = 500;
-/// Payload bytes per multi-row `INSERT`, well under the default `max_allowed_packet` (16 MiB on
-/// MariaDB, 64 MiB on MySQL 8). A single larger message still goes alone.
+/// Bytes bound per statement (payloads, keys, topics, headers), well under the default
+/// `max_allowed_packet` (16 MiB on MariaDB, 64 MiB on MySQL 8). A single larger message still
+/// goes alone.
 const BYTES_PER_STATEMENT: usize = 4 * 1024 * 1024;
 /// Keys per counter statement.
 const KEYS_PER_STATEMENT: usize = 1000;
@@ -98,18 +99,14 @@ impl Backend for MySql {
             })
             .collect();
 
-        let mut rest = msgs.iter().zip(&out).peekable();
-        while rest.peek().is_some() {
-            let mut chunk = Vec::new();
-            let mut bytes = 0;
-            while let Some((m, _)) = rest.peek() {
-                let size = m.payload.len() + m.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
-                if !chunk.is_empty() && (chunk.len() == ROWS_PER_STATEMENT || bytes + size > BYTES_PER_STATEMENT) {
-                    break;
-                }
-                bytes += size;
-                chunk.push(rest.next().expect("peeked"));
-            }
+        let rows: Vec<(&Message, &Enqueued)> = msgs.iter().zip(&out).collect();
+        let row_bytes = |(m, _): &(&Message, &Enqueued)| {
+            m.payload.len()
+                + m.topic.len()
+                + m.key.as_ref().map_or(0, String::len)
+                + m.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>()
+        };
+        for chunk in statements(&rows, ROWS_PER_STATEMENT, row_bytes) {
             let stmt = sql::enqueue(chunk.len());
             let mut q = sqlx::query(&stmt);
             for (m, e) in chunk {
@@ -119,6 +116,25 @@ impl Backend for MySql {
         }
         Ok(out)
     }
+}
+
+/// `items` cut into consecutive runs of at most `max` items and [`BYTES_PER_STATEMENT`] bytes (as
+/// `bytes` counts them), one per statement; an item larger than that goes alone.
+fn statements<T>(items: &[T], max: usize, bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let b = bytes(item);
+        if i > start && (i - start == max || size + b > BYTES_PER_STATEMENT) {
+            out.push(&items[start..i]);
+            (start, size) = (i, 0);
+        }
+        size += b;
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
 }
 
 /// Takes `n` seqs for each key; returns each key's last seq taken. The counter rows stay locked until
@@ -137,7 +153,8 @@ async fn take_seqs(conn: &mut MySqlConnection, counts: &BTreeMap<&str, i64>) -> 
         return Ok(last);
     }
     let keys: Vec<(&str, i64)> = counts.iter().map(|(k, n)| (*k, *n)).collect();
-    for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+    // Each key is bound twice in the counter statement.
+    for chunk in statements(&keys, KEYS_PER_STATEMENT, |(k, _)| 2 * k.len()) {
         let stmt = sql::take_seqs(chunk.len());
         let mut q = sqlx::query(&stmt);
         for (k, n) in chunk {
@@ -155,4 +172,21 @@ async fn take_seqs(conn: &mut MySqlConnection, counts: &BTreeMap<&str, i64>) -> 
         }
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_cut_by_count_and_by_bytes_and_a_large_item_goes_alone() {
+        let lens = |runs: Vec<&[usize]>| runs.iter().map(|r| r.len()).collect::<Vec<_>>();
+        assert_eq!(lens(statements(&[1; 7], 3, |b| *b)), [3, 3, 1]);
+        let half = BYTES_PER_STATEMENT / 2;
+        assert_eq!(
+            lens(statements(&[half, half, 1, 4 * half, 1], 10, |b| *b)),
+            [2, 1, 1, 1]
+        );
+        assert!(statements(&[] as &[usize], 3, |b| *b).is_empty());
+    }
 }
