@@ -106,6 +106,12 @@ impl Outbox {
 
     /// Enqueues `msg` in the caller's open transaction. Nothing is visible to the relay until the
     /// transaction commits; on rollback the message never existed.
+    ///
+    /// On an error, roll the transaction back (and run it again whole when
+    /// [`Error::is_retryable`]): PostgreSQL aborts the transaction itself, but on MySQL and SQLite
+    /// a failed call may already have taken the keys' seqs in it, and a message enqueued again in
+    /// the same transaction would leave a gap in its key's seqs (a consumer under
+    /// `GapPolicy::Hold` waits for it).
     pub async fn enqueue<DB: Backend>(&self, tx: &mut Transaction<'_, DB>, msg: &Message) -> Result<Enqueued> {
         let mut out = self.enqueue_batch(tx, std::slice::from_ref(msg)).await?;
         Ok(out.remove(0))
@@ -150,7 +156,8 @@ async fn insert<DB: Backend>(tx: &mut Transaction<'_, DB>, msgs: &[Message], opt
     DB::insert(&mut **tx, msgs, opts).await
 }
 
-/// Enqueues `msg` in the caller's open transaction with default settings.
+/// Enqueues `msg` in the caller's open transaction with default settings. On an error, roll the
+/// transaction back ([`Outbox::enqueue`] says why).
 ///
 /// ```no_run
 /// # async fn f(pool: sqlx::PgPool) -> outbox::Result<()> {
