@@ -128,8 +128,9 @@ pub struct RelayConfig {
     /// up (their last claim was full) are paced. `max_busy_lanes` and `max_rate` stay hard caps.
     /// Defaults to on.
     pub adaptive_pace: bool,
-    /// With the adaptive pace: while the oldest row a lane claims has waited longer than this, the
-    /// pace stays at one lane or more (working without rest), whatever the service's load.
+    /// With the adaptive pace: while the oldest row a lane claims (or the rows behind a resting
+    /// lane's last batch) has waited longer than this, the pace stays at one lane or more (working
+    /// without rest, and a resting lane stops resting), whatever the service's load.
     /// Defaults to 5 minutes.
     pub pace_max_lag: Duration,
     /// With the adaptive pace, how much the relay may slow a busy service's commits while it
