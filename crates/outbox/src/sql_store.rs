@@ -39,6 +39,18 @@ pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Text read as bytes (MySQL and SQLite): a key or an owner, checked to be UTF-8.
+#[allow(dead_code)] // used by the backends compiled in
+pub(crate) fn utf8(t: Vec<u8>) -> Result<String, String> {
+    String::from_utf8(t).map_err(|e| e.to_string())
+}
+
+/// Text read as bytes, anything not UTF-8 replaced (for display: owners).
+#[allow(dead_code)] // used by the backends compiled in
+pub(crate) fn utf8_lossy(t: Vec<u8>) -> String {
+    String::from_utf8_lossy(&t).into_owned()
+}
+
 /// A duration bound as whole microseconds.
 #[allow(dead_code)] // used by the backends compiled in
 pub(crate) fn micros(d: Duration) -> i64 {

@@ -26,13 +26,7 @@ pub(super) type Time = NaiveDateTime;
 /// The backlog's age, in microseconds.
 pub(super) type Age = i64;
 
-pub(super) fn text(t: Text) -> Result<String, String> {
-    String::from_utf8(t).map_err(|e| e.to_string())
-}
-
-pub(super) fn lossy(t: Text) -> String {
-    String::from_utf8_lossy(&t).into_owned()
-}
+pub(super) use crate::sql_store::{utf8 as text, utf8_lossy as lossy};
 
 pub(super) fn time(t: Time) -> Result<DateTime<Utc>, String> {
     Ok(t.and_utc())

@@ -12,20 +12,16 @@
 
 use chrono::{DateTime, Utc};
 
-/// Keys and owners come back as text.
-pub(super) type Text = String;
+/// Keys and owners are read as bytes: SQLite keeps whatever type a writer gave a column (a BLOB,
+/// text that is not UTF-8), and a row this crate did not write is then marked corrupt instead of
+/// failing the whole claim.
+pub(super) type Text = Vec<u8>;
 /// Times are INTEGER microseconds since the Unix epoch.
 pub(super) type Time = i64;
 /// The backlog's age, in microseconds.
 pub(super) type Age = i64;
 
-pub(super) fn text(t: Text) -> Result<String, String> {
-    Ok(t)
-}
-
-pub(super) fn lossy(t: Text) -> String {
-    t
-}
+pub(super) use crate::sql_store::{utf8 as text, utf8_lossy as lossy};
 
 pub(super) fn time(us: Time) -> Result<DateTime<Utc>, String> {
     DateTime::from_timestamp_micros(us).ok_or_else(|| format!("out of range: {us}"))
