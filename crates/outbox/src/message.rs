@@ -325,47 +325,60 @@ pub(crate) fn key_counts(msgs: &[Message]) -> std::collections::BTreeMap<&str, i
     counts
 }
 
-/// A claimed row as a backend reads it: `K` and `T` are how that database stores keys and times.
-/// [`ClaimRow::decode`] is the one place a row becomes a [`StoredMessage`]; what cannot be decoded
-/// marks the row corrupt (the relay dead-letters it) instead of failing the whole claim.
+/// A claimed row as a backend reads it: `K` is how that database gives text (topic, key, headers)
+/// and `T` times. [`ClaimRow::decode`] is the one place a row becomes a [`StoredMessage`]; what
+/// cannot be decoded marks the row corrupt (the relay dead-letters it) instead of failing the whole
+/// claim.
 #[derive(Debug, sqlx::FromRow)]
 #[allow(dead_code)] // read by the backends compiled in
 pub(crate) struct ClaimRow<K, T> {
     pub(crate) pos: i64,
     pub(crate) id: Uuid,
     pub(crate) lane: i32,
-    pub(crate) topic: String,
+    pub(crate) topic: K,
     pub(crate) key: Option<K>,
     pub(crate) seq: Option<i64>,
     pub(crate) payload: Vec<u8>,
-    pub(crate) headers: Option<String>,
+    pub(crate) headers: Option<K>,
     pub(crate) attempts: i32,
     pub(crate) created_at: T,
     pub(crate) source: Option<String>,
+    /// What the database itself found wrong with the row's values, `None` when nothing (only
+    /// SQLite, whose columns keep whatever type a writer gave them, reads one).
+    #[sqlx(default)]
+    pub(crate) bad: Option<String>,
 }
 
 #[allow(dead_code)] // used by the backends compiled in
 impl<K, T> ClaimRow<K, T> {
-    /// Converts the row; `key` and `time` turn the database's key and time into ours.
+    /// Converts the row; `text` and `time` turn the database's text and time into ours.
     pub(crate) fn decode(
         self,
-        key: impl FnOnce(K) -> std::result::Result<String, String>,
+        text: impl Fn(K) -> std::result::Result<String, String>,
         time: impl FnOnce(T) -> std::result::Result<DateTime<Utc>, String>,
     ) -> StoredMessage {
-        let mut corrupt = Vec::new();
-        let headers = match self
-            .headers
-            .as_deref()
-            .map(serde_json::from_str::<Vec<(String, String)>>)
-        {
-            None => Vec::new(),
-            Some(Ok(h)) => h,
-            Some(Err(e)) => {
+        let mut corrupt: Vec<String> = self
+            .bad
+            .map(|b| b.trim_end_matches("; ").to_owned())
+            .into_iter()
+            .collect();
+        let headers = match self.headers.map(&text).transpose().and_then(|h| {
+            h.as_deref()
+                .map(serde_json::from_str::<Vec<(String, String)>>)
+                .transpose()
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(h) => h.unwrap_or_default(),
+            Err(e) => {
                 corrupt.push(format!("headers column: {e}"));
                 Vec::new()
             }
         };
-        let key = self.key.map(key).transpose().unwrap_or_else(|e| {
+        let topic = text(self.topic).unwrap_or_else(|e| {
+            corrupt.push(format!("topic column: {e}"));
+            String::new()
+        });
+        let key = self.key.map(&text).transpose().unwrap_or_else(|e| {
             corrupt.push(format!("key column: {e}"));
             None
         });
@@ -385,7 +398,7 @@ impl<K, T> ClaimRow<K, T> {
             pos: self.pos,
             id: self.id,
             lane: self.lane,
-            topic: self.topic,
+            topic,
             key,
             seq: self.seq,
             payload: self.payload,

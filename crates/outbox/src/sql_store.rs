@@ -215,9 +215,11 @@ macro_rules! store {
             }
 
             async fn dead_letters(&self, limit: usize) -> $crate::Result<Vec<$crate::DeadLetter>> {
+                // Topic and key are for display here: a dead letter another writer gave bytes that
+                // are not text (SQLite keeps them) shows them lossily instead of failing the list.
                 type Row = (
                     uuid::Uuid,
-                    String,
+                    $sql::Text,
                     Option<$sql::Text>,
                     Option<i64>,
                     i32,
@@ -237,11 +239,8 @@ macro_rules! store {
                     .map(|(id, topic, key, seq, attempts, error, parked, dead_at)| {
                         Ok($crate::DeadLetter {
                             id,
-                            topic,
-                            key: key
-                                .map($sql::text)
-                                .transpose()
-                                .map_err(|e| corrupt(id, "key", e))?,
+                            topic: $sql::lossy(topic),
+                            key: key.map($sql::lossy),
                             seq,
                             attempts,
                             error,

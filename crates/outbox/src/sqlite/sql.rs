@@ -108,19 +108,89 @@ pub(super) const LIVE_OWNERS: &str = concat!("SELECT COUNT(*) FROM outbox_relays
 /// with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix. "Now" is
 /// computed once (materialized): rows come out over several steps, and SQLite's clock may move
 /// between steps. Binds: lane, owner, epoch, limit, JSON array of the positions in flight (left out).
+// SQLite keeps whatever type a writer gave a value, so the claim reads every column of a row
+// another writer may have stored in a shape of its own in a way that cannot fail to decode (text as
+// bytes, a number where there is none) and says in `bad` which columns were not what this crate
+// writes: the row is then claimed and marked corrupt (dead-lettered), not the whole claim failed. A
+// time that is not a number is never due by comparison (text sorts after numbers), so such a row is
+// claimed at once and does not hold its key's later messages.
+macro_rules! id_ok {
+    () => {
+        "(typeof(m.id) = 'blob' AND length(m.id) = 16)"
+    };
+}
+macro_rules! seq_ok {
+    () => {
+        "typeof(m.seq) IN ('integer', 'null')"
+    };
+}
+macro_rules! attempts_ok {
+    () => {
+        "typeof(m.attempts) = 'integer'"
+    };
+}
+macro_rules! time_ok {
+    ($column:literal) => {
+        concat!("typeof(", $column, ") IN ('integer', 'real')")
+    };
+}
+/// `<column> column: <its type>, not <what>; ` when `ok` is false, '' otherwise.
+macro_rules! bad {
+    ($column:literal, $ok:expr, $what:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $ok,
+            " THEN '' ELSE '",
+            $column,
+            " column: ' || typeof(m.",
+            $column,
+            ") || ', not ",
+            $what,
+            "; ' END"
+        )
+    };
+}
+
 pub(super) const CLAIM: &str = concat!(
     "WITH c(now) AS MATERIALIZED (SELECT ",
     now!(),
     ") \
-SELECT m.pos, m.id, m.lane, m.topic, m.key, m.seq, m.payload, m.headers, m.attempts, m.created_at, \
+SELECT m.pos, CASE WHEN ",
+    id_ok!(),
+    " THEN m.id ELSE zeroblob(16) END AS id, m.lane, \
+  CAST(m.topic AS BLOB) AS topic, CAST(m.key AS BLOB) AS key, \
+  CASE WHEN ",
+    seq_ok!(),
+    " THEN m.seq END AS seq, CAST(m.payload AS BLOB) AS payload, CAST(m.headers AS BLOB) AS headers, \
+  CASE WHEN ",
+    attempts_ok!(),
+    " THEN m.attempts ELSE 0 END AS attempts, \
+  CASE WHEN ",
+    time_ok!("m.created_at"),
+    " THEN CAST(m.created_at AS INTEGER) ELSE 0 END AS created_at, \
+  NULLIF(",
+    bad!("id", id_ok!(), "a 16-byte blob"),
+    " || ",
+    bad!("seq", seq_ok!(), "an integer"),
+    " || ",
+    bad!("attempts", attempts_ok!(), "an integer"),
+    " || ",
+    bad!("created_at", time_ok!("m.created_at"), "a number"),
+    " || ",
+    bad!("available_at", time_ok!("m.available_at"), "a number"),
+    ", '') AS bad, \
   (SELECT s.id FROM outbox_source s) AS source \
 FROM c, outbox_messages m \
 WHERE m.lane = ?1 \
   AND EXISTS (SELECT 1 FROM outbox_leases l WHERE l.lane = ?1 AND l.owner = ?2 AND l.epoch = ?3) \
-  AND m.available_at <= c.now \
+  AND (m.available_at <= c.now OR NOT ",
+    time_ok!("m.available_at"),
+    ") \
   AND (m.key IS NULL OR ( \
         NOT EXISTS (SELECT 1 FROM outbox_messages p \
-                    WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > c.now) \
+                    WHERE p.key = m.key AND p.seq < m.seq AND p.available_at > c.now AND ",
+    time_ok!("p.available_at"),
+    ") \
     AND NOT EXISTS (SELECT 1 FROM outbox_dead_letters d WHERE d.key = m.key AND d.parked))) \
   AND m.pos NOT IN (SELECT value FROM json_each(?5)) \
 ORDER BY m.pos LIMIT ?4"
@@ -149,13 +219,17 @@ pub(super) const MARK_FAILED: &str = concat!(
     " + ?2 WHERE lane = ?3 AND pos = ?4"
 );
 
-/// Binds: error, parked, lane, pos.
+/// Binds: error, parked, lane, pos. A row whose id is not one (another writer's, see the claim)
+/// gets a new one, so the dead letter can be retried or discarded by id.
 pub(super) const DEAD_LETTER_COPY: &str = concat!(
     "INSERT INTO outbox_dead_letters \
   (id, lane, pos, topic, key, seq, payload, headers, created_at, attempts, error, parked, dead_at) \
-SELECT id, lane, pos, topic, key, seq, payload, headers, created_at, attempts + 1, ?1, ?2, ",
+SELECT CASE WHEN ",
+    id_ok!(),
+    " THEN m.id ELSE randomblob(16) END, \
+  lane, pos, topic, key, seq, payload, headers, created_at, attempts + 1, ?1, ?2, ",
     now!(),
-    " FROM outbox_messages WHERE lane = ?3 AND pos = ?4 \
+    " FROM outbox_messages m WHERE lane = ?3 AND pos = ?4 \
 ON CONFLICT (id) DO UPDATE SET error = excluded.error, parked = excluded.parked, \
   attempts = excluded.attempts, dead_at = excluded.dead_at"
 );
@@ -168,7 +242,8 @@ pub(super) const STATUS_DEAD: &str = "SELECT COUNT(*) FROM outbox_dead_letters";
 pub(super) const STATUS_LANES: &str = "SELECT lane, owner, epoch, expires_at FROM outbox_leases ORDER BY lane";
 
 pub(super) const DEAD_LETTERS: &str = "\
-SELECT id, topic, key, seq, attempts, error, parked, dead_at FROM outbox_dead_letters \
+SELECT id, CAST(topic AS BLOB), CAST(key AS BLOB), CASE WHEN typeof(seq) = 'integer' THEN seq END, attempts, \
+  error, parked, dead_at FROM outbox_dead_letters \
 ORDER BY dead_at, pos LIMIT ?1";
 
 // Back into the outbox with its original position and seq, so a parked key resumes in order
