@@ -34,6 +34,8 @@ mod pace;
 /// most calls in flight at once for one lane.
 struct Scripted {
     flaky: HashMap<(String, i64), u32>,
+    /// How a flaky row fails (a retryable error unless said otherwise).
+    error: fn(&'static str) -> PublishError,
     latency: Duration,
     failed: Mutex<HashMap<(String, i64), u32>>,
     events: Mutex<Vec<Event>>,
@@ -54,8 +56,17 @@ impl Scripted {
     }
 
     fn slow(flaky: impl IntoIterator<Item = (&'static str, i64, u32)>, latency: Duration) -> Arc<Self> {
+        Self::failing_with(flaky, latency, |m| PublishError::retryable(m))
+    }
+
+    fn failing_with(
+        flaky: impl IntoIterator<Item = (&'static str, i64, u32)>,
+        latency: Duration,
+        error: fn(&'static str) -> PublishError,
+    ) -> Arc<Self> {
         Arc::new(Scripted {
             flaky: flaky.into_iter().map(|(k, s, n)| ((k.to_owned(), s), n)).collect(),
+            error,
             latency,
             failed: Mutex::default(),
             events: Mutex::default(),
@@ -94,7 +105,7 @@ impl Publisher for Scripted {
                 }
                 call.push((key, seq, !fail));
                 out.push(if fail {
-                    Err(PublishError::retryable("scripted: broker timed out"))
+                    Err((self.error)("scripted: broker timed out"))
                 } else {
                     Ok(Delivered::new(row.pos).at(0, seq))
                 });
@@ -336,6 +347,69 @@ async fn a_lane_woken_by_notify_publishes_a_new_row_beside_the_batch_in_flight()
     assert!(
         third < answered,
         "the row committed while its lane's batch was in flight waited for that batch: {events:?}"
+    );
+}
+
+/// Asked to stop, a lane settles every batch in flight before it gives the lane up, so the next
+/// owner does not send again what the broker confirmed (and a copy still on its way cannot land
+/// after the key's later rows). A lane whose oldest batch came back with the broker unavailable
+/// backed off, found itself stopped and left at once: the batch beside it was delivered and its
+/// row stayed pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_stopped_while_its_oldest_batch_finds_the_broker_unavailable_still_marks_the_next() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let first = "first";
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    let second = (0..)
+        .map(|i| format!("second-{i}"))
+        .find(|k| lane_of(k) == lane_of(first))
+        .unwrap();
+    let publisher = Scripted::failing_with([(first, 2, 1)], Duration::from_millis(1000), |m| {
+        PublishError::unavailable(m)
+    });
+    let cfg = test_config().pipeline(4).linger(Duration::ZERO);
+    let relay = start(store.clone(), publisher.clone(), cfg);
+    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
+    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
+    wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
+    // A first batch, so the lane knows its publishes take longer than its claims.
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "1").key(first)]).await;
+    drained(&store, Duration::from_secs(10)).await;
+    wait_for("the lane to ask for NOTIFY again", Duration::from_secs(10), all_idle).await;
+
+    let started = |key: &str, seq: i64| {
+        let key = key.to_owned();
+        move |e: &Event| matches!(e, Event::Start(_, rows) if rows.iter().any(|(k, s, _)| *k == key && *s == seq))
+    };
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "2").key(first)]).await;
+    wait_for("the lane's batch to be published", Duration::from_secs(10), || async {
+        publisher.events().iter().any(started(first, 2))
+    })
+    .await;
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "3").key(second.as_str())]).await;
+    wait_for("a second batch beside it", Duration::from_secs(10), || async {
+        publisher.events().iter().any(started(&second, 1))
+    })
+    .await;
+    relay.stop().await;
+
+    let events = publisher.events();
+    let Some(Event::Start(call, rows)) = events.iter().find(|e| started(&second, 1)(e)) else {
+        unreachable!()
+    };
+    assert!(rows.iter().all(|(_, _, delivered)| *delivered), "{events:?}");
+    assert!(
+        events.iter().any(|e| matches!(e, Event::End(n) if n == call)),
+        "the relay stopped before the broker answered the second batch: {events:?}"
+    );
+    let pending: Vec<(String, i64)> = sqlx::query_as("SELECT key, seq FROM outbox_messages ORDER BY key")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        pending,
+        vec![(first.to_owned(), 2)],
+        "only the row the broker did not take stays pending: {events:?}"
     );
 }
 

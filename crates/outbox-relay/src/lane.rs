@@ -132,8 +132,12 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
             } else {
                 self.wait_in_flight().await
             };
-            if let Err(exit) = step {
-                return exit;
+            match step {
+                Ok(()) => {}
+                // A step that found the lane stopped (a rest, a backoff, a wait) may leave
+                // batches in flight behind it: they are settled as at any other stop.
+                Err(LaneExit::Stopped) => return self.finish().await,
+                Err(exit) => return exit,
             }
         }
     }
