@@ -501,3 +501,58 @@ async fn max_rate_paces_the_relay() {
         "1,500 messages at 500/s took only {took:?}"
     );
 }
+
+/// A lane whose mark keeps failing (here a trigger refuses to delete its rows; in life a lock held
+/// for longer than the lock timeout, a read-only standby) retries it for as long as it fails, but
+/// gives up its turn meanwhile: it held the only one under `max_busy_lanes = 1` (or the adaptive
+/// pace at one lane), and every other lane's backlog waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_whose_marks_keep_failing_leaves_its_turn_to_the_other_lanes() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let stuck = "stuck";
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_delete() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'deletes refused on this lane'; END $$; \
+         CREATE TRIGGER refuse_delete BEFORE DELETE ON outbox_messages \
+         FOR EACH ROW WHEN (OLD.lane = {}) EXECUTE FUNCTION refuse_delete();",
+        lane_of(stuck)
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    // More than a batch: the lane is catching up, so it needs a turn for every batch.
+    outbox_tests::db::commit_each(&pool, (0..10).map(|i| Message::new("t", format!("{i}")).key(stuck))).await;
+    let publisher = Scripted::new([]);
+    let cfg = test_config().batch_size(5).max_busy_lanes(Some(1));
+    let relay = start(store.clone(), publisher.clone(), cfg);
+    wait_for(
+        "the stuck lane's first batch to be published",
+        Duration::from_secs(10),
+        || async {
+            publisher
+                .events()
+                .iter()
+                .any(|e| matches!(e, Event::Start(_, rows) if rows.iter().any(|(k, ..)| k == stuck)))
+        },
+    )
+    .await;
+    let others: Vec<String> = (0..)
+        .map(|i| format!("other-{i}"))
+        .filter(|k| lane_of(k) != lane_of(stuck))
+        .take(50)
+        .collect();
+    outbox_tests::db::commit_each(
+        &pool,
+        (0..100).map(|i| Message::new("t", format!("{i}")).key(others[i % 50].as_str())),
+    )
+    .await;
+    let pending = "SELECT count(*) FROM outbox_messages";
+    wait_for(
+        "every other lane's rows to drain beside the stuck lane",
+        Duration::from_secs(30),
+        || async { outbox_tests::db::scalar::<_, i64>(&pool, pending).await == 10 },
+    )
+    .await;
+    relay.stop().await;
+}

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{DeadLetterPolicy, RelayConfig};
+use crate::flight::Turns;
 use crate::lane::{timed, LaneExit};
 use crate::shared::Shared;
 
@@ -51,11 +52,13 @@ pub(crate) async fn send<S: Store, P: Publisher>(shared: &Shared<S, P>, lane: i3
 }
 
 /// Settles every row of a sent batch by the broker's answer: marks the delivered ones, backs off
-/// the failed ones, dead-letters the hopeless ones.
+/// the failed ones, dead-letters the hopeless ones. `turns` are the batch's turns (busy lanes,
+/// adaptive pace): given up when a store write fails, so other lanes work while this one retries.
 pub(crate) async fn settle_sent<S: Store, P: Publisher>(
     shared: &Shared<S, P>,
     lease: &Lease,
     sent: Sent,
+    turns: &mut Turns<'_>,
     stop: &CancellationToken,
 ) -> Result<BatchDone, LaneExit> {
     crate::failpoint::hit(crate::failpoint::Point::BeforeMark);
@@ -70,7 +73,7 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
     // Confirmed rows first: a crash after this point re-sends only the failed ones.
     if !plan.delivered.is_empty() {
         crate::failpoint::hit(crate::failpoint::Point::DuringMark);
-        retry_store(stop, shared, lease, || {
+        retry_store(stop, shared, lease, turns, || {
             shared.store.mark_published(lease, &plan.delivered)
         })
         .await?;
@@ -90,7 +93,7 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
         tracing::warn!(outbox.id = %row.id, attempt, error = %err, retry_in = ?delay, "publish failed; will retry");
         shared.meters.failed_retryable.increment(1);
         shared.meters.retried.increment(1);
-        retry_store(stop, shared, lease, || {
+        retry_store(stop, shared, lease, turns, || {
             shared.store.mark_failed(lease, row.pos, &err.message, delay)
         })
         .await?;
@@ -103,7 +106,7 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
             shared.meters.failed_permanent.increment(1);
         }
         shared.meters.dead_lettered.increment(1);
-        retry_store(stop, shared, lease, || {
+        retry_store(stop, shared, lease, turns, || {
             shared.store.dead_letter(lease, row.pos, &err.message, park)
         })
         .await?;
@@ -161,11 +164,13 @@ async fn publish_decodable<S: Store, P: Publisher>(
 }
 /// Retries a store write on database trouble until it succeeds, the lease is gone, or the lane is
 /// told to stop and a few more tries failed (the rows then stay pending and are re-sent later).
-/// While it fails, the relay's health names the lane ([`crate::RelayHealth::store_failing`]).
+/// While it fails, the relay's health names the lane ([`crate::RelayHealth::store_failing`]) and
+/// the batch's `turns` are given up.
 async fn retry_store<S, P, F, Fut>(
     stop: &CancellationToken,
     shared: &Shared<S, P>,
     lease: &Lease,
+    turns: &mut Turns<'_>,
     mut op: F,
 ) -> Result<(), LaneExit>
 where
@@ -187,6 +192,9 @@ where
                 shared.meters.store_errors.increment(1);
                 tracing::warn!(error = %e, attempt, "store write failed; retrying");
                 shared.health.store_failed(lease.lane, e.to_string());
+                // The lane is not working while it waits: under `max_busy_lanes` or the adaptive
+                // pace its turn would keep every other lane waiting as long as this fails.
+                *turns = (None, None);
                 if stop.is_cancelled() && attempt >= 3 {
                     return Err(LaneExit::Stopped);
                 }

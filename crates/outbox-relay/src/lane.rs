@@ -377,7 +377,7 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         let Some((mut batch, sent)) = self.flight.pop().await else {
             return Ok(());
         };
-        let done = crate::batch::settle_sent(shared, self.lease, sent, self.stop).await?;
+        let done = crate::batch::settle_sent(shared, self.lease, sent, &mut batch.turns, self.stop).await?;
         self.publish_took = done.publish_took;
         let now = Instant::now();
         self.retries.extend(done.retry_in.iter().map(|d| now + *d));
