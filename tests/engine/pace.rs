@@ -168,3 +168,41 @@ async fn below_one_lane_a_lane_rests_after_a_full_batch_but_not_after_the_short_
         "the lane rested {after_short:?} after the short batch that drained it (pace now {pace})"
     );
 }
+
+/// Lets the first `WORKING` probes of the pace through and holds every later one for ever (a
+/// committing transaction that hangs: a synchronous standby gone, a pool without a free
+/// connection).
+struct ProbesHang(std::sync::atomic::AtomicUsize);
+
+impl ProbesHang {
+    /// The probes of the first cycle's working part.
+    const WORKING: usize = 8;
+}
+
+#[async_trait::async_trait]
+impl Observer for ProbesHang {
+    async fn before(&self, call: StoreCall) {
+        if call == StoreCall::Probe && self.0.fetch_add(1, Ordering::SeqCst) >= Self::WORKING {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The pace's quiet window holds every lane that catches up while it probes the database; a
+/// probe that never answered held them for ever (the backlog stopped after each lane's first
+/// batch). A probe now counts as failed after a while, the window ends, and the backlog drains.
+#[tokio::test]
+async fn a_pace_probe_that_never_answers_does_not_hold_the_lanes() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    commit_each(&pool, (0..600).map(|i| Message::new("t", "x").key(format!("k{i}")))).await;
+    let store = Arc::new(Observed::new(pg, ProbesHang(Default::default())));
+    let cfg = test_config().adaptive_pace(true).batch_size(5);
+    let relay = start(Arc::clone(&store), Scripted::slow([], Duration::from_millis(50)), cfg);
+    // 3-7 s on a quiet machine (27 s beside a CI run); it stopped at about 350 pending before.
+    drained(&*store, Duration::from_secs(60)).await;
+    relay.stop().await;
+    assert!(
+        store.observer().0.load(Ordering::SeqCst) > ProbesHang::WORKING,
+        "the quiet window began (a probe was held)"
+    );
+}

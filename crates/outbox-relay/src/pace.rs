@@ -62,6 +62,10 @@ pub(crate) const CYCLE: Duration = Duration::from_secs(1);
 const WORKING_PROBES: u32 = 8;
 /// Probes taken in the quiet window.
 const QUIET_PROBES: usize = 3;
+/// The longest a probe may take: a slower one (a commit that hangs: a synchronous standby gone, a
+/// pool without a free connection) counts as failed, so the quiet window, which holds every lane
+/// catching up, stays short, and the cycle goes on.
+const PROBE_MAX: Duration = CYCLE;
 /// The longest the quiet window waits for the rounds under way to finish.
 const QUIET_WAIT: Duration = Duration::from_millis(300);
 /// How far back the baseline looks: long enough to remember a database at rest through minutes of
@@ -367,10 +371,14 @@ fn median(mut v: Vec<Duration>) -> Option<Duration> {
 /// [`outbox::Store::probe`]); `None` when it failed.
 async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<(Duration, ProbeCounts)> {
     let start = Instant::now();
-    match shared.counted_write(shared.store.probe()).await {
-        Ok(count) => Some((start.elapsed(), count)),
-        Err(e) => {
+    match tokio::time::timeout(PROBE_MAX, shared.counted_write(shared.store.probe())).await {
+        Ok(Ok(count)) => Some((start.elapsed(), count)),
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "pace probe failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(took_ms = PROBE_MAX.as_millis() as u64, "pace probe did not answer");
             None
         }
     }
@@ -425,10 +433,18 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         }
         let mut quiet = Vec::new();
         for _ in 0..QUIET_PROBES {
-            quiet.extend(probe(&shared).await.map(|(took, _)| took));
+            match probe(&shared).await {
+                Some((took, _)) => quiet.push(took),
+                // The lanes wait while the window lasts: not for more probes that fail.
+                None => break,
+            }
         }
         pace.quiet.send_replace(false);
+        let lag = Duration::from_millis(pace.lag_ms.swap(0, Ordering::Relaxed));
         let (Some(quiet), Some(working)) = (median(quiet), median(working)) else {
+            // Nothing measured: the pace stays, but the lag still bounds it.
+            shared.meters.pace.set(c.bound_lag(lag, shared.cfg.pace_max_lag));
+            c.apply(pace);
             continue;
         };
         let now = Instant::now();
@@ -438,7 +454,6 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
             u64::try_from(every.as_micros()).unwrap_or(u64::MAX).max(1),
             Ordering::Relaxed,
         );
-        let lag = Duration::from_millis(pace.lag_ms.swap(0, Ordering::Relaxed));
         let level = c.bound_lag(lag, shared.cfg.pace_max_lag);
         c.apply(pace);
         shared.meters.pace.set(level);
