@@ -56,7 +56,7 @@ impl Scripted {
     }
 
     fn slow(flaky: impl IntoIterator<Item = (&'static str, i64, u32)>, latency: Duration) -> Arc<Self> {
-        Self::failing_with(flaky, latency, |m| PublishError::retryable(m))
+        Self::failing_with(flaky, latency, PublishError::retryable)
     }
 
     fn failing_with(
