@@ -286,6 +286,11 @@ impl Inbox {
                     .await?
                     .unwrap_or(0),
             };
+            if next <= highest {
+                // A copy of a message applied since it was parked: it would hold the key for ever.
+                DB::drop_parked_upto(&mut **tx, &self.consumer, msg.scope(), key, highest).await?;
+                continue;
+            }
             if next != highest + 1 {
                 break;
             }
@@ -363,6 +368,10 @@ impl Inbox {
         // Every parked message of the key was written under the key row's lock (the row stays
         // while they wait): with it held, none is being parked or applied meanwhile.
         DB::lock_key(&mut *tx, &self.consumer, scope, key).await?;
+        // Copies of messages applied since they were parked are not released again: dropped.
+        if let Some(highest) = DB::key_seq(&mut *tx, &self.consumer, scope, key).await? {
+            DB::drop_parked_upto(&mut *tx, &self.consumer, scope, key, highest).await?;
+        }
         let (mut applied, mut gaps) = (0, 0);
         while let Some(seq) = DB::lowest_parked(&mut *tx, &self.consumer, scope, key).await? {
             let Some((parked, previous)) = DB::unpark(&mut *tx, &self.consumer, scope, key, seq, true).await? else {

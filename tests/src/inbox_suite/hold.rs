@@ -188,6 +188,66 @@ macro_rules! __inbox_suite_hold {
             assert_eq!(seqs, [1, 2, 2, 3, 4]);
         }
 
+        /// A parked message whose handler failed stays parked; another copy of it (a re-send, a
+        /// redelivery after a rebalance, from another partition) arrives right after its
+        /// predecessor and is applied directly. Its parked copy was left behind, below the key's
+        /// highest seq: every later parked message of the key waited behind it for ever, and
+        /// `release_parked` failed on it.
+        #[tokio::test]
+        async fn under_hold_a_parked_message_applied_by_another_copy_does_not_hold_the_key() {
+            let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
+            let handler = Recorder {
+                fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 2))),
+                ..Recorder::default()
+            };
+            let (k1, k2, k3) = (keyed("k", 1), keyed("k", 2), keyed("k", 3));
+            for m in [&k3, &k2] {
+                assert_eq!(inbox.process(&pool, m, &handler).await.unwrap(), Outcome::Parked);
+            }
+            let err = inbox.process(&pool, &k1, &handler).await.unwrap_err();
+            assert!(matches!(err, InboxError::ParkedHandler { seq: 2, .. }), "{err:?}");
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(1));
+            // Another copy of 2: it follows the key's highest seq, so it is applied, and 3 with it.
+            assert_eq!(inbox.process(&pool, &k2, &handler).await.unwrap(), Outcome::Processed);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(3));
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            for m in [&k1, &k2, &k3] {
+                assert_eq!(effects_of(&pool, m.id).await, 1);
+            }
+            assert_eq!(
+                inbox.release_parked(&pool, None, "k", &handler).await.unwrap(),
+                0
+            );
+        }
+
+        /// The same left-behind copy, by another route (the consumer ran under `Accept` for a
+        /// while: a message parked before is applied directly, past its gap): under `Hold` again,
+        /// `release_parked` (the operator's way out) failed on it ("does not follow its highest
+        /// applied seq") and a later message of the key waited behind it. It is dropped.
+        #[tokio::test]
+        async fn a_parked_copy_of_a_message_applied_under_accept_is_dropped_under_hold() {
+            let (pool, c, hold) = inbox_on_fresh_pool(GapPolicy::Hold).await;
+            let accept = Inbox::new(&c).gap_policy(GapPolicy::Accept);
+            let handler = Recorder::default();
+            let (k2, k3, k5) = (keyed("k", 2), keyed("k", 3), keyed("k", 5));
+            assert_eq!(hold.process(&pool, &k2, &handler).await.unwrap(), Outcome::Parked);
+            assert_eq!(accept.process(&pool, &k2, &handler).await.unwrap(), Outcome::Processed);
+            assert_eq!(key_seq(&pool, &c, "k").await, Some(2));
+            assert_eq!(parked_rows(&pool, &c).await, 1);
+            assert_eq!(hold.release_parked(&pool, None, "k", &handler).await.unwrap(), 0);
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            // And found by the next message of the key instead.
+            assert_eq!(hold.process(&pool, &k5, &handler).await.unwrap(), Outcome::Parked);
+            assert_eq!(accept.process(&pool, &k5, &handler).await.unwrap(), Outcome::Processed);
+            let k6 = keyed("k", 6);
+            assert_eq!(hold.process(&pool, &k6, &handler).await.unwrap(), Outcome::Processed);
+            assert_eq!(parked_rows(&pool, &c).await, 0);
+            assert_eq!(hold.process(&pool, &k3, &handler).await.unwrap(), Outcome::Processed);
+            for m in [&k2, &k3, &k5, &k6] {
+                assert_eq!(effects_of(&pool, m.id).await, 1);
+            }
+        }
+
         #[tokio::test]
         async fn under_hold_a_parked_message_that_failed_behind_applied_ones_is_applied_on_the_redelivery() {
             let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;

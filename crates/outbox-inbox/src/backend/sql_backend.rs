@@ -21,6 +21,8 @@
 ///   message `(message_id, topic, payload, headers)` (no row: none), the others (run only when
 ///   there is one) delete it.
 /// - `LOWEST_PARKED`, bound (consumer, source, key): the lowest parked seq of the key (NULL: none).
+/// - `DROP_PARKED_UPTO`, bound (consumer, source, key, seq): deletes the key's parked messages at
+///   or below seq.
 /// - `KEY_SEQ`, bound (consumer, source, key): the key's highest applied seq (no row: none).
 /// - `LEGACY_KEY: Option<&str>`, bound (consumer, key): a row (any column) when the key has
 ///   records of the default source; `None` when `RECORD_KEYED` answers that itself. `ADOPT: &[&str]`, each bound (consumer, source, key), run in order: drop the
@@ -348,6 +350,20 @@ macro_rules! sql_backend {
                     .bind(key)
                     .fetch_one(&mut *conn)
                     .await
+            }
+
+            async fn drop_parked_upto(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                consumer: &str,
+                source: &str,
+                key: &str,
+                seq: i64,
+            ) -> Result<u64, sqlx::Error> {
+                let done = keyed($sql::DROP_PARKED_UPTO, consumer, source, key)
+                    .bind(seq)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(done.rows_affected())
             }
 
             async fn key_seq(

@@ -133,6 +133,11 @@ DELETE FROM outbox_inbox_parked \
 WHERE consumer = ? AND `source` = ? AND key_hash = UNHEX(SHA2(?, 256)) AND seq = ?",
 ];
 
+// Binds (consumer, source, key, seq).
+pub(super) const DROP_PARKED_UPTO: &str = "\
+DELETE FROM outbox_inbox_parked \
+WHERE consumer = ? AND `source` = ? AND key_hash = UNHEX(SHA2(?, 256)) AND seq <= ?";
+
 // Binds (consumer, source, key): the lowest parked seq of the key (NULL: none), read on the
 // transaction that holds the key row (a locking read: the latest committed rows).
 pub(super) const LOWEST_PARKED: &str = "\

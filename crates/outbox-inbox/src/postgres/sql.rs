@@ -95,6 +95,10 @@ pub(super) const TAKE_PARKED: &[&str] = &["\
 DELETE FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3 AND seq = $4 \
 RETURNING message_id, topic, payload, headers"];
 
+// Binds (consumer, source, key, seq).
+pub(super) const DROP_PARKED_UPTO: &str =
+    "DELETE FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3 AND seq <= $4";
+
 // Binds (consumer, source, key): the lowest parked seq of the key (NULL: none).
 pub(super) const LOWEST_PARKED: &str = "\
 SELECT min(seq) FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3";
