@@ -256,3 +256,67 @@ async fn mysql_migration_0003_can_run_again() {
     .unwrap();
     assert_eq!(primary, ["consumer", "source", "key_hash", "from_seq"]);
 }
+
+/// Writes its effect, then runs a statement that fails and carries on as if nothing happened (an
+/// insert whose unique violation it takes for "already there", say). PostgreSQL aborts the
+/// transaction at the failed statement: nothing more runs in it, and its COMMIT rolls back.
+struct Swallows {
+    /// Succeeds instead once this many calls have swallowed their error.
+    swallow: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl Handler<Postgres> for Swallows {
+    type Error = sqlx::Error;
+
+    async fn handle(&self, tx: &mut Transaction<'_, Postgres>, msg: &Incoming<'_>) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO applied (message_id) VALUES ($1)")
+            .bind(msg.id)
+            .execute(&mut **tx)
+            .await?;
+        if self.swallow.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.swallow.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = sqlx::query("SELECT 1 / 0").execute(&mut **tx).await;
+        }
+        Ok(())
+    }
+}
+
+/// A handler that swallowed a failed statement on PostgreSQL returned `Ok`, the inbox committed,
+/// PostgreSQL rolled back (the record and the effect with it) and `process` said `Processed`: the
+/// consumer committed the offset of a message never applied. Under `Hold` the parked messages'
+/// read after the handler failed instead, taken for database trouble: the runner waited for ever.
+/// Now `process` fails with `HandlerAborted` (retryable, not infrastructure: the runner retries the
+/// message and dead-letters it if it keeps failing), and a later delivery applies it once.
+#[tokio::test]
+async fn a_handler_that_swallows_a_failed_statement_on_postgres_is_not_taken_for_processed() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    sqlx::raw_sql("CREATE TABLE applied (message_id UUID PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (inbox, key) in [
+        (Inbox::new("c"), None),
+        (Inbox::new("h").gap_policy(outbox_inbox::GapPolicy::Hold), Some("k")),
+    ] {
+        let handler = Swallows {
+            swallow: std::sync::atomic::AtomicUsize::new(1),
+        };
+        let id = Uuid::now_v7();
+        let mut msg = Incoming::new(id, "t", b"");
+        if let Some(key) = key {
+            msg = msg.keyed(key, 1);
+        }
+        let err = inbox.process(&pool, &msg, &handler).await.unwrap_err();
+        assert!(matches!(err, InboxError::HandlerAborted(_)), "{key:?}: {err:?}");
+        assert!(err.is_retryable() && !err.is_infrastructure(), "{err:?}");
+        let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM applied WHERE message_id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(applied, 0);
+        assert_eq!(inbox.process(&pool, &msg, &handler).await.unwrap(), Outcome::Processed);
+        assert_eq!(inbox.process(&pool, &msg, &handler).await.unwrap(), Outcome::Duplicate);
+    }
+}

@@ -65,6 +65,12 @@ pub trait Backend: sqlx::Database {
         key: &str,
     ) -> Result<Option<i64>, sqlx::Error>;
 
+    /// Fails when the transaction on `conn` can no longer commit: on PostgreSQL, a statement failed
+    /// in it (`25P02`); where a failed statement leaves the transaction usable (MySQL, SQLite), it
+    /// checks nothing and costs nothing.
+    #[doc(hidden)]
+    async fn check_usable(conn: &mut <Self as sqlx::Database>::Connection) -> Result<(), sqlx::Error>;
+
     /// Deletes the parked messages of (consumer, source, key) at or below `seq`, the key's highest
     /// applied seq: copies of messages applied since they were parked (another delivery of one
     /// whose parked copy failed, applied directly; one applied under [`crate::GapPolicy::Accept`]).

@@ -39,6 +39,12 @@ pub enum InboxError<E = Infallible> {
         #[source]
         error: E,
     },
+    /// The handler returned `Ok`, but a statement of its failed and the error was not passed on:
+    /// PostgreSQL aborts a transaction at a failed statement (and its COMMIT rolls back), so
+    /// nothing was committed, neither the handler's writes nor the record. Delivering the message
+    /// again runs the handler again. The database's answer to the inbox's check is the source.
+    #[error("the handler returned Ok, but a statement of its failed and aborted the transaction: {0}")]
+    HandlerAborted(#[source] sqlx::Error),
     /// The database failed. Nothing was committed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -52,7 +58,7 @@ impl<E> InboxError<E> {
     pub fn is_retryable(&self) -> bool {
         match self {
             InboxError::MissingHeader(_) | InboxError::MalformedHeader { .. } => false,
-            InboxError::Handler(_) | InboxError::ParkedHandler { .. } => true,
+            InboxError::Handler(_) | InboxError::ParkedHandler { .. } | InboxError::HandlerAborted(_) => true,
             InboxError::Database(e) => database_retryable(e),
         }
     }

@@ -241,6 +241,10 @@ impl Inbox {
             let _ = tx.rollback().await;
             return Err(InboxError::Handler(e));
         }
+        if let Err(e) = usable::<DB, _>(&mut *tx).await {
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
         let (unparked, failed) = match (hold, msg.key_seq(), advanced_from) {
             (true, Some((key, seq)), Some(_)) => {
                 self.apply_parked_successors(&mut tx, msg, key, Some(seq), handler)
@@ -300,7 +304,11 @@ impl Inbox {
             };
             let successor = parked.incoming(key, next, msg.source);
             tracing::info!(key, seq = next, outbox.id = %parked.id, "applying a parked message");
-            if let Err(error) = handler.handle(&mut step, &successor).await {
+            let failed = match handler.handle(&mut step, &successor).await {
+                Ok(()) => usable::<DB, _>(&mut *step).await.err(),
+                Err(error) => Some(InboxError::Handler(error)),
+            };
+            if let Some(failed) = failed {
                 step.rollback().await?;
                 tracing::warn!(
                     key,
@@ -309,10 +317,13 @@ impl Inbox {
                     "a parked message failed: it stays parked, the message before it is applied"
                 );
                 self.count("outbox_inbox_parked_failures_total", 1);
-                let failed = InboxError::ParkedHandler {
-                    id: parked.id,
-                    seq: next,
-                    error,
+                let failed = match failed {
+                    InboxError::Handler(error) => InboxError::ParkedHandler {
+                        id: parked.id,
+                        seq: next,
+                        error,
+                    },
+                    other => other,
                 };
                 return Ok((unparked, Some(failed)));
             }
@@ -392,6 +403,10 @@ impl Inbox {
                 let _ = tx.rollback().await;
                 return Err(InboxError::Handler(e));
             }
+            if let Err(e) = usable::<DB, _>(&mut *tx).await {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
             applied += 1;
         }
         tx.commit().await?;
@@ -442,4 +457,21 @@ impl Inbox {
     fn count(&self, name: &'static str, n: u64) {
         metrics::counter!(name, "consumer" => self.consumer.clone()).increment(n);
     }
+}
+
+/// After the handler returned `Ok`: fails when its transaction can no longer commit
+/// ([`InboxError::HandlerAborted`]: a statement of the handler's failed and the database aborted
+/// the transaction) or the check itself failed ([`InboxError::Database`]).
+async fn usable<DB: Backend, E>(conn: &mut <DB as sqlx::Database>::Connection) -> Result<(), InboxError<E>> {
+    DB::check_usable(conn).await.map_err(|e| {
+        let aborted = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| code == "25P02");
+        if aborted {
+            InboxError::HandlerAborted(e)
+        } else {
+            InboxError::Database(e)
+        }
+    })
 }

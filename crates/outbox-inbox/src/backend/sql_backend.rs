@@ -21,6 +21,8 @@
 ///   message `(message_id, topic, payload, headers)` (no row: none), the others (run only when
 ///   there is one) delete it.
 /// - `LOWEST_PARKED`, bound (consumer, source, key): the lowest parked seq of the key (NULL: none).
+/// - `CHECK_USABLE: Option<&str>`: a statement that fails on a transaction that can no longer
+///   commit; `None` where a failed statement leaves the transaction usable.
 /// - `DROP_PARKED_UPTO`, bound (consumer, source, key, seq): deletes the key's parked messages at
 ///   or below seq.
 /// - `KEY_SEQ`, bound (consumer, source, key): the key's highest applied seq (no row: none).
@@ -350,6 +352,13 @@ macro_rules! sql_backend {
                     .bind(key)
                     .fetch_one(&mut *conn)
                     .await
+            }
+
+            async fn check_usable(conn: &mut <$db as sqlx::Database>::Connection) -> Result<(), sqlx::Error> {
+                if let Some(check) = $sql::CHECK_USABLE {
+                    sqlx::query(check).execute(&mut *conn).await?;
+                }
+                Ok(())
             }
 
             async fn drop_parked_upto(

@@ -95,6 +95,9 @@ pub(super) const TAKE_PARKED: &[&str] = &["\
 DELETE FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3 AND seq = $4 \
 RETURNING message_id, topic, payload, headers"];
 
+// Fails (25P02) on a transaction a failed statement aborted: its COMMIT would roll back.
+pub(super) const CHECK_USABLE: Option<&str> = Some("SELECT 1");
+
 // Binds (consumer, source, key, seq).
 pub(super) const DROP_PARKED_UPTO: &str =
     "DELETE FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3 AND seq <= $4";

@@ -84,6 +84,9 @@ pub(super) const TAKE_PARKED: &[&str] = &["DELETE FROM outbox_inbox_parked \
      WHERE consumer = ?1 AND source = ?2 AND key = ?3 AND seq = ?4 \
      RETURNING message_id, topic, payload, headers"];
 
+// A failed statement is rolled back alone: the transaction stays usable.
+pub(super) const CHECK_USABLE: Option<&str> = None;
+
 // Binds (consumer, source, key, seq).
 pub(super) const DROP_PARKED_UPTO: &str =
     "DELETE FROM outbox_inbox_parked WHERE consumer = ?1 AND source = ?2 AND key = ?3 AND seq <= ?4";
