@@ -65,6 +65,12 @@ pub trait Backend: sqlx::Database {
         key: &str,
     ) -> Result<Option<i64>, sqlx::Error>;
 
+    /// Commits the handler's transaction, failing when it can no longer commit (on PostgreSQL a
+    /// statement failed in it, 25P02, and its COMMIT would roll back without an error) in the one
+    /// round trip of the commit.
+    #[doc(hidden)]
+    async fn commit_checked(tx: sqlx::Transaction<'_, Self>) -> Result<(), sqlx::Error>;
+
     /// Fails when the transaction on `conn` can no longer commit: on PostgreSQL, a statement failed
     /// in it (`25P02`); where a failed statement leaves the transaction usable (MySQL, SQLite), it
     /// checks nothing and costs nothing.

@@ -14,7 +14,10 @@ use crate::Incoming;
 /// one's writes (a savepoint): it stays parked, and the ones before it commit.
 ///
 /// Do not commit or roll back `tx`, and keep side effects outside the database (HTTP calls, e-mails)
-/// idempotent or out of the handler: they cannot be rolled back.
+/// idempotent or out of the handler: they cannot be rolled back. On PostgreSQL a statement that
+/// fails aborts `tx` even if the handler ignores its error (use a savepoint, `tx.begin()`, around
+/// a statement allowed to fail): the inbox then refuses the `Ok` with
+/// [`InboxError::HandlerAborted`](crate::InboxError::HandlerAborted) and commits nothing.
 ///
 /// ```
 /// use async_trait::async_trait;

@@ -241,18 +241,19 @@ impl Inbox {
             let _ = tx.rollback().await;
             return Err(InboxError::Handler(e));
         }
-        if let Err(e) = usable::<DB, _>(&mut *tx).await {
-            let _ = tx.rollback().await;
-            return Err(e);
-        }
+        // A statement of the handler's that failed on PostgreSQL aborted the transaction, and what
+        // runs in it from then on fails (25P02): the handler's error, not the database's.
         let (unparked, failed) = match (hold, msg.key_seq(), advanced_from) {
-            (true, Some((key, seq)), Some(_)) => {
-                self.apply_parked_successors(&mut tx, msg, key, Some(seq), handler)
-                    .await?
-            }
+            (true, Some((key, seq)), Some(_)) => self
+                .apply_parked_successors(&mut tx, msg, key, Some(seq), handler)
+                .await
+                .map_err(|e| match e {
+                    InboxError::Database(e) => failed_statement(e),
+                    other => other,
+                })?,
             _ => (0, None),
         };
-        tx.commit().await?;
+        DB::commit_checked(tx).await.map_err(failed_statement)?;
         self.count("outbox_inbox_processed_total", 1);
         self.count_unparked(unparked);
         match failed {
@@ -463,15 +464,19 @@ impl Inbox {
 /// ([`InboxError::HandlerAborted`]: a statement of the handler's failed and the database aborted
 /// the transaction) or the check itself failed ([`InboxError::Database`]).
 async fn usable<DB: Backend, E>(conn: &mut <DB as sqlx::Database>::Connection) -> Result<(), InboxError<E>> {
-    DB::check_usable(conn).await.map_err(|e| {
-        let aborted = e
-            .as_database_error()
-            .and_then(|d| d.code())
-            .is_some_and(|code| code == "25P02");
-        if aborted {
-            InboxError::HandlerAborted(e)
-        } else {
-            InboxError::Database(e)
-        }
-    })
+    DB::check_usable(conn).await.map_err(failed_statement)
+}
+
+/// A database error on the handler's transaction: [`InboxError::HandlerAborted`] when the
+/// transaction had been aborted by a failed statement (25P02), [`InboxError::Database`] otherwise.
+fn failed_statement<E>(e: sqlx::Error) -> InboxError<E> {
+    let aborted = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "25P02");
+    if aborted {
+        InboxError::HandlerAborted(e)
+    } else {
+        InboxError::Database(e)
+    }
 }

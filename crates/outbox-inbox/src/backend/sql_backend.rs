@@ -23,6 +23,9 @@
 /// - `LOWEST_PARKED`, bound (consumer, source, key): the lowest parked seq of the key (NULL: none).
 /// - `CHECK_USABLE: Option<&str>`: a statement that fails on a transaction that can no longer
 ///   commit; `None` where a failed statement leaves the transaction usable.
+/// - `COMMIT_CHECKED: Option<&str>`: statements, one simple query, that fail on a transaction that
+///   can no longer commit and otherwise commit it and begin an empty one (which dropping sqlx's
+///   transaction rolls back); `None`: a plain commit.
 /// - `DROP_PARKED_UPTO`, bound (consumer, source, key, seq): deletes the key's parked messages at
 ///   or below seq.
 /// - `KEY_SEQ`, bound (consumer, source, key): the key's highest applied seq (no row: none).
@@ -352,6 +355,19 @@ macro_rules! sql_backend {
                     .bind(key)
                     .fetch_one(&mut *conn)
                     .await
+            }
+
+            async fn commit_checked(mut tx: sqlx::Transaction<'_, $db>) -> Result<(), sqlx::Error> {
+                match $sql::COMMIT_CHECKED {
+                    None => tx.commit().await,
+                    Some(statements) => {
+                        let conn: &mut <$db as sqlx::Database>::Connection = &mut tx;
+                        sqlx::Executor::execute(&mut *conn, statements).await?;
+                        // Committed; `tx` rolls the empty transaction back as it is dropped (with
+                        // the connection's next statement, no round trip of its own).
+                        Ok(())
+                    }
+                }
             }
 
             async fn check_usable(conn: &mut <$db as sqlx::Database>::Connection) -> Result<(), sqlx::Error> {

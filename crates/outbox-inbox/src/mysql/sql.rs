@@ -136,6 +136,7 @@ WHERE consumer = ? AND `source` = ? AND key_hash = UNHEX(SHA2(?, 256)) AND seq =
 // A failed statement is rolled back alone (a deadlock rolls back the whole transaction, and the
 // COMMIT that follows then fails): the transaction stays usable.
 pub(super) const CHECK_USABLE: Option<&str> = None;
+pub(super) const COMMIT_CHECKED: Option<&str> = None;
 
 // Binds (consumer, source, key, seq).
 pub(super) const DROP_PARKED_UPTO: &str = "\

@@ -97,6 +97,8 @@ RETURNING message_id, topic, payload, headers"];
 
 // Fails (25P02) on a transaction a failed statement aborted: its COMMIT would roll back.
 pub(super) const CHECK_USABLE: Option<&str> = Some("SELECT 1");
+// The same check in the commit's round trip: after an error the rest is not run.
+pub(super) const COMMIT_CHECKED: Option<&str> = Some("SELECT 1; COMMIT; BEGIN");
 
 // Binds (consumer, source, key, seq).
 pub(super) const DROP_PARKED_UPTO: &str =

@@ -86,6 +86,7 @@ pub(super) const TAKE_PARKED: &[&str] = &["DELETE FROM outbox_inbox_parked \
 
 // A failed statement is rolled back alone: the transaction stays usable.
 pub(super) const CHECK_USABLE: Option<&str> = None;
+pub(super) const COMMIT_CHECKED: Option<&str> = None;
 
 // Binds (consumer, source, key, seq).
 pub(super) const DROP_PARKED_UPTO: &str =
