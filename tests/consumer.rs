@@ -21,6 +21,8 @@ mod delivery;
 mod group;
 #[path = "consumer/outages.rs"]
 mod outages;
+#[path = "consumer/raw.rs"]
+mod raw;
 #[path = "consumer/retention.rs"]
 mod retention;
 

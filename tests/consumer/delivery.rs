@@ -209,3 +209,22 @@ async fn under_hold_a_successor_ahead_of_its_predecessor_never_stalls_the_runner
         "the keys behind K:2 did not wait for K:1"
     );
 }
+
+/// A header name that is not UTF-8 (any client but rdkafka's and Java's can send one): rdkafka's
+/// header iterator panics on it (`to_str().unwrap()`), so the runner's task died before the
+/// message was processed, and again on it after every restart. Such a header is now left out: the
+/// message is applied, and so are the ones after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_header_name_that_is_not_utf8_does_not_stop_the_runner() {
+    let (b, t, pool) = topic_and_db("consume-header-bytes", 1).await;
+    let id = uuid::Uuid::now_v7().to_string();
+    let headers: [(&[u8], &[u8]); 2] = [(outbox::HEADER_ID.as_bytes(), id.as_bytes()), (b"\xffname", b"value")];
+    crate::raw::produce(&b, &t, b"effect", &headers).await;
+    let after = produce(&b, &t, 5, 5, 1).await;
+    let group = topic("g");
+    let (stop, task, _) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    wait_effects(&pool, 1 + after.len() as i64, Duration::from_secs(60)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (6, 6));
+}

@@ -258,10 +258,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
     /// message that cannot be dead-lettered waits (its partition is retried later) rather than
     /// being skipped.
     async fn attempt(&self, msg: &OwnedMessage, attempts: u32, retry: &RetryInPlace) -> Step {
-        let headers: Vec<(&str, &[u8])> = msg
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect())
-            .unwrap_or_default();
+        let headers = readable_headers(msg);
         let payload = msg.payload().unwrap_or_default();
         let tried = self
             .core
@@ -310,15 +307,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             msg.offset().to_string(),
             attempts.to_string(),
         );
-        let mut headers = OwnedHeaders::new();
-        if let Some(h) = msg.headers() {
-            for h in h.iter() {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
-            }
-        }
+        // A copy of the original headers as they are (names that are not UTF-8 too).
+        let mut headers = msg.headers().cloned().unwrap_or_else(OwnedHeaders::new);
         for (k, v) in [
             (HEADER_ERROR, error),
             (HEADER_ORIGINAL_TOPIC, msg.topic()),
@@ -343,4 +333,29 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             .map_err(|(source, _)| ConsumerError::DeadLetter { topic, source })?;
         Ok(())
     }
+}
+
+/// The message's headers whose names are text. rdkafka's reader panics on a name that is not UTF-8
+/// (`to_str().unwrap()`), which any producer but rdkafka's and Java's can send: read one by one,
+/// such a header is left out (and logged) and the rest are read as usual. (Built with
+/// `panic = "abort"`, the process aborts on it instead.)
+fn readable_headers(msg: &OwnedMessage) -> Vec<(&str, &[u8])> {
+    let Some(h) = msg.headers() else {
+        return Vec::new();
+    };
+    (0..h.count())
+        .filter_map(|idx| match std::panic::catch_unwind(|| h.try_get(idx)) {
+            Ok(header) => header.map(|h| (h.key, h.value.unwrap_or_default())),
+            Err(_) => {
+                tracing::warn!(
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    index = idx,
+                    "a header whose name is not UTF-8 is left out"
+                );
+                None
+            }
+        })
+        .collect()
 }
