@@ -62,9 +62,10 @@ pub(crate) const CYCLE: Duration = Duration::from_secs(1);
 const WORKING_PROBES: u32 = 8;
 /// Probes taken in the quiet window.
 const QUIET_PROBES: usize = 3;
-/// The longest a probe may take: a slower one (a commit that hangs: a synchronous standby gone, a
-/// pool without a free connection) counts as failed, so the quiet window, which holds every lane
-/// catching up, stays short, and the cycle goes on.
+/// The longest a probe is waited for: a slower one (a commit that hangs: a synchronous standby gone,
+/// a pool without a free connection) counts as taking this long, without the database's counts, so
+/// the quiet window, which holds every lane catching up, stays short, and the cycle goes on (and
+/// finds the database slow).
 const PROBE_MAX: Duration = CYCLE;
 /// The longest the quiet window waits for the rounds under way to finish.
 const QUIET_WAIT: Duration = Duration::from_millis(300);
@@ -368,18 +369,19 @@ fn median(mut v: Vec<Duration>) -> Option<Duration> {
 }
 
 /// Times the store's probe: how long it took and the database's transaction counts (see
-/// [`outbox::Store::probe`]); `None` when it failed.
-async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<(Duration, ProbeCounts)> {
+/// [`outbox::Store::probe`]); `None` when it failed, [`PROBE_MAX`] without counts when it did not
+/// answer within that.
+async fn probe<S: Store, P: Publisher>(shared: &Shared<S, P>) -> Option<(Duration, Option<ProbeCounts>)> {
     let start = Instant::now();
     match tokio::time::timeout(PROBE_MAX, shared.counted_write(shared.store.probe())).await {
-        Ok(Ok(count)) => Some((start.elapsed(), count)),
+        Ok(Ok(count)) => Some((start.elapsed(), Some(count))),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "pace probe failed");
             None
         }
         Err(_) => {
             tracing::debug!(took_ms = PROBE_MAX.as_millis() as u64, "pace probe did not answer");
-            None
+            Some((PROBE_MAX, None))
         }
     }
 }
@@ -399,6 +401,9 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
             tokio::time::sleep(CYCLE / WORKING_PROBES).await;
             if let Some((took, count)) = probe(&shared).await {
                 working.push(took);
+                let Some(count) = count else {
+                    continue;
+                };
                 let (own, own_writes) = (
                     pace.own.load(Ordering::Relaxed),
                     pace.own_writes.load(Ordering::Relaxed),
@@ -434,8 +439,12 @@ pub(crate) async fn control<S: Store, P: Publisher>(shared: Arc<Shared<S, P>>) {
         let mut quiet = Vec::new();
         for _ in 0..QUIET_PROBES {
             match probe(&shared).await {
-                Some((took, _)) => quiet.push(took),
-                // The lanes wait while the window lasts: not for more probes that fail.
+                Some((took, Some(_))) => quiet.push(took),
+                // The lanes wait while the window lasts: not for more probes that do not answer.
+                Some((took, None)) => {
+                    quiet.push(took);
+                    break;
+                }
                 None => break,
             }
         }
