@@ -294,38 +294,57 @@ async fn pipelined_in_order(cfg: RelayConfig) {
     assert!(store.dead_letters(10).await.unwrap().is_empty());
 }
 
+/// The key of the lane the NOTIFY tests watch.
+const FIRST: &str = "first";
+
+/// A relay publishing with `publisher`, its lanes not lingering (each asks for NOTIFY once dry) and
+/// up to four batches in flight, once the lane of [`FIRST`] has published a first row (so it knows
+/// its publishes take longer than its claims) and every lane asks for NOTIFY again; with the pool,
+/// the store and another key of that lane.
+async fn lane_woken_by_notify(
+    publisher: &Arc<Scripted>,
+) -> (
+    sqlx::PgPool,
+    outbox::postgres::PgStore,
+    outbox_tests::embedded::Running,
+    String,
+) {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    let second = (0..)
+        .map(|i| format!("second-{i}"))
+        .find(|k| lane_of(k) == lane_of(FIRST))
+        .unwrap();
+    let cfg = test_config().pipeline(4).linger(Duration::ZERO);
+    let relay = start(store.clone(), publisher.clone(), cfg);
+    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
+    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
+    wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "1").key(FIRST)]).await;
+    drained(&store, Duration::from_secs(10)).await;
+    wait_for("the lane to ask for NOTIFY again", Duration::from_secs(10), all_idle).await;
+    (pool, store, relay, second)
+}
+
+/// Whether an event hands over row `seq` of `key`.
+fn started(key: &str, seq: i64) -> impl Fn(&Event) -> bool {
+    let key = key.to_owned();
+    move |e: &Event| matches!(e, Event::Start(_, rows) if rows.iter().any(|(k, s, _)| *k == key && *s == seq))
+}
+
 /// A lane that does not linger asks for NOTIFY as soon as it runs dry. A row committed to it while
 /// its batch is in flight is published at once, beside that batch, not after it: the NOTIFY of its
 /// commit wakes the lane, which has room for another batch (its claims are quicker than its
 /// publishes, known from a first batch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lane_woken_by_notify_publishes_a_new_row_beside_the_batch_in_flight() {
-    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
-    let first = "first";
-    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
-    let second = (0..)
-        .map(|i| format!("second-{i}"))
-        .find(|k| lane_of(k) == lane_of(first))
-        .unwrap();
     let publisher = Scripted::slow([], Duration::from_millis(1000));
-    let cfg = test_config().pipeline(4).linger(Duration::ZERO);
-    let relay = start(store.clone(), publisher.clone(), cfg);
-    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
-    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
-    wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
-    outbox_tests::db::commit_each(&pool, [Message::new("t", "1").key(first)]).await;
-    drained(&store, Duration::from_secs(10)).await;
-    wait_for("the lane to ask for NOTIFY again", Duration::from_secs(10), all_idle).await;
-
-    outbox_tests::db::commit_each(&pool, [Message::new("t", "2").key(first)]).await;
-    let sent = |key: &str, seq: i64| {
-        let key = key.to_owned();
-        move |e: &Event| matches!(e, Event::Start(_, rows) if rows.iter().any(|(k, s, _)| *k == key && *s == seq))
-    };
+    let (pool, store, relay, second) = lane_woken_by_notify(&publisher).await;
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "2").key(FIRST)]).await;
     wait_for(
         "the second row of the lane to be published",
         Duration::from_secs(10),
-        || async { publisher.events().iter().any(sent(first, 2)) },
+        || async { publisher.events().iter().any(started(FIRST, 2)) },
     )
     .await;
     outbox_tests::db::commit_each(&pool, [Message::new("t", "3").key(second.as_str())]).await;
@@ -333,7 +352,7 @@ async fn a_lane_woken_by_notify_publishes_a_new_row_beside_the_batch_in_flight()
     relay.stop().await;
 
     let events = publisher.events();
-    let Some(Event::Start(call, _)) = events.iter().find(|e| sent(first, 2)(e)) else {
+    let Some(Event::Start(call, _)) = events.iter().find(|e| started(FIRST, 2)(e)) else {
         unreachable!()
     };
     let answered = events
@@ -342,7 +361,7 @@ async fn a_lane_woken_by_notify_publishes_a_new_row_beside_the_batch_in_flight()
         .unwrap();
     let third = events
         .iter()
-        .position(sent(&second, 1))
+        .position(started(&second, 1))
         .expect("the third row was published");
     assert!(
         third < answered,
@@ -357,33 +376,13 @@ async fn a_lane_woken_by_notify_publishes_a_new_row_beside_the_batch_in_flight()
 /// row stayed pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lane_stopped_while_its_oldest_batch_finds_the_broker_unavailable_still_marks_the_next() {
-    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
-    let first = "first";
-    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
-    let second = (0..)
-        .map(|i| format!("second-{i}"))
-        .find(|k| lane_of(k) == lane_of(first))
-        .unwrap();
-    let publisher = Scripted::failing_with([(first, 2, 1)], Duration::from_millis(1000), |m| {
+    let publisher = Scripted::failing_with([(FIRST, 2, 1)], Duration::from_millis(1000), |m| {
         PublishError::unavailable(m)
     });
-    let cfg = test_config().pipeline(4).linger(Duration::ZERO);
-    let relay = start(store.clone(), publisher.clone(), cfg);
-    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
-    let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
-    wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
-    // A first batch, so the lane knows its publishes take longer than its claims.
-    outbox_tests::db::commit_each(&pool, [Message::new("t", "1").key(first)]).await;
-    drained(&store, Duration::from_secs(10)).await;
-    wait_for("the lane to ask for NOTIFY again", Duration::from_secs(10), all_idle).await;
-
-    let started = |key: &str, seq: i64| {
-        let key = key.to_owned();
-        move |e: &Event| matches!(e, Event::Start(_, rows) if rows.iter().any(|(k, s, _)| *k == key && *s == seq))
-    };
-    outbox_tests::db::commit_each(&pool, [Message::new("t", "2").key(first)]).await;
+    let (pool, _, relay, second) = lane_woken_by_notify(&publisher).await;
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "2").key(FIRST)]).await;
     wait_for("the lane's batch to be published", Duration::from_secs(10), || async {
-        publisher.events().iter().any(started(first, 2))
+        publisher.events().iter().any(started(FIRST, 2))
     })
     .await;
     outbox_tests::db::commit_each(&pool, [Message::new("t", "3").key(second.as_str())]).await;
@@ -408,7 +407,7 @@ async fn a_lane_stopped_while_its_oldest_batch_finds_the_broker_unavailable_stil
         .unwrap();
     assert_eq!(
         pending,
-        vec![(first.to_owned(), 2)],
+        vec![(FIRST.to_owned(), 2)],
         "only the row the broker did not take stays pending: {events:?}"
     );
 }
