@@ -270,10 +270,7 @@ impl Handler<Postgres> for Swallows {
     type Error = sqlx::Error;
 
     async fn handle(&self, tx: &mut Transaction<'_, Postgres>, msg: &Incoming<'_>) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO applied (message_id) VALUES ($1)")
-            .bind(msg.id)
-            .execute(&mut **tx)
-            .await?;
+        Apply.handle(tx, msg).await?;
         if self.swallow.load(std::sync::atomic::Ordering::SeqCst) > 0 {
             self.swallow.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             let _ = sqlx::query("SELECT 1 / 0").execute(&mut **tx).await;
