@@ -168,7 +168,8 @@ impl RabbitPublisher {
     }
 
     /// Publishes the rows in order on `ch`, then awaits every confirm until the deadline.
-    async fn pipelined(&self, ch: &Channel, batch: &[StoredMessage]) -> Vec<Sent> {
+    /// `frame_max` is the connection's: a row whose properties do not fit one frame is refused.
+    async fn pipelined(&self, ch: &Channel, frame_max: usize, batch: &[StoredMessage]) -> Vec<Sent> {
         let deadline = Instant::now() + self.confirm_timeout();
         let mut pending: Vec<Result<PublisherConfirm, Sent>> = Vec::with_capacity(batch.len());
         // Keys whose row was not sent, and how it failed: the rest of the key is not sent either,
@@ -187,6 +188,9 @@ impl RabbitPublisher {
                     row.payload.len(),
                     self.cfg.max_message_size
                 )))))
+            } else if let Some(why) = properties::unsendable(row, frame_max) {
+                // Sent, it would break the connection (every lane's rows on it) at every try.
+                Some(Sent::Done(Err(PublishError::permanent(why))))
             } else if let Some(e) = &broken {
                 Some(if channel_closed(e) {
                     Sent::Again
@@ -335,7 +339,12 @@ impl Publisher for RabbitPublisher {
                 return batch.iter().map(|_| Err(e.clone())).collect();
             }
         };
-        let sent = self.pipelined(&ch, batch).await;
+        // 0: no limit was negotiated.
+        let frame_max = match conn.configuration().frame_max() {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let sent = self.pipelined(&ch, frame_max, batch).await;
         let timed_out = sent
             .iter()
             .any(|s| matches!(s, Sent::Done(Err(e)) if e.kind == FailureKind::Unavailable));

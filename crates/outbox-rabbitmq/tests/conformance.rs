@@ -147,3 +147,35 @@ async fn every_return_is_reported_for_its_own_message() {
         &wrong[..wrong.len().min(3)]
     );
 }
+
+/// Header content AMQP cannot carry: a header name or a content type longer than 255 bytes (a
+/// short string's length is one byte), headers larger than a frame (lapin sends a message's
+/// properties as one frame). Sent, they broke the connection: the row came back unavailable (no
+/// attempt counted, so it was retried for ever, its lane held) and the rows beside it failed too.
+/// They are refused before sending, as permanent (dead-lettered), and the rows beside them go
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_amqp_cannot_carry_are_refused_as_permanent_and_the_rest_goes_through() {
+    let fixture = RabbitFixture::shared();
+    let dest = fixture.destination().await;
+    let publisher = fixture.publisher().await;
+    let unsendable = [
+        ("x".repeat(300), "v".to_owned()),
+        ("content-type".to_owned(), "t".repeat(300)),
+        ("h".to_owned(), "v".repeat(200_000)),
+    ];
+    for (pos, header) in (0..).step_by(2).zip(unsendable) {
+        let what = format!("{} / {} bytes", header.0.len(), header.1.len());
+        let batch = vec![
+            stored(pos, &dest, None, None, b"bad".to_vec()).headers(vec![header]),
+            stored(pos + 1, &dest, None, None, b"good".to_vec()),
+        ];
+        let out = publisher.publish(&batch).await;
+        assert!(
+            matches!(&out[0], Err(e) if e.kind == FailureKind::Permanent),
+            "{what}: {:?}",
+            out[0]
+        );
+        assert!(out[1].is_ok(), "{what}: {:?}", out[1]);
+    }
+}
