@@ -133,7 +133,7 @@ impl RabbitPublisher {
         if let Some(ch) = kept.filter(|ch| ch.status().connected()) {
             return Ok(ch);
         }
-        confirm_channel(conn).await
+        confirm_channel(conn, self.confirm_timeout()).await
     }
 
     fn keep_channel(&self, lane: i32, ch: Channel) {
@@ -257,7 +257,7 @@ impl RabbitPublisher {
     /// Sends one row alone on a fresh channel and awaits its confirm: when the server closes the
     /// channel now, this row is the cause.
     async fn alone(&self, conn: &Connection, row: &StoredMessage) -> Result<Delivered, PublishError> {
-        let ch = confirm_channel(conn).await?;
+        let ch = confirm_channel(conn, self.confirm_timeout()).await?;
         let res = match tokio::time::timeout(self.confirm_timeout(), async {
             let confirm = self.send(&ch, row).await?;
             confirm.await
@@ -273,7 +273,8 @@ impl RabbitPublisher {
             Err(_) => Err(self.unconfirmed()),
         };
         if ch.status().connected() {
-            let _ = ch.close(200, "done").await;
+            // Bounded: on a blocked connection the close is never written (see `publish`).
+            let _ = tokio::time::timeout(self.confirm_timeout(), ch.close(200, "done")).await;
         }
         res
     }
@@ -311,12 +312,21 @@ impl Returns {
 }
 
 /// A new channel on `conn`, in confirm mode.
-async fn confirm_channel(conn: &Connection) -> Result<Channel, PublishError> {
-    let ch = conn.create_channel().await.map_err(|e| classify(&e))?;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| classify(&e))?;
-    Ok(ch)
+/// A new channel in confirm mode, within `timeout`: on a connection the server blocked (a resource
+/// alarm) lapin writes nothing, and the channel would never open; that is `Unavailable`.
+async fn confirm_channel(conn: &Connection, timeout: Duration) -> Result<Channel, PublishError> {
+    let open = async {
+        let ch = conn.create_channel().await.map_err(|e| classify(&e))?;
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| classify(&e))?;
+        Ok(ch)
+    };
+    tokio::time::timeout(timeout, open).await.unwrap_or_else(|_| {
+        Err(PublishError::unavailable(format!(
+            "no confirm channel within {timeout:?} (connection blocked by a resource alarm?)"
+        )))
+    })
 }
 
 #[async_trait]
@@ -351,7 +361,13 @@ impl Publisher for RabbitPublisher {
         // A channel with confirms still outstanding is not reused: late confirms would be
         // meaningless, and the next batch starts on a clean channel.
         if timed_out {
-            let _ = ch.close(200, "abandoned").await;
+            // A connection the server blocked (a resource alarm) writes nothing, this close
+            // included: not waited for past the confirm timeout, and the connection is given up
+            // (the next publish opens another).
+            let closed = tokio::time::timeout(self.confirm_timeout(), ch.close(200, "abandoned")).await;
+            if closed.is_err() {
+                self.drop_connection(&conn).await;
+            }
         } else {
             self.keep_channel(lane, ch);
         }

@@ -151,3 +151,41 @@ async fn a_consumer_cut_off_after_its_commit_and_before_its_ack_applies_the_effe
     assert!(stats.reconnects.load(Relaxed) >= 1);
     check_effects(&consumer_db, 4, 5).await;
 }
+
+/// A resource alarm (memory, disk) blocks every connection that publishes: lapin then writes
+/// nothing more on it, not even the close of the channel it abandons after a confirm timeout. That
+/// close had no timeout: a publish during an alarm returned only when the alarm ended, and its lane
+/// stalled instead of backing off. Each publish now answers `Unavailable` within its timeouts, and
+/// the messages go through once the alarm is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_during_a_resource_alarm_answers_unavailable_within_its_timeouts() {
+    let node = tokio::task::block_in_place(Node::dedicated);
+    let queue = name("alarm");
+    declare_queue(&node.url(), &queue).await;
+    let cfg = RabbitConfig::new(node.url()).confirm_timeout(Duration::from_secs(2));
+    let publisher = RabbitPublisher::connect(cfg).await.unwrap();
+    let row = |pos: i64| outbox_tests::publisher_suite::stored(pos, &queue, None, None, b"x".to_vec());
+    assert!(publisher.publish(&[row(0)]).await[0].is_ok());
+    tokio::task::block_in_place(|| node.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]));
+    for pos in 1..=2 {
+        let out = tokio::time::timeout(Duration::from_secs(20), publisher.publish(&[row(pos)]))
+            .await
+            .unwrap_or_else(|_| panic!("publish {pos} did not return within 20 s of a resource alarm"));
+        assert!(
+            matches!(&out[0], Err(e) if e.kind == outbox::FailureKind::Unavailable),
+            "{out:?}"
+        );
+    }
+    tokio::task::block_in_place(|| node.ctl(&["set_vm_memory_high_watermark", "0.4"]));
+    wait_for(
+        "a publish to go through after the alarm",
+        Duration::from_secs(60),
+        || async {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(20), publisher.publish(&[row(3)])).await,
+                Ok(out) if out[0].is_ok()
+            )
+        },
+    )
+    .await;
+}

@@ -67,6 +67,13 @@ impl Node {
         run_script(&["start", self.dir(), &self.port.to_string()]);
     }
 
+    /// Runs `rabbitmqctl args` on the node.
+    pub fn ctl(&self, args: &[&str]) {
+        let mut all = vec!["ctl", self.dir()];
+        all.extend_from_slice(args);
+        run_script(&all);
+    }
+
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub fn url(&self) -> String {
         url(self.port)
