@@ -7,8 +7,9 @@ use outbox::PublishError;
 
 /// Decides what the relay does with a row the broker failed, from lapin's error.
 ///
-/// The connection (refused, closed, reset, heartbeat missed, closed by the server) or an exchange
-/// that is gone: [`FailureKind::Unavailable`], whatever the message. The server closing the channel
+/// The connection (refused, closed, reset, heartbeat missed, closed by the server), a channel closed
+/// before the message went out, or an exchange that is gone: [`FailureKind::Unavailable`], whatever
+/// the message. The server closing the channel
 /// for the message itself, when it was the only one in flight: `PRECONDITION_FAILED` (too large,
 /// invalid headers), `ACCESS_REFUSED` (no write permission for the routing key), `CONTENT_TOO_LARGE`,
 /// `NO_ROUTE`: [`FailureKind::Permanent`]. Anything else is [`FailureKind::Retryable`].
@@ -20,6 +21,9 @@ pub fn classify(e: &lapin::Error) -> PublishError {
         | E::MissingHeartbeatError
         | E::ChannelsLimitReached
         | E::InvalidProtocolVersion(_) => PublishError::unavailable(format!("connection: {e}")),
+        // Seen where a message goes out on a channel already closed: lost with its connection (a
+        // channel the server closed for a message is seen as that close, and sent again alone).
+        E::InvalidChannelState(_) => PublishError::unavailable(format!("channel closed: {e}")),
         E::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Hard(_) => PublishError::unavailable(format!("connection closed by the server: {e}")),
             AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => PublishError::unavailable(format!("exchange missing: {e}")),

@@ -29,4 +29,9 @@ fn classification() {
     let locked = amqp(AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED));
     assert_eq!(classify(&locked).kind, FailureKind::Retryable);
     assert!(!channel_closed(&refused));
+    // A channel closed before the message went out (its connection lost right after it opened):
+    // not the message's fault, so no attempt is counted (it was retryable, and counted one).
+    let closed = lapin::Error::InvalidChannelState(lapin::ChannelState::Closed);
+    assert_eq!(classify(&closed).kind, FailureKind::Unavailable);
+    assert!(channel_closed(&closed));
 }
