@@ -311,8 +311,7 @@ impl Returns {
     }
 }
 
-/// A new channel on `conn`, in confirm mode.
-/// A new channel in confirm mode, within `timeout`: on a connection the server blocked (a resource
+/// A new channel on `conn` in confirm mode, within `timeout`: on a connection the server blocked (a resource
 /// alarm) lapin writes nothing, and the channel would never open; that is `Unavailable`.
 async fn confirm_channel(conn: &Connection, timeout: Duration) -> Result<Channel, PublishError> {
     let open = async {

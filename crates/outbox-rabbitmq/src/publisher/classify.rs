@@ -9,10 +9,10 @@ use outbox::PublishError;
 ///
 /// The connection (refused, closed, reset, heartbeat missed, closed by the server), a channel closed
 /// before the message went out, or an exchange that is gone: [`FailureKind::Unavailable`], whatever
-/// the message. The server closing the channel
-/// for the message itself, when it was the only one in flight: `PRECONDITION_FAILED` (too large,
-/// invalid headers), `ACCESS_REFUSED` (no write permission for the routing key), `CONTENT_TOO_LARGE`,
-/// `NO_ROUTE`: [`FailureKind::Permanent`]. Anything else is [`FailureKind::Retryable`].
+/// the message. The server closing the channel for the message itself, when it was the only one in
+/// flight: `PRECONDITION_FAILED` (too large, invalid headers), `ACCESS_REFUSED` (no write permission
+/// for the routing key), `CONTENT_TOO_LARGE`, `NO_ROUTE`: [`FailureKind::Permanent`]. Anything else
+/// is [`FailureKind::Retryable`].
 pub fn classify(e: &lapin::Error) -> PublishError {
     use lapin::Error as E;
     match e {
