@@ -104,10 +104,6 @@ pub(super) const PROBE: &str = "SELECT CAST(NULL AS INTEGER), CAST(NULL AS INTEG
 
 pub(super) const LIVE_OWNERS: &str = concat!("SELECT COUNT(*) FROM outbox_relays WHERE expires_at > ", now!());
 
-/// A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
-/// with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix. "Now" is
-/// computed once (materialized): rows come out over several steps, and SQLite's clock may move
-/// between steps. Binds: lane, owner, epoch, limit, JSON array of the positions in flight (left out).
 // SQLite keeps whatever type a writer gave a value, so the claim reads every column of a row
 // another writer may have stored in a shape of its own in a way that cannot fail to decode (text as
 // bytes, a number where there is none) and says in `bad` which columns were not what this crate
@@ -151,6 +147,10 @@ macro_rules! bad {
     };
 }
 
+/// A key's row is claimable only if no earlier row of that key is waiting and the key is not parked;
+/// with ORDER BY pos (which follows seq per key) the rows taken of each key form a prefix. "Now" is
+/// computed once (materialized): rows come out over several steps, and SQLite's clock may move
+/// between steps. Binds: lane, owner, epoch, limit, JSON array of the positions in flight (left out).
 pub(super) const CLAIM: &str = concat!(
     "WITH c(now) AS MATERIALIZED (SELECT ",
     now!(),
