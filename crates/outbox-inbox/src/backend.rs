@@ -80,7 +80,6 @@ pub trait Backend: sqlx::Database {
     /// Deletes the parked messages of (consumer, source, key) at or below `seq`, the key's highest
     /// applied seq: copies of messages applied since they were parked (another delivery of one
     /// whose parked copy failed, applied directly; one applied under [`crate::GapPolicy::Accept`]).
-    /// Returns how many.
     #[doc(hidden)]
     async fn drop_parked_upto(
         conn: &mut <Self as sqlx::Database>::Connection,
@@ -88,7 +87,7 @@ pub trait Backend: sqlx::Database {
         source: &str,
         key: &str,
         seq: i64,
-    ) -> Result<u64, sqlx::Error>;
+    ) -> Result<(), sqlx::Error>;
 
     /// The highest seq applied for (consumer, source, key), if the key has a row.
     #[doc(hidden)]

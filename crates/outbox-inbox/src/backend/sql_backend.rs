@@ -383,12 +383,12 @@ macro_rules! sql_backend {
                 source: &str,
                 key: &str,
                 seq: i64,
-            ) -> Result<u64, sqlx::Error> {
-                let done = keyed($sql::DROP_PARKED_UPTO, consumer, source, key)
+            ) -> Result<(), sqlx::Error> {
+                keyed($sql::DROP_PARKED_UPTO, consumer, source, key)
                     .bind(seq)
                     .execute(&mut *conn)
                     .await?;
-                Ok(done.rows_affected())
+                Ok(())
             }
 
             async fn key_seq(

@@ -96,9 +96,14 @@ DELETE FROM outbox_inbox_parked WHERE consumer = $1 AND source = $2 AND key = $3
 RETURNING message_id, topic, payload, headers"];
 
 // Fails (25P02) on a transaction a failed statement aborted: its COMMIT would roll back.
-pub(super) const CHECK_USABLE: Option<&str> = Some("SELECT 1");
+macro_rules! check_usable {
+    () => {
+        "SELECT 1"
+    };
+}
+pub(super) const CHECK_USABLE: Option<&str> = Some(check_usable!());
 // The same check in the commit's round trip: after an error the rest is not run.
-pub(super) const COMMIT_CHECKED: Option<&str> = Some("SELECT 1; COMMIT; BEGIN");
+pub(super) const COMMIT_CHECKED: Option<&str> = Some(concat!(check_usable!(), "; COMMIT; BEGIN"));
 
 // Binds (consumer, source, key, seq).
 pub(super) const DROP_PARKED_UPTO: &str =
