@@ -212,6 +212,14 @@ macro_rules! __inbox_suite_harness {
         }
 
         impl Recorder {
+            /// A recorder that fails once, on the first call for (`key`, `seq`).
+            fn failing_once(key: &str, seq: i64) -> Recorder {
+                Recorder {
+                    fail_once: std::sync::Mutex::new(Some((key.to_owned(), seq))),
+                    ..Recorder::default()
+                }
+            }
+
             /// Every call so far, in order (calls of rolled-back transactions included).
             fn calls(&self) -> Vec<Saw> {
                 self.saw.lock().unwrap().clone()

@@ -147,10 +147,7 @@ macro_rules! __inbox_suite_hold {
         #[tokio::test]
         async fn under_hold_a_failing_parked_successor_stays_parked_and_its_predecessor_is_applied() {
             let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
-            let handler = Recorder {
-                fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 2))),
-                ..Recorder::default()
-            };
+            let handler = Recorder::failing_once("k", 2);
             let (k2, k3) = (keyed("k", 2), keyed("k", 3));
             for m in [&k3, &k2] {
                 assert_eq!(inbox.process(&pool, m, &handler).await.unwrap(), Outcome::Parked);
@@ -196,10 +193,7 @@ macro_rules! __inbox_suite_hold {
         #[tokio::test]
         async fn under_hold_a_parked_message_applied_by_another_copy_does_not_hold_the_key() {
             let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
-            let handler = Recorder {
-                fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 2))),
-                ..Recorder::default()
-            };
+            let handler = Recorder::failing_once("k", 2);
             let (k1, k2, k3) = (keyed("k", 1), keyed("k", 2), keyed("k", 3));
             for m in [&k3, &k2] {
                 assert_eq!(inbox.process(&pool, m, &handler).await.unwrap(), Outcome::Parked);
@@ -251,10 +245,7 @@ macro_rules! __inbox_suite_hold {
         #[tokio::test]
         async fn under_hold_a_parked_message_that_failed_behind_applied_ones_is_applied_on_the_redelivery() {
             let (pool, c, inbox) = inbox_on_fresh_pool(GapPolicy::Hold).await;
-            let handler = Recorder {
-                fail_once: std::sync::Mutex::new(Some(("k".to_owned(), 3))),
-                ..Recorder::default()
-            };
+            let handler = Recorder::failing_once("k", 3);
             let (k1, k2, k3) = (keyed("k", 1), keyed("k", 2), keyed("k", 3));
             for m in [&k3, &k2] {
                 assert_eq!(inbox.process(&pool, m, &handler).await.unwrap(), Outcome::Parked);
@@ -385,10 +376,7 @@ macro_rules! __inbox_suite_hold {
             assert_eq!(handler.order(), [3, 5, 4, 6, 1].map(|s| ("k".to_owned(), s)));
             assert_eq!(effects(&pool).await, 5);
             // A failing handler releases nothing.
-            let failing = Recorder {
-                fail_once: std::sync::Mutex::new(Some(("other".to_owned(), 2))),
-                ..Recorder::default()
-            };
+            let failing = Recorder::failing_once("other", 2);
             let err = inbox
                 .release_parked(&pool, None, "other", &failing)
                 .await
