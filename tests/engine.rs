@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use outbox::{Delivered, Message, PublishError, Publisher, StoreAdmin, StoredMessage};
 use outbox_relay::{ClaimAhead, RelayConfig};
-use outbox_tests::embedded::{drained, start, test_config};
+use outbox_tests::embedded::{drained, start, test_config, Concurrency};
 use outbox_tests::wait::wait_for;
 
 #[path = "engine/looks.rs"]
@@ -430,26 +430,6 @@ fn the_order_check_catches_a_row_sent_past_its_failed_predecessor() {
     // Resending k1 before k2 is fine.
     let good = [call(0, &[("k", 1, false)]), call(1, &[("k", 1, true), ("k", 2, true)])].concat();
     assert_eq!(check_order(&good).len(), 2);
-}
-
-/// Counts publishes in progress and remembers the most at once.
-#[derive(Default)]
-struct Concurrency {
-    now: AtomicUsize,
-    most: AtomicUsize,
-    rows: AtomicUsize,
-}
-
-#[async_trait]
-impl Publisher for Concurrency {
-    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
-        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-        self.most.fetch_max(n, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.now.fetch_sub(1, Ordering::SeqCst);
-        self.rows.fetch_add(batch.len(), Ordering::SeqCst);
-        batch.iter().map(|r| Ok(Delivered::new(r.pos).at(0, r.pos))).collect()
-    }
 }
 
 /// Commits `rows` rows over `keys` keys to a fresh outbox, runs a relay with `cfg` on them until

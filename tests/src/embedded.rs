@@ -2,10 +2,12 @@
 //! stop them and wait for the backlog to drain.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use outbox::{Publisher, Store};
+use outbox::{Delivered, PublishError, Publisher, Store, StoredMessage};
 use outbox_kafka::KafkaPublisher;
 use outbox_relay::{Relay, RelayConfig};
 use tokio::sync::oneshot;
@@ -104,4 +106,55 @@ pub async fn every_lane_idle(pool: &sqlx::PgPool) {
         idle == i64::from(outbox::LANES)
     })
     .await;
+}
+
+/// Counts publishes in progress and remembers the most at once.
+#[derive(Default)]
+pub struct Concurrency {
+    now: AtomicUsize,
+    /// The most publishes in progress at once.
+    pub most: AtomicUsize,
+    /// The rows published.
+    pub rows: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Publisher for Concurrency {
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(n, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        self.rows.fetch_add(batch.len(), Ordering::SeqCst);
+        batch.iter().map(|r| Ok(Delivered::new(r.pos).at(0, r.pos))).collect()
+    }
+}
+
+/// The relay's `outbox_pace_lanes` gauge, as the relay sets it.
+#[derive(Default)]
+pub struct PaceGauge(Arc<AtomicU64>);
+
+impl PaceGauge {
+    pub fn lanes(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::SeqCst))
+    }
+}
+
+impl metrics::Recorder for PaceGauge {
+    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        if key.name() == outbox_relay::metrics::PACE {
+            metrics::Gauge::from_arc(self.0.clone())
+        } else {
+            metrics::Gauge::noop()
+        }
+    }
+    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
 }
