@@ -67,6 +67,11 @@ async fn produce(bootstrap: &str, t: &str, n: usize, keys: usize, times: usize) 
 
 /// Sends one keyed message with the outbox headers a relay would set.
 async fn send_keyed(producer: &FutureProducer, t: &str, id: uuid::Uuid, key: &str, seq: i64) {
+    send_keyed_with(producer, t, id, key, seq, "effect").await
+}
+
+/// [`send_keyed`] with the payload `payload`.
+async fn send_keyed_with(producer: &FutureProducer, t: &str, id: uuid::Uuid, key: &str, seq: i64, payload: &str) {
     let (id, seq) = (id.to_string(), seq.to_string());
     let h = outbox_kafka::wire_headers([
         (outbox::HEADER_ID, Some(id.as_str())),
@@ -75,7 +80,7 @@ async fn send_keyed(producer: &FutureProducer, t: &str, id: uuid::Uuid, key: &st
     ]);
     producer
         .send(
-            FutureRecord::to(t).key(key).payload("effect").headers(h),
+            FutureRecord::to(t).key(key).payload(payload).headers(h),
             Duration::from_secs(10),
         )
         .await

@@ -263,6 +263,8 @@ async fn mysql_migration_0003_can_run_again() {
 struct Swallows {
     /// Succeeds instead once this many calls have swallowed their error.
     swallow: std::sync::atomic::AtomicUsize,
+    /// Swallows only on this message (`None`: on any).
+    only: Option<Uuid>,
 }
 
 #[async_trait]
@@ -271,7 +273,7 @@ impl Handler<Postgres> for Swallows {
 
     async fn handle(&self, tx: &mut Transaction<'_, Postgres>, msg: &Incoming<'_>) -> Result<(), sqlx::Error> {
         Apply.handle(tx, msg).await?;
-        if self.swallow.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        if self.swallow.load(std::sync::atomic::Ordering::SeqCst) > 0 && self.only.is_none_or(|id| id == msg.id) {
             self.swallow.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             let _ = sqlx::query("SELECT 1 / 0").execute(&mut **tx).await;
         }
@@ -298,6 +300,7 @@ async fn a_handler_that_swallows_a_failed_statement_on_postgres_is_not_taken_for
     ] {
         let handler = Swallows {
             swallow: std::sync::atomic::AtomicUsize::new(1),
+            only: None,
         };
         let id = Uuid::now_v7();
         let mut msg = Incoming::new(id, "t", b"");
@@ -316,4 +319,38 @@ async fn a_handler_that_swallows_a_failed_statement_on_postgres_is_not_taken_for
         assert_eq!(inbox.process(&pool, &msg, &handler).await.unwrap(), Outcome::Processed);
         assert_eq!(inbox.process(&pool, &msg, &handler).await.unwrap(), Outcome::Duplicate);
     }
+}
+
+/// Under `Hold`, a parked message whose handler swallowed a failed statement failed the inbox's
+/// check with `HandlerAborted`, which named no parked message: a runner whose tries ran out
+/// dead-lettered the delivered message (applied) and left the parked one holding its key. The
+/// error is now `ParkedAborted`, naming the parked message (`InboxError::parked`), and the
+/// delivered message stays applied.
+#[tokio::test]
+async fn under_hold_a_parked_message_that_swallows_a_failed_statement_is_named_by_the_error() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    sqlx::raw_sql("CREATE TABLE applied (message_id UUID PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let inbox = Inbox::new("h").gap_policy(outbox_inbox::GapPolicy::Hold);
+    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+    let handler = Swallows {
+        swallow: std::sync::atomic::AtomicUsize::new(1),
+        only: Some(second),
+    };
+    let m2 = Incoming::new(second, "t", b"").keyed("k", 2);
+    assert_eq!(inbox.process(&pool, &m2, &handler).await.unwrap(), Outcome::Parked);
+    let m1 = Incoming::new(first, "t", b"").keyed("k", 1);
+    let err = inbox.process(&pool, &m1, &handler).await.unwrap_err();
+    assert!(matches!(err, InboxError::ParkedAborted { seq: 2, .. }), "{err:?}");
+    assert_eq!(err.parked(), Some((second, 2)));
+    assert!(err.is_retryable() && !err.is_infrastructure(), "{err:?}");
+    let applied: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM applied")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, [first], "the delivered message applied, the parked one not");
+    // Delivered again (a duplicate now), it tries the parked message again, which applies now.
+    assert_eq!(inbox.process(&pool, &m1, &handler).await.unwrap(), Outcome::Duplicate);
 }

@@ -12,7 +12,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use tokio::sync::oneshot;
 
-use crate::{effect_counts, fast, produce, send_keyed, send_unkeyed, start, topic_and_db, wait_effects, Effects};
+use crate::{
+    effect_counts, fast, produce, send_keyed, send_keyed_with, send_unkeyed, start, topic_and_db, wait_effects, Effects,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_message_delivered_twice_has_its_effect_once() {
@@ -208,6 +210,69 @@ async fn under_hold_a_successor_ahead_of_its_predecessor_never_stalls_the_runner
         others.iter().take(20).all(|o| pos(*o) < pos(k1)),
         "the keys behind K:2 did not wait for K:1"
     );
+}
+
+/// Under `Hold`, a parked message whose handler fails every time was never dead-lettered: the
+/// runner retried the message it came with (applied already), dead-lettered that one instead, and
+/// the parked one stayed, holding its key for ever (`release_parked` ran the handler on it too).
+/// Now the parked message itself goes to the dead-letter topic and out of the inbox's tables: its
+/// key waits for it as for any message dead-lettered under `Hold`, and `release_parked` goes past
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_hold_a_parked_message_that_always_fails_is_the_one_dead_lettered() {
+    let (b, t, pool) = topic_and_db("consume-hold-poison", 1).await;
+    let dlq = format!("{t}.dlq");
+    create_topic(&b, &dlq, 1).await;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &b).create().unwrap();
+    // K:2 (poison) and K:3 are parked, then K:1 is applied and brings K:2 along, which fails.
+    let [k1, k2, k3] = [(); 3].map(|_| uuid::Uuid::now_v7());
+    send_keyed_with(&producer, &t, k2, "K", 2, "poison").await;
+    send_keyed(&producer, &t, k3, "K", 3).await;
+    send_keyed(&producer, &t, k1, "K", 1).await;
+    let others = produce(&b, &t, 5, 5, 1).await;
+    let group = topic("g");
+    let settings = [("bootstrap.servers", b.as_str()), ("group.id", group.as_str())];
+    let inbox = Inbox::new("effects").gap_policy(outbox_inbox::GapPolicy::Hold);
+    let handler = Effects {
+        poison: Some("poison".into()),
+        ..Default::default()
+    };
+    let runner = ConsumerRunner::new(settings, &[t.as_str()], pool.clone(), inbox.clone(), handler)
+        .unwrap()
+        .config(fast().max_attempts(3));
+    let stats = runner.stats();
+    let (stop, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(runner.run_until(async {
+        let _ = rx.await;
+    }));
+    wait_effects(&pool, 1 + others.len() as i64, Duration::from_secs(60)).await;
+    let dead = read_until(
+        &b,
+        &dlq,
+        &HashSet::from([k2]),
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    let dead_ids: Vec<uuid::Uuid> = dead.iter().map(|d| d.id).collect();
+    assert_eq!(dead_ids, [k2], "the parked message is the one dead-lettered, once");
+    assert_eq!(dead[0].payload, b"poison", "with its own payload");
+    assert_eq!((dead[0].key.as_deref(), dead[0].seq), (Some("K"), Some(2)));
+    assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let parked: Vec<i64> = sqlx::query_scalar("SELECT seq FROM outbox_inbox_parked WHERE key = 'K' ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, [3], "K:2 left the parked messages, K:3 waits for it");
+    // An operator gives up on K:2: K:3 is applied, K:2 stays an open gap (a replay is applied).
+    let released = inbox
+        .release_parked(&pool, None, "K", &Effects::default())
+        .await
+        .unwrap();
+    assert_eq!(released, 1);
+    assert_eq!(effect_counts(&pool).await, (7, 7));
 }
 
 /// A header name that is not UTF-8 (any client but rdkafka's and Java's can send one): rdkafka's

@@ -30,6 +30,17 @@ pub trait Backend: sqlx::Database {
         hold: bool,
     ) -> Result<Recorded, sqlx::Error>;
 
+    /// Takes the parked message `seq` of (consumer, source, key) out of the parked table (None when
+    /// it is not parked), on a transaction that holds the key row. The key is left as it is.
+    #[doc(hidden)]
+    async fn take_parked(
+        conn: &mut <Self as sqlx::Database>::Connection,
+        consumer: &str,
+        source: &str,
+        key: &str,
+        seq: i64,
+    ) -> Result<Option<Parked>, sqlx::Error>;
+
     /// Takes the parked message `seq` of (consumer, source, key) out of the parked table and makes
     /// it the key's highest applied seq, on a transaction that holds the key row (it applied
     /// `seq - 1`, or called [`Backend::lock_key`]). None when that message is not parked; else the

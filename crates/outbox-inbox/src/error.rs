@@ -28,7 +28,9 @@ pub enum InboxError<E = Infallible> {
     /// Under [`GapPolicy::Hold`](crate::GapPolicy::Hold): the message was applied and committed,
     /// with the parked messages before `seq`, but the handler failed on the parked message `seq`
     /// of its key (id `id`) that follows them. That one's writes were rolled back and it stays
-    /// parked; delivering the message again (now a duplicate) tries it again.
+    /// parked; delivering the message again (now a duplicate) tries it again. When the tries run
+    /// out, the parked message is the one to dead-letter ([`InboxError::parked`],
+    /// [`RunnerCore::dead_letter_parked`](crate::RunnerCore::dead_letter_parked)).
     #[error("the message was applied, but parked message {id} (seq {seq} of its key) failed: {error}")]
     ParkedHandler {
         /// The parked message's `outbox-id`.
@@ -38,6 +40,21 @@ pub enum InboxError<E = Infallible> {
         /// The handler's error.
         #[source]
         error: E,
+    },
+    /// Under [`GapPolicy::Hold`](crate::GapPolicy::Hold): as [`InboxError::ParkedHandler`], but the
+    /// handler returned `Ok` on the parked message `seq` (id `id`) while a statement of its had
+    /// failed and aborted its savepoint's work (see [`InboxError::HandlerAborted`]).
+    #[error(
+        "the message was applied, but parked message {id} (seq {seq} of its key) aborted its transaction: {error}"
+    )]
+    ParkedAborted {
+        /// The parked message's `outbox-id`.
+        id: uuid::Uuid,
+        /// Its seq.
+        seq: i64,
+        /// The database's answer to the inbox's check.
+        #[source]
+        error: sqlx::Error,
     },
     /// The handler returned `Ok`, but a statement of its failed and the error was not passed on:
     /// PostgreSQL aborts a transaction at a failed statement (and its COMMIT rolls back), so
@@ -58,8 +75,21 @@ impl<E> InboxError<E> {
     pub fn is_retryable(&self) -> bool {
         match self {
             InboxError::MissingHeader(_) | InboxError::MalformedHeader { .. } => false,
-            InboxError::Handler(_) | InboxError::ParkedHandler { .. } | InboxError::HandlerAborted(_) => true,
+            InboxError::Handler(_)
+            | InboxError::ParkedHandler { .. }
+            | InboxError::ParkedAborted { .. }
+            | InboxError::HandlerAborted(_) => true,
             InboxError::Database(e) => database_retryable(e),
+        }
+    }
+
+    /// The parked message (its id and seq) that failed after the delivered message was applied
+    /// ([`InboxError::ParkedHandler`], [`InboxError::ParkedAborted`]): the one to dead-letter when
+    /// the tries run out, not the delivered message.
+    pub fn parked(&self) -> Option<(uuid::Uuid, i64)> {
+        match self {
+            InboxError::ParkedHandler { id, seq, .. } | InboxError::ParkedAborted { id, seq, .. } => Some((*id, *seq)),
+            _ => None,
         }
     }
 

@@ -318,12 +318,10 @@ impl Inbox {
                     "a parked message failed: it stays parked, the message before it is applied"
                 );
                 self.count("outbox_inbox_parked_failures_total", 1);
+                let (id, seq) = (parked.id, next);
                 let failed = match failed {
-                    InboxError::Handler(error) => InboxError::ParkedHandler {
-                        id: parked.id,
-                        seq: next,
-                        error,
-                    },
+                    InboxError::Handler(error) => InboxError::ParkedHandler { id, seq, error },
+                    InboxError::HandlerAborted(error) => InboxError::ParkedAborted { id, seq, error },
                     other => other,
                 };
                 return Ok((unparked, Some(failed)));

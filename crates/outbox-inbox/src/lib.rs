@@ -23,4 +23,4 @@ pub use handler::Handler;
 pub use inbox::{GapPolicy, Inbox, Outcome, DEFAULT_RETENTION};
 pub use incoming::{Incoming, MAX_SOURCE_LEN};
 pub use parked::Parked;
-pub use runner::{CleanupSchedule, Disposition, RetryInPlace, RunnerCore, RunnerStats, Step, Tried};
+pub use runner::{CleanupSchedule, Disposition, ParkedFailure, RetryInPlace, RunnerCore, RunnerStats, Step, Tried};

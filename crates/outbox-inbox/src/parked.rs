@@ -5,8 +5,9 @@ use uuid::Uuid;
 
 use crate::Incoming;
 
-/// A parked message taken back from the database, to be applied now. Owns what it read.
-#[doc(hidden)]
+/// A parked message taken back from the database, to be applied now, or to be dead-lettered when
+/// it failed every try ([`RunnerCore::dead_letter_parked`](crate::RunnerCore::dead_letter_parked)).
+/// Owns what it read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parked {
     /// The message id.

@@ -126,7 +126,25 @@ pub enum Tried {
         disposition: Disposition,
         /// What failed, for a dead letter; empty when the try succeeded.
         error: String,
+        /// When what failed is a parked message the delivered one brought along (under
+        /// [`crate::GapPolicy::Hold`]; the delivered message is applied): that message, the one
+        /// to dead-letter.
+        parked: Option<ParkedFailure>,
     },
+}
+
+/// A parked message that failed after the message delivered with it was applied
+/// ([`InboxError::parked`]): what finds it in the inbox's tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedFailure {
+    /// Its `outbox-source` (`None`: none), as the delivered message's.
+    pub source: Option<String>,
+    /// Its key, the delivered message's.
+    pub key: String,
+    /// Its seq.
+    pub seq: i64,
+    /// Its `outbox-id`.
+    pub id: Uuid,
 }
 
 /// What a runner that retries a message in place does next (Kafka pauses the message's partition,
@@ -228,27 +246,74 @@ impl<DB: Backend, H: Handler<DB>> RunnerCore<DB, H> {
             .process(&self.pool, &incoming, &self.handler)
             .instrument(span)
             .await;
+        let parked = match (&res, incoming.key) {
+            (Err(e), Some(key)) => e.parked().map(|(id, seq)| ParkedFailure {
+                source: incoming.source.map(str::to_owned),
+                key: key.to_owned(),
+                seq,
+                id,
+            }),
+            _ => None,
+        };
         Tried::Decided {
             id: incoming.id,
             disposition: Disposition::of(&res, failed_before, max_attempts, &self.stats, incoming.id),
             error: res.err().map(|e| e.to_string()).unwrap_or_default(),
+            parked,
         }
+    }
+
+    /// Dead-letters the parked message `failed` names, which failed every try: in one transaction
+    /// on the key's row, takes it out of the inbox's tables, hands it to `dead_letter` and, once
+    /// that succeeded, commits. Its key then waits for it as for any message dead-lettered under
+    /// [`crate::GapPolicy::Hold`]: a replay of the dead letter applies it and its successors,
+    /// [`Inbox::release_parked`] goes past it. True when it was dead-lettered; false when it is
+    /// no longer parked (applied or dead-lettered meanwhile). On an error nothing changed: it
+    /// stays parked, and a dead letter may have been written (it is written again next time).
+    pub async fn dead_letter_parked<F, Fut, E>(&self, failed: &ParkedFailure, dead_letter: F) -> Result<bool, String>
+    where
+        F: FnOnce(crate::Parked) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: Display,
+    {
+        let consumer = self.inbox.consumer();
+        let (source, key) = (failed.source.as_deref().unwrap_or(""), failed.key.as_str());
+        let database = |e: sqlx::Error| format!("database error: {e}");
+        let mut tx = self.pool.begin().await.map_err(database)?;
+        DB::lock_key(&mut *tx, consumer, source, key).await.map_err(database)?;
+        let parked = DB::take_parked(&mut *tx, consumer, source, key, failed.seq)
+            .await
+            .map_err(database)?;
+        // Dropping `tx` rolls it back: nothing taken.
+        let Some(parked) = parked.filter(|p| p.id == failed.id) else {
+            return Ok(false);
+        };
+        dead_letter(parked).await.map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(database)?;
+        tracing::warn!(key, seq = failed.seq, outbox.id = %failed.id, "parked message dead-lettered; its key waits for it (replay it, or release the key's parked messages)");
+        Ok(true)
     }
 
     /// For a runner that retries a message in place: the step after `tried`, the handler having
     /// failed `failed_before` times before it. The database waits by the outage streak, however
     /// long it lasts; the handler's failures by their own count. A message to dead-letter is
-    /// handed to `dead_letter` (the error, the handler failures); if that fails, the message waits
-    /// the backoff's cap and is tried again rather than skipped.
+    /// handed to `dead_letter` (the error, the handler failures, and the parked message to
+    /// dead-letter instead of the delivered one, see [`RunnerCore::dead_letter_parked`]); if that
+    /// fails, the message waits the backoff's cap and is tried again rather than skipped.
     pub async fn step<F, Fut, E>(&self, tried: Tried, failed_before: u32, retry: &RetryInPlace, dead_letter: F) -> Step
     where
-        F: FnOnce(String, u32) -> Fut,
+        F: FnOnce(String, u32, Option<crate::Parked>) -> Fut,
         Fut: Future<Output = Result<(), E>>,
         E: Display,
     {
-        let (error, attempts) = match tried {
-            Tried::Unreadable { error } => (error, 0),
-            Tried::Decided { disposition, error, .. } => match disposition {
+        let (error, attempts, parked) = match tried {
+            Tried::Unreadable { error } => (error, 0, None),
+            Tried::Decided {
+                disposition,
+                error,
+                parked,
+                ..
+            } => match disposition {
                 Disposition::Done => {
                     self.outage_streak.store(0, Relaxed);
                     return Step::Done;
@@ -267,12 +332,24 @@ impl<DB: Backend, H: Handler<DB>> RunnerCore<DB, H> {
                         delay: retry.backoff.delay(attempt),
                     }
                 }
-                Disposition::DeadLetter { attempts } => (error, attempts),
+                Disposition::DeadLetter { attempts } => (error, attempts, parked),
             },
         };
-        match dead_letter(error, attempts).await {
-            Ok(()) => {
-                self.dead_lettered();
+        let written = match parked {
+            None => dead_letter(error, attempts, None)
+                .await
+                .map(|()| true)
+                .map_err(|e| e.to_string()),
+            Some(failed) => {
+                self.dead_letter_parked(&failed, |p| dead_letter(error, attempts, Some(p)))
+                    .await
+            }
+        };
+        match written {
+            Ok(written) => {
+                if written {
+                    self.dead_lettered();
+                }
                 Step::Done
             }
             Err(e) => {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::InvalidBackoff;
-use outbox_inbox::{Backend, CleanupSchedule, Handler, Inbox, RetryInPlace, RunnerCore, Step};
+use outbox_inbox::{Backend, CleanupSchedule, Handler, Inbox, Parked, RetryInPlace, RunnerCore, Step};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -282,8 +282,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             )
             .await;
         self.core
-            .step(tried, attempts, retry, |error, attempts| async move {
-                self.dead_letter(msg, &error, attempts).await
+            .step(tried, attempts, retry, |error, attempts, parked| async move {
+                self.dead_letter(msg, &error, attempts, parked).await
             })
             .await
     }
@@ -296,24 +296,49 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         }
     }
 
-    async fn dead_letter(&self, msg: &OwnedMessage, error: &str, attempts: u32) -> Result<(), ConsumerError> {
+    /// Writes the dead letter of `msg`, or of `parked` (a parked message `msg` brought along that
+    /// failed every try; its partition and offset are not known, so they are left out), to the
+    /// dead-letter topic.
+    async fn dead_letter(
+        &self,
+        msg: &OwnedMessage,
+        error: &str,
+        attempts: u32,
+        parked: Option<Parked>,
+    ) -> Result<(), ConsumerError> {
+        let origin = parked.as_ref().map_or(msg.topic(), |p| p.topic.as_str());
         let topic = self
             .cfg
             .dead_letter_topic
             .clone()
-            .unwrap_or_else(|| format!("{}.dlq", msg.topic()));
-        let (partition, offset, attempts) = (
-            msg.partition().to_string(),
-            msg.offset().to_string(),
-            attempts.to_string(),
-        );
-        // A copy of the original headers as they are (names that are not UTF-8 too).
-        let mut headers = msg.headers().cloned().unwrap_or_else(OwnedHeaders::new);
+            .unwrap_or_else(|| format!("{origin}.dlq"));
+        let attempts = attempts.to_string();
+        let (payload, mut headers) = match &parked {
+            // A copy of the original headers as they are (names that are not UTF-8 too).
+            None => {
+                let (partition, offset) = (msg.partition().to_string(), msg.offset().to_string());
+                let headers = msg.headers().cloned().unwrap_or_else(OwnedHeaders::new);
+                let headers = headers
+                    .insert(Header {
+                        key: HEADER_ORIGINAL_PARTITION,
+                        value: Some(&partition),
+                    })
+                    .insert(Header {
+                        key: HEADER_ORIGINAL_OFFSET,
+                        value: Some(&offset),
+                    });
+                (msg.payload().unwrap_or_default(), headers)
+            }
+            Some(p) => {
+                let headers = p.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                    h.insert(Header { key: k, value: Some(v) })
+                });
+                (p.payload.as_slice(), headers)
+            }
+        };
         for (k, v) in [
             (HEADER_ERROR, error),
-            (HEADER_ORIGINAL_TOPIC, msg.topic()),
-            (HEADER_ORIGINAL_PARTITION, &partition),
-            (HEADER_ORIGINAL_OFFSET, &offset),
+            (HEADER_ORIGINAL_TOPIC, origin),
             (HEADER_ATTEMPTS, &attempts),
         ] {
             headers = headers.insert(Header {
@@ -321,9 +346,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
                 value: Some(v.as_bytes()),
             });
         }
-        let mut record = FutureRecord::to(&topic)
-            .payload(msg.payload().unwrap_or_default())
-            .headers(headers);
+        // The parked message has the delivered one's key.
+        let mut record = FutureRecord::to(&topic).payload(payload).headers(headers);
         if let Some(k) = msg.key() {
             record = record.key(k);
         }

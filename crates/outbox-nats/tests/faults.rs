@@ -147,6 +147,43 @@ async fn a_message_the_handler_always_refuses_goes_to_the_dead_letter_subject_af
     assert_eq!(stats.dead_lettered.load(Relaxed), 1);
 }
 
+/// Under `GapPolicy::Hold` a parked message that the handler refuses every time is the one
+/// dead-lettered, on its own subject, and it leaves the inbox's parked messages; the message that
+/// brought it along (applied) is acked, not dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_hold_a_parked_message_refused_every_time_is_the_one_dead_lettered() {
+    let t = Setup::shared("hold-poison").await;
+    // K:2 (refused) and K:3 are parked, then K:1 is applied and brings K:2 along.
+    let k = |pos, seq, payload: &[u8]| stored(pos, &t.topic, Some("K"), Some(seq), payload.to_vec());
+    let mut rows = vec![k(1, 2, b"bad"), k(2, 3, b""), k(3, 1, b"")];
+    rows.extend((0..4).map(|i| stored(i + 4, &t.topic, Some(&format!("k{i}")), Some(1), vec![])));
+    t.publish(&rows).await;
+    let refuse = RefuseIf::new(REFUSED, |msg| msg.payload == b"bad");
+    let inbox = outbox_inbox::Inbox::new("effects").gap_policy(outbox_inbox::GapPolicy::Hold);
+    let (consumer, stats) =
+        run_consumer_with(t.consumer_config().max_deliver(3), t.effects.clone(), inbox, refuse).await;
+    let expect: HashSet<uuid::Uuid> = std::iter::once(rows[2].id).chain(ids(&rows[3..])).collect();
+    wait_effects(&t.effects, expect.len() as i64, Duration::from_secs(60)).await;
+    let dlq = format!("{}_DLQ", t.stream);
+    let dead = read_stream(&t.reader, &dlq, 1, Duration::from_secs(30)).await;
+    consumer.stop().await;
+    check_effects(&t.effects, &expect).await;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    let d = &dead[0];
+    assert_eq!(d.id, rows[0].id, "the parked message's, not K:1's");
+    assert_eq!(d.payload, b"bad");
+    let header = |n: &str| d.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let subject = outbox_nats::subject_for("", &t.topic, Some("K")).unwrap();
+    assert_eq!(header(outbox_nats::HEADER_ORIGINAL_SUBJECT), Some(subject));
+    assert!(header(outbox_nats::HEADER_ERROR).unwrap().contains("parked message"));
+    assert_eq!(stats.dead_lettered.load(Relaxed), 1);
+    let parked: Vec<i64> = sqlx::query_scalar("SELECT seq FROM outbox_inbox_parked WHERE key = 'K'")
+        .fetch_all(&t.effects)
+        .await
+        .unwrap();
+    assert_eq!(parked, [3], "K:2 left the parked messages, K:3 waits for it");
+}
+
 /// Two durable consumers of one stream that both dead-letter a message leave one dead letter each in
 /// the shared dead-letter stream: a dead letter's `Nats-Msg-Id` names its consumer, so only a re-send
 /// of the same consumer's dead letter is dropped as a duplicate.

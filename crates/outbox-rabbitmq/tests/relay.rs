@@ -175,6 +175,61 @@ async fn a_poison_message_goes_to_the_dead_letter_queue_after_max_attempts() {
     assert_eq!(queue_depth(&node.url(), &queue).await, 0, "everything acked");
 }
 
+/// Under `GapPolicy::Hold` a parked message that the handler refuses every time is the one
+/// dead-lettered (with its own payload and headers), and it leaves the inbox's parked messages;
+/// the message that brought it along is applied and acked, not dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn under_hold_a_parked_message_refused_every_time_is_the_one_dead_lettered() {
+    use outbox::Publisher;
+    use outbox_tests::publisher_suite::stored;
+    let node = Node::shared();
+    let queue = name("hold-poison");
+    declare_queue(&node.url(), &queue).await;
+    let consumer_db = effects_db().await;
+    // K:2 (refused) and K:3 are parked, then K:1 is applied and brings K:2 along.
+    let k = |pos, seq, payload: &[u8]| stored(pos, &queue, Some("K"), Some(seq), payload.to_vec());
+    let rows = [
+        k(1, 2, b"poison"),
+        k(2, 3, b""),
+        k(3, 1, b""),
+        stored(4, &queue, Some("k"), Some(1), vec![]),
+    ];
+    let publisher = RabbitPublisher::connect(RabbitConfig::new(node.url())).await.unwrap();
+    assert!(publisher.publish(&rows).await.iter().all(Result::is_ok));
+
+    let cfg = consumer_config(&node.url(), &queue).max_attempts(3);
+    let dlq = cfg.dead_letter_key();
+    let refuse = RefuseIf::new("cannot apply a poison message", |msg| msg.payload == b"poison");
+    let inbox = outbox_inbox::Inbox::new("effects").gap_policy(outbox_inbox::GapPolicy::Hold);
+    let runner = outbox_rabbitmq::RabbitConsumerRunner::new(cfg, consumer_db.clone(), inbox, refuse).unwrap();
+    let stats = runner.stats();
+    let consumer = outbox_tests::consuming::run_until_stopped(|stop| runner.run_until(stop));
+    wait_for("the dead letter", Duration::from_secs(60), || {
+        let stats = stats.clone();
+        async move { stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed) == 1 }
+    })
+    .await;
+    wait_effects(&consumer_db, 2, Duration::from_secs(30)).await;
+    consumer.stop().await;
+    assert_eq!(applied_ids(&consumer_db).await, HashSet::from([rows[2].id, rows[3].id]));
+    let dead = Reader::start(node.url(), dlq).read(1, Duration::from_secs(30)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, rows[0].id, "the parked message's, not K:1's");
+    assert_eq!(dead[0].payload, b"poison");
+    assert_eq!((dead[0].key.as_deref(), dead[0].seq), (Some("K"), Some(2)));
+    let header = |n: &str| dead[0].headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    assert_eq!(header(outbox_rabbitmq::HEADER_ORIGINAL_TOPIC), Some(queue.clone()));
+    assert!(header(outbox_rabbitmq::HEADER_ERROR)
+        .unwrap()
+        .contains("parked message"));
+    let parked: Vec<i64> = sqlx::query_scalar("SELECT seq FROM outbox_inbox_parked WHERE key = 'K'")
+        .fetch_all(&consumer_db)
+        .await
+        .unwrap();
+    assert_eq!(parked, [3], "K:2 left the parked messages, K:3 waits for it");
+    assert_eq!(queue_depth(&node.url(), &queue).await, 0, "everything acked");
+}
+
 /// A dead-letter exchange that does not exist yet: the server closes the channel the runner
 /// dead-letters on, so the runner connects again (a new channel) rather than trying a closed one for
 /// ever, and once the exchange exists the dead letter goes through.

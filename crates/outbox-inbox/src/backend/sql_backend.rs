@@ -19,7 +19,8 @@
 ///   unless that (consumer, source, key, seq) is parked already.
 /// - `TAKE_PARKED: &[&str]`, each bound (consumer, source, key, seq): the first answers the parked
 ///   message `(message_id, topic, payload, headers)` (no row: none), the others (run only when
-///   there is one) delete it.
+///   there is one) delete it. Taking it out is all of `take_parked`; `unpark` then makes it the
+///   key's highest applied seq.
 /// - `LOWEST_PARKED`, bound (consumer, source, key): the lowest parked seq of the key (NULL: none).
 /// - `CHECK_USABLE: Option<&str>`: a statement that fails on a transaction that can no longer
 ///   commit; `None` where a failed statement leaves the transaction usable.
@@ -286,14 +287,13 @@ macro_rules! sql_backend {
                 }
             }
 
-            async fn unpark(
+            async fn take_parked(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 consumer: &str,
                 source: &str,
                 key: &str,
                 seq: i64,
-                skipping: bool,
-            ) -> Result<Option<($crate::Parked, i64)>, sqlx::Error> {
+            ) -> Result<Option<$crate::Parked>, sqlx::Error> {
                 let (first, rest) = $sql::TAKE_PARKED
                     .split_first()
                     .expect("TAKE_PARKED has a statement");
@@ -305,6 +305,29 @@ macro_rules! sql_backend {
                     return Ok(None);
                 };
                 run_each(&mut *conn, rest, consumer, source, key, Some(seq)).await?;
+                let headers = $crate::parked::decode_headers(&headers)
+                    .map_err(|e| sqlx::Error::Decode(format!("parked message {id}: headers: {e}").into()))?;
+                Ok(Some($crate::Parked {
+                    id,
+                    topic,
+                    payload,
+                    headers,
+                }))
+            }
+
+            async fn unpark(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                consumer: &str,
+                source: &str,
+                key: &str,
+                seq: i64,
+                skipping: bool,
+            ) -> Result<Option<($crate::Parked, i64)>, sqlx::Error> {
+                let Some(parked) =
+                    <$db as $crate::Backend>::take_parked(&mut *conn, consumer, source, key, seq).await?
+                else {
+                    return Ok(None);
+                };
                 // Parked messages are above the key's highest seq (this transaction holds the key
                 // row): the message becomes the highest. Unless skipping, it is the next one.
                 let previous = match $record_keyed(&mut *conn, consumer, source, key, seq).await? {
@@ -319,14 +342,6 @@ macro_rules! sql_backend {
                             "parked message {seq} of a key does not follow its highest applied seq: {other:?}"
                         )))
                     }
-                };
-                let headers = $crate::parked::decode_headers(&headers)
-                    .map_err(|e| sqlx::Error::Decode(format!("parked message {id}: headers: {e}").into()))?;
-                let parked = $crate::Parked {
-                    id,
-                    topic,
-                    payload,
-                    headers,
                 };
                 Ok(Some((parked, previous)))
             }

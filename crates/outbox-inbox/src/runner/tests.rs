@@ -86,6 +86,7 @@ mod in_place {
             id: Uuid::nil(),
             disposition,
             error: "boom".into(),
+            parked: None,
         }
     }
 
@@ -115,7 +116,7 @@ mod in_place {
         }
     }
 
-    async fn written(_: String, _: u32) -> Result<(), String> {
+    async fn written(_: String, _: u32, _: Option<crate::Parked>) -> Result<(), String> {
         Ok(())
     }
 
@@ -152,17 +153,22 @@ mod in_place {
         let core = core();
         let seen = std::sync::Mutex::new(Vec::new());
         let step = core
-            .step(decided(Disposition::DeadLetter { attempts: 5 }), 4, &RETRY, |e, n| {
-                seen.lock().unwrap().push((e, n));
-                async { Ok::<(), String>(()) }
-            })
+            .step(
+                decided(Disposition::DeadLetter { attempts: 5 }),
+                4,
+                &RETRY,
+                |e, n, _| {
+                    seen.lock().unwrap().push((e, n));
+                    async { Ok::<(), String>(()) }
+                },
+            )
             .await;
         assert_eq!(step, Step::Done);
         let unreadable = Tried::Unreadable {
             error: "missing header outbox-id".into(),
         };
         let step = core
-            .step(unreadable, 0, &RETRY, |e, n| {
+            .step(unreadable, 0, &RETRY, |e, n, _| {
                 seen.lock().unwrap().push((e, n));
                 async { Err::<(), _>("refused") }
             })

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream::{self, AckKind};
-use outbox_inbox::{Backend, Disposition, Handler, Tried};
+use outbox_inbox::{Backend, Disposition, Handler, Parked, ParkedFailure, Tried};
 use tokio::time::Instant;
 
 use super::{
@@ -60,9 +60,16 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                     tracing::info_span!("inbox.process", outbox.id = %incoming.id, subject, stream_seq, delivered)
                 })
                 .await;
-            let (id, disposition, error) = match tried {
-                Tried::Unreadable { error } => return self.dead_letter_until_done(msg, &error, at, shutdown).await,
-                Tried::Decided { id, disposition, error } => (id, disposition, error),
+            let (id, disposition, error, parked) = match tried {
+                Tried::Unreadable { error } => {
+                    return self.dead_letter_until_done(msg, &error, at, None, shutdown).await
+                }
+                Tried::Decided {
+                    id,
+                    disposition,
+                    error,
+                    parked,
+                } => (id, disposition, error, parked),
             };
             match disposition {
                 Disposition::Done => {
@@ -89,7 +96,9 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                     return false;
                 }
                 Disposition::DeadLetter { .. } => {
-                    return self.dead_letter_until_done(msg, &error, at, shutdown).await;
+                    return self
+                        .dead_letter_until_done(msg, &error, at, parked.as_ref(), shutdown)
+                        .await;
                 }
             }
         }
@@ -124,20 +133,42 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
     }
 
     /// Publishes the message to its dead-letter subject and terminates it; while that subject
-    /// cannot be written, the message waits (held) and it is tried again.
+    /// cannot be written, the message waits (held) and it is tried again. With `parked`, the
+    /// message was applied and the parked message it brought along failed every try: that one is
+    /// dead-lettered instead ([`outbox_inbox::RunnerCore::dead_letter_parked`]), and the message
+    /// is acked.
     async fn dead_letter_until_done(
         &self,
         msg: &jetstream::Message,
         error: &str,
         at: Delivery,
+        parked: Option<&ParkedFailure>,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
         let mut tries = 0u32;
         loop {
-            match self.dead_letter(msg, error, at).await {
-                Ok(()) => {
-                    if let Err(e) = msg.ack_with(AckKind::Term).await {
-                        tracing::warn!(error = %e, "term not sent; the message comes back and is dead-lettered again (the dead-letter stream drops the copy)");
+            let written = match parked {
+                None => self.dead_letter(msg, error, at, None).await.map(|()| true),
+                Some(failed) => {
+                    self.core
+                        .dead_letter_parked(failed, |p| self.dead_letter(msg, error, at, Some(p)))
+                        .await
+                }
+            };
+            match written {
+                Ok(written) => {
+                    if written {
+                        self.core.dead_lettered();
+                    }
+                    let (kind, lost) = match parked {
+                        None => (
+                            AckKind::Term,
+                            "the message comes back and is dead-lettered again (the dead-letter stream drops the copy)",
+                        ),
+                        Some(_) => (AckKind::Ack, "the message comes back, a duplicate"),
+                    };
+                    if let Err(e) = msg.ack_with(kind).await {
+                        tracing::warn!(error = %e, "{kind:?} not sent; {lost}");
                     }
                     return false;
                 }
@@ -153,33 +184,68 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
         }
     }
 
-    async fn dead_letter(&self, msg: &jetstream::Message, error: &str, at: Delivery) -> Result<(), String> {
-        let subject = format!("{}.{}", self.cfg.dead_letter_prefix, msg.subject);
-        let mut headers = msg.headers.clone().unwrap_or_default();
+    /// Publishes the dead letter of `msg`, or of `parked` (a parked message of `msg`'s key that
+    /// failed every try: on its own subject, its stream sequence and deliveries unknown).
+    async fn dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        error: &str,
+        at: Delivery,
+        parked: Option<Parked>,
+    ) -> Result<(), String> {
+        // Where the message was in its stream, known for the delivered message only.
+        let (origin, mut headers, payload, id, position) = match parked {
+            None => (
+                msg.subject.to_string(),
+                msg.headers.clone().unwrap_or_default(),
+                msg.payload.clone(),
+                // The dead letter's own id: a re-send of this consumer's dead letter is dropped by
+                // the stream's duplicate window, another consumer's of the same message is kept.
+                format!("dlq:{}:{}:{}", self.cfg.durable, self.cfg.stream, at.stream_seq),
+                Some((at.stream_seq.to_string(), at.delivered.to_string())),
+            ),
+            Some(p) => {
+                // The parked message has the delivered one's key: the same key token.
+                let token = msg.subject.rsplit_once('.').map_or("", |(_, token)| token);
+                let mut headers = async_nats::HeaderMap::new();
+                for (k, v) in &p.headers {
+                    if let (Ok(k), Ok(v)) = (
+                        HeaderName::from_str(k),
+                        HeaderValue::from_str(&String::from_utf8_lossy(v)),
+                    ) {
+                        headers.append(k, v);
+                    }
+                }
+                let id = format!("dlq:{}:{}:parked:{}", self.cfg.durable, self.cfg.stream, p.id);
+                (format!("{}.{token}", p.topic), headers, p.payload.into(), id, None)
+            }
+        };
+        let subject = format!("{}.{origin}", self.cfg.dead_letter_prefix);
         // One line: a header value cannot hold a line break.
         let error = error.replace(['\r', '\n'], " ");
-        // The dead letter's own id: a re-send of this consumer's dead letter is dropped by the
-        // stream's duplicate window, another consumer's dead letter of the same message is kept.
-        let id = format!("dlq:{}:{}:{}", self.cfg.durable, self.cfg.stream, at.stream_seq);
-        for (k, v) in [
+        let mut put = vec![
             (HEADER_ERROR, error.as_str()),
-            (HEADER_ORIGINAL_SUBJECT, msg.subject.as_str()),
+            (HEADER_ORIGINAL_SUBJECT, origin.as_str()),
             (HEADER_ORIGINAL_STREAM, self.cfg.stream.as_str()),
-            (HEADER_ORIGINAL_SEQUENCE, &at.stream_seq.to_string()),
-            (HEADER_DELIVERIES, &at.delivered.to_string()),
             (async_nats::header::NATS_MESSAGE_ID.as_ref(), id.as_str()),
-        ] {
+        ];
+        if let Some((sequence, deliveries)) = &position {
+            put.extend([
+                (HEADER_ORIGINAL_SEQUENCE, sequence.as_str()),
+                (HEADER_DELIVERIES, deliveries.as_str()),
+            ]);
+        }
+        for (k, v) in put {
             if let (Ok(k), Ok(v)) = (HeaderName::from_str(k), HeaderValue::from_str(v)) {
                 headers.insert(k, v);
             }
         }
         let ack = self
             .js
-            .publish_with_headers(subject.clone(), headers, msg.payload.clone())
+            .publish_with_headers(subject.clone(), headers, payload)
             .await
             .map_err(|e| format!("{subject}: {e}"))?;
         ack.await.map_err(|e| format!("{subject}: {e}"))?;
-        self.core.dead_lettered();
         Ok(())
     }
 }

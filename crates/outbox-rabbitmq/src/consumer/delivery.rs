@@ -5,9 +5,9 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
 use lapin::publisher_confirm::Confirmation;
-use lapin::types::{AMQPValue, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
-use outbox_inbox::{Backend, Handler, RetryInPlace, Step};
+use outbox_inbox::{Backend, Handler, Parked, RetryInPlace, Step};
 
 use super::{
     RabbitConsumerRunner, HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_QUEUE,
@@ -38,30 +38,56 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
             )
             .await;
         self.core
-            .step(tried, attempts, retry, |error, attempts| async move {
-                self.dead_letter(dead, d, &error, attempts).await
+            .step(tried, attempts, retry, |error, attempts, parked| async move {
+                self.dead_letter(dead, d, &error, attempts, parked).await
             })
             .await
     }
 
-    async fn dead_letter(&self, dead: &Channel, d: &Delivery, error: &str, attempts: u32) -> Result<(), String> {
-        let mut headers = d.properties.headers().clone().unwrap_or_default();
+    /// Publishes the dead letter of `d`, or of `parked` (a parked message `d` brought along that
+    /// failed every try: its headers as the inbox kept them, its other properties left unset).
+    async fn dead_letter(
+        &self,
+        dead: &Channel,
+        d: &Delivery,
+        error: &str,
+        attempts: u32,
+        parked: Option<Parked>,
+    ) -> Result<(), String> {
+        let (origin, payload, props, mut headers) = match &parked {
+            None => (
+                d.routing_key.as_str(),
+                &d.data[..],
+                d.properties.clone(),
+                d.properties.headers().clone().unwrap_or_default(),
+            ),
+            Some(p) => {
+                let mut headers = FieldTable::default();
+                for (k, v) in &p.headers {
+                    headers.insert(
+                        ShortString::from(k.as_str()),
+                        AMQPValue::LongString(LongString::from(&v[..])),
+                    );
+                }
+                (p.topic.as_str(), &p.payload[..], BasicProperties::default(), headers)
+            }
+        };
         let mut put = |k: &str, v: &str| {
             headers.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));
         };
         put(HEADER_ERROR, error);
-        put(HEADER_ORIGINAL_TOPIC, d.routing_key.as_str());
+        put(HEADER_ORIGINAL_TOPIC, origin);
         put(HEADER_ORIGINAL_EXCHANGE, d.exchange.as_str());
         put(HEADER_ORIGINAL_QUEUE, &self.cfg.queue);
         put(HEADER_ATTEMPTS, &attempts.to_string());
-        let props: BasicProperties = d.properties.clone().with_headers(headers).with_delivery_mode(2);
+        let props: BasicProperties = props.with_headers(headers).with_delivery_mode(2);
         let routing_key = self.cfg.dead_letter_key();
         let opts = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
         let confirm = dead
-            .basic_publish(&self.cfg.dead_letter_exchange, &routing_key, opts, &d.data, props)
+            .basic_publish(&self.cfg.dead_letter_exchange, &routing_key, opts, payload, props)
             .await
             .map_err(|e| e.to_string())?;
         match tokio::time::timeout(Duration::from_secs(30), confirm).await {
