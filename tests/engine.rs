@@ -412,6 +412,37 @@ async fn a_lane_stopped_while_its_oldest_batch_finds_the_broker_unavailable_stil
     );
 }
 
+/// Lets the first lease renewal through and holds every later one for ever (a connection cut
+/// without a reset, a server that stopped answering).
+struct RenewalsHang(AtomicUsize);
+
+#[async_trait]
+impl outbox::observed::Observer for RenewalsHang {
+    async fn before(&self, call: outbox::observed::StoreCall) {
+        if call == outbox::observed::StoreCall::Renew && self.0.fetch_add(1, Ordering::SeqCst) >= 1 {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The relay renewed its leases before it looked at its shutdown signal again: with a renewal
+/// that never answered, a stop (SIGTERM) waited for ever, past `shutdown_grace`. The signal now
+/// ends the wait for the renewal.
+#[tokio::test]
+async fn a_relay_whose_lease_renewal_hangs_still_stops_when_told() {
+    let (_pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let store = Arc::new(outbox::observed::Observed::new(pg, RenewalsHang(AtomicUsize::new(0))));
+    let cfg = test_config().shutdown_grace(Duration::from_secs(1));
+    let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
+    wait_for("a renewal held", Duration::from_secs(20), || async {
+        store.observer().0.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), relay.stop())
+        .await
+        .expect("the relay stops within 10 s of being told");
+}
+
 #[test]
 fn the_order_check_catches_a_row_sent_past_its_failed_predecessor() {
     let rows = |r: &[(&str, i64, bool)]| r.iter().map(|(k, s, ok)| (k.to_string(), *s, *ok)).collect();

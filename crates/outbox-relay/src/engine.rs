@@ -131,7 +131,13 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     true
                 }
             });
-            match maintain(&shared, &owner, &mut running).await {
+            // A renewal that never answers (a cut connection) must not hold the shutdown: the
+            // signal ends the wait. Leases it took meanwhile expire after `lease_ttl`.
+            let maintained = tokio::select! {
+                r = maintain(&shared, &owner, &mut running) => r,
+                _ = &mut shutdown => break,
+            };
+            match maintained {
                 Ok(()) => last_renewed = Instant::now(),
                 Err(e) => {
                     shared.meters.store_errors.increment(1);
