@@ -20,8 +20,8 @@ pub fn ci_script(name: &str) -> String {
 }
 
 /// Runs `.ci/<name> <args>` with `env` added to the environment; panics with its output when it
-/// fails.
-pub fn run_ci_script(name: &str, args: &[&str], env: &[(String, String)]) {
+/// fails. Returns what it printed on stdout.
+pub fn run_ci_script(name: &str, args: &[&str], env: &[(String, String)]) -> String {
     let out = std::process::Command::new("bash")
         .arg(ci_script(name))
         .args(args)
@@ -34,6 +34,7 @@ pub fn run_ci_script(name: &str, args: &[&str], env: &[(String, String)]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A message as a reader received it: its headers as text, the framework ones parsed.

@@ -339,10 +339,17 @@ impl Publisher for RabbitPublisher {
             Ok(c) => c,
             Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
         };
+        // A resource alarm (memory, disk) blocks the connection: nothing sent on it gets through
+        // until the server unblocks it. Answered at once, and the connection kept: a new one
+        // would be blocked in turn, one more for every try while the alarm lasts.
+        if conn.status().blocked() {
+            let e = PublishError::unavailable("the server blocked the connection (a resource alarm: memory or disk)");
+            return batch.iter().map(|_| Err(e.clone())).collect();
+        }
         let ch = match self.channel(&conn, lane).await {
             Ok(ch) => ch,
             Err(e) => {
-                if e.kind == FailureKind::Unavailable {
+                if e.kind == FailureKind::Unavailable && !conn.status().blocked() {
                     self.drop_connection(&conn).await;
                 }
                 return batch.iter().map(|_| Err(e.clone())).collect();
@@ -361,10 +368,11 @@ impl Publisher for RabbitPublisher {
         // meaningless, and the next batch starts on a clean channel.
         if timed_out {
             // A connection the server blocked (a resource alarm) writes nothing, this close
-            // included: not waited for past the confirm timeout, and the connection is given up
-            // (the next publish opens another).
+            // included: not waited for past the confirm timeout. A blocked connection is kept (see
+            // above); one that did not close the channel otherwise is given up (the next publish
+            // opens another).
             let closed = tokio::time::timeout(self.confirm_timeout(), ch.close(200, "abandoned")).await;
-            if closed.is_err() {
+            if closed.is_err() && !conn.status().blocked() {
                 self.drop_connection(&conn).await;
             }
         } else {

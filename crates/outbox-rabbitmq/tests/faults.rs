@@ -156,7 +156,8 @@ async fn a_consumer_cut_off_after_its_commit_and_before_its_ack_applies_the_effe
 /// nothing more on it, not even the close of the channel it abandons after a confirm timeout. That
 /// close had no timeout: a publish during an alarm returned only when the alarm ended, and its lane
 /// stalled instead of backing off. Each publish now answers `Unavailable` within its timeouts, and
-/// the messages go through once the alarm is over.
+/// the messages go through once the alarm is over. The blocked connection is kept: giving it up
+/// opened a new one at every try, blocked in turn, for as long as the alarm lasted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_during_a_resource_alarm_answers_unavailable_within_its_timeouts() {
     let node = tokio::task::block_in_place(Node::dedicated);
@@ -167,7 +168,7 @@ async fn a_publish_during_a_resource_alarm_answers_unavailable_within_its_timeou
     let row = |pos: i64| outbox_tests::publisher_suite::stored(pos, &queue, None, None, b"x".to_vec());
     assert!(publisher.publish(&[row(0)]).await[0].is_ok());
     tokio::task::block_in_place(|| node.ctl(&["set_vm_memory_high_watermark", "absolute", "1"]));
-    for pos in 1..=2 {
+    for pos in 1..=4 {
         let out = tokio::time::timeout(Duration::from_secs(20), publisher.publish(&[row(pos)]))
             .await
             .unwrap_or_else(|_| panic!("publish {pos} did not return within 20 s of a resource alarm"));
@@ -176,6 +177,15 @@ async fn a_publish_during_a_resource_alarm_answers_unavailable_within_its_timeou
             "{out:?}"
         );
     }
+    // The blocked connection is kept (the server unblocks it when the alarm ends), not given up
+    // for a new one at every publish, which the alarm blocks too: one per retry for as long as it
+    // lasts.
+    let connections = tokio::task::block_in_place(|| node.ctl(&["list_connections", "--silent", "state"]));
+    assert_eq!(
+        connections.lines().count(),
+        1,
+        "connections during the alarm: {connections}"
+    );
     tokio::task::block_in_place(|| node.ctl(&["set_vm_memory_high_watermark", "0.4"]));
     wait_for(
         "a publish to go through after the alarm",

@@ -17,8 +17,8 @@ use outbox_tests::consuming::{ci_script, run_ci_script, run_until_stopped};
 use outbox_tests::embedded::Running;
 use outbox_tests::publisher_suite::Received;
 
-fn run_script(args: &[&str]) {
-    run_ci_script("rabbitmq", args, &[]);
+fn run_script(args: &[&str]) -> String {
+    run_ci_script("rabbitmq", args, &[])
 }
 
 fn port_open(port: u16) -> bool {
@@ -67,11 +67,11 @@ impl Node {
         run_script(&["start", self.dir(), &self.port.to_string()]);
     }
 
-    /// Runs `rabbitmqctl args` on the node.
-    pub fn ctl(&self, args: &[&str]) {
+    /// Runs `rabbitmqctl args` on the node; returns what it printed.
+    pub fn ctl(&self, args: &[&str]) -> String {
         let mut all = vec!["ctl", self.dir()];
         all.extend_from_slice(args);
-        run_script(&all);
+        run_script(&all)
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
