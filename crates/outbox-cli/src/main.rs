@@ -184,9 +184,7 @@ async fn status(d: &settings::Database) -> anyhow::Result<()> {
 }
 
 async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
-    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let prometheus = admin::install_metrics().context("installing the metrics recorder")?;
     // Signal handlers first: a SIGTERM while a database is still unreachable ends the wait.
     let stop = CancellationToken::new();
     let signalled = shutdown_signal()?;
