@@ -245,6 +245,9 @@ impl RelayConfig {
         if self.max_attempts < 1 {
             return Err("max_attempts must be at least 1".into());
         }
+        if self.poll_interval < Duration::from_millis(1) {
+            return Err("poll_interval must be at least 1ms (0 would claim again at once, every idle lane)".into());
+        }
         if self.lease_ttl < Duration::from_secs(1) {
             return Err("lease_ttl must be at least 1s".into());
         }
@@ -373,6 +376,21 @@ mod tests {
         let c = RelayConfig::default().backoff_base(Duration::from_secs(90));
         assert!(c.validate().unwrap_err().contains("at most max"));
         assert!(RelayConfig::default().retry_backoff().is_ok());
+    }
+
+    /// A poll interval of 0 was accepted: every idle lane then claimed again as soon as its claim
+    /// came back, 32 lanes querying an empty outbox back to back.
+    #[test]
+    fn a_poll_interval_under_a_millisecond_is_refused() {
+        let err = RelayConfig::default()
+            .poll_interval(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("poll_interval"), "{err}");
+        RelayConfig::default()
+            .poll_interval(Duration::from_millis(1))
+            .validate()
+            .unwrap();
     }
 
     #[test]
