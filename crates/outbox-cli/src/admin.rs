@@ -154,7 +154,9 @@ async fn problems(s: &AdminState, db: &DatabaseView) -> Vec<String> {
         let stale: Vec<String> = status
             .lanes
             .iter()
-            .filter(|l| l.owner.is_none() || l.expires_at.is_none_or(|e| now - e > ttl))
+            // An owned lane's expiry is its lease's end, a released one's its release: either
+            // way the lane has had no live owner since (none at all: never owned).
+            .filter(|l| l.expires_at.is_none_or(|e| now - e > ttl))
             .map(|l| l.lane.to_string())
             .collect();
         if !stale.is_empty() {

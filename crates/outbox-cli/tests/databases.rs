@@ -206,6 +206,46 @@ async fn readyz_fails_on_a_broker_outage_past_its_threshold_and_on_lanes_nobody_
     std::fs::remove_file(lanes_cfg).ok();
 }
 
+/// When a second relay starts, the first hands half its lanes back and the second takes them at
+/// its next round. A released lane kept no time of its release, so `/readyz` counted it "without
+/// an owner for longer than the lease" at once: healthy relays failed readiness at every
+/// rebalance and rolling deploy. A released lane now counts from its release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_stays_ready_while_a_second_relay_takes_half_the_lanes() {
+    let pool = outbox_tests::db::fresh_pg().await;
+    let cfg = config(&[("orders", pg_url(&pool, 5432))], "");
+    let first = spawn(&cfg, &broker());
+    // Past one lease (3 s) readiness looks at the lanes.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    first.wait_get("/readyz", Duration::from_secs(30), |code, _| code == 200);
+    let second = spawn(&cfg, &broker());
+    let store = outbox::postgres::PgStore::new(pool.clone());
+    let started = std::time::Instant::now();
+    let mut refused = Vec::new();
+    let mut shared_since = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        if let Some((503, body)) = first.get("/readyz") {
+            refused.push(body);
+        }
+        let lanes = store.status().await.unwrap().lanes;
+        let owners: std::collections::HashSet<_> = lanes.iter().filter_map(|l| l.owner.clone()).collect();
+        if owners.len() == 2 && lanes.iter().all(|l| l.owner.is_some()) {
+            let since = *shared_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        shared_since.is_some(),
+        "the two relays did not share the lanes within 30 s"
+    );
+    assert!(refused.is_empty(), "readiness failed during the rebalance: {refused:?}");
+    drop((first, second));
+    std::fs::remove_file(cfg).ok();
+}
+
 /// A store write the database keeps refusing (here a trigger on the outbox's DELETE, which every
 /// mark runs) leaves the lane retrying with its lease held: no relay takes it over and no lane is
 /// without an owner, so readiness has to tell it by itself. Once the database takes the marks

@@ -112,7 +112,8 @@ pub struct LaneInfo {
     pub owner: Option<String>,
     /// Current epoch.
     pub epoch: i64,
-    /// When the lease expires.
+    /// When the lease expires; for a lane without an owner, when it was released (`None`: never
+    /// held, or released before releases kept their time).
     pub expires_at: Option<DateTime<Utc>>,
 }
 

@@ -105,8 +105,9 @@ pub(super) const RENEW: &str = "\
 UPDATE outbox_leases SET expires_at = TIMESTAMPADD(MICROSECOND, ?, UTC_TIMESTAMP(6)) \
 WHERE lane = ? AND owner = ? AND epoch = ?";
 
+// expires_at: when the lane was released (see the PostgreSQL statement).
 pub(super) const RELEASE: &str = "\
-UPDATE outbox_leases SET owner = NULL, expires_at = NULL WHERE lane = ? AND owner = ? AND epoch = ?";
+UPDATE outbox_leases SET owner = NULL, expires_at = UTC_TIMESTAMP(6) WHERE lane = ? AND owner = ? AND epoch = ?";
 
 // Renewal doubles as the relay's heartbeat in outbox_relays (and forgets relays gone for a day).
 /// Binds: owner, ttl in microseconds.

@@ -136,8 +136,10 @@ RETURNING lane, epoch";
 
 pub(super) const LEAVE: &str = "DELETE FROM outbox_relays WHERE owner = $1";
 
+// A released lane's expires_at is when it was released: readiness counts a lane without an owner
+// from then (a rebalance hands lanes over within a lease), not as unowned for ever.
 pub(super) const RELEASE: &str = "\
-UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity', idle = false \
+UPDATE outbox_leases SET owner = NULL, expires_at = now(), idle = false \
 WHERE lane = $1 AND owner = $2 AND epoch = $3";
 
 pub(super) const SET_IDLE: &str = "\

@@ -82,8 +82,12 @@ pub(super) const RENEW: &str = concat!(
     " + ?2 WHERE owner = ?1 RETURNING lane, epoch"
 );
 
-pub(super) const RELEASE: &str = "\
-UPDATE outbox_leases SET owner = NULL, expires_at = NULL WHERE lane = ?1 AND owner = ?2 AND epoch = ?3";
+// expires_at: when the lane was released (see the PostgreSQL statement).
+pub(super) const RELEASE: &str = concat!(
+    "UPDATE outbox_leases SET owner = NULL, expires_at = ",
+    now!(),
+    " WHERE lane = ?1 AND owner = ?2 AND epoch = ?3"
+);
 
 // Renewal doubles as the relay's heartbeat in outbox_relays (and forgets relays gone for a day).
 /// Binds: owner, ttl in microseconds.
