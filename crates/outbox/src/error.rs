@@ -16,6 +16,10 @@ pub enum Error {
     /// The key is the empty string; use no key instead.
     #[error("invalid key: the key must not be empty (leave it unset for unkeyed messages)")]
     EmptyKey,
+    /// The key holds a NUL character, which PostgreSQL's text cannot store: refused on every
+    /// database, so that a key means the same everywhere.
+    #[error("invalid key: the key must not contain a NUL character")]
+    KeyWithNul,
     /// The key is longer than the database can index ([`crate::postgres::MAX_KEY_BYTES`] on
     /// PostgreSQL).
     #[error("key of {size} bytes exceeds the maximum of {max} bytes this database can index")]
@@ -72,6 +76,7 @@ impl Error {
             self,
             Error::InvalidTopic { .. }
                 | Error::EmptyKey
+                | Error::KeyWithNul
                 | Error::KeyTooLong { .. }
                 | Error::PayloadTooLarge { .. }
                 | Error::ReservedHeader(_)

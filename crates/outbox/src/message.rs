@@ -124,6 +124,7 @@ impl Message {
         validate_topic(&self.topic)?;
         match self.key.as_deref() {
             Some("") => return Err(Error::EmptyKey),
+            Some(k) if k.contains('\0') => return Err(Error::KeyWithNul),
             Some(k) if k.len() > max_key => {
                 return Err(Error::KeyTooLong {
                     size: k.len(),
