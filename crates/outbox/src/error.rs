@@ -16,6 +16,11 @@ pub enum Error {
     /// The key is the empty string; use no key instead.
     #[error("invalid key: the key must not be empty (leave it unset for unkeyed messages)")]
     EmptyKey,
+    /// A batch holds the message with this id more than once (a clone of a [`crate::Message`] is
+    /// the same message): brokers and consumers would take the second copy for a duplicate and
+    /// drop it.
+    #[error("message {0} is in the batch more than once (a clone keeps its id: build a new message instead)")]
+    DuplicateId(uuid::Uuid),
     /// The key holds a NUL character, which PostgreSQL's text cannot store: refused on every
     /// database, so that a key means the same everywhere.
     #[error("invalid key: the key must not contain a NUL character")]
@@ -76,6 +81,7 @@ impl Error {
             self,
             Error::InvalidTopic { .. }
                 | Error::EmptyKey
+                | Error::DuplicateId(_)
                 | Error::KeyWithNul
                 | Error::KeyTooLong { .. }
                 | Error::PayloadTooLarge { .. }

@@ -150,6 +150,12 @@ async fn insert<DB: Backend>(tx: &mut Transaction<'_, DB>, msgs: &[Message], opt
     for m in msgs {
         m.validate(opts.max_payload, DB::MAX_KEY_BYTES)?;
     }
+    if msgs.len() > 1 {
+        let mut ids = std::collections::HashSet::with_capacity(msgs.len());
+        if let Some(m) = msgs.iter().find(|m| !ids.insert(m.id)) {
+            return Err(Error::DuplicateId(m.id));
+        }
+    }
     if msgs.is_empty() {
         return Ok(Vec::new());
     }

@@ -27,7 +27,9 @@ pub const RESERVED_HEADER_PREFIX: &str = "outbox-";
 /// Default maximum payload size: 1 MiB.
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
 
-/// A message to enqueue in the caller's transaction.
+/// A message to enqueue in the caller's transaction. Its id is made once, by the constructor: a
+/// clone is the same message, to be enqueued once (brokers and consumers take a second copy with
+/// the same id for a duplicate and drop it; a batch holding it twice is refused).
 ///
 /// ```
 /// use outbox::Message;

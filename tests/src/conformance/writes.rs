@@ -175,6 +175,16 @@ macro_rules! __conformance_writes {
                 outbox::enqueue_batch(&mut tx, &batch).await,
                 Err(Error::InvalidTopic { .. })
             ));
+            // One message twice in a batch (a clone keeps the id): the broker's duplicate window
+            // (NATS) and the consumers' inbox would drop the second copy as a duplicate.
+            let twice = Message::new("t", "x").key("k");
+            let err = outbox::enqueue_batch(&mut tx, &[twice.clone(), twice.clone()])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::DuplicateId(id) if id == twice.id()) && err.is_bad_input(),
+                "{err}"
+            );
             // Serialization failure: a map with non-string keys cannot be JSON.
             let mut m = std::collections::HashMap::new();
             m.insert(vec![1u8], 1);
