@@ -198,7 +198,14 @@ async fn run(s: settings::Settings, migrate: bool) -> anyhow::Result<()> {
     for d in &s.databases {
         tracing::info!(database = d.label(), url = %redact_url(&d.url), "configuration");
     }
-    let publisher = connect_broker(&s).await?;
+    // A broker that does not answer holds the connect for up to its timeout: a stop ends the wait.
+    let publisher = tokio::select! {
+        publisher = connect_broker(&s) => publisher?,
+        _ = stop.cancelled() => {
+            tracing::info!("stopped before the broker was reached");
+            return Ok(());
+        }
+    };
     let views: Vec<Arc<admin::DatabaseView>> = s
         .databases
         .iter()

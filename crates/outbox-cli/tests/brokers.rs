@@ -193,6 +193,42 @@ async fn a_rabbitmq_section_publishes_with_confirms() {
     );
 }
 
+/// The first connection to the broker was not raced against the stop signal: a SIGTERM while a
+/// broker that accepted the connection never answered waited out the whole connect timeout, and
+/// the daemon then exited with an error. It now stops at once, with 0.
+#[tokio::test]
+async fn a_sigterm_while_the_broker_does_not_answer_at_start_stops_the_daemon_at_once() {
+    // Accepts connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let held = std::thread::spawn(move || silent.incoming().take(4).filter_map(Result::ok).collect::<Vec<_>>());
+    let pool = outbox_tests::db::fresh_pg().await;
+    let config = "[rabbitmq]\nconnect_timeout_ms = 60000\n";
+    let (mut relay, cfg) = run_daemon(&pool, config, ("OUTBOX_RABBITMQ_URL", &url));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = relay.try_wait().unwrap() {
+            break status;
+        }
+        if signalled.elapsed() > Duration::from_secs(10) {
+            relay.kill().ok();
+            panic!("the daemon did not stop within 10 s of SIGTERM while connecting");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    std::fs::remove_file(cfg).ok();
+    assert!(
+        status.success(),
+        "SIGTERM while connecting ends the daemon with 0: {status:?}"
+    );
+    drop(held);
+}
+
 #[test]
 fn two_broker_sections_are_refused_at_startup() {
     let cfg = config_file("[nats]\n[rabbitmq]\nexchange = \"orders\"\n");
