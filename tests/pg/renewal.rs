@@ -76,3 +76,67 @@ async fn a_mark_held_up_on_one_lane_holds_up_neither_the_renewal_nor_the_other_l
         .unwrap();
     assert_eq!(left, 0, "both marks deleted their rows");
 }
+
+/// A failure mark or a dead letter checks its lease the way a mark does, but locks it (so that no
+/// takeover comes between the check and the write): it took the lease's lock first and then waited
+/// for the held row with it, and the renewal, which locks every lease of its relay, waited behind
+/// it: every lease could expire over one row held up. The row is now locked first, the lease
+/// after it.
+#[tokio::test]
+async fn a_failure_mark_or_a_dead_letter_held_up_on_a_row_does_not_hold_up_the_renewal() {
+    for dead_letter in [false, true] {
+        let pool = outbox_tests::db::fresh_pg().await;
+        commit_each(&pool, [Message::new("t", "x").key("k")]).await;
+        let store = outbox::postgres::PgStore::new(pool.clone());
+        let ttl = Duration::from_secs(60);
+        let leases = store.acquire("relay", 64, ttl).await.unwrap();
+        let (lane, pos): (i32, i64) = sqlx::query_as("SELECT lane, pos FROM outbox_messages")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let lease = leases.iter().find(|l| l.lane == lane).unwrap().clone();
+        let mut holder = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM outbox_messages WHERE lane = $1 AND pos = $2 FOR UPDATE")
+            .bind(lane)
+            .bind(pos)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        let held = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                match dead_letter {
+                    true => store.dead_letter(&lease, pos, "refused", false).await,
+                    false => {
+                        store
+                            .mark_failed(&lease, pos, "timed out", Duration::from_secs(1))
+                            .await
+                    }
+                }
+            })
+        };
+        super::statements_waiting(&pool, 1, PROMPT).await;
+        let renewed = tokio::time::timeout(PROMPT, store.renew("relay", ttl))
+            .await
+            .unwrap_or_else(|_| panic!("the renewal waited for a held-up {}", what(dead_letter)))
+            .unwrap();
+        assert_eq!(renewed.len(), leases.len(), "every lease renewed");
+        holder.commit().await.unwrap();
+        held.await.unwrap().unwrap();
+        let (left, dead): (i64, i64) =
+            sqlx::query_as("SELECT (SELECT count(*) FROM outbox_messages), (SELECT count(*) FROM outbox_dead_letters)")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let expected = if dead_letter { (0, 1) } else { (1, 0) };
+        assert_eq!((left, dead), expected, "the {} did its write", what(dead_letter));
+    }
+}
+
+fn what(dead_letter: bool) -> &'static str {
+    if dead_letter {
+        "dead letter"
+    } else {
+        "failure mark"
+    }
+}

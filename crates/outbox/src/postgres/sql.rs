@@ -113,8 +113,6 @@ FROM numbered, wake ORDER BY ord \
 RETURNING id, seq, lane"
 );
 
-const LEASE: &str = "SELECT 1 FROM outbox_leases WHERE lane = $1 AND owner = $2 AND epoch = $3";
-
 pub(super) const ACQUIRE: &str = "\
 UPDATE outbox_leases AS l SET owner = $1, epoch = l.epoch + 1, idle = false, \
        expires_at = now() + $3::bigint * interval '1 millisecond' \
@@ -298,9 +296,19 @@ i AS (INSERT INTO outbox_published (id, topic, key, seq, kafka_partition, kafka_
     )
 }
 
+// A failure mark and a dead letter lock their lease (no takeover comes between the check and the
+// write), but only once they hold their row: waiting for a row held elsewhere with the lease
+// locked held up the renewal, which locks every lease of its relay (tests/pg/renewal.rs). `r`
+// takes the row (it may be gone: the count is 0 then), and `l` is joined to it, so the row's lock
+// comes first.
+const ROW_THEN_LEASE: &str = "\
+r AS (SELECT 1 FROM outbox_messages WHERE lane = $1 AND pos = $4 FOR UPDATE), \
+l AS (SELECT 1 FROM outbox_leases, (SELECT count(*) FROM r) AS held_row \
+      WHERE lane = $1 AND owner = $2 AND epoch = $3 FOR SHARE OF outbox_leases)";
+
 pub(super) fn mark_failed() -> String {
     format!(
-        "WITH {ASYNC_COMMIT}, l AS ({LEASE} FOR SHARE), \
+        "WITH {ASYNC_COMMIT}, {ROW_THEN_LEASE}, \
 u AS (UPDATE outbox_messages SET attempts = attempts + 1, last_error = $5, \
              available_at = now() + $6::bigint * interval '1 millisecond' \
       WHERE lane = $1 AND pos = $4 AND EXISTS (SELECT 1 FROM l) RETURNING 1) \
@@ -310,7 +318,7 @@ SELECT EXISTS (SELECT 1 FROM l), (SELECT count(*) FROM u) FROM s"
 
 pub(super) fn dead_letter() -> String {
     format!(
-        "WITH l AS ({LEASE} FOR SHARE), \
+        "WITH {ROW_THEN_LEASE}, \
 d AS (DELETE FROM outbox_messages WHERE lane = $1 AND pos = $4 AND EXISTS (SELECT 1 FROM l) RETURNING *), \
 i AS (INSERT INTO outbox_dead_letters \
         (id, lane, pos, topic, key, seq, payload, headers, created_at, attempts, error, parked) \
