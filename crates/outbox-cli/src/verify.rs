@@ -207,11 +207,13 @@ fn read_topics(
             let Some(res) = consumer.poll(Duration::from_millis(500)) else {
                 continue;
             };
-            progress_at = Instant::now();
+            // Only a record or an end of partition is progress: an error (a broker gone, reported
+            // at every reconnect) is not, or a read that fails for good would never give up.
             let m = match res {
                 Ok(m) => m,
                 // The end of the log, which is past the end taken at start.
                 Err(KafkaError::PartitionEOF(p)) => {
+                    progress_at = Instant::now();
                     open.remove(&p);
                     continue;
                 }
@@ -220,6 +222,7 @@ fn read_topics(
                     continue;
                 }
             };
+            progress_at = Instant::now();
             let Some(&end) = open.get(&m.partition()) else {
                 continue;
             };

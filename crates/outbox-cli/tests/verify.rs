@@ -374,3 +374,57 @@ fn verify_refuses_a_rabbitmq_broker_with_a_reason() {
         "{err}"
     );
 }
+
+/// A broker that goes down in the middle of the read: every reconnect's failure came back through
+/// the consumer's poll and counted as progress, so `verify` went on for ever instead of giving up
+/// after a minute without a record (exit 2, the broker's fault).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_goes_down_mid_read_ends_verify_with_exit_2() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let pool = outbox_tests::db::fresh_pg().await;
+    let mock = MockCluster::new(1).unwrap();
+    let bootstrap = mock.bootstrap_servers();
+    mock.create_topic("failing", 1, 1).unwrap();
+    let producer: FutureProducer = client(&bootstrap).create().unwrap();
+    producer
+        .send(
+            FutureRecord::<(), _>::to("failing").payload("x"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    mock.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 1000],
+    );
+    let url = db_url(&pool);
+    let mut verify = Command::new(BIN)
+        .args([
+            "--database-url",
+            &url,
+            "--kafka",
+            &format!("bootstrap.servers={bootstrap}"),
+        ])
+        .args(["verify", "--topic", "failing", "--json"])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The fetches fail (the read waits, and says nothing), then the broker goes away.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    mock.broker_down(1).unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = verify.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            verify.kill().ok();
+            panic!("verify did not give up within 120 s of the broker going down");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status.code(), Some(2), "{status:?}");
+}
