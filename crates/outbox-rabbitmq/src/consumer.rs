@@ -185,15 +185,16 @@ impl<DB: Backend, H: Handler<DB>> RabbitConsumerRunner<DB, H> {
                 match self.attempt(&session.dead, &delivery, attempts, retry).await {
                     Step::Done => break,
                     Step::Again { attempts: a, delay } => {
-                        if !session.dead.status().connected() {
-                            // The server closed the dead-letter channel (its exchange is missing,
-                            // say): a closed channel never recovers, a new session opens a new one.
-                            return End::Lost("the server closed the dead-letter channel".into());
-                        }
                         attempts = a;
                         tokio::select! {
                             _ = &mut *shutdown => return End::Shutdown,
                             _ = tokio::time::sleep(delay) => {}
+                        }
+                        if !session.dead.status().connected() {
+                            // The server closed the dead-letter channel (its exchange is missing,
+                            // say): a closed channel never recovers, a new session opens a new one,
+                            // after the delay (a new session finds the exchange missing as fast).
+                            return End::Lost("the server closed the dead-letter channel".into());
                         }
                     }
                 }

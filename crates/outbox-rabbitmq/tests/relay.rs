@@ -232,7 +232,9 @@ async fn under_hold_a_parked_message_refused_every_time_is_the_one_dead_lettered
 
 /// A dead-letter exchange that does not exist yet: the server closes the channel the runner
 /// dead-letters on, so the runner connects again (a new channel) rather than trying a closed one for
-/// ever, and once the exchange exists the dead letter goes through.
+/// ever, and once the exchange exists the dead letter goes through. It connects again after the
+/// backoff's cap, not at once: each new session found the exchange missing as fast, and the runner
+/// reconnected in a loop as fast as the server answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_letter_waits_for_its_exchange_and_goes_through_once_it_exists() {
     use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -249,12 +251,15 @@ async fn a_dead_letter_waits_for_its_exchange_and_goes_through_once_it_exists() 
         .dead_letter(&dlx, &dlq);
     let refuse = RefuseIf::new("refused", |_| true);
     let (consumer, stats) = run_consumer(cfg, effects_db().await, refuse);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
         0,
         "no exchange yet"
     );
+    // One session per backoff cap (500 ms) at the most in those 2 s.
+    let reconnects = stats.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(reconnects <= 5, "{reconnects} reconnects in 2 s");
 
     let conn = common::connect(&node.url()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
