@@ -25,6 +25,82 @@ async fn two_consumers_and_a_rebalance_mid_stream_apply_every_effect_exactly_onc
     assert_eq!(effect_counts(&pool).await, (600, 600), "every effect exactly once");
 }
 
+/// A partition whose message waits for its retry, revoked (another member joined) and assigned
+/// back later: the runner kept the partition's waiting state across the revoke and, when the
+/// partition came back, rewound it to that message, although the other member had dead-lettered
+/// it and gone on meanwhile; it then retried it for ever, and nothing after it in the partition
+/// was applied. A revoked partition's waiting state is now dropped (and its pause lifted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_revoked_while_its_message_waits_is_read_from_its_committed_offset_when_it_comes_back() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (b, t, pool) = topic_and_db("consume-revoked", 2).await;
+    let dlq = format!("{t}.dlq");
+    outbox_tests::kafka::create_topic(&b, &dlq, 1).await;
+    let producer: FutureProducer = outbox_tests::kafka::client(&b).create().unwrap();
+    // A poison message at the head of each partition.
+    let mut poison = std::collections::HashSet::new();
+    for p in 0..2 {
+        let id = uuid::Uuid::now_v7();
+        let text = id.to_string();
+        let h = outbox_kafka::wire_headers([(outbox::HEADER_ID, Some(text.as_str()))]);
+        let record = FutureRecord::<(), _>::to(&t).partition(p).payload("poison").headers(h);
+        producer.send(record, Duration::from_secs(10)).await.unwrap();
+        poison.insert(id);
+    }
+    let poisoned = || Effects {
+        poison: Some("poison".into()),
+        ..Default::default()
+    };
+    let group = topic("g");
+    // A retries its poison messages every few seconds, for ever.
+    let patient = fast()
+        .max_attempts(1000)
+        .backoff_base(Duration::from_secs(3))
+        .backoff_max(Duration::from_secs(3));
+    let (stop_a, a, _) = start(&b, &group, &t, pool.clone(), poisoned(), patient, &[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // B takes one of the two partitions, dead-letters its poison at once and goes on.
+    let (stop_b, bb, _) = start(&b, &group, &t, pool.clone(), poisoned(), fast().max_attempts(1), &[]);
+    let dead =
+        outbox_tests::kafka::read_until(&b, &dlq, &poison, Duration::from_secs(60), Duration::from_millis(500)).await;
+    assert_eq!(dead.len(), 1, "B dead-lettered the poison of the partition it took");
+    let header = |n: &str| {
+        dead[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    let moved: i32 = header(outbox_kafka::HEADER_ORIGINAL_PARTITION)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let send_to_moved = |n: usize| {
+        let (producer, t) = (producer.clone(), t.clone());
+        async move {
+            for _ in 0..n {
+                let id = uuid::Uuid::now_v7().to_string();
+                let h = outbox_kafka::wire_headers([(outbox::HEADER_ID, Some(id.as_str()))]);
+                let record = FutureRecord::<(), _>::to(&t)
+                    .partition(moved)
+                    .payload("effect")
+                    .headers(h);
+                producer.send(record, Duration::from_secs(10)).await.unwrap();
+            }
+        }
+    };
+    send_to_moved(3).await;
+    wait_effects(&pool, 3, Duration::from_secs(30)).await;
+    // B leaves: the partition goes back to A, which must read it from B's committed offset.
+    stop_b.send(()).unwrap();
+    bb.await.unwrap();
+    send_to_moved(3).await;
+    wait_effects(&pool, 6, Duration::from_secs(60)).await;
+    stop_a.send(()).unwrap();
+    a.await.unwrap();
+    assert_eq!(effect_counts(&pool).await, (6, 6));
+}
+
 /// A consumer-group member in its own process (`consumer-member`), to SIGKILL.
 struct Member(std::process::Child);
 

@@ -19,14 +19,14 @@ use std::time::Duration;
 use outbox::InvalidBackoff;
 use outbox_inbox::{Backend, CleanupSchedule, Handler, Inbox, Parked, RetryInPlace, RunnerCore, Step};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::time::Instant;
 
 pub use config::ConsumerConfig;
-use waiting::{ReadPast, Waiting};
+use waiting::{ReadPast, Rebalances, RunnerConsumer, Waiting};
 
 pub use outbox_inbox::dead_letter::{HEADER_ATTEMPTS, HEADER_ERROR, HEADER_ORIGINAL_TOPIC};
 
@@ -64,7 +64,7 @@ pub enum ConsumerError {
 /// (offsets are stored only after processing) and keeps auto-commit of stored offsets on, so
 /// librdkafka also commits stored offsets of revoked partitions on a rebalance.
 pub struct ConsumerRunner<DB: Backend, H> {
-    consumer: StreamConsumer,
+    consumer: RunnerConsumer,
     /// The subscribed topics.
     topics: Vec<String>,
     /// Settings for an admin client (connection and security settings of the consumer).
@@ -107,7 +107,7 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             ccfg.get("auto.offset.reset"),
             Some("earliest" | "smallest" | "beginning")
         );
-        let consumer: StreamConsumer = ccfg.create()?;
+        let consumer: RunnerConsumer = ccfg.create_with_context(Rebalances::default())?;
         consumer.subscribe(topics)?;
         Ok(ConsumerRunner {
             consumer,
@@ -210,6 +210,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
                     continue;
                 }
             };
+            // A rebalance runs inside the poll that returned the message.
+            waiting.forget_revoked(&self.consumer);
             let tp = (msg.topic().to_owned(), msg.partition());
             if waiting.is_paused(&tp) {
                 // Fetched before its partition was paused; read again after the resume.

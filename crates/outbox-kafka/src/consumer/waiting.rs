@@ -4,9 +4,29 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::time::Instant;
+
+/// The runner's consumer: its context notes the partitions each rebalance revokes.
+pub(super) type RunnerConsumer = StreamConsumer<Rebalances>;
+
+/// Notes the partitions a rebalance revokes, for the runner to forget what waits in them.
+#[derive(Default)]
+pub(super) struct Rebalances {
+    revoked: std::sync::Mutex<Vec<(String, i32)>>,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut revoked = self.revoked.lock().expect("revoked lock");
+            revoked.extend(tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())));
+        }
+    }
+}
 
 /// Partitions paused at a message that waits for a retry, and the handler failures of the message
 /// each partition is at.
@@ -78,7 +98,7 @@ impl Waiting {
     }
 
     /// Reads the partition from `offset` again.
-    pub(super) fn rewind(&mut self, consumer: &StreamConsumer, tp: &(String, i32), offset: i64) {
+    pub(super) fn rewind(&mut self, consumer: &RunnerConsumer, tp: &(String, i32), offset: i64) {
         if seek(consumer, tp, offset) {
             self.rewound(tp);
         }
@@ -92,7 +112,7 @@ impl Waiting {
     /// Pauses the partition and rewinds it to the waiting message.
     pub(super) fn pause(
         &mut self,
-        consumer: &StreamConsumer,
+        consumer: &RunnerConsumer,
         tp: (String, i32),
         offset: i64,
         attempts: u32,
@@ -107,9 +127,37 @@ impl Waiting {
         self.at.insert(tp, (offset, attempts, Some(Instant::now() + delay)));
     }
 
+    /// Forgets the partitions revoked since the last call: the message waiting in one is its next
+    /// owner's (read from the committed offset, which it may have moved past it meanwhile), and
+    /// so is the partition if it comes back. Kept, a partition assigned back later was rewound to
+    /// a message its other owner had dead-lettered. Their pause is lifted (librdkafka keeps it
+    /// across a revoke and an assignment).
+    pub(super) fn forget_revoked(&mut self, consumer: &RunnerConsumer) {
+        let revoked = std::mem::take(&mut *consumer.context().revoked.lock().expect("revoked lock"));
+        let mut tpl = TopicPartitionList::new();
+        for tp in revoked {
+            if let Some((_, _, resume_at)) = self.at.get(&tp) {
+                if resume_at.is_some() {
+                    tpl.add_partition(&tp.0, tp.1);
+                }
+                tracing::info!(
+                    topic = tp.0,
+                    partition = tp.1,
+                    "partition revoked; its waiting message is its next owner's"
+                );
+                self.done(&tp);
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!(error = %e, "resume of revoked partitions failed");
+            }
+        }
+    }
+
     /// Resumes the partitions whose delay is over, rewound to their waiting message again (the
     /// partition may have been revoked and assigned back meanwhile).
-    pub(super) fn resume_due(&mut self, consumer: &StreamConsumer) {
+    pub(super) fn resume_due(&mut self, consumer: &RunnerConsumer) {
         let now = Instant::now();
         let mut tpl = TopicPartitionList::new();
         for (tp, (offset, _, resume_at)) in self.at.iter_mut() {
@@ -128,7 +176,7 @@ impl Waiting {
 }
 
 /// True when the seek succeeded.
-fn seek(consumer: &StreamConsumer, tp: &(String, i32), offset: i64) -> bool {
+fn seek(consumer: &RunnerConsumer, tp: &(String, i32), offset: i64) -> bool {
     match consumer.seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(5)) {
         Ok(()) => true,
         Err(e) => {
