@@ -158,6 +158,12 @@ impl Inbox {
                 reason: format!("more than {MAX_SOURCE_LEN} bytes"),
             });
         }
+        if let Some(seq) = msg.seq.filter(|_| msg.key.is_some()) {
+            crate::incoming::check_seq(seq).map_err(|reason| InboxError::MalformedHeader {
+                name: outbox::HEADER_SEQ,
+                reason,
+            })?;
+        }
         let hold = self.gap_policy == GapPolicy::Hold;
         let mut tx = pool.begin().await?;
         // For a message new at the top of its key: the key's highest seq before it.

@@ -107,8 +107,10 @@ impl<'a> Incoming<'a> {
         let seq = match find(HEADER_SEQ) {
             None => None,
             Some(v) => match text(HEADER_SEQ, v)?.trim().parse::<i64>() {
-                Ok(s) if s >= 1 => Some(s),
-                Ok(s) => return Err(malformed(HEADER_SEQ, format!("{s} is not a positive sequence number"))),
+                Ok(s) => {
+                    check_seq(s).map_err(|reason| malformed(HEADER_SEQ, reason))?;
+                    Some(s)
+                }
                 Err(e) => return Err(malformed(HEADER_SEQ, e.to_string())),
             },
         };
@@ -158,4 +160,14 @@ fn text<'v>(name: &'static str, value: &'v [u8]) -> Result<&'v str, InboxError> 
 
 fn malformed(name: &'static str, reason: String) -> InboxError {
     InboxError::MalformedHeader { name, reason }
+}
+
+/// Checks a keyed message's seq: from 1 to `i64::MAX - 1` (the inbox counts one past a key's
+/// highest seq, which must fit the databases' 64-bit integers).
+pub(crate) fn check_seq(seq: i64) -> Result<(), String> {
+    if (1..i64::MAX).contains(&seq) {
+        Ok(())
+    } else {
+        Err(format!("{seq} is not a sequence number from 1 to {}", i64::MAX - 1))
+    }
 }

@@ -29,6 +29,34 @@ macro_rules! __inbox_suite_gaps {
             assert_eq!(effects(&pool).await, 4);
         }
 
+        /// A seq of `i64::MAX` (a hand-made or corrupt header) was processed, and then every
+        /// later message of its key failed on PostgreSQL and MySQL (`seq + 1` out of range),
+        /// taken for database trouble: the runner waited for ever. It is refused as malformed
+        /// (dead-lettered), and so is a seq below 1 given to `Incoming::keyed`.
+        #[tokio::test]
+        async fn a_seq_the_database_cannot_count_past_is_refused_and_the_key_goes_on() {
+            let (pool, _, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
+            for seq in [i64::MAX, 0, -1] {
+                let err = inbox
+                    .process(&pool, &keyed("k", seq), &handler)
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(
+                        err,
+                        InboxError::MalformedHeader {
+                            name: outbox::HEADER_SEQ,
+                            ..
+                        }
+                    ),
+                    "{seq}: {err:?}"
+                );
+                assert!(!err.is_retryable() && !err.is_infrastructure(), "{seq}: {err:?}");
+            }
+            deliver_each(&inbox, &pool, &handler, "k", [1, 2], Outcome::Processed).await;
+            assert_eq!(effects(&pool).await, 2);
+        }
+
         #[tokio::test]
         async fn a_skipped_message_arriving_late_is_processed_once_and_only_it() {
             let (pool, c, inbox, handler) = inbox_and_handler::<Effect>(GapPolicy::Accept).await;
