@@ -354,3 +354,53 @@ async fn under_hold_a_parked_message_that_swallows_a_failed_statement_is_named_b
     // Delivered again (a duplicate now), it tries the parked message again, which applies now.
     assert_eq!(inbox.process(&pool, &m1, &handler).await.unwrap(), Outcome::Duplicate);
 }
+
+/// Runs one statement in the handler's transaction and returns `Ok`.
+struct RunsSql(&'static str);
+
+#[async_trait]
+impl<DB: outbox_inbox::Backend> Handler<DB> for RunsSql
+where
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+{
+    type Error = sqlx::Error;
+
+    async fn handle(&self, tx: &mut Transaction<'_, DB>, _: &Incoming<'_>) -> Result<(), sqlx::Error> {
+        sqlx::query(self.0).execute(&mut **tx).await?;
+        Ok(())
+    }
+}
+
+/// A handler whose write breaks a constraint checked only at commit (a deferred foreign key): the
+/// COMMIT failed, and the inbox took that for database trouble, so a runner waited for the
+/// database for ever and never dead-lettered the message, which fails the same way every time.
+/// It is the handler's (`HandlerAborted`: retried, then dead-lettered), on PostgreSQL and SQLite.
+#[tokio::test]
+async fn a_handler_write_refused_at_commit_by_a_deferred_constraint_is_the_handlers_failure() {
+    async fn check<DB: outbox_inbox::Backend>(pool: &sqlx::Pool<DB>, schema: &'static str)
+    where
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        for<'q> <DB as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+        for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    {
+        sqlx::raw_sql(schema).execute(pool).await.unwrap();
+        let orphan = RunsSql("INSERT INTO child (parent) VALUES (42)");
+        let msg = Incoming::new(Uuid::now_v7(), "t", b"");
+        let err = Inbox::new("c").process(pool, &msg, &orphan).await.unwrap_err();
+        assert!(matches!(err, InboxError::HandlerAborted(_)), "{err:?}");
+        assert!(err.is_retryable() && !err.is_infrastructure(), "{err:?}");
+    }
+    check(
+        &outbox_tests::db::fresh_pg().await,
+        "CREATE TABLE parent (id INT PRIMARY KEY); \
+         CREATE TABLE child (parent INT REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .await;
+    check(
+        &outbox_tests::db::fresh_sqlite().await,
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
+         CREATE TABLE child (parent INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .await;
+}

@@ -60,7 +60,11 @@ pub enum InboxError<E = Infallible> {
     /// PostgreSQL aborts a transaction at a failed statement (and its COMMIT rolls back), so
     /// nothing was committed, neither the handler's writes nor the record. Delivering the message
     /// again runs the handler again. The database's answer to the inbox's check is the source.
-    #[error("the handler returned Ok, but a statement of its failed and aborted the transaction: {0}")]
+    ///
+    /// Also when the handler's writes broke a constraint the database checks only at commit (a
+    /// deferred foreign key): the COMMIT failed, nothing was committed, and the message fails the
+    /// same way on every delivery (retried, then dead-lettered).
+    #[error("the handler returned Ok, but its transaction could not commit (a statement of its failed, or a deferred constraint): {0}")]
     HandlerAborted(#[source] sqlx::Error),
     /// The database failed. Nothing was committed.
     #[error("database error: {0}")]

@@ -471,14 +471,17 @@ async fn usable<DB: Backend, E>(conn: &mut <DB as sqlx::Database>::Connection) -
     DB::check_usable(conn).await.map_err(failed_statement)
 }
 
-/// A database error on the handler's transaction: [`InboxError::HandlerAborted`] when the
-/// transaction had been aborted by a failed statement (25P02), [`InboxError::Database`] otherwise.
+/// A database error on the handler's transaction after the handler returned:
+/// [`InboxError::HandlerAborted`] when the handler's own work is why it cannot commit (a statement
+/// of its failed and aborted the transaction, 25P02; its writes broke a constraint checked only at
+/// commit: a deferred foreign key or unique key, class 23, a deferred constraint trigger that
+/// raised, P0001, SQLite's constraint codes), [`InboxError::Database`] otherwise. Taken for
+/// database trouble, such a message was waited for for ever instead of retried and dead-lettered.
 fn failed_statement<E>(e: sqlx::Error) -> InboxError<E> {
-    let aborted = e
-        .as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|code| code == "25P02");
-    if aborted {
+    let handlers = e.as_database_error().and_then(|d| d.code()).is_some_and(|code| {
+        code == "25P02" || code.starts_with("23") || code == "P0001" || matches!(&*code, "19" | "787")
+    });
+    if handlers {
         InboxError::HandlerAborted(e)
     } else {
         InboxError::Database(e)
