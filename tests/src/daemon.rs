@@ -283,3 +283,18 @@ pub async fn wait_pending_below(store: &dyn Store, n: i64, within: Duration) {
     })
     .await
 }
+
+/// Waits for `child` to exit, for up to `within`; kills it and fails the test with `what` then.
+pub async fn exit_within(child: &mut Child, within: Duration, what: &str) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > within {
+            child.kill().ok();
+            panic!("{what}: no exit within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -210,17 +210,8 @@ async fn a_sigterm_while_the_broker_does_not_answer_at_start_stops_the_daemon_at
         .args(["-TERM", &relay.id().to_string()])
         .status()
         .unwrap();
-    let signalled = Instant::now();
-    let status = loop {
-        if let Some(status) = relay.try_wait().unwrap() {
-            break status;
-        }
-        if signalled.elapsed() > Duration::from_secs(10) {
-            relay.kill().ok();
-            panic!("the daemon did not stop within 10 s of SIGTERM while connecting");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status =
+        outbox_tests::daemon::exit_within(&mut relay, Duration::from_secs(10), "SIGTERM while connecting").await;
     std::fs::remove_file(cfg).ok();
     assert!(
         status.success(),

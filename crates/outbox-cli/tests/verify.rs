@@ -415,16 +415,7 @@ async fn a_broker_that_goes_down_mid_read_ends_verify_with_exit_2() {
     // The fetches fail (the read waits, and says nothing), then the broker goes away.
     tokio::time::sleep(Duration::from_secs(5)).await;
     mock.broker_down(1).unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = verify.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            verify.kill().ok();
-            panic!("verify did not give up within 120 s of the broker going down");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status =
+        outbox_tests::daemon::exit_within(&mut verify, Duration::from_secs(120), "verify with its broker down").await;
     assert_eq!(status.code(), Some(2), "{status:?}");
 }
