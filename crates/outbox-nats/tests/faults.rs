@@ -184,6 +184,28 @@ async fn under_hold_a_parked_message_refused_every_time_is_the_one_dead_lettered
     assert_eq!(parked, [3], "K:2 left the parked messages, K:3 waits for it");
 }
 
+/// A try longer than `ack_wait` (a slow handler, a slow database): the server took the message
+/// for lost and delivered it again while the first try ran; each copy counted a delivery against
+/// it (`max_deliver`) and came through again after the try. The runner now tells the server the
+/// message is being worked on while it tries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_try_longer_than_ack_wait_is_not_delivered_again_meanwhile() {
+    let t = Setup::shared("slow-try").await;
+    let rows = t.publish_keyed(0..1, 1).await;
+    let slow = EffectRowsAfter(|_: &Incoming<'_>| -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(Duration::from_millis(3500)))
+    });
+    let mut cfg = t.consumer_config();
+    cfg.ack_wait = Duration::from_secs(1);
+    let (consumer, stats) = run_consumer(cfg, t.effects.clone(), slow).await;
+    wait_effects(&t.effects, 1, Duration::from_secs(30)).await;
+    // A copy delivered during the try would come through now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    consumer.stop().await;
+    check_effects(&t.effects, &ids(&rows)).await;
+    assert_eq!(stats.duplicates.load(Relaxed), 0, "copies delivered during the try");
+}
+
 /// Two durable consumers of one stream that both dead-letter a message leave one dead letter each in
 /// the shared dead-letter stream: a dead letter's `Nats-Msg-Id` names its consumer, so only a re-send
 /// of the same consumer's dead letter is dropped as a duplicate.

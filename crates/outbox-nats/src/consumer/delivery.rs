@@ -58,8 +58,8 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                 .core
                 .try_once(topic_of(subject), &msg.payload, headers.iter().copied(), failed_before, max, |incoming, _| {
                     tracing::info_span!("inbox.process", outbox.id = %incoming.id, subject, stream_seq, delivered)
-                })
-                .await;
+                });
+            let tried = self.in_progress(msg, tried).await;
             let (id, disposition, error, parked) = match tried {
                 Tried::Unreadable { error } => {
                     return self.dead_letter_until_done(msg, &error, at, None, shutdown).await
@@ -99,6 +99,24 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
                     return self
                         .dead_letter_until_done(msg, &error, at, parked.as_ref(), shutdown)
                         .await;
+                }
+            }
+        }
+    }
+
+    /// Runs `work` on `msg` while telling the server, every third of `ack_wait`, that the message
+    /// is being worked on: a try longer than `ack_wait` (a slow handler or database) had the server
+    /// deliver the message again meanwhile, each copy a delivery counted against it.
+    async fn in_progress<T>(&self, msg: &jetstream::Message, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let beat = (self.cfg.ack_wait / 3).max(Duration::from_millis(1));
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tokio::time::sleep(beat) => {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "progress not sent");
+                    }
                 }
             }
         }
