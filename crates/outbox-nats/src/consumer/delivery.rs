@@ -109,7 +109,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
     /// deliver the message again meanwhile, each copy a delivery counted against it.
     async fn in_progress<T>(&self, msg: &jetstream::Message, work: impl Future<Output = T>) -> T {
         tokio::pin!(work);
-        let beat = (self.cfg.ack_wait / 3).max(Duration::from_millis(1));
+        let beat = self.progress_every();
         loop {
             tokio::select! {
                 out = &mut work => return out,
@@ -122,6 +122,11 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
         }
     }
 
+    /// How often the server hears that a message is still being worked on: a third of `ack_wait`.
+    fn progress_every(&self) -> Duration {
+        (self.cfg.ack_wait / 3).max(Duration::from_millis(1))
+    }
+
     /// Waits `delay` while telling the server the message is still being worked on. True when
     /// shutdown came first: the message is then handed back with a nak.
     async fn hold(
@@ -131,7 +136,7 @@ impl<DB: Backend, H: Handler<DB>> NatsConsumerRunner<DB, H> {
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> bool {
         let until = Instant::now() + delay;
-        let beat = (self.cfg.ack_wait / 3).max(Duration::from_millis(1));
+        let beat = self.progress_every();
         loop {
             if let Err(e) = msg.ack_with(AckKind::Progress).await {
                 tracing::debug!(error = %e, "progress not sent");
