@@ -412,6 +412,48 @@ async fn a_lane_stopped_while_its_oldest_batch_finds_the_broker_unavailable_stil
     );
 }
 
+/// Answers its first call one result short, and answers every row of later calls; records each
+/// row it was handed (by seq of key "k").
+#[derive(Default)]
+struct ShortOnce {
+    calls: AtomicUsize,
+    handed: Mutex<Vec<i64>>,
+}
+
+#[async_trait]
+impl Publisher for ShortOnce {
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        self.handed.lock().unwrap().extend(batch.iter().filter_map(|r| r.seq));
+        let mut out: Vec<_> = batch.iter().map(|r| Ok(Delivered::new(r.pos))).collect();
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            out.pop();
+        }
+        out
+    }
+}
+
+/// A publisher that answered fewer results than rows panicked the lane (an assertion): the lane's
+/// task died with the batch unmarked, and the batch was sent again whole by the lane's next run,
+/// the rows the broker had confirmed included. A row without an answer is now a retryable failure
+/// of that row alone, and the answered ones are marked.
+#[tokio::test]
+async fn a_publisher_answering_fewer_results_than_rows_fails_only_the_unanswered_row() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let mut tx = pool.begin().await.unwrap();
+    for i in 0..4 {
+        outbox::enqueue(&mut tx, &Message::new("t", format!("{i}")).key("k"))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let publisher = Arc::new(ShortOnce::default());
+    let relay = start(store.clone(), publisher.clone(), test_config().batch_size(4));
+    drained(&store, Duration::from_secs(30)).await;
+    relay.stop().await;
+    let handed = publisher.handed.lock().unwrap().clone();
+    assert_eq!(handed, [1, 2, 3, 4, 4], "only the unanswered row is handed over again");
+}
+
 /// Lets the first lease renewal through and holds every later one for ever (a connection cut
 /// without a reset, a server that stopped answering).
 struct RenewalsHang(AtomicUsize);

@@ -43,7 +43,7 @@ pub(crate) async fn send<S: Store, P: Publisher>(shared: &Shared<S, P>, lane: i3
     crate::failpoint::hit(crate::failpoint::Point::DuringPublish);
     let (results, publish_took) = timed(publish_decodable(shared, &rows).instrument(span)).await;
     shared.meters.batch_duration.record(publish_took.as_secs_f64());
-    assert_eq!(results.len(), rows.len(), "publisher must answer once per message");
+    let results = fitted(&rows, results);
     Sent {
         rows,
         results,
@@ -156,10 +156,46 @@ async fn publish_decodable<S: Store, P: Publisher>(
             send.push(row.clone());
         }
     }
-    let mut sent = shared.publisher.publish(&send).await.into_iter();
+    let mut sent = fitted(&send, shared.publisher.publish(&send).await).into_iter();
     results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| sent.next().expect("publisher must answer once per message")))
+        .map(|r| r.unwrap_or_else(|| sent.next().expect("fitted answers every row sent")))
+        .collect()
+}
+
+/// The publisher's answers fitted to `rows`, one each, in order. A publisher must answer once per
+/// row, for that row; one that does not has a bug, logged here: a row it gave no answer for, or an
+/// answer for another row's position, fails as retryable (sent again), the rows answered are
+/// settled as answered, and extra answers are dropped. (An assertion panicked the lane instead, and
+/// the lane's next run sent the whole batch again, the confirmed rows included.)
+fn fitted(
+    rows: &[StoredMessage],
+    results: Vec<Result<Delivered, PublishError>>,
+) -> Vec<Result<Delivered, PublishError>> {
+    if results.len() != rows.len() {
+        tracing::error!(
+            rows = rows.len(),
+            answers = results.len(),
+            "the publisher did not answer once per row; the rows without an answer are sent again"
+        );
+    }
+    let mut answers = results.into_iter();
+    rows.iter()
+        .map(|row| match answers.next() {
+            Some(Ok(d)) if d.pos != row.pos => {
+                tracing::error!(
+                    pos = row.pos,
+                    answered = d.pos,
+                    "the publisher answered for another row"
+                );
+                Err(PublishError::retryable(format!(
+                    "the publisher answered for position {} in place of {}",
+                    d.pos, row.pos
+                )))
+            }
+            Some(answer) => answer,
+            None => Err(PublishError::retryable("the publisher gave no answer for this row")),
+        })
         .collect()
 }
 /// Retries a store write on database trouble until it succeeds, the lease is gone, or the lane is
