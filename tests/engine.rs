@@ -454,6 +454,31 @@ async fn a_publisher_answering_fewer_results_than_rows_fails_only_the_unanswered
     assert_eq!(handed, [1, 2, 3, 4, 4], "only the unanswered row is handed over again");
 }
 
+/// A lane whose idle flag could not be written (the database refused it once) went on as if it
+/// were idle while the flag said busy: writers sent no wake-up, and every row of the lane waited
+/// for the poll, for as long as the lane was held. It now tries again shortly, and a row committed
+/// after the database takes the flag again wakes the lane at once.
+#[tokio::test]
+async fn a_lane_whose_idle_flag_was_refused_asks_again_and_is_woken_by_the_next_commit() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    // For the first 2 s every lane's flag going idle is refused.
+    outbox_tests::db::exec(
+        &pool,
+        "CREATE TABLE refuse_until AS SELECT clock_timestamp() + interval '2 seconds' AS t; \
+         CREATE FUNCTION refuse_idle() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.idle AND NOT OLD.idle AND clock_timestamp() < (SELECT t FROM refuse_until) THEN \
+             RAISE EXCEPTION 'idle flag refused'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_idle BEFORE UPDATE ON outbox_leases FOR EACH ROW EXECUTE FUNCTION refuse_idle()",
+    )
+    .await;
+    let cfg = test_config().poll_interval(Duration::from_secs(60));
+    let relay = start(store.clone(), Scripted::new([]), cfg);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "x").key("k")]).await;
+    drained(&store, Duration::from_secs(10)).await;
+    relay.stop().await;
+}
+
 /// Lets the first lease renewal through and holds every later one for ever (a connection cut
 /// without a reset, a server that stopped answering).
 struct RenewalsHang(AtomicUsize);

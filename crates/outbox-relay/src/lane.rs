@@ -57,6 +57,7 @@ pub(crate) async fn run_lane<S: Store, P: Publisher>(
             held: false,
             claimed_to: 0,
             idle: false,
+            idle_refused: 0,
             looked_since_idle: false,
             open_writers: OpenWriters::default(),
             linger_until: None,
@@ -94,6 +95,8 @@ struct Lane<'a, S, P> {
     claimed_to: i64,
     /// What the lane's flag says (true: writers notify it).
     idle: bool,
+    /// Writes of the flag saying idle refused in a row (the lane then asks again after a backoff).
+    idle_refused: u32,
     /// Since the flag said idle, a claim found nothing. Until then the lane claims after every
     /// batch: a writer that inserted while the flag said busy sends no NOTIFY, even when it
     /// commits later.
@@ -293,10 +296,21 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         if !self.idle {
             // Ask writers for a wake-up, then look once more: a row committed before the flag was
             // visible would otherwise wait for the next poll.
-            set_idle(shared, self.lease, true).await;
-            self.idle = true;
-            self.looked_since_idle = false;
-            self.open_writers = OpenWriters::taken(shared).await;
+            if set_idle(shared, self.lease, true).await {
+                self.idle = true;
+                self.idle_refused = 0;
+                self.looked_since_idle = false;
+                self.open_writers = OpenWriters::taken(shared).await;
+                return Ok(());
+            }
+            // Refused: the flag still says busy and writers send no wake-up. Taken for idle, the
+            // lane waited for the poll for every row as long as it held the lane; it looks again
+            // and asks again after a backoff instead.
+            self.idle_refused += 1;
+            let retry = shared.backoff.delay(self.idle_refused).min(shared.cfg.poll_interval);
+            if pause(self.stop, retry).await {
+                return Err(LaneExit::Stopped);
+            }
             return Ok(());
         }
         // At the poll, or sooner when a row backed off may be published again, or when some of
@@ -427,11 +441,16 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
 
 /// Records the lane's idle flag. A failure only costs wake-up latency (the poll still runs), so it
 /// is logged, not fatal.
-async fn set_idle<S: Store, P>(shared: &Shared<S, P>, lease: &Lease, idle: bool) {
+/// Writes the lane's idle flag; false when the database refused it.
+async fn set_idle<S: Store, P>(shared: &Shared<S, P>, lease: &Lease, idle: bool) -> bool {
     let Some(wakeups) = shared.store.wakeups() else {
-        return;
+        return true;
     };
-    if let Err(e) = shared.counted_write(wakeups.set_idle(lease, idle)).await {
-        tracing::debug!(error = %e, idle, "could not record the lane's idle flag");
+    match shared.counted_write(wakeups.set_idle(lease, idle)).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, idle, "could not record the lane's idle flag");
+            false
+        }
     }
 }
