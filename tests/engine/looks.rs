@@ -461,3 +461,76 @@ async fn a_lane_no_commit_wakes_claims_as_often_with_batches_pipelined_as_with_o
         "claims with one batch in flight, then with four: {claims:?}"
     );
 }
+
+/// Once armed (after a claim that returned rows), holds the next claim until released.
+struct HoldClaimAhead {
+    armed: std::sync::atomic::AtomicBool,
+    holding: std::sync::atomic::AtomicBool,
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for HoldClaimAhead {
+    fn default() -> Self {
+        HoldClaimAhead {
+            armed: Default::default(),
+            holding: Default::default(),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Observer for HoldClaimAhead {
+    async fn before(&self, call: StoreCall) {
+        if call == StoreCall::Claim && self.armed.swap(false, Ordering::SeqCst) {
+            self.holding.store(true, Ordering::SeqCst);
+            self.release.acquire().await.expect("never closed").forget();
+        }
+    }
+
+    fn after(&self, call: StoreCall, rows: usize, _: Duration, _: bool) {
+        if call == StoreCall::Claim && rows > 0 && !self.holding.load(Ordering::SeqCst) {
+            self.armed.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A lane that claims ahead sent the rows it held with the wake-up their commits left, and claimed
+/// ahead again: rows committed meanwhile, whose NOTIFY had merged into that one wake-up, were then
+/// held with no wake-up left, and waited for the poll. Rows held ahead now start the next batch
+/// as soon as the batch in flight is settled.
+#[tokio::test]
+async fn rows_claimed_ahead_go_out_when_the_batch_in_flight_is_settled_not_at_the_poll() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let store = Arc::new(Observed::new(pg, HoldClaimAhead::default()));
+    let cfg = test_config()
+        .claim_ahead(outbox_relay::ClaimAhead::Always)
+        .pipeline(1)
+        .max_lanes(Some(1))
+        .linger(Duration::ZERO)
+        .poll_interval(Duration::from_secs(60));
+    let relay = start(Arc::clone(&store), Scripted::slow([], Duration::from_millis(500)), cfg);
+    // The relay holds lane 0 alone: three keys of it.
+    let mut keys = keys_of_lane(0);
+    let [a, b, c] = [(); 3].map(|_| keys.next().unwrap());
+    // Let the idle lane ask for NOTIFY and find nothing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    commit_each(&pool, [Message::new("t", "1").key(a)]).await;
+    let observer = store.observer();
+    outbox_tests::wait::until("the claim ahead held", Duration::from_secs(10), || async {
+        observer
+            .holding
+            .load(Ordering::SeqCst)
+            .then_some(())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    // Committed while the first batch is published: the claim ahead takes the second, and the
+    // third's NOTIFY merges into the second's.
+    commit_each(&pool, [Message::new("t", "2").key(b)]).await;
+    observer.release.add_permits(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    commit_each(&pool, [Message::new("t", "3").key(c)]).await;
+    drained(&*store, Duration::from_secs(10)).await;
+    relay.stop().await;
+}

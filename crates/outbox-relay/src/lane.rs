@@ -402,11 +402,15 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         if let Some(ahead) = &mut self.ahead {
             ahead.retain(|r| !r.key.as_deref().is_some_and(|k| done.blocked.contains(k)));
         }
-        // A full batch leaves more behind; so do keys that waited for a batch in flight, and rows
-        // the batch left pending without a delay. A lane that a commit wakes waits for that (a row
-        // committed while the batch was in flight has woken it already); another one looks once
-        // more. Rows backed off are looked for when their delay ends (`retries`).
-        self.more |= batch.full || std::mem::take(&mut self.held) || done.left_pending || !self.woken_by_commits();
+        // A full batch leaves more behind; so do keys that waited for a batch in flight, rows the
+        // batch left pending without a delay, and rows claimed ahead (their commits' wake-up may
+        // be spent already: on the batch they were claimed beside). A lane that a commit wakes
+        // waits for that (a row committed while the batch was in flight has woken it already);
+        // another one looks once more. Rows backed off are looked for when their delay ends
+        // (`retries`).
+        let ahead = self.ahead.as_ref().is_some_and(|rows| !rows.is_empty());
+        self.more |=
+            batch.full || std::mem::take(&mut self.held) || done.left_pending || ahead || !self.woken_by_commits();
         if !rest {
             return Ok(());
         }
