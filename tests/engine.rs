@@ -301,8 +301,8 @@ const FIRST: &str = "first";
 /// up to four batches in flight, once the lane of [`FIRST`] has published a first row (so it knows
 /// its publishes take longer than its claims) and every lane asks for NOTIFY again; with the pool,
 /// the store and another key of that lane.
-async fn lane_woken_by_notify(
-    publisher: &Arc<Scripted>,
+async fn lane_woken_by_notify<P: Publisher + 'static>(
+    publisher: &Arc<P>,
 ) -> (
     sqlx::PgPool,
     outbox::postgres::PgStore,
@@ -508,6 +508,73 @@ async fn a_relay_whose_lease_renewal_hangs_still_stops_when_told() {
     tokio::time::timeout(Duration::from_secs(10), relay.stop())
         .await
         .expect("the relay stops within 10 s of being told");
+}
+
+/// Publishes through a [`Scripted`]; a batch that holds `slow`'s key answers five seconds after
+/// it, and `slow_answered` says when it has.
+struct SlowerFor {
+    slow: String,
+    inner: Arc<Scripted>,
+    slow_answered: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Publisher for SlowerFor {
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        let out = self.inner.publish(batch).await;
+        if batch.iter().any(|r| r.key.as_deref() == Some(self.slow.as_str())) {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            self.slow_answered.store(true, Ordering::SeqCst);
+        }
+        out
+    }
+}
+
+/// A lane asked to stop settles its batches in flight; when one of their marks kept failing, it
+/// gave that mark up after a few tries and returned at once, leaving the batches after it on their
+/// way to the broker: the lease was released and the next owner could send those rows again while
+/// the first copy was still on its way (and land after the key's later rows). It now settles every
+/// batch in flight, waiting for the broker's answer to each, before it gives the lane up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_stopped_while_marks_fail_still_waits_for_every_batch_in_flight() {
+    let scripted = Scripted::slow([], Duration::from_millis(1000));
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    // Three keys of the lane: the setup's first and second, and a third whose batches are slow.
+    let mut keys = (0..)
+        .map(|i| format!("second-{i}"))
+        .filter(|k| lane_of(k) == lane_of(FIRST));
+    let (_, third) = (keys.next().unwrap(), keys.next().unwrap());
+    let publisher = Arc::new(SlowerFor {
+        slow: third.clone(),
+        inner: Arc::clone(&scripted),
+        slow_answered: Default::default(),
+    });
+    let (pool, _, relay, second) = lane_woken_by_notify(&publisher).await;
+    // The first key's and the second key's next rows cannot be marked.
+    let refuse = format!(
+        "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'mark refused'; END $$; \
+         CREATE TRIGGER refuse_mark BEFORE DELETE ON outbox_messages FOR EACH ROW \
+           WHEN ((OLD.key = 'first' AND OLD.seq = 2) OR OLD.key = '{second}') EXECUTE FUNCTION refuse_mark()"
+    );
+    outbox_tests::db::exec(&pool, &refuse).await;
+    for (i, key) in [FIRST, second.as_str(), third.as_str()].into_iter().enumerate() {
+        outbox_tests::db::commit_each(&pool, [Message::new("t", format!("{i}")).key(key)]).await;
+        wait_for("the batch to be handed over", Duration::from_secs(10), || async {
+            scripted
+                .events()
+                .iter()
+                .any(started(key, if key == FIRST { 2 } else { 1 }))
+        })
+        .await;
+    }
+    // Three batches in flight: the lane stops; the marks of the first two are refused.
+    relay.stop().await;
+    assert!(
+        publisher.slow_answered.load(Ordering::SeqCst),
+        "the lane was given up with the third key's batch still on its way: {:?}",
+        scripted.events()
+    );
 }
 
 #[test]

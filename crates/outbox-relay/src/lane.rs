@@ -432,14 +432,18 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     }
 
     /// Asked to stop: settles every batch in flight (so nothing published is sent again by the
-    /// next owner), then gives the lane up.
+    /// next owner), then gives the lane up. A batch whose marks fail (given up after a few tries:
+    /// its rows stay pending) does not end it: the batches after it are still waited for, and
+    /// marked if the store takes it, so that no copy of their rows is still on its way to the
+    /// broker when the next owner sends them again. The first such exit is the lane's.
     async fn finish(&mut self) -> LaneExit {
+        let mut failed = None;
         while !self.flight.is_empty() {
             if let Err(exit) = self.settle_oldest(false).await {
-                return exit;
+                failed.get_or_insert(exit);
             }
         }
-        LaneExit::Stopped
+        failed.unwrap_or(LaneExit::Stopped)
     }
 }
 
