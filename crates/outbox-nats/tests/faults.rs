@@ -115,6 +115,23 @@ async fn a_consumer_cut_off_between_its_commit_and_its_ack_applies_the_effect_on
     check_effects(&t.effects, &expect).await;
 }
 
+/// Waits until every message of `expect` is applied and a dead letter is on the stream's
+/// dead-letter stream, stops `consumer`, checks the effects and that there is one dead letter;
+/// returns it.
+async fn applied_and_one_dead_letter(
+    t: &Setup,
+    consumer: outbox_tests::embedded::Running,
+    expect: &HashSet<uuid::Uuid>,
+) -> outbox_tests::publisher_suite::Received {
+    wait_effects(&t.effects, expect.len() as i64, Duration::from_secs(60)).await;
+    let dlq = format!("{}_DLQ", t.stream);
+    let mut dead = read_stream(&t.reader, &dlq, 1, Duration::from_secs(30)).await;
+    consumer.stop().await;
+    check_effects(&t.effects, expect).await;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    dead.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_the_handler_always_refuses_goes_to_the_dead_letter_subject_after_max_deliver() {
     let t = Setup::shared("poison").await;
@@ -126,14 +143,7 @@ async fn a_message_the_handler_always_refuses_goes_to_the_dead_letter_subject_af
     // Fails every message of the key `poison`.
     let fail_key = RefuseIf::new(REFUSED, |msg| msg.key == Some("poison"));
     let (consumer, stats) = run_consumer(t.consumer_config().max_deliver(3), t.effects.clone(), fail_key).await;
-    wait_effects(&t.effects, expect.len() as i64, Duration::from_secs(60)).await;
-    let dlq = format!("{}_DLQ", t.stream);
-    let dead = read_stream(&t.reader, &dlq, 1, Duration::from_secs(30)).await;
-    consumer.stop().await;
-
-    check_effects(&t.effects, &expect).await;
-    assert_eq!(dead.len(), 1, "one dead letter");
-    let d = &dead[0];
+    let d = &applied_and_one_dead_letter(&t, consumer, &expect).await;
     assert_eq!(d.id, rows[0].id);
     assert_eq!(d.payload, b"bad");
     let header = |n: &str| d.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
@@ -163,13 +173,7 @@ async fn under_hold_a_parked_message_refused_every_time_is_the_one_dead_lettered
     let (consumer, stats) =
         run_consumer_with(t.consumer_config().max_deliver(3), t.effects.clone(), inbox, refuse).await;
     let expect: HashSet<uuid::Uuid> = std::iter::once(rows[2].id).chain(ids(&rows[3..])).collect();
-    wait_effects(&t.effects, expect.len() as i64, Duration::from_secs(60)).await;
-    let dlq = format!("{}_DLQ", t.stream);
-    let dead = read_stream(&t.reader, &dlq, 1, Duration::from_secs(30)).await;
-    consumer.stop().await;
-    check_effects(&t.effects, &expect).await;
-    assert_eq!(dead.len(), 1, "one dead letter");
-    let d = &dead[0];
+    let d = &applied_and_one_dead_letter(&t, consumer, &expect).await;
     assert_eq!(d.id, rows[0].id, "the parked message's, not K:1's");
     assert_eq!(d.payload, b"bad");
     let header = |n: &str| d.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
