@@ -447,9 +447,8 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
     }
 }
 
-/// Records the lane's idle flag. A failure only costs wake-up latency (the poll still runs), so it
-/// is logged, not fatal.
-/// Writes the lane's idle flag; false when the database refused it.
+/// Writes the lane's idle flag; false when the database refused it (logged, not fatal: the caller
+/// decides what the refusal means).
 async fn set_idle<S: Store, P>(shared: &Shared<S, P>, lease: &Lease, idle: bool) -> bool {
     let Some(wakeups) = shared.store.wakeups() else {
         return true;
