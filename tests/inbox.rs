@@ -166,11 +166,7 @@ async fn the_same_key_from_two_outbox_databases_reaches_one_consumer_in_full() {
     let seen = outbox_tests::kafka::read_all(&bootstrap, &topic, &expect).await;
     assert_eq!(seen.len(), 4, "{seen:?}");
 
-    let pool = outbox_tests::db::fresh_pg().await;
-    sqlx::raw_sql("CREATE TABLE applied (message_id UUID PRIMARY KEY)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let pool = pg_with_applied().await;
     let inbox = Inbox::new("order-consumer");
     for round in 0..2 {
         for s in &seen {
@@ -257,6 +253,16 @@ async fn mysql_migration_0003_can_run_again() {
     assert_eq!(primary, ["consumer", "source", "key_hash", "from_seq"]);
 }
 
+/// A fresh PostgreSQL database with the `applied` table [`Apply`] writes to.
+async fn pg_with_applied() -> sqlx::PgPool {
+    let pool = outbox_tests::db::fresh_pg().await;
+    sqlx::raw_sql("CREATE TABLE applied (message_id UUID PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool
+}
+
 /// Writes its effect, then runs a statement that fails and carries on as if nothing happened (an
 /// insert whose unique violation it takes for "already there", say). PostgreSQL aborts the
 /// transaction at the failed statement: nothing more runs in it, and its COMMIT rolls back.
@@ -289,11 +295,7 @@ impl Handler<Postgres> for Swallows {
 /// message and dead-letters it if it keeps failing), and a later delivery applies it once.
 #[tokio::test]
 async fn a_handler_that_swallows_a_failed_statement_on_postgres_is_not_taken_for_processed() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    sqlx::raw_sql("CREATE TABLE applied (message_id UUID PRIMARY KEY)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let pool = pg_with_applied().await;
     for (inbox, key) in [
         (Inbox::new("c"), None),
         (Inbox::new("h").gap_policy(outbox_inbox::GapPolicy::Hold), Some("k")),
@@ -328,11 +330,7 @@ async fn a_handler_that_swallows_a_failed_statement_on_postgres_is_not_taken_for
 /// delivered message stays applied.
 #[tokio::test]
 async fn under_hold_a_parked_message_that_swallows_a_failed_statement_is_named_by_the_error() {
-    let pool = outbox_tests::db::fresh_pg().await;
-    sqlx::raw_sql("CREATE TABLE applied (message_id UUID PRIMARY KEY)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let pool = pg_with_applied().await;
     let inbox = Inbox::new("h").gap_policy(outbox_inbox::GapPolicy::Hold);
     let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
     let handler = Swallows {

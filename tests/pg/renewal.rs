@@ -11,6 +11,18 @@ use outbox_tests::db::commit_each;
 /// transaction that holds up the first mark.
 const PROMPT: Duration = Duration::from_secs(10);
 
+/// A transaction of another session that holds the outbox row (`lane`, `pos`) locked until it ends.
+async fn hold_row(pool: &sqlx::PgPool, lane: i32, pos: i64) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM outbox_messages WHERE lane = $1 AND pos = $2 FOR UPDATE")
+        .bind(lane)
+        .bind(pos)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
 #[tokio::test]
 async fn a_mark_held_up_on_one_lane_holds_up_neither_the_renewal_nor_the_other_lanes_marks() {
     let pool = outbox_tests::db::fresh_pg().await;
@@ -36,13 +48,7 @@ async fn a_mark_held_up_on_one_lane_holds_up_neither_the_renewal_nor_the_other_l
 
     // A session that holds the last lane's row (an operator's query, a slow disk under the mark:
     // anything that keeps a mark running).
-    let mut holder = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM outbox_messages WHERE lane = $1 AND pos = $2 FOR UPDATE")
-        .bind(last_lane)
-        .bind(last_pos)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = hold_row(&pool, last_lane, last_pos).await;
     let held_mark = {
         let (store, lease) = (store.clone(), leases[&last_lane].clone());
         tokio::spawn(async move { store.mark_published(&lease, &[Delivered::new(last_pos)]).await })
@@ -95,13 +101,7 @@ async fn a_failure_mark_or_a_dead_letter_held_up_on_a_row_does_not_hold_up_the_r
             .await
             .unwrap();
         let lease = leases.iter().find(|l| l.lane == lane).unwrap().clone();
-        let mut holder = pool.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM outbox_messages WHERE lane = $1 AND pos = $2 FOR UPDATE")
-            .bind(lane)
-            .bind(pos)
-            .execute(&mut *holder)
-            .await
-            .unwrap();
+        let holder = hold_row(&pool, lane, pos).await;
         let held = {
             let store = store.clone();
             tokio::spawn(async move {
