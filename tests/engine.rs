@@ -297,12 +297,13 @@ async fn pipelined_in_order(cfg: RelayConfig) {
 /// The key of the lane the NOTIFY tests watch.
 const FIRST: &str = "first";
 
-/// A relay publishing with `publisher`, its lanes not lingering (each asks for NOTIFY once dry) and
+/// A relay publishing with `publisher` and `cfg`, its lanes not lingering (each asks for NOTIFY once dry) and
 /// up to four batches in flight, once the lane of [`FIRST`] has published a first row (so it knows
 /// its publishes take longer than its claims) and every lane asks for NOTIFY again; with the pool,
 /// the store and another key of that lane.
 async fn lane_woken_by_notify<P: Publisher + 'static>(
     publisher: &Arc<P>,
+    cfg: RelayConfig,
 ) -> (
     sqlx::PgPool,
     outbox::postgres::PgStore,
@@ -315,8 +316,7 @@ async fn lane_woken_by_notify<P: Publisher + 'static>(
         .map(|i| format!("second-{i}"))
         .find(|k| lane_of(k) == lane_of(FIRST))
         .unwrap();
-    let cfg = test_config().pipeline(4).linger(Duration::ZERO);
-    let relay = start(store.clone(), publisher.clone(), cfg);
+    let relay = start(store.clone(), publisher.clone(), cfg.pipeline(4).linger(Duration::ZERO));
     let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
     let all_idle = || async { outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES) };
     wait_for("every lane to ask for NOTIFY", Duration::from_secs(10), all_idle).await;
@@ -339,7 +339,7 @@ fn started(key: &str, seq: i64) -> impl Fn(&Event) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lane_woken_by_notify_publishes_a_new_row_beside_the_batch_in_flight() {
     let publisher = Scripted::slow([], Duration::from_millis(1000));
-    let (pool, store, relay, second) = lane_woken_by_notify(&publisher).await;
+    let (pool, store, relay, second) = lane_woken_by_notify(&publisher, test_config()).await;
     outbox_tests::db::commit_each(&pool, [Message::new("t", "2").key(FIRST)]).await;
     wait_for(
         "the second row of the lane to be published",
@@ -379,7 +379,7 @@ async fn a_lane_stopped_while_its_oldest_batch_finds_the_broker_unavailable_stil
     let publisher = Scripted::failing_with([(FIRST, 2, 1)], Duration::from_millis(1000), |m| {
         PublishError::unavailable(m)
     });
-    let (pool, _, relay, second) = lane_woken_by_notify(&publisher).await;
+    let (pool, _, relay, second) = lane_woken_by_notify(&publisher, test_config()).await;
     outbox_tests::db::commit_each(&pool, [Message::new("t", "2").key(FIRST)]).await;
     wait_for("the lane's batch to be published", Duration::from_secs(10), || async {
         publisher.events().iter().any(started(FIRST, 2))
@@ -549,7 +549,7 @@ async fn a_lane_stopped_while_marks_fail_still_waits_for_every_batch_in_flight()
         inner: Arc::clone(&scripted),
         slow_answered: Default::default(),
     });
-    let (pool, _, relay, second) = lane_woken_by_notify(&publisher).await;
+    let (pool, _, relay, second) = lane_woken_by_notify(&publisher, test_config()).await;
     // The first key's and the second key's next rows cannot be marked.
     let refuse = format!(
         "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
@@ -575,6 +575,77 @@ async fn a_lane_stopped_while_marks_fail_still_waits_for_every_batch_in_flight()
         "the lane was given up with the third key's batch still on its way: {:?}",
         scripted.events()
     );
+}
+
+/// Hands a call over to `inner` once another call with a row of `keys` has come too: two such
+/// calls must be under way at the same time, or neither answers.
+struct Together {
+    keys: Vec<String>,
+    met: tokio::sync::Barrier,
+    inner: Arc<Scripted>,
+}
+
+#[async_trait]
+impl Publisher for Together {
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        if batch
+            .iter()
+            .any(|r| r.key.as_ref().is_some_and(|k| self.keys.contains(k)))
+        {
+            self.met.wait().await;
+        }
+        self.inner.publish(batch).await
+    }
+}
+
+/// Under `max_busy_lanes`, a lane whose oldest batch's marks keep failing gives up its turns while
+/// it retries them. It gave up that batch's only: the batch in flight after it (answered, waiting
+/// for the marks before it) kept its own, and with two turns two other lanes could not work side
+/// by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lane_whose_marks_keep_failing_gives_up_the_turns_of_every_batch_in_flight() {
+    let scripted = Scripted::slow([], Duration::from_millis(1000));
+    let lane_of = |key: &str| outbox::lane_of(Some(key), uuid::Uuid::nil(), outbox::LANES);
+    let others: Vec<String> = (0..)
+        .map(|i| format!("other-{i}"))
+        .filter(|k| lane_of(k) != lane_of(FIRST))
+        .scan(HashSet::new(), |lanes, k| Some(lanes.insert(lane_of(&k)).then_some(k)))
+        .flatten()
+        .take(2)
+        .collect();
+    let publisher = Arc::new(Together {
+        keys: others.clone(),
+        met: tokio::sync::Barrier::new(2),
+        inner: Arc::clone(&scripted),
+    });
+    let cfg = test_config().max_busy_lanes(Some(2));
+    let (pool, _, relay, second) = lane_woken_by_notify(&publisher, cfg).await;
+    outbox_tests::db::exec(
+        &pool,
+        "CREATE FUNCTION refuse_mark() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           RAISE EXCEPTION 'mark refused'; END $$; \
+         CREATE TRIGGER refuse_mark BEFORE DELETE ON outbox_messages FOR EACH ROW \
+           WHEN (OLD.key = 'first' AND OLD.seq = 2) EXECUTE FUNCTION refuse_mark()",
+    )
+    .await;
+    // Two batches of the lane in flight, one turn each; the first one's marks are refused.
+    for (key, seq) in [(FIRST, 2), (second.as_str(), 1)] {
+        outbox_tests::db::commit_each(&pool, [Message::new("t", "x").key(key)]).await;
+        wait_for("the batch to be handed over", Duration::from_secs(10), || async {
+            scripted.events().iter().any(started(key, seq))
+        })
+        .await;
+    }
+    for key in &others {
+        outbox_tests::db::commit_each(&pool, [Message::new("t", "x").key(key.as_str())]).await;
+    }
+    wait_for(
+        "two other lanes to publish side by side while the marks fail",
+        Duration::from_secs(30),
+        || async { others.iter().all(|k| scripted.events().iter().any(started(k, 1))) },
+    )
+    .await;
+    relay.stop().await;
 }
 
 #[test]

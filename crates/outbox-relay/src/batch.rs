@@ -9,7 +9,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{DeadLetterPolicy, RelayConfig};
-use crate::flight::Turns;
 use crate::lane::{timed, LaneExit};
 use crate::shared::Shared;
 
@@ -52,13 +51,13 @@ pub(crate) async fn send<S: Store, P: Publisher>(shared: &Shared<S, P>, lane: i3
 }
 
 /// Settles every row of a sent batch by the broker's answer: marks the delivered ones, backs off
-/// the failed ones, dead-letters the hopeless ones. `turns` are the batch's turns (busy lanes,
-/// adaptive pace): given up when a store write fails, so other lanes work while this one retries.
+/// the failed ones, dead-letters the hopeless ones. `give_up` gives up the lane's turns (busy
+/// lanes, adaptive pace) when a store write fails, so other lanes work while this one retries.
 pub(crate) async fn settle_sent<S: Store, P: Publisher>(
     shared: &Shared<S, P>,
     lease: &Lease,
     sent: Sent,
-    turns: &mut Turns<'_>,
+    give_up: &mut (dyn FnMut() + Send),
     stop: &CancellationToken,
 ) -> Result<BatchDone, LaneExit> {
     crate::failpoint::hit(crate::failpoint::Point::BeforeMark);
@@ -73,7 +72,7 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
     // Confirmed rows first: a crash after this point re-sends only the failed ones.
     if !plan.delivered.is_empty() {
         crate::failpoint::hit(crate::failpoint::Point::DuringMark);
-        retry_store(stop, shared, lease, turns, || {
+        retry_store(stop, shared, lease, give_up, || {
             shared.store.mark_published(lease, &plan.delivered)
         })
         .await?;
@@ -93,7 +92,7 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
         tracing::warn!(outbox.id = %row.id, attempt, error = %err, retry_in = ?delay, "publish failed; will retry");
         shared.meters.failed_retryable.increment(1);
         shared.meters.retried.increment(1);
-        retry_store(stop, shared, lease, turns, || {
+        retry_store(stop, shared, lease, give_up, || {
             shared.store.mark_failed(lease, row.pos, &err.message, delay)
         })
         .await?;
@@ -106,7 +105,7 @@ pub(crate) async fn settle_sent<S: Store, P: Publisher>(
             shared.meters.failed_permanent.increment(1);
         }
         shared.meters.dead_lettered.increment(1);
-        retry_store(stop, shared, lease, turns, || {
+        retry_store(stop, shared, lease, give_up, || {
             shared.store.dead_letter(lease, row.pos, &err.message, park)
         })
         .await?;
@@ -201,12 +200,12 @@ fn fitted(
 /// Retries a store write on database trouble until it succeeds, the lease is gone, or the lane is
 /// told to stop and a few more tries failed (the rows then stay pending and are re-sent later).
 /// While it fails, the relay's health names the lane ([`crate::RelayHealth::store_failing`]) and
-/// the batch's `turns` are given up.
+/// the lane's turns are given up (`give_up`).
 async fn retry_store<S, P, F, Fut>(
     stop: &CancellationToken,
     shared: &Shared<S, P>,
     lease: &Lease,
-    turns: &mut Turns<'_>,
+    give_up: &mut (dyn FnMut() + Send),
     mut op: F,
 ) -> Result<(), LaneExit>
 where
@@ -229,8 +228,10 @@ where
                 tracing::warn!(error = %e, attempt, "store write failed; retrying");
                 shared.health.store_failed(lease.lane, e.to_string());
                 // The lane is not working while it waits: under `max_busy_lanes` or the adaptive
-                // pace its turn would keep every other lane waiting as long as this fails.
-                *turns = (None, None);
+                // pace its turns (this batch's, and those of the batches in flight after it,
+                // whose marks wait for this one) would keep every other lane waiting as long as
+                // this fails.
+                give_up();
                 if stop.is_cancelled() && attempt >= 3 {
                     return Err(LaneExit::Stopped);
                 }

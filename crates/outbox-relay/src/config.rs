@@ -112,9 +112,11 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// How often pending count and oldest age are refreshed for metrics. Defaults to 10 s.
     pub stats_interval: Duration,
-    /// At most this many lanes claim and publish at the same time (the others wait their turn);
-    /// bounds the relay's share of the database while a backlog drains. Defaults to none (every
-    /// held lane works at once).
+    /// At most this many batches are claimed and published at the same time, all lanes together
+    /// (the others wait their turn): a lane with several batches in flight ([`Self::pipeline`])
+    /// takes a turn for each, so with one batch per lane, as while a backlog drains, this many
+    /// lanes work at once. Bounds the relay's share of the database. Defaults to none (every held
+    /// lane works at once).
     pub max_busy_lanes: Option<usize>,
     /// At most this many messages per second, all lanes of this relay together (a pace while a
     /// backlog drains, like `max_busy_lanes` but by rate). Defaults to none.

@@ -96,6 +96,14 @@ impl<'a> Flight<'a> {
         self.queue.push_back(batch);
     }
 
+    /// Gives up the turns of every batch in flight (the oldest one's marks keep failing, and the
+    /// later ones wait for it).
+    pub(crate) fn give_up_turns(&mut self) {
+        for batch in &mut self.queue {
+            batch.turns = (None, None);
+        }
+    }
+
     /// Waits until the oldest batch has its broker's answer (cancel-safe); pending forever when
     /// nothing is in flight.
     pub(crate) async fn oldest_answered(&mut self) {
@@ -129,15 +137,64 @@ fn joined(r: Result<Sent, tokio::task::JoinError>) -> Sent {
     }
 }
 
-/// Waits for the turns a batch needs under `max_busy_lanes` and (`catching_up`) the adaptive pace.
+/// Waits for the turns a batch needs: (`catching_up`) one under the adaptive pace, then one under
+/// `max_busy_lanes`. The pace's comes first: a lane waiting for it held a busy slot meanwhile, which
+/// a lane that keeps up (it needs no pace turn) waited for. A quiet window that begins while the
+/// lane waits for its slot has it give both back and wait for the window's end.
 pub(crate) async fn take_turns<S, P>(shared: &Shared<S, P>, catching_up: bool) -> Turns<'_> {
-    let capped = match &shared.busy {
-        Some(busy) => Some(busy.acquire().await.expect("the semaphore is never closed")),
-        None => None,
-    };
-    let paced = match &shared.adaptive {
-        Some(pace) if catching_up => Some(pace.turn().await),
-        _ => None,
-    };
-    (capped, paced)
+    loop {
+        let paced = match &shared.adaptive {
+            Some(pace) if catching_up => Some(pace.turn().await),
+            _ => None,
+        };
+        let Some(busy) = &shared.busy else {
+            return (None, paced);
+        };
+        let capped = busy.acquire().await.expect("the semaphore is never closed");
+        let quiet = shared.adaptive.as_ref().is_some_and(pace::Adaptive::is_quiet);
+        if paced.is_none() || !quiet {
+            return (Some(capped), paced);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::config::RelayConfig;
+
+    /// Lanes that share a relay with `max_busy_lanes` and the adaptive pace.
+    fn shared(max_busy_lanes: usize) -> Shared<(), ()> {
+        let cfg = RelayConfig::default().max_busy_lanes(Some(max_busy_lanes));
+        Shared {
+            store: (),
+            publisher: (),
+            wake: Vec::new(),
+            local: None,
+            busy: cfg.max_busy_lanes.map(tokio::sync::Semaphore::new),
+            adaptive: Some(Default::default()),
+            rate: None,
+            backoff: cfg.retry_backoff().unwrap(),
+            meters: crate::metrics::Meters::new(None),
+            health: Default::default(),
+            watched: Default::default(),
+            cfg,
+        }
+    }
+
+    /// A lane waiting for the pace's turn held a busy slot meanwhile: a lane that keeps up (it
+    /// needs no pace turn) waited behind it, though fewer lanes than the cap were working.
+    #[tokio::test]
+    async fn a_lane_waiting_for_the_pace_holds_no_busy_slot() {
+        let shared = shared(2);
+        let _working = take_turns(&shared, true).await;
+        let mut waiting = Box::pin(take_turns(&shared, true));
+        assert!((&mut waiting).now_or_never().is_none(), "the pace has one turn");
+        assert!(
+            take_turns(&shared, false).now_or_never().is_some(),
+            "a lane that keeps up waited for a slot held by a lane waiting for the pace"
+        );
+    }
 }

@@ -391,7 +391,12 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         let Some((mut batch, sent)) = self.flight.pop().await else {
             return Ok(());
         };
-        let done = crate::batch::settle_sent(shared, self.lease, sent, &mut batch.turns, self.stop).await?;
+        let flight = &mut self.flight;
+        let mut give_up = || {
+            batch.turns = (None, None);
+            flight.give_up_turns();
+        };
+        let done = crate::batch::settle_sent(shared, self.lease, sent, &mut give_up, self.stop).await?;
         self.publish_took = done.publish_took;
         let now = Instant::now();
         self.retries.extend(done.retry_in.iter().map(|d| now + *d));
@@ -416,10 +421,12 @@ impl<'a, S: Store, P: Publisher> Lane<'a, S, P> {
         }
         if let (Some(pace), Some(paced), true) = (&shared.adaptive, batch.turns.1.as_mut(), batch.full) {
             // Below one lane's worth, the working lane rests in proportion before its next turn,
-            // holding it (but no longer counted as a round under way). Not after a short batch:
+            // holding it (but no longer counted as a round under way), not its busy slot (lanes
+            // that keep up need only that one, and it held them back). Not after a short batch:
             // the lane has caught up, its next claim takes no turn, and a rest would only keep it
             // from asking writers for NOTIFY and from claiming the rows committed meanwhile.
             paced.resting();
+            batch.turns.0 = None;
             if pace.rest(self.stop, batch.started.elapsed(), batch.newest).await {
                 return Err(LaneExit::Stopped);
             }

@@ -264,6 +264,11 @@ impl Adaptive {
         self.linger.load(Ordering::Relaxed)
     }
 
+    /// Whether the quiet window is on (no round starts).
+    pub(crate) fn is_quiet(&self) -> bool {
+        *self.quiet.borrow()
+    }
+
     /// Completes outside the quiet window.
     pub(crate) async fn not_quiet(&self) {
         let _ = self.quiet.subscribe().wait_for(|q| !q).await;
