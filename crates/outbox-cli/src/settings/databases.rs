@@ -4,7 +4,7 @@ use super::{check_schema, Database, DatabaseSection, Overrides, Settings};
 
 /// The databases to serve: `--database-url` (or `OUTBOX_DATABASE_URL`) names one and replaces the
 /// file's; otherwise the file's `database_url` or its `[[database]]` list (not both). `--database`
-/// keeps one entry of the list.
+/// keeps one entry of the list, and is refused beside a single URL.
 pub(super) fn databases(
     o: &Overrides,
     file_url: Option<String>,
@@ -22,12 +22,23 @@ pub(super) fn databases(
             schema: schema.clone(),
         }])
     };
+    // A name picks a [[database]] entry: beside one URL it would be ignored, and the command
+    // would act on (or verify judge) another database than the one named.
+    let unnamed = |url: String, from: &str| -> anyhow::Result<Vec<Database>> {
+        if let Some(name) = &o.database {
+            anyhow::bail!(
+                "--database {name:?} picks a [[database]] entry, but {from} names the one database to serve: \
+                 drop one of them"
+            );
+        }
+        single(url)
+    };
     if let Some(url) = o.database_url.clone() {
-        return single(url);
+        return unnamed(url, "--database-url (or OUTBOX_DATABASE_URL)");
     }
     match (file_url, list.is_empty()) {
         (Some(_), false) => anyhow::bail!("database_url and [[database]] both set: keep one of them"),
-        (Some(url), true) => return single(url),
+        (Some(url), true) => return unnamed(url, "the file's database_url"),
         (None, true) => {
             anyhow::bail!("no database URL: set --database-url, OUTBOX_DATABASE_URL, database_url or [[database]]")
         }

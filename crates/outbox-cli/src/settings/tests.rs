@@ -236,6 +236,29 @@ fn duration_flags() {
     }
 }
 
+/// `--database NAME` beside a single database URL (the flag's, `OUTBOX_DATABASE_URL` or the file's
+/// `database_url`) was ignored: the command acted on, or `verify` judged, that URL's database.
+#[test]
+fn a_database_name_beside_a_single_url_is_refused() {
+    let two = "[[database]]\nname = 'a'\nurl = 'postgres://h/a'\n[[database]]\nname = 'b'\nurl = 'postgres://h/b'\n";
+    let list = toml::from_str::<FileConfig>(two).unwrap().database;
+    let flag = Overrides {
+        database_url: Some("postgres://h/flag".into()),
+        database: Some("b".into()),
+        ..Overrides::default()
+    };
+    let err = databases(&flag, None, None, list).unwrap_err().to_string();
+    assert!(err.contains("--database \"b\""), "{err}");
+    let named = Overrides {
+        database: Some("b".into()),
+        ..Overrides::default()
+    };
+    let err = databases(&named, Some("postgres://h/file".into()), None, Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--database \"b\""), "{err}");
+}
+
 #[test]
 fn many_databases() {
     let file: FileConfig = toml::from_str(
