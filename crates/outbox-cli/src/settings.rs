@@ -203,6 +203,12 @@ fn broker(
             .get_or_insert_with(BTreeMap::new)
             .insert(k.trim().to_owned(), v.to_owned());
     }
+    if let Some(cfg) = &rabbitmq {
+        cfg.validate().map_err(|e| anyhow::anyhow!("[rabbitmq]: {e}"))?;
+    }
+    if let Some(cfg) = &nats {
+        cfg.validate().map_err(|e| anyhow::anyhow!("[nats]: {e}"))?;
+    }
     let mut chosen: Vec<Broker> = Vec::new();
     chosen.extend(kafka.map(Broker::Kafka));
     chosen.extend(rabbitmq.map(Broker::Rabbitmq));

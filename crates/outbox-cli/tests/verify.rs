@@ -337,6 +337,15 @@ async fn a_nats_stream_is_audited_like_a_topic() {
         (12.into(), 0.into()),
         "{report:#}"
     );
+    // Several servers in the URL, as the relay takes it: verify read them with a client of its
+    // own, which took the list for one invalid address (and a URL's credentials for none).
+    let servers = format!("{0},{0}", nats_url());
+    let (code, report) = verify_with(
+        &["--database-url", &db_url(&pool)],
+        &[("OUTBOX_NATS_URL", &servers)],
+        &clean,
+    );
+    assert_eq!((code, report["records"].clone()), (0, 12.into()), "{report:#}");
 
     let pool = outbox_tests::db::fresh_pg().await;
     enqueue(&pool, &broken_topic, 4, 5, 0).await;

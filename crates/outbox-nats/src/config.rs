@@ -73,6 +73,30 @@ impl Default for NatsConfig {
     }
 }
 
+impl NatsConfig {
+    /// Refuses settings under which nothing could be sent: a timeout of 0 (every publish would
+    /// answer `Unavailable`, and the backlog wait for ever) and a URL that cannot be taken apart.
+    pub fn validate(&self) -> Result<(), NatsError> {
+        if self.ack_timeout.is_zero() {
+            return Err(NatsError::Config(
+                "ack_timeout_ms must be positive: a publish must get its ack in bounded time".into(),
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(NatsError::Config("connect_timeout_ms must be positive".into()));
+        }
+        split_servers(&self.url).map(|_| ())
+    }
+
+    /// A client of these servers under the connection name `name`, as the publisher makes it:
+    /// credentials from the URL, several servers, reconnects for ever; requests time out after
+    /// `ack_timeout`. A server that cannot be reached yet is not an error (see [`connect`]).
+    pub async fn client(&self, name: &str) -> Result<async_nats::Client, NatsError> {
+        self.validate()?;
+        connect(&self.url, name, self.connect_timeout, self.ack_timeout).await
+    }
+}
+
 /// Credentials taken out of a server URL.
 #[derive(Default, PartialEq, Eq)]
 pub(crate) enum Credentials {

@@ -17,7 +17,6 @@ use outbox::{
 };
 use tracing::Instrument;
 
-use crate::config::connect;
 use crate::{subject_for, NatsConfig, NatsError};
 use outbox::redact::redact_url;
 
@@ -58,16 +57,9 @@ impl NatsPublisher {
     /// [`Unavailable`](outbox::FailureKind::Unavailable) until it is connected. A URL that cannot
     /// be parsed is.
     pub async fn connect(cfg: NatsConfig) -> Result<Self, NatsError> {
-        let ack_timeout = cfg.ack_timeout.max(Duration::from_millis(1));
-        let client = connect(
-            &cfg.url,
-            &cfg.connection_name,
-            cfg.connect_timeout.max(Duration::from_millis(1)),
-            ack_timeout,
-        )
-        .await?;
+        let client = cfg.client(&cfg.connection_name).await?;
         let js = jetstream::ContextBuilder::new()
-            .timeout(ack_timeout)
+            .timeout(cfg.ack_timeout)
             .build(client.clone());
         tracing::info!(url = %redact_url(&cfg.url), "NATS publisher started");
         Ok(NatsPublisher { client, js, cfg })

@@ -35,6 +35,31 @@ fn exactly_one_broker() {
     assert!(bad.is_err(), "a typo in [rabbitmq] is an error");
 }
 
+/// A NATS timeout of 0 was taken as 1 ms: against any server further than that, every publish
+/// answered `Unavailable` and the backlog waited for ever. Refused at start, like RabbitMQ's.
+#[test]
+fn broker_timeouts_of_zero_are_refused() {
+    for text in [
+        "[nats]\nack_timeout_ms = 0",
+        "[nats]\nconnect_timeout_ms = 0",
+        "[rabbitmq]\nconfirm_timeout_ms = 0",
+        "[rabbitmq]\nconnect_timeout_ms = 0",
+    ] {
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let key = text.split('\n').nth(1).unwrap().split(' ').next().unwrap();
+        let err = broker(
+            &Overrides::default(),
+            file.kafka,
+            file.rabbitmq,
+            file.nats,
+            std::iter::empty(),
+        )
+        .expect_err(text)
+        .to_string();
+        assert!(err.contains(key), "{text}: {err}");
+    }
+}
+
 /// The default column of README's configuration row for `[section] key` (a row may name more keys
 /// after the first).
 fn readme_default(readme: &str, section: &str, key: &str) -> String {

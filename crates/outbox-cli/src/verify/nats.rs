@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::Context;
 use futures::StreamExt;
 use outbox_nats::async_nats::jetstream::{self, consumer::pull::OrderedConfig, consumer::DeliverPolicy};
-use outbox_nats::{async_nats, NatsConfig};
+use outbox_nats::NatsConfig;
 
 use super::audit::{self, Audit};
 use super::{progress, record, TopicRead, Windows, STALL};
@@ -20,10 +20,9 @@ pub(super) async fn read_topics(
     source: &str,
     kept: HashMap<uuid::Uuid, audit::Kept>,
 ) -> anyhow::Result<(Audit, Vec<TopicRead>, Windows)> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(cfg.connect_timeout)
-        .name("outbox-relay verify")
-        .connect(cfg.url.as_str())
+    // The relay's own client: the URL's credentials and every server of it.
+    let client = cfg
+        .client("outbox-relay verify")
         .await
         .with_context(|| format!("connecting to NATS at {}", outbox::redact::redact_url(&cfg.url)))?;
     let js = jetstream::new(client);
