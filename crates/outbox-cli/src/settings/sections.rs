@@ -203,6 +203,15 @@ pub(crate) struct AdminSection {
 }
 
 impl AdminSection {
+    /// These flags with the token of `OUTBOX_ADMIN_TOKEN`; an empty one is no token (a variable
+    /// set from an empty secret turned the file's token off, and the console's actions with it).
+    pub(crate) fn with_env_token(self, token: Option<String>) -> AdminSection {
+        AdminSection {
+            token: token.filter(|t| !t.is_empty()),
+            ..self
+        }
+    }
+
     /// These values (flags, environment) over `file`'s, like [`RelaySection::over`].
     pub(crate) fn over(self, file: AdminSection) -> AdminSection {
         AdminSection {

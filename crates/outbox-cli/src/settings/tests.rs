@@ -60,6 +60,24 @@ fn broker_timeouts_of_zero_are_refused() {
     }
 }
 
+/// `OUTBOX_ADMIN_TOKEN` over the file's `[admin] token`; set but empty, it is not there.
+#[test]
+fn an_empty_admin_token_variable_leaves_the_file_token() {
+    let file = || AdminSection {
+        token: Some("t".into()),
+        ..AdminSection::default()
+    };
+    let token = |env: Option<&str>| {
+        AdminSection::default()
+            .with_env_token(env.map(str::to_owned))
+            .over(file())
+            .token
+    };
+    assert_eq!(token(Some("")), Some("t".into()));
+    assert_eq!(token(None), Some("t".into()));
+    assert_eq!(token(Some("u")), Some("u".into()));
+}
+
 /// The default column of README's configuration row for `[section] key` (a row may name more keys
 /// after the first).
 fn readme_default(readme: &str, section: &str, key: &str) -> String {
