@@ -54,9 +54,9 @@ enum Command {
 enum DeadLetters {
     /// List dead letters, oldest first.
     List {
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        /// At most this many (1 or more).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
     },
     /// Put a dead letter back into the outbox (attempts reset).
     Retry {
@@ -116,10 +116,16 @@ async fn main() -> anyhow::Result<()> {
             let db = open::open(&d.url, d.schema.as_deref(), false, false).await?;
             match cmd {
                 DeadLetters::List { limit } => {
+                    let limit = limit as usize;
                     let list = db.store.dead_letters(limit).await?;
                     if list.is_empty() {
                         println!("no dead letters");
                     }
+                    // A full list may be cut: say how many there are.
+                    let total = match list.len() {
+                        n if n == limit => Some(db.store.status().await?.dead_letters),
+                        _ => None,
+                    };
                     for d in list {
                         println!(
                             "{}  {}  topic={} key={} seq={} attempts={} {}\n    error: {}",
@@ -131,6 +137,11 @@ async fn main() -> anyhow::Result<()> {
                             d.attempts,
                             if d.parked { "PARKED (key waits)" } else { "skipped" },
                             d.error
+                        );
+                    }
+                    if let Some(total) = total.filter(|t| *t > limit as i64) {
+                        println!(
+                            "the oldest {limit} of {total} dead letters (--limit {limit}); raise --limit for more"
                         );
                     }
                 }

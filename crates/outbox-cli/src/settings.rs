@@ -154,7 +154,11 @@ pub(crate) fn resolve(o: &Overrides) -> anyhow::Result<Settings> {
     let databases = databases(o, file.database_url, file.database_schema, file.database)?;
     let relay = o.relay.clone().over(file.relay);
     let keep_published = relay.keep_published.unwrap_or(DEFAULT_KEEP_PUBLISHED);
-    let admin = o.admin.clone().with_env_token(std::env::var("OUTBOX_ADMIN_TOKEN").ok()).over(file.admin);
+    let admin = o
+        .admin
+        .clone()
+        .with_env_token(std::env::var("OUTBOX_ADMIN_TOKEN").ok())
+        .over(file.admin);
     Ok(Settings {
         databases,
         relay: relay.engine()?,

@@ -121,14 +121,23 @@ async fn status_and_dead_letter_commands() {
     let mut tx = pool.begin().await.unwrap();
     let m = Message::new("t", "x").key("k");
     let e = outbox::enqueue(&mut tx, &m).await.unwrap();
+    // A second dead letter, later, of another key of the lane.
+    let other = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| outbox::lane_of(Some(k), uuid::Uuid::nil(), outbox::LANES) == e.lane)
+        .unwrap();
+    outbox::enqueue(&mut tx, &Message::new("t", "y").key(other))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let leases = store.acquire("op-test", 64, Duration::from_secs(60)).await.unwrap();
     let lease = leases.iter().find(|l| l.lane == e.lane).unwrap();
-    let row = store.claim(lease, 1, &[]).await.unwrap().remove(0);
-    store
-        .dead_letter(lease, row.pos, "MessageSizeTooLarge", true)
-        .await
-        .unwrap();
+    for row in store.claim(lease, 2, &[]).await.unwrap() {
+        store
+            .dead_letter(lease, row.pos, "MessageSizeTooLarge", true)
+            .await
+            .unwrap();
+    }
 
     let run = |args: &[&str]| {
         let out = Command::new(BIN)
@@ -141,10 +150,21 @@ async fn status_and_dead_letter_commands() {
     };
     let status = run(&["status"]);
     assert!(status.contains("pending:       0"), "{status}");
-    assert!(status.contains("dead letters:  1"), "{status}");
+    assert!(status.contains("dead letters:  2"), "{status}");
     assert!(status.contains("op-test"), "{status}");
     let list = run(&["dead-letters", "list"]);
     assert!(list.contains(&m.id().to_string()) && list.contains("PARKED"), "{list}");
+    // A list cut by --limit says so; --limit 0 printed "no dead letters" beside two.
+    let first = run(&["dead-letters", "list", "--limit", "1"]);
+    assert!(
+        first.contains(&m.id().to_string()) && first.contains("the oldest 1 of 2 dead letters"),
+        "{first}"
+    );
+    let zero = Command::new(BIN)
+        .args(["--database-url", &url, "dead-letters", "list", "--limit", "0"])
+        .output()
+        .unwrap();
+    assert!(!zero.status.success(), "{}", String::from_utf8_lossy(&zero.stdout));
     run(&["dead-letters", "retry", &m.id().to_string()]);
     assert_eq!(store.status().await.unwrap().pending, 1);
     let out = Command::new(BIN)
