@@ -138,7 +138,7 @@ async fn a_lingering_lane_retries_a_failed_row_when_its_backoff_ends_not_when_it
     retries_when_the_backoff_ends(cfg).await;
 }
 
-/// Two rows of one batch backed off with delays of their own (full jitter): the lane looks when
+/// Two rows of one batch backed off with delays of their own (jittered): the lane looks when
 /// each delay ends, not only at the first.
 #[tokio::test]
 async fn a_lane_retries_each_row_it_backed_off_when_that_rows_delay_ends() {

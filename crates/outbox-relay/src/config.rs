@@ -102,7 +102,8 @@ pub struct RelayConfig {
     pub max_lanes: Option<usize>,
     /// Attempts before a retryable failure is dead-lettered. Defaults to 20.
     pub max_attempts: i32,
-    /// First retry delay. Defaults to 200 ms; doubles per attempt, with full jitter.
+    /// First retry delay. Defaults to 200 ms; doubles per attempt, jittered (uniform between half
+    /// the delay and the delay).
     pub backoff_base: Duration,
     /// Retry delay cap. Defaults to 60 s.
     pub backoff_max: Duration,
