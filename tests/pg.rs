@@ -866,3 +866,28 @@ async fn keys_postgres_cannot_index_once_their_row_waits_are_refused_at_enqueue(
     assert!(store.retry_dead_letter(row.id).await.expect("its retry"));
     assert_eq!(claim().await.len(), 1, "back in the outbox");
 }
+
+/// Discarding a parked dead letter lets its key move on: like its retry, the discard wakes the
+/// lane, which found the key's next row only at its next poll before.
+#[tokio::test]
+async fn discarding_a_parked_dead_letter_wakes_its_lane() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let sent = outbox_tests::db::commit_batch(
+        &pool,
+        &[Message::new("t", "x").key("k"), Message::new("t", "y").key("k")],
+    )
+    .await;
+    let leases = store.acquire("relay", 64, Duration::from_secs(60)).await.unwrap();
+    let lease = leases.iter().find(|l| l.lane == sent[0].lane).unwrap();
+    let row = store.claim(lease, 1, &[]).await.unwrap().remove(0);
+    store.dead_letter(lease, row.pos, "poison", true).await.unwrap();
+    let mut wake = listening(&store).await;
+    store.wakeups().unwrap().set_idle(lease, true).await.unwrap();
+    assert!(store.discard_dead_letter(row.id).await.unwrap());
+    assert_eq!(woken_within(&mut wake, Duration::from_secs(5)).await, Some(lease.lane));
+    assert_eq!(
+        store.claim(lease, 10, &[]).await.unwrap().len(),
+        1,
+        "the key's next row"
+    );
+}

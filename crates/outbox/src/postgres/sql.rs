@@ -357,7 +357,13 @@ RETURNING 1"
 )];
 pub(super) const RETRY_DEAD_LETTER_LOCK: Option<&str> = None;
 
-pub(super) const DISCARD_DEAD_LETTER: &str = "DELETE FROM outbox_dead_letters WHERE id = $1";
+// A parked key moves on once its dead letter is gone: its lane is woken, as by a retry.
+pub(super) const DISCARD_DEAD_LETTER: &str = concat!(
+    "WITH d AS (DELETE FROM outbox_dead_letters WHERE id = $1 RETURNING lane, parked) \
+SELECT CASE WHEN parked THEN pg_notify('",
+    notify_channel!(),
+    "', lane::text) END FROM d"
+);
 
 pub(super) const CLEANUP_PUBLISHED: &str = "\
 DELETE FROM outbox_published WHERE id IN ( \
