@@ -303,7 +303,17 @@ async fn connect_broker(s: &settings::Settings) -> anyhow::Result<Arc<dyn outbox
         }
         Broker::Rabbitmq(cfg) => {
             tracing::info!(url = %outbox::redact::redact_url(&cfg.url), exchange = %cfg.exchange, "broker: RabbitMQ");
-            Arc::new(outbox_rabbitmq::RabbitPublisher::connect(cfg.clone()).await?)
+            use outbox_rabbitmq::{RabbitError, RabbitPublisher};
+            match RabbitPublisher::connect(cfg.clone()).await {
+                Ok(p) => Arc::new(p),
+                // Like an unreachable database or NATS server: waited for, not a crash loop. The
+                // relay's publishes answer Unavailable until it connects (`/readyz` says so).
+                Err(RabbitError::Connect(e)) => {
+                    tracing::warn!(error = %e, "RabbitMQ not reached at start; the relay keeps trying");
+                    Arc::new(RabbitPublisher::unconnected(cfg.clone())?)
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Broker::Nats(cfg) => {
             tracing::info!(url = %outbox::redact::redact_url(&cfg.url), subject_prefix = %cfg.subject_prefix, "broker: NATS JetStream");

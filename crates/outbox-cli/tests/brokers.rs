@@ -79,6 +79,18 @@ where
 {
     let pool = sixty_messages(topic).await;
     let (relay, cfg) = run_daemon(&pool, text, env);
+    let n = sixty_relayed(&pool, what, count).await;
+    terminate(relay, cfg);
+    (pool, n)
+}
+
+/// Waits (up to 60 s) until nothing is pending in `pool` and `count` (what the broker holds,
+/// named `what` in the failure) has reached 60; checks nothing was dead-lettered. Returns the count.
+async fn sixty_relayed<F, Fut>(pool: &sqlx::PgPool, what: &str, mut count: F) -> u64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
     let store = outbox::postgres::PgStore::new(pool.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     let n = loop {
@@ -90,9 +102,8 @@ where
         assert!(Instant::now() < deadline, "pending {pending}, {what} {n} after 60 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    terminate(relay, cfg);
     assert!(store.dead_letters(10).await.unwrap().is_empty());
-    (pool, n)
+    n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,6 +202,64 @@ async fn a_rabbitmq_section_publishes_with_confirms() {
         queued, 60,
         "every row once in the queue, each confirmed before it was marked"
     );
+}
+
+/// A RabbitMQ node that cannot be reached when the daemon starts (restarted beside it): the
+/// daemon exited 1 at once, where an unreachable database or NATS server is waited for, and a
+/// crash-looping pod serves no `/healthz`. It now starts, and publishes once the node answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rabbitmq_node_unreachable_at_start_is_waited_for() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let topic = format!("daemon-late-{}", uuid::Uuid::new_v4().simple());
+    let (conn, ch) = amqp_channel().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(&topic, durable, FieldTable::default()).await.unwrap();
+    // Nothing listens there yet.
+    let addr = free_addr();
+    let url = format!("amqp://guest:guest@{addr}/%2f");
+    let pool = sixty_messages(&topic).await;
+    let config = "[rabbitmq]\nconfirm_timeout_ms = 5000\nconnect_timeout_ms = 2000\n";
+    let (mut relay, cfg) = run_daemon(&pool, config, ("OUTBOX_RABBITMQ_URL", &url));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the daemon exited while the node could not be reached"
+    );
+    // The node comes: a forwarder on that address to the shared node.
+    let node = rabbitmq_url();
+    let node = node
+        .split_once('@')
+        .map_or("127.0.0.1:5672", |(_, rest)| rest.split('/').next().unwrap())
+        .to_owned();
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    let forward = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let node = node.clone();
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = tokio::net::TcpStream::connect(&node).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queued = sixty_relayed(&pool, "queued", || async {
+        let declared = ch.queue_declare(&topic, passive, FieldTable::default()).await;
+        u64::from(declared.unwrap().message_count())
+    })
+    .await;
+    terminate(relay, cfg);
+    forward.abort();
+    let _ = ch.queue_delete(&topic, Default::default()).await;
+    let _ = conn.close(200, "done").await;
+    assert_eq!(queued, 60, "every row once in the queue");
 }
 
 /// The first connection to the broker was not raced against the stop signal: a SIGTERM while a

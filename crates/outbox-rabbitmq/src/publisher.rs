@@ -60,14 +60,21 @@ impl RabbitPublisher {
     /// settings are invalid, the server cannot be reached or refuses the login, or the exchange
     /// does not exist. Later connection losses are repaired by the next publish.
     pub async fn connect(cfg: RabbitConfig) -> Result<Self, RabbitError> {
+        let p = Self::unconnected(cfg)?;
+        p.connection().await.map_err(|e| RabbitError::Connect(e.message))?;
+        Ok(p)
+    }
+
+    /// The publisher without a connection yet: the first publish connects, and until a connection
+    /// is made every publish answers [`Unavailable`](outbox::FailureKind::Unavailable) (the relay
+    /// backs off; no attempt is counted). Fails only when the settings are invalid.
+    pub fn unconnected(cfg: RabbitConfig) -> Result<Self, RabbitError> {
         cfg.validate().map_err(RabbitError::Config)?;
-        let p = RabbitPublisher {
+        Ok(RabbitPublisher {
             cfg,
             conn: tokio::sync::Mutex::new(None),
             channels: Mutex::default(),
-        };
-        p.connection().await.map_err(|e| RabbitError::Connect(e.message))?;
-        Ok(p)
+        })
     }
 
     /// The settings.
