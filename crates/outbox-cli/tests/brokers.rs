@@ -71,7 +71,7 @@ async fn relay_sixty<F, Fut>(
     text: &str,
     env: (&str, &str),
     what: &str,
-    mut count: F,
+    count: F,
 ) -> (sqlx::PgPool, u64)
 where
     F: FnMut() -> Fut,
