@@ -66,13 +66,7 @@ fn terminate(mut relay: std::process::Child, cfg: std::path::PathBuf) {
 /// in the failure; up to 60 s) has reached them, stops it with SIGTERM, and checks nothing was
 /// dead-lettered. Returns the database and the count, which a message sent twice would raise
 /// above 60.
-async fn relay_sixty<F, Fut>(
-    topic: &str,
-    text: &str,
-    env: (&str, &str),
-    what: &str,
-    count: F,
-) -> (sqlx::PgPool, u64)
+async fn relay_sixty<F, Fut>(topic: &str, text: &str, env: (&str, &str), what: &str, count: F) -> (sqlx::PgPool, u64)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = u64>,

@@ -7,7 +7,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
-use async_nats::jetstream::context::{PublishError as JsPublishError, PublishErrorKind};
+use async_nats::jetstream::context::{
+    GetStreamByNameError, GetStreamByNameErrorKind, PublishError as JsPublishError, PublishErrorKind,
+};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, ErrorCode};
 use async_trait::async_trait;
@@ -23,8 +25,8 @@ use outbox::redact::redact_url;
 /// Room taken by the protocol around a message's headers (`NATS/1.0\r\n`, separators).
 const HEADER_OVERHEAD: usize = 64;
 
-/// How long a publish answered "no responders" is sent again before the subject counts as taken
-/// by no stream (a clustered stream electing its leader answers within about this).
+/// How long a publish answered "no responders" is sent again before it asks which stream takes
+/// the subject (see [`no_responders`]).
 const NO_RESPONDERS_GRACE: Duration = Duration::from_secs(2);
 /// The wait between those sends.
 const NO_RESPONDERS_WAIT: Duration = Duration::from_millis(250);
@@ -106,9 +108,9 @@ impl NatsPublisher {
     }
 
     /// Sends one message and waits for its ack. "No responders" is tried again for
-    /// [`NO_RESPONDERS_GRACE`] before it counts as no stream taking the subject: a clustered
-    /// stream has no responder while it elects a leader (NATS ADR-22). The message id stays the
-    /// same, so the stream keeps one copy whatever reached it.
+    /// [`NO_RESPONDERS_GRACE`], then decided by which stream takes the subject ([`no_responders`]):
+    /// a clustered stream has no responder while it elects a leader (NATS ADR-22). The message id
+    /// stays the same, so the stream keeps one copy whatever reached it.
     async fn publish_one(&self, row: &StoredMessage) -> Result<Delivered, PublishError> {
         let started = tokio::time::Instant::now();
         let ack = loop {
@@ -120,6 +122,10 @@ impl NatsPublisher {
             match res {
                 Err(e) if e.kind() == PublishErrorKind::StreamNotFound && started.elapsed() < NO_RESPONDERS_GRACE => {
                     tokio::time::sleep(NO_RESPONDERS_WAIT).await;
+                }
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    let (subject, _) = self.prepare(row)?;
+                    return Err(no_responders(&e, self.js.stream_by_subject(subject).await));
                 }
                 res => break res.map_err(|e| classify(&e))?,
             }
@@ -190,6 +196,23 @@ fn headers(row: &StoredMessage) -> Result<HeaderMap, PublishError> {
     }
     h.insert(NATS_MESSAGE_ID, row.id.to_string().as_str());
     Ok(h)
+}
+
+/// A publish with no responders past [`NO_RESPONDERS_GRACE`], by which stream takes its subject
+/// (`taken`, asked of JetStream's API, which the meta leader answers, not the stream's). A stream
+/// that takes it and answers no publish is electing its leader, 4 to 9 s after its leader's node
+/// went away (NATS's Raft election timeout): unavailable, the relay backs off and counts no
+/// attempt (it was permanent, and the message dead-lettered). No stream takes it: permanent, as
+/// a Kafka topic that does not exist. The question unanswered (the meta leader is being elected
+/// too): unavailable.
+fn no_responders(e: &JsPublishError, taken: Result<String, GetStreamByNameError>) -> PublishError {
+    match taken {
+        Ok(stream) => PublishError::unavailable(format!(
+            "{e}: stream {stream} takes the subject but answers no publish (electing its leader)"
+        )),
+        Err(q) if q.kind() == GetStreamByNameErrorKind::NotFound => classify(e),
+        Err(q) => PublishError::unavailable(format!("{e}; which stream takes the subject is not known either: {q}")),
+    }
 }
 
 /// Decides retry, back-off or dead letter from a failed JetStream publish.
@@ -287,6 +310,22 @@ mod tests {
         assert_eq!(kind(PublishErrorKind::BrokenPipe), FailureKind::Unavailable);
         assert_eq!(kind(PublishErrorKind::Other), FailureKind::Unavailable);
         assert_eq!(kind(PublishErrorKind::WrongLastSequence), FailureKind::Retryable);
+    }
+
+    /// No responders past the grace: permanent only when no stream takes the subject.
+    #[test]
+    fn no_responders_is_permanent_only_without_a_stream_for_the_subject() {
+        let e = JsPublishError::new(PublishErrorKind::StreamNotFound);
+        let kind = |taken| no_responders(&e, taken).kind;
+        assert_eq!(
+            kind(Ok("ORDERS".into())),
+            FailureKind::Unavailable,
+            "a stream electing its leader"
+        );
+        let none = GetStreamByNameError::new(GetStreamByNameErrorKind::NotFound);
+        assert_eq!(kind(Err(none)), FailureKind::Permanent, "no stream");
+        let unanswered = GetStreamByNameError::new(GetStreamByNameErrorKind::Request);
+        assert_eq!(kind(Err(unanswered)), FailureKind::Unavailable, "no answer");
     }
 
     #[test]
