@@ -170,7 +170,11 @@ impl RabbitPublisher {
         if acked {
             Ok(Delivered::new(row.pos))
         } else {
-            Err(PublishError::retryable("nacked by the broker"))
+            // The broker's state, not the message's (a full queue with `x-overflow =
+            // reject-publish`, a queue without its leader): the relay backs off, no attempt counted.
+            Err(PublishError::unavailable(
+                "nacked by the broker (a queue that refuses more, or is unavailable)",
+            ))
         }
     }
 

@@ -179,3 +179,33 @@ async fn headers_amqp_cannot_carry_are_refused_as_permanent_and_the_rest_goes_th
         assert!(out[1].is_ok(), "{what}: {:?}", out[1]);
     }
 }
+
+/// A queue that refuses more (`x-max-length` with `x-overflow = reject-publish`: full while its
+/// consumers are down) nacks every message sent to it. A nack was retryable: each one counted an
+/// attempt, and a queue full for a quarter of an hour had its backlog dead-lettered. It is the
+/// broker's state, not the message: unavailable, the relay backs off and counts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_full_queue_refuses_is_unavailable_not_retryable() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let node = Node::shared();
+    let queue = name("full");
+    let conn = common::connect(&node.url()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    ch.queue_declare(&queue, QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    let cfg = RabbitConfig::new(node.url())
+        .confirm_timeout(TIMEOUT)
+        .connect_timeout(TIMEOUT);
+    let publisher = RabbitPublisher::connect(cfg).await.unwrap();
+    let rows: Vec<_> = (1..=2).map(|i| stored(i, &queue, None, None, b"x".to_vec())).collect();
+    let out = publisher.publish(&rows).await;
+    let _ = ch.queue_delete(&queue, Default::default()).await;
+    assert!(out[0].is_ok(), "{:?}", out[0]);
+    let refused = out[1].as_ref().expect_err("the queue is full");
+    assert_eq!(refused.kind, FailureKind::Unavailable, "{refused:?}");
+}
