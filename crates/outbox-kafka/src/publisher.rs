@@ -65,7 +65,7 @@ impl KafkaPublisher {
     }
 
     /// A fatal error (e.g. out-of-order sequence) makes the producer unusable: build a new one.
-    /// The failed rows come back as retryable and are re-sent in order by the relay.
+    /// The failed rows come back unavailable and are re-sent in order by the relay.
     fn rebuild_if_fatal(&self, used: &Arc<OutboxProducer>) {
         let Some((code, reason)) = used.client().fatal_error() else {
             return;
@@ -121,6 +121,11 @@ pub fn classify(e: &KafkaError) -> PublishError {
             | C::BrokerNotAvailable
             | C::ReplicaNotAvailable,
         ) => PublishError::unavailable(e.to_string()),
+        // The producer failed fatally (see `rebuild_if_fatal`): what it held is purged, what was
+        // sent to it fails until it is rebuilt. Not the messages' fault: no attempt counted.
+        Some(C::Fatal | C::PurgeQueue | C::PurgeInflight) => {
+            PublishError::unavailable(format!("{e} (the producer failed fatally and is rebuilt)"))
+        }
         _ => PublishError::retryable(e.to_string()),
     }
 }

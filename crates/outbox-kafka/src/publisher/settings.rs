@@ -114,6 +114,16 @@ fn check_delivery_invariants(settings: &BTreeMap<String, String>) -> Result<(), 
             );
         }
     }
+    for (k, v) in all(&["partitioner"]) {
+        if v == "random" {
+            return refuse(
+                k,
+                v,
+                "a key's messages must go to one partition, in order; the random partitioner ignores the key \
+                 (murmur2_random, consistent_random and fnv1a_random spread only messages without a key)",
+            );
+        }
+    }
     for (k, v) in all(&["message.timeout.ms", "delivery.timeout.ms"]) {
         if v.parse::<u64>().map_or(true, |ms| ms == 0) {
             return refuse(

@@ -22,6 +22,18 @@ fn classification() {
     assert_eq!(classify(&isr).kind, outbox::FailureKind::Unavailable);
     let other = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidMessage);
     assert_eq!(classify(&other).kind, outbox::FailureKind::Retryable);
+    // A fatal producer error fails every message queued (purged) or sent to the old producer
+    // before it is rebuilt: the producer's state, not the messages'. Retryable, each charged an
+    // attempt on every lane at every fatal error, and a fatal error that comes back (a missing
+    // IdempotentWrite ACL) dead-lettered the backlog.
+    for code in [
+        RDKafkaErrorCode::Fatal,
+        RDKafkaErrorCode::PurgeQueue,
+        RDKafkaErrorCode::PurgeInflight,
+    ] {
+        let e = KafkaError::MessageProduction(code);
+        assert_eq!(classify(&e).kind, outbox::FailureKind::Unavailable, "{code:?}");
+    }
 }
 
 #[test]
@@ -97,6 +109,11 @@ fn settings_that_break_confirm_before_mark_or_key_order_are_refused() {
         "topic.request.required.acks",
     );
     refused(&[("topic.message.timeout.ms", "0")], "topic.message.timeout.ms");
+    // A partitioner that ignores the key spreads a key over partitions (its `_random` variants only
+    // spread messages without a key, which have no order to keep).
+    refused(&[("partitioner", "random")], "partitioner");
+    refused(&[("topic.partitioner", "random")], "topic.partitioner");
+    KafkaPublisher::new([("bootstrap.servers", "127.0.0.1:1"), ("partitioner", "murmur2_random")]).unwrap();
     // What keeps the invariants is accepted.
     KafkaPublisher::new([
         ("bootstrap.servers", "127.0.0.1:1"),
