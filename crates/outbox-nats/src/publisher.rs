@@ -166,8 +166,8 @@ impl NatsPublisher {
 
 /// The headers on the wire: the user's, then `outbox-id`, `outbox-key`, `outbox-seq`,
 /// `outbox-source` (the names and values the other publishers send) and `Nats-Msg-Id` (the id).
-/// A header NATS cannot carry (a name with `:` or a space, a value with a line break) is a
-/// permanent failure.
+/// A header NATS cannot carry (a name with `:` or a space, a value with a line break) or one of
+/// JetStream's own (`Nats-*`) is a permanent failure.
 fn headers(row: &StoredMessage) -> Result<HeaderMap, PublishError> {
     let mut h = HeaderMap::new();
     let mut add = |name: &str, value: &str| -> Result<(), PublishError> {
@@ -182,6 +182,12 @@ fn headers(row: &StoredMessage) -> Result<HeaderMap, PublishError> {
         Ok(())
     };
     for (k, v) in &row.headers {
+        if k.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("nats-")) {
+            return Err(PublishError::permanent(format!(
+                "header {k:?} is JetStream's own: the stream would act on it (a rollup purges the key's earlier \
+                 messages, an expected sequence refuses the message)"
+            )));
+        }
         add(k, v)?;
     }
     add(HEADER_ID, &row.id.to_string())?;
@@ -348,5 +354,14 @@ mod tests {
         assert_eq!(headers(&bad).unwrap_err().kind, FailureKind::Permanent);
         bad.headers = vec![("a".into(), "v\r\nx".into())];
         assert_eq!(headers(&bad).unwrap_err().kind, FailureKind::Permanent);
+        // JetStream's own headers would have the stream act on the message (`Nats-Rollup: sub`
+        // purges the key's earlier messages, consumed or not): a message of the service's may not
+        // carry them.
+        for name in ["Nats-Rollup", "nats-ttl", "Nats-Expected-Stream", "Nats-Msg-Id"] {
+            bad.headers = vec![(name.into(), "sub".into())];
+            let err = headers(&bad).unwrap_err();
+            assert_eq!(err.kind, FailureKind::Permanent, "{name}");
+            assert!(err.message.contains(name), "{err:?}");
+        }
     }
 }
