@@ -254,6 +254,9 @@ impl RelayConfig {
         if self.lease_ttl < Duration::from_secs(1) {
             return Err("lease_ttl must be at least 1s".into());
         }
+        if self.lease_ttl > Duration::from_secs(86_400) {
+            return Err("lease_ttl must be at most a day (a relay that dies keeps its lanes that long)".into());
+        }
         if self.max_rate == Some(0) {
             return Err("max_rate must be at least 1".into());
         }
@@ -392,6 +395,25 @@ mod tests {
         assert!(err.contains("poll_interval"), "{err}");
         RelayConfig::default()
             .poll_interval(Duration::from_millis(1))
+            .validate()
+            .unwrap();
+    }
+
+    /// A lease that would keep a dead relay's lanes for over a day is refused, and with it one
+    /// whose expiry lies past what the databases' dates hold (the year 9999).
+    #[test]
+    fn a_lease_longer_than_a_day_is_refused() {
+        let err = RelayConfig::default()
+            .lease_ttl(Duration::from_secs(400_000 * 366 * 86_400))
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("lease_ttl"), "{err}");
+        assert!(RelayConfig::default()
+            .lease_ttl(Duration::from_secs(86_401))
+            .validate()
+            .is_err());
+        RelayConfig::default()
+            .lease_ttl(Duration::from_secs(86_400))
             .validate()
             .unwrap();
     }
