@@ -47,6 +47,35 @@ async fn small_store(pool: &sqlx::PgPool) -> outbox::postgres::PgStore {
     outbox::postgres::PgStore::new(small)
 }
 
+/// Counts the relay's failure marks that went through: an attempt counted against a row.
+#[derive(Default)]
+struct Attempts(std::sync::atomic::AtomicUsize);
+
+impl Attempts {
+    fn counted(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl outbox::observed::Observer for Attempts {
+    fn after(&self, call: outbox::observed::StoreCall, _: usize, _: Duration, ok: bool) {
+        if ok && call == outbox::observed::StoreCall::MarkFailed {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+/// [`small_store`], its failure marks counted (the rows are gone once published, and their
+/// attempts with them).
+async fn counting_store(
+    pool: &sqlx::PgPool,
+) -> std::sync::Arc<outbox::observed::Observed<outbox::postgres::PgStore, Attempts>> {
+    std::sync::Arc::new(outbox::observed::Observed::new(
+        small_store(pool).await,
+        Attempts::default(),
+    ))
+}
+
 fn mock_topic(mock: &Mock, prefix: &str, partitions: i32) -> String {
     let t = topic(prefix);
     mock.create_topic(&t, partitions, 1).unwrap();

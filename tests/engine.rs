@@ -461,19 +461,29 @@ async fn a_publisher_answering_fewer_results_than_rows_fails_only_the_unanswered
 #[tokio::test]
 async fn a_lane_whose_idle_flag_was_refused_asks_again_and_is_woken_by_the_next_commit() {
     let (pool, store) = outbox_tests::db::fresh_pg_store().await;
-    // For the first 2 s every lane's flag going idle is refused.
+    // The first 64 times a lane's flag goes idle, it is refused (a sequence counts them: it is not
+    // rolled back with the refused update). Every lane asks at least once.
     outbox_tests::db::exec(
         &pool,
-        "CREATE TABLE refuse_until AS SELECT clock_timestamp() + interval '2 seconds' AS t; \
+        "CREATE SEQUENCE idle_asked; \
          CREATE FUNCTION refuse_idle() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-           IF NEW.idle AND NOT OLD.idle AND clock_timestamp() < (SELECT t FROM refuse_until) THEN \
+           IF NEW.idle AND NOT OLD.idle AND nextval('idle_asked') <= 64 THEN \
              RAISE EXCEPTION 'idle flag refused'; END IF; RETURN NEW; END $$; \
          CREATE TRIGGER refuse_idle BEFORE UPDATE ON outbox_leases FOR EACH ROW EXECUTE FUNCTION refuse_idle()",
     )
     .await;
     let cfg = test_config().poll_interval(Duration::from_secs(60));
     let relay = start(store.clone(), Scripted::new([]), cfg);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let idle = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND idle";
+    wait_for(
+        "every lane's flag idle after 64 refusals",
+        Duration::from_secs(30),
+        || async {
+            let asked: i64 = outbox_tests::db::scalar(&pool, "SELECT last_value FROM idle_asked").await;
+            asked > 64 && outbox_tests::db::scalar::<_, i64>(&pool, idle).await == i64::from(outbox::LANES)
+        },
+    )
+    .await;
     outbox_tests::db::commit_each(&pool, [Message::new("t", "x").key("k")]).await;
     drained(&store, Duration::from_secs(10)).await;
     relay.stop().await;

@@ -606,7 +606,8 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
     // No poll could explain a delivery within the test: only NOTIFY and the linger's watch.
     let cfg = outbox_tests::embedded::test_config()
         .poll_interval(Duration::from_secs(60))
-        .linger(Duration::from_secs(2))
+        // Long enough that a loaded machine still sees the second row inside it.
+        .linger(Duration::from_secs(10))
         .linger_above_writes(0.0);
     let relay = outbox_tests::embedded::start(
         store.clone(),
@@ -633,7 +634,8 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
     assert!(!idle(lane).await, "a lane that found work says busy while it lingers");
 
     send("k").await;
-    outbox_tests::embedded::wait_for("the second row published", Duration::from_millis(1500), published).await;
+    // Within the linger, and long before the 60 s poll: found by the linger's watch.
+    outbox_tests::embedded::wait_for("the second row published", Duration::from_secs(8), published).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(200), notified.next())
             .await
@@ -641,7 +643,7 @@ async fn a_lane_that_found_work_lingers_busy_so_writers_skip_notify() {
         "no NOTIFY from a commit into a lingering lane"
     );
 
-    outbox_tests::embedded::wait_for("the linger to end", Duration::from_secs(10), || idle(lane)).await;
+    outbox_tests::embedded::wait_for("the linger to end", Duration::from_secs(20), || idle(lane)).await;
     send("k").await;
     let third = tokio::time::timeout(Duration::from_secs(5), notified.next()).await;
     assert_eq!(third.unwrap(), Some(lane), "after the linger writers notify again");

@@ -37,8 +37,34 @@ async fn sixty_messages(topic: &str) -> sqlx::PgPool {
     pool
 }
 
+/// A daemon's process, killed when dropped: a test that fails before it stops the daemon leaves
+/// no relay running (and holding database connections) behind it.
+struct Daemon(std::process::Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `outbox-relay run` on `pool` with the config `text` and one environment variable.
-fn run_daemon(pool: &sqlx::PgPool, text: &str, env: (&str, &str)) -> (std::process::Child, std::path::PathBuf) {
+fn run_daemon(pool: &sqlx::PgPool, text: &str, env: (&str, &str)) -> (Daemon, std::path::PathBuf) {
     let cfg = config_file(text);
     let relay = Command::new(BIN)
         .args(["--config", cfg.to_str().unwrap(), "--database-url", &db_url(pool)])
@@ -48,11 +74,11 @@ fn run_daemon(pool: &sqlx::PgPool, text: &str, env: (&str, &str)) -> (std::proce
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    (relay, cfg)
+    (Daemon(relay), cfg)
 }
 
 /// SIGTERM, then a clean exit.
-fn terminate(mut relay: std::process::Child, cfg: std::path::PathBuf) {
+fn terminate(mut relay: Daemon, cfg: std::path::PathBuf) {
     Command::new("kill")
         .args(["-TERM", &relay.id().to_string()])
         .status()
