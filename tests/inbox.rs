@@ -351,6 +351,15 @@ async fn under_hold_a_parked_message_that_swallows_a_failed_statement_is_named_b
     assert_eq!(applied, [first], "the delivered message applied, the parked one not");
     // Delivered again (a duplicate now), it tries the parked message again, which applies now.
     assert_eq!(inbox.process(&pool, &m1, &handler).await.unwrap(), Outcome::Duplicate);
+    let applied: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM applied ORDER BY message_id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        applied,
+        [first, second],
+        "the parked message applied with the duplicate"
+    );
 }
 
 /// Runs one statement in the handler's transaction and returns `Ok`.

@@ -11,18 +11,32 @@ use crate::{effect_counts, fast, produce, produce_keys, start, topic_and_db, wai
 async fn two_consumers_and_a_rebalance_mid_stream_apply_every_effect_exactly_once() {
     let (b, t, pool) = topic_and_db("consume-rebalance", 4).await;
     let group = topic("g");
-    let (stop_a, a, _) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    let (stop_a, a, stats_a) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
     let mut ids = produce(&b, &t, 300, 40, 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (stop_b, bb, _) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
+    let (stop_b, bb, stats_b) = start(&b, &group, &t, pool.clone(), Effects::default(), fast(), &[]);
     ids.extend(produce_keys(&b, &t, "second-", 300, 40, 1).await);
+    // The rebalance happened: B was given partitions and applied from them (more messages until
+    // it has, should A have applied all before B's assignment came).
+    let processed =
+        |s: &std::sync::Arc<outbox_kafka::ConsumerStats>| s.processed.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while processed(&stats_b) == 0 {
+        assert!(std::time::Instant::now() < deadline, "B was never given a partition");
+        ids.extend(produce_keys(&b, &t, &format!("more-{round}-"), 20, 20, 1).await);
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(processed(&stats_a) > 0, "A applied nothing");
     wait_effects(&pool, ids.len() as i64, Duration::from_secs(90)).await;
     stop_a.send(()).unwrap();
     a.await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop_b.send(()).unwrap();
     bb.await.unwrap();
-    assert_eq!(effect_counts(&pool).await, (600, 600), "every effect exactly once");
+    let n = ids.len() as i64;
+    assert_eq!(effect_counts(&pool).await, (n, n), "every effect exactly once");
 }
 
 /// A partition whose message waits for its retry, revoked (another member joined) and assigned

@@ -251,15 +251,22 @@ async fn a_dead_letter_waits_for_its_exchange_and_goes_through_once_it_exists() 
         .dead_letter(&dlx, &dlq);
     let refuse = RefuseIf::new("refused", |_| true);
     let (consumer, stats) = run_consumer(cfg, effects_db().await, refuse);
+    let reconnects = || stats.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+    // The dead letter failed (its exchange is missing) and the runner began a new session.
+    wait_for("a first reconnect", Duration::from_secs(30), || async {
+        reconnects() >= 1
+    })
+    .await;
+    let first = reconnects();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
         0,
         "no exchange yet"
     );
-    // One session per backoff cap (500 ms) at the most in those 2 s.
-    let reconnects = stats.reconnects.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(reconnects <= 5, "{reconnects} reconnects in 2 s");
+    // One session per backoff cap (500 ms) at the most in those 2 s (28 before).
+    let more = reconnects() - first;
+    assert!(more <= 5, "{more} reconnects in 2 s");
 
     let conn = common::connect(&node.url()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
