@@ -513,8 +513,13 @@ async fn rows_claimed_ahead_go_out_when_the_batch_in_flight_is_settled_not_at_th
     // The relay holds lane 0 alone: three keys of it.
     let mut keys = keys_of_lane(0);
     let [a, b, c] = [(); 3].map(|_| keys.next().unwrap());
-    // Let the idle lane ask for NOTIFY and find nothing.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Let the idle lane ask for NOTIFY and find nothing (the look it takes after the flag).
+    let idle = "SELECT count(*) FROM outbox_leases WHERE lane = 0 AND owner IS NOT NULL AND idle";
+    outbox_tests::wait::wait_for("lane 0 asking for NOTIFY", Duration::from_secs(10), || async {
+        outbox_tests::db::scalar::<_, i64>(&pool, idle).await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     commit_each(&pool, [Message::new("t", "1").key(a)]).await;
     let observer = store.observer();
     outbox_tests::wait::until("the claim ahead held", Duration::from_secs(10), || async {
