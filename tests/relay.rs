@@ -296,7 +296,11 @@ async fn kept_published_rows_are_deleted_past_their_retention_on_a_schedule() {
     drained(&store, Duration::from_secs(60)).await;
     let kept: i64 = scalar(&pool, "SELECT count(*) FROM outbox_published").await;
     // (A drain longer than the retention would let the first rows go before the count.)
-    assert!(started.elapsed() < Duration::from_secs(20), "the drain took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the drain took {:?}",
+        started.elapsed()
+    );
     assert_eq!(kept, 300, "published rows are kept for their retention");
     outbox_tests::wait::until_empty(
         &pool,

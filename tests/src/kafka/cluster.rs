@@ -51,13 +51,21 @@ impl Cluster {
     pub fn start(nodes: u16) -> Cluster {
         let base = free_base();
         let dir = kafka_dir().join(format!("cluster-{}", uuid::Uuid::new_v4().simple()));
-        run_script(&["up", dir.to_str().unwrap(), &nodes.to_string(), &base.to_string()]);
-        Cluster {
+        // The guard first: a start that fails (a node not listening in time) stops the nodes that
+        // did start, instead of leaving their JVMs running.
+        let cluster = Cluster {
             dir,
             base,
             nodes,
             owned: true,
-        }
+        };
+        run_script(&[
+            "up",
+            cluster.dir.to_str().unwrap(),
+            &nodes.to_string(),
+            &base.to_string(),
+        ]);
+        cluster
     }
 
     /// The shared single broker on 127.0.0.1:19092 (started by `.ci/kafka up` if it is down; never

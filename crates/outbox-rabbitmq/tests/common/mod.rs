@@ -45,8 +45,11 @@ impl Node {
         let port = free_port();
         let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/rabbitmq"))
             .join(format!("node-{}", uuid::Uuid::new_v4().simple()));
-        run_script(&["start", dir.to_str().unwrap(), &port.to_string()]);
-        Node { port, dir: Some(dir) }
+        // The guard first: a start that fails (the node not up in time) stops the Erlang VM that
+        // did start, instead of leaving it running.
+        let node = Node { port, dir: Some(dir) };
+        run_script(&["start", node.dir(), &port.to_string()]);
+        node
     }
 
     fn dir(&self) -> &str {
