@@ -51,11 +51,14 @@ impl Server {
     }
 
     async fn start_with(env: Vec<(String, String)>) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Below Linux's ephemeral range (32768-60999): the server is started again on this port
+        // after a kill, and a port there can be taken meanwhile by any outgoing connection.
+        let port = loop {
+            let p = 13_000 + (uuid::Uuid::new_v4().as_u128() % 1_000) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                break p;
+            }
+        };
         let dir = format!(
             "{}/../../target/nats/test-{}",
             env!("CARGO_MANIFEST_DIR"),
