@@ -148,9 +148,11 @@ async fn unknown_topic_is_dead_lettered_and_parks_its_key_when_configured() {
         !h.store.dead_letters(10).await.unwrap().is_empty()
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // The parked key's next message waits; the other key flowed.
-    assert_eq!(h.store.status().await.unwrap().pending, 1);
+    // The parked key's next message waits; the other key flows.
+    wait_for("the other key's row published", Duration::from_secs(30), || async {
+        h.store.status().await.unwrap().pending == 1
+    })
+    .await;
     let dl = h.store.dead_letters(10).await.unwrap();
     assert_eq!(dl[0].id, bad.id());
     assert!(dl[0].parked);
