@@ -187,33 +187,43 @@ async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     (conn, ch)
 }
 
+/// A durable queue of its own on the shared node, with the connection and channel that declared
+/// it. The default exchange routes by queue name: the topic is the queue.
+async fn durable_queue(prefix: &str) -> (lapin::Connection, lapin::Channel, String) {
+    let queue = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let (conn, ch) = amqp_channel().await;
+    let durable = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(&queue, durable, lapin::types::FieldTable::default())
+        .await
+        .unwrap();
+    (conn, ch, queue)
+}
+
+/// How many messages `queue` holds.
+async fn queued(ch: &lapin::Channel, queue: &str) -> u64 {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = ch
+        .queue_declare(queue, passive, lapin::types::FieldTable::default())
+        .await;
+    u64::from(declared.unwrap().message_count())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rabbitmq_section_publishes_with_confirms() {
-    use lapin::options::QueueDeclareOptions;
-    use lapin::types::FieldTable;
-    // The default exchange routes by queue name: the topic is the queue.
-    let topic = format!("daemon-{}", uuid::Uuid::new_v4().simple());
-    let (conn, ch) = amqp_channel().await;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    ch.queue_declare(&topic, durable, FieldTable::default()).await.unwrap();
-
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
+    let (conn, ch, topic) = durable_queue("daemon").await;
     let config = "[rabbitmq]\nconfirm_timeout_ms = 5000\n";
     let (_, queued) = relay_sixty(
         &topic,
         config,
         ("OUTBOX_RABBITMQ_URL", &rabbitmq_url()),
         "queued",
-        || async {
-            let declared = ch.queue_declare(&topic, passive, FieldTable::default()).await;
-            u64::from(declared.unwrap().message_count())
-        },
+        || queued(&ch, &topic),
     )
     .await;
     let _ = ch.queue_delete(&topic, Default::default()).await;
@@ -229,15 +239,7 @@ async fn a_rabbitmq_section_publishes_with_confirms() {
 /// crash-looping pod serves no `/healthz`. It now starts, and publishes once the node answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rabbitmq_node_unreachable_at_start_is_waited_for() {
-    use lapin::options::QueueDeclareOptions;
-    use lapin::types::FieldTable;
-    let topic = format!("daemon-late-{}", uuid::Uuid::new_v4().simple());
-    let (conn, ch) = amqp_channel().await;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    ch.queue_declare(&topic, durable, FieldTable::default()).await.unwrap();
+    let (conn, ch, topic) = durable_queue("daemon-late").await;
     // Nothing listens there yet.
     let addr = free_addr();
     let url = format!("amqp://guest:guest@{addr}/%2f");
@@ -266,15 +268,7 @@ async fn a_rabbitmq_node_unreachable_at_start_is_waited_for() {
             });
         }
     });
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let queued = sixty_relayed(&pool, "queued", || async {
-        let declared = ch.queue_declare(&topic, passive, FieldTable::default()).await;
-        u64::from(declared.unwrap().message_count())
-    })
-    .await;
+    let queued = sixty_relayed(&pool, "queued", || queued(&ch, &topic)).await;
     terminate(relay, cfg);
     forward.abort();
     let _ = ch.queue_delete(&topic, Default::default()).await;
