@@ -1,5 +1,6 @@
-//! `outbox-relay verify`: reads Kafka topics from the earliest retained offset to the end they had
-//! at start and audits them against the outbox database (lost, reordered, duplicated messages).
+//! `outbox-relay verify`: reads Kafka topics (or NATS JetStream streams) from the earliest retained
+//! message to the end they had at start and audits them against the outbox database (lost,
+//! reordered, duplicated messages).
 //!
 //! The database is read first, then the topics' end offsets: a message published in between is on
 //! the topic but above the counters read (not judged), never counted lost.
