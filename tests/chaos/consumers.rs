@@ -189,3 +189,22 @@ async fn deliveries_timing_out_after_the_broker_stored_them_are_resent_and_appli
         expect.len()
     );
 }
+
+/// The runner compares its topics' retention with the inbox's before it consumes. A cluster that
+/// does not answer that question (librdkafka's mock cluster has no DescribeConfigs, a broker that
+/// is slow to answer) held the first message for the admin request's timeout, a minute. The
+/// question now gets a few seconds and the runner goes on without the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_that_does_not_answer_the_retention_question_does_not_hold_the_consumer() {
+    let (_mock, bootstrap, t) = mock_with_topic("retention-unanswered", 1);
+    let pool = outbox_tests::db::fresh_pg().await;
+    let store = small_store(&pool).await;
+    let cdb = consumer_db().await;
+    let consumer = start_consumer(&bootstrap, &t, cdb.clone(), Inbox::new("unanswered"));
+    let relay = start(store.clone(), &bootstrap, &[], config());
+    let expect: HashSet<uuid::Uuid> = commit(&pool, &keyed(&t, 10, 2, "a")).await.into_iter().collect();
+    // Well under the minute it took, well over a group's first join.
+    check_effects(&cdb, &expect, Duration::from_secs(30)).await;
+    relay.stop().await;
+    consumer.stop().await;
+}

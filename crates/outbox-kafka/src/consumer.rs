@@ -38,6 +38,9 @@ pub const HEADER_ORIGINAL_OFFSET: &str = "outbox-original-offset";
 /// Running counts of what the runner did, readable while it runs (the one set every runner keeps).
 pub use outbox_inbox::RunnerStats as ConsumerStats;
 
+/// How long the runner asks its topics' retention at start before it goes on without the answer.
+pub(crate) const RETENTION_CHECK: Duration = Duration::from_secs(5);
+
 /// Errors that stop the runner.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -131,7 +134,8 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         self.core.stats().clone()
     }
 
-    /// Compares each topic's `retention.ms` with the inbox's retention. With
+    /// Compares each topic's `retention.ms` with the inbox's retention (asked of the cluster for
+    /// at most 5 s by `run_until`). With
     /// `auto.offset.reset=earliest` (the runner's default), a group whose committed offsets expired
     /// (Kafka's `offsets.retention.minutes`) reads its topics again from the start; an unkeyed
     /// message still on a topic but no longer in the inbox would then be applied again. Returns one
@@ -143,14 +147,11 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
             return Ok(Vec::new());
         }
         let admin: AdminClient<rdkafka::client::DefaultClientContext> = self.admin.create()?;
+        let options = AdminOptions::new().request_timeout(Some(RETENTION_CHECK));
         let specs: Vec<ResourceSpecifier<'_>> = self.topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
         let inbox_ms = i64::try_from(self.core.inbox().retention_window().as_millis()).unwrap_or(i64::MAX);
         let mut risks = Vec::new();
-        for (topic, res) in self
-            .topics
-            .iter()
-            .zip(admin.describe_configs(&specs, &AdminOptions::new()).await?)
-        {
+        for (topic, res) in self.topics.iter().zip(admin.describe_configs(&specs, &options).await?) {
             let Ok(resource) = res else { continue };
             let Some(topic_ms) = resource
                 .get("retention.ms")
@@ -178,13 +179,16 @@ impl<DB: Backend, H: Handler<DB>> ConsumerRunner<DB, H> {
         // Database trouble holds a partition for as long as it lasts; so does a dead letter that
         // cannot be written.
         let retry = RetryInPlace::new(self.cfg.retry_backoff()?, "the partition");
-        match self.check_retention().await {
-            Ok(risks) => {
+        // Bounded: a cluster that does not answer (librdkafka's mock cluster has no
+        // DescribeConfigs) held the first message for the admin request's timeout, a minute.
+        match tokio::time::timeout(RETENTION_CHECK, self.check_retention()).await {
+            Err(_) => tracing::debug!(within = ?RETENTION_CHECK, "topic retention not checked: no answer"),
+            Ok(Ok(risks)) => {
                 for risk in risks {
                     tracing::warn!("{risk}");
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "topic retention not checked"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "topic retention not checked"),
         }
         tokio::pin!(shutdown);
         let mut waiting = Waiting::default();
