@@ -18,13 +18,26 @@ struct Order {
     sku: String,
 }
 
+/// Nothing left of the SKU: no order, no message.
+#[derive(Debug, thiserror::Error)]
+#[error("sold out")]
+struct SoldOut;
+
+/// The outbox's tables, once at start-up.
+#[rustfmt::skip]
+async fn start_up(pool: sqlx::PgPool) -> anyhow::Result<()> {
+    outbox::postgres::migrate(&pool).await?;              // at start-up, or copy migrations/postgres/*.sql into yours
+    Ok(())
+}
+
 /// A business transaction that also enqueues its message.
 #[rustfmt::skip]
 async fn place_order(pool: sqlx::PgPool, sku: &str, order: &Order) -> anyhow::Result<()> {
-    outbox::postgres::migrate(&pool).await?;              // or copy migrations/postgres/*.sql into yours
-
     let mut tx = pool.begin().await?;
-    sqlx::query("UPDATE stock SET qty = qty - 1 WHERE sku = $1 AND qty > 0").bind(sku).execute(&mut *tx).await?;
+    let sold = sqlx::query("UPDATE stock SET qty = qty - 1 WHERE sku = $1 AND qty > 0").bind(sku).execute(&mut *tx).await?;
+    if sold.rows_affected() == 0 {
+        return Err(SoldOut.into());                                // `tx` dropped: rolled back, no message
+    }
     let msg = outbox::Message::json("order.placed.v1", &order)?   // stable type names, chosen by you
         .key(format!("order-{}", order.id))                        // per-key order; Kafka key
         .header("content-type", "application/json");
@@ -52,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     };
     let pool = sqlx::PgPool::connect(&url).await?;
+    start_up(pool.clone()).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS stock (sku TEXT PRIMARY KEY, qty INT NOT NULL)")
         .execute(&pool)
         .await?;
