@@ -489,6 +489,44 @@ async fn a_lane_whose_idle_flag_was_refused_asks_again_and_is_woken_by_the_next_
     relay.stop().await;
 }
 
+/// Holds every question about the live relays for 2.5 s (a pool the service keeps busy, a lock
+/// wait on the heartbeats).
+struct SlowFairShare;
+
+#[async_trait]
+impl outbox::observed::Observer for SlowFairShare {
+    async fn before(&self, call: outbox::observed::StoreCall) {
+        if call == outbox::observed::StoreCall::LiveOwners {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+    }
+}
+
+/// The relay renewed its leases a third of the lease after the end of its last round, not of the
+/// last renewal: a round whose later questions (the live relays, acquisitions) took long let every
+/// lease expire before the next renewal, and other relays could take the lanes (sending again
+/// what was in flight). Renewals are now a third of the lease apart, whatever the rest takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_are_renewed_in_time_when_the_rest_of_a_round_is_slow() {
+    let (pool, pg) = outbox_tests::db::fresh_pg_store().await;
+    let store = Arc::new(outbox::observed::Observed::new(pg, SlowFairShare));
+    let cfg = test_config().lease_ttl(Duration::from_secs(3));
+    let relay = start(Arc::clone(&store), Scripted::new([]), cfg);
+    let held = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL";
+    wait_for("every lane held", Duration::from_secs(15), || async {
+        outbox_tests::db::scalar::<_, i64>(&pool, held).await == i64::from(outbox::LANES)
+    })
+    .await;
+    let expired = "SELECT count(*) FROM outbox_leases WHERE owner IS NOT NULL AND expires_at < now()";
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        let n: i64 = outbox_tests::db::scalar(&pool, expired).await;
+        assert_eq!(n, 0, "leases expired while their relay ran");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop().await;
+}
+
 /// Lets the first lease renewal through and holds every later one for ever (a connection cut
 /// without a reset, a server that stopped answering).
 struct RenewalsHang(AtomicUsize);

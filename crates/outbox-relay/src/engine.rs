@@ -131,15 +131,23 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     true
                 }
             });
+            // Rounds begin a tick apart, however long the last one took: each renews first.
+            let round = tokio::time::Instant::now();
             // A renewal that never answers (a cut connection) must not hold the shutdown: the
-            // signal ends the wait. Leases it took meanwhile expire after `lease_ttl`.
+            // signal ends the wait. Leases it took meanwhile expire after `lease_ttl`. Nor the
+            // next rounds: after a lease, the round counts as failed.
             let maintained = tokio::select! {
-                r = maintain(&shared, &owner, &mut running) => r,
+                r = tokio::time::timeout(shared.cfg.lease_ttl, maintain(&shared, &owner, &mut running, &mut last_renewed, tick)) => r,
                 _ = &mut shutdown => break,
             };
-            match maintained {
-                Ok(()) => last_renewed = Instant::now(),
-                Err(e) => {
+            let failed = match maintained {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within the lease ({:?})", shared.cfg.lease_ttl)),
+            };
+            match failed {
+                None => {}
+                Some(e) => {
                     shared.meters.store_errors.increment(1);
                     tracing::warn!(error = %e, "lease maintenance failed");
                     if last_renewed.elapsed() > shared.cfg.lease_ttl {
@@ -154,7 +162,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             shared.health.set_lanes_held(running.len());
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep_until(round + tick) => {}
             }
         }
 
@@ -206,15 +214,50 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     }
 }
 
-/// One round of lease upkeep: renew what we hold, stop lanes we lost, take or give back lanes to
-/// reach a fair share.
+/// One round of lease upkeep: renew what we hold (`renewed`: when the last renewal that succeeded
+/// was sent), stop lanes we lost, take or give back lanes to reach a fair share. While the rest
+/// of the round takes longer than a `tick` (the live relays, acquisitions: a busy pool, a lock
+/// wait), the leases and the heartbeat are renewed again meanwhile: renewed only once a round,
+/// they all expired before the next one, and other relays took the lanes.
 async fn maintain<S: Store, P: Publisher>(
     shared: &Arc<Shared<S, P>>,
     owner: &str,
     running: &mut HashMap<i32, Running>,
+    renewed: &mut Instant,
+    tick: Duration,
 ) -> outbox::Result<()> {
     let ttl = shared.cfg.lease_ttl;
+    let sent = Instant::now();
     let held = shared.store.renew(owner, ttl).await?;
+    *renewed = sent;
+    let work = rebalance(shared, owner, running, held);
+    tokio::pin!(work);
+    let mut due = sent + tick;
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = tokio::time::sleep_until(due.into()) => {
+                // Lanes lost meanwhile are found by the next round's renewal.
+                let sent = Instant::now();
+                match shared.store.renew(owner, ttl).await {
+                    Ok(_) => *renewed = sent,
+                    Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+                }
+                due = sent + tick;
+            }
+        }
+    }
+}
+
+/// Stops the lanes whose lease was not renewed (`held` is what was), gives back leases without a
+/// loop, and takes or gives back lanes to reach a fair share.
+async fn rebalance<S: Store, P: Publisher>(
+    shared: &Arc<Shared<S, P>>,
+    owner: &str,
+    running: &mut HashMap<i32, Running>,
+    held: Vec<Lease>,
+) -> outbox::Result<()> {
+    let ttl = shared.cfg.lease_ttl;
     running.retain(|lane, r| {
         let still = held.iter().any(|l| l.lane == *lane && l.epoch == r.lease.epoch);
         if !still {
