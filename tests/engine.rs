@@ -696,6 +696,46 @@ async fn a_lane_whose_marks_keep_failing_gives_up_the_turns_of_every_batch_in_fl
     relay.stop().await;
 }
 
+/// Answers after 3 s, and notes whether it got that far.
+#[derive(Default)]
+struct Unhurried {
+    started: std::sync::atomic::AtomicBool,
+    finished: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl Publisher for Unhurried {
+    async fn publish(&self, batch: &[StoredMessage]) -> Vec<Result<Delivered, PublishError>> {
+        self.started.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        self.finished.store(true, Ordering::SeqCst);
+        batch.iter().map(|r| Ok(Delivered::new(r.pos))).collect()
+    }
+}
+
+/// A lane aborted at `shutdown_grace` left its batch's publish task running: a publisher that
+/// sends a key's messages one after another went on sending after the relay had stopped (and, in
+/// a service that runs on, after the next owner sent the key's later messages). The task is now
+/// stopped with its lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_still_publishing_at_the_end_of_the_grace_is_stopped_with_its_lane() {
+    let (pool, store) = outbox_tests::db::fresh_pg_store().await;
+    let publisher = Arc::new(Unhurried::default());
+    let cfg = test_config().shutdown_grace(Duration::from_millis(300));
+    let relay = start(store.clone(), Arc::clone(&publisher), cfg);
+    outbox_tests::db::commit_each(&pool, [Message::new("t", "x").key("k")]).await;
+    wait_for("the publish to start", Duration::from_secs(10), || async {
+        publisher.started.load(Ordering::SeqCst)
+    })
+    .await;
+    relay.stop().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !publisher.finished.load(Ordering::SeqCst),
+        "the publish went on after its relay stopped"
+    );
+}
+
 #[test]
 fn the_order_check_catches_a_row_sent_past_its_failed_predecessor() {
     let rows = |r: &[(&str, i64, bool)]| r.iter().map(|(k, s, ok)| (k.to_string(), *s, *ok)).collect();

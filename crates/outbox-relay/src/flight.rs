@@ -53,6 +53,15 @@ impl<'a> InFlight<'a> {
     }
 }
 
+/// A batch dropped before it was settled (its lane aborted at `shutdown_grace`) stops its publish
+/// task: a publisher that sends a key's messages one after another would otherwise go on sending
+/// them after the lease was given up, behind the next owner's copies of the key's later messages.
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The lane's batches in flight, oldest first.
 #[derive(Default)]
 pub(crate) struct Flight<'a> {
