@@ -41,12 +41,15 @@ struct OrderPlaced {
     amount_cents: i64,
 }
 
-/// An application error as an HTTP answer: bad input is 400, anything else 500 (logged).
+/// An application error as an HTTP answer: the caller's bad input is 400, anything else 500
+/// (logged).
 struct AppError(StatusCode, String);
 
 impl From<outbox::Error> for AppError {
     fn from(e: outbox::Error) -> Self {
-        if e.is_bad_input() {
+        // A message enqueued twice, or one whose payload did not encode, is this service's bug.
+        let ours = matches!(e, outbox::Error::DuplicateId(_) | outbox::Error::Serialize(_));
+        if e.is_bad_input() && !ours {
             return AppError(StatusCode::BAD_REQUEST, e.to_string());
         }
         // Database trouble, and anything that is not the caller's fault.
@@ -108,13 +111,22 @@ async fn get_order(State(app): State<App>, Path(id): Path<uuid::Uuid>) -> Result
             .fetch_optional(&app.pool)
             .await?;
     let (customer, amount_cents, message_id) = row.ok_or(AppError(StatusCode::NOT_FOUND, "no such order".into()))?;
-    // Published rows leave the outbox table (or move to outbox_published when kept).
-    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_messages WHERE id = $1")
-        .bind(message_id)
-        .fetch_one(&app.pool)
-        .await?;
+    // A row leaves the outbox table when it is published (to outbox_published when kept) and when
+    // it is dead-lettered (to outbox_dead_letters): both are asked.
+    let (pending, dead): (bool, bool) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM outbox_messages WHERE id = $1), \
+                EXISTS (SELECT 1 FROM outbox_dead_letters WHERE id = $1)",
+    )
+    .bind(message_id)
+    .fetch_one(&app.pool)
+    .await?;
+    let message = match (pending, dead) {
+        (true, _) => "pending",
+        (false, true) => "dead_lettered",
+        (false, false) => "published",
+    };
     Ok(Json(serde_json::json!({
-        "id": id, "customer": customer, "amount_cents": amount_cents, "message_published": pending == 0,
+        "id": id, "customer": customer, "amount_cents": amount_cents, "message": message,
     })))
 }
 
@@ -160,12 +172,14 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     tracing::info!(%listen, "order service listening");
     axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
+        .with_graceful_shutdown(async {
             tokio::signal::ctrl_c().await.ok();
-            stop_tx.send(true).ok();
         })
         .await?;
-    relay.await??; // the relay drains in-flight batches before the process exits
+    // Only once the requests in flight are answered (their messages committed): the relay then
+    // drains its in-flight batches before the process exits.
+    stop_tx.send(true).ok();
+    relay.await??;
     Ok(())
 }
 

@@ -73,9 +73,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when the caller's input was rejected (topic, key, key length, payload size, reserved header,
-    /// payload serialization): the message was not enqueued, and the same input fails again. In a
-    /// request handler, the caller's fault (HTTP 400); every other error is the service's own.
+    /// True when the input was rejected (topic, key, key length, payload size, reserved header,
+    /// payload serialization, a batch holding one message twice): the message was not enqueued,
+    /// and the same input fails again. In a request handler the topic, key, payload and header
+    /// checks are usually the caller's fault (HTTP 400); a message enqueued twice, or a payload
+    /// type that did not serialize, is the service's own bug, as is every other error.
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
