@@ -135,26 +135,27 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             let round = tokio::time::Instant::now();
             // A renewal that never answers (a cut connection) must not hold the shutdown: the
             // signal ends the wait. Leases it took meanwhile expire after `lease_ttl`. Nor the
-            // next rounds: after a lease, the round counts as failed.
-            let maintained = tokio::select! {
-                r = tokio::time::timeout(shared.cfg.lease_ttl, maintain(&shared, &owner, &mut running, &mut last_renewed, tick)) => r,
+            // relay: a round without an answer within the lease counts as failed, and the lanes
+            // stop once their leases have lapsed.
+            let round_done = tokio::time::timeout(
+                shared.cfg.lease_ttl,
+                maintain(&shared, &owner, &mut running, &mut last_renewed, tick),
+            );
+            let failed = tokio::select! {
+                r = round_done => match r {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("no answer within the lease ({:?})", shared.cfg.lease_ttl)),
+                },
                 _ = &mut shutdown => break,
             };
-            let failed = match maintained {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("no answer within the lease ({:?})", shared.cfg.lease_ttl)),
-            };
-            match failed {
-                None => {}
-                Some(e) => {
-                    shared.meters.store_errors.increment(1);
-                    tracing::warn!(error = %e, "lease maintenance failed");
-                    if last_renewed.elapsed() > shared.cfg.lease_ttl {
-                        // Our leases have expired by now: others may own the lanes.
-                        for (_, r) in running.drain() {
-                            r.stop.cancel();
-                        }
+            if let Some(e) = failed {
+                shared.meters.store_errors.increment(1);
+                tracing::warn!(error = %e, "lease maintenance failed");
+                if last_renewed.elapsed() > shared.cfg.lease_ttl {
+                    // Our leases have expired by now: others may own the lanes.
+                    for (_, r) in running.drain() {
+                        r.stop.cancel();
                     }
                 }
             }
