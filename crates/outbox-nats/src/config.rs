@@ -90,7 +90,8 @@ impl NatsConfig {
 
     /// A client of these servers under the connection name `name`, as the publisher makes it:
     /// credentials from the URL, several servers, reconnects for ever; requests time out after
-    /// `ack_timeout`. A server that cannot be reached yet is not an error (see [`connect`]).
+    /// `ack_timeout`. A server that cannot be reached yet is not an error: the first connection
+    /// is made in the background.
     pub async fn client(&self, name: &str) -> Result<async_nats::Client, NatsError> {
         self.validate()?;
         connect(&self.url, name, self.connect_timeout, self.ack_timeout).await
